@@ -1,0 +1,40 @@
+"""The `mhpo` command line.
+
+Each sub-command hands the rest of argv to the module that owns it. This file is the one
+place that ties the packages together, so `server` is imported here lazily and only for
+the commands that run it; the library (`mhpo.losses`, `mhpo.client`, ...) never imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("server.cli", "API and dashboard in one process"),
+    "db": ("server.cli", "database schema: `mhpo db upgrade [--db URL]`"),
+    "token": ("server.cli", "API tokens: `mhpo token create --project P --scope write|read`"),
+    "train": ("mhpo.trainer.cli", "instrumented GRPO-family training"),
+    "demo": ("mhpo.demo", "serve + short MHPO and GRPO runs"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mhpo <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines.append("\n`mhpo <command> --help` describes each command.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"mhpo: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(command, rest) or 0)
