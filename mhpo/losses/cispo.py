@@ -1,0 +1,51 @@
+"""CISPO: clipped importance-sampling-weight policy optimisation (MiniMax-M1, arXiv 2506.13585).
+
+    l_t = -sg[clip(r, 1 - eps_low, 1 + eps_high)] * A * logp_t
+
+The IS weight is truncated and detached, so every token keeps a gradient (-A times the
+truncated weight); no lower clip unless `eps_low` is given. Written in TRL's form
+(`loss_type="cispo"`), with the bound at 1 + eps_high as in the paper's notation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mhpo.losses._registry import HParams, TokenInputs, register_loss, require
+
+
+def _weight(x: Tensor, hp: HParams) -> Tensor:
+    low = None if hp["eps_low"] is None else 1.0 - float(hp["eps_low"])
+    return torch.exp(x).clamp(min=low, max=1.0 + float(hp["eps_high"]))
+
+
+def _check(hp: HParams) -> None:
+    require(hp["eps_high"] is not None and hp["eps_high"] > 0, "cispo", "eps_high", hp["eps_high"], "> 0")
+    if hp["eps_low"] is not None:
+        require(0 < hp["eps_low"] < 1, "cispo", "eps_low", hp["eps_low"], "in (0, 1) or None")
+
+
+def _bounds(hp: HParams) -> tuple[float, float]:
+    low = -math.inf if hp["eps_low"] is None else math.log(1.0 - hp["eps_low"])
+    return low, math.log(1.0 + hp["eps_high"])
+
+
+@register_loss(
+    "cispo",
+    defaults={"eps_high": 5.0, "eps_low": None},
+    agg="token-mean",
+    multiplier=lambda x, adv, hp: _weight(x, hp),
+    clip_bounds=_bounds,
+    check=_check,
+)
+def cispo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO per-token loss; eps_high=5.0, eps_low=None (no lower clip), token-mean.
+
+    The clip bounds (`clip_bounds`) are where the weight is truncated; unlike PPO's clip
+    they never zero a gradient.
+    """
+    logp = torch.where(inputs.mask, inputs.logp, 0.0)
+    return -_weight(inputs.x, hp).detach() * inputs.adv * logp, {}

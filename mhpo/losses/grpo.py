@@ -1,0 +1,57 @@
+"""GRPO: the PPO clipped surrogate with group-relative advantages (DeepSeekMath, arXiv 2402.03300).
+
+    l_t = -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A),   r = exp(x)
+
+written as TRL's `GRPOTrainer` and verl's `compute_policy_loss_vanilla` write it. The
+gradient multiplier is r inside the trust region and exactly 0 on the side the min
+selects the clipped term: r > 1 + eps_high with A > 0, r < 1 - eps_low with A < 0.
+`ppo_clip` and `ppo_multiplier` are shared with DAPO, dual-clip and GSPO.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mhpo.losses._registry import HParams, TokenInputs, register_loss, require
+
+
+def ppo_clip(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Tensor:
+    """-min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A), elementwise."""
+    return -torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+
+
+def ppo_multiplier(x: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Tensor:
+    """r where the unclipped term is selected, else 0; A >= 0 takes the positive side."""
+    ratio = torch.exp(x)
+    inside = torch.where(adv >= 0, ratio <= 1.0 + eps_high, ratio >= 1.0 - eps_low)
+    return torch.where(inside, ratio, 0.0)
+
+
+def check_eps(loss: str, hp: HParams, low: str, high: str) -> None:
+    require(hp[low] is not None and 0 < hp[low] < 1, loss, low, hp[low], "in (0, 1)")
+    require(hp[high] is not None and hp[high] > 0, loss, high, hp[high], "> 0")
+
+
+def log_bounds(eps_low: float, eps_high: float) -> tuple[float, float]:
+    return math.log(1.0 - eps_low), math.log(1.0 + eps_high)
+
+
+@register_loss(
+    "grpo",
+    defaults={"eps": 0.2},
+    agg="seq-mean-token-mean",
+    multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, hp["eps"], hp["eps"]),
+    clip_bounds=lambda hp: log_bounds(hp["eps"], hp["eps"]),
+    check=lambda hp: check_eps("grpo", hp, "eps", "eps"),
+)
+def grpo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO per-token loss `-min(r*A, clip(r, 1-eps, 1+eps)*A)`, eps=0.2, seq-mean-token-mean.
+
+    Source: DeepSeekMath (arXiv 2402.03300); TRL `GRPOTrainer._compute_loss`, verl
+    `compute_policy_loss_vanilla`.
+    """
+    eps = float(hp["eps"])
+    return ppo_clip(torch.exp(inputs.x), inputs.adv, eps, eps), {}

@@ -1,0 +1,42 @@
+"""GSPO: Group Sequence Policy Optimization (Qwen, arXiv 2507.18071), token form ("GSPO-token").
+
+    log s_t = logp_t - sg[logp_t] + sg[mean_t x]      (masked mean over the sequence)
+    l_t     = -min(s * A, clip(s, 1 - eps_low, 1 + eps_high) * A)
+
+The value of s is the sequence ratio exp(mean x); its gradient reaches each token's own
+logp (TRL's `importance_sampling_level="sequence_token"`). The multiplier is that of
+PPO evaluated at the sequence log-ratio; the aggregation given is honoured.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mhpo.losses._registry import HParams, TokenInputs, register_loss
+from mhpo.losses.grpo import check_eps, log_bounds, ppo_clip, ppo_multiplier
+
+
+def sequence_log_ratio(x: Tensor, mask: Tensor) -> Tensor:
+    """Masked mean of x per sequence, (B, T) -> (B,); 0 for a sequence without valid tokens."""
+    return torch.where(mask, x, 0.0).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
+
+
+@register_loss(
+    "gspo",
+    defaults={"eps_low": 3e-4, "eps_high": 4e-4},
+    agg="seq-mean-token-mean",
+    multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, hp["eps_low"], hp["eps_high"]),
+    clip_bounds=lambda hp: log_bounds(hp["eps_low"], hp["eps_high"]),
+    check=lambda hp: check_eps("gspo", hp, "eps_low", "eps_high"),
+)
+def gspo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO-token per-token loss; eps_low=3e-4, eps_high=4e-4, seq-mean-token-mean.
+
+    Stats: "seq_log_ratio" (B,), the log of the sequence ratio s.
+    """
+    x = inputs.x
+    seq = sequence_log_ratio(x, inputs.mask).detach()
+    log_s = x - x.detach() + seq.unsqueeze(-1)
+    per_token = ppo_clip(torch.exp(log_s), inputs.adv, float(hp["eps_low"]), float(hp["eps_high"]))
+    return per_token, {"seq_log_ratio": seq}
