@@ -1,0 +1,133 @@
+"""The dashboard's only door to the data: a small synchronous client of the HTTP query API.
+
+The dashboard never opens the database, so it works the same against the server it is
+mounted in and against a remote one. Exceptions:
+
+    ApiError            any non-2xx answer or transport failure (status 0 for the latter)
+    └── NotAvailable    the route is absent (404 on a collection), e.g. alerts before they ship
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+__all__ = ["ApiClient", "ApiError", "NotAvailable", "parallel"]
+
+
+
+def parallel(*calls: Callable[[], Any]) -> list[Any]:
+    """Run independent API reads at once (a page needs several); the first error is raised.
+
+    A pool per call (not a shared one) so nested calls can never wait on each other.
+    """
+    with ThreadPoolExecutor(max_workers=len(calls) or 1, thread_name_prefix="mhpo-dashboard-api") as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]
+
+
+class ApiError(RuntimeError):
+    """The API answered with an error status or could not be reached."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+
+
+class NotAvailable(ApiError):
+    """The server does not offer this route (HTTP 404 on a collection path)."""
+
+
+def _detail(response: httpx.Response) -> str:
+    """The server's error detail; FastAPI's validation list becomes `field.path: message; ...`."""
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        return response.text
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg', '')}"
+                         if isinstance(d, dict) else str(d) for d in detail)
+    return str(detail)
+
+
+class ApiClient:
+    """Typed-ish wrappers over GET/POST of `/api/v1/...`; returns decoded JSON (NaN kept as float)."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 15.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                 json: Any = None, missing_is_unavailable: bool = False) -> Any:
+        clean = {k: v for k, v in (params or {}).items() if v is not None}
+        try:
+            response = self._http.request(method, path, params=clean, json=json)
+        except httpx.HTTPError as exc:
+            raise ApiError(0, f"cannot reach the API at {self.base_url}{path}: {exc}") from exc
+        if response.status_code == 404 and missing_is_unavailable:
+            raise NotAvailable(404, f"{path} is not offered by the server at {self.base_url}")
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, f"{method} {path}: {_detail(response)}")
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    # runs --------------------------------------------------------------------------------
+    def runs(self, project: str | None = None) -> list[dict[str, Any]]:
+        return self._request("GET", "/api/v1/runs", params={"project": project})["runs"]
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/api/v1/runs/{run_id}")
+
+    def keys(self, run_id: str) -> dict[str, list[str]]:
+        return self._request("GET", f"/api/v1/runs/{run_id}/keys")
+
+    def scalars(self, run_id: str, keys: Iterable[str], start: int | None = None,
+                end: int | None = None, max_points: int | None = None) -> dict[str, Any]:
+        """`{"downsampled", "series": {key: {"step", "value", "min", "max"}}}`; no keys, no request."""
+        key_list = list(keys)
+        if not key_list:
+            return {"run_id": run_id, "downsampled": False, "series": {}}
+        params = {"keys": ",".join(key_list), "start": start, "end": end, "max_points": max_points}
+        return self._request("GET", f"/api/v1/runs/{run_id}/scalars", params=params)
+
+    def histograms(self, run_id: str, key: str, start: int | None = None, end: int | None = None,
+                   max_steps: int | None = None) -> dict[str, Any]:
+        params = {"start": start, "end": end, "max_steps": max_steps}
+        return self._request("GET", f"/api/v1/runs/{run_id}/histograms/{key}", params=params)
+
+    def outliers(self, run_id: str, step: int) -> dict[str, Any]:
+        return self._request("GET", f"/api/v1/runs/{run_id}/outliers", params={"step": step})
+
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        return self._request("GET", f"/api/v1/runs/{run_id}/events")["events"]
+
+    # alerts (issue 6; absent on older servers) ---------------------------------------------
+    def alert_rules(self) -> list[dict[str, Any]]:
+        body = self._request("GET", "/api/v1/alert-rules", missing_is_unavailable=True)
+        return body["rules"] if isinstance(body, dict) else body
+
+    def create_alert_rule(self, rule: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", "/api/v1/alert-rules", json=rule, missing_is_unavailable=True)
+
+    def update_alert_rule(self, rule_id: int | str, changes: dict[str, Any]) -> dict[str, Any]:
+        return self._request("PATCH", f"/api/v1/alert-rules/{rule_id}", json=changes)
+
+    def delete_alert_rule(self, rule_id: int | str) -> None:
+        self._request("DELETE", f"/api/v1/alert-rules/{rule_id}")
+
+    def alerts(self) -> list[dict[str, Any]]:
+        body = self._request("GET", "/api/v1/alerts", missing_is_unavailable=True)
+        return body["alerts"] if isinstance(body, dict) else body
+
+    def acknowledge_alert(self, alert_id: int | str) -> dict[str, Any]:
+        return self._request("POST", f"/api/v1/alerts/{alert_id}/ack")

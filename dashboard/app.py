@@ -1,0 +1,117 @@
+"""The Dash application: four pages (`/`, `/runs/<run_id>`, `/compare`, `/alerts`) over the query API.
+
+`create_dash` builds a Flask-backed Dash app; `mhpo serve` mounts its WSGI server at "/"
+beside the FastAPI routes (same process, same port), and the dashboard reads the data
+through that same server's HTTP API (`api_base_url`), never the database, so the very same
+app also runs against a remote server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dash
+import flask
+from a2wsgi import WSGIMiddleware
+from dash import dcc, html
+from starlette.routing import BaseRoute, Match, Mount
+from starlette.types import Scope
+
+from dashboard.api import ApiClient
+
+PAGES_DIR = Path(__file__).resolve().parent / "pages"
+API_CONFIG_KEY = "MHPO_API"
+LIVE_CONFIG_KEY = "MHPO_LIVE_INTERVAL_MS"
+LIVE_INTERVAL_MS = 1000
+
+__all__ = ["API_CONFIG_KEY", "LIVE_INTERVAL_MS", "DashboardMount", "api", "create_dash", "mount_dashboard",
+           "refresh_interval_ms", "self_url"]
+
+
+def api() -> ApiClient:
+    """The API client of the app serving the current request (set by `create_dash`)."""
+    return flask.current_app.config[API_CONFIG_KEY]
+
+
+def refresh_interval_ms() -> int:
+    return int(flask.current_app.config.get(LIVE_CONFIG_KEY, LIVE_INTERVAL_MS))
+
+
+def create_dash(api_base_url: str, token: str | None = None, requests_pathname_prefix: str = "/",
+                live_interval_ms: int = LIVE_INTERVAL_MS) -> dash.Dash:
+    """A Dash app reading the API at `api_base_url` (with `token` as bearer when auth is on).
+
+    `live_interval_ms` is how often an open run page asks for new records.
+    """
+    app = dash.Dash(
+        "dashboard",
+        use_pages=True,
+        pages_folder=str(PAGES_DIR),
+        title="MHPO Monitor",
+        requests_pathname_prefix=requests_pathname_prefix,
+        suppress_callback_exceptions=True,
+        update_title=None,
+        assets_folder=str(Path(__file__).resolve().parent / "assets"),
+    )
+    app.server.config[API_CONFIG_KEY] = ApiClient(api_base_url, token=token)
+    app.server.config[LIVE_CONFIG_KEY] = live_interval_ms
+    app.layout = html.Div(
+        [
+            html.Nav(
+                [
+                    dcc.Link("MHPO Monitor", href="/", className="brand"),
+                    dcc.Link("Runs", href="/"),
+                    dcc.Link("Compare", href="/compare"),
+                    dcc.Link("Alerts", href="/alerts"),
+                ],
+                className="nav",
+            ),
+            html.Main(dash.page_container, className="page"),
+        ]
+    )
+    # Dash hands the `@callback`s collected while importing the pages to the first app that
+    # serves a request; running that hook now binds them to this app, so several apps in one
+    # process (one per `create_app` in tests) each get their own complete set.
+    with app.server.test_request_context("/"):
+        app.server.preprocess_request()
+    return app
+
+
+class DashboardMount(Mount):
+    """A mount at "/" that yields to every other route of the app and never answers under /api/.
+
+    So API paths keep their own 404 and 405 answers (a plain `Mount("/")` would swallow
+    them), whatever routers are added to the app before or after the dashboard.
+    """
+
+    def __init__(self, app: Any, routes: list[BaseRoute]) -> None:
+        super().__init__("/", app=app)
+        self._siblings = routes
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] != "http" or scope["path"].startswith("/api/"):
+            return Match.NONE, {}
+        for route in self._siblings:
+            if route is not self and route.matches(scope)[0] != Match.NONE:
+                return Match.NONE, {}
+        return super().matches(scope)
+
+
+def self_url(host: str, port: int) -> str:
+    """The URL at which a server bound to host:port reaches itself (wildcard binds -> loopback)."""
+    if host in {"0.0.0.0", ""}:
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def mount_dashboard(fastapi_app: Any, api_base_url: str, token: str | None = None) -> dash.Dash:
+    """Serve the dashboard from `fastapi_app` (same process and port), reading the API at `api_base_url`."""
+    app = create_dash(api_base_url, token=token)
+    routes = fastapi_app.router.routes
+    routes.append(DashboardMount(WSGIMiddleware(app.server), routes))
+    return app

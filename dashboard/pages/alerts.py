@@ -1,0 +1,213 @@
+"""`/alerts`: alert rules (create, edit, enable/disable, delete) and fired alerts (acknowledge).
+
+The form mirrors the alert API's rule (`POST /api/v1/alert-rules`): a name, a project, an
+optional run, one condition (`threshold` on a scalar for N steps in a row, robust `spike`
+of a scalar, or a `flag` of a kind at a severity), severity, cooldown and delivery
+channels. The server validates; its 4xx message (which names the field) is shown as is.
+A server without the alert routes (404) gets a notice instead of the page.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import dash
+from dash import Input, Output, State, callback, ctx, dash_table, dcc, html, no_update
+
+from dashboard.api import ApiClient, ApiError, NotAvailable
+from dashboard.app import api
+
+dash.register_page(__name__, path="/alerts", title="Alerts · MHPO Monitor", name="Alerts", order=2)
+
+FLAG_KINDS = ["*", "collapse", "erosion", "hazard_spike", "grad_spike", "non_finite", "on_policy"]
+SEVERITIES = ["info", "warning", "critical"]
+RULE_COLUMNS = ["id", "name", "project", "run_id", "condition", "severity", "cooldown_s", "channels", "enabled"]
+ALERT_COLUMNS = ["id", "created_at", "rule_name", "project", "run_id", "step", "severity", "message",
+                 "acknowledged_at", "delivery_status"]
+FORM_FIELDS = ["name", "project", "run_id", "type", "key", "op", "value", "for_steps", "direction", "z",
+               "kind", "min_severity", "severity", "cooldown_s", "channels", "webhook_url", "enabled"]
+DEFAULTS: dict[str, Any] = {"name": "", "project": None, "run_id": None, "type": "threshold", "key": "hazard/zeta_p99",
+                            "op": ">", "value": 5.0, "for_steps": 1, "direction": "up", "z": 6.0, "kind": "*",
+                            "min_severity": "warning", "severity": "warning", "cooldown_s": 600.0,
+                            "channels": ["dashboard"], "webhook_url": "", "enabled": ["on"]}
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value, default=str) if isinstance(value, (dict, list)) else value
+
+
+def table_rows(items: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
+    return [{c: _cell(item.get(c)) for c in columns} for item in items]
+
+
+def rule_body(form: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body of a rule from the form's values (fields of other condition types left out)."""
+    kind = form["type"]
+    if kind == "threshold":
+        condition = {"type": kind, "key": form["key"], "op": form["op"], "value": form["value"],
+                     "for_steps": form["for_steps"]}
+    elif kind == "spike":
+        condition = {"type": kind, "key": form["key"], "direction": form["direction"], "z": form["z"]}
+    else:
+        condition = {"type": kind, "kind": form["kind"], "min_severity": form["min_severity"]}
+    return {"name": form["name"], "project": form["project"], "run_id": form["run_id"] or None,
+            "condition": condition, "severity": form["severity"], "cooldown_s": form["cooldown_s"],
+            "channels": form["channels"] or ["dashboard"], "webhook_url": form["webhook_url"] or None,
+            "enabled": "on" in (form["enabled"] or [])}
+
+
+def rule_form(rule: dict[str, Any]) -> dict[str, Any]:
+    """Form values showing an existing rule."""
+    cond = rule.get("condition") or {}
+    values = {**DEFAULTS, **{k: rule.get(k) for k in ("name", "project", "run_id", "severity", "cooldown_s",
+                                                        "channels", "webhook_url")}}
+    values.update({k: v for k, v in cond.items() if k in DEFAULTS})
+    values["webhook_url"] = values["webhook_url"] or ""
+    values["enabled"] = ["on"] if rule.get("enabled") else []
+    return values
+
+
+def _field(label: str, component: Any) -> html.Label:
+    return html.Label([html.Span(label), component], className="field")
+
+
+def _form(projects: list[str], keys: list[str]) -> html.Div:
+    d = DEFAULTS
+    return html.Div([
+        _field("name", dcc.Input(id="rule-name", value=d["name"], placeholder="hazard spike")),
+        _field("project", dcc.Dropdown(id="rule-project", options=projects,
+                                       value=projects[0] if projects else None, clearable=False)),
+        _field("run (empty: every run of the project)", dcc.Input(id="rule-run_id", value="", placeholder="run id")),
+        _field("condition", dcc.RadioItems(id="rule-type", options=["threshold", "spike", "flag"], value=d["type"],
+                                           inline=True)),
+        _field("scalar key", dcc.Dropdown(id="rule-key", options=keys, value=d["key"], clearable=False)),
+        _field("op", dcc.Dropdown(id="rule-op", options=[">", ">=", "<", "<=", "==", "!="], value=d["op"],
+                                  clearable=False)),
+        _field("value", dcc.Input(id="rule-value", type="number", value=d["value"])),
+        _field("for steps in a row", dcc.Input(id="rule-for_steps", type="number", min=1, value=d["for_steps"])),
+        _field("spike direction", dcc.Dropdown(id="rule-direction", options=["up", "down", "both"],
+                                               value=d["direction"], clearable=False)),
+        _field("spike z", dcc.Input(id="rule-z", type="number", value=d["z"])),
+        _field("flag kind", dcc.Dropdown(id="rule-kind", options=FLAG_KINDS, value=d["kind"], clearable=False)),
+        _field("flag min severity", dcc.Dropdown(id="rule-min_severity", options=SEVERITIES,
+                                                 value=d["min_severity"], clearable=False)),
+        _field("alert severity", dcc.Dropdown(id="rule-severity", options=SEVERITIES, value=d["severity"],
+                                              clearable=False)),
+        _field("cooldown (s)", dcc.Input(id="rule-cooldown_s", type="number", min=0, value=d["cooldown_s"])),
+        _field("channels", dcc.Checklist(id="rule-channels", options=["dashboard", "webhook"], value=d["channels"],
+                                         inline=True)),
+        _field("webhook URL", dcc.Input(id="rule-webhook_url", value=d["webhook_url"], placeholder="https://...")),
+        _field("enabled", dcc.Checklist(id="rule-enabled", options=["on"], value=d["enabled"], inline=True)),
+    ], className="form")
+
+
+def _load(client: ApiClient) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return client.alert_rules(), client.alerts()
+
+
+def layout(**_: Any) -> Any:
+    client = api()
+    try:
+        rules, alerts = _load(client)
+        runs = client.runs()
+    except NotAvailable:
+        return html.Div([html.H2("Alerts"),
+                         html.P("Alerts are not available on this server: it does not offer /api/v1/alert-rules "
+                                "(HTTP 404). Upgrade the server to a version with the alert API.",
+                                id="alerts-unavailable", className="notice")])
+    except ApiError as exc:
+        return html.Div([html.H2("Alerts"), html.P(str(exc), className="error")])
+    projects = sorted({r["project"] for r in runs})
+    keys = sorted({k for r in runs[:20] for k in client.keys(r["run_id"]).get("scalars", [])} | {DEFAULTS["key"]})
+    return html.Div([
+        html.H2("Alert rules"),
+        dash_table.DataTable(id="alerts-rules", data=table_rows(rules, RULE_COLUMNS),
+                             columns=[{"id": c, "name": c} for c in RULE_COLUMNS], row_selectable="single",
+                             selected_rows=[], style_cell={"textAlign": "left"}, page_size=20),
+        html.H3("Rule (select a rule above to edit it)"),
+        _form(projects, keys),
+        html.Div([html.Button("create rule", id="alerts-create", n_clicks=0),
+                  html.Button("save changes", id="alerts-save", n_clicks=0),
+                  html.Button("enable / disable", id="alerts-toggle", n_clicks=0),
+                  html.Button("delete rule", id="alerts-delete", n_clicks=0)], className="toolbar"),
+        html.P(id="alerts-message", className="message"),
+        html.H2("Fired alerts"),
+        dash_table.DataTable(id="alerts-fired", data=table_rows(alerts, ALERT_COLUMNS),
+                             columns=[{"id": c, "name": c} for c in ALERT_COLUMNS], row_selectable="multi",
+                             selected_rows=[], style_cell={"textAlign": "left"}, page_size=20,
+                             style_data_conditional=[{"if": {"filter_query": "{acknowledged_at} is blank"},
+                                                      "fontWeight": "bold"}]),
+        html.Button("acknowledge selected", id="alerts-ack", n_clicks=0),
+        dcc.Interval(id="alerts-refresh", interval=10_000),
+    ])
+
+
+def _selected_id(rows: list[dict[str, Any]], selected: list[int] | None) -> Any:
+    if not selected or selected[0] >= len(rows):
+        return None
+    return rows[selected[0]].get("id")
+
+
+@callback([Output(f"rule-{f}", "value") for f in FORM_FIELDS], Input("alerts-rules", "selected_rows"),
+          State("alerts-rules", "data"), prevent_initial_call=True)
+def edit_selected(selected: list[int] | None, rows: list[dict[str, Any]]) -> list[Any]:
+    """Selecting a rule loads it into the form."""
+    rule_id = _selected_id(rows, selected)
+    rule = next((r for r in api().alert_rules() if r.get("id") == rule_id), None) if rule_id is not None else None
+    if rule is None:
+        return [no_update] * len(FORM_FIELDS)
+    values = rule_form(rule)
+    return [values[f] for f in FORM_FIELDS]
+
+
+@callback(
+    Output("alerts-rules", "data"), Output("alerts-rules", "selected_rows"),
+    Output("alerts-fired", "data"), Output("alerts-fired", "selected_rows"),
+    Output("alerts-message", "children"),
+    Input("alerts-create", "n_clicks"), Input("alerts-save", "n_clicks"), Input("alerts-toggle", "n_clicks"),
+    Input("alerts-delete", "n_clicks"), Input("alerts-ack", "n_clicks"), Input("alerts-refresh", "n_intervals"),
+    [State(f"rule-{f}", "value") for f in FORM_FIELDS],
+    State("alerts-rules", "data"), State("alerts-rules", "selected_rows"),
+    State("alerts-fired", "data"), State("alerts-fired", "selected_rows"),
+    prevent_initial_call=True,
+)
+def act(*args: Any) -> tuple[Any, ...]:
+    """Every button goes through the API, then both tables are re-read so they show the server's truth.
+
+    Arguments: six click counters, the form fields (FORM_FIELDS order), then the tables' state.
+    """
+    form = dict(zip(FORM_FIELDS, args[6:6 + len(FORM_FIELDS)]))
+    rule_rows, rule_sel, alert_rows, alert_sel = args[6 + len(FORM_FIELDS):]
+    client = api()
+    action = ctx.triggered_id
+    rule_id = _selected_id(rule_rows, rule_sel)
+    message = no_update
+    try:
+        if action == "alerts-create":
+            created = client.create_alert_rule(rule_body(form))
+            message = f"created rule {created['id']} ({created['name']})"
+        elif action in {"alerts-save", "alerts-toggle", "alerts-delete"} and rule_id is None:
+            message = "select a rule in the table first"
+        elif action == "alerts-save":
+            body = rule_body(form)
+            body.pop("project")
+            client.update_alert_rule(rule_id, body)
+            message = f"saved rule {rule_id}"
+        elif action == "alerts-toggle":
+            enabled = bool(next(r for r in rule_rows if r.get("id") == rule_id).get("enabled"))
+            client.update_alert_rule(rule_id, {"enabled": not enabled})
+            message = f"rule {rule_id} {'disabled' if enabled else 'enabled'}"
+        elif action == "alerts-delete":
+            client.delete_alert_rule(rule_id)
+            message = f"deleted rule {rule_id}"
+        elif action == "alerts-ack":
+            ids = [alert_rows[i]["id"] for i in (alert_sel or []) if i < len(alert_rows)]
+            for alert_id in ids:
+                client.acknowledge_alert(alert_id)
+            message = f"acknowledged {len(ids)} alert(s)" if ids else "select fired alerts to acknowledge"
+        rules, alerts = _load(client)
+    except ApiError as exc:
+        return no_update, no_update, no_update, no_update, f"refused by the server: {exc}"
+    keep = no_update if action == "alerts-refresh" else []
+    return table_rows(rules, RULE_COLUMNS), keep, table_rows(alerts, ALERT_COLUMNS), keep, message

@@ -1,0 +1,306 @@
+"""`/runs/<run_id>`: one run, live.
+
+The layout is built from one round of API reads. Afterwards a `dcc.Interval` asks the
+server for the run's `last_step` and, only when it moved, fetches the steps after the last
+one shown (`start=last_step+1`) and appends them to the charts with `Patch` (no figure is
+rebuilt unless a panel gains a new metric). The selected step (the latest one until the
+user clicks a point or a flag; "follow latest" returns to it) drives the split histogram,
+the outlier tokens and the dotted marker drawn on every chart.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import dash
+from dash import ALL, Input, Output, Patch, State, callback, ctx, dcc, html, no_update
+
+from dashboard import figures
+from dashboard.api import ApiClient, ApiError, parallel
+from dashboard.app import api, refresh_interval_ms
+
+dash.register_page(__name__, path_template="/runs/<run_id>", title="Run · MHPO Monitor", name="Run")
+
+MAX_POINTS = 600
+MAX_HEATMAP_STEPS = 500
+HEATMAP_KEY = "log_ratio"
+SPLIT_KEYS = ("log_ratio/adv_pos", "log_ratio/adv_neg")
+
+
+def _graph(name: str, figure: Any) -> dcc.Graph:
+    return dcc.Graph(id={"type": "run-graph", "name": name}, figure=figure,
+                     config={"displaylogo": False}, className=f"graph graph-{name}")
+
+
+def _panel_data(client: ApiClient, run_id: str, scalar_keys: list[str], start: int | None = None,
+                end: int | None = None) -> tuple[dict[str, list[list[str]]], dict[str, Any]]:
+    rows = {name: figures.panel_rows(name, scalar_keys) for name in figures.PANELS}
+    wanted = sorted({k for panel in rows.values() for row in panel for k in row})
+    return rows, client.scalars(run_id, wanted, start=start, end=end, max_points=MAX_POINTS)
+
+
+def _histogram_or_none(client: ApiClient, run_id: str, key: str, have: list[str], **params: Any) -> dict | None:
+    return client.histograms(run_id, key, **params) if key in have else None
+
+
+def selected_step_views(client: ApiClient, run: dict[str, Any], step: int | None, hist_keys: list[str]
+                        ) -> tuple[Any, list[Any]]:
+    """The split histogram figure and the outlier table of one step."""
+    if step is None:
+        return figures.step_histogram_figure(None, None, None, run.get("loss")), [html.P("no step logged yet")]
+    run_id = run["run_id"]
+    pos, neg, outliers = parallel(
+        *[lambda k=k: _histogram_or_none(client, run_id, k, hist_keys, start=step, end=step) for k in SPLIT_KEYS],
+        lambda: client.outliers(run_id, step))
+    if pos is None and neg is None:
+        pos = _histogram_or_none(client, run_id, HEATMAP_KEY, hist_keys, start=step, end=step)
+    fig = figures.step_histogram_figure(pos, neg, step, run.get("loss"), figures.loss_hparams(run.get("config")))
+    return fig, _outlier_table(outliers.get("step"), outliers.get("outliers", []))
+
+
+def _outlier_table(step: int | None, outliers: list[dict[str, Any]]) -> list[Any]:
+    rows = figures.outlier_rows(outliers)
+    if not rows:
+        return [html.P("no outlier tokens logged at or before this step")]
+    header = html.Tr([html.Th(c) for c in rows[0]])
+    body = [html.Tr([html.Td(str(v)) for v in row.values()]) for row in rows]
+    return [html.P(f"top tokens by |x| at step {step}"), html.Table([html.Thead(header), html.Tbody(body)],
+                                                                     className="table outliers")]
+
+
+def _event_id(event: dict[str, Any]) -> str:
+    """Flags and alerts have separate id sequences; the type keeps them apart."""
+    return f"{event.get('type', 'flag')}-{event.get('id')}"
+
+
+def _flag_list(events: list[dict[str, Any]]) -> list[Any]:
+    if not events:
+        return [html.P("no flags or alerts")]
+    items = []
+    for e in sorted(events, key=lambda e: (e.get("step") or 0, str(e.get("id")))):
+        items.append(html.Li([
+            html.Button(f"step {e.get('step')} · {e.get('type', 'flag')} {e.get('kind') or e.get('rule_name', '')} · "
+                        f"{e.get('severity', '')}",
+                        id={"type": "flag-item", "key": _event_id(e), "step": e.get("step") or 0},
+                        className=f"flag-button severity-{e.get('severity', 'warning')}", n_clicks=0),
+            html.Span(f" {e.get('detector') or 'alert rule'}: {e.get('message', '')}", className="flag-message"),
+            html.Details([html.Summary("evidence"),
+                          html.Pre(json.dumps(e.get("evidence"), indent=1, default=str))]),
+        ], className="flag"))
+    return [html.Ul(items, className="flags")]
+
+
+def _summary(run: dict[str, Any]) -> list[Any]:
+    live = figures.is_live(run)
+    return [
+        html.H2(f"{run.get('name')}"),
+        html.Span(f"project {run.get('project')} · loss {run.get('loss')} · status {run.get('status')} · "
+                  f"last step {run.get('last_step')} · open flags {run.get('open_flags', 0)}", id="run-facts"),
+        html.Span(" live" if live else "", className="badge-live" if live else ""),
+    ]
+
+
+def layout(run_id: str | None = None, **_: Any) -> Any:
+    if not run_id:
+        return html.P("no run id in the address; pick a run on the runs page")
+    client = api()
+    try:
+        run, keys, events = parallel(lambda: client.run(run_id), lambda: client.keys(run_id),
+                                     lambda: client.events(run_id))
+    except ApiError as exc:
+        return html.Div([html.H2("Run not available"), html.P(str(exc), className="error")])
+    last_step = run.get("last_step")
+    (rows, data), hist, (step_fig, outlier_table) = parallel(
+        lambda: _panel_data(client, run_id, keys.get("scalars", []), end=last_step),
+        lambda: _histogram_or_none(client, run_id, HEATMAP_KEY, keys.get("histograms", []),
+                                   end=last_step, max_steps=MAX_HEATMAP_STEPS),
+        lambda: selected_step_views(client, run, last_step, keys.get("histograms", [])))
+    trace_maps: dict[str, dict[str, list[int]]] = {}
+    graphs = {}
+    for name, panel_rows in rows.items():
+        fig, trace_maps[name] = figures.timeseries_figure(figures.PANEL_TITLES[name], panel_rows, data["series"],
+                                                          events, last_step, data.get("downsampled", False))
+        graphs[name] = _graph(name, fig)
+    has_heatmap = bool(hist and hist.get("step"))
+    state = {"run_id": run_id, "last_step": last_step, "trace_maps": trace_maps,
+             "panel_keys": {n: [k for r in p for k in r] for n, p in rows.items()},
+             "heatmap": has_heatmap, "heatmap_bins": figures.occupied_bins(hist) if has_heatmap else None,
+             "event_ids": [_event_id(e) for e in events]}
+    live_ms = refresh_interval_ms()
+    return html.Div([
+        html.Div(_summary(run), id="run-summary", className="summary"),
+        html.Div([html.Button("follow latest step", id="run-follow-button", n_clicks=0),
+                  html.Span(f"selected step {last_step}", id="run-selected-label")], className="toolbar"),
+        dcc.Store(id="run-state", data=state),
+        dcc.Store(id="run-selected", data={"step": last_step, "follow": True}),
+        dcc.Interval(id="run-live", interval=live_ms, n_intervals=0),
+        html.Section([_graph("heatmap", figures.heatmap_figure(hist, events, last_step)),
+                      dcc.Graph(id="run-step-histogram", figure=step_fig, config={"displaylogo": False},
+                                className="graph")], className="row two"),
+        html.Section([graphs["trust_region"], graphs["hazard"]], className="row two"),
+        html.Section([graphs["gradients"], graphs["policy"]], className="row two"),
+        html.Section([html.Div([html.H3("Flags and alerts"), html.Div(_flag_list(events), id="run-flags")]),
+                      html.Div([html.H3("Outlier tokens"), html.Div(outlier_table, id="run-outliers")])],
+                     className="row two"),
+    ], className="run-page")
+
+
+def _graph_names() -> list[str]:
+    """Names of the charts matched by this callback's `{"type": "run-graph", "name": ALL}` output."""
+    matched = next(o for o in ctx.outputs_list if isinstance(o, list))
+    return [o["id"]["name"] for o in matched]
+
+
+def _events_patch(patch: Patch, new_events: list[dict[str, Any]], trace_map: dict[str, list[int]],
+                  series: dict[str, Any]) -> None:
+    """Flag lines for new events, and markers on the panel's first curve (placed as in the full figure)."""
+    patch["layout"]["shapes"].extend(figures.event_shapes(new_events))
+    first_key = next((k for k in trace_map if k != "__events__"), None)
+    if "__events__" not in trace_map or first_key is None:
+        return
+    steps, ys, texts = figures.event_markers(series.get(first_key), new_events)
+    index = trace_map["__events__"][0]
+    patch["data"][index]["x"].extend(steps)
+    patch["data"][index]["y"].extend(ys)
+    patch["data"][index]["hovertext"].extend(texts)
+
+
+@callback(
+    Output({"type": "run-graph", "name": ALL}, "figure", allow_duplicate=True),
+    Output("run-state", "data"),
+    Output("run-flags", "children"),
+    Output("run-summary", "children"),
+    Output("run-selected", "data", allow_duplicate=True),
+    Input("run-live", "n_intervals"),
+    State("run-state", "data"),
+    State("run-selected", "data"),
+    prevent_initial_call=True,
+)
+def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[Any, ...]:
+    """Append what arrived since `state["last_step"]`; nothing is sent back when nothing changed."""
+    names = _graph_names()
+    client = api()
+    run_id = state["run_id"]
+    try:
+        run = client.run(run_id)
+    except ApiError:
+        return [no_update] * len(names), no_update, no_update, no_update, no_update
+    last, new_last = state.get("last_step"), run.get("last_step")
+    if new_last is None or (last is not None and new_last <= last):
+        return [no_update] * len(names), no_update, no_update, _summary(run), no_update
+    start = None if last is None else last + 1
+    keys, events = parallel(lambda: client.keys(run_id), lambda: client.events(run_id))
+    seen = set(state["event_ids"])
+    new_events = [e for e in events if _event_id(e) not in seen]
+    has_heatmap = HEATMAP_KEY in keys.get("histograms", [])
+    (rows, data), hist = parallel(
+        lambda: _panel_data(client, run_id, keys.get("scalars", []), start=start, end=new_last),
+        lambda: client.histograms(run_id, HEATMAP_KEY, start=start if state["heatmap"] else None, end=new_last,
+                                  max_steps=MAX_HEATMAP_STEPS) if has_heatmap else None)
+    grown = [n for n in rows if [k for r in rows[n] for k in r] != state["panel_keys"].get(n)]
+    full = _panel_data(client, run_id, keys.get("scalars", []), end=new_last)[1] if grown else None
+    out = []
+    for name in names:
+        if name == "heatmap":
+            out.append(_heatmap_update(state, hist, events, new_events, selected))
+        elif name in grown:
+            fig, state["trace_maps"][name] = figures.timeseries_figure(
+                figures.PANEL_TITLES[name], rows[name], full["series"], events, selected.get("step"),
+                full.get("downsampled", False))
+            state["panel_keys"][name] = [k for r in rows[name] for k in r]
+            out.append(fig)
+        else:
+            patch = Patch()
+            for index, (xs, ys) in figures.series_extension(state["trace_maps"][name], data["series"]).items():
+                patch["data"][index]["x"].extend(xs)
+                patch["data"][index]["y"].extend(ys)
+            if new_events:
+                _events_patch(patch, new_events, state["trace_maps"][name], data["series"])
+            out.append(patch)
+    state["last_step"] = new_last
+    state["event_ids"] = [_event_id(e) for e in events]
+    follow = selected if not selected.get("follow") else {"step": new_last, "follow": True}
+    return out, state, _flag_list(events) if new_events else no_update, _summary(run), follow
+
+
+def _heatmap_update(state: dict[str, Any], hist: dict[str, Any] | None, events: list[dict],
+                    new_events: list[dict], selected: dict[str, Any]) -> Any:
+    """The whole heat-map the first time a histogram exists, afterwards only the new rows."""
+    if hist is None:
+        return no_update
+    if not state["heatmap"]:
+        state["heatmap"] = bool(hist.get("step"))
+        state["heatmap_bins"] = figures.occupied_bins(hist) if state["heatmap"] else None
+        return figures.heatmap_figure(hist, events, selected.get("step")) if state["heatmap"] else no_update
+    steps, z = figures.heatmap_columns(hist)
+    patch = Patch()
+    if steps:
+        patch["data"][0]["x"].extend(steps)
+        patch["data"][0]["z"].extend(z)
+        used = figures.occupied_bins(hist, state.get("heatmap_bins"))
+        if used != state.get("heatmap_bins"):
+            state["heatmap_bins"] = used
+            patch["layout"]["yaxis"]["range"] = figures.occupied_range(hist, used)
+    if new_events:
+        patch["layout"]["shapes"].extend(figures.event_shapes(new_events))
+    return patch
+
+
+@callback(
+    Output("run-selected", "data", allow_duplicate=True),
+    Input({"type": "run-graph", "name": ALL}, "clickData"),
+    Input({"type": "flag-item", "key": ALL, "step": ALL}, "n_clicks"),
+    Input("run-follow-button", "n_clicks"),
+    State("run-state", "data"),
+    prevent_initial_call=True,
+)
+def select_step(_clicks: list[Any], _flags: list[Any], _follow: int, state: dict[str, Any]) -> Any:
+    """A click on any chart point or flag selects that step; "follow latest" goes back to live."""
+    trigger = ctx.triggered_id
+    value = ctx.triggered[0]["value"] if ctx.triggered else None
+    if not value:
+        return no_update
+    if trigger == "run-follow-button":
+        return {"step": state.get("last_step"), "follow": True}
+    if isinstance(trigger, dict) and trigger.get("type") == "flag-item":
+        return {"step": int(trigger["step"]), "follow": False}
+    points = value.get("points") or []
+    if not points or points[0].get("x") is None:
+        return no_update
+    return {"step": int(round(float(points[0]["x"]))), "follow": False}
+
+
+@callback(
+    Output("run-step-histogram", "figure"),
+    Output("run-outliers", "children"),
+    Output("run-selected-label", "children"),
+    Output({"type": "run-graph", "name": ALL}, "figure", allow_duplicate=True),
+    Input("run-selected", "data"),
+    State("run-state", "data"),
+    State("run-step-histogram", "figure"),
+    prevent_initial_call=True,
+)
+def show_selected(selected: dict[str, Any], state: dict[str, Any], current: dict[str, Any]) -> tuple[Any, ...]:
+    """Redraw the step views and move the dotted marker on every chart."""
+    names = _graph_names()
+    step = selected.get("step")
+    title = ((current or {}).get("layout", {}).get("title") or {}).get("text", "")
+    label = f"selected step {step}" + (" (following the latest)" if selected.get("follow") else "")
+    if step is not None and title.startswith(f"step {step}:"):
+        return no_update, no_update, label, [no_update] * len(names)
+    client = api()
+    try:
+        run = client.run(state["run_id"])
+        keys = client.keys(state["run_id"])
+        fig, table = selected_step_views(client, run, step, keys.get("histograms", []))
+    except ApiError as exc:
+        return no_update, [html.P(str(exc), className="error")], label, [no_update] * len(names)
+    moves = []
+    for _ in names:
+        patch = Patch()
+        patch["layout"]["shapes"][figures.SELECTION_SHAPE]["x0"] = step
+        patch["layout"]["shapes"][figures.SELECTION_SHAPE]["x1"] = step
+        patch["layout"]["shapes"][figures.SELECTION_SHAPE]["visible"] = step is not None
+        moves.append(patch)
+    return fig, table, label, moves

@@ -1,0 +1,139 @@
+"""Pydantic models of the alert API (`/api/v1/alert-rules`, `/api/v1/alerts`).
+
+A rule watches one condition in a project (every run) or in one run:
+- `threshold`: a scalar compared with a value for `for_steps` logged steps in a row;
+- `spike`: a scalar's robust z-score against its rolling median/MAD;
+- `flag`: a flag of a kind (or any kind) at or above a severity.
+Scalar conditions fire when they become true (not at every step while they hold), and
+each (rule, run) then stays quiet for `cooldown_s` seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+
+from server.schemas import KEY_PATTERN, Key, Name, Severity
+
+Channel = Literal["dashboard", "webhook"]
+DeliveryStatus = Literal["none", "pending", "delivered", "failed"]
+SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+RunId = Annotated[str, Field(min_length=1, max_length=36, pattern=KEY_PATTERN)]
+
+
+class ThresholdCondition(_In):
+    type: Literal["threshold"]
+    key: Key
+    op: Literal[">", ">=", "<", "<=", "==", "!="]
+    value: Annotated[float, Field(allow_inf_nan=False)]
+    for_steps: Annotated[int, Field(ge=1, le=10_000)] = 1
+
+
+class SpikeCondition(_In):
+    type: Literal["spike"]
+    key: Key
+    direction: Literal["up", "down", "both"] = "up"
+    z: Annotated[float, Field(gt=0, le=1e6)] = 6.0
+    window_steps: Annotated[int, Field(ge=5, le=10_000)] = 50
+    min_baseline: Annotated[int, Field(ge=3, le=10_000)] = 20
+
+
+class FlagCondition(_In):
+    type: Literal["flag"]
+    kind: Literal["collapse", "erosion", "hazard_spike", "grad_spike", "non_finite", "on_policy", "*"] = "*"
+    min_severity: Severity = "warning"
+
+
+Condition = Annotated[ThresholdCondition | SpikeCondition | FlagCondition, Field(discriminator="type")]
+
+
+class AlertRuleCreate(_In):
+    name: Name
+    project: Name
+    run_id: RunId | None = Field(
+        None, description="limit the rule to one run of the project; null watches every run"
+    )
+    condition: Condition
+    severity: Severity = "warning"
+    cooldown_s: Annotated[float, Field(ge=0, le=365 * 86400)] = 600.0
+    channels: Annotated[list[Channel], Field(min_length=1)] = ["dashboard"]
+    webhook_url: AnyHttpUrl | None = None
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _webhook_needs_url(self) -> AlertRuleCreate:
+        _check_webhook(self.channels, self.webhook_url)
+        return self
+
+
+class AlertRulePatch(_In):
+    name: Name | None = None
+    run_id: RunId | None = None
+    condition: Condition | None = None
+    severity: Severity | None = None
+    cooldown_s: Annotated[float, Field(ge=0, le=365 * 86400)] | None = None
+    channels: Annotated[list[Channel], Field(min_length=1)] | None = None
+    webhook_url: AnyHttpUrl | None = None
+    enabled: bool | None = None
+
+
+def _check_webhook(channels: list[str], url: Any) -> None:
+    if "webhook" in channels and url is None:
+        raise ValueError("webhook_url: required when channels contains 'webhook' (an http:// or https:// URL)")
+
+
+class AlertRule(BaseModel):
+    id: int
+    name: str
+    project: str
+    run_id: str | None
+    condition: Condition
+    severity: str
+    cooldown_s: float
+    channels: list[str]
+    webhook_url: str | None
+    enabled: bool
+    created_at: float
+    updated_at: float
+
+
+class AlertRuleList(BaseModel):
+    rules: list[AlertRule]
+
+
+class Alert(BaseModel):
+    """A fired alert; `type` is "alert" so it sits beside flags in a run's event list."""
+
+    id: int
+    type: Literal["alert"] = "alert"
+    rule_id: int | None
+    rule_name: str
+    project: str
+    run_id: str
+    step: int
+    severity: str
+    message: str
+    evidence: dict[str, Any] | None
+    created_at: float
+    acknowledged_at: float | None
+    delivery_status: DeliveryStatus
+    delivery_attempts: int
+    delivery_error: str | None
+    delivered_at: float | None
+
+
+class AlertList(BaseModel):
+    alerts: list[Alert]
+
+
+class FlagParamsOut(BaseModel):
+    project: str
+    overrides: dict[str, Any]
+    params: dict[str, Any]

@@ -1,0 +1,116 @@
+"""The FastAPI application factory (contract C5).
+
+`create_app(settings)` opens the store, refuses a database that is not at the migrations'
+head, and wires routers, error handlers and middleware. Extension points for other parts
+of the product: `app.state.ingest_listeners` (called after each committed batch with
+`(store, run_id, new_records)`), `app.state.event_sources` (extra items for
+`GET .../events`), and plain `app.include_router` / `app.mount` for more routes or the
+dashboard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DataError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mhpo import __version__
+from server.config import Settings
+from server.flags.service import install as install_flags
+from server.limits import BodySizeLimitMiddleware
+from server.metrics import MetricsMiddleware, ServiceMetrics
+from server.responses import NaNJSONResponse
+from server.routes import events, health, projects, records, runs, series
+from server.schemas import RecordIn
+from server.store import Conflict, Invalid, NotFound, Store, StoreError, open_store
+
+IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
+EventSource = Callable[[Store, str], list[dict[str, Any]]]
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if store is None:
+        store = open_store(settings.db, busy_timeout_ms=settings.sqlite_busy_timeout_ms, pool_size=settings.pool_size)
+        try:
+            store.check_schema()
+        except Exception:
+            store.close()
+            raise
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        store.close()
+
+    app = FastAPI(
+        title="MHPO Monitor API",
+        version=__version__,
+        description="Ingest and query trust-region diagnostics of GRPO-family training runs.",
+        default_response_class=NaNJSONResponse,
+        lifespan=lifespan,
+    )
+    metrics = ServiceMetrics()
+    app.state.settings = settings
+    app.state.store = store
+    app.state.metrics = metrics
+    app.state.ingest_listeners: list[IngestListener] = []
+    app.state.event_sources: list[EventSource] = []
+    for module in (health, projects, runs, records, series, events):
+        app.include_router(module.router)
+    install_flags(app)
+    _install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.dashboard:
+        from dashboard.app import mount_dashboard, self_url
+
+        mount_dashboard(app, self_url(settings.host, settings.port), token=settings.dashboard_token)
+    return app
+
+
+def _error(status: int, detail: Any, headers: dict[str, str] | None = None) -> NaNJSONResponse:
+    return NaNJSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every failure the caller can fix is a 4xx naming the field; a busy database is a 503 to retry."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> NaNJSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        return _error(422, errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> NaNJSONResponse:
+        return _error(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_request: Request, exc: NotFound) -> NaNJSONResponse:
+        return _error(404, str(exc))
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_request: Request, exc: Conflict) -> NaNJSONResponse:
+        return _error(409, str(exc))
+
+    @app.exception_handler(Invalid)
+    async def _invalid(_request: Request, exc: Invalid) -> NaNJSONResponse:
+        return _error(422, [{"loc": ["body", *exc.loc], "msg": exc.message, "type": "value_error"}])
+
+    @app.exception_handler(DataError)
+    async def _data(_request: Request, exc: DataError) -> NaNJSONResponse:
+        # A value the schema let through but the database cannot hold (a NUL byte in a
+        # PostgreSQL string): the caller's input, so a 4xx, with the driver's reason.
+        return _error(422, f"a value in the request cannot be stored or compared by the database: {exc.orig}")
+
+    @app.exception_handler(StoreError)
+    async def _busy(_request: Request, exc: StoreError) -> NaNJSONResponse:
+        return _error(503, str(exc), {"Retry-After": "1"})

@@ -1,0 +1,118 @@
+"""`mhpo serve`, `mhpo db upgrade` and `mhpo token create` (dispatched here by mhpo/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from server.config import DEFAULT_PORT, Settings
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags that were given."""
+    overrides: dict[str, Any] = {}
+    for name in ("db", "host", "port", "auth", "insecure_public", "dashboard"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)
+
+
+def _db_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", help="SQLAlchemy URL (default: $MHPO_DB, else a SQLite file in the user data dir)")
+
+
+def serve(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mhpo serve", description="Run the API (uvicorn).")
+    _db_arg(parser)
+    parser.add_argument("--host", help="listen address (default 127.0.0.1, $MHPO_HOST)")
+    parser.add_argument("--port", type=int, help=f"listen port (default {DEFAULT_PORT}, $MHPO_PORT)")
+    parser.add_argument("--auth", action=argparse.BooleanOptionalAction, default=None,
+                        help="require API tokens (default off, $MHPO_AUTH)")
+    parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=None,
+                        help="serve the dashboard at / (default on, $MHPO_DASHBOARD)")
+    parser.add_argument("--insecure-public", action="store_true", default=None,
+                        help="allow a non-loopback --host with auth off (anyone who reaches it can read and write)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    settings = _settings(args)
+    if not settings.auth and not is_loopback(settings.host) and not settings.insecure_public:
+        print(
+            f"mhpo serve: refusing --host {settings.host} with auth off (anyone on the network could write and "
+            "read runs). Turn auth on with --auth (and `mhpo token create`), or pass --insecure-public.",
+            file=sys.stderr,
+        )
+        return 2
+    import uvicorn
+
+    from server.app import create_app
+    from server.store import SchemaError
+
+    try:
+        app = create_app(settings)
+    except SchemaError as exc:
+        print(f"mhpo serve: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
+def db(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mhpo db", description="Database schema (Alembic).")
+    sub = parser.add_subparsers(dest="action", required=True)
+    upgrade = sub.add_parser("upgrade", help="migrate the database to the newest schema")
+    _db_arg(upgrade)
+    args = parser.parse_args(argv)
+    import migrations
+
+    from sqlalchemy import make_url
+
+    settings = _settings(args)
+    migrations.upgrade(settings.db)
+    print(f"database {make_url(settings.db).render_as_string(hide_password=True)} is at revision {migrations.head()}")
+    return 0
+
+
+def token(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mhpo token", description="API tokens (stored hashed; shown once).")
+    sub = parser.add_subparsers(dest="action", required=True)
+    create = sub.add_parser("create", help="create a token and print it")
+    create.add_argument("--project", required=True, help="the project the token may access")
+    create.add_argument("--scope", required=True, choices=["write", "read"], help="write (trainers) or read (viewers)")
+    _db_arg(create)
+    args = parser.parse_args(argv)
+    from server.store import SchemaError, open_store
+
+    store = open_store(_settings(args).db)
+    try:
+        store.check_schema()
+        print(store.create_token(args.project, args.scope))
+    except SchemaError as exc:
+        print(f"mhpo token: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
+def main(command: str, argv: Sequence[str]) -> int:
+    handlers = {"serve": serve, "db": db, "token": token}
+    if command not in handlers:
+        print(f"server.cli: unknown command {command!r}; valid: {', '.join(handlers)}", file=sys.stderr)
+        return 2
+    return handlers[command](list(argv))

@@ -1,0 +1,53 @@
+"""Server settings: one pydantic-settings class, read from `MHPO_*` environment variables.
+
+Routes reach it through `deps.SettingsDep`, so a test passes its own `Settings` to
+`create_app` instead of patching the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORT = 8765
+MIB = 1024 * 1024
+
+
+def default_db_url() -> str:
+    """A SQLite file in the user's data directory (created on first use)."""
+    data_dir = Path(platformdirs.user_data_dir("mhpo"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{data_dir / 'mhpo.db'}"
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment; each field is `MHPO_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="MHPO_", extra="ignore")
+
+    db: str = Field(default_factory=default_db_url, description="SQLAlchemy URL (sqlite:///... or postgresql+psycopg://...)")
+    auth: bool = Field(False, description="require `Authorization: Bearer <token>` (write scope for writes, any for reads)")
+    host: str = Field("127.0.0.1", description="listen address of `mhpo serve`")
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="listen port of `mhpo serve`")
+    max_body_bytes: int = Field(32 * MIB, ge=1024, description="largest request body accepted; larger gets 413")
+    max_records_per_batch: int = Field(10_000, ge=1, description="records in one POST .../records")
+    max_points: int = Field(10_000, ge=10, description="upper bound of `max_points`/`max_steps` on reads")
+    sqlite_busy_timeout_ms: int = Field(30_000, ge=0, description="how long a SQLite writer waits for the lock")
+    pool_size: int = Field(10, ge=1, description="database connections kept open (as many again may overflow)")
+    insecure_public: bool = Field(False, description="allow a non-loopback host with auth off")
+    dashboard: bool = Field(True, description="serve the Dash dashboard at / beside the API (off for API-only use)")
+    dashboard_token: str | None = Field(None, description="read token the dashboard sends to the API when auth is on")
+
+    @field_validator("db")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql", "postgres://")):
+            raise ValueError(
+                f"MHPO_DB={value!r} is not supported: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+            )
+        if value.startswith(("postgresql://", "postgres://")):
+            return "postgresql+psycopg://" + value.split("://", 1)[1]
+        return value

@@ -1,0 +1,78 @@
+"""Typed dependencies: settings, store, metrics and the caller's access, all reached per request.
+
+Tests build an app with their own `Settings` (`create_app(settings)`); nothing here reads
+the environment or opens a database at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from server.config import Settings
+from server.metrics import ServiceMetrics
+from server.store import Store
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+
+bearer = HTTPBearer(auto_error=False, description="API token from `mhpo token create` (needed when MHPO_AUTH is on)")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: with auth off, anyone may do anything; with it on, one project and one scope."""
+
+    project: str | None
+    scope: str
+
+    def check_project(self, project: str) -> None:
+        if self.project is not None and self.project != project:
+            raise HTTPException(
+                403, f"this token is for project {self.project!r}, not {project!r}: create one with "
+                f"`mhpo token create --project {project} --scope {self.scope}`",
+            )
+
+
+def get_principal(
+    settings: SettingsDep, store: StoreDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    if not settings.auth:
+        return Principal(project=None, scope="write")
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(
+            401, "missing token: send `Authorization: Bearer <token>` (create one with `mhpo token create`)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    token = store.resolve_token(credentials.credentials)
+    if token is None:
+        raise HTTPException(401, "unknown token: create one with `mhpo token create`", headers={"WWW-Authenticate": "Bearer"})
+    return Principal(project=token.project, scope=token.scope)
+
+
+def require_write(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if principal.scope != "write":
+        raise HTTPException(403, f"token scope {principal.scope!r} cannot write: use a token created with --scope write")
+    return principal
+
+
+ReadAccess = Annotated[Principal, Depends(get_principal)]
+WriteAccess = Annotated[Principal, Depends(require_write)]

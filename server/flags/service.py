@@ -1,0 +1,72 @@
+"""Wiring of flags and alerts into the app: `install(app)` is the one call `create_app` makes.
+
+It adds the ingest listener, the fired alerts as a source of `GET /api/v1/runs/{id}/events`
+(with `"type": "alert"`), the alert routes, and the webhook worker (started on the first
+delivery, stopped with the app). Webhook settings come from `MHPO_WEBHOOK_*` variables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.alerts.store import AlertStore
+from server.alerts.webhook import WebhookDispatcher
+from server.flags.listener import IngestMonitor
+from server.routes import alerts as alert_routes
+from server.store import Store
+
+
+class WebhookSettings(BaseSettings):
+    """Webhook delivery: `MHPO_WEBHOOK_TIMEOUT_S`, `MHPO_WEBHOOK_MAX_ATTEMPTS`, ..."""
+
+    model_config = SettingsConfigDict(env_prefix="MHPO_WEBHOOK_", extra="ignore")
+
+    timeout_s: float = Field(5.0, gt=0, description="per-request timeout of a webhook POST")
+    max_attempts: int = Field(4, ge=1, description="attempts in all before the delivery is marked failed")
+    backoff_s: float = Field(1.0, ge=0, description="wait before the first retry; doubles after each failure")
+    public_url: str | None = Field(None, description="dashboard URL linked from the message, e.g. http://host:8765")
+
+
+def alert_events(alerts: AlertStore) -> Callable[[Store, str], list[dict[str, Any]]]:
+    """The event source: a run's fired alerts in the shape of its flags, plus the alert fields."""
+
+    def source(_store: Store, run_id: str) -> list[dict[str, Any]]:
+        return [
+            {**a.model_dump(), "kind": "alert", "detector": "alert_rule"}
+            for a in alerts.list_alerts(run_id=run_id, limit=100_000)
+        ]
+
+    return source
+
+
+def install(app: FastAPI, webhook_settings: WebhookSettings | None = None) -> IngestMonitor:
+    cfg = webhook_settings or WebhookSettings()
+    alerts = AlertStore(app.state.store.engine)
+    dispatcher = WebhookDispatcher(alerts, cfg.timeout_s, cfg.max_attempts, cfg.backoff_s, cfg.public_url)
+    monitor = IngestMonitor(alerts, dispatcher)
+    app.state.alert_store = alerts
+    app.state.webhooks = dispatcher
+    app.state.flag_monitor = monitor
+    app.state.ingest_listeners.append(monitor)
+    app.state.event_sources.append(alert_events(alerts))
+    app.include_router(alert_routes.router)
+    dispatcher.resume_pending({r.id: str(r.webhook_url) for r in alerts.list_rules() if r.webhook_url is not None})
+
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
+        async with inner(a) as state:
+            try:
+                yield state
+            finally:
+                dispatcher.stop()
+
+    app.router.lifespan_context = lifespan
+    return monitor

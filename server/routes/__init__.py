@@ -1,0 +1,1 @@
+"""One router per resource; `server.app.create_app` includes them all."""

@@ -1,0 +1,171 @@
+"""Alert rules (full CRUD), fired alerts (list, acknowledge) and per-project detector parameters.
+
+Writes (rules, acknowledgements, parameters) need a write token when auth is on; a
+project-scoped token only sees and changes its own project.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from pydantic import ValidationError
+
+from server.alerts.schemas import (
+    Alert,
+    AlertList,
+    AlertRule,
+    AlertRuleCreate,
+    AlertRuleList,
+    AlertRulePatch,
+    FlagParamsOut,
+)
+from server.alerts.store import AlertStore
+from server.deps import ReadAccess, StoreDep, WriteAccess
+from server.flags.listener import IngestMonitor
+from server.responses import NaNJSONResponse, respond
+from server.schemas import KEY_PATTERN
+from server.store import Store
+
+router = APIRouter(prefix="/api/v1", tags=["alerts"])
+
+
+def get_alert_store(request: Request) -> AlertStore:
+    return request.app.state.alert_store
+
+
+AlertStoreDep = Annotated[AlertStore, Depends(get_alert_store)]
+RuleId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+AlertId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+ProjectName = Annotated[str, Path(min_length=1, max_length=200, pattern=KEY_PATTERN)]
+ProjectFilter = Annotated[str | None, Query(min_length=1, max_length=200, pattern=KEY_PATTERN)]
+RunFilter = Annotated[str | None, Query(min_length=1, max_length=36, pattern=KEY_PATTERN)]
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]  # ids beyond the column's range are a 422, not a driver overflow
+
+
+def _rule(alerts: AlertStore, rule_id: int) -> AlertRule:
+    try:
+        return alerts.get_rule(rule_id)
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
+def _alert(alerts: AlertStore, alert_id: int) -> Alert:
+    try:
+        return alerts.get_alert(alert_id)
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from exc
+
+
+@router.post("/alert-rules", response_model=AlertRule, status_code=201)
+def create_rule(
+    body: AlertRuleCreate, alerts: AlertStoreDep, store: StoreDep, principal: WriteAccess
+) -> NaNJSONResponse:
+    principal.check_project(body.project)
+    _check_run_scope(store, body.project, body.run_id)
+    return respond(alerts.create_rule(body), status_code=201)
+
+
+def _check_run_scope(store: Store, project: str, run_id: str | None) -> None:
+    """A rule scoped to a run must name an existing run of its project (404 / 422 otherwise)."""
+    if run_id is not None and store.get_run(run_id).project != project:
+        raise HTTPException(
+            422,
+            [{"loc": ["body", "run_id"], "type": "value_error",
+              "msg": f"run {run_id} is not in project {project!r}: use that run's project or leave run_id null"}],
+        )
+
+
+@router.get("/alert-rules", response_model=AlertRuleList)
+def list_rules(
+    alerts: AlertStoreDep, principal: ReadAccess, project: ProjectFilter = None, run_id: RunFilter = None
+) -> NaNJSONResponse:
+    """Rules of a project (or all); with `run_id`, the ones that apply to that run."""
+    if principal.project is not None:
+        project = project or principal.project
+        principal.check_project(project)
+    return respond(AlertRuleList(rules=alerts.list_rules(project, run_id)))
+
+
+@router.get("/alert-rules/{rule_id}", response_model=AlertRule)
+def get_rule(rule_id: RowId, alerts: AlertStoreDep, principal: ReadAccess) -> NaNJSONResponse:
+    rule = _rule(alerts, rule_id)
+    principal.check_project(rule.project)
+    return respond(rule)
+
+
+@router.patch("/alert-rules/{rule_id}", response_model=AlertRule)
+def update_rule(rule_id: RowId, body: AlertRulePatch, alerts: AlertStoreDep, principal: WriteAccess) -> NaNJSONResponse:
+    """Change any field but the project; `{"enabled": false}` disables a rule without losing it."""
+    principal.check_project(_rule(alerts, rule_id).project)
+    try:
+        return respond(alerts.update_rule(rule_id, body))
+    except ValidationError as exc:
+        detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        raise HTTPException(422, detail) from exc
+
+
+@router.delete("/alert-rules/{rule_id}", status_code=204)
+def delete_rule(rule_id: RowId, alerts: AlertStoreDep, principal: WriteAccess) -> Response:
+    """Fired alerts of the rule stay (with its name) so the history is kept."""
+    principal.check_project(_rule(alerts, rule_id).project)
+    alerts.delete_rule(rule_id)
+    return Response(status_code=204)
+
+
+@router.get("/alerts", response_model=AlertList)
+def list_alerts(
+    alerts: AlertStoreDep,
+    principal: ReadAccess,
+    project: ProjectFilter = None,
+    run_id: RunFilter = None,
+    acknowledged: bool | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> NaNJSONResponse:
+    """Fired alerts, newest first."""
+    if principal.project is not None:
+        project = project or principal.project
+        principal.check_project(project)
+    return respond(AlertList(alerts=alerts.list_alerts(project, run_id, acknowledged, limit)))
+
+
+@router.get("/alerts/{alert_id}", response_model=Alert)
+def get_alert(alert_id: RowId, alerts: AlertStoreDep, principal: ReadAccess) -> NaNJSONResponse:
+    alert = _alert(alerts, alert_id)
+    principal.check_project(alert.project)
+    return respond(alert)
+
+
+@router.post("/alerts/{alert_id}/ack", response_model=Alert)
+def acknowledge(alert_id: RowId, alerts: AlertStoreDep, principal: WriteAccess) -> NaNJSONResponse:
+    """Idempotent: acknowledging twice keeps the first time."""
+    principal.check_project(_alert(alerts, alert_id).project)
+    return respond(alerts.acknowledge(alert_id))
+
+
+@router.get("/projects/{project}/flag-params", response_model=FlagParamsOut)
+def get_flag_params(
+    project: ProjectName, request: Request, alerts: AlertStoreDep, principal: ReadAccess
+) -> NaNJSONResponse:
+    """The project's overrides and the effective detector parameters."""
+    principal.check_project(project)
+    monitor: IngestMonitor = request.app.state.flag_monitor
+    overrides = alerts.get_flag_params(project)
+    params = monitor.params_for(project).model_dump(mode="json")
+    return respond(FlagParamsOut(project=project, overrides=overrides, params=params))
+
+
+@router.put("/projects/{project}/flag-params", response_model=FlagParamsOut)
+def put_flag_params(
+    project: ProjectName, body: dict[str, Any], request: Request, alerts: AlertStoreDep, principal: WriteAccess
+) -> NaNJSONResponse:
+    """Replace the project's overrides (a partial, nested dict of `FlagParams`; `{}` restores the defaults)."""
+    principal.check_project(project)
+    monitor: IngestMonitor = request.app.state.flag_monitor
+    try:
+        params = monitor.defaults.merged(body)
+    except ValidationError as exc:
+        detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        raise HTTPException(422, detail) from exc
+    alerts.set_flag_params(project, body)
+    return respond(FlagParamsOut(project=project, overrides=body, params=params.model_dump(mode="json")))

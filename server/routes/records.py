@@ -1,0 +1,52 @@
+"""POST /api/v1/runs/{run_id}/records: idempotent, all-or-nothing ingest of a batch (contract C1)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import APIRouter, HTTPException, Request
+
+from server.deps import MetricsDep, SettingsDep, StoreDep, WriteAccess
+from server.responses import NaNJSONResponse, respond
+from server.routes.runs import authorized_run
+from server.schemas import RecordsIn, RecordsOut
+
+router = APIRouter(prefix="/api/v1/runs", tags=["records"])
+log = logging.getLogger(__name__)
+
+
+@router.post("/{run_id}/records", response_model=RecordsOut)
+def post_records(
+    run_id: uuid.UUID, body: RecordsIn, request: Request, store: StoreDep, settings: SettingsDep,
+    metrics: MetricsDep, principal: WriteAccess,
+) -> NaNJSONResponse:
+    """Stores the batch in one transaction, committed before answering; then runs the ingest listeners.
+
+    A batch id seen before for this run stores nothing (all items count as duplicates); items
+    already stored under (run, key, step) by another batch are skipped and counted too.
+    """
+    if len(body.records) > settings.max_records_per_batch:
+        raise HTTPException(
+            422,
+            [{"loc": ["body", "records"], "type": "too_long",
+              "msg": f"{len(body.records)} records exceed the limit of {settings.max_records_per_batch} per batch "
+                     "(MHPO_MAX_RECORDS_PER_BATCH); split the batch"}],
+        )
+    if principal.project is not None:
+        authorized_run(store, principal, run_id)
+    result = store.write_records(str(run_id), body.batch_id, body.records)
+    metrics.batches.labels("duplicate" if not result.accepted and result.duplicates else "stored").inc()
+    for table, count in result.rows.items():
+        metrics.rows.labels(table).inc(count)
+    if request.headers.get("x-mhpo-replay") == "1":
+        metrics.spool_replays.inc()
+    if result.new_records:
+        for listener in request.app.state.ingest_listeners:
+            try:
+                listener(store, str(run_id), result.new_records)
+            except Exception:
+                name = getattr(listener, "__qualname__", type(listener).__name__)
+                metrics.listener_errors.labels(name).inc()
+                log.exception("ingest listener %s failed on run %s (the batch is stored)", name, run_id)
+    return respond(RecordsOut(accepted=result.accepted, duplicates=result.duplicates))

@@ -1,0 +1,224 @@
+"""Pydantic v2 models at the edge of the API (DESIGN 3.1, contracts C1 and C7).
+
+The store returns these too (never ORM rows). Timestamps are unix seconds (float), the
+same unit as a record's `time`. Non-finite floats travel as the JSON tokens NaN /
+Infinity / -Infinity, as Python's json module reads and writes them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+MAX_STEP = 2**53
+MAX_BINS = 10_000
+MAX_KEYS_PER_RECORD = 10_000
+MAX_OUTLIERS_PER_RECORD = 1_000
+KEY_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
+Key = Annotated[str, StringConstraints(min_length=1, max_length=250, pattern=KEY_PATTERN)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=KEY_PATTERN)]
+Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
+Count = Annotated[int, Field(ge=0, le=2**62)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+RunStatus = Literal["running", "finished", "failed", "crashed"]
+Severity = Literal["info", "warning", "critical"]
+Scope = Literal["write", "read"]
+
+
+class _In(BaseModel):
+    """Inputs refuse unknown fields so a typo gets a 422 naming it instead of silently vanishing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class HistogramIn(_In):
+    lo: FiniteFloat
+    hi: FiniteFloat
+    counts: Annotated[list[Count], Field(min_length=1, max_length=MAX_BINS)]
+    underflow: Count = 0
+    overflow: Count = 0
+    min: float = math.nan
+    max: float = math.nan
+    sum: float = 0.0
+    sumsq: float = 0.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> HistogramIn:
+        if not self.lo < self.hi:
+            raise ValueError(f"lo must be < hi (got lo={self.lo}, hi={self.hi})")
+        return self
+
+
+class OutlierIn(_In):
+    sample: Annotated[int, Field(ge=0, le=2**31)]
+    position: Annotated[int, Field(ge=0, le=2**31)]
+    token_id: Annotated[int, Field(ge=0, le=2**31)] | None = None
+    text: Annotated[str, Field(max_length=1000)] = ""
+    x: float
+    A: float
+    zeta: float | None = None
+
+
+class RecordIn(_In):
+    step: Step
+    time: Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)] | None = None
+    scalars: Annotated[dict[Key, float], Field(max_length=MAX_KEYS_PER_RECORD)] = {}
+    histograms: Annotated[dict[Key, HistogramIn], Field(max_length=1_000)] = {}
+    outliers: Annotated[list[OutlierIn], Field(max_length=MAX_OUTLIERS_PER_RECORD)] = []
+
+    def items(self) -> int:
+        """Stored items: one per scalar, one per histogram, one for the outlier list if any."""
+        return len(self.scalars) + len(self.histograms) + (1 if self.outliers else 0)
+
+
+class RecordsIn(_In):
+    batch_id: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    records: list[RecordIn]
+
+
+class RecordsOut(BaseModel):
+    accepted: int = Field(description="items newly stored (one per scalar, histogram, outlier list)")
+    duplicates: int = Field(description="items already stored earlier (retried or overlapping batch)")
+
+
+class RunCreate(_In):
+    project: Name
+    name: Name
+    config: dict[str, Any] | None = None
+    loss: Name | None = None
+    run_id: uuid.UUID | None = Field(None, description="client-chosen id (so a run exists before the server is reachable)")
+
+
+class RunPatch(_In):
+    status: RunStatus
+
+
+class Run(BaseModel):
+    run_id: str
+    project: str
+    name: str
+    loss: str | None
+    config: dict[str, Any] | None
+    status: str
+    created_at: float
+    updated_at: float
+    last_step: int | None
+    last_seen_at: float | None
+    open_flags: int
+
+
+class RunList(BaseModel):
+    runs: list[Run]
+
+
+class Project(BaseModel):
+    name: str
+    runs: int
+    created_at: float
+
+
+class ProjectList(BaseModel):
+    projects: list[Project]
+
+
+class Keys(BaseModel):
+    scalars: list[str]
+    histograms: list[str]
+
+
+class Series(BaseModel):
+    step: list[int]
+    value: list[float]
+    min: list[float]
+    max: list[float]
+
+
+class ScalarsOut(BaseModel):
+    run_id: str
+    downsampled: bool
+    series: dict[str, Series]
+
+
+class HistogramsOut(BaseModel):
+    key: str
+    lo: float | None
+    hi: float | None
+    bins: int | None
+    step: list[int]
+    step_end: list[int]
+    counts: list[list[int]]
+    underflow: list[int]
+    overflow: list[int]
+    min: list[float]
+    max: list[float]
+    sum: list[float]
+    sumsq: list[float]
+
+
+class OutliersOut(BaseModel):
+    step: int | None
+    outliers: list[dict[str, Any]]
+
+
+class EventCreate(_In):
+    """A flag raised by a detector; unique per (run, kind, detector, step)."""
+
+    step: Step
+    kind: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    severity: Severity
+    detector: Name
+    message: str = ""
+    evidence: dict[str, Any] | None = None
+    created_at: float | None = None
+
+
+class Event(BaseModel):
+    """A stored flag; other event sources (fired alerts) add items with their own "type" and fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    type: str = "flag"
+    kind: str
+    step: int
+    severity: str
+    detector: str
+    message: str
+    evidence: dict[str, Any] | None
+    created_at: float
+
+
+class EventList(BaseModel):
+    events: list[Event]
+
+
+class TokenInfo(BaseModel):
+    id: int
+    project: str
+    scope: Scope
+
+
+MAX_QUERY_KEYS = 1_000
+
+
+def parse_keys(raw: str | None) -> list[str]:
+    """`keys=a,b` -> ["a", "b"] (empty entries dropped, order kept, duplicates removed).
+
+    Raises ValueError for more than MAX_QUERY_KEYS keys or a key that no record could carry.
+    """
+    if not raw:
+        return []
+    keys = list(dict.fromkeys(k for k in (part.strip() for part in raw.split(",")) if k))
+    if len(keys) > MAX_QUERY_KEYS:
+        raise ValueError(f"{len(keys)} keys exceed the limit of {MAX_QUERY_KEYS} per request; ask in several requests")
+    for key in keys:
+        if len(key) > 250 or not re.match(KEY_PATTERN, key):
+            raise ValueError(f"key {key[:40]!r} is not a valid key (1-250 characters, no control characters)")
+    return keys
+
+

@@ -1,0 +1,15 @@
+"""Storage: the `Store` interface and its SQL implementation, chosen by URL."""
+
+from server.store.base import Conflict, Invalid, NotFound, SchemaError, Store, StoreError, WriteResult
+from server.store.sql import SqlStore, make_engine
+
+
+def open_store(url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> Store:
+    """The store for a SQLAlchemy URL (sqlite:/// or postgresql+psycopg://)."""
+    return SqlStore.from_url(url, busy_timeout_ms=busy_timeout_ms, pool_size=pool_size)
+
+
+__all__ = [
+    "Conflict", "Invalid", "NotFound", "SchemaError", "SqlStore", "Store", "StoreError", "WriteResult",
+    "make_engine", "open_store",
+]

@@ -1,0 +1,123 @@
+"""The store interface the routes call; `server.store.sql.SqlStore` implements it on SQLAlchemy.
+
+Errors the routes turn into HTTP answers:
+    StoreError
+    ├── NotFound       -> 404 (unknown run)
+    ├── Conflict       -> 409 (run id taken by another run, histogram binning changed)
+    ├── Invalid        -> 422 (input the schema cannot catch, naming the field)
+    └── SchemaError    -> the server refuses to start; the message says which command fixes it
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.schemas import (
+    Event,
+    EventCreate,
+    HistogramsOut,
+    Keys,
+    OutliersOut,
+    Project,
+    RecordIn,
+    Run,
+    RunCreate,
+    ScalarsOut,
+    TokenInfo,
+)
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class NotFound(StoreError, LookupError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+class Invalid(StoreError, ValueError):
+    """`loc` is the path of the offending field, as in a pydantic error: ("records", 0, "histograms", "x")."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(f"{'.'.join(map(str, loc))}: {message}")
+        self.loc = loc
+        self.message = message
+
+
+class SchemaError(StoreError, RuntimeError):
+    pass
+
+
+@dataclass
+class WriteResult:
+    """What one records batch did: counts for the client, the new records for ingest listeners."""
+
+    accepted: int
+    duplicates: int
+    new_records: list[RecordIn] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+class Store(abc.ABC):
+    @abc.abstractmethod
+    def check_schema(self) -> None:
+        """Raise SchemaError unless the database is at the migrations' head revision."""
+
+    @abc.abstractmethod
+    def create_run(self, run: RunCreate) -> Run: ...
+
+    @abc.abstractmethod
+    def update_run(self, run_id: str, status: str) -> Run: ...
+
+    @abc.abstractmethod
+    def get_run(self, run_id: str) -> Run: ...
+
+    @abc.abstractmethod
+    def list_runs(self, project: str | None = None) -> list[Run]: ...
+
+    @abc.abstractmethod
+    def list_projects(self) -> list[Project]: ...
+
+    @abc.abstractmethod
+    def write_records(self, run_id: str, batch_id: str, records: Sequence[RecordIn]) -> WriteResult:
+        """All-or-nothing and idempotent by (run, batch_id) and by (run, key, step)."""
+
+    @abc.abstractmethod
+    def list_keys(self, run_id: str) -> Keys: ...
+
+    @abc.abstractmethod
+    def get_scalars(
+        self, run_id: str, keys: Sequence[str], start: int | None, end: int | None, max_points: int
+    ) -> ScalarsOut: ...
+
+    @abc.abstractmethod
+    def get_histograms(
+        self, run_id: str, key: str, start: int | None, end: int | None, max_steps: int
+    ) -> HistogramsOut: ...
+
+    @abc.abstractmethod
+    def get_outliers(self, run_id: str, step: int | None) -> OutliersOut: ...
+
+    @abc.abstractmethod
+    def add_events(self, run_id: str, events: Sequence[EventCreate | Mapping[str, Any]]) -> int:
+        """Insert flags, ignoring ones already stored for (run, kind, detector, step); returns how many were new."""
+
+    @abc.abstractmethod
+    def list_events(self, run_id: str) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def create_token(self, project: str, scope: str) -> str:
+        """A new secret token; only its SHA-256 is stored, so it is shown once."""
+
+    @abc.abstractmethod
+    def resolve_token(self, token: str) -> TokenInfo | None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

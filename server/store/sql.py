@@ -1,0 +1,634 @@
+"""The SQL store: SQLite (default) or PostgreSQL (psycopg 3) through SQLAlchemy 2 Core.
+
+A batch of new steps goes in with one bulk insert per table (executemany on SQLite, COPY
+on PostgreSQL); a batch that reaches back to stored steps goes through `INSERT ... ON
+CONFLICT DO NOTHING RETURNING` (dialect-specific), so a retried or overlapping batch
+stores nothing twice and the store knows exactly which items were new. Every method runs
+in one transaction (`_tx`), committed before the route answers: what a client saw
+accepted survives a crash of the server process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, event, func, select, text, update
+from sqlalchemy import column as sql_column
+from sqlalchemy import table as sql_table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+import migrations
+from server.schemas import (
+    MAX_STEP,
+    Event,
+    EventCreate,
+    HistogramsOut,
+    Keys,
+    OutliersOut,
+    Project,
+    RecordIn,
+    Run,
+    RunCreate,
+    ScalarsOut,
+    Series,
+    TokenInfo,
+)
+from server.store.base import Conflict, Invalid, NotFound, SchemaError, Store, StoreError, WriteResult
+from server.store.models import (
+    ApiTokenRow,
+    BatchRow,
+    EventRow,
+    HistogramRow,
+    OutlierRow,
+    ProjectRow,
+    RunRow,
+    ScalarRow,
+)
+
+IN_CHUNK = 500  # values per IN (...) list: far below SQLite's 32,766 and PostgreSQL's 65,535 bind parameters
+OPEN_SEVERITIES = ("warning", "critical")
+BULK_COLUMNS = {
+    "scalars": ("run_id", "key", "step", "value", "is_nan", "time"),
+    "histograms": ("run_id", "key", "step", "lo", "hi", "bins", "counts", "stats", "time"),
+    "outliers": ("run_id", "step", "data", "time"),
+}
+NAN = math.nan
+COUNT_DTYPE = np.dtype("<i8")  # histogram blobs: [underflow, overflow, *counts]
+STAT_DTYPE = np.dtype("<f8")  # [min, max, sum, sumsq]
+
+
+def make_engine(url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> Engine:
+    """An engine with SQLite in WAL mode and a busy timeout, or a pooled PostgreSQL engine."""
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+        )
+        _sqlite_pragmas(engine, busy_timeout_ms)
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
+    """WAL (readers never block the writer), busy timeout, BEGIN IMMEDIATE for writes, a bigger cache.
+
+    A deferred transaction that reads and then writes can fail at once with "database is
+    locked" instead of waiting; taking the write lock up front makes writers queue on the
+    busy timeout. synchronous=NORMAL in WAL mode loses nothing when the process dies
+    (only an operating-system crash can drop the last commits). A 16 MiB page cache per
+    connection and memory-mapped reads make scanning a long series for downsampling cheaper.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA cache_size=-16384")
+        cursor.execute("PRAGMA mmap_size=268435456")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        write = connection.get_execution_options().get("mhpo_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(values), size):
+        yield values[i : i + size]
+
+
+def _float(value: float | None) -> float:
+    return NAN if value is None else float(value)
+
+
+class SqlStore(Store):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
+        # Statements of the hot paths, built once: building one costs more than running it on SQLite.
+        rid = bindparam("rid")
+        self._run_by_id = self._run_select().where(RunRow.run_id == rid)
+        self._run_exists = select(RunRow.run_id).where(RunRow.run_id == rid)
+        lock = select(RunRow.last_step).where(RunRow.run_id == rid)
+        self._lock = lock.with_for_update() if self.dialect == "postgresql" else lock
+        self._add_batch = (
+            self._insert(BatchRow.__table__)
+            .on_conflict_do_nothing(index_elements=["run_id", "batch_id"])
+            .returning(BatchRow.batch_id)
+        )
+        self._touch_run = update(RunRow).where(RunRow.run_id == rid)
+        in_key = and_(ScalarRow.run_id == rid, ScalarRow.key == bindparam("key"),
+                      ScalarRow.step >= bindparam("start"), ScalarRow.step <= bindparam("end"))
+        self._first_step = select(func.min(ScalarRow.step)).where(in_key)
+        self._last_step = select(func.max(ScalarRow.step)).where(in_key)
+
+    @classmethod
+    def from_url(cls, url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> SqlStore:
+        return cls(make_engine(url, busy_timeout_ms, pool_size))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self, write: bool = False) -> Iterator[Connection]:
+        """One transaction: commit on success, roll back on any error, translate driver errors."""
+        try:
+            with self.engine.connect() as conn:
+                if write:
+                    conn.execution_options(mhpo_write=True)
+                with conn.begin():
+                    yield conn
+        except IntegrityError as exc:
+            raise Conflict(f"the write conflicts with stored data: {exc.orig}") from exc
+        except OperationalError as exc:
+            if "locked" in str(exc.orig) or "busy" in str(exc.orig):
+                raise StoreError(f"database busy, retry later: {exc.orig}") from exc
+            raise
+
+    # schema -----------------------------------------------------------------------------
+
+    def check_schema(self) -> None:
+        url = self.engine.url.render_as_string(hide_password=True)
+        fix = f"run `mhpo db upgrade --db {url}`"
+        head = migrations.head()
+        with self.engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+        if current is None:
+            raise SchemaError(f"database {url} has no mhpo schema (not migrated): {fix}")
+        if current != head:
+            if current not in migrations.known_revisions():
+                raise SchemaError(
+                    f"database {url} is at revision {current}, newer than this server knows (head {head}): "
+                    "upgrade the mhpo package"
+                )
+            raise SchemaError(f"database {url} is at revision {current}, behind the server's {head}: {fix}")
+
+    # runs and projects --------------------------------------------------------------------
+
+    def _run_select(self) -> Any:
+        open_flags = (
+            select(func.count())
+            .where(EventRow.run_id == RunRow.run_id, EventRow.severity.in_(OPEN_SEVERITIES))
+            .scalar_subquery()
+        )
+        return select(
+            RunRow.run_id, ProjectRow.name.label("project"), RunRow.name, RunRow.loss, RunRow.config,
+            RunRow.status, RunRow.created_at, RunRow.updated_at, RunRow.last_step, RunRow.last_seen_at,
+            open_flags.label("open_flags"),
+        ).join(ProjectRow, ProjectRow.id == RunRow.project_id)
+
+    @staticmethod
+    def _to_run(row: Any) -> Run:
+        return Run(**row._mapping)
+
+    def _fetch_run(self, conn: Connection, run_id: str) -> Run:
+        row = conn.execute(self._run_by_id, {"rid": run_id}).first()
+        if row is None:
+            raise NotFound(f"run_id {run_id!r} does not exist: create it with POST /api/v1/runs")
+        return self._to_run(row)
+
+    def create_run(self, run: RunCreate) -> Run:
+        now = time.time()
+        run_id = str(run.run_id or uuid.uuid4())
+        with self._tx(write=True) as conn:
+            conn.execute(
+                self._insert(ProjectRow.__table__)
+                .values(name=run.project, created_at=now)
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            project_id = conn.execute(select(ProjectRow.id).where(ProjectRow.name == run.project)).scalar_one()
+            inserted = conn.execute(
+                self._insert(RunRow.__table__)
+                .values(
+                    run_id=run_id, project_id=project_id, name=run.name, loss=run.loss, config=run.config,
+                    status="running", created_at=now, updated_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["run_id"])
+                .returning(RunRow.run_id)
+            ).first()
+            existing = self._fetch_run(conn, run_id)
+        if inserted is None and (existing.project, existing.name) != (run.project, run.name):
+            raise Conflict(
+                f"run_id {run_id} already belongs to run {existing.name!r} of project {existing.project!r}; "
+                "omit run_id to get a fresh one"
+            )
+        return existing
+
+    def update_run(self, run_id: str, status: str) -> Run:
+        with self._tx(write=True) as conn:
+            done = conn.execute(
+                update(RunRow)
+                .where(RunRow.run_id == run_id)
+                .values(status=status, updated_at=time.time())
+                .returning(RunRow.run_id)
+            ).first()
+            if done is None:
+                raise NotFound(f"run_id {run_id!r} does not exist")
+            return self._fetch_run(conn, run_id)
+
+    def get_run(self, run_id: str) -> Run:
+        with self._tx() as conn:
+            return self._fetch_run(conn, run_id)
+
+    def list_runs(self, project: str | None = None) -> list[Run]:
+        query = self._run_select().order_by(RunRow.created_at.desc())
+        if project is not None:
+            query = query.where(ProjectRow.name == project)
+        with self._tx() as conn:
+            return [self._to_run(row) for row in conn.execute(query)]
+
+    def list_projects(self) -> list[Project]:
+        query = (
+            select(ProjectRow.name, func.count(RunRow.run_id).label("runs"), ProjectRow.created_at)
+            .outerjoin(RunRow, RunRow.project_id == ProjectRow.id)
+            .group_by(ProjectRow.id, ProjectRow.name, ProjectRow.created_at)
+            .order_by(ProjectRow.name)
+        )
+        with self._tx() as conn:
+            return [Project(**row._mapping) for row in conn.execute(query)]
+
+    # records ----------------------------------------------------------------------------
+
+    def write_records(self, run_id: str, batch_id: str, records: Sequence[RecordIn]) -> WriteResult:
+        now = time.time()
+        total = sum(record.items() for record in records)
+        with self._tx(write=True) as conn:
+            last_step = self._lock_run(conn, run_id)
+            fresh_batch = conn.execute(
+                self._add_batch, {"run_id": run_id, "batch_id": batch_id, "items": total, "created_at": now}
+            ).first()
+            if fresh_batch is None:
+                return WriteResult(accepted=0, duplicates=total)
+            if not records:
+                return WriteResult(accepted=0, duplicates=0)
+            self._check_binning(conn, run_id, records)
+            scalar_rows, hist_rows, outlier_rows = _rows(run_id, records, now)
+            steps = [r.step for r in records]
+            first, top = min(steps), max(steps)
+            if (last_step is None or first > last_step) and len(set(steps)) == len(steps):
+                # Every step is new to the run and appears once in the batch, so nothing can
+                # collide: a plain bulk insert (executemany, COPY) is exact and several times faster.
+                for table, rows in (("scalars", scalar_rows), ("histograms", hist_rows), ("outliers", outlier_rows)):
+                    self._bulk_insert(conn, table, rows)
+                new_records = list(records)
+                counts = {"scalars": len(scalar_rows), "histograms": len(hist_rows), "outliers": len(outlier_rows)}
+            else:
+                new_scalars = self._insert_new(conn, "scalars", scalar_rows, ("key", "step"))
+                new_hists = self._insert_new(conn, "histograms", hist_rows, ("key", "step"))
+                new_outliers = self._insert_new(conn, "outliers", outlier_rows, ("step",))
+                new_records = _only_new(records, new_scalars, new_hists, new_outliers)
+                counts = {"scalars": len(new_scalars), "histograms": len(new_hists), "outliers": len(new_outliers)}
+            last = top if last_step is None else max(top, last_step)
+            conn.execute(self._touch_run, {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now})
+        accepted = sum(counts.values())
+        return WriteResult(accepted=accepted, duplicates=total - accepted, new_records=new_records, rows=counts)
+
+    def _lock_run(self, conn: Connection, run_id: str) -> int | None:
+        """The run's last step, locking its row on PostgreSQL so writers to one run take turns.
+
+        (SQLite's BEGIN IMMEDIATE already serialises writers.) Taking turns keeps the
+        "newer than last_step" fast path of `write_records` exact under concurrency.
+        """
+        row = conn.execute(self._lock, {"rid": run_id}).first()
+        if row is None:
+            raise NotFound(f"run_id {run_id!r} does not exist: create it with POST /api/v1/runs")
+        return row[0]
+
+    def _bulk_insert(self, conn: Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
+        """SQLite: the driver's executemany. PostgreSQL: COPY (only called when no row can collide)."""
+        if not rows:
+            return
+        columns = ", ".join(BULK_COLUMNS[table])
+        if self.dialect == "sqlite":
+            marks = ", ".join("?" * len(BULK_COLUMNS[table]))
+            conn.exec_driver_sql(f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows)
+            return
+        with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+            with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+
+    def _insert_new(self, conn: Connection, name: str, rows: list[tuple[Any, ...]], key: tuple[str, ...]) -> set[Any]:
+        """Insert, skipping rows already stored; returns the keys of the rows that were new.
+
+        Runs on an untyped `table()` because the rows are already in storage form (JSON as text).
+        """
+        if not rows:
+            return set()
+        columns = BULK_COLUMNS[name]
+        table = sql_table(name, *(sql_column(c) for c in columns))
+        stmt = self._insert(table).on_conflict_do_nothing().returning(*(table.c[k] for k in key))
+        params = [dict(zip(columns, row)) for row in rows]
+        return {tuple(row) if len(key) > 1 else row[0] for row in conn.execute(stmt, params)}
+
+    def _check_binning(self, conn: Connection, run_id: str, records: Sequence[RecordIn]) -> None:
+        """A histogram key keeps one binning (lo, hi, bins) for the whole run, so steps line up and merge exactly."""
+        seen: dict[str, tuple[float, float, int]] = {}
+        for i, record in enumerate(records):
+            for key, hist in record.histograms.items():
+                binning = (hist.lo, hist.hi, len(hist.counts))
+                if key not in seen:
+                    row = conn.execute(
+                        select(HistogramRow.lo, HistogramRow.hi, HistogramRow.bins)
+                        .where(HistogramRow.run_id == run_id, HistogramRow.key == key)
+                        .limit(1)
+                    ).first()
+                    seen[key] = tuple(row) if row is not None else binning  # type: ignore[assignment]
+                if seen[key] != binning:
+                    lo, hi, bins = seen[key]
+                    raise Invalid(
+                        ("records", i, "histograms", key),
+                        f"binning (lo={hist.lo}, hi={hist.hi}, bins={len(hist.counts)}) differs from this run's "
+                        f"(lo={lo}, hi={hi}, bins={bins}); keep one binning per key or log under a new key",
+                    )
+
+    # reads ------------------------------------------------------------------------------
+
+    def _require_run(self, conn: Connection, run_id: str) -> None:
+        if conn.execute(self._run_exists, {"rid": run_id}).first() is None:
+            raise NotFound(f"run_id {run_id!r} does not exist")
+
+    def list_keys(self, run_id: str) -> Keys:
+        with self._tx() as conn:
+            self._require_run(conn, run_id)
+            return Keys(scalars=self._distinct_keys(conn, "scalars", run_id), histograms=self._distinct_keys(conn, "histograms", run_id))
+
+    @staticmethod
+    def _distinct_keys(conn: Connection, table: str, run_id: str) -> list[str]:
+        """DISTINCT key as a skip scan over the primary key: one index seek per key, not one row read per point."""
+        sql = text(
+            f"WITH RECURSIVE k(key) AS ("
+            f" SELECT (SELECT MIN(key) FROM {table} WHERE run_id = :r)"
+            f" UNION ALL"
+            f" SELECT (SELECT MIN(key) FROM {table} WHERE run_id = :r AND key > k.key) FROM k WHERE k.key IS NOT NULL"
+            f") SELECT key FROM k WHERE key IS NOT NULL"
+        )
+        return [row[0] for row in conn.execute(sql, {"r": run_id})]
+
+    def get_scalars(
+        self, run_id: str, keys: Sequence[str], start: int | None, end: int | None, max_points: int
+    ) -> ScalarsOut:
+        with self._tx() as conn:
+            self._require_run(conn, run_id)
+            keys = list(keys) or self._distinct_keys(conn, "scalars", run_id)
+            in_range = [ScalarRow.run_id == run_id]
+            if start is not None:
+                in_range.append(ScalarRow.step >= start)
+            if end is not None:
+                in_range.append(ScalarRow.step <= end)
+            flagged: list[int] | None = None
+            series: dict[str, Series] = {}
+            downsampled = False
+            for key in keys:
+                extent = self._extent(conn, run_id, key, start, end)
+                if extent is None:
+                    continue
+                lo, hi = extent
+                if hi - lo + 1 <= max_points:
+                    series[key] = self._exact(conn, and_(*in_range, ScalarRow.key == key))
+                    continue
+                if flagged is None:
+                    flagged = self._flagged_steps(conn, run_id, start, end)
+                series[key], merged = self._buckets(conn, key, lo, hi, max_points, in_range, flagged)
+                downsampled = downsampled or merged
+        return ScalarsOut(run_id=run_id, downsampled=downsampled, series=series)
+
+    def _extent(self, conn: Connection, run_id: str, key: str, start: int | None, end: int | None) -> tuple[int, int] | None:
+        """First and last step of a key in range: two index seeks (an aggregate with COUNT would scan)."""
+        params = {"rid": run_id, "key": key, "start": 0 if start is None else start, "end": MAX_STEP if end is None else end}
+        lo = conn.execute(self._first_step, params).scalar()
+        if lo is None:
+            return None
+        return lo, conn.execute(self._last_step, params).scalar_one()
+
+    @staticmethod
+    def _point(value: float | None, is_nan: int) -> float:
+        return NAN if is_nan or value is None else value
+
+    def _exact(self, conn: Connection, where: Any) -> Series:
+        rows = conn.execute(
+            select(ScalarRow.step, ScalarRow.value, ScalarRow.is_nan).where(where).order_by(ScalarRow.step)
+        ).all()
+        values = [self._point(v, n) for _, v, n in rows]
+        return Series(step=[r[0] for r in rows], value=values, min=values, max=values)
+
+    @staticmethod
+    def _flagged_steps(conn: Connection, run_id: str, start: int | None, end: int | None) -> list[int]:
+        query = select(EventRow.step).distinct().where(EventRow.run_id == run_id)
+        if start is not None:
+            query = query.where(EventRow.step >= start)
+        if end is not None:
+            query = query.where(EventRow.step <= end)
+        return [row[0] for row in conn.execute(query)]
+
+    def _buckets(
+        self, conn: Connection, key: str, lo: int, hi: int, max_points: int, in_range: list[Any], flagged: list[int],
+    ) -> tuple[Series, bool]:
+        """Equal-width step buckets aggregated in SQL; flagged steps come back exactly.
+
+        Per bucket: step = its first step, value = mean (NaN if the bucket holds a NaN,
+        as numpy's mean), min/max ignore NaN but keep +-Infinity, so no spike is hidden.
+        Also returns whether any bucket merged several points (sparse steps may not).
+        """
+        width = max(1, math.ceil((hi - lo + 1) / max_points))
+        bucket = ((ScalarRow.step - lo) // width).label("bucket")
+        query = (
+            select(
+                func.min(ScalarRow.step), func.avg(ScalarRow.value), func.min(ScalarRow.value),
+                func.max(ScalarRow.value), func.max(ScalarRow.is_nan), func.count(ScalarRow.value), func.count(),
+            )
+            .where(*in_range, ScalarRow.key == key)
+            .group_by(bucket)
+            .order_by(bucket)
+        )
+        points: dict[int, tuple[float, float, float]] = {}
+        merged = False
+        for step, mean, vmin, vmax, has_nan, finite, count in conn.execute(query):
+            value = NAN if has_nan or (mean is None and finite) else _float(mean)
+            points[step] = (value, _float(vmin), _float(vmax))
+            merged = merged or count > 1
+        for chunk in _chunks(flagged):
+            query = select(ScalarRow.step, ScalarRow.value, ScalarRow.is_nan).where(
+                *in_range, ScalarRow.key == key, ScalarRow.step.in_(chunk)
+            )
+            for step, value, is_nan in conn.execute(query):
+                exact = self._point(value, is_nan)
+                points[step] = (exact, exact, exact)
+        steps = sorted(points)
+        series = Series(
+            step=steps,
+            value=[points[s][0] for s in steps],
+            min=[points[s][1] for s in steps],
+            max=[points[s][2] for s in steps],
+        )
+        return series, merged
+
+    def get_histograms(
+        self, run_id: str, key: str, start: int | None, end: int | None, max_steps: int
+    ) -> HistogramsOut:
+        query = select(
+            HistogramRow.step, HistogramRow.lo, HistogramRow.hi, HistogramRow.bins, HistogramRow.counts, HistogramRow.stats
+        ).where(
+            HistogramRow.run_id == run_id, HistogramRow.key == key
+        )
+        if start is not None:
+            query = query.where(HistogramRow.step >= start)
+        if end is not None:
+            query = query.where(HistogramRow.step <= end)
+        with self._tx() as conn:
+            self._require_run(conn, run_id)
+            rows = conn.execute(query.order_by(HistogramRow.step)).all()
+        if not rows:
+            return HistogramsOut(
+                key=key, lo=None, hi=None, bins=None, step=[], step_end=[], counts=[], underflow=[], overflow=[],
+                min=[], max=[], sum=[], sumsq=[],
+            )
+        return merge_histograms(key, rows, max_steps)
+
+    def get_outliers(self, run_id: str, step: int | None) -> OutliersOut:
+        query = select(OutlierRow.step, OutlierRow.data).where(OutlierRow.run_id == run_id)
+        if step is not None:
+            query = query.where(OutlierRow.step <= step)
+        with self._tx() as conn:
+            self._require_run(conn, run_id)
+            row = conn.execute(query.order_by(OutlierRow.step.desc()).limit(1)).first()
+        return OutliersOut(step=None, outliers=[]) if row is None else OutliersOut(step=row[0], outliers=row[1])
+
+    # events -----------------------------------------------------------------------------
+
+    def add_events(self, run_id: str, events: Sequence[EventCreate | Mapping[str, Any]]) -> int:
+        now = time.time()
+        parsed = [e if isinstance(e, EventCreate) else EventCreate.model_validate(e) for e in events]
+        if not parsed:
+            return 0
+        rows = [
+            {"run_id": run_id, "step": e.step, "kind": e.kind, "severity": e.severity, "detector": e.detector,
+             "message": e.message, "evidence": e.evidence, "created_at": now if e.created_at is None else e.created_at}
+            for e in parsed
+        ]
+        stmt = self._insert(EventRow.__table__).on_conflict_do_nothing(
+            index_elements=["run_id", "kind", "detector", "step"]
+        ).returning(EventRow.id)
+        with self._tx(write=True) as conn:
+            self._require_run(conn, run_id)
+            return len(conn.execute(stmt, rows).all())
+
+    def list_events(self, run_id: str) -> list[Event]:
+        query = select(
+            EventRow.id, EventRow.kind, EventRow.step, EventRow.severity, EventRow.detector, EventRow.message,
+            EventRow.evidence, EventRow.created_at,
+        ).where(EventRow.run_id == run_id).order_by(EventRow.step, EventRow.id)
+        with self._tx() as conn:
+            self._require_run(conn, run_id)
+            return [Event(**row._mapping) for row in conn.execute(query)]
+
+    # tokens -----------------------------------------------------------------------------
+
+    def create_token(self, project: str, scope: str) -> str:
+        if scope not in ("write", "read"):
+            raise Invalid(("scope",), f"{scope!r} is not a scope; use write or read")
+        token = "mhpo_" + secrets.token_urlsafe(32)
+        with self._tx(write=True) as conn:
+            conn.execute(
+                self._insert(ApiTokenRow.__table__).values(
+                    project=project, scope=scope, token_hash=hash_token(token), created_at=time.time()
+                )
+            )
+        return token
+
+    def resolve_token(self, token: str) -> TokenInfo | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(ApiTokenRow.id, ApiTokenRow.project, ApiTokenRow.scope).where(
+                    ApiTokenRow.token_hash == hash_token(token)
+                )
+            ).first()
+        return None if row is None else TokenInfo(**row._mapping)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, allow_nan=True, separators=(",", ":"))
+
+
+def _rows(run_id: str, records: Sequence[RecordIn], now: float) -> tuple[list[tuple[Any, ...]], ...]:
+    """Row tuples in BULK_COLUMNS order: NaN scalars become (NULL, is_nan=1), histograms packed binary, outliers JSON."""
+    scalars, hists, outliers = [], [], []
+    for record in records:
+        t = now if record.time is None else record.time
+        step = record.step
+        for key, value in record.scalars.items():
+            scalars.append((run_id, key, step, None, 1, t) if value != value else (run_id, key, step, value, 0, t))
+        for key, hist in record.histograms.items():
+            counts = np.array([hist.underflow, hist.overflow, *hist.counts], dtype=COUNT_DTYPE).tobytes()
+            stats = np.array([hist.min, hist.max, hist.sum, hist.sumsq], dtype=STAT_DTYPE).tobytes()
+            hists.append((run_id, key, step, hist.lo, hist.hi, len(hist.counts), counts, stats, t))
+        if record.outliers:
+            outliers.append((run_id, step, _dumps([o.model_dump() for o in record.outliers]), t))
+    return scalars, hists, outliers
+
+
+def _only_new(
+    records: Sequence[RecordIn], scalars: set[Any], hists: set[Any], outliers: set[Any]
+) -> list[RecordIn]:
+    """The records cut down to the items this batch stored first (for ingest listeners)."""
+    out = []
+    for record in records:
+        kept = record.model_copy(
+            update={
+                "scalars": {k: v for k, v in record.scalars.items() if (k, record.step) in scalars},
+                "histograms": {k: h for k, h in record.histograms.items() if (k, record.step) in hists},
+                "outliers": record.outliers if record.step in outliers else [],
+            }
+        )
+        if kept.items():
+            out.append(kept)
+    return out
+
+
+def merge_histograms(key: str, rows: Sequence[Any], max_steps: int) -> HistogramsOut:
+    """Merge runs of consecutive steps bin-wise: counts, under/overflow, sums add; min/max combine. Exact.
+
+    `rows` are (step, lo, hi, bins, counts blob, stats blob) in step order, one binning
+    (the store refuses a second binning for a key). Counts add in int64, or in Python
+    integers where int64 could overflow.
+    """
+    lo, hi, bins = rows[0][1], rows[0][2], rows[0][3]
+    steps = np.array([r[0] for r in rows], dtype=np.int64)
+    counts = np.frombuffer(b"".join(r[4] for r in rows), dtype=COUNT_DTYPE).reshape(len(rows), bins + 2)
+    stats = np.frombuffer(b"".join(r[5] for r in rows), dtype=STAT_DTYPE).reshape(len(rows), 4)
+    group = max(1, math.ceil(len(rows) / max_steps))
+    starts = np.arange(0, len(rows), group)
+    ends = np.minimum(starts + group, len(rows)) - 1
+    if group > 1 and int(counts.max(initial=0)) * group >= 2**62:
+        counts = counts.astype(object)
+    merged = np.add.reduceat(counts, starts, axis=0) if group > 1 else counts
+    return HistogramsOut(
+        key=key, lo=lo, hi=hi, bins=bins,
+        step=steps[starts].tolist(), step_end=steps[ends].tolist(),
+        counts=merged[:, 2:].tolist(), underflow=merged[:, 0].tolist(), overflow=merged[:, 1].tolist(),
+        min=np.fmin.reduceat(stats[:, 0], starts).tolist(), max=np.fmax.reduceat(stats[:, 1], starts).tolist(),
+        sum=np.add.reduceat(stats[:, 2], starts).tolist(), sumsq=np.add.reduceat(stats[:, 3], starts).tolist(),
+    )

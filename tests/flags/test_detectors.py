@@ -1,0 +1,157 @@
+"""The detectors on labelled synthetic streams: each fires on its event in time, none fires on clean noise."""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from server.flags import DEFAULT_PARAMS, FlagParams, History, detect
+from server.flags.detectors import _row_nanmedian
+from server.flags.synthetic import GOAL_DELAY, INJECTED_KINDS, Stream, generate_stream, generate_suite, score
+
+PER_KIND = 8
+CLEAN_STREAMS = 6
+CLEAN_STEPS = 2000
+
+
+def flags_of(stream: Stream, params: FlagParams = DEFAULT_PARAMS) -> list[tuple[str, int]]:
+    return [(f.kind, f.step) for f in detect(History(stream.points()), range(stream.n_steps), params)]
+
+
+@cache
+def suite() -> tuple[list[Stream], list[list[tuple[str, int]]]]:
+    streams = generate_suite(seed=7, per_kind=PER_KIND, n_steps=400, clean=CLEAN_STREAMS, clean_steps=CLEAN_STEPS)
+    return streams, [flags_of(s) for s in streams]
+
+
+@pytest.mark.parametrize("kind", INJECTED_KINDS)
+def test_each_injected_event_is_flagged_within_its_stated_delay(kind: str) -> None:
+    streams, flags = suite()
+    result = score(streams, flags)
+    delays = result.delays.get(kind, [])
+    assert result.detected[kind] == result.total[kind] == PER_KIND, (
+        f"{kind}: {result.detected[kind]}/{result.total[kind]} flagged within {GOAL_DELAY[kind]} steps; delays {delays}"
+    )
+    assert max(delays) <= GOAL_DELAY[kind]
+
+
+def test_goals_spikes_within_2_steps_and_collapse_erosion_within_30() -> None:
+    assert GOAL_DELAY["hazard_spike"] <= 2 and GOAL_DELAY["grad_spike"] <= 2
+    assert GOAL_DELAY["collapse"] <= 30 and GOAL_DELAY["erosion"] <= 30
+
+
+def test_clean_noisy_streams_give_fewer_than_one_false_flag_per_2000_steps() -> None:
+    streams, flags = suite()
+    result = score(streams, flags)
+    assert result.clean_steps >= CLEAN_STREAMS * CLEAN_STEPS
+    assert result.false_flags * 2000 < result.clean_steps, (
+        f"{result.false_flags} false flags in {result.clean_steps} clean steps: {result.false_by_kind}"
+    )
+
+
+def test_clean_streams_really_are_noisy_with_trends() -> None:
+    """Guards the test above against a generator that became too easy."""
+    stream = generate_stream(11, 2000)
+    grad = np.log(stream.scalars["grad/norm"])
+    assert np.std(np.diff(grad)) > 0.15
+    entropy = stream.scalars["policy/entropy"]
+    assert entropy[-100:].mean() < 0.9 * entropy[:100].mean()
+    assert np.max(stream.scalars["grad/norm"]) > 2.0 * np.median(stream.scalars["grad/norm"])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nan_and_infinity_fire_non_finite_once_per_onset(bad: float) -> None:
+    loss = {s: 0.1 for s in range(20)}
+    loss.update({10: bad, 11: bad, 15: bad})
+    history = History({"train/loss": loss, "grad/norm": {s: 1.0 for s in range(20)}})
+    flags = [f for f in detect(history, range(20)) if f.kind == "non_finite"]
+    assert [f.step for f in flags] == [10, 15]
+    assert all(f.severity == "critical" and "train/loss" in f.evidence["values"] for f in flags)
+    expected = "NaN" if math.isnan(bad) else ("Infinity" if bad > 0 else "-Infinity")
+    assert flags[0].evidence["values"]["train/loss"] == expected
+
+
+def test_on_policy_is_informational_and_fires_once() -> None:
+    stream = generate_stream(3, 300, "on_policy", onset=100)
+    flags = [f for f in detect(History(stream.points()), range(300)) if f.kind == "on_policy"]
+    assert len(flags) == 1
+    assert flags[0].severity == "info"
+    assert flags[0].step == 100 + DEFAULT_PARAMS.on_policy.min_steps - 1
+
+
+def test_flags_carry_step_severity_detector_and_evidence() -> None:
+    stream = generate_stream(5, 400, "grad_spike", onset=200)
+    flag = next(f for f in detect(History(stream.points()), range(400)) if f.kind == "grad_spike")
+    event = flag.as_event()
+    assert event["step"] == 200 and event["detector"] == "robust_z" and event["severity"] in {"warning", "critical"}
+    signal = event["evidence"]["signals"][0]
+    assert signal["key"] == "grad/norm"
+    assert signal["value"] > signal["baseline"] * DEFAULT_PARAMS.grad_spike.min_ratio
+    assert signal["threshold"]["z"] == DEFAULT_PARAMS.grad_spike.z
+
+
+@pytest.mark.parametrize("kind", ["collapse", "erosion"])
+def test_level_shift_evidence_lists_the_votes(kind: str) -> None:
+    stream = generate_stream(21, 400, kind, onset=200)
+    flags = [f for f in detect(History(stream.points()), range(400)) if f.kind == kind]
+    assert len(flags) == 1, "one event gives one flag (refractory period)"
+    evidence = flags[0].evidence
+    assert evidence["votes"] >= evidence["needed"] >= 2
+    assert all({"key", "value", "baseline", "threshold", "vote"} <= set(s) for s in evidence["signals"])
+
+
+def test_batching_does_not_change_the_flags() -> None:
+    """Evaluating a run in arbitrary batches gives the flags of evaluating it at once."""
+    stream = generate_stream(9, 400, "collapse", onset=180)
+    whole = detect(History(stream.points()), range(400))
+    history = History(stream.points())
+    last: dict[str, int] = {}
+    pieces = []
+    for start, stop in [(0, 7), (7, 150), (150, 181), (181, 182), (182, 400)]:
+        pieces += detect(history, range(start, stop), last_flagged=last)
+    assert pieces == whole
+
+
+def test_project_overrides_merge_with_defaults_and_reject_typos() -> None:
+    params = DEFAULT_PARAMS.merged({"grad_spike": {"z": 4.0}, "erosion": {"enabled": False}})
+    assert params.grad_spike.z == 4.0 and params.grad_spike.min_ratio == DEFAULT_PARAMS.grad_spike.min_ratio
+    assert params.erosion.enabled is False and params.collapse.enabled is True
+    with pytest.raises(ValidationError, match="zz"):
+        DEFAULT_PARAMS.merged({"grad_spike": {"zz": 4.0}})
+    stream = generate_stream(21, 400, "erosion", onset=200)
+    assert not [k for k, _ in flags_of(stream, params) if k == "erosion"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale=st.floats(1e-3, 1e3), seed=st.integers(0, 50))
+def test_spike_detection_is_invariant_to_the_metric_unit(scale: float, seed: int) -> None:
+    """Robust z on a log scale: multiplying a grad-norm series by a constant changes no flag."""
+    rng = np.random.default_rng(seed)
+    values = np.exp(rng.normal(0, 0.2, 150))
+    values[120] *= 10
+    base = {s: float(v) for s, v in enumerate(values)}
+    scaled = {s: float(v) * scale for s, v in enumerate(values)}
+    only = DEFAULT_PARAMS.merged({k: {"enabled": False} for k in ("collapse", "erosion", "hazard_spike", "on_policy")})
+    a = [(f.kind, f.step) for f in detect(History({"grad/norm": base}), range(150), only)]
+    b = [(f.kind, f.step) for f in detect(History({"grad/norm": scaled}), range(150), only)]
+    assert a == b
+    assert ("grad_spike", 120) in a
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    rows=st.lists(
+        st.lists(st.one_of(st.floats(-1e6, 1e6), st.just(math.nan)), min_size=1, max_size=9), min_size=1, max_size=6
+    ).filter(lambda rows: len({len(r) for r in rows}) == 1)
+)
+def test_row_median_ignores_nan_like_numpy(rows: list[list[float]]) -> None:
+    """The vectorised windows' median equals np.median over each row's non-NaN entries."""
+    a = np.array(rows)
+    expected = [np.median(r[~np.isnan(r)]) if (~np.isnan(r)).any() else math.nan for r in a]
+    np.testing.assert_array_equal(_row_nanmedian(a), np.array(expected))

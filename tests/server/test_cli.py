@@ -1,0 +1,73 @@
+"""`mhpo serve`, `mhpo db upgrade`, `mhpo token create`, and a real server process (contract C8)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pydantic import ValidationError
+
+from mhpo.cli import main as mhpo_main
+from server.config import Settings
+from server.cli import is_loopback
+from server.store import open_store
+from tests.fixtures.server import LiveServer, live_server  # noqa: F401  (fixture)
+from tests.server.conftest import new_run, post_json
+
+
+def test_db_upgrade_and_token_create(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert mhpo_main(["token", "create", "--project", "p", "--scope", "write", "--db", sqlite_url]) == 2
+    assert "mhpo db upgrade --db" in capsys.readouterr().err
+    assert mhpo_main(["db", "upgrade", "--db", sqlite_url]) == 0
+    assert mhpo_main(["token", "create", "--project", "p", "--scope", "read", "--db", sqlite_url]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    store = open_store(sqlite_url)
+    info = store.resolve_token(token)
+    store.close()
+    assert info is not None and (info.project, info.scope) == ("p", "read")
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MHPO_DB", "postgres://u@h/d")
+    monkeypatch.setenv("MHPO_AUTH", "true")
+    monkeypatch.setenv("MHPO_MAX_BODY_BYTES", "2048")
+    settings = Settings()
+    assert (settings.db, settings.auth, settings.max_body_bytes) == ("postgresql+psycopg://u@h/d", True, 2048)
+    with pytest.raises(ValidationError, match="mysql"):
+        Settings(db="mysql://u@h/d")
+    monkeypatch.delenv("MHPO_DB")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert Settings().db == f"sqlite:///{tmp_path / 'mhpo' / 'mhpo.db'}", "default: a file in the user data dir"
+
+
+def test_serve_refuses_public_host_without_auth(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert mhpo_main(["serve", "--db", sqlite_url, "--host", "0.0.0.0"]) == 2
+    assert "--insecure-public" in capsys.readouterr().err
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+
+
+def test_serve_refuses_unmigrated_database(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert mhpo_main(["serve", "--db", sqlite_url, "--port", "1"]) == 2
+    assert f"mhpo db upgrade --db {sqlite_url}" in capsys.readouterr().err
+
+
+def test_live_server_survives_sigkill(live_server: LiveServer) -> None:  # noqa: F811
+    """What a real `mhpo serve` acknowledged is still there after SIGKILL and a restart."""
+    with httpx.Client(base_url=live_server.url) as client:
+        run_id = new_run(client)
+        records = {"batch_id": str(uuid.uuid4()),
+                   "records": [{"step": s, "time": 1.0, "scalars": {"loss": math.nan if s == 3 else s}} for s in range(10)]}
+        assert post_json(client, f"/api/v1/runs/{run_id}/records", records).json() == {"accepted": 10, "duplicates": 0}
+    live_server.kill()
+    assert not live_server.running
+    live_server.start()
+    with httpx.Client(base_url=live_server.url) as client:
+        series = client.get(f"/api/v1/runs/{run_id}/scalars", params={"keys": "loss"}).json()["series"]["loss"]
+        assert series["step"] == list(range(10)) and math.isnan(series["value"][3])
+        assert post_json(client, f"/api/v1/runs/{run_id}/records", records).json() == {"accepted": 0, "duplicates": 10}
+        assert "mhpo_http_requests_total" in client.get("/metrics").text
