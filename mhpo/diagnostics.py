@@ -6,9 +6,9 @@
         acc.update(mb.logp, mb.old_logp, mb.adv, mb.mask, loss_stats=out.stats, entropy=mb.entropy)
     stats = acc.compute()                         # StepStats(scalars, histograms, outliers); resets
 
-`update` only launches device work (no `.item()`, no sync); `compute` merges the
-micro-batches, all-reduces across ranks when `torch.distributed` is initialised (or a
-`process_group` is given) and copies one packed float64 tensor to the host.
+`update` only launches device work (no `.item()`, no sync, on a CUDA device); `compute`
+merges the micro-batches, all-reduces across ranks when `torch.distributed` is initialised
+(or a `process_group` is given) and copies one packed float64 tensor to the host.
 
 Conventions (decisions the design card leaves open):
 - Statistics are over valid (mask) tokens. A NaN log-ratio cannot be ordered or binned:
@@ -28,13 +28,29 @@ Conventions (decisions the design card leaves open):
   an all-reduced fine histogram (`QUANTILE_BINS` uniform bins on the range of the
   coarse histogram, interpolated inside a bin and towards the exact global min/max
   outside it), so they are exact to within one fine bin (1/1024 for the log-ratio).
-- `ratio/pos_mass`, `neg_mass` and the clip fractions are exact counts; the +-0.1, 0.2, 0.5, 1
-  thresholds are bin edges of the 160-bin log-ratio histogram (width 0.025) and are read from
-  it: `x < -t` exactly, `x > t` counting an x equal to t (to float32 rounding) as above.
+- Bin edges are exact (`lo + i * w` as real numbers, not rounded floats) for float32,
+  bfloat16 and float16 inputs: the bin index is `floor(v * p / q)` for the integers
+  p / q = bins / (hi - lo), computed where that product is exact. Float64 inputs are
+  binned in float64 arithmetic.
+- `ratio/pos_mass`, `neg_mass`, `frac_above_*` and `frac_below_*` are exact counts of
+  `x > 0`, `x < 0`, `x > t` and `x < -t` (t the float in `THRESHOLDS`, compared exactly):
+  0 and +-0.1, 0.2, 0.5, 1 are edges of the 160-bin log-ratio histogram (width 0.025), so
+  the counts are read from the bins; as a bin holds the values on its left edge, "x > t"
+  also takes out the values equal to t, counted with the percentiles.
 - Histograms whose every bin is empty (for example `log_ratio/adv_neg` in a step without
   a negative advantage) are left out of `StepStats.histograms`.
 - `train/loss` is the mean of `loss_stats["loss"]` over the updates (and ranks);
   `policy/length_mean` counts valid tokens per sequence.
+
+How the reduction stays cheap (it runs every step, next to the loss, and is bound by memory
+traffic): every histogram is one `bincount` (a `histc` on CUDA) of an exact bin index built
+by a few in-place passes, and the sign and threshold counts come from the log-ratio's bins;
+min/max are plain reductions with +-inf put on the tokens to leave out; percentiles are
+single-kth partitions of the kept values (sorts on CUDA); big temporaries share a few
+buffers. On the CPU a micro-batch whose values are all finite (checked with sums it needs
+anyway) skips the NaN handling: masking is a product there, and one copy of psi / zeta / the
+multiplier with a kept token's value on the masked tokens serves min, max and the bins. The
+outliers are searched in the rows with the largest |x| only.
 """
 
 from __future__ import annotations
@@ -42,6 +58,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -51,7 +68,7 @@ from torch import Tensor
 
 from mhpo.losses import get_loss
 from mhpo.losses import mhpo as mhpo_loss
-from mhpo.losses._registry import prepare
+from mhpo.losses._registry import check_inputs, compute_dtype
 from mhpo.losses.gspo import sequence_log_ratio
 
 __all__ = [
@@ -86,24 +103,55 @@ HISTOGRAMS: dict[str, HistSpec] = {
 THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0)  # edges of the log-ratio bins (width 0.025)
 PERCENTILES: dict[str, float] = {"p01": 0.01, "p05": 0.05, "p50": 0.50, "p95": 0.95, "p99": 0.99}
 QUANTILE_BINS = 4096
-_X_SPEC = HISTOGRAMS["log_ratio"]
-assert all(
-    math.isclose(((s * t - _X_SPEC.lo) * _X_SPEC.bins / (_X_SPEC.hi - _X_SPEC.lo)) % 1, 0, abs_tol=1e-9)
-    for t in THRESHOLDS
-    for s in (1, -1)
-), "every +-threshold must be a bin edge of the log-ratio histogram"
 VANISH = 0.01
 DEFAULT_CLIP = (math.log(0.8), math.log(1.2))
 
+
+class _Scale(NamedTuple):
+    """Bin index of v = floor(v * p / q) + shift, for integers p, q, shift (exact, see `_scale`)."""
+
+    p: int
+    q: int
+    shift: int
+
+
+def _scale(spec: HistSpec) -> _Scale:
+    """p / q = bins / (hi - lo) in lowest terms and shift = -lo * p / q, which must be an integer."""
+    per_unit = Fraction(spec.bins) / (Fraction(spec.hi) - Fraction(spec.lo))
+    shift = -Fraction(spec.lo) * per_unit
+    if shift.denominator != 1 or per_unit.numerator >= 2**20 or per_unit.denominator >= 2**20:
+        raise ValueError(f"HistSpec {spec}: lo * bins / (hi - lo) must be a small integer for exact bin edges")
+    return _Scale(per_unit.numerator, per_unit.denominator, int(shift))
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+_X_SPEC = HISTOGRAMS["log_ratio"]
+_X_SCALE = _scale(_X_SPEC)
+_X_SLOTS = _X_SPEC.bins + 2  # underflow, bins, overflow
+_X_ZERO_SLOT = _X_SCALE.shift + 1  # the bin of x == 0 (and of the tokens left out, whose x is set to 0)
+_TIES = (0.0, *THRESHOLDS)  # "x > t" also needs the count of x == t (bins are closed on the left)
+assert all(
+    ((s * Fraction(repr(t)) - Fraction(_X_SPEC.lo)) * _X_SCALE.p / _X_SCALE.q).denominator == 1
+    for t in THRESHOLDS
+    for s in (1, -1)
+), "every +-threshold must be a bin edge of the log-ratio histogram"
+_OTHER = ("psi", "zeta", "multiplier")
+_OTHER_SCALES = tuple(_scale(HISTOGRAMS[k]) for k in _OTHER)
+# float32 products v * p are exact when p is a power of two; the division by an odd q then
+# rounds, but never across an integer (the distance to one is at least ulp(v * p) / q).
+assert all(_is_power_of_two(s.p) for s in _OTHER_SCALES), "psi/zeta/multiplier bins need a power-of-two p"
+_DUMP = max(HISTOGRAMS[k].bins for k in _OTHER) + 2  # index offset of the tokens left out
+
 # Sums per update, packed in this order (float64).
 _SUMS = (
-    "n_valid", "n_tokens", "n_seq", "entropy_sum", "entropy_n", "k3_sum", "logp_sum", "loss_sum", "loss_n",
-    "zeta_pos_sum", "zeta_neg_sum", "survival_sum", "vanish_n", "clip_low_n", "clip_high_n",
-    "pos_n", "neg_n", "inf_n",
+    "n_valid", "n_ok", "n_tokens", "n_seq", "entropy_sum", "entropy_n", "k3_sum", "logp_sum", "loss_sum",
+    "loss_n", "zeta_pos_sum", "zeta_neg_sum", "survival_sum", "vanish_n", "clip_low_n", "clip_high_n", "inf_n",
 )  # fmt: skip
 _X_CLASSES = 4  # advantage > 0, < 0, == 0, and a dump group for masked / NaN tokens
 _SIGNS = 3  # the log-ratio histogram's copies: advantage > 0, < 0, == 0
-_OTHER = ("psi", "zeta", "multiplier")
 
 
 class StepStats(NamedTuple):
@@ -114,69 +162,93 @@ class StepStats(NamedTuple):
     outliers: list[dict[str, Any]]
 
 
-def _hist(v: Tensor, spec: HistSpec, not_ok: Tensor, copies: int = 1, copy: Tensor | None = None) -> Tensor:
-    """float64 counts of `v` where not `not_ok`: per copy, underflow, the bins, overflow.
+def _as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """0/1 floats of a bool tensor, through uint8 (a direct bool cast is several times slower on CPU)."""
+    return mask.view(torch.uint8).to(dtype)
 
-    One `histc` pass, no index tensor: under/overflow are clamped into the half-bins just
-    outside [lo, hi], the tokens to leave out are set to NaN (which histc skips), and `copy`
-    (broadcastable to v, values 0..copies-1) shifts each token into its copy's range (the
-    log-ratio split by advantage sign).
-    """
+
+def _hist(v: Tensor, spec: HistSpec, not_ok: Tensor) -> Tensor:
+    """float64 counts of `v` where not `not_ok`: underflow, the bins, overflow (one `histc`, no index tensor)."""
     width = (spec.hi - spec.lo) / spec.bins
-    span = (spec.bins + 2) * width
-    t = v.clamp(spec.lo - width / 2, spec.hi + width / 2)
-    if copy is not None:
-        t.add_(copy * span)
-    t.masked_fill_(not_ok, math.nan)
-    lo = spec.lo - width
-    return torch.histc(t, bins=copies * (spec.bins + 2), min=lo, max=lo + copies * span).double()
+    t = v.clamp(spec.lo - width / 2, spec.hi + width / 2).masked_fill_(not_ok, math.nan)  # histc skips NaN
+    return torch.histc(t, bins=spec.bins + 2, min=spec.lo - width, max=spec.hi + width).double()
 
 
-def _moments(v_ok: Tensor, not_ok: Tensor, group: Tensor, groups: int) -> Tensor:
-    """(4, groups) float64: sum, sum of squares, min, max of `v_ok` per group.
+def _count(index: Tensor, size: int) -> Tensor:
+    """float64 counts of the integer-valued float tensor `index` (values in [0, size)).
 
-    `v_ok` (B, T) is 0 where `not_ok`; `group` is (B,) (one group per row, as for per-sequence
-    advantages: rows are reduced first, then the B row values) or (B, T).
+    CPU: an int16 `bincount` (indices stay below 2**15). CUDA: `histc` with the integers at the
+    bin centres (`bincount` there reads the maximum back to the host, a sync).
     """
-    lo_fill = v_ok.masked_fill(not_ok, math.inf)
-    hi_fill = v_ok.masked_fill(not_ok, -math.inf)
-    if group.dim() == 1:
-        vals = (v_ok.sum(1), (v_ok * v_ok).sum(1), lo_fill.amin(1), hi_fill.amax(1))
-        g = group
-    else:
-        vals = (v_ok.reshape(-1), (v_ok * v_ok).reshape(-1), lo_fill.reshape(-1), hi_fill.reshape(-1))
-        g = group.reshape(-1)
-    out = torch.zeros(4, groups, dtype=v_ok.dtype, device=v_ok.device)
+    flat = index.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.bincount(flat.to(torch.int16), minlength=size).double()
+    return torch.histc(flat, bins=size, min=-0.5, max=size - 0.5).double()  # integers mid-bin
+
+
+def _x_slots(x_ok: Tensor, offset: Tensor) -> Tensor:
+    """float64 bin index of each log-ratio (0 underflow, i + 1 bin i, bins + 1 overflow) plus
+    `offset` (the class's block). floor(x * p / q) is exact in float64: a float32 times p = 40
+    fits its mantissa.
+    """
+    p, q, shift = _X_SCALE
+    y = x_ok.to(torch.float64, copy=True).mul_(p)
+    if q != 1:
+        y.div_(q)
+    return y.floor_().clamp_(-shift - 1, _X_SPEC.bins - shift).add_(offset)
+
+
+def _value_slots(v: Tensor, i: int, out: Tensor) -> Tensor:
+    """Bin index of `_OTHER[i]` values `v` in `out`: 0 underflow, j + 1 bin j, bins + 1 overflow."""
+    sc, bins = _OTHER_SCALES[i], HISTOGRAMS[_OTHER[i]].bins
+    torch.mul(v, sc.p, out=out)
+    if sc.q != 1:
+        out.div_(sc.q)
+    return out.floor_().add_(sc.shift + 1).clamp_(0, bins + 1)
+
+
+def _value_bin(v: float, i: int) -> int:
+    """`_value_slots` of one host value, in exact rational arithmetic."""
+    sc, bins = _OTHER_SCALES[i], HISTOGRAMS[_OTHER[i]].bins
+    return min(max(math.floor(Fraction(v) * sc.p / sc.q) + sc.shift + 1, 0), bins + 1)
+
+
+def _below(v: Tensor, bound: float, out: Tensor) -> Tensor:
+    """-1.0 where v < bound, else 0.0 (`v` without NaN), in `out`: floor(clamp(v - bound, -1, 0)).
+
+    The difference of two floats is 0 only when they are equal, so this is the exact
+    comparison, in float passes that run several times faster than a bool compare on CPU.
+    """
+    return torch.sub(v, bound, out=out).clamp_(-1.0, 0.0).floor_()
+
+
+def _above(v: Tensor, bound: float, out: Tensor) -> Tensor:
+    """1.0 where v > bound, else 0.0 (`v` without NaN), in `out`; as `_below`."""
+    return torch.sub(v, bound, out=out).clamp_(0.0, 1.0).ceil_()
+
+
+def _group_moments(vals: Tensor, group: Tensor, groups: int) -> Tensor:
+    """(4, groups) float64 sum, sum of squares, min, max from per-item partials `vals` (4, M) of `group` (M,)."""
+    v = vals.double()
+    out = torch.zeros(4, groups, dtype=torch.float64, device=vals.device)
     out[2].fill_(math.inf)
     out[3].fill_(-math.inf)
-    out[0].scatter_add_(0, g, vals[0])
-    out[1].scatter_add_(0, g, vals[1])
-    out[2].scatter_reduce_(0, g, vals[2], "amin")
-    out[3].scatter_reduce_(0, g, vals[3], "amax")
-    return out.double()
-
-
-def _ok_moments(v_ok: Tensor, not_ok: Tensor, ref: Tensor) -> Tensor:
-    """(4,) float64 sum, sum of squares, min, max of `v_ok` (0 where `not_ok`) over the ok tokens.
-
-    `ref` is the flat index of an ok token: filling the others with its value leaves min and
-    max unchanged, so one fill and one `aminmax` give both.
-    """
-    flat = v_ok.reshape(-1)
-    lo, hi = torch.aminmax(torch.where(not_ok.reshape(-1), flat.index_select(0, ref), flat))
-    return torch.stack([flat.sum(), torch.dot(flat, flat), lo, hi]).double()
+    out[:2].index_add_(1, group, v[:2])
+    out[2].scatter_reduce_(0, group, v[2], "amin")
+    out[3].scatter_reduce_(0, group, v[3], "amax")
+    return out
 
 
 class _Update(NamedTuple):
     sums: Tensor  # (len(_SUMS),)
-    x_counts: Tensor  # (_SIGNS * (bins + 2),)
+    x_counts: Tensor  # (_SIGNS * _X_SLOTS,)
     x_moments: Tensor  # (4, _X_CLASSES)
-    other_counts: Tensor  # concatenated psi, zeta, multiplier bins (each bins + 2), ok tokens only
+    other_counts: Tensor  # concatenated psi, zeta, multiplier bins (each bins + 2), kept tokens only
     other_moments: Tensor  # (3, 4) sum, sumsq, min, max of psi, zeta, multiplier
     outliers: Tensor  # (k, 7): score, x, A, zeta, sample, position, token_id
-    x: Tensor  # (B, T) for the percentiles
-    zeta: Tensor  # (B, T)
-    ok: Tensor  # (B, T) valid and x not NaN
+    x: Tensor  # (B * T,) the log-ratio (for the percentiles and the ties)
+    zeta: Tensor  # (B * T,) zeta (for its percentile)
+    ok: Tensor  # (B * T,) the tokens kept: valid and x not NaN
 
 
 class DiagnosticsAccumulator:
@@ -221,121 +293,232 @@ class DiagnosticsAccumulator:
         for name, t in (("entropy", entropy), ("token_ids", token_ids)):
             if t is not None and tuple(t.shape) != tuple(logp.shape):
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but logp has shape {tuple(logp.shape)}")
-        inp = prepare(logp.detach(), old_logp.detach(), advantages.detach(), mask)
-        x, adv, valid = inp.x, inp.adv, inp.mask
+        check_inputs(logp, old_logp, advantages, mask)
+        dtype = compute_dtype(logp)
+        valid = mask if mask.dtype == torch.bool else mask != 0
+        vf = _as_float(valid, dtype)
+        flat_vf = vf.reshape(-1)
+        logp_c = logp.detach().to(dtype)
         stats = dict(loss_stats or {})
-        not_ok = torch.isnan(x).logical_or_(~valid)  # masked, or a NaN log-ratio
-        ok = ~not_ok
-        dtype, device = x.dtype, x.device
-        valid_f = valid.to(dtype).reshape(-1)
-        x_ok = x.masked_fill(not_ok, 0.0)
+        adv = advantages.detach()
+        row_adv = adv.dim() == 1  # per-sequence advantages: reduce rows first, then the B row values
+        adv_t = adv.to(dtype).unsqueeze(-1) if row_adv else adv.to(dtype)
+        ent = None if entropy is None else entropy.detach().to(dtype)
 
-        if self.loss.name == "mhpo" and {"psi", "zeta", "zeta_pos", "zeta_neg"} <= stats.keys():
-            psi, zeta, zeta_pos, zeta_neg = stats["psi"], stats["zeta"], stats["zeta_pos"], stats["zeta_neg"]
+        # CPU: try the fast path first, where masking is a product and NaN needs no handling;
+        # the sums it needs anyway tell (one read-back, free there) whether every value was
+        # finite, else the micro-batch is redone with the NaN-safe path (always taken on CUDA).
+        clean = x_rows = dots = None
+        if logp_c.device.type == "cpu":
+            x = (logp_c - old_logp.detach().to(dtype)).mul_(vf)
+            seq, values, zeta_pos, zeta_neg = self._values(x, valid, adv_t, stats)
+            x_rows = x.sum(1)
+            dots = [torch.dot(v.reshape(-1), flat_vf) for v in values]
+            checks = [x_rows.sum(), *dots] + ([] if ent is None else [torch.dot(ent.reshape(-1), flat_vf)])
+            clean = bool(torch.isfinite(torch.stack(checks)).all())
+        if not clean:
+            x = torch.where(valid, logp_c - old_logp.detach().to(dtype), 0.0)
+            seq, values, zeta_pos, zeta_neg = self._values(x, valid, adv_t, stats)
+        clip_x = x if seq is None else seq.unsqueeze(-1).expand_as(x)
+
+        # ok: the tokens the histograms, min/max and percentiles keep (valid, x not NaN); x_ok
+        # and the value sources are 0 / finite on the others, so every index below is defined.
+        if clean:
+            ok, ok_f, x_ok, sources = valid, vf, x, values
         else:
-            _, psi, zeta_pos, zeta_neg = mhpo_loss.hazard(x, self.hazard_hparams)
-            zeta = zeta_pos + zeta_neg
-        clip_x = x
-        if self.loss.name == "gspo":
-            seq = stats["seq_log_ratio"] if "seq_log_ratio" in stats else sequence_log_ratio(x, valid)
-            clip_x = seq.to(dtype).unsqueeze(-1).expand_as(x)
-        mult = stats["multiplier"] if "multiplier" in stats else self.loss.multiplier(clip_x, adv, **self.hparams)
-        mult = mult.to(dtype)
-
-        # Log-ratio: one class index (A > 0, A < 0, A == 0, dump) drives every x reduction.
-        a = advantages.detach()
-        a_cls = (a < 0).to(torch.int64) + 2 * (a == 0).to(torch.int64)
-        row_cls = a.dim() == 1  # per-sequence advantages: reduce rows first, then the B row values
-        spec = HISTOGRAMS["log_ratio"]
-        copy = a_cls.to(dtype).unsqueeze(-1) if row_cls else a_cls.to(dtype)
-        x_counts = _hist(x_ok, spec, not_ok, _SIGNS, copy)
-        x_moments = _moments(x_ok, not_ok, a_cls if row_cls else a_cls.masked_fill(not_ok, _X_CLASSES - 1), _X_CLASSES)
-
-        ref = torch.argmax(ok.reshape(-1).to(torch.uint8)).reshape(1)  # an ok token, if there is one
-        other_counts, other_moments, zeroed = [], [], {}
-        for name, v in (("psi", psi), ("zeta", zeta), ("multiplier", mult)):
-            spec_v = HISTOGRAMS[name]
-            zeroed[name] = v_ok = v.to(dtype).masked_fill(not_ok, 0.0)
-            other_counts.append(_hist(v_ok, spec_v, not_ok))
-            other_moments.append(_ok_moments(v_ok, not_ok, ref))
-
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        n_valid = valid.sum().double()
-        # Exact counts the bins cannot give; x_ok is 0 on not-ok tokens, which no test below counts.
+            ok = valid & ~torch.isnan(x)
+            ok_f = _as_float(ok, dtype)
+            x_ok = torch.nan_to_num(x, nan=0.0, posinf=math.inf, neginf=-math.inf)
+            sources = [
+                torch.nan_to_num(torch.where(ok, v, 0.0), nan=0.0, posinf=math.inf, neginf=-math.inf) for v in values
+            ]
+            x_rows = x_ok.sum(1)
+            dots = [torch.dot(v.reshape(-1), ok_f.reshape(-1)) for v in sources]
+        b, t = x.shape
+        device = x.device
+        pen = ok_f.reciprocal().sub_(1.0)  # 0 on kept tokens, +inf on the others
+        hi_fill = x_ok - pen  # -inf on the tokens left out: ready for max and "x > bound"
+        scratch = x_ok + pen  # +inf there: ready for min and "x < bound"; then reused
+        ok_rows = ok_f.sum(1)
+        row_min, row_max = scratch.amin(1), hi_fill.amax(1)
+        n_ok = ok_rows.sum()
         lo, hi = self.clip
-        if self.loss.name == "gspo":
-            clip_low = ((clip_x < lo) & (adv < 0) & ok).sum().double()
-            clip_high = ((clip_x > hi) & (adv > 0) & ok).sum().double()
-        elif row_cls:
-            clip_low = torch.dot(torch.count_nonzero(x_ok < lo, dim=1).double(), (a < 0).double())
-            clip_high = torch.dot(torch.count_nonzero(x_ok > hi, dim=1).double(), (a > 0).double())
+        zero = torch.zeros((), dtype=dtype, device=device)
+
+        # Log-ratio: one class (A > 0, A < 0, A == 0, dump) per row or token drives its reductions.
+        a_cls = (adv < 0).to(torch.int64) + 2 * (adv == 0).to(torch.int64)
+        base = _X_SCALE.shift + 1
+        clip_low, clip_high = zero, zero
+        if row_adv:
+            if seq is None and lo > -math.inf:
+                clip_low = -torch.dot(_below(scratch, lo, scratch).sum(1), (adv < 0).to(dtype))
+            if seq is None and hi < math.inf:
+                clip_high = torch.dot(_above(hi_fill, hi, scratch).sum(1), (adv > 0).to(dtype))
+            sq = torch.mul(x_ok, x_ok, out=scratch).sum(1)
+            x_moments = _group_moments(torch.stack([x_rows, sq, row_min, row_max]), a_cls, _X_CLASSES)
+            offset = (a_cls * _X_SLOTS + base).to(dtype).unsqueeze(-1)
         else:
-            clip_low = ((x_ok < lo) & (adv < 0)).sum().double()
-            clip_high = ((x_ok > hi) & (adv > 0)).sum().double()
+            cls = torch.where(ok, a_cls, _X_CLASSES - 1)
+            partial = torch.stack([x_ok, x_ok * x_ok, scratch, hi_fill]).reshape(4, -1)
+            x_moments = _group_moments(partial, cls.reshape(-1), _X_CLASSES)
+            if seq is None and lo > -math.inf:
+                clip_low = -(_below(scratch, lo, scratch) * (adv < 0)).sum()
+            if seq is None and hi < math.inf:
+                clip_high = (_above(hi_fill, hi, scratch) * (adv > 0)).sum()
+            offset = (cls * _X_SLOTS + base).to(dtype)
+        if seq is not None and row_adv:
+            clip_low = (ok_rows * ((seq < lo) & (adv < 0))).sum()
+            clip_high = (ok_rows * ((seq > hi) & (adv > 0))).sum()
+        elif seq is not None:
+            clip_low = ((clip_x < lo) & (adv < 0) & ok).sum()
+            clip_high = ((clip_x > hi) & (adv > 0) & ok).sum()
+        del hi_fill  # done with: its memory serves the buffers below
+        x_counts = _count(_x_slots(x_ok, offset), _X_CLASSES * _X_SLOTS).view(_X_CLASSES, _X_SLOTS)
+        if row_adv:  # the tokens left out sit in their row's x == 0 slot: take them back out
+            out_rows = torch.zeros(_X_CLASSES, dtype=torch.float64, device=device)
+            x_counts[:, _X_ZERO_SLOT] -= out_rows.index_add_(0, a_cls, (t - ok_rows).double())
+        x_counts = x_counts[:_SIGNS].reshape(-1)
+
+        # psi, zeta, multiplier: bins, sum (the dots above: the sources are 0 or finite where
+        # ok_f is 0), sum of squares, min, max and the multiplier's vanishing count. Fast path
+        # (CPU, so reading a value back is free): a copy with the value of one kept token (`ref`)
+        # on the tokens left out serves min and max (one `aminmax`) and the bins, from whose
+        # bin of `ref` the left-out tokens are then taken back out.
+        if clean:
+            left = float(b * t) - float(n_ok)
+            ref_row = int(torch.argmax((ok_rows > 0).to(torch.uint8)))
+            ref = ref_row * t + int(torch.argmax(ok_f[ref_row]))
+        counts, moments = [], []
+        vanish = zero
+        dump = None if clean else pen.clamp(max=_DUMP)  # _DUMP on the tokens left out
+        for i, v in enumerate(sources):
+            key = _OTHER[i]
+            size = HISTOGRAMS[key].bins + 2
+            sq = torch.dot(torch.mul(v, v, out=scratch).reshape(-1), ok_f.reshape(-1))
+            if clean:
+                ref_v = v.reshape(-1)[ref]
+                # exact: v where ok_f is 1, ref_v where 0; written over pen, unused on this path now
+                filled = torch.lerp(ref_v, v, ok_f, out=pen)
+                low, high = torch.aminmax(filled)
+                c = _count(_value_slots(filled, i, scratch), size)
+                c[_value_bin(float(ref_v), i)] -= left
+                if key == "multiplier":
+                    vanish = -_below(filled, VANISH, scratch).sum() - left * float(float(ref_v) < VANISH)
+            else:
+                c = _count(_value_slots(v, i, scratch).add_(dump), 2 * _DUMP)[:size]
+                low = torch.add(v, pen, out=scratch).amin()
+                if key == "multiplier":
+                    vanish = -_below(scratch, VANISH, scratch).sum()
+                high = torch.sub(v, pen, out=scratch).amax()
+            counts.append(c)
+            moments.append(torch.stack([dots[i], sq, low, high]))
+        other_counts = torch.cat(counts)
+        other_moments = torch.stack(moments).double()
+
+        def masked_sum(v: Tensor) -> Tensor:
+            """Sum of v over valid tokens (a dot with the mask when every value is finite)."""
+            return torch.dot(v.reshape(-1), flat_vf) if clean else torch.where(valid, v, 0.0).sum()
+
         ent_sum, ent_n = zero, zero
-        if entropy is not None:
-            ent_sum = torch.where(valid, entropy.to(dtype), 0.0).sum().double()
-            ent_n = n_valid
+        n_valid = n_ok if clean else vf.sum()
+        if ent is not None:
+            ent_sum, ent_n = masked_sum(ent), n_valid
         loss_sum, loss_n = zero, zero
         if "loss" in stats:
-            loss_sum, loss_n = stats["loss"].detach().double().reshape(()), torch.ones_like(zero)
-        sums = torch.stack(
-            [
-                n_valid,
-                torch.full((), float(x.numel()), dtype=torch.float64, device=device),
-                torch.full((), float(x.shape[0]), dtype=torch.float64, device=device),
-                ent_sum,
-                ent_n,
-                # x is 0 on masked tokens, so these terms are finite there: a dot with the mask sums them.
-                torch.dot(torch.expm1(x).sub_(x).reshape(-1), valid_f).double(),
-                torch.where(valid, inp.logp, 0.0).sum().double(),
-                loss_sum,
-                loss_n,
-                torch.dot(zeta_pos.reshape(-1).to(dtype), valid_f).double(),
-                torch.dot(zeta_neg.reshape(-1).to(dtype), valid_f).double(),
-                torch.dot(torch.exp(-zeta.to(dtype)).reshape(-1), valid_f).double(),
-                # 0 on the not-ok tokens, so they count here; _assemble() takes their number back out.
-                torch.count_nonzero(zeroed["multiplier"] < VANISH).double(),
-                clip_low,
-                clip_high,
-                torch.count_nonzero(x_ok > 0).double(),
-                torch.count_nonzero(x_ok < 0).double(),
-                torch.count_nonzero(torch.isinf(x_ok)).double(),
-            ]
-        )
-        outliers = self._outliers(x, adv, zeta, valid, token_ids)
-        self._samples += x.shape[0]
+            loss_sum, loss_n = stats["loss"].detach().reshape(()).to(dtype), torch.ones_like(zero)
+        # x is 0 on masked tokens, so these terms are finite there: a dot with the mask sums them.
+        if clean:  # sum(expm1(x) - x) as sum(expm1(x)) - sum(x): the row sums are at hand
+            k3 = torch.dot(torch.expm1(x, out=scratch).reshape(-1), flat_vf) - x_rows.sum()
+        else:
+            k3 = torch.dot(torch.expm1(x, out=scratch).sub_(x).reshape(-1), flat_vf)
+        survival = torch.dot(torch.neg(values[1], out=scratch).exp_().reshape(-1), flat_vf)
+        parts = [
+            n_valid,
+            n_ok,
+            torch.full((), float(x.numel()), dtype=dtype, device=device),
+            torch.full((), float(b), dtype=dtype, device=device),
+            ent_sum,
+            ent_n,
+            k3,
+            masked_sum(logp_c),
+            loss_sum,
+            loss_n,
+            torch.dot(zeta_pos.to(dtype).reshape(-1), flat_vf),
+            torch.dot(zeta_neg.to(dtype).reshape(-1), flat_vf),
+            survival,
+            vanish,
+            clip_low,
+            clip_high,
+            zero if clean else torch.isinf(x_ok).sum(),
+        ]
+        sums = torch.stack([p if p.dtype == dtype else p.to(dtype) for p in parts]).double()
+        nan_rows = None if clean else (vf.sum(1) - ok_rows) > 0
+        outliers = self._outliers(x, valid, adv_t, values[1], token_ids, torch.maximum(row_max, -row_min), nan_rows)
+        self._samples += b
         self._updates.append(
             _Update(
                 sums,
                 x_counts,
                 x_moments,
-                torch.cat(other_counts),
-                torch.stack(other_moments),
+                other_counts,
+                other_moments,
                 outliers,
-                x,
-                zeta.to(dtype),
-                ok,
+                x_ok.reshape(-1),
+                sources[1].reshape(-1),
+                ok.reshape(-1),
             )
         )
 
-    def _outliers(self, x: Tensor, adv: Tensor, zeta: Tensor, valid: Tensor, token_ids: Tensor | None) -> Tensor:
-        """(k, 7) rows of the top-|x| valid tokens (NaN first); score -1 marks padding rows."""
+    def _values(
+        self, x: Tensor, valid: Tensor, adv: Tensor, stats: Mapping[str, Tensor]
+    ) -> tuple[Tensor | None, list[Tensor], Tensor, Tensor]:
+        """(GSPO's sequence log-ratio or None, [psi, zeta, multiplier], zeta_pos, zeta_neg) of
+        the log-ratio `x` (0 on masked tokens): from `stats` when the loss computed them.
+        """
+        dtype = x.dtype
+        if self.loss.name == "mhpo" and {"psi", "zeta", "zeta_pos", "zeta_neg"} <= stats.keys():
+            psi, zeta, zeta_pos, zeta_neg = stats["psi"], stats["zeta"], stats["zeta_pos"], stats["zeta_neg"]
+        else:
+            _, psi, zeta_pos, zeta_neg = mhpo_loss.hazard(x, self.hazard_hparams)
+            zeta = zeta_pos + zeta_neg
+        seq = None
+        if self.loss.name == "gspo":
+            seq = (stats["seq_log_ratio"] if "seq_log_ratio" in stats else sequence_log_ratio(x, valid)).to(dtype)
+        clip_x = x if seq is None else seq.unsqueeze(-1).expand_as(x)
+        mult = stats["multiplier"] if "multiplier" in stats else self.loss.multiplier(clip_x, adv, **self.hparams)
+        return seq, [v.to(dtype) for v in (psi, zeta, mult)], zeta_pos.to(dtype), zeta_neg.to(dtype)
+
+    def _outliers(
+        self,
+        x: Tensor,
+        valid: Tensor,
+        adv: Tensor,
+        zeta: Tensor,
+        token_ids: Tensor | None,
+        row_abs: Tensor,
+        nan_rows: Tensor | None,
+    ) -> Tensor:
+        """(k, 7) rows of the top-|x| valid tokens (NaN first); score -1 marks padding rows.
+
+        The top k tokens lie in the k rows of largest max |x| (`row_abs`, NaN for rows holding
+        a NaN log-ratio), so only those rows are searched.
+        """
         b, t = x.shape
         k = min(self.top_k, b * t)
-        score = torch.where(valid, x.abs(), -1.0).reshape(-1)
-        if score.is_cuda:
-            top, flat = torch.topk(score, k)
-        else:  # CPU: a per-row top-k then a global one is several times faster than one flat top-k
-            row_top, row_idx = torch.topk(score.view(b, t), min(k, t), dim=1)
-            top, pick = torch.topk(row_top.reshape(-1), k)
-            flat = (pick // min(k, t)) * t + row_idx.reshape(-1)[pick]
+        if k == 0:
+            return torch.empty((0, 7), dtype=torch.float64, device=x.device)
+        if nan_rows is not None:
+            row_abs = row_abs.masked_fill(nan_rows, math.nan)
+        rows = torch.topk(row_abs, min(k, b)).indices
+        score = torch.where(valid[rows], x[rows].abs(), -1.0).reshape(-1)
+        top, pick = torch.topk(score, k)
+        flat = rows[pick // t] * t + pick % t
         ids = token_ids.reshape(-1)[flat].double() if token_ids is not None else torch.full_like(top, -1.0).double()
         return torch.stack(
             [
                 top.double(),
                 x.reshape(-1)[flat].double(),
-                adv.reshape(-1)[flat].double(),
+                (adv.reshape(-1)[flat // t] if adv.shape[1] == 1 else adv.reshape(-1)[flat]).double(),
                 zeta.reshape(-1)[flat].double(),
                 (flat // t + self._samples).double(),
                 (flat % t).double(),
@@ -350,21 +533,30 @@ class DiagnosticsAccumulator:
         if not self._updates:
             raise RuntimeError("compute() called before any update(); feed each micro-batch with update() first")
         ups = self._updates
-        sums = torch.stack([u.sums for u in ups]).sum(0)
-        x_counts = torch.stack([u.x_counts for u in ups]).sum(0)
-        other_counts = torch.stack([u.other_counts for u in ups]).sum(0)
+
+        def total(ts: list[Tensor]) -> Tensor:
+            return ts[0] if len(ts) == 1 else torch.stack(ts).sum(0)
+
+        def joined(ts: list[Tensor]) -> Tensor:
+            return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+        sums = total([u.sums for u in ups])
+        x_counts = total([u.x_counts for u in ups])
+        other_counts = total([u.other_counts for u in ups])
         x_m = torch.stack([u.x_moments for u in ups])
         o_m = torch.stack([u.other_moments for u in ups])
         x_moments = torch.stack([x_m[:, 0].sum(0), x_m[:, 1].sum(0), x_m[:, 2].amin(0), x_m[:, 3].amax(0)])
         o_moments = torch.stack([o_m[:, :, 0].sum(0), o_m[:, :, 1].sum(0), o_m[:, :, 2].amin(0), o_m[:, :, 3].amax(0)], 1)
-        outliers = torch.cat([u.outliers for u in ups])
-        x_all = torch.cat([u.x.reshape(-1) for u in ups])
-        zeta_all = torch.cat([u.zeta.reshape(-1) for u in ups])
-        ok_all = torch.cat([u.ok.reshape(-1) for u in ups])
+        outliers = joined([u.outliers for u in ups])
+        x_all = joined([u.x for u in ups])
+        zeta_all = joined([u.zeta for u in ups])
+        ok_all = joined([u.ok for u in ups])
+        qs = list(PERCENTILES.values())
 
         distributed = process_group is not None or (dist.is_available() and dist.is_initialized())
         if distributed:
-            additive = [sums, x_counts, other_counts, x_moments[:2].reshape(-1), o_moments[:, :2].reshape(-1)]
+            ties = _tie_counts(x_all, ok_all)
+            additive = [sums, x_counts, other_counts, x_moments[:2].reshape(-1), o_moments[:, :2].reshape(-1), ties]
             x_fine = self._fine_hist(x_all, ok_all, HISTOGRAMS["log_ratio"])
             z_fine = self._fine_hist(zeta_all, ok_all, HISTOGRAMS["zeta"])
             additive += [x_fine, z_fine]
@@ -373,23 +565,30 @@ class DiagnosticsAccumulator:
             extremes = torch.cat([-x_moments[2], x_moments[3], -o_moments[:, 2], o_moments[:, 3]])
             dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=process_group)
             parts = list(torch.split(flat_sum, [t.numel() for t in additive]))
-            sums, x_counts, other_counts = parts[:3]
+            sums, x_counts, other_counts, ties = parts[0], parts[1], parts[2], parts[5]
             nx, no = x_moments.shape[1], o_moments.shape[0]
             x_moments = torch.stack([*parts[3].view(2, nx), -extremes[:nx], extremes[nx : 2 * nx]])
             o_moments = torch.stack(
                 [*parts[4].view(no, 2).T, -extremes[2 * nx : 2 * nx + no], extremes[2 * nx + no :]], 1
             )
             x_min, x_max = x_moments[2, :3].amin(), x_moments[3, :3].amax()
-            x_q = _quantiles_from_hist(parts[5], HISTOGRAMS["log_ratio"], x_min, x_max, list(PERCENTILES.values()))
-            z_q = _quantiles_from_hist(parts[6], HISTOGRAMS["zeta"], o_moments[1, 2], o_moments[1, 3], [0.99])
+            x_q = _quantiles_from_hist(parts[6], HISTOGRAMS["log_ratio"], x_min, x_max, qs)
+            z_q = _quantiles_from_hist(parts[7], HISTOGRAMS["zeta"], o_moments[1, 2], o_moments[1, 3], [0.99])
             outliers = self._gather_outliers(outliers, process_group)
-        else:
-            x_q = _exact_quantiles(x_all, ok_all, list(PERCENTILES.values()))
-            z_q = _exact_quantiles(zeta_all, ok_all, [0.99])
+        elif x_all.is_cuda:
+            ties = _tie_counts(x_all, ok_all)
+            x_q = _quantiles_by_sort(x_all, ok_all, qs)
+            z_q = _quantiles_by_sort(zeta_all, ok_all, [0.99])
+        else:  # CPU: copy the kept values out once (fast: masks come in runs), then select
+            keep = ok_all.numpy()
+            x_kept = x_all.numpy()[keep]
+            ties = torch.tensor([_ties_np(x_kept, t) for t in _TIES], dtype=torch.float64)
+            x_q = _selected_quantiles(x_kept, qs)
+            z_q = _selected_quantiles(zeta_all.numpy()[keep], [0.99])
         k = min(self.top_k, outliers.shape[0])
         outliers = outliers[torch.topk(outliers[:, 0], k).indices] if k else outliers[:0]
 
-        packed = [sums, x_counts, other_counts, x_moments.reshape(-1), o_moments.reshape(-1), x_q, z_q]
+        packed = [sums, x_counts, other_counts, x_moments.reshape(-1), o_moments.reshape(-1), x_q, z_q, ties]
         host = torch.cat([p.double().reshape(-1) for p in packed] + [outliers.reshape(-1)]).cpu().numpy()
         self.reset()
         return self._assemble(host, [p.numel() for p in packed])
@@ -420,14 +619,17 @@ class DiagnosticsAccumulator:
         for n in sizes:
             parts.append(host[at : at + n])
             at += n
-        sums_a, x_counts, other_counts, x_mom, o_mom, x_q, z_q = parts
+        sums_a, x_counts, other_counts, x_mom, o_mom, x_q, z_q, ties_a = parts
         outlier_rows = host[at:].reshape(-1, 7)
         s = dict(zip(_SUMS, sums_a.tolist(), strict=True))
         n = s["n_valid"]
-        spec = HISTOGRAMS["log_ratio"]
-        xc = x_counts.reshape(_SIGNS, spec.bins + 2)
+        spec = _X_SPEC
+        xc = x_counts.reshape(_SIGNS, _X_SLOTS)
         x_mom = x_mom.reshape(4, _X_CLASSES)
-        n_ok = float(xc[:3].sum())
+        merged = xc.sum(0)
+        before = np.concatenate([[0.0], np.cumsum(merged)])  # before[i]: values in the cells left of cell i
+        ties = dict(zip(_TIES, ties_a.tolist(), strict=True))
+        n_ok = float(before[-1])
         has_nan = n > n_ok
 
         def ratio(num: float, den: float) -> float:
@@ -449,18 +651,18 @@ class DiagnosticsAccumulator:
         for (name, _), value in zip(PERCENTILES.items(), x_q.tolist(), strict=True):
             scalars[f"ratio/{name}"] = value
 
-        # Thresholds are bin edges of the log-ratio histogram: x < -t is exact (bins are
-        # half-open), x > t counts x == t as above (a tie at a float threshold).
-        merged = xc[:3].sum(0)
-        below = np.cumsum(merged)  # below[i]: values in the cells left of edge i (cell 0 is underflow)
+        # Thresholds are bin edges, and bins are closed on the left: x < edge counts the cells
+        # before the edge's bin, x > edge the others less the values equal to the edge.
+        def n_below(v: float) -> float:
+            return float(before[round((v - spec.lo) * spec.bins / (spec.hi - spec.lo)) + 1])
 
-        def n_below(t: float) -> float:
-            return float(below[round((t - spec.lo) * spec.bins / (spec.hi - spec.lo))])
+        def n_above(v: float) -> float:
+            return n_ok - n_below(v) - ties[v]
 
-        scalars["ratio/pos_mass"] = ratio(s["pos_n"], n)
-        scalars["ratio/neg_mass"] = ratio(s["neg_n"], n)
+        scalars["ratio/pos_mass"] = ratio(n_above(0.0), n)
+        scalars["ratio/neg_mass"] = ratio(n_below(0.0), n)
         for t in THRESHOLDS:
-            scalars[f"ratio/frac_above_{t:g}"] = ratio(n_ok - n_below(t), n)
+            scalars[f"ratio/frac_above_{t:g}"] = ratio(n_above(t), n)
             scalars[f"ratio/frac_below_{t:g}"] = ratio(n_below(-t), n)
         low, high = s["clip_low_n"], s["clip_high_n"]
         scalars["ratio/clip_frac"] = ratio(low + high, n)
@@ -485,7 +687,7 @@ class DiagnosticsAccumulator:
         scalars["grad/multiplier_mean"] = m_mean
         scalars["grad/multiplier_min"] = float(o_mom[2, 2]) if n_ok else math.nan
         scalars["grad/multiplier_max"] = float(o_mom[2, 3]) if n_ok else math.nan
-        scalars["grad/vanish_frac"] = ratio(s["vanish_n"] - (s["n_tokens"] - n_ok), n)
+        scalars["grad/vanish_frac"] = ratio(s["vanish_n"], n)
         if s["entropy_n"] > 0:
             scalars["policy/entropy"] = s["entropy_sum"] / s["entropy_n"]
         scalars["policy/kl_k1"] = -x_mean
@@ -497,7 +699,7 @@ class DiagnosticsAccumulator:
 
         histograms: dict[str, dict[str, Any]] = {}
         for key, counts, mom in (
-            ("log_ratio", xc[:3].sum(0), (x_mom[0, :3].sum(), x_mom[1, :3].sum(), x_mom[2, :3].min(), x_mom[3, :3].max())),
+            ("log_ratio", merged, (sx, sqx, x_mom[2, :3].min(), x_mom[3, :3].max())),
             ("log_ratio/adv_pos", xc[0], tuple(x_mom[:, 0])),
             ("log_ratio/adv_neg", xc[1], tuple(x_mom[:, 1])),
             *((k, other[k], tuple(o_mom[i])) for i, k in enumerate(_OTHER)),
@@ -527,7 +729,7 @@ def _c1_histogram(spec: HistSpec, counts: np.ndarray, mom: tuple[float, ...]) ->
     total = float(counts.sum())
     if total == 0:
         return None
-    ints = [int(round(c)) for c in counts.tolist()]
+    ints = np.rint(counts).astype(np.int64).tolist()
     return {
         "lo": spec.lo,
         "hi": spec.hi,
@@ -541,44 +743,85 @@ def _c1_histogram(spec: HistSpec, counts: np.ndarray, mom: tuple[float, ...]) ->
     }
 
 
-def _exact_quantiles(v: Tensor, ok: Tensor, qs: list[float]) -> Tensor:
-    """Linear-interpolated quantiles of v[ok] (as torch.quantile), NaN when empty.
+def _tie_counts(x: Tensor, ok: Tensor) -> Tensor:
+    """float64 counts of the kept x equal to each of `_TIES` (0 where x's dtype cannot hold t)."""
+    exact = [x.dtype == torch.float64 or float(np.float32(t)) == t for t in _TIES]  # x: float32 or float64
+    zero = torch.zeros((), dtype=torch.int64, device=x.device)
+    return torch.stack([((x == t) & ok).sum() if e else zero for t, e in zip(_TIES, exact, strict=True)]).double()
 
-    CUDA: a sort with device-side indices (no sync). CPU: one numpy multi-kth partition,
-    several times faster than a sort there.
-    """
-    if v.is_cuda:
-        return _quantiles_by_sort(v, ok, qs)
-    vals = v.numpy()[ok.numpy()]
+
+def _ties_np(kept: np.ndarray, t: float) -> float:
+    """`_tie_counts` on the CPU's copy of the kept values."""
+    return float(np.count_nonzero(kept == t)) if float(kept.dtype.type(t)) == t else 0.0
+
+
+def _selected_quantiles(vals: np.ndarray, qs: list[float]) -> Tensor:
+    """Linear-interpolated quantiles (as torch.quantile) of `vals`, reordering it; NaN when empty."""
     n = vals.size
     if n == 0:
         return torch.full((len(qs),), math.nan, dtype=torch.float64)
     positions = [q * (n - 1) for q in qs]
     kth = sorted({math.floor(p) for p in positions})
-    part = np.partition(vals, kth)
-    # After the partition each kth element is in place and the ones after it are larger, so the
-    # next order statistic is the least of the stretch up to the next kth.
+    _partition(vals, kth)
+    # Each kth element is in place and the ones after it are larger, so the next order
+    # statistic is the least of the stretch up to the next kth.
     bounds = dict(zip(kth, [*kth[1:], n - 1], strict=True))
     out = []
     for p in positions:
         k = math.floor(p)
-        lo = float(part[k])
-        hi = float(part[k + 1 : bounds[k] + 1].min()) if p > k else lo
+        lo = float(vals[k])
+        hi = float(vals[k + 1 : bounds[k] + 1].min()) if p > k else lo
         out.append(lo if lo == hi else lo + (hi - lo) * (p - k))
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _quantiles_by_sort(v: Tensor, ok: Tensor, qs: list[float]) -> Tensor:
-    """Sync-free exact quantiles: sort with +inf padding, gather at device-computed positions."""
-    flat = torch.where(ok, v, math.inf).reshape(-1).double()
-    ordered = torch.sort(flat).values
-    n = ok.sum().double()
+def _partition(a: np.ndarray, kth: list[int]) -> None:
+    """`a.partition(kth)` for sorted `kth`, as one single-kth partition per kth on ever shorter
+    stretches: numpy selects a single kth with vectorised code, many times faster than its
+    multi-kth introselect.
+    """
+    todo = [(0, a.size, kth)]
+    while todo:
+        lo, hi, ks = todo.pop()
+        if not ks:
+            continue
+        mid = len(ks) // 2
+        k = ks[mid]
+        a[lo:hi].partition(k - lo)
+        todo += [(lo, k, ks[:mid]), (k + 1, hi, ks[mid + 1 :])]
+
+
+def _sorted_quantiles(v: Tensor, n_ok: Tensor, qs: list[float]) -> Tensor:
+    """Sync-free quantiles of the `n_ok` largest entries of the flat `v`, whose others are -inf:
+    sort, gather at device-computed positions.
+    """
+    ordered = torch.sort(v.reshape(-1).double()).values
+    n = n_ok.double()
+    last = max(ordered.numel() - 1, 0)
+    pad = ordered.numel() - n
     q = torch.tensor(qs, dtype=torch.float64, device=v.device)
     pos = q * (n - 1).clamp(min=0)
-    lo_i, hi_i = pos.floor().long(), pos.ceil().long()
-    lo, hi = ordered[lo_i], ordered[hi_i]
-    out = torch.where(lo == hi, lo, lo + (hi - lo) * (pos - lo_i.double()))
+    lo_r, hi_r = pos.floor(), pos.ceil()
+    lo = ordered[(lo_r + pad).long().clamp(0, last)]
+    hi = ordered[(hi_r + pad).long().clamp(0, last)]
+    out = torch.where(lo == hi, lo, lo + (hi - lo) * (pos - lo_r))
     return torch.where(n > 0, out, math.nan)
+
+
+def _exact_quantiles(v: Tensor, ok: Tensor, qs: list[float]) -> Tensor:
+    """Linear-interpolated quantiles of v[ok] (as torch.quantile), NaN when empty.
+
+    CUDA: a sort (no sync). CPU: the kept values are copied out (fast: masks come in runs) and
+    selected by single-kth partitions.
+    """
+    if v.is_cuda:
+        return _quantiles_by_sort(v, ok, qs)
+    return _selected_quantiles(v.reshape(-1).numpy()[ok.reshape(-1).numpy()], qs)
+
+
+def _quantiles_by_sort(v: Tensor, ok: Tensor, qs: list[float]) -> Tensor:
+    """`_exact_quantiles` by the sort path on any device."""
+    return _sorted_quantiles(torch.where(ok, v, -math.inf).reshape(-1), ok.sum(), qs)
 
 
 def _quantiles_from_hist(counts: Tensor, spec: HistSpec, vmin: Tensor, vmax: Tensor, qs: list[float]) -> Tensor:

@@ -225,3 +225,110 @@ def test_quantile_paths_agree() -> None:
     approx = _quantiles_from_hist(counts, spec, v[ok].min(), v[ok].max(), qs)
     assert torch.allclose(approx, ref, atol=4 / 4096)
     assert HISTOGRAMS["log_ratio"].bins >= 64
+
+
+def exact_counts(v: np.ndarray, spec: HistSpec) -> list[int]:
+    """Underflow, bins, overflow of `v` against the exact edges lo + i * (hi - lo) / bins."""
+    from fractions import Fraction
+
+    w = (Fraction(spec.hi) - Fraction(spec.lo)) / spec.bins
+    out = [0] * (spec.bins + 2)
+    for value in v.tolist():
+        i = math.floor((Fraction(value) - Fraction(spec.lo)) / w)
+        out[min(max(i, -1), spec.bins) + 1] += 1
+    return out
+
+
+def on_edges_batch() -> dict[str, torch.Tensor]:
+    """x = logp - old_logp exactly on and next to bin edges and thresholds (logp = 0 makes x exact)."""
+    f32 = np.float32
+    edges = [0.0, 0.5, -0.5, 1.0, -1.0, 0.125, -0.125, 2.0, -2.0, 0.1, -0.1, 0.2, -0.2]
+    xs = [f32(e) for e in edges]
+    xs += [np.nextafter(f32(e), f32(np.inf)) for e in edges] + [np.nextafter(f32(e), f32(-np.inf)) for e in edges]
+    xs += [f32(-1e-8), f32(1e-8), f32(-1e-30), f32(0.025), f32(-0.025), f32(3.0), f32(-3.0)]
+    x = torch.tensor(np.array(xs, dtype=np.float32))
+    t = x.numel()
+    logp = torch.zeros(2, t)
+    old = torch.stack([-x, -x.flip(0)])
+    mask = torch.ones(2, t, dtype=torch.bool)
+    mask[1, :5] = False
+    old[1, :5] = math.nan  # masked NaN: ignored, and sends the update down the NaN-safe path
+    return {"logp": logp, "old_logp": old, "advantages": torch.tensor([1.0, -1.0]), "mask": mask}
+
+
+@pytest.mark.parametrize("nan_masked", [False, True])
+def test_values_on_bin_edges_follow_the_exact_edges_and_strict_thresholds(nan_masked: bool) -> None:
+    d = on_edges_batch()
+    if not nan_masked:
+        d["old_logp"] = torch.nan_to_num(d["old_logp"], nan=0.0)
+    stats = run("mhpo", [d])
+    m = d["mask"].numpy()
+    x = (d["logp"] - d["old_logp"]).numpy()[m]
+    spec = HISTOGRAMS["log_ratio"]
+    h = stats.histograms["log_ratio"]
+    assert [h["underflow"], *h["counts"], h["overflow"]] == exact_counts(x, spec)
+    neg = stats.histograms["log_ratio/adv_neg"]
+    assert [neg["underflow"], *neg["counts"], neg["overflow"]] == exact_counts(x[x.size - int(m[1].sum()) :], spec)
+    s = stats.scalars
+    x64 = x.astype(np.float64)
+    assert s["ratio/pos_mass"] == (x64 > 0).mean() and s["ratio/neg_mass"] == (x64 < 0).mean()
+    for t in (0.1, 0.2, 0.5, 1.0):
+        assert s[f"ratio/frac_above_{t:g}"] == (x64 > t).mean(), t  # x == t is not above
+        assert s[f"ratio/frac_below_{t:g}"] == (x64 < -t).mean(), t
+    for key, q in (("p01", 1), ("p50", 50), ("p99", 99)):
+        assert s[f"ratio/{key}"] == pytest.approx(np.percentile(x64, q), abs=1e-7)
+
+
+def test_psi_zeta_multiplier_bins_are_exact_and_both_paths_agree() -> None:
+    d = batch(seed=4, b=6, t=50, scale=0.6)
+    clean = run("mhpo", [d])
+    d_nan = {k: v.clone() for k, v in d.items()}
+    masked = (~d_nan["mask"]).nonzero()[0]
+    d_nan["old_logp"][masked[0], masked[1]] = math.inf  # masked, so ignored, but not finite
+    other = run("mhpo", [d_nan])
+    out = get_loss("mhpo")(**d)
+    m = d["mask"].numpy()
+    for key in ("psi", "zeta", "multiplier"):
+        v = out.stats[key].numpy()[m]
+        h = clean.histograms[key]
+        assert [h["underflow"], *h["counts"], h["overflow"]] == exact_counts(v, HISTOGRAMS[key]), key
+        assert (h["min"], h["max"]) == (float(v.min()), float(v.max())), key
+        assert h["sum"] == pytest.approx(v.astype(np.float64).sum(), rel=1e-6), key
+        assert h["sumsq"] == pytest.approx((v.astype(np.float64) ** 2).sum(), rel=1e-6), key
+    assert clean.histograms.keys() == other.histograms.keys()
+    for key, h in clean.histograms.items():
+        g = other.histograms[key]
+        assert (g["counts"], g["underflow"], g["overflow"], g["min"], g["max"]) == (
+            h["counts"], h["underflow"], h["overflow"], h["min"], h["max"]
+        ), key  # fmt: skip
+        assert (g["sum"], g["sumsq"]) == pytest.approx((h["sum"], h["sumsq"]), rel=1e-6), key
+    for key, v in clean.scalars.items():
+        assert other.scalars[key] == pytest.approx(v, rel=1e-6, abs=1e-9), key
+    assert other.outliers == clean.outliers
+
+
+def test_per_token_advantages_match_per_sequence_ones() -> None:
+    d = batch(seed=5)
+    per_token = dict(d, advantages=d["advantages"][:, None].expand_as(d["logp"]).clone())
+    for name in ("mhpo", "grpo", "gspo"):
+        rows, tokens = run(name, [d]), run(name, [per_token])
+        assert rows.histograms.keys() == tokens.histograms.keys(), name
+        for key, h in rows.histograms.items():
+            assert tokens.histograms[key]["counts"] == h["counts"], (name, key)
+        for key, v in rows.scalars.items():
+            assert tokens.scalars[key] == pytest.approx(v, rel=1e-5, abs=1e-6), (name, key)
+        assert [o["x"] for o in tokens.outliers] == [o["x"] for o in rows.outliers]
+
+
+def test_update_leaves_its_inputs_and_the_loss_stats_untouched() -> None:
+    d = batch(seed=6)
+    d["entropy"] = torch.rand(8, 40, generator=torch.Generator().manual_seed(7))
+    stats = get_loss("mhpo")(d["logp"], d["old_logp"], d["advantages"], d["mask"]).stats
+    before = {k: v.clone() for k, v in d.items()}, {k: v.clone() for k, v in stats.items()}
+    acc = DiagnosticsAccumulator("mhpo", {}, top_k=3)
+    acc.update(**d, loss_stats=stats)
+    acc.update(**d, loss_stats=stats)
+    acc.compute()
+    for now, then in ((d, before[0]), (stats, before[1])):
+        for key, value in then.items():
+            assert torch.equal(now[key], value), key
