@@ -1,0 +1,349 @@
+"""Ingest throughput and read latency of the MHPO server, next to an MLflow tracking server.
+
+Both servers run on this machine in this run, each in its own process; clients speak raw
+HTTP over keep-alive connections (httpx), one connection per client thread, one run per
+client. Every cell runs for `--seconds` and counts the points the server acknowledged
+(2xx). Scalars only: one point is one (step, key, value).
+
+- "1 step/req": one step of 30 scalars per request (a trainer without batching).
+- "1000 pts/req": 50 steps x 20 scalars per request (MLflow's log-batch maximum is 1,000 metrics).
+- read: a 100,000-step series; MHPO downsampled to 1,000 points on the server (min/max kept),
+  MLflow's full history (it has no downsampling).
+
+    python bench/ingest.py                       # SQLite and PostgreSQL (MHPO_TEST_PG_URL), MLflow on SQLite
+    python bench/ingest.py --repeat 3            # the README's figures: median of three rounds
+    python bench/ingest.py --seconds 3 --no-pg   # quicker, SQLite only
+
+All servers run for the whole bench and the cells are interleaved (MLflow, MHPO on SQLite,
+MHPO on PostgreSQL, then the next cell), so each comparison shares the machine's load.
+
+MLflow is a bench-only dependency: `pip install -e ".[bench]"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+STEP_KEYS = [f"bench/k{i:02d}" for i in range(30)]
+BATCH_STEPS, BATCH_KEYS = 50, [f"bench/k{i:02d}" for i in range(20)]
+READ_STEPS = 100_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve(cmd: list[str], health_url: str, log_path: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run a server process until the block ends; wait for its health URL first."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[2:4]} exited with {proc.returncode}: see {log_path}")
+            try:
+                if httpx.get(health_url, timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{health_url} not healthy after 120 s: see {log_path}")
+            time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def mhpo_server(db_url: str, workdir: Path) -> Iterator[str]:
+    port = free_port()
+    subprocess.run([sys.executable, "-m", "mhpo", "db", "upgrade", "--db", db_url], cwd=REPO_ROOT, check=True,
+                   capture_output=True)
+    cmd = [sys.executable, "-m", "mhpo", "serve", "--db", db_url, "--host", "127.0.0.1", "--port", str(port)]
+    with serve(cmd, f"http://127.0.0.1:{port}/healthz", workdir / "mhpo-serve.log"):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def mlflow_server(workdir: Path) -> Iterator[str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+           "--default-artifact-root", str(workdir / "mlflow-artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    with serve(cmd, f"http://127.0.0.1:{port}/health", workdir / "mlflow-server.log"):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def pg_database(admin_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for the bench, dropped afterwards."""
+    import psycopg
+
+    name = f"mhpo_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url.replace("postgresql+psycopg://", "postgresql://", 1), autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Target:
+    """One server's API: make a run, and the body of the n-th request of a run."""
+
+    def new_run(self, client: httpx.Client) -> str:
+        raise NotImplementedError
+
+    def request(self, run_id: str, n: int, batched: bool) -> tuple[str, bytes, int]:
+        """(path, JSON body, points) of request number n."""
+        raise NotImplementedError
+
+
+class MHPOTarget(Target):
+    def new_run(self, client: httpx.Client) -> str:
+        response = client.post("/api/v1/runs", json={"project": "bench", "name": f"ingest-{uuid.uuid4().hex[:6]}"})
+        response.raise_for_status()
+        return str(response.json()["run_id"])
+
+    def request(self, run_id: str, n: int, batched: bool) -> tuple[str, bytes, int]:
+        now = time.time()
+        if batched:
+            records = [{"step": n * BATCH_STEPS + s, "time": now, "scalars": {k: s * 0.5 for k in BATCH_KEYS}}
+                       for s in range(BATCH_STEPS)]
+            points = BATCH_STEPS * len(BATCH_KEYS)
+        else:
+            records = [{"step": n, "time": now, "scalars": {k: n * 0.5 for k in STEP_KEYS}}]
+            points = len(STEP_KEYS)
+        body = json.dumps({"batch_id": str(uuid.uuid4()), "records": records}).encode()
+        return f"/api/v1/runs/{run_id}/records", body, points
+
+
+class MLflowTarget(Target):
+    def __init__(self, base_url: str) -> None:
+        with httpx.Client(base_url=base_url) as client:
+            response = client.post("/api/2.0/mlflow/experiments/create", json={"name": f"bench-{uuid.uuid4().hex[:8]}"})
+            response.raise_for_status()
+            self.experiment_id = response.json()["experiment_id"]
+
+    def new_run(self, client: httpx.Client) -> str:
+        response = client.post("/api/2.0/mlflow/runs/create",
+                               json={"experiment_id": self.experiment_id, "start_time": int(time.time() * 1000)})
+        response.raise_for_status()
+        return str(response.json()["run"]["info"]["run_id"])
+
+    def request(self, run_id: str, n: int, batched: bool) -> tuple[str, bytes, int]:
+        ts = int(time.time() * 1000)
+        if batched:
+            metrics = [{"key": k, "value": s * 0.5, "timestamp": ts, "step": n * BATCH_STEPS + s}
+                       for s in range(BATCH_STEPS) for k in BATCH_KEYS]
+        else:
+            metrics = [{"key": k, "value": n * 0.5, "timestamp": ts, "step": n} for k in STEP_KEYS]
+        body = json.dumps({"run_id": run_id, "metrics": metrics}).encode()
+        return "/api/2.0/mlflow/runs/log-batch", body, len(metrics)
+
+
+@dataclass
+class Cell:
+    server: str
+    db: str
+    mode: str
+    clients: int
+    points: int
+    requests: int
+    errors: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.points / self.seconds
+
+
+def ingest(target: Target, base_url: str, batched: bool, clients: int, seconds: float) -> tuple[int, int, int, float]:
+    """`clients` threads, each its own keep-alive connection and run, sending for `seconds`."""
+    totals = [[0, 0, 0] for _ in range(clients)]
+    stop_at = [0.0]
+    barrier = threading.Barrier(clients + 1, action=lambda: stop_at.__setitem__(0, time.monotonic() + seconds))
+
+    def worker(i: int) -> None:
+        with httpx.Client(base_url=base_url, timeout=60.0, headers={"Content-Type": "application/json"}) as client:
+            run_id = target.new_run(client)
+            barrier.wait()
+            n = 0
+            while time.monotonic() < stop_at[0]:
+                path, body, points = target.request(run_id, n, batched)
+                response = client.post(path, content=body)
+                totals[i][1] += 1
+                if response.status_code == 200:
+                    totals[i][0] += points
+                else:
+                    totals[i][2] += 1
+                n += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.monotonic()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - start
+    return sum(t[0] for t in totals), sum(t[1] for t in totals), sum(t[2] for t in totals), elapsed
+
+
+def run_round(servers: list[tuple[str, str, Target, str]], seconds: float, cells: list[Cell]) -> None:
+    """Every cell once, the servers interleaved per cell so each comparison shares the machine's load."""
+    for batched in (False, True):
+        for clients in (1, 8):
+            for name, db, target, base_url in servers:
+                points, requests, errors, elapsed = ingest(target, base_url, batched, clients, seconds)
+                mode = "1000 pts/req" if batched else "1 step/req"
+                cell = Cell(name, db, mode, clients, points, requests, errors, elapsed)
+                cells.append(cell)
+                print(f"  {name:<7} {db:<10} {mode:<13} {clients} client(s): {cell.rate:>10,.0f} points/s"
+                      f" ({errors} errors)", flush=True)
+
+
+def timed(fn: Callable[[], object], repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def mhpo_read(base_url: str, steps: int) -> tuple[float, int]:
+    """Median latency of a downsampled read of a `steps`-long series, and the points it returned."""
+    with httpx.Client(base_url=base_url, timeout=120.0) as client:
+        run_id = MHPOTarget().new_run(client)
+        for start in range(0, steps, 10_000):
+            records = [{"step": s, "scalars": {"loss": 1.0 / (s + 1)}} for s in range(start, min(start + 10_000, steps))]
+            client.post(f"/api/v1/runs/{run_id}/records",
+                        json={"batch_id": str(uuid.uuid4()), "records": records}).raise_for_status()
+        params = {"keys": "loss", "max_points": 1000}
+        url = f"/api/v1/runs/{run_id}/scalars"
+        first = client.get(url, params=params)
+        first.raise_for_status()
+        returned = len(first.json()["series"]["loss"]["step"])
+        times = timed(lambda: client.get(url, params=params).raise_for_status(), 10)
+    return statistics.median(times), returned
+
+
+def mlflow_read(base_url: str, steps: int) -> tuple[float, int]:
+    """Median latency of reading MLflow's full history of a `steps`-long series (all pages)."""
+    target = MLflowTarget(base_url)
+    with httpx.Client(base_url=base_url, timeout=300.0) as client:
+        run_id = target.new_run(client)
+        ts = int(time.time() * 1000)
+        for start in range(0, steps, 1000):
+            metrics = [{"key": "loss", "value": 1.0 / (s + 1), "timestamp": ts, "step": s}
+                       for s in range(start, min(start + 1000, steps))]
+            client.post("/api/2.0/mlflow/runs/log-batch", json={"run_id": run_id, "metrics": metrics}).raise_for_status()
+
+        def read() -> int:
+            count, token = 0, None
+            while True:
+                params = {"run_id": run_id, "metric_key": "loss", "max_results": 25_000}
+                if token:
+                    params["page_token"] = token
+                response = client.get("/api/2.0/mlflow/metrics/get-history", params=params)
+                response.raise_for_status()
+                answer = response.json()
+                count += len(answer.get("metrics", []))
+                token = answer.get("next_page_token")
+                if not token:
+                    return count
+
+        returned = read()
+        times = timed(read, 3)
+    return statistics.median(times), returned
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each ingest cell")
+    parser.add_argument("--pg", default=os.environ.get("MHPO_TEST_PG_URL", DEFAULT_PG_URL),
+                        help="PostgreSQL admin URL (a fresh database is created and dropped)")
+    parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
+    parser.add_argument("--no-mlflow", action="store_true", help="skip the MLflow baseline")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of all cells; the table shows each cell's median")
+    parser.add_argument("--read-steps", type=int, default=READ_STEPS, help="length of the series read back")
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="mhpo-bench-"))
+    cells: list[Cell] = []
+    reads: dict[str, tuple[float, int]] = {}
+    try:
+        with ExitStack() as stack:
+            servers = [("mhpo", "sqlite", MHPOTarget(),
+                        stack.enter_context(mhpo_server(f"sqlite:///{workdir / 'mhpo.db'}", workdir)))]
+            if not args.no_pg:
+                db_url = stack.enter_context(pg_database(args.pg))
+                servers.append(("mhpo", "postgresql", MHPOTarget(), stack.enter_context(mhpo_server(db_url, workdir))))
+            if not args.no_mlflow:
+                base_url = stack.enter_context(mlflow_server(workdir))
+                servers.insert(0, ("mlflow", "sqlite", MLflowTarget(base_url), base_url))
+            for _name, _db, target, base_url in servers:  # warm-up: first requests pay for imports and caches
+                ingest(target, base_url, batched=True, clients=1, seconds=1.0)
+            for _ in range(args.repeat):
+                run_round(servers, args.seconds, cells)
+            for name, db, _target, base_url in servers:
+                read = mlflow_read if name == "mlflow" else mhpo_read
+                reads[f"{name}/{db}"] = read(base_url, args.read_steps)
+                print(f"  {name:<7} {db:<10} read {args.read_steps:,} steps -> {reads[f'{name}/{db}'][1]:,} points:"
+                      f" {reads[f'{name}/{db}'][0] * 1000:.1f} ms", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print_tables(cells, reads, args.read_steps)
+    return 1 if any(c.errors for c in cells) else 0
+
+
+def print_tables(cells: list[Cell], reads: dict[str, tuple[float, int]], read_steps: int) -> None:
+    groups: dict[tuple[str, str, str, int], list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.server, c.db, c.mode, c.clients), []).append(c)
+    rate = {key: statistics.median(c.rate for c in group) for key, group in groups.items()}
+    print("\nIngest (scalar points per second, median of the rounds, higher is better)")
+    print(f"| {'server':<7} | {'database':<10} | {'request':<13} | clients | {'points/s':>10} | {'vs MLflow':>9} | errors |")
+    print(f"|{'-' * 9}|{'-' * 12}|{'-' * 15}|---------|{'-' * 12}|{'-' * 11}|--------|")
+    for key, group in groups.items():
+        server, db, mode, clients = key
+        base = rate.get(("mlflow", "sqlite", mode, clients))
+        ratio = f"{rate[key] / base:.1f}x" if base else "-"
+        errors = sum(c.errors for c in group)
+        print(f"| {server:<7} | {db:<10} | {mode:<13} | {clients:>7} | {rate[key]:>10,.0f} | {ratio:>9} | {errors:>6} |")
+    print(f"\nRead a {read_steps:,}-step series (median)")
+    print(f"| {'server/database':<18} | {'points returned':>15} | {'latency':>10} |")
+    print(f"|{'-' * 20}|{'-' * 17}|{'-' * 12}|")
+    for name, (seconds, returned) in reads.items():
+        print(f"| {name:<18} | {returned:>15,} | {seconds * 1000:>7.1f} ms |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
