@@ -3,29 +3,58 @@
 It shares the `SqlStore`'s engine (so its pool and SQLite pragmas), and returns pydantic
 models or plain tuples, never ORM rows. Every method is one short transaction, so the
 webhook worker thread can call it beside the request threads.
+
+The ingest listener asks for a project's detector overrides and enabled rules on every
+batch, so those are cached in memory: every change made through this store clears the
+cache at once, and an entry lives at most `config_ttl_s` seconds, so a change made by
+another server process on the same database takes effect within that time.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, literal, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from server.alerts.models import AlertRow, AlertRuleRow, FlagParamsRow
 from server.alerts.schemas import Alert, AlertRule, AlertRuleCreate, AlertRulePatch
 from server.store.models import EventRow, ScalarRow
 
-IN_CHUNK = 500
+WINDOW_CHUNK = 100  # keys per UNION ALL statement: 2 selects per key, SQLite allows 500 per compound select
 
 
 class AlertStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, config_ttl_s: float = 2.0) -> None:
         self.engine = engine
         self._insert = sqlite.insert if engine.dialect.name == "sqlite" else postgresql.insert
+        self.config_ttl_s = config_ttl_s
+        self._config: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._config_lock = threading.Lock()
+        self._generation = 0
+
+    def _cached(self, kind: str, project: str, load: Callable[[], Any]) -> Any:
+        """`load()` cached per (kind, project) for `config_ttl_s` seconds or until a change through this store."""
+        now = time.monotonic()
+        with self._config_lock:
+            found = self._config.get((kind, project))
+            generation = self._generation
+        if found is not None and now - found[0] < self.config_ttl_s:
+            return found[1]
+        value = load()
+        with self._config_lock:
+            if self._generation == generation:  # no change was made while loading
+                self._config[(kind, project)] = (now, value)
+        return value
+
+    def _changed(self) -> None:
+        with self._config_lock:
+            self._config = {}
+            self._generation += 1
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -39,6 +68,10 @@ class AlertStore:
             row = conn.execute(select(FlagParamsRow.params).where(FlagParamsRow.project == project)).first()
         return dict(row[0]) if row else {}
 
+    def cached_flag_params(self, project: str) -> dict[str, Any]:
+        """`get_flag_params`, cached (see the module docstring); the caller must not mutate the result."""
+        return self._cached("params", project, lambda: self.get_flag_params(project))
+
     def set_flag_params(self, project: str, overrides: dict[str, Any]) -> None:
         now = time.time()
         with self._tx() as conn:
@@ -46,6 +79,7 @@ class AlertStore:
             conn.execute(
                 stmt.on_conflict_do_update(index_elements=["project"], set_={"params": overrides, "updated_at": now})
             )
+        self._changed()
 
     # rules ------------------------------------------------------------------------------
 
@@ -59,6 +93,7 @@ class AlertStore:
         values.update(created_at=now, updated_at=now)
         with self._tx() as conn:
             rule_id = conn.execute(insert(AlertRuleRow).values(**values).returning(AlertRuleRow.id)).scalar_one()
+        self._changed()
         return self.get_rule(rule_id)
 
     def get_rule(self, rule_id: int) -> AlertRule:
@@ -78,7 +113,11 @@ class AlertStore:
             return [self._rule(row) for row in conn.execute(query)]
 
     def active_rules(self, project: str, run_id: str) -> list[AlertRule]:
-        return [r for r in self.list_rules(project, run_id) if r.enabled]
+        """The enabled rules of `project` that apply to `run_id` (cached, see the module docstring)."""
+        rules: list[AlertRule] = self._cached(
+            "rules", project, lambda: [r for r in self.list_rules(project) if r.enabled]
+        )
+        return [r for r in rules if r.run_id is None or r.run_id == run_id]
 
     def update_rule(self, rule_id: int, patch: AlertRulePatch) -> AlertRule:
         current = self.get_rule(rule_id)
@@ -90,6 +129,7 @@ class AlertStore:
         values["updated_at"] = time.time()
         with self._tx() as conn:
             conn.execute(update(AlertRuleRow).where(AlertRuleRow.id == rule_id).values(**values))
+        self._changed()
         return self.get_rule(rule_id)
 
     def delete_rule(self, rule_id: int) -> None:
@@ -97,6 +137,7 @@ class AlertStore:
         with self._tx() as conn:
             conn.execute(update(AlertRow).where(AlertRow.rule_id == rule_id).values(rule_id=None))
             conn.execute(delete(AlertRuleRow).where(AlertRuleRow.id == rule_id))
+        self._changed()
 
     # fired alerts -----------------------------------------------------------------------
 
@@ -174,35 +215,46 @@ class AlertStore:
 
     # bounded history for the detectors ------------------------------------------------
 
-    def window_start(self, run_id: str, key: str, before_step: int, points: int) -> int:
-        """The step `points` logged points of `key` before `before_step` (or the first step)."""
-        recent = (
-            select(ScalarRow.step)
-            .where(ScalarRow.run_id == run_id, ScalarRow.key == key, ScalarRow.step < before_step)
-            .order_by(ScalarRow.step.desc())
-            .limit(points)
-            .subquery()
-        )
-        with self._tx() as conn:
-            found = conn.execute(select(func.min(recent.c.step))).scalar()
-        return before_step if found is None else int(found)
+    def scalar_windows(
+        self, run_id: str, keys: Sequence[str], first: int, last: int, points: int
+    ) -> tuple[list[tuple[str, int, float]], dict[str, int]]:
+        """Per key: the last `points` points before step `first` and every point in [first, last].
 
-    def scalar_rows(self, run_id: str, keys: Sequence[str], start: int, end: int) -> list[tuple[str, int, float]]:
-        """(key, step, value) of `keys` in [start, end], NaN restored from the `is_nan` marker."""
-        out: list[tuple[str, int, float]] = []
+        Also returns each key's latest stored step (keys never logged are absent), so the
+        caller knows whether these rows are the key's newest. One index seek per key and
+        window: the cost does not grow with the length of the run.
+        """
+        cols = (ScalarRow.key, ScalarRow.step, ScalarRow.value, ScalarRow.is_nan)
+        rows: list[tuple[str, int, float]] = []
+        latest: dict[str, int] = {}
         keys = sorted(set(keys))
         with self._tx() as conn:
-            for i in range(0, len(keys), IN_CHUNK):
-                query = select(ScalarRow.key, ScalarRow.step, ScalarRow.value, ScalarRow.is_nan).where(
-                    ScalarRow.run_id == run_id,
-                    ScalarRow.key.in_(keys[i : i + IN_CHUNK]),
-                    ScalarRow.step >= start,
-                    ScalarRow.step <= end,
+            for i in range(0, len(keys), WINDOW_CHUNK):
+                chunk = keys[i : i + WINDOW_CHUNK]
+                parts = []
+                for key in chunk:
+                    of_key = (ScalarRow.run_id == run_id, ScalarRow.key == key)
+                    before = (
+                        select(literal(0).label("part"), *cols)
+                        .where(*of_key, ScalarRow.step < first)
+                        .order_by(ScalarRow.step.desc())
+                        .limit(points)
+                        .subquery()
+                    )
+                    top = select(literal(1).label("part"), *cols).where(*of_key).order_by(ScalarRow.step.desc()).limit(1)
+                    parts += [select(before), select(top.subquery())]
+                parts.append(
+                    select(literal(0).label("part"), *cols).where(
+                        ScalarRow.run_id == run_id, ScalarRow.key.in_(chunk), ScalarRow.step >= first,
+                        ScalarRow.step <= last,
+                    )
                 )
-                out.extend(
-                    (k, int(s), float("nan") if n or v is None else float(v)) for k, s, v, n in conn.execute(query)
-                )
-        return out
+                for part, k, s, v, n in conn.execute(union_all(*parts)):
+                    if part:
+                        latest[k] = int(s)
+                    else:
+                        rows.append((k, int(s), float("nan") if n or v is None else float(v)))
+        return rows, latest
 
     def last_flag_steps(self, run_id: str, kinds: Sequence[str], before_step: int) -> dict[str, int]:
         """kind -> the latest flagged step below `before_step` (for the refractory period)."""

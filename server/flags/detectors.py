@@ -75,6 +75,16 @@ class History:
             self._values[key] = np.fromiter((by_step[s] for s in steps.tolist()), dtype=np.float64, count=len(steps))
 
     @classmethod
+    def from_arrays(cls, series: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> History:
+        """From (steps, values) arrays per key, steps strictly ascending (no copy, no sort)."""
+        history = cls({})
+        for key, (steps, values) in series.items():
+            if len(steps):
+                history._steps[key] = steps
+                history._values[key] = values
+        return history
+
+    @classmethod
     def from_rows(cls, rows: Iterable[tuple[str, int, float]]) -> History:
         points: dict[str, dict[int, float]] = {}
         for key, step, value in rows:

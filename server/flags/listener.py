@@ -1,18 +1,35 @@
 """The ingest listener (contract C5): flags and alert rules evaluated on every stored batch.
 
-For each batch it reads a bounded window of the run's history (the detectors' and the
-rules' look-back, counted in logged points of a reference key) in one query, runs the
-detectors on the new steps only, stores the flags (the events table ignores a flag
-already stored for (run, kind, detector, step)), evaluates the enabled rules of the
-run's project, stores fired alerts and hands webhooks to the background dispatcher.
-Only newly stored records reach a listener, so a re-sent batch is never evaluated twice.
+For each batch it builds a bounded window of the run's history (per key, the detectors'
+and the rules' look-back in logged points before the first new step, plus the new
+points), runs the detectors on the new steps only, stores the flags (the events table
+ignores a flag already stored for (run, kind, detector, step)), evaluates the enabled
+rules of the run's project, stores fired alerts and hands webhooks to the background
+dispatcher. Only newly stored records reach a listener, so a re-sent batch is never
+evaluated twice.
+
+The windows live in memory (`WindowCache`: the last points of each key, for the most
+recently written runs), seeded from the store on a run's first batch (or after a restart
+or an eviction) and extended with each batch's new points, so a batch in step order costs
+no history read. A key whose cached points reach the batch's first step (an
+out-of-order or overlapping batch) is read from the store again, so the window is always
+the one a cold read would give and the flags do not depend on the cache. The cache
+assumes this process is the only writer of a run (the route runs writes and listeners of
+one run in commit order); a second server process on the same run still gets correct
+flags from its own cold reads, only later batches of its own may miss the other's points.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 from server.alerts import rules as alert_rules
 from server.alerts.schemas import AlertRule, FlagCondition
@@ -25,32 +42,153 @@ from server.store import Store
 
 log = logging.getLogger(__name__)
 
+Points = tuple[np.ndarray, np.ndarray]  # (steps int64 ascending, values float64)
+EMPTY: Points = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
+
+
+@dataclass
+class RunWindows:
+    """The newest `depth` points of some keys of one run: complete for every key it holds."""
+
+    project: str
+    depth: int
+    series: dict[str, Points] = field(default_factory=dict)
+
+
+class WindowCache:
+    """Per-run windows, least recently used runs dropped beyond `max_runs`."""
+
+    def __init__(self, max_runs: int = 1024) -> None:
+        self.max_runs = max_runs
+        self._runs: OrderedDict[str, RunWindows] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, run_id: str) -> RunWindows | None:
+        with self._lock:
+            found = self._runs.get(run_id)
+            if found is not None:
+                self._runs.move_to_end(run_id)
+            return found
+
+    def put(self, run_id: str, windows: RunWindows) -> None:
+        with self._lock:
+            self._runs[run_id] = windows
+            self._runs.move_to_end(run_id)
+            while len(self._runs) > self.max_runs:
+                self._runs.popitem(last=False)
+
+    def drop(self, run_id: str) -> None:
+        with self._lock:
+            self._runs.pop(run_id, None)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
+def _new_points(records: Sequence[RecordIn]) -> dict[str, Points]:
+    """key -> (steps, values) of the batch, ascending; the first value of a repeated (key, step) wins, as in the store."""
+    steps_of: dict[str, list[int]] = {}
+    values_of: dict[str, list[float]] = {}
+    for record in records:
+        step = record.step
+        for key, value in record.scalars.items():
+            if key in steps_of:
+                steps_of[key].append(step)
+                values_of[key].append(value)
+            else:
+                steps_of[key] = [step]
+                values_of[key] = [value]
+    out = {}
+    for key, step_list in steps_of.items():
+        steps = np.array(step_list, dtype=np.int64)
+        values = np.array(values_of[key], dtype=np.float64)
+        if len(steps) > 1 and not bool(np.all(steps[1:] > steps[:-1])):
+            steps, first = np.unique(steps, return_index=True)  # sorted; index of each step's first occurrence
+            values = values[first]
+        out[key] = (steps, values)
+    return out
+
+
+def _from_rows(rows: Sequence[tuple[str, int, float]]) -> dict[str, Points]:
+    by_key: dict[str, dict[int, float]] = {}
+    for key, step, value in rows:
+        by_key.setdefault(key, {})[step] = value
+    out = {}
+    for key, by_step in by_key.items():
+        steps = sorted(by_step)
+        out[key] = (np.array(steps, dtype=np.int64), np.array([by_step[s] for s in steps], dtype=np.float64))
+    return out
+
 
 class IngestMonitor:
     def __init__(
-        self, alerts: AlertStore, dispatcher: WebhookDispatcher | None, defaults: FlagParams = DEFAULT_PARAMS
+        self,
+        alerts: AlertStore,
+        dispatcher: WebhookDispatcher | None,
+        defaults: FlagParams = DEFAULT_PARAMS,
+        cache: WindowCache | None = None,
     ) -> None:
         self.alerts = alerts
         self.dispatcher = dispatcher
         self.defaults = defaults
+        self.cache = cache if cache is not None else WindowCache()
+        self._merged: dict[str, tuple[dict[str, Any], FlagParams]] = {}
 
     def params_for(self, project: str) -> FlagParams:
-        return self.defaults.merged(self.alerts.get_flag_params(project))
+        overrides = self.alerts.cached_flag_params(project)
+        found = self._merged.get(project)
+        if found is None or found[0] is not overrides:
+            found = (overrides, self.defaults.merged(overrides))
+            self._merged[project] = found
+        return found[1]
 
     def __call__(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> list[Flag]:
-        steps = sorted({r.step for r in new_records if r.scalars})
-        if not steps:
+        try:
+            return self._evaluate(store, run_id, new_records)
+        except BaseException:
+            self.cache.drop(run_id)  # the window may be half updated; the next batch reads it again
+            raise
+
+    def _evaluate(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> list[Flag]:
+        new = _new_points(new_records)
+        if not new:
             return []
-        project = store.get_run(run_id).project
+        steps = sorted({int(s) for steps, _ in new.values() for s in steps.tolist()})
+        cached = self.cache.get(run_id)
+        project = cached.project if cached is not None else store.get_run(run_id).project
         params = self.params_for(project)
         rules = self.alerts.active_rules(project, run_id)
-        new_keys = {k for r in new_records for k in r.scalars}
         rule_keys = {r.condition.key for r in rules if not isinstance(r.condition, FlagCondition)}
-        keys = params.keys() | new_keys | rule_keys
-        points = max([params.history_steps(), *(alert_rules.history_points(r) for r in rules)])
-        reference = min(new_keys)
-        start = self.alerts.window_start(run_id, reference, steps[0], points)
-        history = History.from_rows(self.alerts.scalar_rows(run_id, sorted(keys), start, steps[-1]))
+        keys = params.keys() | set(new) | rule_keys
+        depth = max([params.history_steps(), *(alert_rules.history_points(r) for r in rules)])
+        if cached is None or cached.depth < depth:
+            cached = RunWindows(project=project, depth=depth)
+        series: dict[str, Points] = {}
+        missing = []
+        for key in keys:
+            window = cached.series.get(key)
+            added = new.get(key)
+            if window is None or (len(window[0]) and window[0][-1] >= steps[0]):
+                missing.append(key)
+            elif added is None:
+                series[key] = window
+            else:
+                series[key] = (np.concatenate([window[0], added[0]]), np.concatenate([window[1], added[1]]))
+        if missing:
+            rows, latest = self.alerts.scalar_windows(run_id, missing, steps[0], steps[-1], cached.depth)
+            read = _from_rows(rows)
+            for key in missing:
+                series[key] = read.get(key, EMPTY)
+                if latest.get(key, -1) > steps[-1]:
+                    cached.series.pop(key, None)  # stored points after this batch: not the newest window
+                    continue
+                cached.series[key] = series[key]
+        for key in keys:
+            if key in cached.series:
+                s, v = series[key]
+                cached.series[key] = (s[-cached.depth :], v[-cached.depth :])
+        self.cache.put(run_id, cached)
+        history = History.from_arrays(series)
         refractory = self.alerts.last_flag_steps(run_id, ("collapse", "erosion"), steps[0])
         flags = detect(history, steps, params, refractory)
         if flags:

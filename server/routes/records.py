@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 
 from fastapi import APIRouter, HTTPException, Request
@@ -14,6 +15,10 @@ from server.schemas import RecordsIn, RecordsOut
 
 router = APIRouter(prefix="/api/v1/runs", tags=["records"])
 log = logging.getLogger(__name__)
+# Writes and listeners of one run take turns (striped by run id), so listeners see a run's
+# batches in commit order. Writers of one run queue on the database anyway (SQLite's write
+# lock, PostgreSQL's lock on the run row), so this costs no concurrency.
+RUN_LOCKS = tuple(threading.Lock() for _ in range(64))
 
 
 @router.post("/{run_id}/records", response_model=RecordsOut)
@@ -35,18 +40,19 @@ def post_records(
         )
     if principal.project is not None:
         authorized_run(store, principal, run_id)
-    result = store.write_records(str(run_id), body.batch_id, body.records)
+    with RUN_LOCKS[run_id.int % len(RUN_LOCKS)]:
+        result = store.write_records(str(run_id), body.batch_id, body.records)
+        if result.new_records:
+            for listener in request.app.state.ingest_listeners:
+                try:
+                    listener(store, str(run_id), result.new_records)
+                except Exception:
+                    name = getattr(listener, "__qualname__", type(listener).__name__)
+                    metrics.listener_errors.labels(name).inc()
+                    log.exception("ingest listener %s failed on run %s (the batch is stored)", name, run_id)
     metrics.batches.labels("duplicate" if not result.accepted and result.duplicates else "stored").inc()
     for table, count in result.rows.items():
         metrics.rows.labels(table).inc(count)
     if request.headers.get("x-mhpo-replay") == "1":
         metrics.spool_replays.inc()
-    if result.new_records:
-        for listener in request.app.state.ingest_listeners:
-            try:
-                listener(store, str(run_id), result.new_records)
-            except Exception:
-                name = getattr(listener, "__qualname__", type(listener).__name__)
-                metrics.listener_errors.labels(name).inc()
-                log.exception("ingest listener %s failed on run %s (the batch is stored)", name, run_id)
     return respond(RecordsOut(accepted=result.accepted, duplicates=result.duplicates))

@@ -391,6 +391,13 @@ class SqlStore(Store):
     def get_scalars(
         self, run_id: str, keys: Sequence[str], start: int | None, end: int | None, max_points: int
     ) -> ScalarsOut:
+        """All requested keys in a handful of statements, not several per key.
+
+        On PostgreSQL one statement finds every key's first and last step in range and one
+        reads the short series exactly (on SQLite, in-process, per-key prepared statements
+        are cheaper); long series are aggregated per key (see `_buckets`), and one
+        statement reads the flagged steps of all of them exactly.
+        """
         with self._tx() as conn:
             self._require_run(conn, run_id)
             keys = list(keys) or self._distinct_keys(conn, "scalars", run_id)
@@ -399,41 +406,96 @@ class SqlStore(Store):
                 in_range.append(ScalarRow.step >= start)
             if end is not None:
                 in_range.append(ScalarRow.step <= end)
-            flagged: list[int] | None = None
-            series: dict[str, Series] = {}
+            extents = self._extents(conn, run_id, keys, start, end)
+            exact = [k for k in keys if k in extents and extents[k][1] - extents[k][0] + 1 <= max_points]
+            long = [k for k in keys if k in extents and k not in exact]
+            found: dict[str, Series] = self._exact(conn, in_range, exact)
             downsampled = False
-            for key in keys:
-                extent = self._extent(conn, run_id, key, start, end)
-                if extent is None:
-                    continue
-                lo, hi = extent
-                if hi - lo + 1 <= max_points:
-                    series[key] = self._exact(conn, and_(*in_range, ScalarRow.key == key))
-                    continue
-                if flagged is None:
-                    flagged = self._flagged_steps(conn, run_id, start, end)
-                series[key], merged = self._buckets(conn, key, lo, hi, max_points, in_range, flagged)
-                downsampled = downsampled or merged
+            if long:
+                points: dict[str, dict[int, tuple[float, float, float]]] = {}
+                for key in long:
+                    lo, hi = extents[key]
+                    width = max(1, math.ceil((hi - lo + 1) / max_points))
+                    points[key], merged = self._buckets(conn, key, lo, width, in_range)
+                    downsampled = downsampled or merged
+                flagged = self._flagged_steps(conn, run_id, start, end)
+                for chunk in _chunks(flagged):
+                    query = select(ScalarRow.key, ScalarRow.step, ScalarRow.value, ScalarRow.is_nan).where(
+                        *in_range, ScalarRow.key.in_(long), ScalarRow.step.in_(chunk)
+                    )
+                    for key, step, value, is_nan in conn.execute(query):
+                        point = self._point(value, is_nan)
+                        points[key][step] = (point, point, point)
+                for key, by_step in points.items():
+                    steps = sorted(by_step)
+                    found[key] = Series(
+                        step=steps,
+                        value=[by_step[s][0] for s in steps],
+                        min=[by_step[s][1] for s in steps],
+                        max=[by_step[s][2] for s in steps],
+                    )
+        series = {key: found[key] for key in keys if key in found}
         return ScalarsOut(run_id=run_id, downsampled=downsampled, series=series)
 
-    def _extent(self, conn: Connection, run_id: str, key: str, start: int | None, end: int | None) -> tuple[int, int] | None:
-        """First and last step of a key in range: two index seeks (an aggregate with COUNT would scan)."""
-        params = {"rid": run_id, "key": key, "start": 0 if start is None else start, "end": MAX_STEP if end is None else end}
-        lo = conn.execute(self._first_step, params).scalar()
-        if lo is None:
-            return None
-        return lo, conn.execute(self._last_step, params).scalar_one()
+    def _extents(
+        self, conn: Connection, run_id: str, keys: Sequence[str], start: int | None, end: int | None
+    ) -> dict[str, tuple[int, int]]:
+        """key -> first and last step in range: two index seeks per key (GROUP BY would scan every point).
+
+        PostgreSQL gets them in one statement per 200 keys (a round trip costs more than a
+        seek); SQLite runs two prepared statements per key, cheaper in-process than
+        building and compiling one large statement per request.
+        """
+        lo_step = 0 if start is None else start
+        hi_step = MAX_STEP if end is None else end
+        out: dict[str, tuple[int, int]] = {}
+        if self.dialect == "sqlite":
+            for key in keys:
+                params = {"rid": run_id, "key": key, "start": lo_step, "end": hi_step}
+                first = conn.execute(self._first_step, params).scalar()
+                if first is not None:
+                    out[key] = (int(first), int(conn.execute(self._last_step, params).scalar_one()))
+            return out
+        for chunk in _chunks(list(keys), 200):
+            columns = []
+            for key in chunk:
+                where = and_(
+                    ScalarRow.run_id == run_id, ScalarRow.key == key, ScalarRow.step >= lo_step, ScalarRow.step <= hi_step
+                )
+                columns += [
+                    select(func.min(ScalarRow.step)).where(where).scalar_subquery(),
+                    select(func.max(ScalarRow.step)).where(where).scalar_subquery(),
+                ]
+            row = conn.execute(select(*columns)).one()
+            for i, key in enumerate(chunk):
+                if row[2 * i] is not None:
+                    out[key] = (int(row[2 * i]), int(row[2 * i + 1]))
+        return out
 
     @staticmethod
     def _point(value: float | None, is_nan: int) -> float:
         return NAN if is_nan or value is None else value
 
-    def _exact(self, conn: Connection, where: Any) -> Series:
-        rows = conn.execute(
-            select(ScalarRow.step, ScalarRow.value, ScalarRow.is_nan).where(where).order_by(ScalarRow.step)
-        ).all()
-        values = [self._point(v, n) for _, v, n in rows]
-        return Series(step=[r[0] for r in rows], value=values, min=values, max=values)
+    def _exact(self, conn: Connection, in_range: list[Any], keys: Sequence[str]) -> dict[str, Series]:
+        """Every point of `keys` in range: one statement on PostgreSQL; one per key on SQLite,
+        where returning the key with every row costs more than the extra statements."""
+        cols = (ScalarRow.step, ScalarRow.value, ScalarRow.is_nan)
+        by_key: dict[str, list[Any]] = {}
+        if self.dialect == "sqlite":
+            for key in keys:
+                rows = conn.execute(select(*cols).where(*in_range, ScalarRow.key == key).order_by(ScalarRow.step)).all()
+                if rows:
+                    by_key[key] = rows
+        else:
+            for chunk in _chunks(list(keys)):
+                query = select(ScalarRow.key, *cols).where(*in_range, ScalarRow.key.in_(chunk))
+                for key, step, value, is_nan in conn.execute(query.order_by(ScalarRow.key, ScalarRow.step)):
+                    by_key.setdefault(key, []).append((step, value, is_nan))
+        out = {}
+        for key, rows in by_key.items():
+            values = [self._point(v, n) for _, v, n in rows]
+            out[key] = Series(step=[r[0] for r in rows], value=values, min=values, max=values)
+        return out
 
     @staticmethod
     def _flagged_steps(conn: Connection, run_id: str, start: int | None, end: int | None) -> list[int]:
@@ -444,16 +506,20 @@ class SqlStore(Store):
             query = query.where(EventRow.step <= end)
         return [row[0] for row in conn.execute(query)]
 
+    @staticmethod
     def _buckets(
-        self, conn: Connection, key: str, lo: int, hi: int, max_points: int, in_range: list[Any], flagged: list[int],
-    ) -> tuple[Series, bool]:
-        """Equal-width step buckets aggregated in SQL; flagged steps come back exactly.
+        conn: Connection, key: str, lo: int, width: int, in_range: list[Any]
+    ) -> tuple[dict[int, tuple[float, float, float]], bool]:
+        """Equal-width step buckets of one key aggregated in SQL: {first step: (value, min, max)}.
 
         Per bucket: step = its first step, value = mean (NaN if the bucket holds a NaN,
         as numpy's mean), min/max ignore NaN but keep +-Infinity, so no spike is hidden.
         Also returns whether any bucket merged several points (sparse steps may not).
+        One `GROUP BY bucket` per key: the aggregation, not the round trip, is the cost,
+        and grouping many keys at once on (key, bucket) measured slower on both databases
+        (26 keys x 20,000 steps: SQLite 0.42 s against 0.33 s of CPU, PostgreSQL 1.11 s
+        against 1.02 s).
         """
-        width = max(1, math.ceil((hi - lo + 1) / max_points))
         bucket = ((ScalarRow.step - lo) // width).label("bucket")
         query = (
             select(
@@ -462,7 +528,6 @@ class SqlStore(Store):
             )
             .where(*in_range, ScalarRow.key == key)
             .group_by(bucket)
-            .order_by(bucket)
         )
         points: dict[int, tuple[float, float, float]] = {}
         merged = False
@@ -470,21 +535,7 @@ class SqlStore(Store):
             value = NAN if has_nan or (mean is None and finite) else _float(mean)
             points[step] = (value, _float(vmin), _float(vmax))
             merged = merged or count > 1
-        for chunk in _chunks(flagged):
-            query = select(ScalarRow.step, ScalarRow.value, ScalarRow.is_nan).where(
-                *in_range, ScalarRow.key == key, ScalarRow.step.in_(chunk)
-            )
-            for step, value, is_nan in conn.execute(query):
-                exact = self._point(value, is_nan)
-                points[step] = (exact, exact, exact)
-        steps = sorted(points)
-        series = Series(
-            step=steps,
-            value=[points[s][0] for s in steps],
-            min=[points[s][1] for s in steps],
-            max=[points[s][2] for s in steps],
-        )
-        return series, merged
+        return points, merged
 
     def get_histograms(
         self, run_id: str, key: str, start: int | None, end: int | None, max_steps: int
