@@ -1,0 +1,121 @@
+"""`mhpo demo`: the service plus an MHPO and a GRPO run on the same task and seed.
+
+It migrates the database (`mhpo db upgrade`), starts `mhpo serve` as a subprocess (the
+embedded SQLite default unless `--db` is given), trains the two runs one after the other
+on the warmed-up tiny model (`--model tiny`, built and cached on first use), prints the
+dashboard URL and keeps serving until Ctrl-C. `--no-serve` stops the server when the runs
+are done (for scripts); `--steps` shortens the runs. With `--server URL` it streams to a
+server that is already running instead of starting one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import httpx
+
+if TYPE_CHECKING:
+    from mhpo.trainer import TrainerConfig
+
+DEFAULT_PORT = 8765
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mhpo demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--db", help="SQLAlchemy URL for the server (default: the server's SQLite file)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
+    parser.add_argument("--server", help="stream to this running server instead of starting one")
+    parser.add_argument("--steps", type=int, default=30, help="rollout steps per run (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="seed shared by both runs (default 0)")
+    parser.add_argument("--task", default="addition", help="built-in task (default addition)")
+    parser.add_argument("--project", default="demo", help="project name (default demo)")
+    parser.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep serving after the runs (--no-serve: stop and exit)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    return parser
+
+
+def demo_configs(steps: int, seed: int, task: str, project: str, server: str, progress: bool) -> list[TrainerConfig]:
+    """The two runs: identical except for the loss (MHPO defaults; GRPO eps = 0.2)."""
+    from mhpo.trainer import TrainerConfig
+
+    common = dict(
+        task=task, steps=steps, seed=seed, project=project, server=server, progress=progress,
+        prompts_per_step=16, group_size=8, lr=5e-4, model="tiny",
+    )
+    return [TrainerConfig(loss=loss, name=f"{loss}-{task}-s{seed}", **common) for loss in ("mhpo", "grpo")]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mhpo serve exited with code {proc.returncode}; see its output above")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"mhpo serve did not answer {url}/healthz within {timeout:.0f} s")
+
+
+def start_server(db: str | None, port: int) -> subprocess.Popen[bytes]:
+    """`mhpo db upgrade` then `mhpo serve` in a subprocess on 127.0.0.1:port."""
+    db_args = ["--db", db] if db else []
+    subprocess.run([sys.executable, "-m", "mhpo", "db", "upgrade", *db_args], check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "mhpo", "serve", *db_args, "--port", str(port)])
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+    except BaseException:
+        proc.terminate()
+        proc.wait(timeout=10)
+        raise
+    return proc
+
+
+def main(command: str = "demo", argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[2:] if argv is None else argv)
+    from mhpo.trainer import Trainer
+
+    proc = None
+    url = args.server
+    if url is None:
+        url = f"http://127.0.0.1:{args.port}"
+        proc = start_server(args.db, args.port)
+    started = time.monotonic()
+    try:
+        for config in demo_configs(args.steps, args.seed, args.task, args.project, url, args.progress):
+            trainer = Trainer(config)
+            print(f"training {config.run_name}: {trainer.run_url}", flush=True)
+            trainer.train()
+            rewards = trainer.reward_history
+            k = max(1, min(5, len(rewards) // 3))
+            print(
+                f"{config.run_name}: reward {sum(rewards[:k]) / k:.3f} (first {k} rollouts) -> "
+                f"{sum(rewards[-k:]) / k:.3f} (last {k})",
+                flush=True,
+            )
+        print(f"demo runs done in {time.monotonic() - started:.0f} s; dashboard: {url}/", flush=True)
+        if proc is not None and args.serve:
+            print("serving; Ctrl-C to stop", flush=True)
+            proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("demo", sys.argv[1:]))

@@ -1,0 +1,163 @@
+"""Generation engines and the per-token log-prob forward pass.
+
+`TransformersRollout` samples with `model.generate` (pure sampling: top-k 0, top-p 1, so the
+sampled distribution is the policy the ratios refer to). `VLLMRollout` samples with vLLM,
+reloads the trainer's current weights before each rollout and returns vLLM's own
+log-probs of the sampled tokens, so the trainer can report how far the engine's numbers are
+from its own (`mismatch/...`), separately from the policy-update ratio.
+
+Sequences are laid out as [left-padded prompt | completion right-padded]; the completion
+mask covers tokens up to and including the first end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Generation:
+    """One rollout's sequences. Shapes: N = prompts * G, P = prompt width, T = completion width."""
+
+    input_ids: Tensor  # (N, P + T)
+    attention_mask: Tensor  # (N, P + T)
+    prompt_width: int  # P
+    completion_mask: Tensor  # (N, T) bool
+    engine_logp: Tensor | None  # (N, T) the engine's log-probs of the sampled tokens, if it reports them
+
+
+class Rollout(Protocol):
+    def generate(self, model: Any, prompt_ids: list[list[int]], group_size: int) -> Generation: ...
+
+
+def completion_mask(completion: Tensor, eos_ids: list[int]) -> Tensor:
+    """(N, T) bool: tokens up to and including the first end-of-sequence token (any of `eos_ids`)."""
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first eos
+    return ~after
+
+
+def left_pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    width = max(map(len, prompt_ids))
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted from each row's first real token (what `generate` uses for left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logp(
+    model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_width: int, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Log-prob of each completion token under `model` (N, T), float32; and the token entropy (N, T)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
+    logits = logits[:, prompt_width - 1 : -1].float()  # (N, T, V): position t predicts token t+1
+    targets = input_ids[:, prompt_width:]
+    logsm = torch.log_softmax(logits, dim=-1)
+    logp = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        entropy = -(logsm.exp() * logsm).sum(-1).detach()
+    return logp, entropy
+
+
+class TransformersRollout:
+    """Sampling with `model.generate` on the training model itself."""
+
+    def __init__(self, pad_id: int, eos_ids: list[int], max_new_tokens: int, temperature: float) -> None:
+        self.pad_id, self.eos_ids = pad_id, eos_ids
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+
+    @torch.no_grad()
+    def generate(self, model: Any, prompt_ids: list[list[int]], group_size: int) -> Generation:
+        device = next(model.parameters()).device
+        repeated = [p for p in prompt_ids for _ in range(group_size)]
+        ids, mask = left_pad(repeated, self.pad_id, device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=self.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+        )
+        width = ids.shape[1]
+        completion = out[:, width:]
+        cmask = completion_mask(completion, self.eos_ids)
+        completion = torch.where(cmask, completion, self.pad_id)
+        full = torch.cat([ids, completion], dim=1)
+        attn = torch.cat([mask, cmask.long()], dim=1)
+        return Generation(full, attn, width, cmask, None)
+
+
+class VLLMRollout:
+    """Sampling with vLLM (`pip install mhpo[vllm]`, CUDA); weights pushed from the trainer each rollout."""
+
+    def __init__(
+        self, model_path: str, pad_id: int, eos_ids: list[int], max_new_tokens: int, temperature: float, seed: int,
+        gpu_memory_utilization: float = 0.3, dtype: str = "float32",
+    ) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in-process to load weights
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as exc:
+            raise RuntimeError("rollout='vllm' needs vLLM: pip install 'mhpo[vllm]' (and a CUDA GPU)") from exc
+        self.llm = LLM(
+            model=model_path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+            enforce_eager=True,
+        )
+        self._params = SamplingParams(
+            n=1, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens, logprobs=0
+        )
+        self.pad_id, self.eos_ids = pad_id, eos_ids
+
+    def _load_weights(self, model: Any) -> None:
+        weights = list(model.state_dict().items())
+        engine = self.llm.llm_engine
+        executor = getattr(engine, "model_executor", None)
+        if executor is not None and hasattr(executor, "driver_worker"):
+            worker = executor.driver_worker
+            runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+            runner.model.load_weights(weights)
+        else:
+            self.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(weights))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    @torch.no_grad()
+    def generate(self, model: Any, prompt_ids: list[list[int]], group_size: int) -> Generation:
+        self._load_weights(model)
+        repeated = [p for p in prompt_ids for _ in range(group_size)]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in repeated], self._params, use_tqdm=False)
+        device = next(model.parameters()).device
+        ids, mask = left_pad(repeated, self.pad_id, device)
+        width = max(len(o.outputs[0].token_ids) for o in outputs)
+        width = max(width, 1)
+        comp = torch.full((len(outputs), width), self.pad_id, dtype=torch.long)
+        elogp = torch.zeros((len(outputs), width))
+        for i, o in enumerate(outputs):
+            toks = list(o.outputs[0].token_ids)
+            comp[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            for t, (tok, lp) in enumerate(zip(toks, o.outputs[0].logprobs or [], strict=False)):
+                elogp[i, t] = lp[tok].logprob
+        comp = comp.to(device)
+        cmask = completion_mask(comp, self.eos_ids) & (torch.arange(width, device=device) < torch.tensor(
+            [len(o.outputs[0].token_ids) for o in outputs], device=device
+        ).unsqueeze(1))
+        comp = torch.where(cmask, comp, self.pad_id)
+        full = torch.cat([ids, comp], dim=1)
+        attn = torch.cat([mask, cmask.long()], dim=1)
+        return Generation(full, attn, ids.shape[1], cmask, elogp.to(device))
