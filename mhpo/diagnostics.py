@@ -50,7 +50,14 @@ single-kth partitions of the kept values (sorts on CUDA); big temporaries share 
 buffers. On the CPU a micro-batch whose values are all finite (checked with sums it needs
 anyway) skips the NaN handling: masking is a product there, and one copy of psi / zeta / the
 multiplier with a kept token's value on the masked tokens serves min, max and the bins. The
-outliers are searched in the rows with the largest |x| only.
+outliers are searched in the rows with the largest |x| only. CPU only (each needs values on
+the host, a sync on CUDA, whose path is unchanged): with per-sequence advantages the row
+min/max of x need no masking pass (see `update`), the clip and vanishing counts are numpy
+compare-and-counts, `bincount` interleaves copies of its counters (see `_count`), big updates
+count psi, zeta and the multiplier with one joint `bincount`, and tie counts whose cell is
+empty are skipped. Exact percentiles stay partitions: copying out the values of the few cells
+that hold them (the histogram-guided way) costs as much as the partitions here, as the cells'
+values are scattered among the tokens.
 """
 
 from __future__ import annotations
@@ -103,6 +110,7 @@ HISTOGRAMS: dict[str, HistSpec] = {
 THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0)  # edges of the log-ratio bins (width 0.025)
 PERCENTILES: dict[str, float] = {"p01": 0.01, "p05": 0.05, "p50": 0.50, "p95": 0.95, "p99": 0.99}
 QUANTILE_BINS = 4096
+_LANES = 8  # copies of the counts a CPU `bincount` interleaves (see `_count`)
 VANISH = 0.01
 DEFAULT_CLIP = (math.log(0.8), math.log(1.2))
 
@@ -133,6 +141,9 @@ _X_SCALE = _scale(_X_SPEC)
 _X_SLOTS = _X_SPEC.bins + 2  # underflow, bins, overflow
 _X_ZERO_SLOT = _X_SCALE.shift + 1  # the bin of x == 0 (and of the tokens left out, whose x is set to 0)
 _TIES = (0.0, *THRESHOLDS)  # "x > t" also needs the count of x == t (bins are closed on the left)
+_TIE_CELLS = {  # the log-ratio cell (0 underflow) that holds x == t
+    t: int((Fraction(t) - Fraction(_X_SPEC.lo)) * _X_SCALE.p / _X_SCALE.q) + 1 for t in _TIES
+}
 assert all(
     ((s * Fraction(repr(t)) - Fraction(_X_SPEC.lo)) * _X_SCALE.p / _X_SCALE.q).denominator == 1
     for t in THRESHOLDS
@@ -144,6 +155,8 @@ _OTHER_SCALES = tuple(_scale(HISTOGRAMS[k]) for k in _OTHER)
 # rounds, but never across an integer (the distance to one is at least ulp(v * p) / q).
 assert all(_is_power_of_two(s.p) for s in _OTHER_SCALES), "psi/zeta/multiplier bins need a power-of-two p"
 _DUMP = max(HISTOGRAMS[k].bins for k in _OTHER) + 2  # index offset of the tokens left out
+_JOINT = math.prod(HISTOGRAMS[k].bins + 2 for k in _OTHER)  # cells of the joint psi/zeta/multiplier histogram
+assert _JOINT < 2**24, "joint bin indices must be exact integers in float32"
 
 # Sums per update, packed in this order (float64).
 _SUMS = (
@@ -175,27 +188,42 @@ def _hist(v: Tensor, spec: HistSpec, not_ok: Tensor) -> Tensor:
 
 
 def _count(index: Tensor, size: int) -> Tensor:
-    """float64 counts of the integer-valued float tensor `index` (values in [0, size)).
+    """float64 counts of the integer-valued tensor `index` (values in [0, size)); an int16
+    `index` is consumed (overwritten).
 
-    CPU: an int16 `bincount` (indices stay below 2**15). CUDA: `histc` with the integers at the
-    bin centres (`bincount` there reads the maximum back to the host, a sync).
+    CPU: an int16 `bincount` (indices stay below 2**15) over `_LANES` interleaved copies of the
+    counts, summed after: consecutive tokens in one bin (the masked tail of a row, a peaked
+    log-ratio) would otherwise wait on one counter, which makes a plain `bincount` twice as
+    slow. CUDA: `histc` with the integers at the bin centres (`bincount` there reads the
+    maximum back to the host, a sync).
     """
     flat = index.reshape(-1)
     if flat.device.type == "cpu":
-        return torch.bincount(flat.to(torch.int16), minlength=size).double()
+        small = flat if flat.dtype == torch.int16 else flat.to(torch.int16)
+        if small.numel() % _LANES or size * _LANES >= 2**15:
+            return torch.bincount(small, minlength=size).double()
+        small.view(-1, _LANES).add_(torch.arange(0, size * _LANES, size, dtype=torch.int16))
+        return torch.bincount(small, minlength=size * _LANES).view(_LANES, size).sum(0).double()
     return torch.histc(flat, bins=size, min=-0.5, max=size - 0.5).double()  # integers mid-bin
 
 
-def _x_slots(x_ok: Tensor, offset: Tensor) -> Tensor:
-    """float64 bin index of each log-ratio (0 underflow, i + 1 bin i, bins + 1 overflow) plus
-    `offset` (the class's block). floor(x * p / q) is exact in float64: a float32 times p = 40
-    fits its mantissa.
+def _x_slots(x_ok: Tensor, offset: Tensor, out: Tensor) -> Tensor:
+    """Bin index of each log-ratio (0 underflow, i + 1 bin i, bins + 1 overflow) plus `offset`
+    (the class's block). floor(x * p / q) is exact in float64: a float32 times p = 40 fits its
+    mantissa. `x_ok` is clamped first (in `out`, same dtype) to just outside [lo, hi], so one
+    float64 copy takes the product and the floor; on the CPU the index is then int16 and the
+    offset an int16 add (cheaper passes than float64 ones).
     """
     p, q, shift = _X_SCALE
-    y = x_ok.to(torch.float64, copy=True).mul_(p)
+    w = (_X_SPEC.hi - _X_SPEC.lo) / _X_SPEC.bins
+    clamped = torch.clamp(x_ok, _X_SPEC.lo - w / 2, _X_SPEC.hi, out=out)  # < lo: underflow, hi: overflow
+    y = clamped.to(torch.float64).mul_(p)
     if q != 1:
         y.div_(q)
-    return y.floor_().clamp_(-shift - 1, _X_SPEC.bins - shift).add_(offset)
+    y.floor_()
+    if y.device.type == "cpu":
+        return y.to(torch.int16).add_(offset.to(torch.int16))
+    return y.add_(offset)
 
 
 def _value_slots(v: Tensor, i: int, out: Tensor) -> Tensor:
@@ -220,6 +248,17 @@ def _below(v: Tensor, bound: float, out: Tensor) -> Tensor:
     comparison, in float passes that run several times faster than a bool compare on CPU.
     """
     return torch.sub(v, bound, out=out).clamp_(-1.0, 0.0).floor_()
+
+
+def _n_cmp(v: Tensor, bound: float, below: bool, rows: bool = False) -> Tensor:
+    """CPU count of v < bound (`below`) or v > bound, per row when `rows`, as a float tensor of
+    v's dtype: the bound is rounded to v's dtype, as torch does in `_below` / `_above`. numpy's
+    compare-and-count is one pass, several times cheaper than those float passes.
+    """
+    a = v.numpy()
+    hit = a < a.dtype.type(bound) if below else a > a.dtype.type(bound)
+    n = np.count_nonzero(hit, axis=1) if rows else np.count_nonzero(hit)
+    return torch.as_tensor(np.asarray(n, dtype=a.dtype))
 
 
 def _above(v: Tensor, bound: float, out: Tensor) -> Tensor:
@@ -336,11 +375,29 @@ class DiagnosticsAccumulator:
             dots = [torch.dot(v.reshape(-1), ok_f.reshape(-1)) for v in sources]
         b, t = x.shape
         device = x.device
-        pen = ok_f.reciprocal().sub_(1.0)  # 0 on kept tokens, +inf on the others
-        hi_fill = x_ok - pen  # -inf on the tokens left out: ready for max and "x > bound"
-        scratch = x_ok + pen  # +inf there: ready for min and "x < bound"; then reused
+        cpu = device.type == "cpu"
         ok_rows = ok_f.sum(1)
-        row_min, row_max = scratch.amin(1), hi_fill.amax(1)
+        fast_rows = clean and row_adv
+        if fast_rows:
+            # x is 0 on the masked tokens, so a row's plain min (max) is its kept tokens' one
+            # unless it is >= 0 (<= 0) in a row with masked tokens: only those rows (rare past
+            # on-policy steps) are redone with the masking. The clip counts compare x itself,
+            # the masked zeros taken back out where they count.
+            row_min, row_max = x.amin(1), x.amax(1)
+            part = (ok_rows < t) & (ok_rows > 0)
+            redo = torch.nonzero(part & ((row_min >= 0) | (row_max <= 0))).reshape(-1)
+            if redo.numel():
+                x_r, pen_r = x[redo], ok_f[redo].reciprocal().sub_(1.0)
+                row_min[redo], row_max[redo] = (x_r + pen_r).amin(1), (x_r - pen_r).amax(1)
+            empty = ok_rows == 0
+            row_min, row_max = row_min.masked_fill(empty, math.inf), row_max.masked_fill(empty, -math.inf)
+            scratch, pen = torch.empty_like(x), torch.empty_like(x)  # buffers
+            hi_fill = pen
+        else:
+            pen = ok_f.reciprocal().sub_(1.0)  # 0 on kept tokens, +inf on the others
+            hi_fill = x_ok - pen  # -inf on the tokens left out: ready for max and "x > bound"
+            scratch = x_ok + pen  # +inf there: ready for min and "x < bound"; then reused
+            row_min, row_max = scratch.amin(1), hi_fill.amax(1)
         n_ok = ok_rows.sum()
         lo, hi = self.clip
         zero = torch.zeros((), dtype=dtype, device=device)
@@ -349,11 +406,22 @@ class DiagnosticsAccumulator:
         a_cls = (adv < 0).to(torch.int64) + 2 * (adv == 0).to(torch.int64)
         base = _X_SCALE.shift + 1
         clip_low, clip_high = zero, zero
-        if row_adv:
+        if fast_rows:
+            masked = t - ok_rows
             if seq is None and lo > -math.inf:
-                clip_low = -torch.dot(_below(scratch, lo, scratch).sum(1), (adv < 0).to(dtype))
+                low_rows = _n_cmp(x, lo, True, True) - masked * float(0.0 < float(torch.tensor(lo, dtype=dtype)))
+                clip_low = torch.dot(low_rows, (adv < 0).to(dtype))
             if seq is None and hi < math.inf:
-                clip_high = torch.dot(_above(hi_fill, hi, scratch).sum(1), (adv > 0).to(dtype))
+                high_rows = _n_cmp(x, hi, False, True) - masked * float(0.0 > float(torch.tensor(hi, dtype=dtype)))
+                clip_high = torch.dot(high_rows, (adv > 0).to(dtype))
+        elif row_adv:
+            if seq is None and lo > -math.inf:
+                low_rows = _n_cmp(scratch, lo, True, True) if cpu else -_below(scratch, lo, scratch).sum(1)
+                clip_low = torch.dot(low_rows, (adv < 0).to(dtype))
+            if seq is None and hi < math.inf:
+                high_rows = _n_cmp(hi_fill, hi, False, True) if cpu else _above(hi_fill, hi, scratch).sum(1)
+                clip_high = torch.dot(high_rows, (adv > 0).to(dtype))
+        if row_adv:
             sq = torch.mul(x_ok, x_ok, out=scratch).sum(1)
             x_moments = _group_moments(torch.stack([x_rows, sq, row_min, row_max]), a_cls, _X_CLASSES)
             offset = (a_cls * _X_SLOTS + base).to(dtype).unsqueeze(-1)
@@ -372,8 +440,8 @@ class DiagnosticsAccumulator:
         elif seq is not None:
             clip_low = ((clip_x < lo) & (adv < 0) & ok).sum()
             clip_high = ((clip_x > hi) & (adv > 0) & ok).sum()
+        x_counts = _count(_x_slots(x_ok, offset, hi_fill), _X_CLASSES * _X_SLOTS).view(_X_CLASSES, _X_SLOTS)
         del hi_fill  # done with: its memory serves the buffers below
-        x_counts = _count(_x_slots(x_ok, offset), _X_CLASSES * _X_SLOTS).view(_X_CLASSES, _X_SLOTS)
         if row_adv:  # the tokens left out sit in their row's x == 0 slot: take them back out
             out_rows = torch.zeros(_X_CLASSES, dtype=torch.float64, device=device)
             x_counts[:, _X_ZERO_SLOT] -= out_rows.index_add_(0, a_cls, (t - ok_rows).double())
@@ -383,11 +451,16 @@ class DiagnosticsAccumulator:
         # ok_f is 0), sum of squares, min, max and the multiplier's vanishing count. Fast path
         # (CPU, so reading a value back is free): a copy with the value of one kept token (`ref`)
         # on the tokens left out serves min and max (one `aminmax`) and the bins, from whose
-        # bin of `ref` the left-out tokens are then taken back out.
+        # bin of `ref` the left-out tokens are then taken back out. From `_JOINT` tokens on, the
+        # three bin indices are packed into one (exact integers in a float) and counted by one
+        # `bincount` (their joint histogram, whose sums are the three histograms; below that its
+        # fixed cost outweighs the two passes it saves).
         if clean:
             left = float(b * t) - float(n_ok)
             ref_row = int(torch.argmax((ok_rows > 0).to(torch.uint8)))
             ref = ref_row * t + int(torch.argmax(ok_f[ref_row]))
+            joint = torch.empty_like(scratch) if b * t >= _JOINT else None
+            ref_bins = []
         counts, moments = [], []
         vanish = zero
         dump = None if clean else pen.clamp(max=_DUMP)  # _DUMP on the tokens left out
@@ -400,18 +473,29 @@ class DiagnosticsAccumulator:
                 # exact: v where ok_f is 1, ref_v where 0; written over pen, unused on this path now
                 filled = torch.lerp(ref_v, v, ok_f, out=pen)
                 low, high = torch.aminmax(filled)
-                c = _count(_value_slots(filled, i, scratch), size)
-                c[_value_bin(float(ref_v), i)] -= left
+                if joint is None:
+                    counts.append(_count(_value_slots(filled, i, scratch), size))
+                elif i == 0:
+                    _value_slots(filled, i, joint)
+                else:
+                    torch.add(_value_slots(filled, i, scratch), joint, alpha=size, out=joint)
+                ref_bins.append(_value_bin(float(ref_v), i))
                 if key == "multiplier":
-                    vanish = -_below(filled, VANISH, scratch).sum() - left * float(float(ref_v) < VANISH)
+                    vanish = _n_cmp(filled, VANISH, True) - left * float(float(ref_v) < VANISH)
             else:
-                c = _count(_value_slots(v, i, scratch).add_(dump), 2 * _DUMP)[:size]
+                counts.append(_count(_value_slots(v, i, scratch).add_(dump), 2 * _DUMP)[:size])
                 low = torch.add(v, pen, out=scratch).amin()
                 if key == "multiplier":
                     vanish = -_below(scratch, VANISH, scratch).sum()
                 high = torch.sub(v, pen, out=scratch).amax()
-            counts.append(c)
             moments.append(torch.stack([dots[i], sq, low, high]))
+        if clean:
+            if joint is not None:
+                sizes = [HISTOGRAMS[k].bins + 2 for k in _OTHER]
+                both = torch.bincount(joint.reshape(-1).to(torch.int32), minlength=_JOINT).view(sizes)
+                counts = [both.sum([d for d in range(len(sizes)) if d != i]).double() for i in range(len(sizes))]
+            for c, r in zip(counts, ref_bins, strict=True):
+                c[r] -= left
         other_counts = torch.cat(counts)
         other_moments = torch.stack(moments).double()
 
@@ -582,7 +666,9 @@ class DiagnosticsAccumulator:
         else:  # CPU: copy the kept values out once (fast: masks come in runs), then select
             keep = ok_all.numpy()
             x_kept = x_all.numpy()[keep]
-            ties = torch.tensor([_ties_np(x_kept, t) for t in _TIES], dtype=torch.float64)
+            cells = x_counts.view(_SIGNS, _X_SLOTS).sum(0)  # a tie's cell empty: no value to count
+            tie_n = [_ties_np(x_kept, t) if cells[_TIE_CELLS[t]] else 0.0 for t in _TIES]
+            ties = torch.tensor(tie_n, dtype=torch.float64)
             x_q = _selected_quantiles(x_kept, qs)
             z_q = _selected_quantiles(zeta_all.numpy()[keep], [0.99])
         k = min(self.top_k, outliers.shape[0])

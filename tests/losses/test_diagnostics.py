@@ -332,3 +332,78 @@ def test_update_leaves_its_inputs_and_the_loss_stats_untouched() -> None:
     for now, then in ((d, before[0]), (stats, before[1])):
         for key, value in then.items():
             assert torch.equal(now[key], value), key
+
+
+def test_rows_of_one_sign_keep_exact_extremes_and_clip_counts() -> None:
+    """Masked tokens have x == 0 on the fast path: rows whose kept x are all > 0, all < 0, all
+    0, or none must still give the kept tokens' min/max per advantage sign and clip counts."""
+    g = torch.Generator().manual_seed(11)
+    b, t = 6, 32
+    logp = torch.randn(b, t, generator=g) * 0.5 - 1.5
+    step = torch.rand(b, t, generator=g) * 0.4 + 0.05
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0, 1.0])[:, None]
+    old = logp - sign * step  # x = sign * step
+    mask = torch.rand(b, t, generator=g) > 0.3
+    mask[3] = False  # a row without a kept token
+    mask[5, : t // 2] = False  # the masked tokens first
+    adv = torch.tensor([1.0, -1.0, 0.0, 1.0, 0.0, 1.0])  # adv_pos: x > 0 only, adv_neg: x < 0 only
+    d = {"logp": logp, "old_logp": old, "advantages": adv, "mask": mask}
+    stats = run("grpo", [d])
+    m = mask.numpy()
+    x = (logp - old).double().numpy()
+    a = adv[:, None].expand_as(logp).numpy()
+    s = stats.scalars
+    assert (s["ratio/min"], s["ratio/max"]) == (float(np.float32(x[m].min())), float(np.float32(x[m].max())))
+    for key, side in (("log_ratio/adv_pos", a > 0), ("log_ratio/adv_neg", a < 0)):
+        h, kept = stats.histograms[key], x[m & side]
+        assert (h["min"], h["max"]) == (float(np.float32(kept.min())), float(np.float32(kept.max()))), key
+    low = ((x < math.log(0.8)) & (a < 0) & m).sum() / m.sum()
+    high = ((x > math.log(1.2)) & (a > 0) & m).sum() / m.sum()
+    assert (s["ratio/clip_frac_low"], s["ratio/clip_frac_high"]) == pytest.approx((low, high))
+    per_token = dict(d, advantages=adv[:, None].expand_as(logp).clone())  # the masked path
+    assert run("grpo", [per_token]).scalars == pytest.approx(s, nan_ok=True)
+
+
+@pytest.mark.parametrize("repeat", [4, 8])
+def test_bin_edges_are_exact_whatever_the_token_count(repeat: int) -> None:
+    """CPU counts interleave copies of the bins when the token count allows: both ways are exact."""
+    d = on_edges_batch()
+    d["old_logp"] = torch.nan_to_num(d["old_logp"], nan=0.0)
+    d = {k: v.repeat(1, repeat) if v.dim() == 2 else v for k, v in d.items()}
+    stats = run("mhpo", [d])
+    m = d["mask"].numpy()
+    x = (d["logp"] - d["old_logp"]).numpy()[m]
+    h = stats.histograms["log_ratio"]
+    assert [h["underflow"], *h["counts"], h["overflow"]] == exact_counts(x, HISTOGRAMS["log_ratio"])
+    out = get_loss("mhpo")(**d)
+    for key in ("psi", "zeta", "multiplier"):
+        v = out.stats[key].numpy()[m]
+        h = stats.histograms[key]
+        assert [h["underflow"], *h["counts"], h["overflow"]] == exact_counts(v, HISTOGRAMS[key]), key
+
+
+def test_large_updates_count_psi_zeta_multiplier_jointly_and_match_small_ones() -> None:
+    """Updates of at least `_JOINT` tokens count the three bins with one joint `bincount`; the
+    same tokens fed as small micro-batches (one `bincount` each) give the same step."""
+    from mhpo.diagnostics import _JOINT
+
+    t = 4096
+    b = -(-_JOINT // t) + 2
+    g = torch.Generator().manual_seed(12)
+    logp = torch.randn(b, t, generator=g) * 0.5 - 1.5
+    old = logp + torch.randn(b, t, generator=g) * torch.linspace(0.05, 3.0, b)[:, None]
+    d = {
+        "logp": logp,
+        "old_logp": old,
+        "advantages": torch.randn(b, generator=g),
+        "mask": torch.rand(b, t, generator=g) > 0.3,
+    }
+    whole = run("mhpo", [d])
+    parts = [{k: v[i : i + 8] for k, v in d.items()} for i in range(0, b, 8)]
+    pieces = run("mhpo", parts)
+    for key in ("psi", "zeta", "multiplier"):
+        h, p = whole.histograms[key], pieces.histograms[key]
+        assert (h["counts"], h["underflow"], h["overflow"], h["min"], h["max"]) == (
+            p["counts"], p["underflow"], p["overflow"], p["min"], p["max"]
+        ), key  # fmt: skip
+    assert whole.scalars["grad/vanish_frac"] == pieces.scalars["grad/vanish_frac"]
