@@ -15,6 +15,7 @@ Goal: <= 2 s for a 10,000-step run page and for a compare page of three such run
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             browser.close()
     print(f"\nfirst paint in headless Chromium (median of {args.repeat}, after one warm-up load); goal <= {GOAL_S} s")
     print("server s = the page callback's time on the server (median), part of the first paint")
+    print("load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(f"{'page':<28} {'median s':>9} {'min s':>7} {'max s':>7} {'server s':>9}")
     for row in rows:
         print(f"{row['page']:<28} {row['median_s']:>9.2f} {row['min_s']:>7.2f} {row['max_s']:>7.2f}"

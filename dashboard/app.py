@@ -8,6 +8,7 @@ app also runs against a remote server.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,26 @@ PAGES_DIR = Path(__file__).resolve().parent / "pages"
 API_CONFIG_KEY = "MHPO_API"
 LIVE_CONFIG_KEY = "MHPO_LIVE_INTERVAL_MS"
 LIVE_INTERVAL_MS = 1000
+# plotly.js's cartesian bundle (package plotly.js-cartesian-dist-min, the same plotly.js version
+# as the plotly package's full bundle): scatter, bar, heatmap and the other 2-D trace types,
+# all that the charts draw (a trace type outside it would not draw). A third of the full
+# bundle's size (1.5 MB, not 4.8 MB), it evaluates in about half the time.
+PLOTLY_BUNDLE = "plotly-cartesian-4.1.1.min.js"
+# Renderer hook: dcc.Graph loads plotly.js from `window._dashPlotlyJSURL` (unless `window.Plotly`
+# exists) only once a page's figures have arrived. Pointing that URL at the cartesian bundle
+# and starting to load it, with dcc's graph chunk, at a chart page's first callback lets the
+# browser evaluate plotly.js while the server builds the page instead of after it.
+EARLY_GRAPH_SCRIPTS_HOOK = """function () {
+  window._dashPlotlyJSURL = "{prefix}assets/{bundle}";
+  if (window.Plotly || window._mhpoGraphScripts || !/\\/(runs\\/|compare)/.test(location.pathname)) { return; }
+  window._mhpoGraphScripts = true;
+  [window._dashPlotlyJSURL, "{prefix}_dash-component-suites/dash/dcc/async-graph.js"].forEach(function (src) {
+    var script = document.createElement("script");
+    script.src = src;
+    script.async = true;
+    document.head.appendChild(script);
+  });
+}"""
 
 __all__ = ["API_CONFIG_KEY", "LIVE_INTERVAL_MS", "DashboardMount", "api", "create_dash", "mount_dashboard",
            "refresh_interval_ms", "self_url"]
@@ -53,6 +74,9 @@ def create_dash(api_base_url: str, token: str | None = None, requests_pathname_p
         suppress_callback_exceptions=True,
         update_title=None,
         assets_folder=str(Path(__file__).resolve().parent / "assets"),
+        assets_ignore=re.escape(PLOTLY_BUNDLE),  # served, but loaded only by the hook below
+        hooks={"request_pre": EARLY_GRAPH_SCRIPTS_HOOK.replace("{prefix}", requests_pathname_prefix)
+                                                     .replace("{bundle}", PLOTLY_BUNDLE)},
     )
     app.server.config[API_CONFIG_KEY] = ApiClient(api_base_url, token=token)
     app.server.config[LIVE_CONFIG_KEY] = live_interval_ms

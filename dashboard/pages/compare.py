@@ -21,7 +21,7 @@ from dashboard.app import api
 
 dash.register_page(__name__, path="/compare", title="Compare · MHPO Monitor", name="Compare", order=1)
 
-MAX_POINTS = 600
+MAX_POINTS = 400  # per series: enough for a ~700-px chart; fewer points draw faster
 MAX_HEATMAP_STEPS = 300
 DEFAULT_THRESHOLD = 0.02
 

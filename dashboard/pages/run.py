@@ -22,7 +22,7 @@ from dashboard.app import api, refresh_interval_ms
 
 dash.register_page(__name__, path_template="/runs/<run_id>", title="Run · MHPO Monitor", name="Run")
 
-MAX_POINTS = 600
+MAX_POINTS = 400  # per series: enough for a ~700-px chart; fewer points draw faster
 MAX_HEATMAP_STEPS = 500
 HEATMAP_KEY = "log_ratio"
 SPLIT_KEYS = ("log_ratio/adv_pos", "log_ratio/adv_neg")

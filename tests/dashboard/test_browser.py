@@ -123,6 +123,31 @@ def test_clicking_a_flag_selects_its_step_everywhere(server: LiveServer, runs: d
     assert marker["x0"] == SPIKE_AT and marker["visible"]
 
 
+def test_run_page_loads_plotly_once_from_the_cartesian_bundle_and_points_select_steps(
+        server: LiveServer, runs: dict[str, str], page: object) -> None:
+    """The renderer hook loads the cartesian bundle early and dcc.Graph reuses it: the full
+    bundle is never fetched, every chart draws, and clicking a point still selects its step."""
+    scripts: list[str] = []
+    page.on("request", lambda r: scripts.append(r.url) if "plotly" in r.url and ".js" in r.url else None)
+    _open(page, f"{server.url}/runs/{runs['mhpo']}", f".graph-policy {PLOT} .main-svg")
+    page.wait_for_function(f"() => [...document.querySelectorAll('{PLOT}')].every(p => p._fullLayout)")
+    assert len(scripts) == 1 and "plotly-cartesian-" in scripts[0], scripts
+    assert f"selected step {STEPS - 1}" in page.inner_text("#run-selected-label")
+    drag = page.locator(f".graph-policy {PLOT} .nsewdrag").first
+    drag.scroll_into_view_if_needed()
+    box = drag.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+    page.wait_for_selector(f".graph-policy {PLOT} .hoverlayer > *", state="attached")  # clicks hit the hovered point
+    page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+    page.wait_for_function(
+        f"() => !document.querySelector('#run-selected-label').innerText.includes('step {STEPS - 1}')")
+    step = int(page.inner_text("#run-selected-label").split()[2])
+    assert 0 < step < STEPS - 1
+    page.wait_for_function(
+        f"(s) => document.querySelector('#run-step-histogram {PLOT}').layout.title.text.startsWith('step ' + s + ':')",
+        arg=step)
+
+
 def test_records_posted_while_open_appear_without_reload_within_2s(server: LiveServer, page: object) -> None:
     run_id = seed_run(server.url, "live", "live-run", "mhpo", {"lr": 1e-6}, 20, seed=3)
     _open(page, f"{server.url}/runs/{run_id}", f".graph-heatmap {PLOT}")
