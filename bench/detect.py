@@ -42,6 +42,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from mhpo.demo import wait_healthy  # noqa: E402
 from server.flags import KINDS, History, detect  # noqa: E402
 from server.flags.synthetic import GOAL_DELAY, INJECTED_KINDS, Stream, generate_suite, score  # noqa: E402
 
@@ -67,18 +68,10 @@ def local_server() -> Iterator[str]:
                                 cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mhpo serve exited with {proc.returncode}: see {tmp / 'serve.log'}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mhpo serve not healthy after 120 s: see {tmp / 'serve.log'}")
-            time.sleep(0.1)
+        try:
+            wait_healthy(f"{url}/healthz", proc, timeout=120)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: see {tmp / 'serve.log'}") from exc
         yield url
     finally:
         proc.terminate()

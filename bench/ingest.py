@@ -41,6 +41,8 @@ from pathlib import Path
 
 import httpx
 
+from mhpo.demo import wait_healthy
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 STEP_KEYS = [f"bench/k{i:02d}" for i in range(30)]
@@ -60,18 +62,10 @@ def serve(cmd: list[str], health_url: str, log_path: Path, env: dict[str, str] |
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[2:4]} exited with {proc.returncode}: see {log_path}")
-            try:
-                if httpx.get(health_url, timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{health_url} not healthy after 120 s: see {log_path}")
-            time.sleep(0.1)
+        try:
+            wait_healthy(health_url, proc, timeout=120)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: see {log_path}") from exc
         yield
     finally:
         proc.terminate()

@@ -51,18 +51,19 @@ def demo_configs(steps: int, seed: int, task: str, project: str, server: str, pr
     return [TrainerConfig(loss=loss, name=f"{loss}-{task}-s{seed}", **common) for loss in ("mhpo", "grpo")]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def wait_healthy(health_url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Block until `health_url` answers 200; raise RuntimeError if `proc` exits first or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mhpo serve exited with code {proc.returncode}; see its output above")
+            raise RuntimeError(f"the server exited with code {proc.returncode} before {health_url} answered")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+            if httpx.get(health_url, timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.1)
-    raise RuntimeError(f"mhpo serve did not answer {url}/healthz within {timeout:.0f} s")
+        time.sleep(0.05)
+    raise RuntimeError(f"{health_url} did not answer within {timeout:.0f} s")
 
 
 def start_server(db: str | None, port: int) -> subprocess.Popen[bytes]:
@@ -71,7 +72,7 @@ def start_server(db: str | None, port: int) -> subprocess.Popen[bytes]:
     subprocess.run([sys.executable, "-m", "mhpo", "db", "upgrade", *db_args], check=True)
     proc = subprocess.Popen([sys.executable, "-m", "mhpo", "serve", *db_args, "--port", str(port)])
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", proc)
     except BaseException:
         proc.terminate()
         proc.wait(timeout=10)
