@@ -10,6 +10,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,23 +39,29 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mhpo.db'}"
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for this test, dropped afterwards."""
+@contextmanager
+def fresh_pg_database(prefix: str = "mhpo_test", template: str | None = None) -> Iterator[str]:
+    """Create a PostgreSQL database (empty, or a copy of `template`), yield its URL, drop it after."""
     try:
         import psycopg
 
         admin = psycopg.connect(_psycopg_dsn(_pg_admin_url()), autocommit=True, connect_timeout=3)
     except Exception as exc:  # noqa: BLE001 - any connection failure means "not available"
         _missing("PostgreSQL", "MHPO_REQUIRE_PG", str(exc))
-    name = f"mhpo_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        base = _pg_admin_url().rsplit("/", 1)[0]
+        admin.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
         try:
-            yield f"{base}/{name}"
+            yield f"{_pg_admin_url().rsplit('/', 1)[0]}/{name}"
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test, dropped afterwards."""
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

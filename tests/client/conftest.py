@@ -6,15 +6,13 @@ client sends its token; its clients write to project "client" with a write token
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from server.store import open_store
 from tests.client.helpers import Target
-from tests.conftest import DEFAULT_PG_URL, PG_URL_ENV, _missing, _psycopg_dsn
+from tests.conftest import fresh_pg_database
 from tests.fixtures.server import LiveServer
 
 PROJECT = "client"
@@ -35,21 +33,8 @@ def shared_sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
 @pytest.fixture(scope="session")
 def shared_pg_server() -> Iterator[Target]:
     """A server (auth off) on a fresh PostgreSQL database, dropped after the session."""
-    admin_url = os.environ.get(PG_URL_ENV, DEFAULT_PG_URL)
-    try:
-        import psycopg
-
-        admin = psycopg.connect(_psycopg_dsn(admin_url), autocommit=True, connect_timeout=3)
-    except Exception as exc:  # noqa: BLE001 - any connection failure means "not available"
-        _missing("PostgreSQL", "MHPO_REQUIRE_PG", str(exc))
-    name = f"mhpo_client_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            with LiveServer(f"{admin_url.rsplit('/', 1)[0]}/{name}") as server:
-                yield Target(server)
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_pg_database("mhpo_client") as url, LiveServer(url) as server:
+        yield Target(server)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

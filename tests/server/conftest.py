@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import migrations
 from server.app import create_app
 from server.config import Settings
 from server.store import Store, open_store
-from tests.conftest import _missing, _pg_admin_url, _psycopg_dsn
+from tests.conftest import fresh_pg_database
 
 
 @pytest.fixture(scope="session")
@@ -35,20 +34,9 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
-    try:
-        import psycopg
-
-        admin = psycopg.connect(_psycopg_dsn(_pg_admin_url()), autocommit=True, connect_timeout=3)
-    except Exception as exc:  # noqa: BLE001 - any connection failure means "not available"
-        _missing("PostgreSQL", "MHPO_REQUIRE_PG", str(exc))
-    name = f"mhpo_tmpl_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            migrations.upgrade(f"{_pg_admin_url().rsplit('/', 1)[0]}/{name}")
-            yield name
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_pg_database("mhpo_tmpl") as url:
+        migrations.upgrade(url)
+        yield url.rsplit("/", 1)[1]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -59,16 +47,8 @@ def migrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         shutil.copyfile(template, tmp_path / "mhpo.db")
         yield f"sqlite:///{tmp_path / 'mhpo.db'}"
         return
-    import psycopg
-
-    template_name = request.getfixturevalue("pg_template")
-    name = f"mhpo_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_psycopg_dsn(_pg_admin_url()), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
-        try:
-            yield f"{_pg_admin_url().rsplit('/', 1)[0]}/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_pg_database(template=request.getfixturevalue("pg_template")) as url:
+        yield url
 
 
 @pytest.fixture
