@@ -12,25 +12,49 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.alerts.store import AlertStore
-from server.alerts.webhook import WebhookDispatcher
+from server.alerts.targets import TargetPolicy
+from server.alerts.webhook import WebhookDispatcher, WebhookMetrics
 from server.flags.listener import IngestMonitor
 from server.routes import alerts as alert_routes
 from server.store import Store
 
 
 class WebhookSettings(BaseSettings):
-    """Webhook delivery: `MHPO_WEBHOOK_TIMEOUT_S`, `MHPO_WEBHOOK_MAX_ATTEMPTS`, ..."""
+    """Webhook delivery: `MHPO_WEBHOOK_TIMEOUT_S`, `MHPO_WEBHOOK_ALLOW_CIDRS`, ..."""
 
     model_config = SettingsConfigDict(env_prefix="MHPO_WEBHOOK_", extra="ignore")
 
-    timeout_s: float = Field(5.0, gt=0, description="per-request timeout of a webhook POST")
+    timeout_s: float = Field(
+        5.0, gt=0, le=300, description="total deadline of one attempt: name lookup, connect, send, reply headers"
+    )
     max_attempts: int = Field(4, ge=1, description="attempts in all before the delivery is marked failed")
     backoff_s: float = Field(1.0, ge=0, description="wait before the first retry; doubles after each failure")
     public_url: str | None = Field(None, description="dashboard URL linked from the message, e.g. http://host:8765")
+    workers: int = Field(4, ge=1, le=64, description="deliveries sent at the same time")
+    queue_size: int = Field(1000, ge=1, description="deliveries waiting (retries included); beyond it one fails at once")
+    read_limit_bytes: int = Field(8192, ge=1024, le=65536, description="most bytes read from a reply (status and headers)")
+    allow_hosts: str = Field(
+        "", description="comma-separated host names allowed even when they resolve to internal addresses"
+    )
+    allow_cidrs: str = Field(
+        "", description="comma-separated address ranges allowed as targets, e.g. 10.0.5.0/24,127.0.0.1/32"
+    )
+
+    @field_validator("allow_cidrs")
+    @classmethod
+    def _cidrs(cls, value: str) -> str:
+        try:
+            TargetPolicy.from_settings([], value.split(","))
+        except ValueError as exc:
+            raise ValueError(f"MHPO_WEBHOOK_ALLOW_CIDRS={value!r}: {exc}; give ranges like 10.0.5.0/24") from exc
+        return value
+
+    def policy(self) -> TargetPolicy:
+        return TargetPolicy.from_settings(self.allow_hosts.split(","), self.allow_cidrs.split(","), self.timeout_s)
 
 
 def alert_events(alerts: AlertStore) -> Callable[[Store, str], list[dict[str, Any]]]:
@@ -48,10 +72,16 @@ def alert_events(alerts: AlertStore) -> Callable[[Store, str], list[dict[str, An
 def install(app: FastAPI, webhook_settings: WebhookSettings | None = None) -> IngestMonitor:
     cfg = webhook_settings or WebhookSettings()
     alerts = AlertStore(app.state.store.engine)
-    dispatcher = WebhookDispatcher(alerts, cfg.timeout_s, cfg.max_attempts, cfg.backoff_s, cfg.public_url)
+    policy = cfg.policy()
+    dispatcher = WebhookDispatcher(
+        alerts, cfg.timeout_s, cfg.max_attempts, cfg.backoff_s, cfg.public_url, policy,
+        workers=cfg.workers, queue_size=cfg.queue_size, read_limit=cfg.read_limit_bytes,
+        metrics=WebhookMetrics(app.state.metrics.registry),
+    )
     monitor = IngestMonitor(alerts, dispatcher)
     app.state.alert_store = alerts
     app.state.webhooks = dispatcher
+    app.state.webhook_policy = policy
     app.state.flag_monitor = monitor
     app.state.ingest_listeners.append(monitor)
     app.state.event_sources.append(alert_events(alerts))

@@ -21,6 +21,7 @@ from server.alerts.schemas import (
     FlagParamsOut,
 )
 from server.alerts.store import AlertStore
+from server.alerts.targets import TargetPolicy, TargetRefused
 from server.deps import ReadAccess, StoreDep, WriteAccess
 from server.flags.listener import IngestMonitor
 from server.responses import NaNJSONResponse, respond
@@ -59,11 +60,24 @@ def _alert(alerts: AlertStore, alert_id: int) -> Alert:
 
 @router.post("/alert-rules", response_model=AlertRule, status_code=201)
 def create_rule(
-    body: AlertRuleCreate, alerts: AlertStoreDep, store: StoreDep, principal: WriteAccess
+    body: AlertRuleCreate, request: Request, alerts: AlertStoreDep, store: StoreDep, principal: WriteAccess
 ) -> NaNJSONResponse:
     principal.check_project(body.project)
     _check_run_scope(store, body.project, body.run_id)
+    _check_target(request.app.state.webhook_policy, body.webhook_url)
     return respond(alerts.create_rule(body), status_code=201)
+
+
+def _check_target(policy: TargetPolicy, url: object) -> None:
+    """A webhook URL the delivery would refuse is a 422 now (literal addresses, internal names, credentials)."""
+    if url is None:
+        return
+    try:
+        policy.check_url(str(url))
+    except TargetRefused as exc:
+        raise HTTPException(
+            422, [{"loc": ["body", "webhook_url"], "type": "value_error", "msg": f"webhook_url {str(url)!r}: {exc}"}]
+        ) from exc
 
 
 def _check_run_scope(store: Store, project: str, run_id: str | None) -> None:
@@ -95,9 +109,12 @@ def get_rule(rule_id: RowId, alerts: AlertStoreDep, principal: ReadAccess) -> Na
 
 
 @router.patch("/alert-rules/{rule_id}", response_model=AlertRule)
-def update_rule(rule_id: RowId, body: AlertRulePatch, alerts: AlertStoreDep, principal: WriteAccess) -> NaNJSONResponse:
+def update_rule(
+    rule_id: RowId, body: AlertRulePatch, request: Request, alerts: AlertStoreDep, principal: WriteAccess
+) -> NaNJSONResponse:
     """Change any field but the project; `{"enabled": false}` disables a rule without losing it."""
     principal.check_project(_rule(alerts, rule_id).project)
+    _check_target(request.app.state.webhook_policy, body.webhook_url)
     try:
         return respond(alerts.update_rule(rule_id, body))
     except ValidationError as exc:

@@ -16,7 +16,10 @@ import pytest
 
 from tests.fixtures.server import LiveServer
 
-WEBHOOK_ENV = {"MHPO_WEBHOOK_BACKOFF_S": "0.05", "MHPO_WEBHOOK_MAX_ATTEMPTS": "3", "MHPO_WEBHOOK_TIMEOUT_S": "30"}
+WEBHOOK_ENV = {
+    "MHPO_WEBHOOK_BACKOFF_S": "0.05", "MHPO_WEBHOOK_MAX_ATTEMPTS": "3", "MHPO_WEBHOOK_TIMEOUT_S": "30",
+    "MHPO_WEBHOOK_ALLOW_CIDRS": "127.0.0.1/32",  # the receiver is on loopback, refused by default
+}
 
 
 class Receiver:
