@@ -67,9 +67,16 @@ def address_kind(ip: IPAddress) -> str | None:
 
 
 def _host_literal(host: str) -> IPAddress | None:
+    """The address a literal host stands for, in every spelling the system resolver accepts
+    (`2852039166`, `0x7f000001`, `0177.0.0.1`, `127.1` are all IPv4 addresses to it)."""
+    bare = host.strip("[]").split("%", 1)[0]
     try:
-        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+        return ipaddress.ip_address(bare)
     except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(bare))
+    except (OSError, UnicodeError, ValueError):
         return None
 
 
