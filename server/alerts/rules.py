@@ -1,23 +1,36 @@
-"""Rule evaluation: pure functions from a run's history and new flags to the rules that fire.
+"""Rule evaluation: running per-(run, rule) state, so each new point costs O(1) (O(log w) for a spike).
 
 A scalar rule (threshold, spike) is edge-triggered: it fires at a step where its
 condition holds and did not hold at the previous logged point, so a metric that stays
 above a threshold fires once, not at every step. A flag rule fires on each matching flag.
 The caller applies the cooldown (per rule and run, in wall-clock seconds).
+
+`RuleStates` keeps, per (run, rule), what the next point needs: for a threshold the length
+of the current streak of matching points (capped at `for_steps + 1`), for a spike the last
+`window_steps` values with their finite ones kept sorted (median in O(1), MAD as a k-th
+smallest of two sorted runs in O(log w)) and whether the previous point spiked. A state
+is used only when it summarises exactly the points before the batch (its last step is
+the key's previous logged point); otherwise (first batch, a restart, an eviction, an
+out-of-order batch, another writer) it is rebuilt once from the bounded history the
+caller passes, so the firings never depend on the state. States are dropped least
+recently used beyond a total of `max_cells` stored values.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import operator
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from server.alerts.schemas import SEVERITY_RANK, AlertRule, FlagCondition, SpikeCondition, ThresholdCondition
-from server.flags.detectors import MAD_TO_SIGMA, Flag, History, fast_median, json_number
+from server.flags.detectors import MAD_TO_SIGMA, Flag, History, json_number
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -40,71 +53,215 @@ class Firing:
 
 
 def history_points(rule: AlertRule) -> int:
-    """How many logged points before a new step the rule needs."""
+    """How many logged points before a batch a rule's state is rebuilt from."""
     cond = rule.condition
     if isinstance(cond, ThresholdCondition):
         return cond.for_steps + 1
     if isinstance(cond, SpikeCondition):
-        return cond.window_steps + 2
+        return cond.window_steps + 1
     return 0
 
 
-def _threshold_at(values: np.ndarray, end: int, cond: ThresholdCondition) -> bool:
-    if end < cond.for_steps:
-        return False
-    test = OPS[cond.op]
-    return all(test(float(v), cond.value) for v in values[end - cond.for_steps : end])
+@dataclass
+class ThresholdState:
+    last_step: int | None = None
+    streak: int = 0  # matching points in a row up to last_step, capped at for_steps + 1
 
 
-def _spike_at(values: np.ndarray, end: int, cond: SpikeCondition) -> tuple[bool, dict[str, Any]]:
-    if end < 1 or not math.isfinite(values[end - 1]):
+@dataclass
+class SpikeState:
+    last_step: int | None = None
+    window: deque[float] = field(default_factory=deque)  # the last window_steps values, NaN included
+    ordered: list[float] = field(default_factory=list)  # the finite values of `window`, sorted
+    spiked: bool = False  # whether the point at last_step was a spike
+
+    def push(self, value: float, window_steps: int) -> None:
+        self.window.append(value)
+        if math.isfinite(value):
+            bisect.insort(self.ordered, value)
+        if len(self.window) > window_steps:
+            old = self.window.popleft()
+            if math.isfinite(old):
+                del self.ordered[bisect.bisect_left(self.ordered, old)]
+
+
+def _median(ordered: Sequence[float]) -> float:
+    n = len(ordered)
+    mid = n // 2
+    return float(ordered[mid]) if n % 2 else 0.5 * float(ordered[mid - 1] + ordered[mid])
+
+
+def _mad(ordered: list[float], centre: float) -> float:
+    """Median of |x - centre| over sorted `ordered`: the distances left and right of `centre` are two sorted runs."""
+    split = bisect.bisect_left(ordered, centre)
+    n_left, n_right = split, len(ordered) - split
+
+    def kth(k: int) -> float:  # k-th smallest (0-based) distance, by bisection over how many come from the left
+        lo, hi = max(0, k + 1 - n_right), min(k + 1, n_left)
+        while True:
+            i = (lo + hi) // 2
+            j = k + 1 - i
+            left_in = centre - ordered[split - i] if i > 0 else -math.inf
+            left_out = centre - ordered[split - i - 1] if i < n_left else math.inf
+            right_in = ordered[split + j - 1] - centre if j > 0 else -math.inf
+            right_out = ordered[split + j] - centre if j < n_right else math.inf
+            if left_in > right_out:
+                hi = i - 1
+            elif right_in > left_out:
+                lo = i + 1
+            else:
+                return max(left_in, right_in)
+
+    n = len(ordered)
+    return kth(n // 2) if n % 2 else 0.5 * (kth(n // 2 - 1) + kth(n // 2))
+
+
+def _spike_score(value: float, ordered: list[float], cond: SpikeCondition) -> tuple[bool, dict[str, Any]]:
+    """Whether `value` spikes against the finite window values `ordered`, with the evidence."""
+    if not math.isfinite(value) or len(ordered) < cond.min_baseline:
         return False, {}
-    window = values[max(0, end - 1 - cond.window_steps) : end - 1]
-    window = window[np.isfinite(window)]
-    if len(window) < cond.min_baseline:
-        return False, {}
-    centre = fast_median(window)
-    scale = max(MAD_TO_SIGMA * fast_median(np.abs(window - centre)), 1e-9 + 1e-4 * abs(centre))
-    z = (float(values[end - 1]) - centre) / scale
+    centre = _median(ordered)
+    scale = max(MAD_TO_SIGMA * _mad(ordered, centre), 1e-9 + 1e-4 * abs(centre))
+    z = (value - centre) / scale
     fired = {"up": z > cond.z, "down": z < -cond.z, "both": abs(z) > cond.z}[cond.direction]
-    evidence = {"value": float(values[end - 1]), "baseline": centre, "scale": scale, "z": z}
+    evidence = {"value": value, "baseline": centre, "scale": scale, "z": z}
     return fired, {name: json_number(x) for name, x in evidence.items()}
 
 
-def _scalar_firings(rule: AlertRule, history: History, steps: Sequence[int]) -> list[Firing]:
+def _rebuild(cond: ThresholdCondition | SpikeCondition, steps: np.ndarray, values: np.ndarray) -> ThresholdState | SpikeState:
+    """The state after the given points (the key's last logged points, at least `history_points` of them or all)."""
+    last = int(steps[-1]) if len(steps) else None
+    if isinstance(cond, ThresholdCondition):
+        test = OPS[cond.op]
+        streak = 0
+        for v in values[::-1][: cond.for_steps + 1].tolist():
+            if not test(v, cond.value):
+                break
+            streak += 1
+        return ThresholdState(last, streak)
+    state = SpikeState(last)
+    tail = values[-(cond.window_steps + 1) :].tolist()
+    if tail:
+        before = tail[:-1][-cond.window_steps :]
+        state.spiked = _spike_score(tail[-1], sorted(v for v in before if math.isfinite(v)), cond)[0]
+    for v in tail[-cond.window_steps :]:
+        state.push(v, cond.window_steps)
+    return state
+
+
+def _scalar_firings(
+    rule: AlertRule, state: ThresholdState | SpikeState, steps: np.ndarray, values: np.ndarray, fire_at: set[int]
+) -> list[Firing]:
+    """Advance `state` over the points (steps after its last step); firings at steps in `fire_at`."""
     cond = rule.condition
-    assert isinstance(cond, ThresholdCondition | SpikeCondition)
     out = []
-    for step in steps:
-        found = history.upto(cond.key, step)
-        if found is None:
-            continue
-        values = found[1]
-        n = len(values)
-        if isinstance(cond, ThresholdCondition):
-            if not _threshold_at(values, n, cond) or _threshold_at(values, n - 1, cond):
+    if isinstance(cond, ThresholdCondition):
+        assert isinstance(state, ThresholdState)
+        test, cap = OPS[cond.op], cond.for_steps + 1
+        for step, value in zip(steps.tolist(), values.tolist(), strict=True):
+            state.streak = min(state.streak + 1, cap) if test(value, cond.value) else 0
+            state.last_step = step
+            if state.streak != cond.for_steps or step not in fire_at:
                 continue
             evidence = {
                 "key": cond.key,
-                "value": json_number(float(values[-1])),
+                "value": json_number(value),
                 "threshold": {"op": cond.op, "value": cond.value, "for_steps": cond.for_steps},
             }
-            what = f"{cond.key} = {float(values[-1]):.4g} {cond.op} {cond.value:g}"
+            what = f"{cond.key} = {value:.4g} {cond.op} {cond.value:g}"
             if cond.for_steps > 1:
                 what += f" for {cond.for_steps} steps"
-        else:
-            fired, evidence = _spike_at(values, n, cond)
-            if not fired or _spike_at(values, n - 1, cond)[0]:
-                continue
-            evidence.update(
-                key=cond.key, threshold={"z": cond.z, "direction": cond.direction, "window_steps": cond.window_steps}
-            )
-            what = (
-                f"{cond.key} = {float(values[-1]):.4g} spiked "
-                f"(robust z = {float(evidence['z']):.1f} vs baseline {float(evidence['baseline']):.4g})"
-            )
+            out.append(Firing(rule=rule, step=step, message=f"{rule.name}: {what} at step {step}", evidence=evidence))
+        return out
+    assert isinstance(cond, SpikeCondition) and isinstance(state, SpikeState)
+    for step, value in zip(steps.tolist(), values.tolist(), strict=True):
+        spiked, evidence = _spike_score(value, state.ordered, cond)
+        edge = spiked and not state.spiked
+        state.spiked = spiked
+        state.push(value, cond.window_steps)
+        state.last_step = step
+        if not edge or step not in fire_at:
+            continue
+        evidence.update(
+            key=cond.key, threshold={"z": cond.z, "direction": cond.direction, "window_steps": cond.window_steps}
+        )
+        what = (
+            f"{cond.key} = {value:.4g} spiked "
+            f"(robust z = {float(evidence['z']):.1f} vs baseline {float(evidence['baseline']):.4g})"
+        )
         out.append(Firing(rule=rule, step=step, message=f"{rule.name}: {what} at step {step}", evidence=evidence))
     return out
+
+
+def _cells(state: ThresholdState | SpikeState) -> int:
+    return 1 + len(state.window) if isinstance(state, SpikeState) else 1
+
+
+class RuleStates:
+    """Running state of the scalar rules per (run, rule), least recently used dropped beyond `max_cells` values."""
+
+    def __init__(self, max_cells: int = 2_000_000) -> None:
+        self.max_cells = max_cells
+        self._states: OrderedDict[tuple[str, int], tuple[str, ThresholdState | SpikeState]] = OrderedDict()
+        self._cells = 0
+        self._lock = threading.Lock()
+
+    def _take(self, run_id: str, rule: AlertRule, fingerprint: str) -> ThresholdState | SpikeState | None:
+        with self._lock:
+            found = self._states.pop((run_id, rule.id), None)
+            if found is None:
+                return None
+            self._cells -= _cells(found[1])
+            return found[1] if found[0] == fingerprint else None
+
+    def _put(self, run_id: str, rule: AlertRule, fingerprint: str, state: ThresholdState | SpikeState) -> None:
+        with self._lock:
+            self._states[(run_id, rule.id)] = (fingerprint, state)
+            self._cells += _cells(state)
+            while self._cells > self.max_cells and len(self._states) > 1:
+                _, (_, dropped) = self._states.popitem(last=False)
+                self._cells -= _cells(dropped)
+
+    def drop_run(self, run_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._states if k[0] == run_id]:
+                self._cells -= _cells(self._states.pop(key)[1])
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def evaluate(
+        self, run_id: str, rules: Iterable[AlertRule], history: History, steps: Sequence[int], flags: Sequence[Flag]
+    ) -> list[Firing]:
+        """Every (rule, step) match among the new `steps` and new `flags`, ordered by step.
+
+        `history` holds, per key, at least `history_points(rule)` points before the first
+        new step (or all there are) and every point up to the last new step.
+        """
+        fire_at = set(steps)
+        first, last = min(fire_at), max(fire_at)
+        out: list[Firing] = []
+        for rule in rules:
+            cond = rule.condition
+            if isinstance(cond, FlagCondition):
+                out.extend(_flag_firings(rule, flags))
+                continue
+            found = history.series(cond.key)
+            if found is None:
+                continue
+            key_steps, key_values = found
+            start = int(np.searchsorted(key_steps, first, side="left"))
+            stop = int(np.searchsorted(key_steps, last, side="right"))
+            if start == stop:
+                continue
+            previous = int(key_steps[start - 1]) if start else None
+            fingerprint = cond.model_dump_json()
+            state = self._take(run_id, rule, fingerprint)
+            if state is None or state.last_step != previous:
+                state = _rebuild(cond, key_steps[:start], key_values[:start])
+            out.extend(_scalar_firings(rule, state, key_steps[start:stop], key_values[start:stop], fire_at))
+            self._put(run_id, rule, fingerprint, state)
+        return sorted(out, key=lambda f: (f.step, f.rule.id))
 
 
 def _flag_firings(rule: AlertRule, flags: Iterable[Flag]) -> list[Firing]:
@@ -120,15 +277,3 @@ def _flag_firings(rule: AlertRule, flags: Iterable[Flag]) -> list[Firing]:
         for flag in flags
         if cond.kind in ("*", flag.kind) and SEVERITY_RANK[flag.severity] >= SEVERITY_RANK[cond.min_severity]
     ]
-
-
-def evaluate(rules: Iterable[AlertRule], history: History, steps: Sequence[int], flags: Sequence[Flag]) -> list[Firing]:
-    """Every (rule, step) match among the new `steps` and new `flags`, ordered by step."""
-    steps = sorted(set(steps))
-    out: list[Firing] = []
-    for rule in rules:
-        if isinstance(rule.condition, FlagCondition):
-            out.extend(_flag_firings(rule, flags))
-        else:
-            out.extend(_scalar_firings(rule, history, steps))
-    return sorted(out, key=lambda f: (f.step, f.rule.id))

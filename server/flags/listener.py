@@ -132,6 +132,7 @@ class IngestMonitor:
         self.dispatcher = dispatcher
         self.defaults = defaults
         self.cache = cache if cache is not None else WindowCache()
+        self.rule_states = alert_rules.RuleStates()
         self._merged: dict[str, tuple[dict[str, Any], FlagParams]] = {}
 
     def params_for(self, project: str) -> FlagParams:
@@ -147,6 +148,7 @@ class IngestMonitor:
             return self._evaluate(store, run_id, new_records)
         except BaseException:
             self.cache.drop(run_id)  # the window may be half updated; the next batch reads it again
+            self.rule_states.drop_run(run_id)
             raise
 
     def _evaluate(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> list[Flag]:
@@ -194,7 +196,7 @@ class IngestMonitor:
         if flags:
             store.add_events(run_id, [f.as_event() for f in flags])
         if rules:
-            self._fire(project, run_id, alert_rules.evaluate(rules, history, steps, flags))
+            self._fire(project, run_id, self.rule_states.evaluate(run_id, rules, history, steps, flags))
         return flags
 
     def _fire(self, project: str, run_id: str, firings: Sequence[alert_rules.Firing]) -> None:
