@@ -19,6 +19,8 @@ from server.schemas import KEY_PATTERN, Key, Name, Severity
 Channel = Literal["dashboard", "webhook"]
 DeliveryStatus = Literal["none", "pending", "delivered", "failed"]
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
+# Rules are evaluated on every batch of every run of their project: this bounds that work per batch.
+MAX_RULES_PER_PROJECT = 100
 
 
 class _In(BaseModel):

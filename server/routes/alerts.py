@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from pydantic import ValidationError
 
 from server.alerts.schemas import (
+    MAX_RULES_PER_PROJECT,
     Alert,
     AlertList,
     AlertRule,
@@ -65,6 +66,13 @@ def create_rule(
     principal.check_project(body.project)
     _check_run_scope(store, body.project, body.run_id)
     _check_target(request.app.state.webhook_policy, body.webhook_url)
+    if len(alerts.list_rules(body.project)) >= MAX_RULES_PER_PROJECT:
+        raise HTTPException(
+            422,
+            [{"loc": ["body", "project"], "type": "value_error",
+              "msg": f"project {body.project!r} already has {MAX_RULES_PER_PROJECT} alert rules, the most it may have: "
+                     "delete or edit one (PATCH /api/v1/alert-rules/{id})"}],
+        )
     return respond(alerts.create_rule(body), status_code=201)
 
 

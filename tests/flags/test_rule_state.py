@@ -17,10 +17,14 @@ import httpx
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from fastapi.testclient import TestClient
 from hypothesis import strategies as st
 
+import migrations
 from server.alerts.rules import OPS, RuleStates, _mad, history_points
-from server.alerts.schemas import AlertRule, SpikeCondition, ThresholdCondition
+from server.alerts.schemas import MAX_RULES_PER_PROJECT, AlertRule, SpikeCondition, ThresholdCondition
+from server.app import create_app
+from server.config import Settings
 from server.flags.detectors import MAD_TO_SIGMA, History, fast_median
 from tests.fixtures.server import LiveServer
 
@@ -199,3 +203,18 @@ def test_state_is_rebuilt_from_the_store_after_a_restart(server: LiveServer) -> 
     alerts = httpx.get(f"{server.url}/api/v1/alerts", params={"run_id": run_id}).json()["alerts"]
     fired = sorted((a["rule_name"], a["step"]) for a in alerts)
     assert fired == [("spike", 10), ("threshold", 14)]
+
+
+def test_rules_per_project_are_bounded(sqlite_url: str) -> None:
+    """Every batch evaluates its project's rules: their number is capped (422 naming the project), others unaffected."""
+    migrations.upgrade(sqlite_url)
+    condition = {"type": "threshold", "key": "loss", "op": ">", "value": 1.0}
+    with TestClient(create_app(Settings(db=sqlite_url, dashboard=False))) as client:
+        for i in range(MAX_RULES_PER_PROJECT):
+            r = client.post("/api/v1/alert-rules", json={"name": f"r{i}", "project": "busy", "condition": condition})
+            assert r.status_code == 201, r.text
+        r = client.post("/api/v1/alert-rules", json={"name": "one more", "project": "busy", "condition": condition})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "project"], r.text
+        assert f"{MAX_RULES_PER_PROJECT} alert rules" in r.text
+        other = client.post("/api/v1/alert-rules", json={"name": "r", "project": "calm", "condition": condition})
+        assert other.status_code == 201
