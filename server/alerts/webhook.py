@@ -70,6 +70,8 @@ class DeadlineExceeded(Exception):
 
 class WebhookMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        if registry is None:
+            registry = CollectorRegistry()  # never the process-wide default: several apps per process in tests
         self.deliveries = Counter(
             "mhpo_webhook_deliveries",
             "webhook delivery attempts by result (delivered, retry, failed, dropped: queue full)",
