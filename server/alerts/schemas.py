@@ -27,6 +27,10 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+WEBHOOK_URL_HELP = (
+    "http(s) URL of a public receiver: loopback, link-local, private and reserved addresses, internal names "
+    "and user:pass@ URLs are refused with a 422 unless allowed by MHPO_WEBHOOK_ALLOW_HOSTS / MHPO_WEBHOOK_ALLOW_CIDRS"
+)
 RunId = Annotated[str, Field(min_length=1, max_length=36, pattern=KEY_PATTERN)]
 
 
@@ -66,7 +70,7 @@ class AlertRuleCreate(_In):
     severity: Severity = "warning"
     cooldown_s: Annotated[float, Field(ge=0, le=365 * 86400)] = 600.0
     channels: Annotated[list[Channel], Field(min_length=1)] = ["dashboard"]
-    webhook_url: AnyHttpUrl | None = None
+    webhook_url: AnyHttpUrl | None = Field(None, description=WEBHOOK_URL_HELP)
     enabled: bool = True
 
     @model_validator(mode="after")
@@ -82,7 +86,7 @@ class AlertRulePatch(_In):
     severity: Severity | None = None
     cooldown_s: Annotated[float, Field(ge=0, le=365 * 86400)] | None = None
     channels: Annotated[list[Channel], Field(min_length=1)] | None = None
-    webhook_url: AnyHttpUrl | None = None
+    webhook_url: AnyHttpUrl | None = Field(None, description=WEBHOOK_URL_HELP)
     enabled: bool | None = None
 
 
