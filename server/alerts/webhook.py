@@ -28,6 +28,7 @@ import http
 import itertools
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -117,7 +118,7 @@ class _Budget:
 
 def _shutdown(sock: Any) -> None:
     try:
-        sock.shutdown(2)  # socket.SHUT_RDWR
+        sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
 
