@@ -12,7 +12,16 @@ import re
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
 
 MAX_STEP = 2**53
 MAX_BINS = 10_000
@@ -64,12 +73,74 @@ class OutlierIn(_In):
     zeta: float | None = None
 
 
+ItemField = Literal["scalars", "histograms", "outliers"]
+
+
+class RejectedItem(BaseModel):
+    """One item of a record the server refused while storing the rest of the record and batch."""
+
+    step: int
+    field: ItemField
+    key: str | None = Field(description="the scalar or histogram key; null for the outlier list")
+    reason: str
+
+
+def _item_of(loc: tuple[str | int, ...]) -> tuple[ItemField, str | None] | None:
+    """The item an error of a record's validation belongs to, or None for an error of the record itself."""
+    if len(loc) >= 2 and loc[0] in ("scalars", "histograms"):
+        return loc[0], str(loc[1])  # type: ignore[return-value]
+    if len(loc) >= 2 and loc[0] == "outliers" and isinstance(loc[1], int):
+        return "outliers", None
+    return None
+
+
 class RecordIn(_In):
+    """One step's items. An invalid item (a bad key, a non-number scalar, a bad histogram or outlier)
+    is refused alone and listed in `rejected_items`; an invalid step, time or envelope refuses the
+    whole request."""
+
     step: Step
     time: Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)] | None = None
     scalars: Annotated[dict[Key, float], Field(max_length=MAX_KEYS_PER_RECORD)] = {}
     histograms: Annotated[dict[Key, HistogramIn], Field(max_length=1_000)] = {}
     outliers: Annotated[list[OutlierIn], Field(max_length=MAX_OUTLIERS_PER_RECORD)] = []
+    _rejected: list[RejectedItem] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refuse_bad_items(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> RecordIn:
+        """Validate; if only items failed, drop them, validate the rest, and remember why each was dropped."""
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            if not isinstance(data, dict):
+                raise
+            errors = exc.errors()
+            items = [_item_of(tuple(e["loc"])) for e in errors]
+            if any(item is None for item in items):
+                raise
+        data = dict(data)
+        reasons: dict[tuple[ItemField, str | None], list[str]] = {}
+        for item, error in zip(items, errors, strict=True):
+            assert item is not None
+            loc = error["loc"][1:] if item[0] == "outliers" else error["loc"][2:]
+            where = ".".join("key" if part == "[key]" else str(part) for part in loc)
+            reasons.setdefault(item, []).append(f"{where}: {error['msg']}" if where else error["msg"])
+        for field_name, key in reasons:
+            if field_name == "outliers":
+                data["outliers"] = []
+            else:
+                data[field_name] = {k: v for k, v in data[field_name].items() if str(k) != key}
+        record: RecordIn = handler(data)
+        record._rejected = [
+            RejectedItem(step=record.step, field=field_name, key=key, reason="; ".join(msgs))
+            for (field_name, key), msgs in reasons.items()
+        ]
+        return record
+
+    @property
+    def rejected_items(self) -> list[RejectedItem]:
+        return self._rejected
 
     def items(self) -> int:
         """Stored items: one per scalar, one per histogram, one for the outlier list if any."""
@@ -84,6 +155,24 @@ class RecordsIn(_In):
 class RecordsOut(BaseModel):
     accepted: int = Field(description="items newly stored (one per scalar, histogram, outlier list)")
     duplicates: int = Field(description="items already stored earlier (retried or overlapping batch)")
+    rejected: list[RejectedItem] = Field(
+        default_factory=list, description="items refused one by one; the rest of their record is stored"
+    )
+
+
+class RewindIn(_In):
+    step: Annotated[int, Field(ge=-1, le=MAX_STEP, description="last step kept; -1 empties the history")]
+
+
+class RewindOut(BaseModel):
+    run_id: str
+    step: int
+    removed: dict[str, int] = Field(description="rows taken out per table: scalars, histograms, outliers, flags, alerts")
+
+
+class ForkIn(_In):
+    step: Step = Field(description="last step of the parent's history the new run starts with")
+    name: Name | None = Field(None, description="the new run's name (default: '<parent name>-fork-<step>')")
 
 
 class RunCreate(_In):
@@ -110,6 +199,8 @@ class Run(BaseModel):
     last_step: int | None
     last_seen_at: float | None
     open_flags: int
+    parent_run_id: str | None = None
+    fork_step: int | None = None
 
 
 class RunList(BaseModel):
