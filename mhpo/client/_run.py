@@ -385,6 +385,32 @@ def init(
                spool_dir=spool_dir, resume_from_step=resume_from_step, **options)
 
 
+def fork(
+    run_id: str,
+    step: int,
+    name: str | None = None,
+    server: str | None = None,
+    token: str | None = None,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """Create a new run sharing `run_id`'s history up to `step`; returns it (the server's Run JSON).
+
+    Continue it with `mhpo.init(run["project"], run["name"], run_id=run["run_id"])`. Unlike
+    `log`, this needs the server now: an outage or a refusal raises `MHPOClientError`.
+    """
+    base = (server or os.environ.get("MHPO_SERVER") or DEFAULT_SERVER).rstrip("/")
+    token = token or os.environ.get("MHPO_TOKEN") or None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body: dict[str, Any] = {"step": step} if name is None else {"step": step, "name": name}
+    try:
+        response = httpx.post(f"{base}/api/v1/runs/{run_id}/fork", json=body, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise MHPOClientError(f"server {base} unreachable, run {run_id} not forked: {exc}") from exc
+    if response.status_code != 201:
+        raise MHPOClientError(f"server {base} refused to fork run {run_id} at step {step} ({_reason(response)})")
+    return dict(response.json())
+
+
 _live_runs: set[Run] = set()  # strong references: a run dropped without finish() is still flushed at exit
 _hooks_installed = False
 _uncaught_exception = False

@@ -79,3 +79,19 @@ def test_partial_refusal_keeps_the_good_keys_and_warns_once_per_key(
     assert sorted((r["step"], sorted(r["scalars"])) for r in records) == [(1, [""]), (2, ["", "bad\x01key"])]
     reasons = [json.loads(line) for path in kept for line in path.with_suffix(".reason.txt").read_text().splitlines()]
     assert {(r["step"], r["key"]) for r in reasons} == {(1, ""), (2, ""), (2, "bad\x01key")}
+
+
+def test_fork_then_continue_the_new_run(shared_server: Target, tmp_path: Path) -> None:
+    parent = mhpo.init(PROJECT, "parent", server=shared_server.url, token=shared_server.token, spool_dir=tmp_path, **FAST)
+    for step in range(51):
+        parent.log(step, {"value": float(step)})
+    assert parent.finish(timeout=30).complete
+    child = mhpo.client.fork(parent.id, 20, name="child", server=shared_server.url, token=shared_server.token)
+    assert (child["parent_run_id"], child["fork_step"], child["project"]) == (parent.id, 20, PROJECT)
+    run = mhpo.init(child["project"], child["name"], server=shared_server.url, token=shared_server.token,
+                    spool_dir=tmp_path, run_id=child["run_id"], **FAST)
+    for step in range(21, 41):
+        run.log(step, {"value": -float(step)})
+    assert run.finish(timeout=30).complete
+    assert stored(shared_server, run.id) == {s: float(s) if s <= 20 else -float(s) for s in range(41)}
+    assert stored(shared_server, parent.id) == {s: float(s) for s in range(51)}
