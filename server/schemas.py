@@ -85,62 +85,23 @@ class RejectedItem(BaseModel):
     reason: str
 
 
-def _item_of(loc: tuple[str | int, ...]) -> tuple[ItemField, str | None] | None:
-    """The item an error of a record's validation belongs to, or None for an error of the record itself."""
-    if len(loc) >= 2 and loc[0] in ("scalars", "histograms"):
-        return loc[0], str(loc[1])  # type: ignore[return-value]
-    if len(loc) >= 2 and loc[0] == "outliers" and isinstance(loc[1], int):
-        return "outliers", None
+def _item_of(loc: tuple[str | int, ...]) -> tuple[int, ItemField, str | None] | None:
+    """(record index, field, key) of the item an error of a batch belongs to; None for any other error."""
+    if len(loc) < 4 or loc[0] != "records" or not isinstance(loc[1], int):
+        return None
+    if loc[2] in ("scalars", "histograms"):
+        return loc[1], loc[2], str(loc[3])  # type: ignore[return-value]
+    if loc[2] == "outliers" and isinstance(loc[3], int):
+        return loc[1], "outliers", None
     return None
 
 
 class RecordIn(_In):
-    """One step's items. An invalid item (a bad key, a non-number scalar, a bad histogram or outlier)
-    is refused alone and listed in `rejected_items`; an invalid step, time or envelope refuses the
-    whole request."""
-
     step: Step
     time: Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)] | None = None
     scalars: Annotated[dict[Key, float], Field(max_length=MAX_KEYS_PER_RECORD)] = {}
     histograms: Annotated[dict[Key, HistogramIn], Field(max_length=1_000)] = {}
     outliers: Annotated[list[OutlierIn], Field(max_length=MAX_OUTLIERS_PER_RECORD)] = []
-    _rejected: list[RejectedItem] = PrivateAttr(default_factory=list)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _refuse_bad_items(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> RecordIn:
-        """Validate; if only items failed, drop them, validate the rest, and remember why each was dropped."""
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            if not isinstance(data, dict):
-                raise
-            errors = exc.errors()
-            items = [_item_of(tuple(e["loc"])) for e in errors]
-            if any(item is None for item in items):
-                raise
-        data = dict(data)
-        reasons: dict[tuple[ItemField, str | None], list[str]] = {}
-        for item, error in zip(items, errors, strict=True):
-            assert item is not None
-            loc = error["loc"][1:] if item[0] == "outliers" else error["loc"][2:]
-            where = ".".join("key" if part == "[key]" else str(part) for part in loc)
-            reasons.setdefault(item, []).append(f"{where}: {error['msg']}" if where else error["msg"])
-        for field_name, key in reasons:
-            if field_name == "outliers":
-                data["outliers"] = []
-            else:
-                data[field_name] = {k: v for k, v in data[field_name].items() if str(k) != key}
-        record: RecordIn = handler(data)
-        record._rejected = [
-            RejectedItem(step=record.step, field=field_name, key=key, reason="; ".join(msgs))
-            for (field_name, key), msgs in reasons.items()
-        ]
-        return record
-
-    @property
-    def rejected_items(self) -> list[RejectedItem]:
-        return self._rejected
 
     def items(self) -> int:
         """Stored items: one per scalar, one per histogram, one for the outlier list if any."""
@@ -148,8 +109,51 @@ class RecordIn(_In):
 
 
 class RecordsIn(_In):
+    """A batch. An invalid item of a record (a bad key, a non-number scalar, a bad histogram or
+    outlier list) is refused alone, left out of `records` and listed in `rejected_items`; an
+    invalid envelope, step, time or record shape refuses the whole request."""
+
     batch_id: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
     records: list[RecordIn]
+    _rejected: list[RejectedItem] = PrivateAttr(default_factory=list)
+
+    @property
+    def rejected_items(self) -> list[RejectedItem]:
+        return self._rejected
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refuse_bad_items(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> RecordsIn:
+        """Validate; if only items failed, drop them, validate the rest, and remember why each was dropped.
+
+        One Python call per batch on the valid path: the per-item work happens only after a failure.
+        """
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            errors = exc.errors()
+            items = [_item_of(tuple(e["loc"])) for e in errors]
+            if any(item is None for item in items) or not isinstance(data, dict):
+                raise
+        reasons: dict[tuple[int, ItemField, str | None], list[str]] = {}
+        for item, error in zip(items, errors, strict=True):
+            assert item is not None
+            loc = error["loc"][3:] if item[1] == "outliers" else error["loc"][4:]
+            where = ".".join("key" if part == "[key]" else str(part) for part in loc)
+            reasons.setdefault(item, []).append(f"{where}: {error['msg']}" if where else error["msg"])
+        records = list(data["records"])
+        for i, field_name, key in reasons:
+            record = records[i] = dict(records[i])
+            if field_name == "outliers":
+                record["outliers"] = []
+            else:
+                record[field_name] = {k: v for k, v in record[field_name].items() if str(k) != key}
+        batch: RecordsIn = handler({**data, "records": records})
+        batch._rejected = [
+            RejectedItem(step=batch.records[i].step, field=field_name, key=key, reason="; ".join(msgs))
+            for (i, field_name, key), msgs in reasons.items()
+        ]
+        return batch
 
 
 class RecordsOut(BaseModel):

@@ -44,7 +44,7 @@ def post_records(
     if principal.project is not None:
         authorized_run(store, principal, run_id)
     with RUN_LOCKS[run_id.int % len(RUN_LOCKS)]:
-        result = store.write_records(str(run_id), body.batch_id, body.records)
+        result = store.write_records(str(run_id), body.batch_id, body.records, body.rejected_items)
         if result.new_records:
             for listener in request.app.state.ingest_listeners:
                 try:

@@ -89,11 +89,13 @@ class Store(abc.ABC):
     def list_projects(self) -> list[Project]: ...
 
     @abc.abstractmethod
-    def write_records(self, run_id: str, batch_id: str, records: Sequence[RecordIn]) -> WriteResult:
+    def write_records(
+        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem] = ()
+    ) -> WriteResult:
         """One transaction, idempotent by (run, batch_id) and by (run, key, step).
 
-        Items the schema refused (`RecordIn.rejected_items`) and histograms whose binning
-        differs from the run's are left out and listed in `WriteResult.rejected`.
+        `rejected`: items the schema already refused (`RecordsIn.rejected_items`); they and
+        the histograms whose binning differs from the run's are listed in `WriteResult.rejected`.
         """
 
     @abc.abstractmethod

@@ -291,9 +291,11 @@ class SqlStore(Store):
 
     # records ----------------------------------------------------------------------------
 
-    def write_records(self, run_id: str, batch_id: str, records: Sequence[RecordIn]) -> WriteResult:
+    def write_records(
+        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem] = ()
+    ) -> WriteResult:
         now = time.time()
-        rejected = [item for record in records for item in record.rejected_items]
+        rejected = list(rejected)
         with self._tx(write=True) as conn:
             last_step = self._lock_run(conn, run_id)
             fresh_batch = conn.execute(
