@@ -9,7 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+import migrations
+from server.app import create_app
+from server.config import Settings
 from server.flags.synthetic import generate_stream
 from tests.fixtures.server import LiveServer, live_server_db  # noqa: F401 - pytest fixture
 
@@ -154,3 +158,17 @@ def test_partial_refusal_keeps_the_good_items(api: Api) -> None:
         api.call("POST", f"/api/v1/runs/{run_id}/records", {"batch_id": uuid.uuid4().hex,
                                                            "records": [{"step": 3, "scalars": {"a": 1.0}}, bad]}, 422)
     assert api.series(run_id, "a") == {}
+
+
+def test_a_rewind_drops_the_flag_listeners_cached_windows(db_url: str) -> None:
+    """The listener keeps the newest points of each run in memory; after a rewind they are not the newest."""
+    migrations.upgrade(db_url)
+    with TestClient(create_app(Settings(db=db_url, dashboard=False))) as client:
+        run_id = client.post("/api/v1/runs", json={"project": "p", "name": "cache"}).json()["run_id"]
+        body = {"batch_id": "b1", "records": generate_stream(1, 60).records(0, 60)}
+        assert client.post(f"/api/v1/runs/{run_id}/records", content=json.dumps(body),
+                           headers={"content-type": "application/json"}).status_code == 200
+        cache = client.app.state.flag_monitor.cache  # type: ignore[attr-defined]
+        assert cache.get(run_id) is not None
+        assert client.post(f"/api/v1/runs/{run_id}/rewind", json={"step": 30}).status_code == 200
+        assert cache.get(run_id) is None
