@@ -12,7 +12,16 @@ import re
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
 
 MAX_STEP = 2**53
 MAX_BINS = 10_000
@@ -64,6 +73,29 @@ class OutlierIn(_In):
     zeta: float | None = None
 
 
+ItemField = Literal["scalars", "histograms", "outliers"]
+
+
+class RejectedItem(BaseModel):
+    """One item of a record the server refused while storing the rest of the record and batch."""
+
+    step: int
+    field: ItemField
+    key: str | None = Field(description="the scalar or histogram key; null for the outlier list")
+    reason: str
+
+
+def _item_of(loc: tuple[str | int, ...]) -> tuple[int, ItemField, str | None] | None:
+    """(record index, field, key) of the item an error of a batch belongs to; None for any other error."""
+    if len(loc) < 4 or loc[0] != "records" or not isinstance(loc[1], int):
+        return None
+    if loc[2] in ("scalars", "histograms"):
+        return loc[1], loc[2], str(loc[3])  # type: ignore[return-value]
+    if loc[2] == "outliers" and isinstance(loc[3], int):
+        return loc[1], "outliers", None
+    return None
+
+
 class RecordIn(_In):
     step: Step
     time: Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)] | None = None
@@ -77,13 +109,74 @@ class RecordIn(_In):
 
 
 class RecordsIn(_In):
+    """A batch. An invalid item of a record (a bad key, a non-number scalar, a bad histogram or
+    outlier list) is refused alone, left out of `records` and listed in `rejected_items`; an
+    invalid envelope, step, time or record shape refuses the whole request."""
+
     batch_id: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
     records: list[RecordIn]
+    _rejected: list[RejectedItem] = PrivateAttr(default_factory=list)
+
+    @property
+    def rejected_items(self) -> list[RejectedItem]:
+        return self._rejected
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refuse_bad_items(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> RecordsIn:
+        """Validate; if only items failed, drop them, validate the rest, and remember why each was dropped.
+
+        One Python call per batch on the valid path: the per-item work happens only after a failure.
+        """
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            errors = exc.errors()
+            items = [_item_of(tuple(e["loc"])) for e in errors]
+            if any(item is None for item in items) or not isinstance(data, dict):
+                raise
+        reasons: dict[tuple[int, ItemField, str | None], list[str]] = {}
+        for item, error in zip(items, errors, strict=True):
+            assert item is not None
+            loc = error["loc"][3:] if item[1] == "outliers" else error["loc"][4:]
+            where = ".".join("key" if part == "[key]" else str(part) for part in loc)
+            reasons.setdefault(item, []).append(f"{where}: {error['msg']}" if where else error["msg"])
+        records = list(data["records"])
+        for i, field_name, key in reasons:
+            record = records[i] = dict(records[i])
+            if field_name == "outliers":
+                record["outliers"] = []
+            else:
+                record[field_name] = {k: v for k, v in record[field_name].items() if str(k) != key}
+        batch: RecordsIn = handler({**data, "records": records})
+        batch._rejected = [
+            RejectedItem(step=batch.records[i].step, field=field_name, key=key, reason="; ".join(msgs))
+            for (i, field_name, key), msgs in reasons.items()
+        ]
+        return batch
 
 
 class RecordsOut(BaseModel):
     accepted: int = Field(description="items newly stored (one per scalar, histogram, outlier list)")
     duplicates: int = Field(description="items already stored earlier (retried or overlapping batch)")
+    rejected: list[RejectedItem] = Field(
+        default_factory=list, description="items refused one by one; the rest of their record is stored"
+    )
+
+
+class RewindIn(_In):
+    step: Annotated[int, Field(ge=-1, le=MAX_STEP, description="last step kept; -1 empties the history")]
+
+
+class RewindOut(BaseModel):
+    run_id: str
+    step: int
+    removed: dict[str, int] = Field(description="rows taken out per table: scalars, histograms, outliers, flags, alerts")
+
+
+class ForkIn(_In):
+    step: Step = Field(description="last step of the parent's history the new run starts with")
+    name: Name | None = Field(None, description="the new run's name (default: '<parent name>-fork-<step>')")
 
 
 class RunCreate(_In):
@@ -110,6 +203,8 @@ class Run(BaseModel):
     last_step: int | None
     last_seen_at: float | None
     open_flags: int
+    parent_run_id: str | None = None
+    fork_step: int | None = None
 
 
 class RunList(BaseModel):

@@ -5,7 +5,9 @@ server for the run's `last_step` and, only when it moved, fetches the steps afte
 one shown (`start=last_step+1`) and appends them to the charts with `Patch` (no figure is
 rebuilt unless a panel gains a new metric). The selected step (the latest one until the
 user clicks a point or a flag; "follow latest" returns to it) drives the split histogram,
-the outlier tokens and the dotted marker drawn on every chart.
+the outlier tokens and the dotted marker drawn on every chart. When the run's history was
+rewound (`last_step` moved back) the charts are rebuilt from the server. Rewinds and forks
+are listed under "History", and a fork links its parent.
 """
 
 from __future__ import annotations
@@ -74,7 +76,27 @@ def _event_id(event: dict[str, Any]) -> str:
     return f"{event.get('type', 'flag')}-{event.get('id')}"
 
 
+HISTORY_TYPES = ("rewind", "fork")
+
+
+def _history_list(events: list[dict[str, Any]]) -> list[Any]:
+    """Rewinds and forks of the run, oldest first, each fork linking the other run."""
+    found = sorted((e for e in events if e.get("type") in HISTORY_TYPES), key=lambda e: e.get("created_at") or 0.0)
+    if not found:
+        return [html.P("no rewinds or forks")]
+    items = []
+    for e in found:
+        evidence = e.get("evidence") or {}
+        other = evidence.get("child_run_id") or evidence.get("parent_run_id")
+        link = [" · ", dcc.Link(f"open {'fork' if 'child_run_id' in evidence else 'parent'} run",
+                               href=f"/runs/{other}", className="history-link")] if other else []
+        items.append(html.Li([html.Strong(f"step {e.get('step')} · {e.get('type')}"),
+                              html.Span(f" {e.get('message', '')}"), *link], className=f"history {e.get('type')}"))
+    return [html.Ul(items, className="history-list")]
+
+
 def _flag_list(events: list[dict[str, Any]]) -> list[Any]:
+    events = [e for e in events if e.get("type") not in HISTORY_TYPES]
     if not events:
         return [html.P("no flags or alerts")]
     items = []
@@ -93,12 +115,38 @@ def _flag_list(events: list[dict[str, Any]]) -> list[Any]:
 
 def _summary(run: dict[str, Any]) -> list[Any]:
     live = figures.is_live(run)
+    parent = run.get("parent_run_id")
     return [
         html.H2(f"{run.get('name')}"),
         html.Span(f"project {run.get('project')} · loss {run.get('loss')} · status {run.get('status')} · "
                   f"last step {run.get('last_step')} · open flags {run.get('open_flags', 0)}", id="run-facts"),
+        html.Span([" · forked from ", dcc.Link(f"run {parent[:8]}", href=f"/runs/{parent}", id="run-parent-link"),
+                   f" at step {run.get('fork_step')}"], id="run-parent") if parent else None,
         html.Span(" live" if live else "", className="badge-live" if live else ""),
     ]
+
+
+def _charts(client: ApiClient, run: dict[str, Any], keys: dict[str, Any], events: list[dict[str, Any]],
+            selected: int | None) -> tuple[dict[str, Any], dict[str, Any], Any, list[Any]]:
+    """Every chart of the run drawn from scratch: figures by name, the page state, the step views."""
+    run_id, last_step = run["run_id"], run.get("last_step")
+    (rows, data), hist, (step_fig, outlier_table) = parallel(
+        lambda: _panel_data(client, run_id, keys.get("scalars", []), end=last_step),
+        lambda: _histogram_or_none(client, run_id, HEATMAP_KEY, keys.get("histograms", []),
+                                   end=last_step, max_steps=MAX_HEATMAP_STEPS),
+        lambda: selected_step_views(client, run, selected, keys.get("histograms", [])))
+    trace_maps: dict[str, dict[str, list[int]]] = {}
+    figs = {"heatmap": figures.heatmap_figure(hist, events, selected)}
+    for name, panel_rows in rows.items():
+        figs[name], trace_maps[name] = figures.timeseries_figure(figures.PANEL_TITLES[name], panel_rows,
+                                                                 data["series"], events, selected,
+                                                                 data.get("downsampled", False))
+    has_heatmap = bool(hist and hist.get("step"))
+    state = {"run_id": run_id, "last_step": last_step, "trace_maps": trace_maps,
+             "panel_keys": {n: [k for r in p for k in r] for n, p in rows.items()},
+             "heatmap": has_heatmap, "heatmap_bins": figures.occupied_bins(hist) if has_heatmap else None,
+             "event_ids": [_event_id(e) for e in events]}
+    return figs, state, step_fig, outlier_table
 
 
 def layout(run_id: str | None = None, **_: Any) -> Any:
@@ -111,22 +159,8 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
     except ApiError as exc:
         return html.Div([html.H2("Run not available"), html.P(str(exc), className="error")])
     last_step = run.get("last_step")
-    (rows, data), hist, (step_fig, outlier_table) = parallel(
-        lambda: _panel_data(client, run_id, keys.get("scalars", []), end=last_step),
-        lambda: _histogram_or_none(client, run_id, HEATMAP_KEY, keys.get("histograms", []),
-                                   end=last_step, max_steps=MAX_HEATMAP_STEPS),
-        lambda: selected_step_views(client, run, last_step, keys.get("histograms", [])))
-    trace_maps: dict[str, dict[str, list[int]]] = {}
-    graphs = {}
-    for name, panel_rows in rows.items():
-        fig, trace_maps[name] = figures.timeseries_figure(figures.PANEL_TITLES[name], panel_rows, data["series"],
-                                                          events, last_step, data.get("downsampled", False))
-        graphs[name] = _graph(name, fig)
-    has_heatmap = bool(hist and hist.get("step"))
-    state = {"run_id": run_id, "last_step": last_step, "trace_maps": trace_maps,
-             "panel_keys": {n: [k for r in p for k in r] for n, p in rows.items()},
-             "heatmap": has_heatmap, "heatmap_bins": figures.occupied_bins(hist) if has_heatmap else None,
-             "event_ids": [_event_id(e) for e in events]}
+    figs, state, step_fig, outlier_table = _charts(client, run, keys, events, last_step)
+    graphs = {name: _graph(name, fig) for name, fig in figs.items() if name != "heatmap"}
     live_ms = refresh_interval_ms()
     return html.Div([
         html.Div(_summary(run), id="run-summary", className="summary"),
@@ -135,7 +169,7 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
         dcc.Store(id="run-state", data=state),
         dcc.Store(id="run-selected", data={"step": last_step, "follow": True}),
         dcc.Interval(id="run-live", interval=live_ms, n_intervals=0),
-        html.Section([_graph("heatmap", figures.heatmap_figure(hist, events, last_step)),
+        html.Section([_graph("heatmap", figs["heatmap"]),
                       dcc.Graph(id="run-step-histogram", figure=step_fig, config={"displaylogo": False},
                                 className="graph")], className="row two"),
         html.Section([graphs["trust_region"], graphs["hazard"]], className="row two"),
@@ -143,6 +177,7 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
         html.Section([html.Div([html.H3("Flags and alerts"), html.Div(_flag_list(events), id="run-flags")]),
                       html.Div([html.H3("Outlier tokens"), html.Div(outlier_table, id="run-outliers")])],
                      className="row two"),
+        html.Section([html.H3("History"), html.Div(_history_list(events), id="run-history")], className="row"),
     ], className="run-page")
 
 
@@ -170,6 +205,7 @@ def _events_patch(patch: Patch, new_events: list[dict[str, Any]], trace_map: dic
     Output({"type": "run-graph", "name": ALL}, "figure", allow_duplicate=True),
     Output("run-state", "data"),
     Output("run-flags", "children"),
+    Output("run-history", "children"),
     Output("run-summary", "children"),
     Output("run-selected", "data", allow_duplicate=True),
     Input("run-live", "n_intervals"),
@@ -185,10 +221,15 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
     try:
         run = client.run(run_id)
     except ApiError:
-        return [no_update] * len(names), no_update, no_update, no_update, no_update
+        return [no_update] * len(names), no_update, no_update, no_update, no_update, no_update
     last, new_last = state.get("last_step"), run.get("last_step")
+    if last is not None and (new_last is None or new_last < last):  # rewound: redraw from the server
+        keys, events = parallel(lambda: client.keys(run_id), lambda: client.events(run_id))
+        figs, new_state, _, _ = _charts(client, run, keys, events, new_last)
+        return ([figs[name] for name in names], new_state, _flag_list(events), _history_list(events), _summary(run),
+                {"step": new_last, "follow": True})
     if new_last is None or (last is not None and new_last <= last):
-        return [no_update] * len(names), no_update, no_update, _summary(run), no_update
+        return [no_update] * len(names), no_update, no_update, no_update, _summary(run), no_update
     start = None if last is None else last + 1
     keys, events = parallel(lambda: client.keys(run_id), lambda: client.events(run_id))
     seen = set(state["event_ids"])
@@ -221,7 +262,8 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
     state["last_step"] = new_last
     state["event_ids"] = [_event_id(e) for e in events]
     follow = selected if not selected.get("follow") else {"step": new_last, "follow": True}
-    return out, state, _flag_list(events) if new_events else no_update, _summary(run), follow
+    return (out, state, _flag_list(events) if new_events else no_update,
+            _history_list(events) if new_events else no_update, _summary(run), follow)
 
 
 def _heatmap_update(state: dict[str, Any], hist: dict[str, Any] | None, events: list[dict],

@@ -1,4 +1,4 @@
-"""Python client of the MHPO service: `mhpo.init`, `Run.log`, `Run.finish` (DESIGN 3.2).
+"""Python client of the MHPO service: `mhpo.init`, `Run.log`, `Run.finish`, `fork`.
 
 `log` only enqueues; a background thread batches, sends, retries with back-off, spools to
 disk while the server is unreachable and replays the spool, also after the trainer restarts.
@@ -11,6 +11,7 @@ from mhpo.client._run import (
     MHPOClientError,
     Run,
     default_spool_dir,
+    fork,
     init,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "MHPOClientError",
     "Run",
     "default_spool_dir",
+    "fork",
     "init",
 ]

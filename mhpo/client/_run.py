@@ -58,8 +58,10 @@ class FinishReport:
     disk under `spool_dir` and are replayed by the next `mhpo.init` pointed at the same
     server (any run); `dropped_records` were lost (spool full, or not JSON-serialisable);
     `rejected_records` were refused by the server (4xx) and kept under
-    `<spool root>/rejected/`. `replayed_batches` counts spooled batches this
-    process delivered, its own and those earlier processes left for the server.
+    `<spool root>/rejected/`; `rejected_items` are single scalars, histograms or outlier
+    lists the server refused while storing the rest of their record (kept there too).
+    `replayed_batches` counts spooled batches (and rewinds) this process delivered, its
+    own and those earlier processes left for the server.
     """
 
     run_id: str
@@ -71,6 +73,7 @@ class FinishReport:
     spooled_records: int
     dropped_records: int
     rejected_records: int
+    rejected_items: int
     replayed_batches: int
     spool_dir: Path
 
@@ -82,6 +85,7 @@ class FinishReport:
             and self.spooled_records == 0
             and self.dropped_records == 0
             and self.rejected_records == 0
+            and self.rejected_items == 0
         )
 
 
@@ -106,6 +110,11 @@ class Run:
 
     `log` may be called from any thread. Records logged after `finish` are ignored with a
     warning. Used as a context manager, the run finishes as "failed" when the block raises.
+
+    `resume_from_step=N` (with the `run_id` of an earlier run) rewinds the run's history to
+    end at step N before anything new is logged, so steps after N are logged as new (a
+    restart from a checkpoint never mixes two trajectories). While the server is down the
+    rewind waits in the spool ahead of the new records and is replayed first.
     """
 
     def __init__(
@@ -126,7 +135,16 @@ class Run:
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         max_backoff: float = DEFAULT_MAX_BACKOFF,
         request_timeout: float = 10.0,
+        resume_from_step: int | None = None,
     ) -> None:
+        if resume_from_step is not None:
+            if run_id is None:
+                raise ValueError("resume_from_step needs the run_id of the run to resume: mhpo.init(..., run_id=...)")
+            if type(resume_from_step) is not int or resume_from_step < -1:
+                raise ValueError(
+                    f"resume_from_step={resume_from_step!r}: give the last step to keep, an int >= 0 "
+                    "(or -1 to drop the whole history)"
+                )
         if not project or not isinstance(project, str):
             raise ValueError(f"project={project!r}: give a non-empty string, e.g. mhpo.init(project='grpo-math', ...)")
         if not name or not isinstance(name, str):
@@ -179,6 +197,8 @@ class Run:
         )
         try:
             self._create(request)
+            if resume_from_step is not None:
+                self._rewind(resume_from_step)
         except BaseException:
             client.close()
             self._lock.release()
@@ -203,6 +223,15 @@ class Run:
                 f"server {self.server} refused to create run {self.id} "
                 f"({_reason(response) if response is not None else 'refused'}); "
                 "check the token (MHPO_TOKEN, write scope), project, name and config"
+            )
+
+    def _rewind(self, step: int) -> None:
+        """Rewind now, or queue the rewind in the spool (server down, or older batches still spooled)."""
+        outcome, response = self._sender.rewind(step)
+        if outcome is not Outcome.OK:
+            raise MHPOClientError(
+                f"server {self.server} refused to rewind run {self.id} to step {step} "
+                f"({_reason(response) if response is not None else 'refused'}); check the token's scope and the run_id"
             )
 
     def log(
@@ -300,6 +329,7 @@ class Run:
                 spooled_records=sum(b.records for b in batches),
                 dropped_records=counters.dropped_records,
                 rejected_records=counters.rejected_records,
+                rejected_items=counters.rejected_items,
                 replayed_batches=counters.replayed_batches,
                 spool_dir=self.spool_dir,
             )
@@ -339,9 +369,12 @@ def init(
     token: str | None = None,
     run_id: str | None = None,
     spool_dir: str | os.PathLike[str] | None = None,
+    resume_from_step: int | None = None,
     **options: Any,
 ) -> Run:
     """Start (or, with an existing `run_id`, resume) a run and its background sender.
+
+    With `resume_from_step=N` the run's history is rewound to end at step N first (see `Run`).
 
     `server` defaults to `MHPO_SERVER`, then http://127.0.0.1:8765; `token` to `MHPO_TOKEN`;
     `spool_dir` to `MHPO_SPOOL_DIR`, then the user cache dir. Keyword `options`: see `Run`.
@@ -349,7 +382,33 @@ def init(
     """
     _install_exit_hooks()
     return Run(project, name, config=config, loss=loss, server=server, token=token, run_id=run_id,
-               spool_dir=spool_dir, **options)
+               spool_dir=spool_dir, resume_from_step=resume_from_step, **options)
+
+
+def fork(
+    run_id: str,
+    step: int,
+    name: str | None = None,
+    server: str | None = None,
+    token: str | None = None,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """Create a new run sharing `run_id`'s history up to `step`; returns it (the server's Run JSON).
+
+    Continue it with `mhpo.init(run["project"], run["name"], run_id=run["run_id"])`. Unlike
+    `log`, this needs the server now: an outage or a refusal raises `MHPOClientError`.
+    """
+    base = (server or os.environ.get("MHPO_SERVER") or DEFAULT_SERVER).rstrip("/")
+    token = token or os.environ.get("MHPO_TOKEN") or None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body: dict[str, Any] = {"step": step} if name is None else {"step": step, "name": name}
+    try:
+        response = httpx.post(f"{base}/api/v1/runs/{run_id}/fork", json=body, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise MHPOClientError(f"server {base} unreachable, run {run_id} not forked: {exc}") from exc
+    if response.status_code != 201:
+        raise MHPOClientError(f"server {base} refused to fork run {run_id} at step {step} ({_reason(response)})")
+    return dict(response.json())
 
 
 _live_runs: set[Run] = set()  # strong references: a run dropped without finish() is still flushed at exit

@@ -11,6 +11,13 @@ Per response of the server:
 - 400, 413, 422 on a batch of several records: split it in halves and send each, so one bad
   record does not take its neighbours down; a single refused record, and 401/403 on any
   batch, is kept under `<spool>/rejected/` with the server's reason, logged, never retried.
+- 2xx listing `rejected` items (a bad key, a bad histogram): the rest of the batch is
+  stored; only the refused items are kept under `<spool>/rejected/`, with a warning once
+  per key.
+
+A rewind (`mhpo.init(..., resume_from_step=N)`) goes through the same queue: sent at once
+when nothing is spooled, else spooled behind the older batches, and the records logged
+after it are spooled behind it, so the server always sees them in order.
 """
 
 from __future__ import annotations
@@ -101,6 +108,7 @@ class Counters:
     duplicate_items: int = 0
     dropped_records: int = 0
     rejected_records: int = 0
+    rejected_items: int = 0
     replayed_batches: int = 0
     status_delivered: bool = False
 
@@ -138,6 +146,7 @@ class Sender(threading.Thread):
         self._retry_at = 0.0
         self._orphans_pending = True
         self._spooled = len(spool.batches(run_id))
+        self._warned_keys: set[tuple[str, str | None]] = set()
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -223,13 +232,73 @@ class Sender(threading.Thread):
             logger.debug("mhpo run %s: records not delivered (%s); spooling", run_id, exc)
             return Outcome.RETRY, None
         outcome = classify(response.status_code, n_records)
-        if outcome is Outcome.OK and run_id == self.run_id:
-            self.counters.sent_records += n_records
+        if outcome is Outcome.OK:
             try:
-                self.counters.duplicate_items += int(response.json().get("duplicates", 0))
+                answer = json.loads(response.text)
+                duplicates, rejected = int(answer.get("duplicates", 0)), list(answer.get("rejected") or [])
             except (ValueError, AttributeError, TypeError):
-                pass  # the count is informational; the records are stored either way
+                duplicates, rejected = 0, []  # the counts are informational; the records are stored either way
+            if run_id == self.run_id:
+                self.counters.sent_records += n_records
+                self.counters.duplicate_items += duplicates
+            if rejected:
+                self._keep_refused_items(run_id, body, rejected)
         return outcome, response
+
+    def _keep_refused_items(self, run_id: str, body: bytes, rejected: list[dict[str, Any]]) -> None:
+        """Keep the items the server refused one by one (the rest is stored) under rejected/, warning once per key."""
+        try:
+            records = {r["step"]: r for r in json.loads(body)["records"]}
+        except (ValueError, KeyError, TypeError):
+            records = {}
+        kept: dict[int, dict[str, Any]] = {}
+        for item in rejected:
+            step, field_name, key = item.get("step"), item.get("field"), item.get("key")
+            source = records.get(step, {})
+            record = kept.setdefault(step, {"step": step, "time": source.get("time")})
+            if field_name == "outliers":
+                record["outliers"] = source.get("outliers", [])
+            elif field_name in ("scalars", "histograms"):
+                record.setdefault(field_name, {})[key] = source.get(field_name, {}).get(key)
+        reason = "\n".join(json.dumps(item, allow_nan=True) for item in rejected)
+        batch_id = str(uuid.uuid4())
+        path = self.spool.reject_body(
+            run_id, batch_id, len(kept), batch_body(batch_id, [encode_record(r) for r in kept.values()]), reason
+        )
+        if run_id == self.run_id:
+            self.counters.rejected_items += len(rejected)
+        for item in rejected:
+            where = (str(item.get("field")), item.get("key"))
+            if where in self._warned_keys:
+                continue
+            self._warned_keys.add(where)
+            logger.warning(
+                "mhpo server refused %s %r of run %s at step %s (%s); the step's other items are stored, the refused "
+                "ones kept at %s. Later refusals of this key are counted, not logged.",
+                where[0], where[1], run_id, item.get("step"), item.get("reason"), path,
+            )
+
+    def _post_rewind(self, run_id: str, step: int) -> tuple[Outcome, httpx.Response | None]:
+        try:
+            response = self.client.post(f"/api/v1/runs/{run_id}/rewind", json={"step": step})
+        except httpx.HTTPError as exc:
+            logger.debug("mhpo run %s: rewind to step %d not delivered (%s); spooling", run_id, step, exc)
+            return Outcome.RETRY, None
+        return classify(response.status_code), response
+
+    def rewind(self, step: int) -> tuple[Outcome, httpx.Response | None]:
+        """Before `start()`: rewind the run now, or spool the rewind behind the older spooled batches.
+
+        Returns OK once sent or spooled; any other outcome is the server's refusal.
+        """
+        if self.created and not self._spooled:
+            outcome, response = self._post_rewind(self.run_id, step)
+            if outcome is not Outcome.RETRY:
+                return outcome, response
+        if not self.spool.write_rewind(self.run_id, step):
+            raise OSError(f"the rewind of run {self.run_id} to step {step} cannot be spooled under {self.spool.root}")
+        self._spooled += 1
+        return Outcome.OK, None
 
     def create_run(self, request: dict[str, Any]) -> tuple[Outcome, httpx.Response | None]:
         """POST the run; an existing run with this id (a restarted trainer) counts as created."""
@@ -367,12 +436,19 @@ class Sender(threading.Thread):
         return True
 
     def _replay_batch(self, run_id: str, batch: SpooledBatch) -> bool | None:
-        """Send one spooled batch; None on an outage, True if it was split into new files."""
+        """Send one spooled batch (or rewind); None on an outage, True if it was split into new files."""
         try:
             body = batch.path.read_bytes()
         except FileNotFoundError:
             return False
-        outcome, response = self._post_records(run_id, body, batch.records, replay=True)
+        if batch.rewind:
+            try:
+                step = int(json.loads(body)["step"])
+            except (ValueError, KeyError, TypeError):
+                step = None
+            outcome, response = (Outcome.REJECT, None) if step is None else self._post_rewind(run_id, step)
+        else:
+            outcome, response = self._post_records(run_id, body, batch.records, replay=True)
         if outcome is Outcome.OK:
             self.counters.replayed_batches += 1
             self.spool.remove(batch.path)
@@ -386,7 +462,7 @@ class Sender(threading.Thread):
                 self._back_off()
                 return None
             outcome = Outcome.REJECT
-        if outcome is Outcome.SPLIT:
+        if outcome is Outcome.SPLIT and not batch.rewind:
             try:
                 parts = split_body(body)
             except ValueError:  # not a batch at all (damaged on disk): set it aside below
@@ -397,6 +473,10 @@ class Sender(threading.Thread):
                 self.spool.remove(batch.path)
                 return True
         reason = _reason(response) if response is not None else "refused"
+        if batch.rewind:
+            logger.error("mhpo server refused the spooled rewind of run %s (%s); not retried, kept at %s",
+                         run_id, reason, self.spool.reject(run_id, batch, reason))
+            return False
         self._log_rejected(run_id, batch.records, reason, self.spool.reject(run_id, batch, reason))
         return False
 

@@ -6,7 +6,9 @@ Layout, under the spool root (`spool_dir`, `MHPO_SPOOL_DIR`, or the user cache d
     <root>/<server key>/<run id>/run.json       creation request, until the server has the run
     <root>/<server key>/<run id>/status.json    final status, until the server has it
     <root>/<server key>/<run id>/<ns>-<batch id>-n<records>.json   one C1 batch body each
-    <root>/rejected/<run id>/...                batches the server refused with a 4xx
+    <root>/<server key>/<run id>/<ns>-<id>-rewind.json   a rewind request ({"step": N}), replayed in turn
+    <root>/rejected/<run id>/...                batches the server refused with a 4xx, and the
+                                                items it refused one by one (with a .reason.txt)
 
 The server key is a hash of the server URL, so any client pointed at that server can
 replay what an earlier process left behind. Every file is written to a temporary name,
@@ -24,6 +26,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ try:
 except ImportError:  # Windows: no advisory locks, so no replay of other processes' spools
     fcntl = None  # type: ignore[assignment]
 
-BATCH_RE = re.compile(r"^(?P<ns>\d{20})-(?P<batch_id>[0-9a-f-]{36})-n(?P<n>\d+)\.json$")
+BATCH_RE = re.compile(r"^(?P<ns>\d{20})-(?P<batch_id>[0-9a-f-]{36})-(?:n(?P<n>\d+)|(?P<rewind>rewind))\.json$")
 RUN_META = "run.json"
 STATUS_META = "status.json"
 LOCK = ".lock"
@@ -49,11 +52,13 @@ def server_key(server: str) -> str:
 
 @dataclass(frozen=True)
 class SpooledBatch:
-    """One batch file: its path, batch id and number of records (both read from the name)."""
+    """One spooled request: a batch (its path, batch id and number of records, read from the name)
+    or, with `rewind` set, a rewind of the run (no records), kept in order with the batches."""
 
     path: Path
     batch_id: str
     records: int
+    rewind: bool = False
 
 
 class RunLock:
@@ -169,6 +174,20 @@ class Spool:
         self._used += len(body)
         return True
 
+    def write_rewind(self, run_id: str, step: int) -> bool:
+        """Spool a rewind of the run behind its spooled batches; False (after a warning) if the disk refuses it."""
+        run_dir = self.run_dir(run_id)
+        body = json.dumps({"step": step}).encode()
+        path = run_dir / f"{time.time_ns():020d}-{uuid.uuid4()}-rewind.json"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_atomic(path, body)
+        except OSError as exc:
+            logger.warning("mhpo spool could not keep the rewind of run %s to step %d at %s: %s", run_id, step, path, exc)
+            return False
+        self._used += len(body)
+        return True
+
     def batches(self, run_id: str) -> list[SpooledBatch]:
         """The run's spooled batches, oldest first."""
         run_dir = self.run_dir(run_id)
@@ -178,7 +197,8 @@ class Spool:
         for path in run_dir.iterdir():
             match = BATCH_RE.match(path.name)
             if match:
-                found.append(SpooledBatch(path, match["batch_id"], int(match["n"])))
+                rewind = match["rewind"] is not None
+                found.append(SpooledBatch(path, match["batch_id"], 0 if rewind else int(match["n"]), rewind))
         return sorted(found, key=lambda b: b.path.name)
 
     def remove(self, path: Path) -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -157,9 +158,11 @@ class Trainer:
 
         self.run = run
         if self.run is None and cfg.stream and self.dist.is_main:
+            # Resuming: the run's history is rewound to the checkpoint's last optimizer step, so the
+            # steps logged after the checkpoint by the interrupted process give way to the new ones.
             self.run = mhpo.client.init(
                 cfg.project, cfg.run_name, config=cfg.to_dict(), loss=cfg.loss, server=cfg.server,
-                token=cfg.token, run_id=run_id,
+                token=cfg.token, run_id=run_id, resume_from_step=self.opt_step - 1 if run_id is not None else None,
             )
         self.run_url: str | None = self.run.url if self.run is not None else None
 
@@ -204,13 +207,19 @@ class Trainer:
         return state.get("run_id")
 
     def save_checkpoint(self, directory: str | Path | None = None) -> Path:
-        """Model, tokenizer, optimizer, scheduler, counters and every RNG state, under step-N."""
+        """Model, tokenizer, optimizer, scheduler, counters and every RNG state, under step-N.
+
+        Written under `.tmp-step-N` and renamed when complete, so a process killed while
+        saving never leaves a partial `step-N` for `--resume latest` to pick.
+        """
         root = Path(directory or self.cfg.checkpoint_dir or "checkpoints")
         path = root / f"step-{self.rollout_step}"
+        tmp = root / f".tmp-step-{self.rollout_step}"
         if self.dist.is_main:
-            path.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(path)
-            self.tokenizer.save_pretrained(path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
@@ -221,10 +230,14 @@ class Trainer:
                     "run_id": self.run.id if self.run is not None else None,
                     "config": self.cfg.to_dict(),
                 },
-                path / STATE_FILE,
+                tmp / STATE_FILE,
             )
         distributed.barrier()
-        torch.save({"rng": _rng_state(), "data_rng": self.data_rng.getstate()}, path / f"rng-rank{self.dist.rank}.pt")
+        torch.save({"rng": _rng_state(), "data_rng": self.data_rng.getstate()}, tmp / f"rng-rank{self.dist.rank}.pt")
+        distributed.barrier()
+        if self.dist.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
         distributed.barrier()
         return path
 

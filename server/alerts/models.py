@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Double, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Double, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from server.store.models import NAME_LENGTH, Base, JSONText
@@ -43,7 +43,15 @@ class AlertRow(Base):
     """A fired alert; `rule_name` is copied so the history survives the rule's deletion."""
 
     __tablename__ = "alerts"
-    __table_args__ = (UniqueConstraint("rule_id", "run_id", "step"), Index(None, "run_id", "step"))
+    # One alert per (rule, run, step) of the run's current history: a rewound alert stays for the
+    # record and the same step may fire again on the new trajectory.
+    __table_args__ = (
+        Index(
+            "uq_alerts_rule_id_run_id_step", "rule_id", "run_id", "step", unique=True,
+            sqlite_where=text("rewound_at IS NULL"), postgresql_where=text("rewound_at IS NULL"),
+        ),
+        Index(None, "run_id", "step"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     rule_id: Mapped[int | None] = mapped_column(ForeignKey("alert_rules.id", ondelete="SET NULL"), nullable=True)
     rule_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
@@ -59,3 +67,4 @@ class AlertRow(Base):
     delivery_attempts: Mapped[int] = mapped_column(Integer)
     delivery_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     delivered_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    rewound_at: Mapped[float | None] = mapped_column(Double, nullable=True)

@@ -133,6 +133,7 @@ class Alert(BaseModel):
     delivery_attempts: int
     delivery_error: str | None
     delivered_at: float | None
+    rewound_at: float | None = Field(None, description="when a rewind of the run took this alert's step out of its history")
 
 
 class AlertList(BaseModel):

@@ -153,7 +153,7 @@ class AlertStore:
         stmt = (
             self._insert(AlertRow.__table__)
             .values(**row)
-            .on_conflict_do_nothing(index_elements=["rule_id", "run_id", "step"])
+            .on_conflict_do_nothing(index_elements=["rule_id", "run_id", "step"], index_where=AlertRow.rewound_at.is_(None))
             .returning(AlertRow.id)
         )
         with self._tx() as conn:

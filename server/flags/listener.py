@@ -143,6 +143,10 @@ class IngestMonitor:
             self._merged[project] = found
         return found[1]
 
+    def forget(self, run_id: str) -> None:
+        """Drop the run's cached windows (its history was rewound): the next batch reads them from the store."""
+        self.cache.drop(run_id)
+
     def __call__(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> list[Flag]:
         try:
             return self._evaluate(store, run_id, new_records)

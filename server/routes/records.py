@@ -1,4 +1,5 @@
-"""POST /api/v1/runs/{run_id}/records: idempotent, all-or-nothing ingest of a batch (contract C1)."""
+"""A run's history: POST .../records (idempotent ingest of a batch, one transaction, contract C1),
+POST .../rewind (the history ends at a step) and POST .../fork (a new run sharing the history up to a step)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter, HTTPException, Request
 from server.deps import MetricsDep, SettingsDep, StoreDep, WriteAccess
 from server.responses import NaNJSONResponse, respond
 from server.routes.runs import authorized_run
-from server.schemas import RecordsIn, RecordsOut
+from server.schemas import ForkIn, RecordsIn, RecordsOut, RewindIn, RewindOut, Run
 
 router = APIRouter(prefix="/api/v1/runs", tags=["records"])
 log = logging.getLogger(__name__)
@@ -29,7 +30,9 @@ def post_records(
     """Stores the batch in one transaction, committed before answering; then runs the ingest listeners.
 
     A batch id seen before for this run stores nothing (all items count as duplicates); items
-    already stored under (run, key, step) by another batch are skipped and counted too.
+    already stored under (run, key, step) by another batch are skipped and counted too. An
+    invalid item (bad key, non-number scalar, bad histogram or outlier, a histogram binning
+    that differs from the run's) is refused alone and listed in `rejected`; the rest is stored.
     """
     if len(body.records) > settings.max_records_per_batch:
         raise HTTPException(
@@ -41,7 +44,7 @@ def post_records(
     if principal.project is not None:
         authorized_run(store, principal, run_id)
     with RUN_LOCKS[run_id.int % len(RUN_LOCKS)]:
-        result = store.write_records(str(run_id), body.batch_id, body.records)
+        result = store.write_records(str(run_id), body.batch_id, body.records, body.rejected_items)
         if result.new_records:
             for listener in request.app.state.ingest_listeners:
                 try:
@@ -55,4 +58,29 @@ def post_records(
         metrics.rows.labels(table).inc(count)
     if request.headers.get("x-mhpo-replay") == "1":
         metrics.spool_replays.inc()
-    return respond(RecordsOut(accepted=result.accepted, duplicates=result.duplicates))
+    return respond(RecordsOut(accepted=result.accepted, duplicates=result.duplicates, rejected=result.rejected))
+
+
+@router.post("/{run_id}/rewind", response_model=RewindOut, tags=["runs"])
+def rewind_run(run_id: uuid.UUID, body: RewindIn, request: Request, store: StoreDep, principal: WriteAccess) -> NaNJSONResponse:
+    """The run's history ends at `step`: later scalars, histograms, outliers and flags are deleted,
+    later fired alerts are marked rewound, and later steps may be logged again as new.
+
+    Idempotent. Batch ids sent before stay known, so a pre-rewind batch re-sent later stores nothing.
+    """
+    authorized_run(store, principal, run_id)
+    with RUN_LOCKS[run_id.int % len(RUN_LOCKS)]:
+        result = store.rewind(str(run_id), body.step)
+        for listener in request.app.state.ingest_listeners:
+            forget = getattr(listener, "forget", None)
+            if forget is not None:
+                forget(str(run_id))  # cached windows may hold rewound points
+    return respond(result)
+
+
+@router.post("/{run_id}/fork", response_model=Run, status_code=201, tags=["runs"])
+def fork_run(run_id: uuid.UUID, body: ForkIn, store: StoreDep, principal: WriteAccess) -> NaNJSONResponse:
+    """A new run in the parent's project with a copy of its history up to `step` (flags included);
+    it carries `parent_run_id` and `fork_step` and continues on its own."""
+    authorized_run(store, principal, run_id)
+    return respond(store.fork(str(run_id), body.step, body.name), status_code=201)

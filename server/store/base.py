@@ -23,6 +23,8 @@ from server.schemas import (
     OutliersOut,
     Project,
     RecordIn,
+    RejectedItem,
+    RewindOut,
     Run,
     RunCreate,
     ScalarsOut,
@@ -63,6 +65,7 @@ class WriteResult:
     duplicates: int
     new_records: list[RecordIn] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
+    rejected: list[RejectedItem] = field(default_factory=list)
 
 
 class Store(abc.ABC):
@@ -86,8 +89,26 @@ class Store(abc.ABC):
     def list_projects(self) -> list[Project]: ...
 
     @abc.abstractmethod
-    def write_records(self, run_id: str, batch_id: str, records: Sequence[RecordIn]) -> WriteResult:
-        """All-or-nothing and idempotent by (run, batch_id) and by (run, key, step)."""
+    def write_records(
+        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem] = ()
+    ) -> WriteResult:
+        """One transaction, idempotent by (run, batch_id) and by (run, key, step).
+
+        `rejected`: items the schema already refused (`RecordsIn.rejected_items`); they and
+        the histograms whose binning differs from the run's are listed in `WriteResult.rejected`.
+        """
+
+    @abc.abstractmethod
+    def rewind(self, run_id: str, step: int) -> RewindOut:
+        """End the run's history at `step`: later data and flags deleted, later alerts marked rewound.
+
+        Batch ids stay remembered, so a batch sent before the rewind stores nothing when re-sent.
+        Idempotent: a rewind that finds nothing after `step` changes nothing and adds no event.
+        """
+
+    @abc.abstractmethod
+    def fork(self, run_id: str, step: int, name: str | None) -> Run:
+        """A new run in the parent's project holding a copy of the parent's history up to `step`."""
 
     @abc.abstractmethod
     def list_keys(self, run_id: str) -> Keys: ...

@@ -78,6 +78,8 @@ class RunRow(Base):
     updated_at: Mapped[float] = mapped_column(Double)
     last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_seen_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    parent_run_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    fork_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class ScalarRow(Base):

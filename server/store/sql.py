@@ -22,7 +22,21 @@ from typing import Any
 
 import numpy as np
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, event, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import column as sql_column
 from sqlalchemy import table as sql_table
 from sqlalchemy.dialects import postgresql, sqlite
@@ -38,6 +52,8 @@ from server.schemas import (
     OutliersOut,
     Project,
     RecordIn,
+    RejectedItem,
+    RewindOut,
     Run,
     RunCreate,
     ScalarsOut,
@@ -58,12 +74,15 @@ from server.store.models import (
 
 IN_CHUNK = 500  # values per IN (...) list: far below SQLite's 32,766 and PostgreSQL's 65,535 bind parameters
 OPEN_SEVERITIES = ("warning", "critical")
+HISTORY_KINDS = ("rewind", "fork")  # events about the run's history, not flags: kept by a rewind, not copied by a fork
 BULK_COLUMNS = {
     "scalars": ("run_id", "key", "step", "value", "is_nan", "time"),
     "histograms": ("run_id", "key", "step", "lo", "hi", "bins", "counts", "stats", "time"),
     "outliers": ("run_id", "step", "data", "time"),
 }
 NAN = math.nan
+# The alerts table belongs to server.alerts (which imports this package): named here by its columns only.
+ALERTS = sql_table("alerts", sql_column("run_id"), sql_column("step"), sql_column("rewound_at"))
 COUNT_DTYPE = np.dtype("<i8")  # histogram blobs: [underflow, overflow, *counts]
 STAT_DTYPE = np.dtype("<f8")  # [min, max, sum, sumsq]
 
@@ -197,7 +216,7 @@ class SqlStore(Store):
         return select(
             RunRow.run_id, ProjectRow.name.label("project"), RunRow.name, RunRow.loss, RunRow.config,
             RunRow.status, RunRow.created_at, RunRow.updated_at, RunRow.last_step, RunRow.last_seen_at,
-            open_flags.label("open_flags"),
+            open_flags.label("open_flags"), RunRow.parent_run_id, RunRow.fork_step,
         ).join(ProjectRow, ProjectRow.id == RunRow.project_id)
 
     @staticmethod
@@ -272,19 +291,23 @@ class SqlStore(Store):
 
     # records ----------------------------------------------------------------------------
 
-    def write_records(self, run_id: str, batch_id: str, records: Sequence[RecordIn]) -> WriteResult:
+    def write_records(
+        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem] = ()
+    ) -> WriteResult:
         now = time.time()
-        total = sum(record.items() for record in records)
+        rejected = list(rejected)
         with self._tx(write=True) as conn:
             last_step = self._lock_run(conn, run_id)
             fresh_batch = conn.execute(
-                self._add_batch, {"run_id": run_id, "batch_id": batch_id, "items": total, "created_at": now}
+                self._add_batch,
+                {"run_id": run_id, "batch_id": batch_id, "items": sum(r.items() for r in records), "created_at": now},
             ).first()
             if fresh_batch is None:
-                return WriteResult(accepted=0, duplicates=total)
+                return WriteResult(accepted=0, duplicates=sum(r.items() for r in records), rejected=rejected)
             if not records:
                 return WriteResult(accepted=0, duplicates=0)
-            self._check_binning(conn, run_id, records)
+            records = self._check_binning(conn, run_id, records, rejected)
+            total = sum(record.items() for record in records)
             scalar_rows, hist_rows, outlier_rows = _rows(run_id, records, now)
             steps = [r.step for r in records]
             first, top = min(steps), max(steps)
@@ -304,7 +327,9 @@ class SqlStore(Store):
             last = top if last_step is None else max(top, last_step)
             conn.execute(self._touch_run, {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now})
         accepted = sum(counts.values())
-        return WriteResult(accepted=accepted, duplicates=total - accepted, new_records=new_records, rows=counts)
+        return WriteResult(
+            accepted=accepted, duplicates=total - accepted, new_records=new_records, rows=counts, rejected=rejected
+        )
 
     def _lock_run(self, conn: Connection, run_id: str) -> int | None:
         """The run's last step, locking its row on PostgreSQL so writers to one run take turns.
@@ -344,9 +369,15 @@ class SqlStore(Store):
         params = [dict(zip(columns, row)) for row in rows]
         return {tuple(row) if len(key) > 1 else row[0] for row in conn.execute(stmt, params)}
 
-    def _check_binning(self, conn: Connection, run_id: str, records: Sequence[RecordIn]) -> None:
-        """A histogram key keeps one binning (lo, hi, bins) for the whole run, so steps line up and merge exactly."""
+    def _check_binning(
+        self, conn: Connection, run_id: str, records: Sequence[RecordIn], rejected: list[RejectedItem]
+    ) -> Sequence[RecordIn]:
+        """A histogram key keeps one binning (lo, hi, bins) for the whole run, so steps line up and merge exactly.
+
+        A histogram with another binning is refused alone (appended to `rejected`); returns the records without them.
+        """
         seen: dict[str, tuple[float, float, int]] = {}
+        refused: dict[int, set[str]] = {}
         for i, record in enumerate(records):
             for key, hist in record.histograms.items():
                 binning = (hist.lo, hist.hi, len(hist.counts))
@@ -359,11 +390,88 @@ class SqlStore(Store):
                     seen[key] = tuple(row) if row is not None else binning  # type: ignore[assignment]
                 if seen[key] != binning:
                     lo, hi, bins = seen[key]
-                    raise Invalid(
-                        ("records", i, "histograms", key),
-                        f"binning (lo={hist.lo}, hi={hist.hi}, bins={len(hist.counts)}) differs from this run's "
-                        f"(lo={lo}, hi={hi}, bins={bins}); keep one binning per key or log under a new key",
-                    )
+                    refused.setdefault(i, set()).add(key)
+                    rejected.append(RejectedItem(
+                        step=record.step, field="histograms", key=key,
+                        reason=f"binning (lo={hist.lo}, hi={hist.hi}, bins={len(hist.counts)}) differs from this "
+                               f"run's (lo={lo}, hi={hi}, bins={bins}); keep one binning per key or log under a new key",
+                    ))
+        if not refused:
+            return records
+        return [
+            r.model_copy(update={"histograms": {k: h for k, h in r.histograms.items() if k not in refused[i]}})
+            if i in refused else r
+            for i, r in enumerate(records)
+        ]
+
+    # rewind and fork --------------------------------------------------------------------
+
+    def rewind(self, run_id: str, step: int) -> RewindOut:
+        now = time.time()
+        removed: dict[str, int] = {}
+        with self._tx(write=True) as conn:
+            last_step = self._lock_run(conn, run_id)
+            for name, table in (("scalars", ScalarRow), ("histograms", HistogramRow), ("outliers", OutlierRow)):
+                removed[name] = conn.execute(delete(table).where(table.run_id == run_id, table.step > step)).rowcount
+            removed["flags"] = conn.execute(
+                delete(EventRow).where(EventRow.run_id == run_id, EventRow.step > step, EventRow.kind.not_in(HISTORY_KINDS))
+            ).rowcount
+            removed["alerts"] = conn.execute(
+                update(ALERTS)
+                .where(ALERTS.c.run_id == run_id, ALERTS.c.step > step, ALERTS.c.rewound_at.is_(None))
+                .values(rewound_at=now)
+            ).rowcount
+            moved = last_step is not None and last_step > step
+            if moved or any(removed.values()):
+                new_last = None if step < 0 or last_step is None else min(last_step, step)
+                conn.execute(update(RunRow).where(RunRow.run_id == run_id).values(last_step=new_last, updated_at=now))
+                summary = ", ".join(f"{n} {name}" for name, n in removed.items() if n) or "nothing stored"
+                values = {
+                    "message": f"history rewound to step {step}: removed {summary} after it",
+                    "evidence": {"removed": removed, "previous_last_step": last_step},
+                    "created_at": now,
+                }
+                stmt = self._insert(EventRow.__table__).values(
+                    run_id=run_id, step=max(step, 0), kind="rewind", severity="info", detector="rewind", **values
+                )
+                conn.execute(stmt.on_conflict_do_update(index_elements=["run_id", "kind", "detector", "step"], set_=values))
+        return RewindOut(run_id=run_id, step=step, removed=removed)
+
+    def fork(self, run_id: str, step: int, name: str | None) -> Run:
+        now = time.time()
+        child = str(uuid.uuid4())
+        with self._tx(write=True) as conn:
+            parent_last = self._lock_run(conn, run_id)
+            parent = conn.execute(select(RunRow.__table__).where(RunRow.run_id == run_id)).one()
+            child_name = name or f"{parent.name}-fork-{step}"
+            conn.execute(insert(RunRow).values(
+                run_id=child, project_id=parent.project_id, name=child_name, loss=parent.loss, config=parent.config,
+                status="running", created_at=now, updated_at=now, last_seen_at=None,
+                last_step=None if parent_last is None else min(parent_last, step),
+                parent_run_id=run_id, fork_step=step,
+            ))
+            for table in (ScalarRow, HistogramRow, OutlierRow):
+                columns = [c.name for c in table.__table__.columns if c.name != "run_id"]
+                source = select(literal(child), *(table.__table__.c[c] for c in columns)).where(
+                    table.run_id == run_id, table.step <= step
+                )
+                conn.execute(insert(table).from_select(["run_id", *columns], source))
+            flag_columns = ["step", "kind", "severity", "detector", "message", "evidence", "created_at"]
+            conn.execute(insert(EventRow).from_select(
+                ["run_id", *flag_columns],
+                select(literal(child), *(EventRow.__table__.c[c] for c in flag_columns)).where(
+                    EventRow.run_id == run_id, EventRow.step <= step, EventRow.kind.not_in(HISTORY_KINDS)
+                ),
+            ))
+            conn.execute(insert(EventRow), [
+                {"run_id": child, "step": step, "kind": "fork", "severity": "info", "detector": "fork",
+                 "message": f"forked from run {parent.name!r} ({run_id}) at step {step}",
+                 "evidence": {"parent_run_id": run_id, "fork_step": step}, "created_at": now},
+                {"run_id": run_id, "step": step, "kind": "fork", "severity": "info", "detector": child,
+                 "message": f"forked into run {child_name!r} ({child}) at step {step}",
+                 "evidence": {"child_run_id": child, "fork_step": step}, "created_at": now},
+            ])
+            return self._fetch_run(conn, child)
 
     # reads ------------------------------------------------------------------------------
 
@@ -594,7 +702,10 @@ class SqlStore(Store):
         ).where(EventRow.run_id == run_id).order_by(EventRow.step, EventRow.id)
         with self._tx() as conn:
             self._require_run(conn, run_id)
-            return [Event(**row._mapping) for row in conn.execute(query)]
+            return [
+                Event(**row._mapping, type=row.kind if row.kind in HISTORY_KINDS else "flag")
+                for row in conn.execute(query)
+            ]
 
     # tokens -----------------------------------------------------------------------------
 

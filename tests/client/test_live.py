@@ -62,15 +62,14 @@ def test_one_bad_record_is_refused_alone(
 ) -> None:
     run = mhpo.init(PROJECT, "refusal", server=shared_sqlite_server.url, token=shared_sqlite_server.token,
                     spool_dir=tmp_path, batch_size=1000, flush_interval=5.0)
-    bad = {**histogram(0), "lo": 1.0, "hi": 1.0}
     with caplog.at_level(logging.ERROR, logger="mhpo.client"):
-        for step in range(100):
-            run.log(step, scalars(step), histograms={"log_ratio": bad if step == 42 else histogram(step)})
+        for step in range(100):  # a time before 1970 is an error of the record itself, not of one item
+            run.log(step, scalars(step), histograms={"log_ratio": histogram(step)}, time=-1.0 if step == 42 else None)
         report = run.finish(timeout=30)
     assert report.rejected_records == 1 and report.sent_records == 99 and report.spooled_records == 0
     assert sorted(shared_sqlite_server.stored_steps(run.id, "train/loss")) == [s for s in range(100) if s != 42]
     reasons = list((tmp_path / "rejected" / run.id).glob("*.reason.txt"))
-    assert len(reasons) == 1 and "422" in reasons[0].read_text() and "lo" in reasons[0].read_text()
+    assert len(reasons) == 1 and "422" in reasons[0].read_text() and "time" in reasons[0].read_text()
     assert "refused 1 record(s)" in caplog.text
 
 

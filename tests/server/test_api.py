@@ -32,9 +32,9 @@ def test_records_round_trip_with_nonfinite_tokens(client: TestClient) -> None:
                   "histograms": {"log_ratio": HIST},
                   "outliers": [{"sample": 0, "position": 1, "token_id": 2, "text": "x", "x": 1.0, "A": 1.0, "zeta": None}]})
     response = post_json(client, f"/api/v1/runs/{run_id}/records", body)
-    assert response.status_code == 200 and response.json() == {"accepted": 5, "duplicates": 0}
+    assert response.status_code == 200 and response.json() == {"accepted": 5, "duplicates": 0, "rejected": []}
     again = post_json(client, f"/api/v1/runs/{run_id}/records", body)
-    assert again.json() == {"accepted": 0, "duplicates": 5}
+    assert again.json() == {"accepted": 0, "duplicates": 5, "rejected": []}
     raw = client.get(f"/api/v1/runs/{run_id}/scalars", params={"keys": "a,b,c"}).text
     assert '"value":[NaN]' in raw and '"value":[Infinity]' in raw and '"value":[-Infinity]' in raw
     scalars = json.loads(raw)
@@ -47,7 +47,7 @@ def test_records_round_trip_with_nonfinite_tokens(client: TestClient) -> None:
     events = client.get(f"/api/v1/runs/{run_id}/events").json()["events"]
     assert run["open_flags"] == sum(e["type"] == "flag" and e["severity"] != "info" for e in events)
     assert set(run) == {"run_id", "project", "name", "loss", "config", "status", "created_at", "updated_at",
-                        "last_step", "last_seen_at", "open_flags"}
+                        "last_step", "last_seen_at", "open_flags", "parent_run_id", "fork_step"}
     assert client.get("/api/v1/runs", params={"project": "p"}).json()["runs"][0]["run_id"] == run_id
     assert client.get("/api/v1/runs", params={"project": "nope"}).json() == {"runs": []}
     projects = client.get("/api/v1/projects").json()["projects"]
@@ -70,16 +70,22 @@ BAD_RECORDS = [
     ({"step": -1}, "step"),
     ({"step": 2**60}, "step"),
     ({"step": "one"}, "step"),
-    ({"step": 0, "scalars": {"a": "x"}}, "a"),
-    ({"step": 0, "scalars": {"": 1.0}}, "scalars"),
     ({"step": 0, "time": math.nan}, "time"),
-    ({"step": 0, "histograms": {"h": {**HIST, "lo": 2.0, "hi": 2.0}}}, "h"),
-    ({"step": 0, "histograms": {"h": {**HIST, "lo": math.nan}}}, "lo"),
-    ({"step": 0, "histograms": {"h": {**HIST, "hi": math.inf}}}, "hi"),
-    ({"step": 0, "histograms": {"h": {**HIST, "counts": [1, -1]}}}, "counts"),
-    ({"step": 0, "histograms": {"h": {**HIST, "counts": []}}}, "counts"),
-    ({"step": 0, "outliers": [{"sample": 0, "position": -2, "x": 0.0, "A": 0.0}]}, "position"),
+    ({"step": 0, "scalars": [1.0]}, "scalars"),
+    ({"step": 0, "histograms": {"h": [1]}, "outliers": {}}, "outliers"),
     ({"step": 0, "scalarz": {}}, "scalarz"),
+]
+BAD_ITEMS = [  # (record, field, key, a word of the reason): refused alone, the rest is stored
+    ({"step": 0, "scalars": {"a": "x", "ok": 1.0}}, "scalars", "a", "number"),
+    ({"step": 0, "scalars": {"": 1.0, "ok": 1.0}}, "scalars", "", "key"),
+    ({"step": 0, "scalars": {"a\x01": 1.0, "ok": 1.0}}, "scalars", "a\x01", "key"),
+    ({"step": 0, "histograms": {"h": {**HIST, "lo": 2.0, "hi": 2.0}}, "scalars": {"ok": 1.0}}, "histograms", "h", "lo"),
+    ({"step": 0, "histograms": {"h": {**HIST, "lo": math.nan}}, "scalars": {"ok": 1.0}}, "histograms", "h", "lo"),
+    ({"step": 0, "histograms": {"h": {**HIST, "hi": math.inf}}, "scalars": {"ok": 1.0}}, "histograms", "h", "hi"),
+    ({"step": 0, "histograms": {"h": {**HIST, "counts": [1, -1]}}, "scalars": {"ok": 1.0}}, "histograms", "h", "counts"),
+    ({"step": 0, "histograms": {"h": {**HIST, "counts": []}}, "scalars": {"ok": 1.0}}, "histograms", "h", "counts"),
+    ({"step": 0, "outliers": [{"sample": 0, "position": -2, "x": 0.0, "A": 0.0}], "scalars": {"ok": 1.0}},
+     "outliers", None, "position"),
 ]
 
 
@@ -91,6 +97,19 @@ def test_bad_records_get_422_naming_the_field(client: TestClient, record: dict[s
     assert response.status_code == 422, response.text
     assert any(field in map(str, error["loc"]) for error in response.json()["detail"]), response.text
     assert client.get(f"/api/v1/runs/{run_id}/keys").json()["scalars"] == [], "no partial write"
+
+
+@pytest.mark.parametrize(("record", "field", "key", "word"), BAD_ITEMS, ids=[f"{f}-{w}" for _, f, _, w in BAD_ITEMS])
+def test_bad_items_are_refused_alone(client: TestClient, record: dict[str, Any], field: str, key: str | None,
+                                     word: str) -> None:
+    run_id = new_run(client)
+    response = post_json(client, f"/api/v1/runs/{run_id}/records", batch({"step": 1, "scalars": {"kept": 1.0}}, record))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["accepted"], answer["duplicates"]) == (2, 0)
+    [refused] = answer["rejected"]
+    assert (refused["step"], refused["field"], refused["key"]) == (0, field, key) and word in refused["reason"]
+    assert client.get(f"/api/v1/runs/{run_id}/keys").json() == {"scalars": ["kept", "ok"], "histograms": []}
 
 
 def test_other_bad_requests_are_4xx(client: TestClient) -> None:
@@ -114,7 +133,9 @@ def test_other_bad_requests_are_4xx(client: TestClient) -> None:
     binning = [batch({"step": 0, "histograms": {"h": HIST}}), batch({"step": 1, "histograms": {"h": {**HIST, "hi": 3.0}}})]
     assert post_json(client, f"/api/v1/runs/{run_id}/records", binning[0]).status_code == 200
     changed = post_json(client, f"/api/v1/runs/{run_id}/records", binning[1])
-    assert changed.status_code == 422 and changed.json()["detail"][0]["loc"] == ["body", "records", 0, "histograms", "h"]
+    assert changed.status_code == 200 and changed.json()["accepted"] == 0
+    assert [(r["step"], r["key"]) for r in changed.json()["rejected"]] == [(1, "h")]
+    assert "binning" in changed.json()["rejected"][0]["reason"]
 
 
 @pytest.fixture
@@ -184,8 +205,8 @@ def test_ingest_listeners_get_only_new_records(app: FastAPI) -> None:
         url = f"/api/v1/runs/{run_id}/records"
         assert post_json(client, url, batch(*({"step": s, "scalars": {"a": 1.0}} for s in range(3)))).status_code == 200
         overlap = batch(*({"step": s, "scalars": {"a": 2.0}} for s in range(2, 5)))
-        assert post_json(client, url, overlap).json() == {"accepted": 2, "duplicates": 1}
-        assert post_json(client, url, overlap).json() == {"accepted": 0, "duplicates": 3}
+        assert post_json(client, url, overlap).json() == {"accepted": 2, "duplicates": 1, "rejected": []}
+        assert post_json(client, url, overlap).json() == {"accepted": 0, "duplicates": 3, "rejected": []}
         metrics = client.get("/metrics").text
     assert [[r.step for r in records] for _, records in seen] == [[0, 1, 2], [3, 4]]
     assert all(isinstance(r, RecordIn) for _, records in seen for r in records) and seen[0][0] == run_id
