@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, event, func, select, text, update
+from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, delete, event, func, select, text, update
 from sqlalchemy import column as sql_column
 from sqlalchemy import table as sql_table
 from sqlalchemy.dialects import postgresql, sqlite
@@ -618,6 +618,11 @@ class SqlStore(Store):
                 )
             ).first()
         return None if row is None else TokenInfo(**row._mapping)
+
+    def revoke_token(self, token: str) -> bool:
+        with self._tx(write=True) as conn:
+            deleted = conn.execute(delete(ApiTokenRow).where(ApiTokenRow.token_hash == hash_token(token)))
+        return deleted.rowcount > 0
 
 
 def _dumps(value: Any) -> str:
