@@ -8,6 +8,7 @@ origin check, and revocation; a headless Chromium logs in, reads a run page and 
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -179,3 +180,22 @@ def test_browser_is_sent_to_the_form_logs_in_reads_a_run_and_logs_out(
     page.goto(run_url)
     page.wait_for_selector("#login-token")
     assert page.url.startswith(f"{server.url}/login?next=")
+
+
+def test_a_public_dashboard_shows_its_read_tokens_project_without_a_login(secured: Any) -> None:
+    """MHPO_DASHBOARD_PUBLIC_TOKEN: no login needed, only that project, read-only; logging in still works."""
+    server, tokens, run_ids = secured
+    store = open_store(server.db_url)
+    public_token = store.create_token("alpha", "read")
+    store.close()
+    env = {"MHPO_AUTH": "true", "MHPO_DASHBOARD_SECRET": secrets.token_urlsafe(32),
+           "MHPO_DASHBOARD_PUBLIC_TOKEN": public_token}
+    with LiveServer(server.db_url, env=env) as public, httpx.Client(base_url=public.url, timeout=60) as anonymous:
+        assert anonymous.get("/").status_code == 200
+        runs = _refresh_runs(anonymous)
+        assert runs.status_code == 200 and "alpha-run" in runs.text and "beta-run" not in runs.text
+        assert "Run not available" in _route(anonymous, f"/runs/{run_ids['beta']}").text
+        layout = json.dumps(anonymous.get("/_dash-layout").json(), ensure_ascii=False)
+        assert "public · alpha · read" in layout and "nav-login" in layout
+        with _login(public, tokens["beta-read"]) as beta:
+            assert "beta-run" in _refresh_runs(beta).text
