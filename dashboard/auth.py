@@ -22,6 +22,7 @@ import base64
 import hashlib
 import html
 import os
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ VIEWER_KEY = "mhpo_viewer"
 MAX_TOKEN_CHARS = 512
 PUBLIC_PATHS = ("assets/", "_dash-component-suites/", "_favicon.ico")
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+LOCAL_PATH = re.compile(r"/(?!/)[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*")  # a path, no host, no whitespace or backslash
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,8 @@ def install_login(app: flask.Flask, api: ApiClient, sessions: Sessions, requests
         return {"path": requests_prefix, "httponly": True, "samesite": "Lax", "secure": secure}
 
     def local_next(target: str | None) -> str:
-        """`target` if it is a path of this dashboard (never another site: no `//host` or `\\`)."""
-        if not target or not target.startswith(requests_prefix) or target.startswith("//") or "\\" in target:
+        """`target` if it is a path of this dashboard, never a way to another site (`//host`, backslashes, tabs)."""
+        if not target or not LOCAL_PATH.fullmatch(target) or not target.startswith(requests_prefix):
             return requests_prefix
         return target
 

@@ -110,9 +110,10 @@ def test_login_refuses_unknown_tokens_and_other_sites(secured: Any) -> None:
         cross_site = client.post("/login", data={"token": tokens["alpha-read"]},
                                  headers={"Origin": "http://evil.example"})
         assert cross_site.status_code == 403 and not client.cookies
-        away = client.post("/login", data={"token": tokens["alpha-read"], "next": "//evil.example/x"},
-                           headers={"Origin": server.url})
-        assert away.status_code == 303 and away.headers["location"] == "/"
+        for elsewhere in ("//evil.example/x", "/\\evil.example", "/\t/evil.example", "http://evil.example/"):
+            away = client.post("/login", data={"token": tokens["alpha-read"], "next": elsewhere},
+                               headers={"Origin": server.url})
+            assert away.status_code == 303 and away.headers["location"] == "/", elsewhere
     with _login(server, tokens["alpha-read"]) as viewer:
         refused = viewer.post("/_dash-update-component", json={}, headers={"Origin": "http://evil.example"})
         assert refused.status_code == 403
