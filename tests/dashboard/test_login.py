@@ -200,3 +200,27 @@ def test_a_public_dashboard_shows_its_read_tokens_project_without_a_login(secure
         assert "public · alpha · read" in layout and "nav-login" in layout
         with _login(public, tokens["beta-read"]) as beta:
             assert "beta-run" in _refresh_runs(beta).text
+
+
+@pytest.mark.browser
+def test_an_open_page_goes_to_the_form_once_its_token_is_revoked(secured: Any, browser: Any) -> None:  # noqa: F811
+    server, _tokens, run_ids = secured
+    store = open_store(server.db_url)
+    token = store.create_token("alpha", "read")
+    context = browser.new_context()
+    tab = context.new_page()
+    problems: list[str] = []
+    tab.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    tab.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    try:
+        tab.goto(f"{server.url}/login?next=/runs/{run_ids['alpha']}")
+        tab.fill("#login-token", token)
+        tab.click("#login-submit")
+        tab.wait_for_selector(f".graph-heatmap {PLOT}", timeout=30_000)
+        assert store.revoke_token(token)
+        tab.wait_for_selector("#login-token", timeout=30_000)  # the run page polls every second
+        assert tab.url.startswith(f"{server.url}/login?next=")
+    finally:
+        context.close()
+        store.close()
+    assert problems and all("status of 401" in p for p in problems), problems
