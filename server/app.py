@@ -39,16 +39,18 @@ class ConfigError(ValueError):
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     settings = settings or Settings()
+    owned = store is None
     if store is None:
         store = open_store(settings.db, busy_timeout_ms=settings.sqlite_busy_timeout_ms, pool_size=settings.pool_size)
-        try:
+    try:
+        if owned:
             store.check_schema()
-            public_token = _public_dashboard_token(settings, store)
-        except Exception:
-            store.close()
-            raise
-    else:
         public_token = _public_dashboard_token(settings, store)
+        login_secret = _dashboard_secret(settings) if settings.dashboard and settings.auth else None
+    except Exception:
+        if owned:
+            store.close()
+        raise
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -78,8 +80,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         from dashboard.app import Login, mount_dashboard, self_url
 
         login = None
-        if settings.auth:
-            login = Login(secret=_dashboard_secret(settings), max_age_s=settings.dashboard_session_hours * 3600,
+        if login_secret is not None:
+            login = Login(secret=login_secret, max_age_s=settings.dashboard_session_hours * 3600,
                           cookie_secure=settings.dashboard_cookie_secure)
         mount_dashboard(app, self_url(settings.host, settings.port), token=public_token, login=login)
     return app
