@@ -7,6 +7,7 @@
     return originalFetch.apply(this, arguments).then(function (response) {
       if (response.status === 401 && response.url.indexOf("/_dash-") !== -1) {
         window.location.reload();
+        return new Promise(function () {});  // the page is going away: Dash need not handle the answer
       }
       return response;
     });

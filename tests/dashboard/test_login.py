@@ -181,6 +181,7 @@ def test_browser_is_sent_to_the_form_logs_in_reads_a_run_and_logs_out(
     page.goto(run_url)
     page.wait_for_selector("#login-token")
     assert page.url.startswith(f"{server.url}/login?next=")
+    assert tokens["alpha-read"] not in server.log() and "mhpo_wrong" not in server.log()
 
 
 def test_a_public_dashboard_shows_its_read_tokens_project_without_a_login(secured: Any) -> None:
@@ -190,7 +191,7 @@ def test_a_public_dashboard_shows_its_read_tokens_project_without_a_login(secure
     public_token = store.create_token("alpha", "read")
     store.close()
     env = {"MHPO_AUTH": "true", "MHPO_DASHBOARD_SECRET": secrets.token_urlsafe(32),
-           "MHPO_DASHBOARD_PUBLIC_TOKEN": public_token}
+           "MHPO_DASHBOARD_PUBLIC_TOKEN": public_token, "MHPO_DASHBOARD_COOKIE_SECURE": "true"}
     with LiveServer(server.db_url, env=env) as public, httpx.Client(base_url=public.url, timeout=60) as anonymous:
         assert anonymous.get("/").status_code == 200
         runs = _refresh_runs(anonymous)
@@ -198,7 +199,13 @@ def test_a_public_dashboard_shows_its_read_tokens_project_without_a_login(secure
         assert "Run not available" in _route(anonymous, f"/runs/{run_ids['beta']}").text
         layout = json.dumps(anonymous.get("/_dash-layout").json(), ensure_ascii=False)
         assert "public · alpha · read" in layout and "nav-login" in layout
-        with _login(public, tokens["beta-read"]) as beta:
+        login = anonymous.post("/login", data={"token": tokens["beta-read"]}, headers={"Origin": public.url})
+        set_cookie = login.headers["set-cookie"].lower()
+        assert login.status_code == 303 and "; secure" in set_cookie and "; httponly" in set_cookie
+        assert "samesite=lax" in set_cookie
+        assert "beta-run" not in _refresh_runs(anonymous).text, "a Secure cookie never travels over plain http"
+        session = {"Cookie": f"mhpo_session={login.cookies['mhpo_session']}"}  # as a browser on https sends it
+        with httpx.Client(base_url=public.url, timeout=60, headers=session) as beta:
             assert "beta-run" in _refresh_runs(beta).text
 
 
@@ -223,4 +230,4 @@ def test_an_open_page_goes_to_the_form_once_its_token_is_revoked(secured: Any, b
     finally:
         context.close()
         store.close()
-    assert problems and all("status of 401" in p for p in problems), problems
+    assert all("status of 401" in p for p in problems), problems  # only the refused requests
