@@ -18,7 +18,6 @@ import httpx
 __all__ = ["ApiClient", "ApiError", "NotAvailable", "parallel"]
 
 
-
 def parallel(*calls: Callable[[], Any]) -> list[Any]:
     """Run independent API reads at once (a page needs several); the first error is raised.
 
@@ -42,6 +41,10 @@ class NotAvailable(ApiError):
     """The server does not offer this route (HTTP 404 on a collection path)."""
 
 
+def _bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _detail(response: httpx.Response) -> str:
     """The server's error detail; FastAPI's validation list becomes `field.path: message; ...`."""
     try:
@@ -55,13 +58,21 @@ def _detail(response: httpx.Response) -> str:
 
 
 class ApiClient:
-    """Typed-ish wrappers over GET/POST of `/api/v1/...`; returns decoded JSON (NaN kept as float)."""
+    """Typed-ish wrappers over GET/POST of `/api/v1/...`; returns decoded JSON (NaN kept as float).
+
+    `token` is sent as `Authorization: Bearer`; `as_viewer(token)` gives a client for one
+    viewer's token over the same connection pool (the dashboard's login sends each viewer's own).
+    """
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 15.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+                 transport: httpx.BaseTransport | None = None, *, http: httpx.Client | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        self._headers = _bearer(token)
+
+    def as_viewer(self, token: str | None) -> ApiClient:
+        """This client with `token` instead of its own (sharing connections; closing it is the owner's job)."""
+        return ApiClient(self.base_url, token, http=self._http)
 
     def close(self) -> None:
         self._http.close()
@@ -70,7 +81,7 @@ class ApiClient:
                  json: Any = None, missing_is_unavailable: bool = False) -> Any:
         clean = {k: v for k, v in (params or {}).items() if v is not None}
         try:
-            response = self._http.request(method, path, params=clean, json=json)
+            response = self._http.request(method, path, params=clean, json=json, headers=self._headers)
         except httpx.HTTPError as exc:
             raise ApiError(0, f"cannot reach the API at {self.base_url}{path}: {exc}") from exc
         if response.status_code == 404 and missing_is_unavailable:
@@ -80,6 +91,11 @@ class ApiClient:
         if response.status_code == 204 or not response.content:
             return None
         return response.json()
+
+    # auth --------------------------------------------------------------------------------
+    def whoami(self) -> dict[str, Any]:
+        """`{"auth", "project", "scope"}` of this client's token (401 ApiError: unknown or revoked)."""
+        return self._request("GET", "/api/v1/auth/whoami")
 
     # runs --------------------------------------------------------------------------------
     def runs(self, project: str | None = None) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ app also runs against a remote server.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import Scope
 
 from dashboard.api import ApiClient
+from dashboard.auth import Sessions, install_login, viewer
 
 PAGES_DIR = Path(__file__).resolve().parent / "pages"
 API_CONFIG_KEY = "MHPO_API"
@@ -46,24 +48,58 @@ EARLY_GRAPH_SCRIPTS_HOOK = """function () {
   });
 }"""
 
-__all__ = ["API_CONFIG_KEY", "LIVE_INTERVAL_MS", "DashboardMount", "api", "create_dash", "mount_dashboard",
+__all__ = ["API_CONFIG_KEY", "LIVE_INTERVAL_MS", "DashboardMount", "Login", "api", "create_dash", "mount_dashboard",
            "refresh_interval_ms", "self_url"]
 
 
+@dataclass(frozen=True)
+class Login:
+    """Viewers log in with their own API token (see `dashboard.auth`); for servers with auth on."""
+
+    secret: bytes
+    """key of the session cookie (keep it stable: changing it logs every viewer out)"""
+    max_age_s: float = 12 * 3600
+    """how long a login lasts"""
+    cookie_secure: bool | None = None
+    """mark the cookie Secure; None: when the request came over https"""
+
+
 def api() -> ApiClient:
-    """The API client of the app serving the current request (set by `create_dash`)."""
-    return flask.current_app.config[API_CONFIG_KEY]
+    """The API client for the current request: with a login, it sends that viewer's token."""
+    client: ApiClient = flask.current_app.config[API_CONFIG_KEY]
+    who = viewer()
+    return client if who is None else client.as_viewer(who.token)
 
 
 def refresh_interval_ms() -> int:
     return int(flask.current_app.config.get(LIVE_CONFIG_KEY, LIVE_INTERVAL_MS))
 
 
-def create_dash(api_base_url: str, token: str | None = None, requests_pathname_prefix: str = "/",
-                live_interval_ms: int = LIVE_INTERVAL_MS) -> dash.Dash:
-    """A Dash app reading the API at `api_base_url` (with `token` as bearer when auth is on).
+def _nav(prefix: str) -> html.Nav:
+    """The menu, and with a login who is viewing and a log-out (or log-in) link."""
+    links: list[Any] = [
+        dcc.Link("MHPO Monitor", href="/", className="brand"),
+        dcc.Link("Runs", href="/"),
+        dcc.Link("Compare", href="/compare"),
+        dcc.Link("Alerts", href="/alerts"),
+    ]
+    who = viewer()
+    if who is not None:
+        label = f"public · {who.project} · read" if who.public else f"{who.project or 'all projects'} · {who.scope}"
+        links += [html.Span(label, id="nav-viewer", className="viewer"),
+                  html.A("log in", href=f"{prefix}login", id="nav-login") if who.public
+                  else html.A("log out", href=f"{prefix}logout", id="nav-logout")]
+    return html.Nav(links, className="nav")
 
-    `live_interval_ms` is how often an open run page asks for new records.
+
+def create_dash(api_base_url: str, token: str | None = None, requests_pathname_prefix: str = "/",
+                live_interval_ms: int = LIVE_INTERVAL_MS, login: Login | None = None) -> dash.Dash:
+    """A Dash app reading the API at `api_base_url`.
+
+    Without `login`, every viewer acts with `token` (None: a server with auth off). With
+    `login`, each viewer logs in with their own token, and `token`, if given, is a public
+    read token for viewers who have not. `live_interval_ms` is how often an open run page
+    asks for new records.
     """
     app = dash.Dash(
         "dashboard",
@@ -78,27 +114,18 @@ def create_dash(api_base_url: str, token: str | None = None, requests_pathname_p
         hooks={"request_pre": EARLY_GRAPH_SCRIPTS_HOOK.replace("{prefix}", requests_pathname_prefix)
                                                      .replace("{bundle}", PLOTLY_BUNDLE)},
     )
-    app.server.config[API_CONFIG_KEY] = ApiClient(api_base_url, token=token)
+    client = ApiClient(api_base_url, token=None if login else token)
+    app.server.config[API_CONFIG_KEY] = client
     app.server.config[LIVE_CONFIG_KEY] = live_interval_ms
-    app.layout = html.Div(
-        [
-            html.Nav(
-                [
-                    dcc.Link("MHPO Monitor", href="/", className="brand"),
-                    dcc.Link("Runs", href="/"),
-                    dcc.Link("Compare", href="/compare"),
-                    dcc.Link("Alerts", href="/alerts"),
-                ],
-                className="nav",
-            ),
-            html.Main(dash.page_container, className="page"),
-        ]
-    )
+    app.layout = lambda: html.Div([_nav(requests_pathname_prefix), html.Main(dash.page_container, className="page")])
     # Dash hands the `@callback`s collected while importing the pages to the first app that
     # serves a request; running that hook now binds them to this app, so several apps in one
     # process (one per `create_app` in tests) each get their own complete set.
     with app.server.test_request_context("/"):
         app.server.preprocess_request()
+    if login is not None:  # after that hook, which the login's guard would otherwise stop
+        install_login(app.server, client, Sessions(login.secret, login.max_age_s), requests_pathname_prefix,
+                      app.config.routes_pathname_prefix, public_token=token, cookie_secure=login.cookie_secure)
     return app
 
 
@@ -133,9 +160,13 @@ def self_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def mount_dashboard(fastapi_app: Any, api_base_url: str, token: str | None = None) -> dash.Dash:
-    """Serve the dashboard from `fastapi_app` (same process and port), reading the API at `api_base_url`."""
-    app = create_dash(api_base_url, token=token)
+def mount_dashboard(fastapi_app: Any, api_base_url: str, token: str | None = None,
+                    login: Login | None = None) -> dash.Dash:
+    """Serve the dashboard from `fastapi_app` (same process and port), reading the API at `api_base_url`.
+
+    `token` and `login` as in `create_dash`.
+    """
+    app = create_dash(api_base_url, token=token, login=login)
     routes = fastapi_app.router.routes
     routes.append(DashboardMount(WSGIMiddleware(app.server), routes))
     return app

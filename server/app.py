@@ -20,12 +20,12 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo import __version__
-from server.config import Settings
+from server.config import Settings, data_dir
 from server.flags.service import install as install_flags
 from server.limits import BodySizeLimitMiddleware
 from server.metrics import MetricsMiddleware, ServiceMetrics
 from server.responses import NaNJSONResponse
-from server.routes import events, health, projects, records, runs, series
+from server.routes import auth, events, health, projects, records, runs, series
 from server.schemas import RecordIn
 from server.store import Conflict, Invalid, NotFound, Store, StoreError, open_store
 
@@ -33,15 +33,24 @@ IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
 EventSource = Callable[[Store, str], list[dict[str, Any]]]
 
 
+class ConfigError(ValueError):
+    """A setting the server cannot start with; the message names the setting and the fix."""
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     settings = settings or Settings()
+    owned = store is None
     if store is None:
         store = open_store(settings.db, busy_timeout_ms=settings.sqlite_busy_timeout_ms, pool_size=settings.pool_size)
-        try:
+    try:
+        if owned:
             store.check_schema()
-        except Exception:
+        public_token = _public_dashboard_token(settings, store)
+        login_secret = _dashboard_secret(settings) if settings.dashboard and settings.auth else None
+    except Exception:
+        if owned:
             store.close()
-            raise
+        raise
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -61,17 +70,50 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.metrics = metrics
     app.state.ingest_listeners: list[IngestListener] = []
     app.state.event_sources: list[EventSource] = []
-    for module in (health, projects, runs, records, series, events):
+    for module in (health, auth, projects, runs, records, series, events):
         app.include_router(module.router)
     install_flags(app)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.dashboard:
-        from dashboard.app import mount_dashboard, self_url
+        from dashboard.app import Login, mount_dashboard, self_url
 
-        mount_dashboard(app, self_url(settings.host, settings.port), token=settings.dashboard_token)
+        login = None
+        if login_secret is not None:
+            login = Login(secret=login_secret, max_age_s=settings.dashboard_session_hours * 3600,
+                          cookie_secure=settings.dashboard_cookie_secure)
+        mount_dashboard(app, self_url(settings.host, settings.port), token=public_token, login=login)
     return app
+
+
+def _public_dashboard_token(settings: Settings, store: Store) -> str | None:
+    """The public dashboard's token, checked: one this server knows, and read scope (anyone will act with it)."""
+    if settings.dashboard_public_token is None or not settings.auth or not settings.dashboard:
+        return None
+    token = settings.dashboard_public_token.get_secret_value()
+    info = store.resolve_token(token)
+    if info is None:
+        raise ConfigError("MHPO_DASHBOARD_PUBLIC_TOKEN is not a token of this server: create one with "
+                          "`mhpo token create --project P --scope read`, or unset it so viewers log in")
+    if info.scope != "read":
+        raise ConfigError(f"MHPO_DASHBOARD_PUBLIC_TOKEN is a {info.scope!r} token of project {info.project!r}: "
+                          "everyone reaching the dashboard acts with it, so it must be a read token "
+                          "(`mhpo token create --project P --scope read`)")
+    return token
+
+
+def _dashboard_secret(settings: Settings) -> bytes:
+    """MHPO_DASHBOARD_SECRET, else the key generated once into the data directory."""
+    from dashboard.auth import load_or_create_secret
+
+    if settings.dashboard_secret is not None:
+        secret = settings.dashboard_secret.get_secret_value().encode()
+        if len(secret) < 16:
+            raise ConfigError(f"MHPO_DASHBOARD_SECRET has {len(secret)} characters: use at least 16 random ones "
+                              "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`), or unset it")
+        return secret
+    return load_or_create_secret(data_dir())
 
 
 def _error(status: int, detail: Any, headers: dict[str, str] | None = None) -> NaNJSONResponse:

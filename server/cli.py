@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from server.config import DEFAULT_PORT, Settings
@@ -60,12 +61,12 @@ def serve(argv: Sequence[str]) -> int:
         return 2
     import uvicorn
 
-    from server.app import create_app
+    from server.app import ConfigError, create_app
     from server.store import SchemaError
 
     try:
         app = create_app(settings)
-    except SchemaError as exc:
+    except (SchemaError, ConfigError) as exc:
         print(f"mhpo serve: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log)
@@ -95,13 +96,21 @@ def token(argv: Sequence[str]) -> int:
     create.add_argument("--project", required=True, help="the project the token may access")
     create.add_argument("--scope", required=True, choices=["write", "read"], help="write (trainers) or read (viewers)")
     _db_arg(create)
+    revoke = sub.add_parser("revoke", help="delete a token: the API and dashboard refuse it from the next request")
+    revoke.add_argument("--token-file", required=True,
+                        help="file holding the token to revoke (not an argument: it would show in `ps` and history)")
+    _db_arg(revoke)
     args = parser.parse_args(argv)
     from server.store import SchemaError, open_store
 
     store = open_store(_settings(args).db)
     try:
         store.check_schema()
-        print(store.create_token(args.project, args.scope))
+        if args.action == "create":
+            print(store.create_token(args.project, args.scope))
+        elif not store.revoke_token(Path(args.token_file).read_text().strip()):
+            print(f"mhpo token: the token in {args.token_file} is not known to this database", file=sys.stderr)
+            return 1
     except SchemaError as exc:
         print(f"mhpo token: {exc}", file=sys.stderr)
         return 2

@@ -6,21 +6,27 @@ Routes reach it through `deps.SettingsDep`, so a test passes its own `Settings` 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import platformdirs
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 8765
 MIB = 1024 * 1024
 
 
+def data_dir() -> Path:
+    """The user's data directory (created on first use): the default database and the dashboard's secret."""
+    path = Path(platformdirs.user_data_dir("mhpo"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def default_db_url() -> str:
-    """A SQLite file in the user's data directory (created on first use)."""
-    data_dir = Path(platformdirs.user_data_dir("mhpo"))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{data_dir / 'mhpo.db'}"
+    """A SQLite file in the user's data directory."""
+    return f"sqlite:///{data_dir() / 'mhpo.db'}"
 
 
 class Settings(BaseSettings):
@@ -39,7 +45,15 @@ class Settings(BaseSettings):
     pool_size: int = Field(10, ge=1, description="database connections kept open (as many again may overflow)")
     insecure_public: bool = Field(False, description="allow a non-loopback host with auth off")
     dashboard: bool = Field(True, description="serve the Dash dashboard at / beside the API (off for API-only use)")
-    dashboard_token: str | None = Field(None, description="read token the dashboard sends to the API when auth is on")
+    dashboard_public_token: SecretStr | None = Field(
+        None, description="auth on: a read token that makes the dashboard public (no login; anyone reaching the port "
+        "sees that token's project); unset: every viewer logs in with their own token")
+    dashboard_token: SecretStr | None = Field(None, description="deprecated name of dashboard_public_token")
+    dashboard_secret: SecretStr | None = Field(
+        None, description="key of the dashboard's session cookie; unset: generated once into the data directory")
+    dashboard_session_hours: float = Field(12.0, gt=0, le=24 * 90, description="how long a dashboard login lasts")
+    dashboard_cookie_secure: bool | None = Field(
+        None, description="mark the session cookie Secure; unset: when the request came over https")
 
     @field_validator("db")
     @classmethod
@@ -51,3 +65,14 @@ class Settings(BaseSettings):
         if value.startswith(("postgresql://", "postgres://")):
             return "postgresql+psycopg://" + value.split("://", 1)[1]
         return value
+
+    @model_validator(mode="after")
+    def _deprecated_dashboard_token(self) -> Settings:
+        if self.dashboard_token is not None:
+            warnings.warn("MHPO_DASHBOARD_TOKEN is deprecated: it makes the dashboard public (no login) for that "
+                          "token's project; name that choice MHPO_DASHBOARD_PUBLIC_TOKEN, or unset it so viewers "
+                          "log in with their own tokens", FutureWarning, stacklevel=2)
+            if self.dashboard_public_token is None:
+                self.dashboard_public_token = self.dashboard_token
+            self.dashboard_token = None
+        return self

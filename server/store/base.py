@@ -141,4 +141,8 @@ class Store(abc.ABC):
     def resolve_token(self, token: str) -> TokenInfo | None: ...
 
     @abc.abstractmethod
+    def revoke_token(self, token: str) -> bool:
+        """Delete the token (it stops working on the next request); False if it was not known."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...

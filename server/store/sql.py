@@ -730,6 +730,11 @@ class SqlStore(Store):
             ).first()
         return None if row is None else TokenInfo(**row._mapping)
 
+    def revoke_token(self, token: str) -> bool:
+        with self._tx(write=True) as conn:
+            deleted = conn.execute(delete(ApiTokenRow).where(ApiTokenRow.token_hash == hash_token(token)))
+        return deleted.rowcount > 0
+
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, allow_nan=True, separators=(",", ":"))
