@@ -16,18 +16,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo import __version__
 from server.config import Settings
 from server.flags.service import install as install_flags
+from server.health import ListenerHealth
 from server.limits import BodySizeLimitMiddleware
 from server.metrics import MetricsMiddleware, ServiceMetrics
 from server.responses import NaNJSONResponse
 from server.routes import events, health, projects, records, runs, series
 from server.schemas import RecordIn
-from server.store import Conflict, Invalid, NotFound, Store, StoreError, open_store
+from server.store import Conflict, Invalid, NotFound, StorageFull, Store, Unavailable, open_store, storage_fault
 
 IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
 EventSource = Callable[[Store, str], list[dict[str, Any]]]
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.settings = settings
     app.state.store = store
     app.state.metrics = metrics
+    app.state.listener_health = ListenerHealth(metrics)
     app.state.ingest_listeners: list[IngestListener] = []
     app.state.event_sources: list[EventSource] = []
     for module in (health, projects, runs, records, series, events):
@@ -111,6 +113,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         # PostgreSQL string): the caller's input, so a 4xx, with the driver's reason.
         return _error(422, f"a value in the request cannot be stored or compared by the database: {exc.orig}")
 
-    @app.exception_handler(StoreError)
-    async def _busy(_request: Request, exc: StoreError) -> NaNJSONResponse:
-        return _error(503, str(exc), {"Retry-After": "1"})
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_request: Request, exc: Unavailable) -> NaNJSONResponse:
+        return _fault(exc)
+
+    @app.exception_handler(DBAPIError)
+    async def _driver(_request: Request, exc: DBAPIError) -> NaNJSONResponse:
+        # Driver errors that escaped a store's own translation (the alert tables' store).
+        fault = storage_fault(exc)
+        if fault is None:
+            raise exc
+        return _fault(fault)
+
+
+def _fault(exc: Unavailable) -> NaNJSONResponse:
+    """503 (507 for a full disk) with a JSON reason and Retry-After, which clients retry or spool on."""
+    return NaNJSONResponse(
+        {"detail": str(exc), "reason": exc.reason, "retry_after": exc.retry_after},
+        status_code=507 if isinstance(exc, StorageFull) else 503,
+        headers={"Retry-After": str(exc.retry_after)},
+    )

@@ -12,16 +12,96 @@ import re
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 
 MAX_STEP = 2**53
 MAX_BINS = 10_000
 MAX_KEYS_PER_RECORD = 10_000
 MAX_OUTLIERS_PER_RECORD = 1_000
+MAX_CONFIG_DEPTH = 32
+# For the OpenAPI schema and pydantic (whose regex engine already refuses lone surrogates
+# when it reads the string); KEY_RE is the same rule for Python's `re`, surrogates spelled out.
 KEY_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+KEY_RE = re.compile(r"^[^\x00-\x1f\x7f\ud800-\udfff]+$")
+SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+REDACTED = "[redacted]"
+# Words of a config key that mark its value as a secret (`hf_token`, `apiKey`, `db-password`).
+SECRET_WORDS = frozenset({"token", "password", "passwd", "secret", "apikey", "credential", "credentials"})
+SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"), ("webhook", "url")})
 
+
+def unstorable(value: str) -> str | None:
+    """Why `value` cannot be stored and shown as UTF-8 text, or None when it can.
+
+    A lone surrogate (what `os.fsdecode` makes of a non-UTF-8 file name, or JSON "\\ud800")
+    has no UTF-8 encoding; PostgreSQL text cannot hold a NUL character.
+    """
+    found = SURROGATE_RE.search(value)
+    if found is not None:
+        return (
+            f"contains a lone surrogate {found.group()!a} at index {found.start()}, which is not valid Unicode "
+            "text: send valid UTF-8 (decode bytes with errors='replace')"
+        )
+    if "\x00" in value:
+        return f"contains a NUL character at index {value.index(chr(0))}, which cannot be stored: remove it"
+    return None
+
+
+def invalid_key(key: str) -> str | None:
+    """Why `key` cannot name a scalar or histogram, or None when it can (1-250 characters, no control characters)."""
+    if not 1 <= len(key) <= 250:
+        return f"key {key[:40]!a} must be 1-250 characters long (got {len(key)})"
+    if not KEY_RE.match(key):
+        return f"key {key[:40]!a} holds a control character or a lone surrogate: use printable Unicode text"
+    return None
+
+
+def _storable(value: str) -> str:
+    reason = unstorable(value)
+    if reason is not None:
+        raise ValueError(reason)
+    return value
+
+
+def _is_secret(key: str) -> bool:
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()
+    parts = [w for w in re.split(r"[^a-z0-9]+", words) if w]
+    return any(p in SECRET_WORDS for p in parts) or any(pair in SECRET_PAIRS for pair in zip(parts, parts[1:]))
+
+
+def clean_config(value: Any, path: tuple[str | int, ...] = ()) -> Any:
+    """The config with every key and string checked (ValueError naming the path) and secrets redacted.
+
+    A key named like a secret (token, password, secret, api_key, ...) keeps its name but its
+    value becomes "[redacted]" (None and booleans are kept: they are no secret), so a run's
+    config never hands a credential to its readers.
+    """
+    where = "config" + "".join(f"[{p!a}]" for p in path)
+    if len(path) > MAX_CONFIG_DEPTH:
+        raise ValueError(f"{where}: nested deeper than {MAX_CONFIG_DEPTH} levels; flatten the config")
+    if isinstance(value, str):
+        reason = unstorable(value)
+        if reason is not None:
+            raise ValueError(f"{where}: {reason}")
+        return value
+    if isinstance(value, list):
+        return [clean_config(item, (*path, i)) for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            reason = unstorable(key)
+            if reason is not None:
+                raise ValueError(f"{where}: key {key[:40]!a} {reason}")
+            secret = _is_secret(key) and item is not None and not isinstance(item, bool)
+            out[key] = REDACTED if secret else clean_config(item, (*path, key))
+        return out
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=250, pattern=KEY_PATTERN)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=KEY_PATTERN)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=KEY_PATTERN), AfterValidator(_storable)]
+Config = Annotated[dict[str, Any], AfterValidator(clean_config)]
 Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
 Count = Annotated[int, Field(ge=0, le=2**62)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -30,13 +110,23 @@ Severity = Literal["info", "warning", "critical"]
 Scope = Literal["write", "read"]
 
 
+class InputModel(BaseModel):
+    """A request body: unknown fields and loose types are refused with a 422 naming the field.
+
+    Strict: a step given as "1" or true, or a scalar given as true, is an error, not a
+    silent conversion (an int is still a valid float).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class _In(BaseModel):
-    """Inputs refuse unknown fields so a typo gets a 422 naming it instead of silently vanishing."""
+    """Inputs the server builds itself (flags): unknown fields refused, numpy numbers converted."""
 
     model_config = ConfigDict(extra="forbid")
 
 
-class HistogramIn(_In):
+class HistogramIn(InputModel):
     lo: FiniteFloat
     hi: FiniteFloat
     counts: Annotated[list[Count], Field(min_length=1, max_length=MAX_BINS)]
@@ -54,17 +144,17 @@ class HistogramIn(_In):
         return self
 
 
-class OutlierIn(_In):
+class OutlierIn(InputModel):
     sample: Annotated[int, Field(ge=0, le=2**31)]
     position: Annotated[int, Field(ge=0, le=2**31)]
     token_id: Annotated[int, Field(ge=0, le=2**31)] | None = None
-    text: Annotated[str, Field(max_length=1000)] = ""
+    text: Annotated[Text, Field(max_length=1000)] = ""
     x: float
     A: float
     zeta: float | None = None
 
 
-class RecordIn(_In):
+class RecordIn(InputModel):
     step: Step
     time: Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)] | None = None
     scalars: Annotated[dict[Key, float], Field(max_length=MAX_KEYS_PER_RECORD)] = {}
@@ -76,7 +166,7 @@ class RecordIn(_In):
         return len(self.scalars) + len(self.histograms) + (1 if self.outliers else 0)
 
 
-class RecordsIn(_In):
+class RecordsIn(InputModel):
     batch_id: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
     records: list[RecordIn]
 
@@ -86,15 +176,17 @@ class RecordsOut(BaseModel):
     duplicates: int = Field(description="items already stored earlier (retried or overlapping batch)")
 
 
-class RunCreate(_In):
+class RunCreate(InputModel):
     project: Name
     name: Name
-    config: dict[str, Any] | None = None
+    config: Config | None = Field(
+        None, description="any JSON object; values of keys named like token, password, secret or api_key are stored as \"[redacted]\""
+    )
     loss: Name | None = None
-    run_id: uuid.UUID | None = Field(None, description="client-chosen id (so a run exists before the server is reachable)")
+    run_id: Annotated[uuid.UUID, Strict(False)] | None = Field(None, description="client-chosen id (so a run exists before the server is reachable)")
 
 
-class RunPatch(_In):
+class RunPatch(InputModel):
     status: RunStatus
 
 
@@ -172,7 +264,7 @@ class EventCreate(_In):
     kind: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     severity: Severity
     detector: Name
-    message: str = ""
+    message: Text = ""
     evidence: dict[str, Any] | None = None
     created_at: float | None = None
 
@@ -217,8 +309,9 @@ def parse_keys(raw: str | None) -> list[str]:
     if len(keys) > MAX_QUERY_KEYS:
         raise ValueError(f"{len(keys)} keys exceed the limit of {MAX_QUERY_KEYS} per request; ask in several requests")
     for key in keys:
-        if len(key) > 250 or not re.match(KEY_PATTERN, key):
-            raise ValueError(f"key {key[:40]!r} is not a valid key (1-250 characters, no control characters)")
+        reason = invalid_key(key)
+        if reason is not None:
+            raise ValueError(reason)
     return keys
 
 
