@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         app.include_router(module.router)
     install_flags(app)
     _install_error_handlers(app)
+    _schema_limits(app, settings)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.dashboard:
@@ -74,6 +75,22 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
         mount_dashboard(app, self_url(settings.host, settings.port), token=settings.dashboard_token)
     return app
+
+
+def _schema_limits(app: FastAPI, settings: Settings) -> None:
+    """Make /openapi.json state the limits this server enforces from its settings (`max_points`, `max_steps`)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
+                for parameter in operation.get("parameters", []):
+                    if parameter.get("name") in ("max_points", "max_steps"):
+                        parameter["schema"]["maximum"] = settings.max_points
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _error(status: int, detail: Any, headers: dict[str, str] | None = None) -> NaNJSONResponse:

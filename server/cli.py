@@ -61,6 +61,7 @@ def serve(argv: Sequence[str]) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.http import with_header_timeout
     from server.store import SchemaError
 
     try:
@@ -68,7 +69,10 @@ def serve(argv: Sequence[str]) -> int:
     except SchemaError as exc:
         print(f"mhpo serve: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log,
+        http=with_header_timeout(settings.header_timeout_s), timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
+    )
     return 0
 
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
 
-from server.schemas import KEY_PATTERN, Key, Name, Severity
+from server.schemas import KEY_PATTERN, InputModel, Key, Name, Severity
 
 Channel = Literal["dashboard", "webhook"]
 DeliveryStatus = Literal["none", "pending", "delivered", "failed"]
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 
 
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_In = InputModel
 
 
 RunId = Annotated[str, Field(min_length=1, max_length=36, pattern=KEY_PATTERN)]
@@ -74,6 +73,8 @@ class AlertRuleCreate(_In):
 
 
 class AlertRulePatch(_In):
+    """The fields to change; null leaves a field unchanged, except `run_id` and `webhook_url`, where null clears it."""
+
     name: Name | None = None
     run_id: RunId | None = None
     condition: Condition | None = None
