@@ -80,6 +80,10 @@ class WriteHealth:
         self.last_ok_at: float | None = None
         self.last_failure: dict[str, object] | None = None
 
+    @property
+    def failing(self) -> bool:
+        return self.last_failure is not None
+
     def ok(self) -> None:
         with self._lock:
             self.last_ok_at = time.time()

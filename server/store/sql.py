@@ -229,10 +229,15 @@ class SqlStore(Store):
         """One transaction: commit on success, roll back on any error, translate driver errors.
 
         Storage faults become `Unavailable` (503) or `StorageFull` (507); a write's outcome
-        is recorded in `write_health` for `/healthz`.
+        is recorded in `write_health` for `/healthz`. While writes are failing, each write
+        opens a fresh connection, and the first one that succeeds drops the pool: a SQLite
+        connection opened while the file was read-only stays read-only for good.
         """
+        recovering = write and self.write_health.failing
         try:
             with self.engine.connect() as conn:
+                if recovering:
+                    conn.invalidate()  # the next statement gets a new connection, which sees the file as it is now
                 if write:
                     conn.execution_options(mhpo_write=True)
                 with conn.begin():
@@ -246,6 +251,8 @@ class SqlStore(Store):
             if write:
                 self.write_health.failed(fault)
             raise fault from exc
+        if recovering:
+            self.engine.dispose(close=False)  # connections opened during the fault are not reused
         if write:
             self.write_health.ok()
 
