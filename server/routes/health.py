@@ -8,16 +8,19 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
-from server.deps import MetricsDep, StoreDep
+from server.deps import MetricsDep, SettingsDep, StoreDep
 from server.store import Unavailable
 
 router = APIRouter(tags=["service"])
 
 
 @router.get("/healthz")
-def healthz(request: Request, store: StoreDep) -> dict[str, Any]:
+def healthz(request: Request, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
     """Always 200 while the process answers; `status` is "degraded" when the database does not answer,
     the latest write failed (read-only file, full disk, database down) or an ingest listener's latest call failed.
+
+    It needs no token, so with auth on it gives the states and reasons but not the error
+    texts or run ids (those are in the server log and in the run's events).
     """
     try:
         store.ping()
@@ -27,6 +30,13 @@ def healthz(request: Request, store: StoreDep) -> dict[str, Any]:
     writes = store.write_health.snapshot()
     listeners = request.app.state.listener_health.snapshot()
     healthy = database["ok"] and writes["ok"] and all(state["ok"] for state in listeners.values())
+    if settings.auth:
+        database.pop("error", None)
+        if writes["last_failure"] is not None:
+            writes["last_failure"] = {"reason": writes["last_failure"]["reason"], "at": writes["last_failure"]["at"]}
+        for state in listeners.values():
+            if state.get("last_failure") is not None:
+                state["last_failure"] = {"at": state["last_failure"]["at"]}
     return {"status": "ok" if healthy else "degraded", "database": database, "writes": writes,
             "ingest_listeners": listeners}
 
