@@ -100,8 +100,14 @@ def token(argv: Sequence[str]) -> int:
     create.add_argument("--scope", required=True, choices=["write", "read"], help="write (trainers) or read (viewers)")
     _db_arg(create)
     args = parser.parse_args(argv)
+    from server.schemas import invalid_key
     from server.store import SchemaError, open_store
 
+    # The same rule as a project name in the API; a non-UTF-8 argument arrives as a lone surrogate.
+    reason = invalid_key(args.project) if len(args.project) <= 200 else "longer than 200 characters"
+    if reason is not None:
+        print(f"mhpo token: --project is not a valid project name: {reason}", file=sys.stderr)
+        return 2
     store = open_store(_settings(args).db)
     try:
         store.check_schema()
