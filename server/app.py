@@ -27,7 +27,7 @@ from server.limits import BodySizeLimitMiddleware
 from server.metrics import MetricsMiddleware, ServiceMetrics
 from server.responses import NaNJSONResponse
 from server.routes import events, health, projects, records, runs, series
-from server.schemas import RecordIn
+from server.schemas import ERROR_RESPONSES, RecordIn
 from server.store import Conflict, Invalid, NotFound, StorageFull, Store, Unavailable, open_store, storage_fault
 
 IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         description="Ingest and query trust-region diagnostics of GRPO-family training runs.",
         default_response_class=NaNJSONResponse,
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     metrics = ServiceMetrics()
     app.state.settings = settings
@@ -78,7 +79,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
 
 def _schema_limits(app: FastAPI, settings: Settings) -> None:
-    """Make /openapi.json state the limits this server enforces from its settings (`max_points`, `max_steps`)."""
+    """Make /openapi.json state what this server enforces from its settings.
+
+    The `max_points`/`max_steps` maximum is `MHPO_MAX_POINTS`; with auth off no operation
+    asks for a token (the bearer scheme is only listed when the server checks it).
+    """
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -88,6 +93,10 @@ def _schema_limits(app: FastAPI, settings: Settings) -> None:
                 for parameter in operation.get("parameters", []):
                     if parameter.get("name") in ("max_points", "max_steps"):
                         parameter["schema"]["maximum"] = settings.max_points
+                if not settings.auth:
+                    operation.pop("security", None)
+            if not settings.auth:
+                schema.get("components", {}).pop("securitySchemes", None)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]

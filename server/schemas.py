@@ -12,7 +12,16 @@ import re
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    model_validator,
+)
 
 MAX_STEP = 2**53
 MAX_BINS = 10_000
@@ -54,6 +63,13 @@ def invalid_key(key: str) -> str | None:
     if not KEY_RE.match(key):
         return f"key {key[:40]!a} holds a control character or a lone surrogate: use printable Unicode text"
     return None
+
+
+def _integral(value: Any) -> Any:
+    """A float with no fractional part (2.0) is an integer, as JSON Schema says; "2" and true stay errors."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _storable(value: str) -> str:
@@ -102,8 +118,9 @@ Text = Annotated[str, AfterValidator(_storable)]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=250, pattern=KEY_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=KEY_PATTERN), AfterValidator(_storable)]
 Config = Annotated[dict[str, Any], AfterValidator(clean_config)]
-Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
-Count = Annotated[int, Field(ge=0, le=2**62)]
+Integral = BeforeValidator(_integral)  # after the bounds in Annotated[int, Field(...), Integral], so the schema keeps them
+Step = Annotated[int, Field(ge=0, le=MAX_STEP), Integral]
+Count = Annotated[int, Field(ge=0, le=2**62), Integral]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 RunStatus = Literal["running", "finished", "failed", "crashed"]
 Severity = Literal["info", "warning", "critical"]
@@ -145,20 +162,24 @@ class HistogramIn(InputModel):
 
 
 class OutlierIn(InputModel):
-    sample: Annotated[int, Field(ge=0, le=2**31)]
-    position: Annotated[int, Field(ge=0, le=2**31)]
-    token_id: Annotated[int, Field(ge=0, le=2**31)] | None = None
+    sample: Annotated[int, Field(ge=0, le=2**31), Integral]
+    position: Annotated[int, Field(ge=0, le=2**31), Integral]
+    token_id: Annotated[int, Field(ge=0, le=2**31), Integral] | None = None
     text: Annotated[Text, Field(max_length=1000)] = ""
     x: float
     A: float
     zeta: float | None = None
 
 
+# pydantic states the key pattern as `patternProperties`, which alone lets other keys through in JSON Schema.
+KEYS_ONLY: dict[str, Any] = {"additionalProperties": False}
+
+
 class RecordIn(InputModel):
     step: Step
     time: Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)] | None = None
-    scalars: Annotated[dict[Key, float], Field(max_length=MAX_KEYS_PER_RECORD)] = {}
-    histograms: Annotated[dict[Key, HistogramIn], Field(max_length=1_000)] = {}
+    scalars: Annotated[dict[Key, float], Field(max_length=MAX_KEYS_PER_RECORD, json_schema_extra=KEYS_ONLY)] = {}
+    histograms: Annotated[dict[Key, HistogramIn], Field(max_length=1_000, json_schema_extra=KEYS_ONLY)] = {}
     outliers: Annotated[list[OutlierIn], Field(max_length=MAX_OUTLIERS_PER_RECORD)] = []
 
     def items(self) -> int:
@@ -287,6 +308,31 @@ class Event(BaseModel):
 
 class EventList(BaseModel):
     events: list[Event]
+
+
+class ErrorOut(BaseModel):
+    """Every refusal: `detail` is a message, or for 422 a list of {loc, msg, type} naming each bad field."""
+
+    detail: Any
+
+
+class FaultOut(ErrorOut):
+    """A storage fault (503, 507): retry after `retry_after` seconds (also the Retry-After header)."""
+
+    reason: str = Field(description="busy | read_only | disk_full | unreachable | storage_error")
+    retry_after: int
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "the body is not JSON"},
+    401: {"model": ErrorOut, "description": "auth is on and the token is missing or unknown"},
+    403: {"model": ErrorOut, "description": "the token's scope or project does not allow this"},
+    404: {"model": ErrorOut, "description": "no such run, rule or alert"},
+    409: {"model": ErrorOut, "description": "the id is taken, or the data conflicts with what is stored"},
+    413: {"model": ErrorOut, "description": "the body exceeds MHPO_MAX_BODY_BYTES"},
+    503: {"model": FaultOut, "description": "storage busy, read-only or unreachable: retry after Retry-After seconds"},
+    507: {"model": FaultOut, "description": "the disk holding the database is full: retry after Retry-After seconds"},
+}
 
 
 class TokenInfo(BaseModel):

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
 
-from server.schemas import KEY_PATTERN, InputModel, Key, Name, Severity
+from server.schemas import KEY_PATTERN, InputModel, Integral, Key, Name, Severity
 
 Channel = Literal["dashboard", "webhook"]
 DeliveryStatus = Literal["none", "pending", "delivered", "failed"]
@@ -32,7 +32,7 @@ class ThresholdCondition(_In):
     key: Key
     op: Literal[">", ">=", "<", "<=", "==", "!="]
     value: Annotated[float, Field(allow_inf_nan=False)]
-    for_steps: Annotated[int, Field(ge=1, le=10_000)] = 1
+    for_steps: Annotated[int, Field(ge=1, le=10_000), Integral] = 1
 
 
 class SpikeCondition(_In):
@@ -40,8 +40,8 @@ class SpikeCondition(_In):
     key: Key
     direction: Literal["up", "down", "both"] = "up"
     z: Annotated[float, Field(gt=0, le=1e6)] = 6.0
-    window_steps: Annotated[int, Field(ge=5, le=10_000)] = 50
-    min_baseline: Annotated[int, Field(ge=3, le=10_000)] = 20
+    window_steps: Annotated[int, Field(ge=5, le=10_000), Integral] = 50
+    min_baseline: Annotated[int, Field(ge=3, le=10_000), Integral] = 20
 
 
 class FlagCondition(_In):

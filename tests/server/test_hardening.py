@@ -128,7 +128,7 @@ def test_secrets_in_config_are_redacted(client: TestClient) -> None:
     [
         ({"step": "1"}, ["body", "records", 0, "step"]),
         ({"step": True}, ["body", "records", 0, "step"]),
-        ({"step": 1.0}, ["body", "records", 0, "step"]),
+        ({"step": 1.5}, ["body", "records", 0, "step"]),
         ({"step": 0, "scalars": {"a": True}}, ["body", "records", 0, "scalars", "a"]),
         ({"step": 0, "scalars": {"a": "1.5"}}, ["body", "records", 0, "scalars", "a"]),
         ({"step": 0, "histograms": {"h": {"lo": 0, "hi": 1, "counts": [True]}}},
