@@ -209,3 +209,29 @@ def test_postgres_outage_answers_503_and_recovers_without_restart() -> None:
                 assert health(server)["status"] == "ok"
         finally:
             proxy.stop()
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "reason"),
+    [
+        ("DiskFull", 507, "disk_full"),
+        ("ReadOnlySqlTransaction", 503, "read_only"),
+        ("AdminShutdown", 503, "storage_error"),
+        ("TooManyConnections", 503, "storage_error"),
+        ("SerializationFailure", 503, "busy"),
+        ("DeadlockDetected", 503, "busy"),
+    ],
+)
+def test_postgres_faults_that_cannot_be_caused_here_are_classified(error: str, status: int, reason: str) -> None:
+    """The SQLSTATEs of PostgreSQL faults this machine cannot cause for real (its disk, its shutdown)."""
+    import psycopg.errors
+    from sqlalchemy.exc import DBAPIError
+
+    from server.store import StorageFull, storage_fault
+
+    wrapped = DBAPIError.instance("INSERT ...", {}, getattr(psycopg.errors, error)("the server said so"),
+                                  psycopg.errors.Error)
+    fault = storage_fault(wrapped)
+    assert fault is not None and fault.reason == reason
+    assert (507 if isinstance(fault, StorageFull) else 503) == status
+    assert storage_fault(DBAPIError.instance("SELECT", {}, psycopg.errors.UndefinedTable("no"), psycopg.errors.Error)) is None
