@@ -16,18 +16,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo import __version__
 from server.config import Settings, data_dir
 from server.flags.service import install as install_flags
+from server.health import ListenerHealth
 from server.limits import BodySizeLimitMiddleware
 from server.metrics import MetricsMiddleware, ServiceMetrics
 from server.responses import NaNJSONResponse
 from server.routes import auth, events, health, projects, records, runs, series
-from server.schemas import RecordIn
-from server.store import Conflict, Invalid, NotFound, Store, StoreError, open_store
+from server.schemas import ERROR_RESPONSES, RecordIn
+from server.store import Conflict, Invalid, NotFound, StorageFull, Store, Unavailable, open_store, storage_fault
 
 IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
 EventSource = Callable[[Store, str], list[dict[str, Any]]]
@@ -63,17 +64,20 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         description="Ingest and query trust-region diagnostics of GRPO-family training runs.",
         default_response_class=NaNJSONResponse,
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     metrics = ServiceMetrics()
     app.state.settings = settings
     app.state.store = store
     app.state.metrics = metrics
+    app.state.listener_health = ListenerHealth(metrics)
     app.state.ingest_listeners: list[IngestListener] = []
     app.state.event_sources: list[EventSource] = []
     for module in (health, auth, projects, runs, records, series, events):
         app.include_router(module.router)
     install_flags(app)
     _install_error_handlers(app)
+    _schema_limits(app, settings)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.dashboard:
@@ -116,6 +120,30 @@ def _dashboard_secret(settings: Settings) -> bytes:
     return load_or_create_secret(data_dir())
 
 
+def _schema_limits(app: FastAPI, settings: Settings) -> None:
+    """Make /openapi.json state what this server enforces from its settings.
+
+    The `max_points`/`max_steps` maximum is `MHPO_MAX_POINTS`; with auth off no operation
+    asks for a token (the bearer scheme is only listed when the server checks it).
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operation in (op for path in schema.get("paths", {}).values() for op in path.values()):
+                for parameter in operation.get("parameters", []):
+                    if parameter.get("name") in ("max_points", "max_steps"):
+                        parameter["schema"]["maximum"] = settings.max_points
+                if not settings.auth:
+                    operation.pop("security", None)
+            if not settings.auth:
+                schema.get("components", {}).pop("securitySchemes", None)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _error(status: int, detail: Any, headers: dict[str, str] | None = None) -> NaNJSONResponse:
     return NaNJSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -153,6 +181,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         # PostgreSQL string): the caller's input, so a 4xx, with the driver's reason.
         return _error(422, f"a value in the request cannot be stored or compared by the database: {exc.orig}")
 
-    @app.exception_handler(StoreError)
-    async def _busy(_request: Request, exc: StoreError) -> NaNJSONResponse:
-        return _error(503, str(exc), {"Retry-After": "1"})
+    @app.exception_handler(Unavailable)
+    async def _unavailable(_request: Request, exc: Unavailable) -> NaNJSONResponse:
+        return _fault(exc)
+
+    @app.exception_handler(DBAPIError)
+    async def _driver(_request: Request, exc: DBAPIError) -> NaNJSONResponse:
+        # Driver errors that escaped a store's own translation (the alert tables' store).
+        fault = storage_fault(exc)
+        if fault is None:
+            raise exc
+        return _fault(fault)
+
+
+def _fault(exc: Unavailable) -> NaNJSONResponse:
+    """503 (507 for a full disk) with a JSON reason and Retry-After, which clients retry or spool on."""
+    return NaNJSONResponse(
+        {"detail": str(exc), "reason": exc.reason, "retry_after": exc.retry_after},
+        status_code=507 if isinstance(exc, StorageFull) else 503,
+        headers={"Retry-After": str(exc.retry_after)},
+    )

@@ -62,6 +62,7 @@ def serve(argv: Sequence[str]) -> int:
     import uvicorn
 
     from server.app import ConfigError, create_app
+    from server.http import with_header_timeout
     from server.store import SchemaError
 
     try:
@@ -69,7 +70,10 @@ def serve(argv: Sequence[str]) -> int:
     except (SchemaError, ConfigError) as exc:
         print(f"mhpo serve: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log,
+        http=with_header_timeout(settings.header_timeout_s), timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
+    )
     return 0
 
 
@@ -101,8 +105,15 @@ def token(argv: Sequence[str]) -> int:
                         help="file holding the token to revoke (not an argument: it would show in `ps` and history)")
     _db_arg(revoke)
     args = parser.parse_args(argv)
+    from server.schemas import invalid_key
     from server.store import SchemaError, open_store
 
+    if args.action == "create":
+        # The same rule as a project name in the API; a non-UTF-8 argument arrives as a lone surrogate.
+        reason = invalid_key(args.project) if len(args.project) <= 200 else "longer than 200 characters"
+        if reason is not None:
+            print(f"mhpo token: --project is not a valid project name: {reason}", file=sys.stderr)
+            return 2
     store = open_store(_settings(args).db)
     try:
         store.check_schema()

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_points: int = Field(10_000, ge=10, description="upper bound of `max_points`/`max_steps` on reads")
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0, description="how long a SQLite writer waits for the lock")
     pool_size: int = Field(10, ge=1, description="database connections kept open (as many again may overflow)")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="a request's line and headers must arrive within this; else 408 and close")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, le=600, description="an idle kept-alive connection is closed after this")
     insecure_public: bool = Field(False, description="allow a non-loopback host with auth off")
     dashboard: bool = Field(True, description="serve the Dash dashboard at / beside the API (off for API-only use)")
     dashboard_public_token: SecretStr | None = Field(

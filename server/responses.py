@@ -2,6 +2,10 @@
 
 Starlette's JSONResponse refuses them (allow_nan=False) and pydantic's JSON mode turns them
 into null; a user must see a NaN loss, so every answer goes through `NaNJSONResponse`.
+
+Text with no UTF-8 form (a lone surrogate: stored before the server refused it, or echoed
+in a validation error's location) is sent as U+FFFD rather than failing the whole answer,
+so one bad row never breaks a list for everyone.
 """
 
 from __future__ import annotations
@@ -12,12 +16,18 @@ from typing import Any
 from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
+from server.schemas import SURROGATE_RE
+
 
 class NaNJSONResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
         if isinstance(content, BaseModel):
             content = content.model_dump()
-        return json.dumps(content, ensure_ascii=False, allow_nan=True, separators=(",", ":")).encode()
+        text = json.dumps(content, ensure_ascii=False, allow_nan=True, separators=(",", ":"))
+        try:
+            return text.encode()
+        except UnicodeEncodeError:
+            return SURROGATE_RE.sub("\ufffd", text).encode()
 
 
 def respond(model: BaseModel, status_code: int = 200) -> NaNJSONResponse:

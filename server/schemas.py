@@ -13,10 +13,13 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
+    Strict,
     StringConstraints,
     ValidationError,
     ValidatorFunctionWrapHandler,
@@ -27,25 +30,123 @@ MAX_STEP = 2**53
 MAX_BINS = 10_000
 MAX_KEYS_PER_RECORD = 10_000
 MAX_OUTLIERS_PER_RECORD = 1_000
+MAX_CONFIG_DEPTH = 32
+# For the OpenAPI schema and pydantic (whose regex engine already refuses lone surrogates
+# when it reads the string); KEY_RE is the same rule for Python's `re`, surrogates spelled out.
 KEY_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+KEY_RE = re.compile(r"^[^\x00-\x1f\x7f\ud800-\udfff]+$")
+SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
+REDACTED = "[redacted]"
+# Words of a config key that mark its value as a secret (`hf_token`, `apiKey`, `db-password`).
+SECRET_WORDS = frozenset({"token", "password", "passwd", "secret", "apikey", "credential", "credentials"})
+SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"), ("webhook", "url")})
 
+
+def unstorable(value: str) -> str | None:
+    """Why `value` cannot be stored and shown as UTF-8 text, or None when it can.
+
+    A lone surrogate (what `os.fsdecode` makes of a non-UTF-8 file name, or JSON "\\ud800")
+    has no UTF-8 encoding; PostgreSQL text cannot hold a NUL character.
+    """
+    found = SURROGATE_RE.search(value)
+    if found is not None:
+        return (
+            f"contains a lone surrogate {found.group()!a} at index {found.start()}, which is not valid Unicode "
+            "text: send valid UTF-8 (decode bytes with errors='replace')"
+        )
+    if "\x00" in value:
+        return f"contains a NUL character at index {value.index(chr(0))}, which cannot be stored: remove it"
+    return None
+
+
+def invalid_key(key: str) -> str | None:
+    """Why `key` cannot name a scalar or histogram, or None when it can (1-250 characters, no control characters)."""
+    if not 1 <= len(key) <= 250:
+        return f"key {key[:40]!a} must be 1-250 characters long (got {len(key)})"
+    if not KEY_RE.match(key):
+        return f"key {key[:40]!a} holds a control character or a lone surrogate: use printable Unicode text"
+    return None
+
+
+def _integral(value: Any) -> Any:
+    """A float with no fractional part (2.0) is an integer, as JSON Schema says; "2" and true stay errors."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _storable(value: str) -> str:
+    reason = unstorable(value)
+    if reason is not None:
+        raise ValueError(reason)
+    return value
+
+
+def _is_secret(key: str) -> bool:
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()
+    parts = [w for w in re.split(r"[^a-z0-9]+", words) if w]
+    return any(p in SECRET_WORDS for p in parts) or any(pair in SECRET_PAIRS for pair in zip(parts, parts[1:]))
+
+
+def clean_config(value: Any, path: tuple[str | int, ...] = ()) -> Any:
+    """The config with every key and string checked (ValueError naming the path) and secrets redacted.
+
+    A key named like a secret (token, password, secret, api_key, ...) keeps its name but its
+    value becomes "[redacted]" (None and booleans are kept: they are no secret), so a run's
+    config never hands a credential to its readers.
+    """
+    where = "config" + "".join(f"[{p!a}]" for p in path)
+    if len(path) > MAX_CONFIG_DEPTH:
+        raise ValueError(f"{where}: nested deeper than {MAX_CONFIG_DEPTH} levels; flatten the config")
+    if isinstance(value, str):
+        reason = unstorable(value)
+        if reason is not None:
+            raise ValueError(f"{where}: {reason}")
+        return value
+    if isinstance(value, list):
+        return [clean_config(item, (*path, i)) for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            reason = unstorable(key)
+            if reason is not None:
+                raise ValueError(f"{where}: key {key[:40]!a} {reason}")
+            secret = _is_secret(key) and item is not None and not isinstance(item, bool)
+            out[key] = REDACTED if secret else clean_config(item, (*path, key))
+        return out
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=250, pattern=KEY_PATTERN)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=KEY_PATTERN)]
-Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
-Count = Annotated[int, Field(ge=0, le=2**62)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=KEY_PATTERN), AfterValidator(_storable)]
+Config = Annotated[dict[str, Any], AfterValidator(clean_config)]
+Integral = BeforeValidator(_integral)  # after the bounds in Annotated[int, Field(...), Integral], so the schema keeps them
+Step = Annotated[int, Field(ge=0, le=MAX_STEP), Integral]
+Count = Annotated[int, Field(ge=0, le=2**62), Integral]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 RunStatus = Literal["running", "finished", "failed", "crashed"]
 Severity = Literal["info", "warning", "critical"]
 Scope = Literal["write", "read"]
 
 
+class InputModel(BaseModel):
+    """A request body: unknown fields and loose types are refused with a 422 naming the field.
+
+    Strict: a step given as "1" or true, or a scalar given as true, is an error, not a
+    silent conversion (an int is still a valid float).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class _In(BaseModel):
-    """Inputs refuse unknown fields so a typo gets a 422 naming it instead of silently vanishing."""
+    """Inputs the server builds itself (flags): unknown fields refused, numpy numbers converted."""
 
     model_config = ConfigDict(extra="forbid")
 
 
-class HistogramIn(_In):
+class HistogramIn(InputModel):
     lo: FiniteFloat
     hi: FiniteFloat
     counts: Annotated[list[Count], Field(min_length=1, max_length=MAX_BINS)]
@@ -63,11 +164,11 @@ class HistogramIn(_In):
         return self
 
 
-class OutlierIn(_In):
-    sample: Annotated[int, Field(ge=0, le=2**31)]
-    position: Annotated[int, Field(ge=0, le=2**31)]
-    token_id: Annotated[int, Field(ge=0, le=2**31)] | None = None
-    text: Annotated[str, Field(max_length=1000)] = ""
+class OutlierIn(InputModel):
+    sample: Annotated[int, Field(ge=0, le=2**31), Integral]
+    position: Annotated[int, Field(ge=0, le=2**31), Integral]
+    token_id: Annotated[int, Field(ge=0, le=2**31), Integral] | None = None
+    text: Annotated[Text, Field(max_length=1000)] = ""
     x: float
     A: float
     zeta: float | None = None
@@ -96,11 +197,15 @@ def _item_of(loc: tuple[str | int, ...]) -> tuple[int, ItemField, str | None] | 
     return None
 
 
-class RecordIn(_In):
+# pydantic states the key pattern as `patternProperties`, which alone lets other keys through in JSON Schema.
+KEYS_ONLY: dict[str, Any] = {"additionalProperties": False}
+
+
+class RecordIn(InputModel):
     step: Step
     time: Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)] | None = None
-    scalars: Annotated[dict[Key, float], Field(max_length=MAX_KEYS_PER_RECORD)] = {}
-    histograms: Annotated[dict[Key, HistogramIn], Field(max_length=1_000)] = {}
+    scalars: Annotated[dict[Key, float], Field(max_length=MAX_KEYS_PER_RECORD, json_schema_extra=KEYS_ONLY)] = {}
+    histograms: Annotated[dict[Key, HistogramIn], Field(max_length=1_000, json_schema_extra=KEYS_ONLY)] = {}
     outliers: Annotated[list[OutlierIn], Field(max_length=MAX_OUTLIERS_PER_RECORD)] = []
 
     def items(self) -> int:
@@ -108,7 +213,7 @@ class RecordIn(_In):
         return len(self.scalars) + len(self.histograms) + (1 if self.outliers else 0)
 
 
-class RecordsIn(_In):
+class RecordsIn(InputModel):
     """A batch. An invalid item of a record (a bad key, a non-number scalar, a bad histogram or
     outlier list) is refused alone, left out of `records` and listed in `rejected_items`; an
     invalid envelope, step, time or record shape refuses the whole request."""
@@ -164,7 +269,7 @@ class RecordsOut(BaseModel):
     )
 
 
-class RewindIn(_In):
+class RewindIn(InputModel):
     step: Annotated[int, Field(ge=-1, le=MAX_STEP, description="last step kept; -1 empties the history")]
 
 
@@ -174,20 +279,22 @@ class RewindOut(BaseModel):
     removed: dict[str, int] = Field(description="rows taken out per table: scalars, histograms, outliers, flags, alerts")
 
 
-class ForkIn(_In):
+class ForkIn(InputModel):
     step: Step = Field(description="last step of the parent's history the new run starts with")
     name: Name | None = Field(None, description="the new run's name (default: '<parent name>-fork-<step>')")
 
 
-class RunCreate(_In):
+class RunCreate(InputModel):
     project: Name
     name: Name
-    config: dict[str, Any] | None = None
+    config: Config | None = Field(
+        None, description="any JSON object; values of keys named like token, password, secret or api_key are stored as \"[redacted]\""
+    )
     loss: Name | None = None
-    run_id: uuid.UUID | None = Field(None, description="client-chosen id (so a run exists before the server is reachable)")
+    run_id: Annotated[uuid.UUID, Strict(False)] | None = Field(None, description="client-chosen id (so a run exists before the server is reachable)")
 
 
-class RunPatch(_In):
+class RunPatch(InputModel):
     status: RunStatus
 
 
@@ -267,7 +374,7 @@ class EventCreate(_In):
     kind: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     severity: Severity
     detector: Name
-    message: str = ""
+    message: Text = ""
     evidence: dict[str, Any] | None = None
     created_at: float | None = None
 
@@ -292,6 +399,31 @@ class EventList(BaseModel):
     events: list[Event]
 
 
+class ErrorOut(BaseModel):
+    """Every refusal: `detail` is a message, or for 422 a list of {loc, msg, type} naming each bad field."""
+
+    detail: Any
+
+
+class FaultOut(ErrorOut):
+    """A storage fault (503, 507): retry after `retry_after` seconds (also the Retry-After header)."""
+
+    reason: str = Field(description="busy | read_only | disk_full | unreachable | storage_error")
+    retry_after: int
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "the body is not JSON"},
+    401: {"model": ErrorOut, "description": "auth is on and the token is missing or unknown"},
+    403: {"model": ErrorOut, "description": "the token's scope or project does not allow this"},
+    404: {"model": ErrorOut, "description": "no such run, rule or alert"},
+    409: {"model": ErrorOut, "description": "the id is taken, or the data conflicts with what is stored"},
+    413: {"model": ErrorOut, "description": "the body exceeds MHPO_MAX_BODY_BYTES"},
+    503: {"model": FaultOut, "description": "storage busy, read-only or unreachable: retry after Retry-After seconds"},
+    507: {"model": FaultOut, "description": "the disk holding the database is full: retry after Retry-After seconds"},
+}
+
+
 class TokenInfo(BaseModel):
     id: int
     project: str
@@ -312,8 +444,9 @@ def parse_keys(raw: str | None) -> list[str]:
     if len(keys) > MAX_QUERY_KEYS:
         raise ValueError(f"{len(keys)} keys exceed the limit of {MAX_QUERY_KEYS} per request; ask in several requests")
     for key in keys:
-        if len(key) > 250 or not re.match(KEY_PATTERN, key):
-            raise ValueError(f"key {key[:40]!r} is not a valid key (1-250 characters, no control characters)")
+        reason = invalid_key(key)
+        if reason is not None:
+            raise ValueError(reason)
     return keys
 
 

@@ -17,6 +17,9 @@ from typing import Any
 import yaml
 
 
+SECRET_FIELDS = frozenset({"token"})
+
+
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
@@ -61,7 +64,7 @@ class TrainerConfig:
     # streaming and bookkeeping
     stream: bool = _help("stream records to the server (--no-stream disables)", default=True)
     server: str | None = _help("server URL (default: MHPO_SERVER or http://127.0.0.1:8765)", default=None)
-    token: str | None = _help("API token (default: MHPO_TOKEN)", default=None)
+    token: str | None = _help("API token (default: MHPO_TOKEN); never stored in the run's config", default=None)
     project: str = _help("project name in the dashboard", default="mhpo")
     name: str | None = _help("run name (default: <loss>-<task>-s<seed>)", default=None)
     top_k_outliers: int = _help("outlier tokens streamed per step", default=8)
@@ -76,7 +79,8 @@ class TrainerConfig:
         return self.name or f"{self.loss}-{Path(self.data).stem if self.data else self.task}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every option but the secrets (`token`): what the run's config and checkpoints record."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SECRET_FIELDS}
 
     def validate(self) -> None:
         """Raise ValueError naming the field, the value and the fix."""

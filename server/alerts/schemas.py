@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
 
-from server.schemas import KEY_PATTERN, Key, Name, Severity
+from server.schemas import KEY_PATTERN, InputModel, Integral, Key, Name, Severity
 
 Channel = Literal["dashboard", "webhook"]
 DeliveryStatus = Literal["none", "pending", "delivered", "failed"]
@@ -23,8 +23,7 @@ SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 MAX_RULES_PER_PROJECT = 100
 
 
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_In = InputModel
 
 
 WEBHOOK_URL_HELP = (
@@ -39,7 +38,7 @@ class ThresholdCondition(_In):
     key: Key
     op: Literal[">", ">=", "<", "<=", "==", "!="]
     value: Annotated[float, Field(allow_inf_nan=False)]
-    for_steps: Annotated[int, Field(ge=1, le=10_000)] = 1
+    for_steps: Annotated[int, Field(ge=1, le=10_000), Integral] = 1
 
 
 class SpikeCondition(_In):
@@ -47,8 +46,8 @@ class SpikeCondition(_In):
     key: Key
     direction: Literal["up", "down", "both"] = "up"
     z: Annotated[float, Field(gt=0, le=1e6)] = 6.0
-    window_steps: Annotated[int, Field(ge=5, le=10_000)] = 50
-    min_baseline: Annotated[int, Field(ge=3, le=10_000)] = 20
+    window_steps: Annotated[int, Field(ge=5, le=10_000), Integral] = 50
+    min_baseline: Annotated[int, Field(ge=3, le=10_000), Integral] = 20
 
 
 class FlagCondition(_In):
@@ -80,6 +79,8 @@ class AlertRuleCreate(_In):
 
 
 class AlertRulePatch(_In):
+    """The fields to change; null leaves a field unchanged, except `run_id` and `webhook_url`, where null clears it."""
+
     name: Name | None = None
     run_id: RunId | None = None
     condition: Condition | None = None

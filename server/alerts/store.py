@@ -25,6 +25,7 @@ from server.alerts.models import AlertRow, AlertRuleRow, FlagParamsRow
 from server.alerts.schemas import Alert, AlertRule, AlertRuleCreate, AlertRulePatch
 from server.store.models import EventRow, ScalarRow
 
+NULLABLE_RULE_FIELDS = frozenset({"run_id", "webhook_url"})  # PATCH null clears these; other fields ignore null
 WINDOW_CHUNK = 100  # keys per UNION ALL statement: 2 selects per key, SQLite allows 500 per compound select
 
 
@@ -121,7 +122,10 @@ class AlertStore:
 
     def update_rule(self, rule_id: int, patch: AlertRulePatch) -> AlertRule:
         current = self.get_rule(rule_id)
-        changes = patch.model_dump(mode="json", exclude_unset=True)
+        changes = {
+            k: v for k, v in patch.model_dump(mode="json", exclude_unset=True).items()
+            if v is not None or k in NULLABLE_RULE_FIELDS
+        }
         merged = AlertRuleCreate.model_validate(
             {**current.model_dump(mode="json", exclude={"id", "created_at", "updated_at"}), **changes}
         )

@@ -23,7 +23,7 @@ from server.alerts.schemas import (
 )
 from server.alerts.store import AlertStore
 from server.alerts.targets import TargetPolicy, TargetRefused
-from server.deps import ReadAccess, StoreDep, WriteAccess
+from server.deps import Principal, ReadAccess, StoreDep, WriteAccess
 from server.flags.listener import IngestMonitor
 from server.responses import NaNJSONResponse, respond
 from server.schemas import KEY_PATTERN
@@ -43,6 +43,20 @@ ProjectName = Annotated[str, Path(min_length=1, max_length=200, pattern=KEY_PATT
 ProjectFilter = Annotated[str | None, Query(min_length=1, max_length=200, pattern=KEY_PATTERN)]
 RunFilter = Annotated[str | None, Query(min_length=1, max_length=36, pattern=KEY_PATTERN)]
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]  # ids beyond the column's range are a 422, not a driver overflow
+
+
+def mask_webhook(url: str) -> str:
+    """Scheme and host only: a webhook URL's path and query are its secret (a Slack hook is a credential)."""
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1]
+    return f"{scheme}://{host}/***"
+
+
+def _for(principal: Principal, rule: AlertRule) -> AlertRule:
+    """The rule as this caller may see it: read tokens get the webhook URL masked."""
+    if principal.scope == "write" or rule.webhook_url is None:
+        return rule
+    return rule.model_copy(update={"webhook_url": mask_webhook(rule.webhook_url)})
 
 
 def _rule(alerts: AlertStore, rule_id: int) -> AlertRule:
@@ -106,14 +120,14 @@ def list_rules(
     if principal.project is not None:
         project = project or principal.project
         principal.check_project(project)
-    return respond(AlertRuleList(rules=alerts.list_rules(project, run_id)))
+    return respond(AlertRuleList(rules=[_for(principal, r) for r in alerts.list_rules(project, run_id)]))
 
 
 @router.get("/alert-rules/{rule_id}", response_model=AlertRule)
 def get_rule(rule_id: RowId, alerts: AlertStoreDep, principal: ReadAccess) -> NaNJSONResponse:
     rule = _rule(alerts, rule_id)
     principal.check_project(rule.project)
-    return respond(rule)
+    return respond(_for(principal, rule))
 
 
 @router.patch("/alert-rules/{rule_id}", response_model=AlertRule)

@@ -3,7 +3,6 @@ POST .../rewind (the history ends at a step) and POST .../fork (a new run sharin
 
 from __future__ import annotations
 
-import logging
 import threading
 import uuid
 
@@ -15,7 +14,6 @@ from server.routes.runs import authorized_run
 from server.schemas import ForkIn, RecordsIn, RecordsOut, RewindIn, RewindOut, Run
 
 router = APIRouter(prefix="/api/v1/runs", tags=["records"])
-log = logging.getLogger(__name__)
 # Writes and listeners of one run take turns (striped by run id), so listeners see a run's
 # batches in commit order. Writers of one run queue on the database anyway (SQLite's write
 # lock, PostgreSQL's lock on the run row), so this costs no concurrency.
@@ -46,13 +44,14 @@ def post_records(
     with RUN_LOCKS[run_id.int % len(RUN_LOCKS)]:
         result = store.write_records(str(run_id), body.batch_id, body.records, body.rejected_items)
         if result.new_records:
+            health = request.app.state.listener_health
             for listener in request.app.state.ingest_listeners:
                 try:
                     listener(store, str(run_id), result.new_records)
-                except Exception:
-                    name = getattr(listener, "__qualname__", type(listener).__name__)
-                    metrics.listener_errors.labels(name).inc()
-                    log.exception("ingest listener %s failed on run %s (the batch is stored)", name, run_id)
+                except Exception as exc:  # noqa: BLE001 - the batch is committed: report, never fail the answer
+                    health.failed(listener, store, str(run_id), result.new_records, exc)
+                else:
+                    health.succeeded(listener)
     metrics.batches.labels("duplicate" if not result.accepted and result.duplicates else "stored").inc()
     for table, count in result.rows.items():
         metrics.rows.labels(table).inc(count)

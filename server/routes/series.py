@@ -36,7 +36,8 @@ def get_keys(run_id: uuid.UUID, store: StoreDep, principal: ReadAccess) -> NaNJS
 @router.get("/{run_id}/scalars", response_model=ScalarsOut)
 def get_scalars(
     run_id: uuid.UUID, store: StoreDep, settings: SettingsDep, principal: ReadAccess,
-    keys: Annotated[str | None, Query(max_length=100_000, description="comma-separated keys; all when absent")] = None,
+    keys: Annotated[str | None, Query(max_length=100_000, pattern=r"^[^\x00-\x1f\x7f]*$",
+                                      description="comma-separated keys (at most 1,000, each 1-250 characters); all when absent")] = None,
     start: StepQuery = None,
     end: StepQuery = None,
     max_points: Annotated[int, Query(ge=2, le=1_000_000, description="points per series before downsampling")] = 1000,

@@ -1,7 +1,18 @@
 """Storage: the `Store` interface and its SQL implementation, chosen by URL."""
 
-from server.store.base import Conflict, Invalid, NotFound, SchemaError, Store, StoreError, WriteResult
-from server.store.sql import SqlStore, make_engine
+from server.store.base import (
+    Conflict,
+    Invalid,
+    NotFound,
+    SchemaError,
+    StorageFull,
+    Store,
+    StoreError,
+    Unavailable,
+    WriteHealth,
+    WriteResult,
+)
+from server.store.sql import SqlStore, make_engine, storage_fault
 
 
 def open_store(url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> Store:
@@ -10,6 +21,6 @@ def open_store(url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> 
 
 
 __all__ = [
-    "Conflict", "Invalid", "NotFound", "SchemaError", "SqlStore", "Store", "StoreError", "WriteResult",
-    "make_engine", "open_store",
+    "Conflict", "Invalid", "NotFound", "SchemaError", "SqlStore", "StorageFull", "Store", "StoreError",
+    "Unavailable", "WriteHealth", "WriteResult", "make_engine", "open_store", "storage_fault",
 ]

@@ -5,6 +5,8 @@ Errors the routes turn into HTTP answers:
     ├── NotFound       -> 404 (unknown run)
     ├── Conflict       -> 409 (run id taken by another run, histogram binning changed)
     ├── Invalid        -> 422 (input the schema cannot catch, naming the field)
+    ├── Unavailable    -> 503 + Retry-After (busy, read-only or unreachable database, I/O error)
+    │   └── StorageFull -> 507 + Retry-After (the disk holding the database is full)
     └── SchemaError    -> the server refuses to start; the message says which command fixes it
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +61,45 @@ class SchemaError(StoreError, RuntimeError):
     pass
 
 
+class Unavailable(StoreError):
+    """A storage fault the caller cannot fix but may retry: `reason` is a short slug, `retry_after` seconds."""
+
+    def __init__(self, message: str, reason: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class StorageFull(Unavailable):
+    pass
+
+
+class WriteHealth:
+    """The outcome of the latest write transaction, for `/healthz` (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.last_ok_at: float | None = None
+        self.last_failure: dict[str, object] | None = None
+
+    @property
+    def failing(self) -> bool:
+        return self.last_failure is not None
+
+    def ok(self) -> None:
+        with self._lock:
+            self.last_ok_at = time.time()
+            self.last_failure = None
+
+    def failed(self, error: Unavailable) -> None:
+        with self._lock:
+            self.last_failure = {"reason": error.reason, "message": str(error), "at": time.time()}
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            return {"ok": self.last_failure is None, "last_ok_at": self.last_ok_at, "last_failure": self.last_failure}
+
+
 @dataclass
 class WriteResult:
     """What one records batch did: counts for the client, the new records for ingest listeners."""
@@ -69,6 +112,12 @@ class WriteResult:
 
 
 class Store(abc.ABC):
+    write_health: WriteHealth
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise Unavailable unless the database answers a trivial query."""
+
     @abc.abstractmethod
     def check_schema(self) -> None:
         """Raise SchemaError unless the database is at the migrations' head revision."""

@@ -40,7 +40,8 @@ from sqlalchemy import (
 from sqlalchemy import column as sql_column
 from sqlalchemy import table as sql_table
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 import migrations
 from server.schemas import (
@@ -60,7 +61,17 @@ from server.schemas import (
     Series,
     TokenInfo,
 )
-from server.store.base import Conflict, Invalid, NotFound, SchemaError, Store, StoreError, WriteResult
+from server.store.base import (
+    Conflict,
+    Invalid,
+    NotFound,
+    SchemaError,
+    StorageFull,
+    Store,
+    Unavailable,
+    WriteHealth,
+    WriteResult,
+)
 from server.store.models import (
     ApiTokenRow,
     BatchRow,
@@ -83,6 +94,12 @@ BULK_COLUMNS = {
 NAN = math.nan
 # The alerts table belongs to server.alerts (which imports this package): named here by its columns only.
 ALERTS = sql_table("alerts", sql_column("run_id"), sql_column("step"), sql_column("rewound_at"))
+# SQLite result codes (by name prefix) after which a pooled connection is not to be trusted: a
+# connection opened while the file was read-only stays read-only after the file is writable again.
+SQLITE_RECONNECT = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_CORRUPT", "SQLITE_NOTADB")
+RETRY_BUSY_S = 1
+RETRY_FAULT_S = 5
+RETRY_FULL_S = 60
 COUNT_DTYPE = np.dtype("<i8")  # histogram blobs: [underflow, overflow, *counts]
 STAT_DTYPE = np.dtype("<f8")  # [min, max, sum, sumsq]
 
@@ -97,8 +114,54 @@ def make_engine(url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) ->
             max_overflow=pool_size,
         )
         _sqlite_pragmas(engine, busy_timeout_ms)
+        event.listen(engine, "handle_error", _reconnect_after_fault)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    event.listen(engine, "handle_error", _reconnect_after_fault)
+    return engine
+
+
+def storage_fault(exc: BaseException) -> Unavailable | None:
+    """The retryable storage fault a driver error stands for (busy, read-only, full, unreachable), or None.
+
+    SQLite names its result codes (`sqlite_errorname`); PostgreSQL gives a SQLSTATE:
+    class 08 (connection), 53 (insufficient resources, 53100 = disk full), 57P (shutting
+    down), 25006 (read-only transaction), 40001/40P01 (serialization failure, deadlock).
+    A connection that is gone without a SQLSTATE (refused, reset) is unavailable too.
+    """
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig
+    name = str(getattr(orig, "sqlite_errorname", "") or "")
+    state = str(getattr(orig, "sqlstate", "") or "")
+    detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    if name.startswith("SQLITE_FULL") or state == "53100":
+        return StorageFull(
+            f"the disk holding the database is full ({detail}); free space, the write can then be retried",
+            "disk_full", RETRY_FULL_S,
+        )
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or state in ("40001", "40P01", "55P03"):
+        return Unavailable(f"database busy, retry later ({detail})", "busy", RETRY_BUSY_S)
+    if name.startswith("SQLITE_READONLY") or state == "25006":
+        return Unavailable(f"the database is read-only ({detail}); make it writable, no restart needed",
+                           "read_only", RETRY_FAULT_S)
+    if name.startswith(SQLITE_RECONNECT) or state.startswith(("53", "57P", "08")):
+        return Unavailable(f"the database cannot be used right now ({detail})", "storage_error", RETRY_FAULT_S)
+    if exc.connection_invalidated or (not state and type(orig).__name__ in ("OperationalError", "InterfaceError")
+                                      and not name):
+        return Unavailable(f"the database is unreachable ({detail})", "unreachable", RETRY_FAULT_S)
+    return None
+
+
+def _reconnect_after_fault(context: ExceptionContext) -> None:
+    """Treat read-only, I/O and can't-open errors as a lost connection, so the pool reconnects.
+
+    SQLAlchemy then drops every pooled connection; the next request opens fresh ones,
+    which see the file as it is now (writable again, space freed) without a restart.
+    """
+    name = str(getattr(context.original_exception, "sqlite_errorname", "") or "")
+    if name.startswith(SQLITE_RECONNECT):
+        context.is_disconnect = True
 
 
 def _sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
@@ -145,6 +208,7 @@ def _float(value: float | None) -> float:
 class SqlStore(Store):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.write_health = WriteHealth()
         self.dialect = engine.dialect.name
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
         # Statements of the hot paths, built once: building one costs more than running it on SQLite.
@@ -171,21 +235,45 @@ class SqlStore(Store):
     def close(self) -> None:
         self.engine.dispose()
 
-    @contextmanager
-    def _tx(self, write: bool = False) -> Iterator[Connection]:
-        """One transaction: commit on success, roll back on any error, translate driver errors."""
+    def ping(self) -> None:
         try:
             with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except DBAPIError as exc:
+            raise storage_fault(exc) or Unavailable(f"the database failed a trivial query: {exc.orig}",
+                                                    "storage_error", RETRY_FAULT_S) from exc
+
+    @contextmanager
+    def _tx(self, write: bool = False) -> Iterator[Connection]:
+        """One transaction: commit on success, roll back on any error, translate driver errors.
+
+        Storage faults become `Unavailable` (503) or `StorageFull` (507); a write's outcome
+        is recorded in `write_health` for `/healthz`. While writes are failing, each write
+        opens a fresh connection, and the first one that succeeds drops the pool: a SQLite
+        connection opened while the file was read-only stays read-only for good.
+        """
+        recovering = write and self.write_health.failing
+        try:
+            with self.engine.connect() as conn:
+                if recovering:
+                    conn.invalidate()  # the next statement gets a new connection, which sees the file as it is now
                 if write:
                     conn.execution_options(mhpo_write=True)
                 with conn.begin():
                     yield conn
         except IntegrityError as exc:
             raise Conflict(f"the write conflicts with stored data: {exc.orig}") from exc
-        except OperationalError as exc:
-            if "locked" in str(exc.orig) or "busy" in str(exc.orig):
-                raise StoreError(f"database busy, retry later: {exc.orig}") from exc
-            raise
+        except DBAPIError as exc:
+            fault = storage_fault(exc)
+            if fault is None:
+                raise
+            if write:
+                self.write_health.failed(fault)
+            raise fault from exc
+        if recovering:
+            self.engine.dispose(close=False)  # connections opened during the fault are not reused
+        if write:
+            self.write_health.ok()
 
     # schema -----------------------------------------------------------------------------
 
@@ -250,10 +338,8 @@ class SqlStore(Store):
             ).first()
             existing = self._fetch_run(conn, run_id)
         if inserted is None and (existing.project, existing.name) != (run.project, run.name):
-            raise Conflict(
-                f"run_id {run_id} already belongs to run {existing.name!r} of project {existing.project!r}; "
-                "omit run_id to get a fresh one"
-            )
+            # Says nothing of the other run (its name or project could be another team's).
+            raise Conflict(f"run_id {run_id} is already taken by another run: omit run_id to get a fresh one")
         return existing
 
     def update_run(self, run_id: str, status: str) -> Run:
