@@ -256,12 +256,16 @@ class AlertStore:
                         rows.append((k, int(s), float("nan") if n or v is None else float(v)))
         return rows, latest
 
-    def last_flag_steps(self, run_id: str, kinds: Sequence[str], before_step: int) -> dict[str, int]:
-        """kind -> the latest flagged step below `before_step` (for the refractory period)."""
+    def last_flag_steps(
+        self, run_id: str, kinds: Sequence[str], before_step: int, severities: Sequence[str] | None = None
+    ) -> dict[str, int]:
+        """kind -> the latest flagged step below `before_step` (of one of `severities`; for the refractory period)."""
         query = (
             select(EventRow.kind, func.max(EventRow.step))
             .where(EventRow.run_id == run_id, EventRow.kind.in_(list(kinds)), EventRow.step < before_step)
             .group_by(EventRow.kind)
         )
+        if severities is not None:
+            query = query.where(EventRow.severity.in_(list(severities)))
         with self._tx() as conn:
             return {kind: int(step) for kind, step in conn.execute(query)}

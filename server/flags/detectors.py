@@ -320,40 +320,44 @@ def _drift_rows(
     return out
 
 
-def _vote(sig: Signal, row: _Judged, p: DriftParams) -> dict[str, Any]:
-    """The evidence of one signal at one step, with its vote (either test passing)."""
+def _tests(sig: Signal, row: _Judged, p: DriftParams) -> list[tuple[str, float, float, float, float, bool]]:
+    """(test, value, reference, change in the signal's direction, z, vote) of the level and trend tests."""
     sign = 1.0 if sig.direction == "up" else -1.0
     noise = row.noise if math.isfinite(row.noise) else 0.0
-    tests = []
-    level_se = noise * 1.2533 * math.sqrt(1.0 / p.recent_steps + 1.0 / max(row.points, 1))
-    tests.append(("level", row.level, row.baseline, sign * (row.level - row.baseline), level_se))
+    candidates = [("level", row.level, row.baseline, sign * (row.level - row.baseline),
+                   noise * 1.2533 * math.sqrt(1.0 / p.recent_steps + 1.0 / max(row.points, 1)))]
     if row.trend_ok:
         t = p.trend_steps
-        trend_se = 1.05 * noise * (t - 1) * math.sqrt(12.0 / (t * (t * t - 1)))
-        tests.append(("trend", row.trend_ref + row.trend_change, row.trend_ref, sign * row.trend_change, trend_se))
-    best: dict[str, Any] | None = None
-    for name, value, reference, change, se in tests:
-        needed = max(sig.min_abs, sig.min_rel * abs(reference))
+        se = 1.05 * noise * (t - 1) * math.sqrt(12.0 / (t * (t * t - 1)))
+        candidates.append(("trend", row.trend_ref + row.trend_change, row.trend_ref, sign * row.trend_change, se))
+    out = []
+    for name, value, reference, change, se in candidates:
         z = change / se if se > 0 else (math.inf if change > 0 else 0.0)
-        vote = change > 0 and change >= needed and z >= sig.z
-        rel = change / abs(reference) if reference != 0 else math.inf
-        found = {
-            "key": sig.key,
-            "direction": sig.direction,
-            "test": name,
-            "value": json_number(value),
-            "baseline": json_number(reference),
-            "change": json_number(change),
-            "change_rel": json_number(rel),
-            "noise": json_number(noise),
-            "z": json_number(z),
-            "threshold": {"min_abs": sig.min_abs, "min_rel": sig.min_rel, "z": sig.z},
-            "vote": vote,
-        }
-        if best is None or (vote and not best["vote"]) or (vote == best["vote"] and z > float(best["z"])):
-            best = found
-    assert best is not None
-    return best
+        vote = change > 0 and change >= max(sig.min_abs, sig.min_rel * abs(reference)) and z >= sig.z
+        out.append((name, value, reference, change, z, vote))
+    return out
+
+
+def _votes(sig: Signal, row: _Judged, p: DriftParams) -> bool:
+    return any(t[-1] for t in _tests(sig, row, p))
+
+
+def _evidence(sig: Signal, row: _Judged, p: DriftParams) -> dict[str, Any]:
+    """The evidence of one signal at one step: the voting test, else the one with the larger z."""
+    name, value, reference, change, z, vote = max(_tests(sig, row, p), key=lambda t: (t[-1], t[-2]))
+    return {
+        "key": sig.key,
+        "direction": sig.direction,
+        "test": name,
+        "value": json_number(value),
+        "baseline": json_number(reference),
+        "change": json_number(change),
+        "change_rel": json_number(change / abs(reference) if reference != 0 else math.inf),
+        "noise": json_number(row.noise),
+        "z": json_number(z),
+        "threshold": {"min_abs": sig.min_abs, "min_rel": sig.min_rel, "z": sig.z},
+        "vote": vote,
+    }
 
 
 def _drift_tables(
@@ -382,19 +386,21 @@ def _drift_tables(
 
 
 def _drift(
-    kind: str, p: DriftParams, tables: list[dict[int, _Judged]], unless: list[dict[int, _Judged]], step: int
+    kind: str, p: DriftParams, tables: list[dict[int, _Judged]], unless: list[dict[int, _Judged]], logged: int,
+    step: int,
 ) -> Flag | None:
-    judged = [_vote(sig, table[step], p) for sig, table in zip(p.signals, tables, strict=True) if step in table]
+    """The flag of a drift detector at `step`, or None; `logged` counts the run's signals that it logs at all."""
+    judged = [(sig, table[step]) for sig, table in zip(p.signals, tables, strict=True) if step in table]
     if not judged:
         return None
-    votes = [e for e in judged if e["vote"]]
+    voting = [(sig, row) for sig, row in judged if _votes(sig, row, p)]
     needed = min(p.min_votes, len(judged))
-    if len(votes) < needed:
+    if len(voting) < needed:
         return None
-    guards = [_vote(sig, table[step], p) for sig, table in zip(p.unless, unless, strict=True) if step in table]
-    if any(g["vote"] for g in guards):
+    guards = [(sig, table[step]) for sig, table in zip(p.unless, unless, strict=True) if step in table]
+    if any(_votes(sig, row, p) for sig, row in guards):
         return None
-    logged = len({sig.key for sig, table in zip(p.signals, tables, strict=True) if table})
+    votes = [_evidence(sig, row, p) for sig, row in voting]
     if len(votes) >= p.critical_votes:
         severity = "critical"
     elif len(votes) >= min(p.warning_votes, logged):
@@ -412,8 +418,8 @@ def _drift(
         detector=DETECTORS[kind][0],
         message=f"{kind}: {parts} ({len(votes)} of {len(judged)} signals)",
         evidence={
-            "signals": judged,
-            "unless": guards,
+            "signals": [_evidence(sig, row, p) for sig, row in judged],
+            "unless": [_evidence(sig, row, p) for sig, row in guards],
             "votes": len(votes),
             "needed": needed,
             "window": {"baseline_steps": p.baseline_steps, "recent_steps": p.recent_steps,
@@ -544,8 +550,9 @@ def detect(
 ) -> list[Flag]:
     """Flags at each of `steps` (ascending), judged on `history` up to that step.
 
-    `last_flagged` maps kind -> latest step already flagged (from the store); it is
-    updated in place and enforces the drift detectors' refractory period. The window
+    `last_flagged` maps kind (and `refractory_key(kind, "warning")`) -> latest step already
+    flagged (from the store); it is updated in place and enforces the drift detectors'
+    refractory period. The window
     statistics are computed for all steps at once (vectorised); the result is the same as
     evaluating step by step. Empty steps (`tokens/valid` = 0) are never flagged.
     """
@@ -554,7 +561,12 @@ def detect(
     at = np.array(sorted(set(steps)), dtype=np.int64)
     at = at[~kinds.empty(at)]
     drifts = {
-        kind: (p, _drift_tables(history, kinds, p.signals, p, at, False), _drift_tables(history, kinds, p.unless, p, at, True))
+        kind: (
+            p,
+            _drift_tables(history, kinds, p.signals, p, at, False),
+            _drift_tables(history, kinds, p.unless, p, at, True),
+            sum(history.series(sig.key) is not None for sig in p.signals),
+        )
         for kind, p in params.drifts().items()
         if p.enabled
     }
@@ -568,9 +580,10 @@ def detect(
     flags: list[Flag] = []
     for step in at.tolist():
         found: list[Flag | None] = []
-        for kind, (p, tables, unless) in drifts.items():
-            if step - last.get(kind, -(10**12)) > p.refractory_steps:
-                found.append(_drift(kind, p, tables, unless, step))
+        for kind, (p, tables, unless, logged) in drifts.items():
+            flag = _drift(kind, p, tables, unless, logged, step)
+            if flag is not None and step - last.get(refractory_key(kind, flag.severity), -(10**12)) > p.refractory_steps:
+                found.append(flag)
         for kind, (sp, spike_tables) in spikes.items():
             found.append(_spike(kind, sp, spike_tables, step))
         found.append(_non_finite(non_finite, step))
@@ -579,5 +592,13 @@ def detect(
         for flag in found:
             if flag is not None:
                 flags.append(flag)
-                last[flag.kind] = max(step, last.get(flag.kind, step))
+                for key in {flag.kind, refractory_key(flag.kind, flag.severity)}:
+                    last[key] = max(step, last.get(key, step))
     return flags
+
+
+def refractory_key(kind: str, severity: str) -> str:
+    """The `last_flagged` entry a flag of this severity is held back by: an informational flag by any
+    earlier flag of its kind, a warning or critical only by an earlier warning or critical (so an
+    alarm is not swallowed by the heads-up that preceded it)."""
+    return kind if severity == "info" else f"{kind}:alarm"

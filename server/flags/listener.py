@@ -35,7 +35,7 @@ from server.alerts import rules as alert_rules
 from server.alerts.schemas import AlertRule, FlagCondition
 from server.alerts.store import AlertStore
 from server.alerts.webhook import WebhookDispatcher
-from server.flags.detectors import Flag, History, detect
+from server.flags.detectors import Flag, History, detect, refractory_key
 from server.flags.params import DEFAULT_PARAMS, FlagParams
 from server.schemas import RecordIn
 from server.store import Store
@@ -189,7 +189,10 @@ class IngestMonitor:
                 cached.series[key] = (s[-cached.depth :], v[-cached.depth :])
         self.cache.put(run_id, cached)
         history = History.from_arrays(series)
-        refractory = self.alerts.last_flag_steps(run_id, ("collapse", "erosion"), steps[0])
+        drift_kinds = tuple(params.drifts())
+        refractory = self.alerts.last_flag_steps(run_id, drift_kinds, steps[0])
+        alarms = self.alerts.last_flag_steps(run_id, drift_kinds, steps[0], ("warning", "critical"))
+        refractory.update({refractory_key(kind, "warning"): step for kind, step in alarms.items()})
         flags = detect(history, steps, params, refractory)
         if flags:
             store.add_events(run_id, [f.as_event() for f in flags])
