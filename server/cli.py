@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +48,8 @@ def serve(argv: Sequence[str]) -> int:
                         help="serve the dashboard at / (default on, $MHPO_DASHBOARD)")
     parser.add_argument("--insecure-public", action="store_true", default=None,
                         help="allow a non-loopback --host with auth off (anyone who reaches it can read and write)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes sharing the port (default 1); flags stay exact across them")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
@@ -68,7 +71,17 @@ def serve(argv: Sequence[str]) -> int:
     except SchemaError as exc:
         print(f"mhpo serve: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log)
+    if args.workers < 1:
+        print(f"mhpo serve: --workers {args.workers} must be >= 1", file=sys.stderr)
+        return 2
+    if args.workers == 1:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log)
+        return 0
+    app.state.store.close()  # each worker process builds its own app from the same settings
+    os.environ.update({f"MHPO_{name.upper()}": str(value) for name, value in settings.model_dump().items()
+                       if isinstance(value, str | int | float | bool)})
+    uvicorn.run("server.app:create_app", factory=True, workers=args.workers, host=settings.host, port=settings.port,
+                log_level=args.log_level, access_log=args.access_log)
     return 0
 
 

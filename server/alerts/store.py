@@ -23,7 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from server.alerts.models import AlertRow, AlertRuleRow, FlagParamsRow
 from server.alerts.schemas import Alert, AlertRule, AlertRuleCreate, AlertRulePatch
-from server.store.models import EventRow, ScalarRow
+from server.store.models import BatchRow, EventRow, ScalarRow
 
 WINDOW_CHUNK = 100  # keys per UNION ALL statement: 2 selects per key, SQLite allows 500 per compound select
 
@@ -255,6 +255,11 @@ class AlertStore:
                     else:
                         rows.append((k, int(s), float("nan") if n or v is None else float(v)))
         return rows, latest
+
+    def batch_count(self, run_id: str) -> int:
+        """How many batches the run has stored (the flags listener's check that no other process wrote one)."""
+        with self._tx() as conn:
+            return int(conn.execute(select(func.count()).where(BatchRow.run_id == run_id)).scalar_one())
 
     def last_flag_steps(
         self, run_id: str, kinds: Sequence[str], before_step: int, severities: Sequence[str] | None = None
