@@ -582,7 +582,8 @@ def detect(
         found: list[Flag | None] = []
         for kind, (p, tables, unless, logged) in drifts.items():
             flag = _drift(kind, p, tables, unless, logged, step)
-            if flag is not None and step - last.get(refractory_key(kind, flag.severity), -(10**12)) > p.refractory_steps:
+            hold = p.refractory_steps if flag is None or flag.severity != "info" else p.refractory_steps // 4
+            if flag is not None and step - last.get(refractory_key(kind, flag.severity), -(10**12)) > hold:
                 found.append(flag)
         for kind, (sp, spike_tables) in spikes.items():
             found.append(_spike(kind, sp, spike_tables, step))
