@@ -227,9 +227,10 @@ def _subseries(history: History, kinds: StepKinds, key: str) -> list[tuple[np.nd
     steps, values = found
     keep = np.isfinite(values) & ~kinds.empty(steps)
     steps, values = steps[keep], values[keep]
-    # A value repeated exactly (a rollout-level scalar streamed with every update of the
-    # rollout) is one observation, not several: keep its first step only.
-    first = np.concatenate([[True], values[1:] != values[:-1]])
+    # A value repeated exactly within a rollout (a rollout-level scalar such as the reward,
+    # streamed with every update of the rollout) is one observation: keep its first step.
+    rollout = _lookup(history, "train/rollout", steps)
+    first = np.concatenate([[True], (values[1:] != values[:-1]) | ~(rollout[1:] == rollout[:-1])])
     steps, values = steps[first], values[first]
     if not same_kind_only(key):
         return [(steps, values)]

@@ -111,7 +111,7 @@ class OnPolicyParams(_Strict):
 
 
 # Entropy spent on a rising reward is learning (sharpening), not collapse or over-exploration.
-_REWARD_RISING = Signal(key="reward/mean", direction="up", min_abs=0.05, min_rel=0.0, z=1.0)
+_REWARD_RISING = Signal(key="reward/mean", direction="up", min_abs=0.05, min_rel=0.0, z=0.5)
 
 
 def _collapse() -> DriftParams:
@@ -206,8 +206,8 @@ class FlagParams(_Strict):
         return found
 
 
-# Keys that say what kind of step a record is: its place in the rollout, its valid tokens.
-STEP_KIND_KEYS = ("train/update_index", "tokens/valid", "ratio/min", "ratio/max")
+# Keys that say what kind of step a record is: its rollout and place in it, its valid tokens.
+STEP_KIND_KEYS = ("train/rollout", "train/update_index", "tokens/valid", "ratio/min", "ratio/max")
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
