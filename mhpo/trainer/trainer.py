@@ -256,8 +256,8 @@ class Trainer:
             perm = torch.randperm(n)
             for k in range(cfg.mini_batches):
                 mb_idx = perm[k * mb_size : (k + 1) * mb_size].to(self.device)
-                update_index = len(records)  # 0: the on-policy first update of this rollout
-                records.append(self._update(gen, mb_idx, b_old_logp, b_ref_logp, b_adv, rollout_scalars, update_index))
+                index = len(records)  # train/update_index: 0 is the on-policy first update of this rollout
+                records.append(self._update(gen, mb_idx, b_old_logp, b_ref_logp, b_adv, rollout_scalars, index))
         self.rollout_step += 1
         return records
 

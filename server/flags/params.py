@@ -142,7 +142,6 @@ def _entropy_surge() -> DriftParams:
         unless=(_REWARD_RISING,),
         recent_steps=10,
         warning_votes=1,
-        critical_votes=2,
     )
 
 
@@ -154,6 +153,7 @@ def _kl_drift() -> DriftParams:
         ),
         recent_steps=10,
         warning_votes=1,
+        critical_votes=2,
     )
 
 

@@ -82,10 +82,15 @@ def test_kl_x100_is_flagged_within_2_steps() -> None:
 
 @pytest.mark.parametrize("pattern", ["alternating", "empty_steps"])
 def test_healthy_alternating_and_empty_step_streams_raise_no_alarm(pattern: str) -> None:
-    """On-policy updates (x = 0 exactly) never feed an off-policy baseline; empty steps are not NaN."""
+    """On-policy updates (x = 0 exactly) never feed an off-policy baseline; empty steps are not NaN.
+
+    (The grad-norm's heavy-tailed noise in these clean streams gives the rare `grad_spike`
+    of the clean suite, whatever the step kinds; it is counted there.)
+    """
+    watched = ("hazard_spike", "kl_spike", "non_finite", "erosion", "collapse", "entropy_surge")
     for seed in SEEDS:
-        alarms = [f for f in run(pattern, seed) if f.severity != "info"]
-        assert not [f for f in alarms if f.kind in ("hazard_spike", "non_finite", "erosion", "kl_spike")], (seed, alarms)
+        alarms = [f for f in run(pattern, seed) if f.severity != "info" and f.kind in watched]
+        assert not alarms, (seed, [f.message for f in alarms])
 
 
 def test_on_policy_steps_are_inferred_without_update_index() -> None:
