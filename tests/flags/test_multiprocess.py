@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import tempfile
 import uuid
 from typing import Any
 
 import httpx
 import pytest
 
+import migrations
+from mhpo.demo import wait_healthy
 from server.flags.synthetic import Stream, generate_stream
 from tests.conftest import fresh_pg_database
-from tests.fixtures.server import LiveServer
+from tests.fixtures.server import REPO_ROOT, LiveServer, free_port
 
 pytestmark = pytest.mark.postgres
 
@@ -62,3 +68,29 @@ def test_two_processes_ingesting_alternately_give_the_flags_of_one() -> None:
             kinds = {(step, kind) for step, kind, *_ in expected}
             assert {(120, "grad_spike"), (250, "kl_spike"), (300, "non_finite")} <= kinds
             assert any(kind == "collapse" for _, kind, *_ in expected)
+
+
+def test_serve_with_workers_gives_the_flags_of_one_process() -> None:
+    """`mhpo serve --workers 2`: each request may land on either worker (a new connection per request)."""
+    stream = stream_with_events()
+    with fresh_pg_database() as shared, fresh_pg_database() as alone:
+        migrations.upgrade(shared)
+        port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mhpo", "serve", "--db", shared, "--port", str(port), "--workers", "2"],
+                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+            try:
+                url = f"http://127.0.0.1:{port}"
+                wait_healthy(f"{url}/healthz", proc, timeout=120)
+                with LiveServer(alone) as single:
+                    two, one = new_run(url), new_run(single.url)
+                    for start in range(0, 360, 20):
+                        post(url, two, stream.records(start, start + 20))
+                        post(single.url, one, stream.records(start, start + 20))
+                    assert flags(url, two) == flags(single.url, one)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
