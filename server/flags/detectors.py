@@ -252,11 +252,13 @@ def _noise(values: np.ndarray, ends: np.ndarray, length: int, lag: int) -> np.nd
 
     A steady trend shifts every difference by the same amount, which the median absolute
     deviation ignores, so the noise of a declining series is not mistaken for its decline.
-    The lag spans the updates of a rollout (which share their samples, so neighbours move
-    together). Exactly-zero differences (a value repeated for every update of a rollout)
-    carry no noise information and are left out.
+    The lag (half the trend window) spans the updates of a rollout, which share their
+    samples so that neighbours move together, and part of a noisy series' slow wander.
+    Exactly-zero differences carry no noise information and are left out. Fewer than
+    `lag` + 1 points give NaN (no noise estimate; the minimum change alone decides).
     """
-    lag = max(1, min(lag, len(values) - 1)) if len(values) > 1 else 1
+    if len(values) <= lag:
+        return np.full(len(ends), np.nan)
     diffs = np.concatenate([np.full(lag, np.nan), values[lag:] - values[:-lag]])
     diffs[diffs == 0.0] = np.nan
     rows = _take(diffs, ends, length - 1)

@@ -252,7 +252,8 @@ def pattern_stream(pattern: str, seed: int, n_steps: int = 400, onset: int = 150
     - `entropy_blowup`: entropy 0.5 -> 2.0 over 100 steps while the reward falls by half;
     - `kl_jump`: `policy/kl_k3` x100 from the onset on;
     - `alternating`: no event; updates alternate on-policy (`train/update_index` 0, every
-      log-ratio statistic exactly 0) and off-policy, as with two mini-batches per rollout;
+      log-ratio statistic exactly 0) and off-policy, as with two mini-batches per rollout,
+      the rollout-level reward and diversity repeated for both (`train/rollout`);
     - `empty_steps`: no event; every 25th step has no valid token (`tokens/valid` 0 and
       only the keys that need no token).
     """
@@ -277,6 +278,9 @@ def pattern_stream(pattern: str, seed: int, n_steps: int = 400, onset: int = 150
     elif pattern == "alternating":
         on = np.arange(n_steps) % 2 == 0
         s["train/update_index"] = np.where(on, 0.0, 1.0)
+        s["train/rollout"] = (np.arange(n_steps) // 2).astype(np.float64)
+        for key in ("reward/mean", "group/distinct_frac"):  # rollout-level: streamed with both updates
+            s[key] = np.repeat(s[key][::2], 2)[:n_steps]
         for key in ("ratio/mean", "ratio/std", "ratio/min", "ratio/max", "ratio/p50", "ratio/pos_mass",
                     "ratio/frac_above_0.2", "ratio/frac_below_0.2", "ratio/clip_frac_low", "ratio/clip_frac_high",
                     "policy/kl_k3"):

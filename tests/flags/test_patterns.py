@@ -193,3 +193,16 @@ def test_every_numeric_parameter_declares_bounds() -> None:
 
     missing = [n for m in (DriftParams, SpikeParams, Signal, OnPolicyParams) for n in walk(m, f"{m.__name__}.")]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("pattern", ["alternating", "entropy_blowup", "linear_entropy", "empty_steps"])
+def test_batching_does_not_change_the_flags_of_any_shape(pattern: str) -> None:
+    """Evaluating in batches, each with only the history before it, gives the flags of the whole run."""
+    stream = pattern_stream(pattern, 4, onset=ONSET)
+    whole = detect(History(stream.points()), range(stream.n_steps))
+    last: dict[str, int] = {}
+    pieces: list[Flag] = []
+    for start in range(0, stream.n_steps, 37):
+        stop = min(start + 37, stream.n_steps)
+        pieces += detect(History(stream.points(stop)), range(start, stop), last_flagged=last)
+    assert pieces == whole
