@@ -5,8 +5,12 @@ grad_spike, non_finite, on_policy) at random onsets plus `--clean` clean streams
 (`server.flags.synthetic`), posts each as a run to `mhpo serve` (started here on a fresh
 SQLite file unless `--server` is given), reads the flags back from
 `GET /api/v1/runs/{id}/events` and prints per kind: detected/total within the goal
-delay, the delay in steps (median, max) and false flags per 1,000 clean steps (clean
-streams plus the steps before each onset). It also times ingest with the detectors on
+delay, the delay in steps (median, max) and false warning/critical flags per 1,000 clean
+steps (clean streams plus the steps before each onset; informational flags counted
+apart). Then, in-process, the reported failure shapes (`pattern_stream`: linear and
+geometric entropy collapse, entropy blow-up, KL x100) and the healthy shapes that used to
+raise false alarms (alternating on/off-policy updates, empty steps), over
+`--pattern-seeds` seeds each. It also times ingest with the detectors on
 and, on the same clean streams in the same server, with every detector off (a project
 override), so the cost of flagging on ingest is measured against its own baseline.
 
