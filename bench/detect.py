@@ -5,8 +5,12 @@ grad_spike, non_finite, on_policy) at random onsets plus `--clean` clean streams
 (`server.flags.synthetic`), posts each as a run to `mhpo serve` (started here on a fresh
 SQLite file unless `--server` is given), reads the flags back from
 `GET /api/v1/runs/{id}/events` and prints per kind: detected/total within the goal
-delay, the delay in steps (median, max) and false flags per 1,000 clean steps (clean
-streams plus the steps before each onset). It also times ingest with the detectors on
+delay, the delay in steps (median, max) and false warning/critical flags per 1,000 clean
+steps (clean streams plus the steps before each onset; informational flags counted
+apart). Then, in-process, the reported failure shapes (`pattern_stream`: linear and
+geometric entropy collapse, entropy blow-up, KL x100) and the healthy shapes that used to
+raise false alarms (alternating on/off-policy updates, empty steps), over
+`--pattern-seeds` seeds each. It also times ingest with the detectors on
 and, on the same clean streams in the same server, with every detector off (a project
 override), so the cost of flagging on ingest is measured against its own baseline.
 
@@ -43,10 +47,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from mhpo.demo import wait_healthy  # noqa: E402
-from server.flags import KINDS, History, detect  # noqa: E402
-from server.flags.synthetic import GOAL_DELAY, INJECTED_KINDS, Stream, generate_suite, score  # noqa: E402
+from server.flags import FlagParams, History, detect  # noqa: E402
+from server.flags.synthetic import (  # noqa: E402
+    GOAL_DELAY,
+    INJECTED_KINDS,
+    PATTERN_KIND,
+    PATTERNS,
+    Stream,
+    generate_suite,
+    pattern_stream,
+    score,
+)
 
-ALL_OFF = {kind: {"enabled": False} for kind in KINDS}
+ALL_OFF = {name: {"enabled": False} for name in FlagParams.model_fields}
+PATTERN_GOAL = {"collapse": 30, "entropy_surge": 30, "kl_spike": 2}
 
 
 def free_port() -> int:
@@ -94,7 +108,7 @@ def post_stream(client: httpx.Client, project: str, stream: Stream, batch: int) 
     return run_id, latencies
 
 
-Flags = list[list[tuple[str, int]]]
+Flags = list[list[tuple[str, int, str]]]  # per stream: (kind, step, severity)
 
 
 def run_server(url: str, streams: list[Stream], batch: int) -> tuple[Flags, dict[str, list[float]]]:
@@ -106,7 +120,7 @@ def run_server(url: str, streams: list[Stream], batch: int) -> tuple[Flags, dict
         for i, stream in enumerate(streams):
             run_id, latencies = post_stream(client, project, stream, batch)
             events = client.get(f"/api/v1/runs/{run_id}/events").json()["events"]
-            flags.append([(e["kind"], e["step"]) for e in events if e["type"] == "flag"])
+            flags.append([(e["kind"], e["step"], e["severity"]) for e in events if e["type"] == "flag"])
             if stream.kind is None:
                 timing["on"] += latencies
                 timing["off"] += post_stream(client, f"{project}-off", stream, batch)[1]
@@ -157,7 +171,37 @@ def replay_trainer(url: str, lr: float, steps: int, warmup: int) -> None:
 
 
 def run_offline(streams: list[Stream]) -> Flags:
-    return [[(f.kind, f.step) for f in detect(History(s.points()), range(s.n_steps))] for s in streams]
+    return [[(f.kind, f.step, f.severity) for f in detect(History(s.points()), range(s.n_steps))] for s in streams]
+
+
+def alarms(flags: Flags, keep_info: frozenset[str] = frozenset()) -> list[list[tuple[str, int]]]:
+    """(kind, step) of the warning and critical flags (and of the informational ones of `keep_info` kinds)."""
+    return [[(k, s) for k, s, sev in found if sev != "info" or k in keep_info] for found in flags]
+
+
+def report_patterns(seeds: int) -> None:
+    """The reported failure shapes and the healthy shapes that used to raise false alarms, offline."""
+    print(f"\n{'pattern':<19}{'kind':<15}{'flagged':>9}{'goal':>12}{'delay median':>14}{'delay max':>11}"
+          f"{'severity':>10}{'false alarms':>14}")
+    for pattern in PATTERNS:
+        kind = PATTERN_KIND.get(pattern)
+        delays, severities, false = [], set(), 0
+        for seed in range(seeds):
+            stream = pattern_stream(pattern, seed)
+            onset = stream.onset if stream.onset is not None else stream.n_steps
+            flags = detect(History(stream.points()), range(stream.n_steps))
+            false += sum(1 for f in flags if f.severity != "info" and f.step < onset)
+            hits = [f for f in flags if f.kind == kind and f.step >= onset]
+            if hits:
+                delays.append(hits[0].step - onset)
+                severities.add(hits[0].severity)
+        goal = PATTERN_GOAL.get(kind or "")
+        within = sum(d <= goal for d in delays) if goal is not None else 0
+        med = f"{statistics.median(delays):.1f}" if delays else "-"
+        worst = f"{max(delays)}" if delays else "-"
+        print(f"{pattern:<19}{kind or '(healthy)':<15}{f'{within}/{seeds}' if kind else '-':>9}"
+              f"{f'<= {goal} steps' if goal is not None else '-':>12}{med:>14}{worst:>11}"
+              f"{'/'.join(sorted(severities)) or '-':>10}{false:>14}")
 
 
 def main() -> None:
@@ -170,6 +214,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50, help="records per POST")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--offline", action="store_true", help="run the detectors in-process, no server")
+    parser.add_argument("--pattern-seeds", type=int, default=20, help="seeds per reported failure shape (offline)")
     parser.add_argument("--replay-lr", type=float, help="also replay a real GRPO trainer run with this learning rate")
     parser.add_argument("--replay-steps", type=int, default=30, help="rollout steps to replay (4 optimizer steps each)")
     parser.add_argument("--replay-warmup", type=int, default=4, help="optimizer steps of lr warm-up in the replay")
@@ -181,11 +226,13 @@ def main() -> None:
     if args.offline:
         t0 = time.perf_counter()
         report(streams, run_offline(streams), {}, args.batch, time.perf_counter() - t0, "in-process detectors")
+        report_patterns(args.pattern_seeds)
         return
     with local_server() if args.server is None else nullcontext(args.server) as url:
         t0 = time.perf_counter()
         flags, timing = run_server(url, streams, args.batch)
         report(streams, flags, timing, args.batch, time.perf_counter() - t0, f"server {url}")
+        report_patterns(args.pattern_seeds)
         if args.replay_lr:
             replay_trainer(url, args.replay_lr, args.replay_steps, args.replay_warmup)
 
@@ -194,7 +241,8 @@ def report(
     streams: list[Stream], flags: Flags, timing: dict[str, list[float]], batch: int,
     elapsed: float, where: str,
 ) -> None:
-    result = score(streams, flags)
+    result = score(streams, alarms(flags, frozenset({"on_policy"})))
+    info = score(streams, [[(k, s) for k, s, _ in found] for found in flags]).false_flags - result.false_flags
     print(f"\n{'kind':<14}{'detected':>10}{'goal':>12}{'delay median':>14}{'delay max':>11}")
     for kind in INJECTED_KINDS:
         delays = result.delays.get(kind, [])
@@ -203,8 +251,9 @@ def report(
         print(f"{kind:<14}{result.detected.get(kind, 0):>5}/{result.total.get(kind, 0):<4}"
               f"{f'<= {GOAL_DELAY[kind]} steps':>12}{med:>14}{worst:>11}")
     by_kind = ", ".join(f"{k}: {v}" for k, v in sorted(result.false_by_kind.items())) or "none"
-    print(f"\nfalse flags: {result.false_flags} in {result.clean_steps} clean steps = "
-          f"{result.false_per_1000():.3f} per 1,000 steps (goal < 0.5; by kind: {by_kind})")
+    print(f"\nfalse warning/critical flags: {result.false_flags} in {result.clean_steps} clean steps = "
+          f"{result.false_per_1000():.3f} per 1,000 steps (goal < 0.5; by kind: {by_kind}); "
+          f"informational: {info} ({1000 * info / max(result.clean_steps, 1):.3f} per 1,000)")
     if timing:
         on, off = statistics.median(timing["on"]) * 1e3, statistics.median(timing["off"]) * 1e3
         print(f"ingest of {batch}-record batches, median: {on:.1f} ms with flags and alert rules evaluated, "

@@ -333,6 +333,9 @@ class DiagnosticsAccumulator:
             if t is not None and tuple(t.shape) != tuple(logp.shape):
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but logp has shape {tuple(logp.shape)}")
         check_inputs(logp, old_logp, advantages, mask)
+        if logp.numel() == 0:  # (0, T) or (B, 0): no token; one masked column keeps B rows counted
+            self._update_empty(logp, old_logp, advantages, mask, loss_stats, entropy, token_ids)
+            return
         dtype = compute_dtype(logp)
         valid = mask if mask.dtype == torch.bool else mask != 0
         vf = _as_float(valid, dtype)
@@ -553,6 +556,24 @@ class DiagnosticsAccumulator:
             )
         )
 
+    def _update_empty(
+        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+        loss_stats: Mapping[str, Tensor] | None, entropy: Tensor | None, token_ids: Tensor | None,
+    ) -> None:
+        """A zero-size micro-batch as one fully masked column per row (a placeholder row when B = 0, not counted)."""
+        b = logp.shape[0]
+        rows = max(b, 1)
+
+        def pad(t: Tensor | None, fill: float | bool = 0) -> Tensor | None:
+            return None if t is None else torch.full((rows, 1), fill, dtype=t.dtype, device=t.device)
+
+        adv = advantages.new_zeros((rows,) if advantages.dim() == 1 else (rows, 1))
+        self.update(pad(logp), pad(old_logp), adv, pad(mask, False), loss_stats=loss_stats, entropy=pad(entropy),
+                    token_ids=pad(token_ids))
+        if b == 0:
+            self._updates[-1].sums[_SUMS.index("n_seq")] -= 1
+            self._samples -= 1
+
     def _values(
         self, x: Tensor, valid: Tensor, adv: Tensor, stats: Mapping[str, Tensor]
     ) -> tuple[Tensor | None, list[Tensor], Tensor, Tensor]:
@@ -728,7 +749,12 @@ class DiagnosticsAccumulator:
             var = float(sq) / float(cnt) - mean * mean
             return mean, math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan
 
-        scalars: dict[str, float] = {}
+        if n == 0:  # an empty step: token counts, and none of the statistics that need a token
+            scalars = {"tokens/valid": 0.0}
+            if s["loss_n"] > 0:
+                scalars["train/loss"] = s["loss_sum"] / s["loss_n"]
+            return StepStats(scalars=scalars, histograms={}, outliers=[])
+        scalars: dict[str, float] = {"tokens/valid": float(n)}
         sx, sqx = float(x_mom[0, :3].sum()), float(x_mom[1, :3].sum())
         x_mean, x_std = mean_std(sx, sqx, n_ok)
         scalars["ratio/mean"], scalars["ratio/std"] = x_mean, x_std

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +49,8 @@ def serve(argv: Sequence[str]) -> int:
                         help="serve the dashboard at / (default on, $MHPO_DASHBOARD)")
     parser.add_argument("--insecure-public", action="store_true", default=None,
                         help="allow a non-loopback --host with auth off (anyone who reaches it can read and write)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes sharing the port (default 1); flags stay exact across them")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
@@ -70,10 +73,22 @@ def serve(argv: Sequence[str]) -> int:
     except (SchemaError, ConfigError) as exc:
         print(f"mhpo serve: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log,
-        http=with_header_timeout(settings.header_timeout_s), timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]
-    )
+    if args.workers < 1:
+        print(f"mhpo serve: --workers {args.workers} must be >= 1", file=sys.stderr)
+        return 2
+    common: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_level": args.log_level, "access_log": args.access_log,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
+    }
+    if args.workers == 1:
+        uvicorn.run(app, http=with_header_timeout(settings.header_timeout_s), **common)  # type: ignore[arg-type]
+        return 0
+    app.state.store.close()  # each worker process builds its own app from the same settings
+    os.environ.update({f"MHPO_{name.upper()}": str(value) for name, value in settings.model_dump().items()
+                       if isinstance(value, str | int | float | bool)})
+    # Workers are spawned processes: they get the protocol by import path, its deadline from MHPO_HEADER_TIMEOUT_S.
+    uvicorn.run("server.app:create_app", factory=True, workers=args.workers, http="server.http:HeaderTimeoutProtocol",
+                **common)
     return 0
 
 

@@ -11,6 +11,7 @@ its time).
 from __future__ import annotations
 
 import asyncio
+import os
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -23,9 +24,10 @@ def _response_408(seconds: float) -> bytes:
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """Set `header_timeout_s` on a subclass (see `with_header_timeout`)."""
+    """Set `header_timeout_s` on a subclass (see `with_header_timeout`); by import path
+    (`mhpo serve --workers N`) the deadline comes from MHPO_HEADER_TIMEOUT_S."""
 
-    header_timeout_s: float = 10.0
+    header_timeout_s: float = float(os.environ.get("MHPO_HEADER_TIMEOUT_S", "10"))
     _head_timer: asyncio.TimerHandle | None = None
 
     def _arm(self) -> None:

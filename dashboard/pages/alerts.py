@@ -20,7 +20,9 @@ from dashboard.app import api
 
 dash.register_page(__name__, path="/alerts", title="Alerts · MHPO Monitor", name="Alerts", order=2)
 
-FLAG_KINDS = ["*", "collapse", "erosion", "hazard_spike", "grad_spike", "non_finite", "on_policy"]
+FLAG_KINDS = [
+    "*", "collapse", "erosion", "entropy_surge", "hazard_spike", "grad_spike", "kl_spike", "non_finite", "on_policy",
+]
 SEVERITIES = ["info", "warning", "critical"]
 RULE_COLUMNS = ["id", "name", "project", "run_id", "condition", "severity", "cooldown_s", "channels", "enabled"]
 ALERT_COLUMNS = ["id", "created_at", "rule_name", "project", "run_id", "step", "severity", "message",

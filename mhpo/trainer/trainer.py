@@ -269,7 +269,8 @@ class Trainer:
             perm = torch.randperm(n)
             for k in range(cfg.mini_batches):
                 mb_idx = perm[k * mb_size : (k + 1) * mb_size].to(self.device)
-                records.append(self._update(gen, mb_idx, b_old_logp, b_ref_logp, b_adv, rollout_scalars))
+                index = len(records)  # train/update_index: 0 is the on-policy first update of this rollout
+                records.append(self._update(gen, mb_idx, b_old_logp, b_ref_logp, b_adv, rollout_scalars, index))
         self.rollout_step += 1
         return records
 
@@ -307,7 +308,7 @@ class Trainer:
 
     def _update(
         self, gen: Generation, mb_idx: Tensor, b_old_logp: Tensor, b_ref_logp: Tensor | None, b_adv: Tensor,
-        rollout_scalars: dict[str, float],
+        rollout_scalars: dict[str, float], update_index: int,
     ) -> dict[str, Any]:
         """One optimizer step on the mini-batch `mb_idx` (micro-batched), streamed as one record."""
         cfg = self.cfg
@@ -381,6 +382,7 @@ class Trainer:
         if self.ref_model is not None:
             scalars["policy/kl_ref"] = host[-1]
         scalars["train/lr"] = lr
+        scalars["train/update_index"] = float(update_index)
         scalars["train/skipped"] = 0.0 if finite else 1.0
         scalars["train/skipped_total"] = float(self.skipped)
         outliers = [dict(o) for o in stats.outliers]

@@ -52,7 +52,9 @@ class SpikeCondition(_In):
 
 class FlagCondition(_In):
     type: Literal["flag"]
-    kind: Literal["collapse", "erosion", "hazard_spike", "grad_spike", "non_finite", "on_policy", "*"] = "*"
+    kind: Literal[
+        "collapse", "erosion", "entropy_surge", "hazard_spike", "grad_spike", "kl_spike", "non_finite", "on_policy", "*"
+    ] = "*"
     min_severity: Severity = "warning"
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from server.alerts.models import AlertRow, AlertRuleRow, FlagParamsRow
 from server.alerts.schemas import Alert, AlertRule, AlertRuleCreate, AlertRulePatch
-from server.store.models import EventRow, ScalarRow
+from server.store.models import BatchRow, EventRow, ScalarRow
 
 NULLABLE_RULE_FIELDS = frozenset({"run_id", "webhook_url"})  # PATCH null clears these; other fields ignore null
 WINDOW_CHUNK = 100  # keys per UNION ALL statement: 2 selects per key, SQLite allows 500 per compound select
@@ -260,12 +260,21 @@ class AlertStore:
                         rows.append((k, int(s), float("nan") if n or v is None else float(v)))
         return rows, latest
 
-    def last_flag_steps(self, run_id: str, kinds: Sequence[str], before_step: int) -> dict[str, int]:
-        """kind -> the latest flagged step below `before_step` (for the refractory period)."""
+    def batch_count(self, run_id: str) -> int:
+        """How many batches the run has stored (the flags listener's check that no other process wrote one)."""
+        with self._tx() as conn:
+            return int(conn.execute(select(func.count()).where(BatchRow.run_id == run_id)).scalar_one())
+
+    def last_flag_steps(
+        self, run_id: str, kinds: Sequence[str], before_step: int, severities: Sequence[str] | None = None
+    ) -> dict[str, int]:
+        """kind -> the latest flagged step below `before_step` (of one of `severities`; for the refractory period)."""
         query = (
             select(EventRow.kind, func.max(EventRow.step))
             .where(EventRow.run_id == run_id, EventRow.kind.in_(list(kinds)), EventRow.step < before_step)
             .group_by(EventRow.kind)
         )
+        if severities is not None:
+            query = query.where(EventRow.severity.in_(list(severities)))
         with self._tx() as conn:
             return {kind: int(step) for kind, step in conn.execute(query)}

@@ -2,18 +2,43 @@
 
 `detect(history, steps, params)` evaluates every detector at each step of `steps` using
 only the points logged at or before that step, so the flags of a run do not depend on
-how its records were batched. Windows count logged points (not step numbers), so a run
-that logs every 10th step gets the same behaviour as one that logs every step.
+how its records were batched, nor on which server process evaluates them. Windows count
+logged points (not step numbers), so a run that logs every 10th step gets the same
+behaviour as one that logs every step.
+
+Rules every detector keeps:
+- Like with like. The log-ratio, hazard, gradient and policy-KL statistics of an
+  on-policy step (the first update of a rollout: `train/update_index` 0, or, without it,
+  `ratio/min` = `ratio/max` = 0 exactly) are compared only with on-policy steps, those of
+  later updates only with later updates (`same_kind_only`).
+- Empty steps (`tokens/valid` = 0) are data, not a signal: they enter no window and
+  nothing is flagged at them.
+- Minimum meaningful changes. Each signal's move must exceed a floor in its own units and
+  relative to its reference (`server.flags.params`), besides a noise z-score, so a
+  constant baseline cannot turn an ordinary value into z = 10^4.
 
 Detectors (kind: detector name):
-- `collapse`, `erosion`: `level_shift`, a vote among signals (DESIGN 2.1) whose recent
-  median left its rolling baseline (median/MAD) by a relative, absolute and robust-z
-  margin; one flag per event (refractory period).
-- `hazard_spike`, `grad_spike`: `robust_z`, a one-step robust z-score (log scale) vs the
-  rolling median/MAD of the previous points; fires at the onset of an excursion.
+- `collapse`, `erosion`, `entropy_surge`, and the drift half of `kl_spike`: `drift`, a
+  vote among independent signals. Each signal is judged by two tests: a level test
+  (median of the last few points vs the median of the window before them) and a trend
+  test (Theil-Sen slope over a window, i.e. the decline a sliding baseline would follow:
+  linear or geometric entropy decay over hundreds of steps). The z of both uses the
+  noise of the step-to-step differences, which a steady trend does not inflate. One
+  flag per event (refractory period). `entropy_surge` is vetoed while the reward rises.
+- `hazard_spike`, `grad_spike`, `kl_spike`: `robust_z`, a one-step robust z-score (log
+  scale) vs the rolling median/MAD of the previous points; fires at the onset.
 - `non_finite`: `non_finite_scan`, a scalar that turns NaN or +-Infinity.
 - `on_policy`: `exact_ratio`, the log-ratio is exactly 0 for several steps in a row
   (informational: one update per rollout, ratio diagnostics carry no information).
+
+Why not a drift library: river's detectors (ADWIN, Page-Hinkley, KSWIN) flag any change
+of the mean in either direction with thresholds in no unit of the signal, keep per-stream
+state that every server process would have to share and replay in order (KSWIN also
+samples at random), and Page-Hinkley's reference is the running mean of the whole stream,
+which a healthy run's own slow trend moves; ruptures segments a whole signal offline
+(PELT/BinSeg with a penalty), which re-run on every batch is neither incremental nor
+in signal units. The two windowed tests here are a few medians per step, exactly
+reproducible from the stored points.
 """
 
 from __future__ import annotations
@@ -25,17 +50,20 @@ from typing import Any
 
 import numpy as np
 
-from server.flags.params import DEFAULT_PARAMS, FlagParams, ShiftParams, ShiftSignal, SpikeParams
+from server.flags.params import DEFAULT_PARAMS, DriftParams, FlagParams, Signal, SpikeParams
 
-KINDS = ("collapse", "erosion", "hazard_spike", "grad_spike", "non_finite", "on_policy")
-DETECTORS = {
-    "collapse": "level_shift",
-    "erosion": "level_shift",
-    "hazard_spike": "robust_z",
-    "grad_spike": "robust_z",
-    "non_finite": "non_finite_scan",
-    "on_policy": "exact_ratio",
+KINDS = ("collapse", "erosion", "entropy_surge", "hazard_spike", "grad_spike", "kl_spike", "non_finite", "on_policy")
+DETECTORS: dict[str, tuple[str, ...]] = {
+    "collapse": ("drift",),
+    "erosion": ("drift",),
+    "entropy_surge": ("drift",),
+    "hazard_spike": ("robust_z",),
+    "grad_spike": ("robust_z",),
+    "kl_spike": ("drift", "robust_z"),
+    "non_finite": ("non_finite_scan",),
+    "on_policy": ("exact_ratio",),
 }
+SAME_KIND_PREFIXES = ("ratio/", "hazard/", "grad/", "policy/kl_k")
 MAD_TO_SIGMA = 1.4826
 
 
@@ -129,15 +157,6 @@ def json_number(x: float) -> float | str:
     return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
 
 
-@dataclass(frozen=True)
-class _Windows:
-    """Rolling statistics of one key at the evaluated steps (NaN where there is too little history)."""
-
-    level: np.ndarray  # median of the recent window (level shift) or the point itself (spike)
-    baseline: np.ndarray  # median of the baseline window
-    scale: np.ndarray  # 1.4826 * MAD of the baseline window, floored
-
-
 def _row_nanmedian(rows: np.ndarray) -> np.ndarray:
     """Median of the non-NaN entries of each row (NaN for an all-NaN row); np.nanmedian is slow on small rows."""
     ordered = np.sort(rows, axis=1)  # NaN sorts last
@@ -148,142 +167,307 @@ def _row_nanmedian(rows: np.ndarray) -> np.ndarray:
         return np.where(count > 0, 0.5 * (ordered[index, lo] + ordered[index, hi]), np.nan)
 
 
-def _windows(values: np.ndarray, ends: np.ndarray, recent: int, baseline: int, min_baseline: int) -> _Windows:
-    """Vectorised over `ends` (exclusive end indices): the last `recent` points and the `baseline` before them.
+def _take(values: np.ndarray, ends: np.ndarray, length: int, offset: int = 0) -> np.ndarray:
+    """(len(ends), length) matrix: row i holds values[ends[i] - offset - length : ends[i] - offset], NaN-padded."""
+    pad = length + offset
+    padded = np.concatenate([np.full(pad, np.nan), values])
+    return padded[(ends + pad - offset - length)[:, None] + np.arange(length)]
 
-    Non-finite points are ignored (NaN-aware medians); a window with fewer than
-    `min_baseline` finite baseline points, or fewer than half its recent points, yields NaN.
+
+def _lookup(history: History, key: str, steps: np.ndarray) -> np.ndarray:
+    """The value of `key` at each of `steps`, NaN where it is not logged."""
+    found = history.series(key)
+    out = np.full(len(steps), np.nan)
+    if found is None or not len(steps):
+        return out
+    key_steps, values = found
+    idx = np.clip(np.searchsorted(key_steps, steps), 0, len(key_steps) - 1)
+    hit = key_steps[idx] == steps
+    out[hit] = values[idx[hit]]
+    return out
+
+
+class StepKinds:
+    """What kind of optimizer step each logged step is: on-policy or a later update, empty or not.
+
+    On-policy: `train/update_index` is 0 (the first update of a rollout, every importance
+    ratio exactly 1); a record without it counts as on-policy when `ratio/min` and
+    `ratio/max` are both exactly 0 (no token moved, which only happens before any update).
+    Empty: `tokens/valid` is 0 (no valid token, e.g. every completion truncated).
     """
-    pad = recent + baseline
-    padded = np.concatenate([np.full(pad, np.nan), np.where(np.isfinite(values), values, np.nan)])
-    e = ends + pad
-    rec = padded[e[:, None] - recent + np.arange(recent)]
-    base = padded[e[:, None] - recent - baseline + np.arange(baseline)]
-    level = _row_nanmedian(rec) if recent > 1 else rec[:, 0]
-    centre = _row_nanmedian(base)
-    scale = MAD_TO_SIGMA * _row_nanmedian(np.abs(base - centre[:, None]))
-    enough = (np.sum(~np.isnan(base), axis=1) >= min_baseline) & (np.sum(~np.isnan(rec), axis=1) >= (recent + 1) // 2)
-    scale = np.maximum(scale, 1e-9 + 1e-4 * np.abs(centre))
-    nan = np.full(len(ends), np.nan)
-    return _Windows(
-        level=np.where(enough, level, nan),
-        baseline=np.where(enough, centre, nan),
-        scale=np.where(enough, scale, nan),
-    )
+
+    def __init__(self, history: History) -> None:
+        self.history = history
+
+    def on_policy(self, steps: np.ndarray) -> np.ndarray:
+        index = _lookup(self.history, "train/update_index", steps)
+        low = _lookup(self.history, "ratio/min", steps)
+        high = _lookup(self.history, "ratio/max", steps)
+        return np.where(np.isnan(index), (low == 0.0) & (high == 0.0), index == 0.0)
+
+    def empty(self, steps: np.ndarray) -> np.ndarray:
+        return _lookup(self.history, "tokens/valid", steps) == 0.0
 
 
-def _positions(history: History, key: str, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(values of `key`, exclusive end index per step or -1 where `key` is not logged at that step)."""
+def same_kind_only(key: str) -> bool:
+    """Whether `key` is judged only against steps of its own kind (on-policy vs later updates).
+
+    The log-ratio, hazard, gradient and policy-KL statistics of an on-policy step are
+    exact constants (x = 0) or systematically different, so they never feed the baseline
+    of a later update, nor the reverse.
+    """
+    return key.startswith(SAME_KIND_PREFIXES)
+
+
+def _subseries(history: History, kinds: StepKinds, key: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (steps, values) series a signal is judged on: finite points of non-empty steps, split by kind when needed."""
     found = history.series(key)
     if found is None:
-        return None
-    key_steps, values = found
-    idx = np.searchsorted(key_steps, steps, side="right")
-    present = (idx > 0) & (key_steps[np.maximum(idx - 1, 0)] == steps)
-    return values, np.where(present, idx, -1)
+        return []
+    steps, values = found
+    keep = np.isfinite(values) & ~kinds.empty(steps)
+    steps, values = steps[keep], values[keep]
+    # A value repeated exactly within a rollout (a rollout-level scalar such as the reward,
+    # streamed with every update of the rollout) is one observation: keep its first step.
+    rollout = _lookup(history, "train/rollout", steps)
+    first = np.concatenate([[True], (values[1:] != values[:-1]) | ~(rollout[1:] == rollout[:-1])])
+    steps, values = steps[first], values[first]
+    if not same_kind_only(key):
+        return [(steps, values)]
+    on = kinds.on_policy(steps)
+    return [(steps[on], values[on]), (steps[~on], values[~on])]
 
 
-def _shift_table(history: History, sig: ShiftSignal, p: ShiftParams, steps: np.ndarray) -> dict[int, tuple[float, ...]]:
-    """step -> (level, baseline, scale, change, rel, z, vote) for the steps where `sig` can be judged."""
-    found = _positions(history, sig.key, steps)
-    if found is None:
+def _evaluated(steps: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the evaluated steps present in `steps`, their exclusive end index in `steps`)."""
+    if not len(steps):
+        return at[:0], np.empty(0, dtype=np.int64)
+    idx = np.searchsorted(steps, at, side="right")
+    present = (idx > 0) & (steps[np.maximum(idx - 1, 0)] == at)
+    return at[present], idx[present]
+
+
+def _noise(values: np.ndarray, ends: np.ndarray, length: int, lag: int) -> np.ndarray:
+    """Robust per-point noise sigma from the lag-`lag` differences of the last `length` points.
+
+    A steady trend shifts every difference by the same amount, which the median absolute
+    deviation ignores, so the noise of a declining series is not mistaken for its decline.
+    The lag (half the trend window) spans the updates of a rollout, which share their
+    samples so that neighbours move together, and part of a noisy series' slow wander.
+    Exactly-zero differences carry no noise information and are left out. Fewer than
+    `lag` + 1 points give NaN (no noise estimate; the minimum change alone decides).
+    """
+    if len(values) <= lag:
+        return np.full(len(ends), np.nan)
+    diffs = np.concatenate([np.full(lag, np.nan), values[lag:] - values[:-lag]])
+    diffs[diffs == 0.0] = np.nan
+    rows = _take(diffs, ends, length - 1)
+    centre = _row_nanmedian(rows)
+    return MAD_TO_SIGMA * _row_nanmedian(np.abs(rows - centre[:, None])) / math.sqrt(2.0)
+
+
+_PAIRS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _theil_sen(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slope, intercept at the first point) of each row: median of the pairwise slopes (Theil-Sen)."""
+    n = rows.shape[1]
+    if n not in _PAIRS:
+        i, j = np.triu_indices(n, k=1)
+        _PAIRS[n] = (i, j)
+    i, j = _PAIRS[n]
+    slopes = (rows[:, j] - rows[:, i]) / (j - i)
+    slope = np.median(slopes, axis=1)
+    intercept = np.median(rows - slope[:, None] * np.arange(n), axis=1)
+    return slope, intercept
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """One signal's two tests at one step."""
+
+    level: float
+    baseline: float
+    trend_change: float
+    trend_ref: float
+    noise: float
+    points: int
+    trend_ok: bool
+
+
+def _drift_rows(
+    steps: np.ndarray, values: np.ndarray, at: np.ndarray, p: DriftParams, min_points: int
+) -> dict[int, _Judged]:
+    """step -> the statistics of both tests, for the evaluated steps with at least `min_points` baseline points."""
+    judged_at, ends = _evaluated(steps, at)
+    ok = ends >= min_points + p.recent_steps
+    judged_at, ends = judged_at[ok], ends[ok]
+    if not len(ends):
         return {}
-    values, ends = found
-    ok = ends > 0
-    if not ok.any():
-        return {}
-    w = _windows(values, ends[ok], p.recent_steps, p.baseline_steps, p.min_baseline)
-    change = w.level - w.baseline if sig.direction == "up" else w.baseline - w.level
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(w.baseline != 0, change / np.abs(w.baseline), np.inf)
-    z = change / w.scale
-    vote = (change >= sig.min_abs) & (rel >= sig.min_rel) & (z >= sig.z) & (change > 0)
-    table = {}
-    for i, step in enumerate(steps[ok].tolist()):
-        if not math.isnan(w.baseline[i]):
-            table[step] = (w.level[i], w.baseline[i], w.scale[i], change[i], rel[i], z[i], bool(vote[i]))
-    return table
+    r, b, t = p.recent_steps, p.baseline_steps, p.trend_steps
+    level = _row_nanmedian(_take(values, ends, r))
+    base_rows = _take(values, ends, b, offset=r)
+    baseline = _row_nanmedian(base_rows)
+    count = np.sum(~np.isnan(base_rows), axis=1)
+    noise = _noise(values, ends, max(b + r, t), max(r, t // 2))
+    full = ends >= t
+    slope, intercept = np.full(len(ends), np.nan), np.full(len(ends), np.nan)
+    if full.any():
+        slope[full], intercept[full] = _theil_sen(_take(values, ends[full], t))
+    out = {}
+    for i, step in enumerate(judged_at.tolist()):
+        out[step] = _Judged(
+            level=float(level[i]), baseline=float(baseline[i]), trend_change=float(slope[i] * (t - 1)),
+            trend_ref=float(intercept[i]), noise=float(noise[i]), points=int(count[i]), trend_ok=bool(full[i]),
+        )
+    return out
 
 
-def _shift_evidence(sig: ShiftSignal, row: tuple[float, ...]) -> dict[str, Any]:
-    level, baseline, scale, _, rel, z, vote = row
+def _tests(sig: Signal, row: _Judged, p: DriftParams) -> list[tuple[str, float, float, float, float, bool]]:
+    """(test, value, reference, change in the signal's direction, z, vote) of the level and trend tests."""
+    sign = 1.0 if sig.direction == "up" else -1.0
+    noise = row.noise if math.isfinite(row.noise) else 0.0
+    candidates = [("level", row.level, row.baseline, sign * (row.level - row.baseline),
+                   noise * 1.2533 * math.sqrt(1.0 / p.recent_steps + 1.0 / max(row.points, 1)))]
+    if row.trend_ok:
+        t = p.trend_steps
+        se = 1.05 * noise * (t - 1) * math.sqrt(12.0 / (t * (t * t - 1)))
+        candidates.append(("trend", row.trend_ref + row.trend_change, row.trend_ref, sign * row.trend_change, se))
+    out = []
+    for name, value, reference, change, se in candidates:
+        z = change / se if se > 0 else (math.inf if change > 0 else 0.0)
+        vote = change > 0 and change >= max(sig.min_abs, sig.min_rel * abs(reference)) and z >= sig.z
+        out.append((name, value, reference, change, z, vote))
+    return out
+
+
+def _votes(sig: Signal, row: _Judged, p: DriftParams) -> bool:
+    return any(t[-1] for t in _tests(sig, row, p))
+
+
+def _evidence(sig: Signal, row: _Judged, p: DriftParams) -> dict[str, Any]:
+    """The evidence of one signal at one step: the voting test, else the one with the larger z."""
+    name, value, reference, change, z, vote = max(_tests(sig, row, p), key=lambda t: (t[-1], t[-2]))
     return {
         "key": sig.key,
         "direction": sig.direction,
-        "value": json_number(level),
-        "baseline": json_number(baseline),
-        "scale": json_number(scale),
-        "change_rel": json_number(rel),
+        "test": name,
+        "value": json_number(value),
+        "baseline": json_number(reference),
+        "change": json_number(change),
+        "change_rel": json_number(change / abs(reference) if reference != 0 else math.inf),
+        "noise": json_number(row.noise),
         "z": json_number(z),
-        "threshold": {"min_rel": sig.min_rel, "min_abs": sig.min_abs, "z": sig.z},
+        "threshold": {"min_abs": sig.min_abs, "min_rel": sig.min_rel, "z": sig.z},
         "vote": vote,
     }
 
 
-def _level_shift(kind: str, p: ShiftParams, tables: list[dict[int, tuple[float, ...]]], step: int) -> Flag | None:
+def _drift_tables(
+    history: History, kinds: StepKinds, signals: tuple[Signal, ...], p: DriftParams, at: np.ndarray, guard: bool
+) -> list[dict[int, _Judged]]:
+    """Per signal, step -> its statistics at the evaluated steps where it is logged.
+
+    A guard (`unless`) signal is judged from fewer points (it only vetoes) and at every
+    evaluated step, from its latest point at or before it: a reward streamed once per
+    rollout still vetoes at the later updates of the rollout.
+    """
+    tables = []
+    for sig in signals:
+        table: dict[int, _Judged] = {}
+        for steps, values in _subseries(history, kinds, sig.key):
+            if not guard:
+                table.update(_drift_rows(steps, values, at, p, p.min_baseline))
+                continue
+            rows = _drift_rows(steps, values, steps, p, max(3, p.min_baseline // 3))
+            idx = np.searchsorted(steps, at, side="right") - 1
+            for step, i in zip(at.tolist(), idx.tolist(), strict=True):
+                if i >= 0 and int(steps[i]) in rows:
+                    table[step] = rows[int(steps[i])]
+        tables.append(table)
+    return tables
+
+
+def _drift(
+    kind: str, p: DriftParams, tables: list[dict[int, _Judged]], unless: list[dict[int, _Judged]], logged: int,
+    step: int,
+) -> Flag | None:
+    """The flag of a drift detector at `step`, or None; `logged` counts the run's signals that it logs at all."""
     judged = [(sig, table[step]) for sig, table in zip(p.signals, tables, strict=True) if step in table]
     if not judged:
         return None
-    votes = [(sig, row) for sig, row in judged if row[-1]]
+    voting = [(sig, row) for sig, row in judged if _votes(sig, row, p)]
     needed = min(p.min_votes, len(judged))
-    if len(votes) < needed:
+    if len(voting) < needed:
         return None
-    severity = "critical" if len(votes) >= p.critical_votes else "warning"
+    guards = [(sig, table[step]) for sig, table in zip(p.unless, unless, strict=True) if step in table]
+    if any(_votes(sig, row, p) for sig, row in guards):
+        return None
+    votes = [_evidence(sig, row, p) for sig, row in voting]
+    if len(votes) >= p.critical_votes:
+        severity = "critical"
+    elif len(votes) >= min(p.warning_votes, logged):
+        severity = "warning"
+    else:
+        severity = "info"
     parts = ", ".join(
-        f"{sig.key} {'+' if sig.direction == 'up' else '-'}{100 * float(row[4]):.0f}%" for sig, row in votes
+        f"{e['key']} {'+' if e['direction'] == 'up' else '-'}{100 * abs(float(e['change_rel'])):.0f}% ({e['test']})"
+        for e in votes
     )
     return Flag(
         step=step,
         kind=kind,
         severity=severity,
-        detector=DETECTORS[kind],
-        message=f"{kind}: {parts} vs the rolling baseline ({len(votes)} of {len(judged)} signals)",
+        detector=DETECTORS[kind][0],
+        message=f"{kind}: {parts} ({len(votes)} of {len(judged)} signals)",
         evidence={
-            "signals": [_shift_evidence(sig, row) for sig, row in judged],
+            "signals": [_evidence(sig, row, p) for sig, row in judged],
+            "unless": [_evidence(sig, row, p) for sig, row in guards],
             "votes": len(votes),
             "needed": needed,
-            "window": {"baseline_steps": p.baseline_steps, "recent_steps": p.recent_steps},
+            "window": {"baseline_steps": p.baseline_steps, "recent_steps": p.recent_steps,
+                       "trend_steps": p.trend_steps},
         },
     )
 
 
-def _spike_table(history: History, key: str, p: SpikeParams, steps: np.ndarray) -> dict[int, dict[str, Any]]:
+def _spike_table(
+    history: History, kinds: StepKinds, key: str, p: SpikeParams, at: np.ndarray
+) -> dict[int, dict[str, Any]]:
     """step -> evidence for the steps where `key` starts an excursion (fires now, not at its previous point)."""
-    found = _positions(history, key, steps)
-    if found is None:
-        return {}
-    values, ends = found
-    ok = ends > 0
-    if not ok.any():
-        return {}
-    f = values.copy()
-    if p.log_scale:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            f = np.where(values > 0, np.log(np.where(values > 0, values, 1.0)), np.nan)
-    ends = ends[ok]
-    both = np.concatenate([ends, ends - 1])
-    w = _windows(f, both, 1, p.window_steps, p.min_baseline)
-    if p.log_scale:
-        scale = np.maximum(w.scale, 1e-6)
-        baseline, value = np.exp(w.baseline), np.exp(w.level)
-    else:
-        scale, baseline, value = w.scale, w.baseline, w.level
-    z = (w.level - w.baseline) / scale
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(baseline > 0, value / baseline, np.inf)
-    fired = (z > p.z) & (ratio >= p.min_ratio) & (both > 0)
-    m = len(ends)
-    onset = fired[:m] & ~fired[m:]
     table = {}
-    for i in np.flatnonzero(onset).tolist():
-        table[int(steps[ok][i])] = {
-            "key": key,
-            "value": json_number(float(value[i])),
-            "baseline": json_number(float(baseline[i])),
-            "ratio": json_number(float(ratio[i])),
-            "z": json_number(float(z[i])),
-            "threshold": {"z": p.z, "min_ratio": p.min_ratio, "log_scale": p.log_scale},
-        }
+    for steps, values in _subseries(history, kinds, key):
+        judged_at, ends = _evaluated(steps, at)
+        if not len(ends):
+            continue
+        f = values
+        if p.log_scale:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                f = np.where(values > 0, np.log(np.where(values > 0, values, 1.0)), np.nan)
+        both = np.concatenate([ends, ends - 1])
+        rows = _take(f, both, p.window_steps, offset=1)
+        centre = _row_nanmedian(rows)
+        scale = np.maximum(MAD_TO_SIGMA * _row_nanmedian(np.abs(rows - centre[:, None])), p.min_scale)
+        enough = np.sum(~np.isnan(rows), axis=1) >= p.min_baseline
+        now = _take(f, both, 1)[:, 0]
+        raw = _take(values, both, 1)[:, 0]
+        baseline = np.exp(centre) if p.log_scale else centre
+        z = (now - centre) / scale
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(baseline > 0, raw / baseline, np.inf)
+        fired = enough & (z > p.z) & (ratio >= p.min_ratio) & (raw - baseline >= p.min_abs) & (both > 0)
+        m = len(ends)
+        onset = fired[:m] & ~fired[m:]
+        for i in np.flatnonzero(onset).tolist():
+            table[int(judged_at[i])] = {
+                "key": key,
+                "value": json_number(float(raw[i])),
+                "baseline": json_number(float(baseline[i])),
+                "ratio": json_number(float(ratio[i])),
+                "z": json_number(float(z[i])),
+                "threshold": {"z": p.z, "min_ratio": p.min_ratio, "min_abs": p.min_abs, "min_scale": p.min_scale,
+                              "log_scale": p.log_scale},
+            }
     return table
 
 
@@ -299,7 +483,7 @@ def _spike(kind: str, p: SpikeParams, tables: list[dict[int, dict[str, Any]]], s
         step=step,
         kind=kind,
         severity=severity,
-        detector=DETECTORS[kind],
+        detector=DETECTORS[kind][-1],
         message=f"{kind}: {parts}",
         evidence={"signals": hits, "window_steps": p.window_steps},
     )
@@ -309,12 +493,13 @@ def _non_finite_table(history: History, steps: np.ndarray) -> dict[int, dict[str
     """step -> {key: value} of the keys that turn non-finite at that step (finite, or absent, just before)."""
     table: dict[int, dict[str, float | str]] = {}
     for key in history.keys():
-        values, ends = _positions(history, key, steps) or (np.empty(0), np.empty(0, dtype=np.int64))
+        key_steps, values = history.series(key) or (np.empty(0, dtype=np.int64), np.empty(0))
         bad = ~np.isfinite(values)
         if not bad.any():
             continue
-        for step, end in zip(steps.tolist(), ends.tolist(), strict=True):
-            if end > 0 and bad[end - 1] and not (end >= 2 and bad[end - 2]):
+        judged_at, ends = _evaluated(key_steps, steps)
+        for step, end in zip(judged_at.tolist(), ends.tolist(), strict=True):
+            if bad[end - 1] and not (end >= 2 and bad[end - 2]):
                 table.setdefault(step, {})[key] = json_number(float(values[end - 1]))
     return table
 
@@ -328,7 +513,7 @@ def _non_finite(table: dict[int, dict[str, float | str]], step: int) -> Flag | N
         step=step,
         kind="non_finite",
         severity="critical",
-        detector=DETECTORS["non_finite"],
+        detector=DETECTORS["non_finite"][0],
         message=f"non_finite: {listed}",
         evidence={"values": dict(sorted(newly.items()))},
     )
@@ -351,7 +536,7 @@ def _on_policy(history: History, step: int, keys: tuple[str, ...], min_steps: in
         step=step,
         kind="on_policy",
         severity="info",
-        detector=DETECTORS["on_policy"],
+        detector=DETECTORS["on_policy"][0],
         message=(
             f"on_policy: {' and '.join(keys)} exactly 0 for {min_steps} steps: every importance ratio is 1 "
             "(one update per rollout), so the ratio and hazard diagnostics carry no information"
@@ -368,39 +553,56 @@ def detect(
 ) -> list[Flag]:
     """Flags at each of `steps` (ascending), judged on `history` up to that step.
 
-    `last_flagged` maps kind -> latest step already flagged (from the store); it is
-    updated in place and enforces the level-shift detectors' refractory period. The
-    window statistics are computed for all steps at once (vectorised); the result is the
-    same as evaluating step by step.
+    `last_flagged` maps kind (and `refractory_key(kind, "warning")`) -> latest step already
+    flagged (from the store); it is updated in place and enforces the drift detectors'
+    refractory period. The window
+    statistics are computed for all steps at once (vectorised); the result is the same as
+    evaluating step by step. Empty steps (`tokens/valid` = 0) are never flagged.
     """
     last = last_flagged if last_flagged is not None else {}
+    kinds = StepKinds(history)
     at = np.array(sorted(set(steps)), dtype=np.int64)
-    shift = {
-        kind: [_shift_table(history, sig, getattr(params, kind), at) for sig in getattr(params, kind).signals]
-        for kind in ("collapse", "erosion")
-        if getattr(params, kind).enabled
+    at = at[~kinds.empty(at)]
+    drifts = {
+        kind: (
+            p,
+            _drift_tables(history, kinds, p.signals, p, at, False),
+            _drift_tables(history, kinds, p.unless, p, at, True),
+            sum(history.series(sig.key) is not None for sig in p.signals),
+        )
+        for kind, p in params.drifts().items()
+        if p.enabled
     }
     spikes = {
-        kind: [_spike_table(history, key, getattr(params, kind), at) for key in getattr(params, kind).keys]
-        for kind in ("hazard_spike", "grad_spike")
-        if getattr(params, kind).enabled
+        kind: (p, [_spike_table(history, kinds, key, p, at) for key in p.keys])
+        for kind, p in params.spikes().items()
+        if p.enabled
     }
     non_finite = _non_finite_table(history, at) if params.non_finite.enabled else {}
     on_policy = params.on_policy if params.on_policy.enabled and params.on_policy.keys else None
     flags: list[Flag] = []
     for step in at.tolist():
         found: list[Flag | None] = []
-        for kind, tables in shift.items():
-            p: ShiftParams = getattr(params, kind)
-            if step - last.get(kind, -(10**12)) > p.refractory_steps:
-                found.append(_level_shift(kind, p, tables, step))
-        for kind, spike_tables in spikes.items():
-            found.append(_spike(kind, getattr(params, kind), spike_tables, step))
+        for kind, (p, tables, unless, logged) in drifts.items():
+            flag = _drift(kind, p, tables, unless, logged, step)
+            hold = p.refractory_steps if flag is None or flag.severity != "info" else p.refractory_steps // 4
+            if flag is not None and step - last.get(refractory_key(kind, flag.severity), -(10**12)) > hold:
+                found.append(flag)
+        for kind, (sp, spike_tables) in spikes.items():
+            found.append(_spike(kind, sp, spike_tables, step))
         found.append(_non_finite(non_finite, step))
         if on_policy is not None:
             found.append(_on_policy(history, step, on_policy.keys, on_policy.min_steps))
         for flag in found:
             if flag is not None:
                 flags.append(flag)
-                last[flag.kind] = max(step, last.get(flag.kind, step))
+                for key in {flag.kind, refractory_key(flag.kind, flag.severity)}:
+                    last[key] = max(step, last.get(key, step))
     return flags
+
+
+def refractory_key(kind: str, severity: str) -> str:
+    """The `last_flagged` entry a flag of this severity is held back by: an informational flag by any
+    earlier flag of its kind, a warning or critical only by an earlier warning or critical (so an
+    alarm is not swallowed by the heads-up that preceded it)."""
+    return kind if severity == "info" else f"{kind}:alarm"

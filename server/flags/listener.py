@@ -13,10 +13,13 @@ recently written runs), seeded from the store on a run's first batch (or after a
 or an eviction) and extended with each batch's new points, so a batch in step order costs
 no history read. A key whose cached points reach the batch's first step (an
 out-of-order or overlapping batch) is read from the store again, so the window is always
-the one a cold read would give and the flags do not depend on the cache. The cache
-assumes this process is the only writer of a run (the route runs writes and listeners of
-one run in commit order); a second server process on the same run still gets correct
-flags from its own cold reads, only later batches of its own may miss the other's points.
+the one a cold read would give and the flags do not depend on the cache.
+
+Several server processes on one database (`mhpo serve --workers N`, or replicas): the
+detectors are pure functions of the stored points and the stored flags, so any process
+computes the same flags from a cold read. A cached window is used only when the run's
+stored batch count is the one this process saw after its own previous batch plus this
+batch; when another process wrote in between, the windows are read again from the store.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from server.alerts import rules as alert_rules
 from server.alerts.schemas import AlertRule, FlagCondition
 from server.alerts.store import AlertStore
 from server.alerts.webhook import WebhookDispatcher
-from server.flags.detectors import Flag, History, detect
+from server.flags.detectors import Flag, History, detect, refractory_key
 from server.flags.params import DEFAULT_PARAMS, FlagParams
 from server.schemas import RecordIn
 from server.store import Store
@@ -53,6 +56,7 @@ class RunWindows:
     project: str
     depth: int
     series: dict[str, Points] = field(default_factory=dict)
+    batches: int = -1  # the run's stored batch count after the last batch evaluated here
 
 
 class WindowCache:
@@ -160,7 +164,10 @@ class IngestMonitor:
         if not new:
             return []
         steps = sorted({int(s) for steps, _ in new.values() for s in steps.tolist()})
+        batches = self.alerts.batch_count(run_id)
         cached = self.cache.get(run_id)
+        if cached is not None and cached.batches != batches - 1:
+            cached = None  # another process stored a batch of this run since: its points are not in the cache
         project = cached.project if cached is not None else store.get_run(run_id).project
         params = self.params_for(project)
         rules = self.alerts.active_rules(project, run_id)
@@ -193,9 +200,13 @@ class IngestMonitor:
             if key in cached.series:
                 s, v = series[key]
                 cached.series[key] = (s[-cached.depth :], v[-cached.depth :])
+        cached.batches = batches
         self.cache.put(run_id, cached)
         history = History.from_arrays(series)
-        refractory = self.alerts.last_flag_steps(run_id, ("collapse", "erosion"), steps[0])
+        drift_kinds = tuple(params.drifts())
+        refractory = self.alerts.last_flag_steps(run_id, drift_kinds, steps[0])
+        alarms = self.alerts.last_flag_steps(run_id, drift_kinds, steps[0], ("warning", "critical"))
+        refractory.update({refractory_key(kind, "warning"): step for kind, step in alarms.items()})
         flags = detect(history, steps, params, refractory)
         if flags:
             store.add_events(run_id, [f.as_event() for f in flags])

@@ -1,74 +1,98 @@
-"""Detector parameters: documented defaults that a project can override.
+"""Detector parameters: documented defaults that a project can override, each with bounds.
 
 A project overrides any subset through `PUT /api/v1/projects/{project}/flag-params`
 (stored in the `flag_params` table); `FlagParams.merged(overrides)` applies a partial
 dict over the defaults, so a project that only raises one threshold keeps every other
-default. Unknown names are rejected, so a typo never silently does nothing.
+default. Unknown names and values outside a field's bounds are rejected (422 naming the
+field), so a typo never silently does nothing and no window can be sized to exhaust memory.
+
+Every signal carries its minimum meaningful change in its own units (`min_abs`, and
+`min_rel` of its reference level): a move smaller than that never votes, however flat
+the reference was, so a near-constant baseline cannot produce an enormous z.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+Key = Annotated[str, Field(min_length=1, max_length=200)]
+Steps = Annotated[int, Field(ge=1, le=5_000)]
+Z = Annotated[float, Field(gt=0.0, le=1_000.0)]
+Units = Annotated[float, Field(ge=0.0, le=1e9)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ShiftSignal(_Strict):
-    """One vote of a level-shift detector: the recent median of `key` moved from its baseline.
+class Signal(_Strict):
+    """One vote of a drift detector: `key` moved in `direction` by a meaningful amount.
 
-    It votes when the move, in the direction given, is at least `min_rel` of |baseline|,
-    at least `min_abs` in absolute terms, and at least `z` robust standard deviations
-    (1.4826 * MAD of the baseline window).
+    It votes when the move is at least `min_abs` (in the key's units) and at least
+    `min_rel` of |reference|, and at least `z` noise standard deviations of the test's
+    statistic (the noise measured on the key's step-to-step differences, which a trend
+    does not inflate).
     """
 
-    key: str
+    key: Key
     direction: Literal["up", "down"]
-    min_rel: float = Field(0.0, ge=0.0)
-    min_abs: float = Field(0.0, ge=0.0)
-    z: float = Field(4.0, gt=0.0)
+    min_abs: Units = 0.0
+    min_rel: Annotated[float, Field(ge=0.0, le=1_000.0)] = 0.0
+    z: Z = 5.0
 
 
-class ShiftParams(_Strict):
-    """A level-shift detector (collapse, erosion): a vote among several signals.
+class DriftParams(_Strict):
+    """A drift detector (collapse, erosion, entropy_surge, the drift half of kl_spike).
 
-    At step s the baseline is the window of steps [s - baseline_steps - recent_steps,
-    s - recent_steps) and the recent level is the median of the last `recent_steps`
-    steps up to s. The flag fires when at least `min_votes` signals vote (or all of them
-    when fewer than `min_votes` are present in the run), then stays quiet for
-    `refractory_steps` so one event gives one flag.
+    Two tests per signal, on the points of the signal's own kind of step (see
+    `server.flags.detectors`): the *level* test compares the median of the last
+    `recent_steps` points with the median of the `baseline_steps` points before them;
+    the *trend* test takes the Theil-Sen slope over the last `trend_steps` points (a
+    steady linear or geometric decline that a sliding baseline would follow). A signal
+    votes when either test passes its thresholds. The flag fires when at least
+    `min_votes` signals vote and no `unless` signal votes (e.g. reward rising), then
+    stays quiet for `refractory_steps` steps so one event gives one flag. Its severity
+    counts independent votes: `info` below `warning_votes` (one signal alone, e.g.
+    entropy declining steadily, which a healthy run that is learning also does),
+    `warning` from `warning_votes`, `critical` from `critical_votes`; a run that logs
+    fewer signals than `warning_votes` gets a warning from all of them voting.
     """
 
     enabled: bool = True
-    signals: tuple[ShiftSignal, ...]
-    baseline_steps: int = Field(60, ge=5)
-    recent_steps: int = Field(5, ge=1)
-    min_baseline: int = Field(20, ge=3, description="warm-up: baseline points needed before voting")
-    min_votes: int = Field(2, ge=1)
-    critical_votes: int = Field(3, ge=1)
-    refractory_steps: int = Field(60, ge=0)
+    signals: Annotated[tuple[Signal, ...], Field(max_length=16)]
+    unless: Annotated[tuple[Signal, ...], Field(max_length=16)] = ()
+    baseline_steps: Annotated[int, Field(ge=5, le=2_000)] = 60
+    recent_steps: Annotated[int, Field(ge=1, le=200)] = 5
+    trend_steps: Annotated[int, Field(ge=5, le=500)] = 30
+    min_baseline: Annotated[int, Field(ge=3, le=2_000, description="warm-up: points needed before judging")] = 20
+    min_votes: Annotated[int, Field(ge=1, le=16)] = 1
+    warning_votes: Annotated[int, Field(ge=1, le=16)] = 2
+    critical_votes: Annotated[int, Field(ge=1, le=16)] = 3
+    refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
 
 
 class SpikeParams(_Strict):
-    """A one-step spike detector (hazard_spike, grad_spike): robust z-score vs a rolling baseline.
+    """A one-step spike detector (hazard_spike, grad_spike, kl_spike): robust z vs a rolling baseline.
 
-    z = (f(v) - median(f(window))) / (1.4826 * MAD(f(window))) over the previous
-    `window_steps` steps, f = log when `log_scale` (for positive, multiplicative metrics).
-    It fires at the onset of an excursion (z > `z` at s but not at the previous step)
-    when also v >= `min_ratio` * baseline, so a flat, near-zero-MAD series never flags
-    on a tiny wiggle. `critical_z` marks the severity.
+    z = (f(v) - median(f(window))) / max(1.4826 * MAD(f(window)), `min_scale`) over the
+    previous `window_steps` points of the same kind of step, f = log when `log_scale`
+    (positive, multiplicative metrics; `min_scale` is then a relative noise floor). It
+    fires at the onset of an excursion (z > `z` now but not at the previous point) when
+    also v >= `min_ratio` * baseline and v - baseline >= `min_abs` (the key's units).
+    `critical_z` marks the severity.
     """
 
     enabled: bool = True
-    keys: tuple[str, ...]
-    window_steps: int = Field(100, ge=5)
-    min_baseline: int = Field(30, ge=3)
-    z: float = Field(8.0, gt=0.0)
-    critical_z: float = Field(16.0, gt=0.0)
-    min_ratio: float = Field(1.5, ge=1.0)
+    keys: Annotated[tuple[Key, ...], Field(max_length=16)]
+    window_steps: Annotated[int, Field(ge=5, le=2_000)] = 100
+    min_baseline: Annotated[int, Field(ge=3, le=2_000)] = 30
+    z: Z = 8.0
+    critical_z: Z = 16.0
+    min_ratio: Annotated[float, Field(ge=1.0, le=1e6)] = 1.5
+    min_abs: Units = 0.0
+    min_scale: Annotated[float, Field(ge=0.0, le=1e6)] = 0.05
     log_scale: bool = True
 
 
@@ -82,38 +106,69 @@ class OnPolicyParams(_Strict):
     """`on_policy` (informational): every log-ratio exactly 0 for `min_steps` steps in a row."""
 
     enabled: bool = True
-    min_steps: int = Field(5, ge=1)
-    keys: tuple[str, ...] = ("ratio/min", "ratio/max")
+    min_steps: Annotated[int, Field(ge=1, le=10_000)] = 5
+    keys: Annotated[tuple[Key, ...], Field(max_length=16)] = ("ratio/min", "ratio/max")
 
 
-def _collapse() -> ShiftParams:
-    return ShiftParams(
+# Entropy spent on a rising reward is learning (sharpening), not collapse or over-exploration.
+_REWARD_RISING = Signal(key="reward/mean", direction="up", min_abs=0.05, min_rel=0.0, z=0.5)
+
+
+def _collapse() -> DriftParams:
+    return DriftParams(
         signals=(
-            ShiftSignal(key="policy/entropy", direction="down", min_rel=0.2, z=4.0),
-            ShiftSignal(key="ratio/frac_above_0.2", direction="up", min_rel=1.0, min_abs=0.01, z=4.0),
-            ShiftSignal(key="group/distinct_frac", direction="down", min_rel=0.15, z=4.0),
-        )
+            Signal(key="policy/entropy", direction="down", min_abs=0.05, min_rel=0.1),
+            Signal(key="ratio/frac_above_0.2", direction="up", min_abs=0.02, min_rel=1.0),
+            Signal(key="group/distinct_frac", direction="down", min_abs=0.1, min_rel=0.2),
+        ),
+        unless=(_REWARD_RISING,),
     )
 
 
-def _erosion() -> ShiftParams:
-    return ShiftParams(
+def _erosion() -> DriftParams:
+    return DriftParams(
         signals=(
-            ShiftSignal(key="ratio/frac_below_0.2", direction="up", min_rel=1.0, min_abs=0.01, z=4.0),
-            ShiftSignal(key="ratio/clip_frac_low", direction="up", min_rel=1.0, min_abs=0.01, z=4.0),
-            ShiftSignal(key="policy/logp_mean", direction="down", min_rel=0.3, z=4.0),
-            ShiftSignal(key="policy/length_mean", direction="down", min_rel=0.25, z=4.0),
-        )
+            Signal(key="ratio/frac_below_0.2", direction="up", min_abs=0.02, min_rel=1.0),
+            Signal(key="policy/logp_mean", direction="down", min_abs=0.1, min_rel=0.3),
+            Signal(key="policy/length_mean", direction="down", min_abs=1.0, min_rel=0.25),
+        ),
+        min_votes=2,
+    )
+
+
+def _entropy_surge() -> DriftParams:
+    return DriftParams(
+        signals=(Signal(key="policy/entropy", direction="up", min_abs=0.1, min_rel=0.5),),
+        unless=(_REWARD_RISING,),
+        recent_steps=10,
+        warning_votes=1,
+    )
+
+
+def _kl_drift() -> DriftParams:
+    return DriftParams(
+        signals=(
+            Signal(key="policy/kl_k3", direction="up", min_abs=0.05, min_rel=3.0),
+            Signal(key="policy/kl_ref", direction="up", min_abs=0.05, min_rel=3.0),
+        ),
+        recent_steps=10,
+        warning_votes=1,
+        critical_votes=2,
     )
 
 
 class FlagParams(_Strict):
-    """Every detector's parameters; the defaults are tuned on `server.flags.synthetic` streams."""
+    """Every detector's parameters; the defaults are set on `server.flags.synthetic` streams and real runs."""
 
-    collapse: ShiftParams = Field(default_factory=_collapse)
-    erosion: ShiftParams = Field(default_factory=_erosion)
-    hazard_spike: SpikeParams = SpikeParams(keys=("hazard/zeta_mean", "hazard/zeta_p99"))
-    grad_spike: SpikeParams = SpikeParams(keys=("grad/norm",), z=6.0, min_ratio=3.0)
+    collapse: DriftParams = Field(default_factory=_collapse)
+    erosion: DriftParams = Field(default_factory=_erosion)
+    entropy_surge: DriftParams = Field(default_factory=_entropy_surge)
+    hazard_spike: SpikeParams = SpikeParams(keys=("hazard/zeta_mean", "hazard/zeta_p99"), min_ratio=3.0, min_scale=0.05)
+    grad_spike: SpikeParams = SpikeParams(keys=("grad/norm",), z=6.0, min_ratio=3.0, min_scale=0.1)
+    kl_spike: SpikeParams = SpikeParams(
+        keys=("policy/kl_k3", "policy/kl_ref"), z=6.0, min_ratio=5.0, min_abs=0.05, min_scale=0.1
+    )
+    kl_drift: DriftParams = Field(default_factory=_kl_drift)
     non_finite: NonFiniteParams = NonFiniteParams()
     on_policy: OnPolicyParams = OnPolicyParams()
 
@@ -123,17 +178,36 @@ class FlagParams(_Strict):
             return self
         return FlagParams.model_validate(_deep_merge(self.model_dump(), overrides))
 
+    def drifts(self) -> dict[str, DriftParams]:
+        """Drift detectors by the flag kind they raise."""
+        return {"collapse": self.collapse, "erosion": self.erosion, "entropy_surge": self.entropy_surge,
+                "kl_spike": self.kl_drift}
+
+    def spikes(self) -> dict[str, SpikeParams]:
+        """Spike detectors by the flag kind they raise."""
+        return {"hazard_spike": self.hazard_spike, "grad_spike": self.grad_spike, "kl_spike": self.kl_spike}
+
     def history_steps(self) -> int:
-        """How many steps of history the detectors read before the first new step."""
-        shift = max(p.baseline_steps + p.recent_steps for p in (self.collapse, self.erosion))
-        spike = max(p.window_steps for p in (self.hazard_spike, self.grad_spike))
-        return max(shift, spike + 1, self.on_policy.min_steps) + 1
+        """How many points of a key the detectors read before the first new step.
+
+        Twice the longest window: a signal judged on one kind of step (on- or off-policy)
+        sees about half of a run's points when updates alternate.
+        """
+        drift = max(max(p.baseline_steps + p.recent_steps, p.trend_steps) for p in self.drifts().values())
+        spike = max(p.window_steps + 1 for p in self.spikes().values())
+        return 2 * max(drift, spike, self.on_policy.min_steps) + 2
 
     def keys(self) -> set[str]:
         """The scalar keys any detector reads."""
-        found = {s.key for p in (self.collapse, self.erosion) for s in p.signals}
-        found.update(self.hazard_spike.keys, self.grad_spike.keys, self.on_policy.keys)
+        found = {s.key for p in self.drifts().values() for s in (*p.signals, *p.unless)}
+        for p in self.spikes().values():
+            found.update(p.keys)
+        found.update(self.on_policy.keys, STEP_KIND_KEYS)
         return found
+
+
+# Keys that say what kind of step a record is: its rollout and place in it, its valid tokens.
+STEP_KIND_KEYS = ("train/rollout", "train/update_index", "tokens/valid", "ratio/min", "ratio/max")
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+# What a step without any valid token still logs (no statistic that needs a token).
+NO_TOKEN_KEYS = frozenset({"tokens/valid", "train/lr", "train/loss", "reward/mean", "group/distinct_frac"})
 INJECTED_KINDS = ("collapse", "erosion", "hazard_spike", "grad_spike", "non_finite", "on_policy")
 
 
@@ -37,6 +39,10 @@ class Stream:
     scalars: dict[str, np.ndarray]
     kind: str | None = None
     onset: int | None = None
+    empty: np.ndarray | None = None  # steps with no valid token: only `NO_TOKEN_KEYS` are logged there
+
+    def _logged(self, key: str, i: int) -> bool:
+        return self.empty is None or not self.empty[i] or key in NO_TOKEN_KEYS
 
     def records(self, start: int = 0, stop: int | None = None, t0: float = 1.7e9) -> list[dict[str, Any]]:
         """C1 records for steps [start, stop)."""
@@ -45,7 +51,7 @@ class Stream:
             {
                 "step": i,
                 "time": t0 + i,
-                "scalars": {k: float(v[i]) for k, v in self.scalars.items()},
+                "scalars": {k: float(v[i]) for k, v in self.scalars.items() if self._logged(k, i)},
             }
             for i in range(start, stop)
         ]
@@ -53,7 +59,7 @@ class Stream:
     def points(self, stop: int | None = None) -> dict[str, dict[int, float]]:
         """key -> {step: value} up to `stop` (exclusive), the shape `History` takes."""
         stop = self.n_steps if stop is None else min(stop, self.n_steps)
-        return {k: {i: float(v[i]) for i in range(stop)} for k, v in self.scalars.items()}
+        return {k: {i: float(v[i]) for i in range(stop) if self._logged(k, i)} for k, v in self.scalars.items()}
 
 
 def _ar1(rng: np.random.Generator, n: int, rho: float, sd: float) -> np.ndarray:
@@ -231,3 +237,58 @@ def score(streams: list[Stream], flags: list[list[tuple[str, int]]]) -> Score:
         if hits:
             out.delays.setdefault(kind, []).append(hits[0])
     return out
+
+
+PATTERNS = ("linear_entropy", "geometric_entropy", "entropy_blowup", "kl_jump", "alternating", "empty_steps")
+PATTERN_KIND = {"linear_entropy": "collapse", "geometric_entropy": "collapse", "entropy_blowup": "entropy_surge",
+                "kl_jump": "kl_spike"}
+
+
+def pattern_stream(pattern: str, seed: int, n_steps: int = 400, onset: int = 150) -> Stream:
+    """A clean stream (every key logged, its noise kept) with one of the reported failure shapes from `onset`.
+
+    - `linear_entropy` / `geometric_entropy`: entropy 1.2 -> 0.05 over 200 steps, linearly
+      or geometrically (the slow collapse of long runs), every other key unchanged;
+    - `entropy_blowup`: entropy 0.5 -> 2.0 over 100 steps while the reward falls by half;
+    - `kl_jump`: `policy/kl_k3` x100 from the onset on;
+    - `alternating`: no event; updates alternate on-policy (`train/update_index` 0, every
+      log-ratio statistic exactly 0) and off-policy, as with two mini-batches per rollout,
+      the rollout-level reward and diversity repeated for both (`train/rollout`);
+    - `empty_steps`: no event; every 25th step has no valid token (`tokens/valid` 0 and
+      only the keys that need no token).
+    """
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern={pattern!r} is unknown; use one of {', '.join(PATTERNS)}")
+    stream = generate_stream(seed, n_steps, None)
+    s = stream.scalars
+    t = np.arange(n_steps, dtype=np.float64) - onset
+    ramp = np.clip(t / 200.0, 0.0, 1.0)
+    noise = s["policy/entropy"] / np.median(s["policy/entropy"])
+    kind: str | None = PATTERN_KIND.get(pattern)
+    if pattern == "linear_entropy":
+        s["policy/entropy"] = (1.2 - 1.15 * ramp) * noise
+    elif pattern == "geometric_entropy":
+        s["policy/entropy"] = 1.2 * (0.05 / 1.2) ** ramp * noise
+    elif pattern == "entropy_blowup":
+        up = np.clip(t / 100.0, 0.0, 1.0)
+        s["policy/entropy"] = (0.5 + 1.5 * up) * noise
+        s["reward/mean"] = s["reward/mean"] * (1.0 - 0.5 * up)
+    elif pattern == "kl_jump":
+        s["policy/kl_k3"] = s["policy/kl_k3"] * np.where(t >= 0, 100.0, 1.0)
+    elif pattern == "alternating":
+        on = np.arange(n_steps) % 2 == 0
+        s["train/update_index"] = np.where(on, 0.0, 1.0)
+        s["train/rollout"] = (np.arange(n_steps) // 2).astype(np.float64)
+        for key in ("reward/mean", "group/distinct_frac"):  # rollout-level: streamed with both updates
+            s[key] = np.repeat(s[key][::2], 2)[:n_steps]
+        for key in ("ratio/mean", "ratio/std", "ratio/min", "ratio/max", "ratio/p50", "ratio/pos_mass",
+                    "ratio/frac_above_0.2", "ratio/frac_below_0.2", "ratio/clip_frac_low", "ratio/clip_frac_high",
+                    "policy/kl_k3"):
+            s[key] = np.where(on, 0.0, s[key])
+        s["hazard/zeta_mean"] = np.where(on, 1.3278, s["hazard/zeta_mean"])
+        s["hazard/zeta_p99"] = np.where(on, 1.3278, s["hazard/zeta_p99"])
+    elif pattern == "empty_steps":
+        stream.empty = np.arange(n_steps) % 25 == 24
+        s["tokens/valid"] = np.where(stream.empty, 0.0, 4096.0)
+    stream.kind, stream.onset = kind, (onset if kind is not None else None)
+    return stream

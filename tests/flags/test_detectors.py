@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from server.flags import DEFAULT_PARAMS, FlagParams, History, detect
+from server.flags import DEFAULT_PARAMS, Flag, FlagParams, History, detect
 from server.flags.detectors import _row_nanmedian
-from server.flags.synthetic import GOAL_DELAY, INJECTED_KINDS, Stream, generate_stream, generate_suite, score
+from server.flags.synthetic import GOAL_DELAY, INJECTED_KINDS, Score, Stream, generate_stream, generate_suite, score
 
+ALL = frozenset({"info", "warning", "critical"})
+ALARMS = frozenset({"warning", "critical"})
 PER_KIND = 8
 CLEAN_STREAMS = 6
 CLEAN_STEPS = 2000
@@ -25,15 +27,19 @@ def flags_of(stream: Stream, params: FlagParams = DEFAULT_PARAMS) -> list[tuple[
 
 
 @cache
-def suite() -> tuple[list[Stream], list[list[tuple[str, int]]]]:
+def suite() -> tuple[list[Stream], list[list[Flag]]]:
     streams = generate_suite(seed=7, per_kind=PER_KIND, n_steps=400, clean=CLEAN_STREAMS, clean_steps=CLEAN_STEPS)
-    return streams, [flags_of(s) for s in streams]
+    return streams, [detect(History(s.points()), range(s.n_steps)) for s in streams]
+
+
+def scored(severities: frozenset[str] = ALL) -> Score:
+    streams, flags = suite()
+    return score(streams, [[(f.kind, f.step) for f in found if f.severity in severities] for found in flags])
 
 
 @pytest.mark.parametrize("kind", INJECTED_KINDS)
 def test_each_injected_event_is_flagged_within_its_stated_delay(kind: str) -> None:
-    streams, flags = suite()
-    result = score(streams, flags)
+    result = scored(ALARMS if kind != "on_policy" else ALL)
     delays = result.delays.get(kind, [])
     assert result.detected[kind] == result.total[kind] == PER_KIND, (
         f"{kind}: {result.detected[kind]}/{result.total[kind]} flagged within {GOAL_DELAY[kind]} steps; delays {delays}"
@@ -47,12 +53,14 @@ def test_goals_spikes_within_2_steps_and_collapse_erosion_within_30() -> None:
 
 
 def test_clean_noisy_streams_give_fewer_than_one_false_flag_per_2000_steps() -> None:
-    streams, flags = suite()
-    result = score(streams, flags)
+    """Warnings and criticals are the alarms; informational flags (one signal alone) are bounded separately."""
+    result = scored(ALARMS)
     assert result.clean_steps >= CLEAN_STREAMS * CLEAN_STEPS
     assert result.false_flags * 2000 < result.clean_steps, (
         f"{result.false_flags} false flags in {result.clean_steps} clean steps: {result.false_by_kind}"
     )
+    info = scored(ALL).false_flags - result.false_flags
+    assert info * 500 < result.clean_steps, f"{info} informational flags in {result.clean_steps} clean steps"
 
 
 def test_clean_streams_really_are_noisy_with_trends() -> None:
@@ -97,13 +105,15 @@ def test_flags_carry_step_severity_detector_and_evidence() -> None:
 
 
 @pytest.mark.parametrize("kind", ["collapse", "erosion"])
-def test_level_shift_evidence_lists_the_votes(kind: str) -> None:
+def test_drift_evidence_lists_the_votes(kind: str) -> None:
     stream = generate_stream(21, 400, kind, onset=200)
     flags = [f for f in detect(History(stream.points()), range(400)) if f.kind == kind]
     assert len(flags) == 1, "one event gives one flag (refractory period)"
+    assert flags[0].severity in ("warning", "critical") and flags[0].detector == "drift"
     evidence = flags[0].evidence
-    assert evidence["votes"] >= evidence["needed"] >= 2
-    assert all({"key", "value", "baseline", "threshold", "vote"} <= set(s) for s in evidence["signals"])
+    assert evidence["votes"] >= max(evidence["needed"], 2), "a warning takes two independent signals"
+    keys = {"key", "test", "value", "baseline", "change", "noise", "z", "threshold", "vote"}
+    assert all(keys <= set(s) for s in evidence["signals"])
 
 
 def test_batching_does_not_change_the_flags() -> None:
@@ -137,7 +147,7 @@ def test_spike_detection_is_invariant_to_the_metric_unit(scale: float, seed: int
     values[120] *= 10
     base = {s: float(v) for s, v in enumerate(values)}
     scaled = {s: float(v) * scale for s, v in enumerate(values)}
-    only = DEFAULT_PARAMS.merged({k: {"enabled": False} for k in ("collapse", "erosion", "hazard_spike", "on_policy")})
+    only = DEFAULT_PARAMS.merged({k: {"enabled": False} for k in FlagParams.model_fields if k != "grad_spike"})
     a = [(f.kind, f.step) for f in detect(History({"grad/norm": base}), range(150), only)]
     b = [(f.kind, f.step) for f in detect(History({"grad/norm": scaled}), range(150), only)]
     assert a == b
