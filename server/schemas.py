@@ -37,6 +37,7 @@ KEY_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 KEY_RE = re.compile(r"^[^\x00-\x1f\x7f\ud800-\udfff]+$")
 SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 REDACTED = "[redacted]"
+UNICODE_MSG = "contains a lone surrogate, which is not valid Unicode text: send valid UTF-8 (decode bytes with errors='replace')"
 # Words of a config key that mark its value as a secret (`hf_token`, `apiKey`, `db-password`).
 SECRET_WORDS = frozenset({"token", "password", "passwd", "secret", "apikey", "credential", "credentials"})
 SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"), ("webhook", "url")})
@@ -197,6 +198,14 @@ def _item_of(loc: tuple[str | int, ...]) -> tuple[int, ItemField, str | None] | 
     return None
 
 
+def _spelled(key: str) -> str:
+    """`key` as an error's loc names it: pydantic writes lone surrogates as U+FFFD, which keeps the
+    loc (and the `rejected` answer) valid UTF-8."""
+    if SURROGATE_RE.search(key) is None:
+        return key
+    return key.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 # pydantic states the key pattern as `patternProperties`, which alone lets other keys through in JSON Schema.
 KEYS_ONLY: dict[str, Any] = {"additionalProperties": False}
 
@@ -245,14 +254,18 @@ class RecordsIn(InputModel):
             assert item is not None
             loc = error["loc"][3:] if item[1] == "outliers" else error["loc"][4:]
             where = ".".join("key" if part == "[key]" else str(part) for part in loc)
-            reasons.setdefault(item, []).append(f"{where}: {error['msg']}" if where else error["msg"])
+            msg = UNICODE_MSG if error["type"] == "string_unicode" else error["msg"]
+            reasons.setdefault(item, []).append(f"{where}: {msg}" if where else msg)
         records = list(data["records"])
         for i, field_name, key in reasons:
             record = records[i] = dict(records[i])
             if field_name == "outliers":
                 record["outliers"] = []
             else:
-                record[field_name] = {k: v for k, v in record[field_name].items() if str(k) != key}
+                named = [k for k in record[field_name] if _spelled(str(k)) == key]
+                if len(named) > 1:  # a valid key spelled with U+FFFD and one with lone surrogates: the latter
+                    named = [k for k in named if invalid_key(str(k)) is not None]
+                record[field_name] = {k: v for k, v in record[field_name].items() if k not in named}
         batch: RecordsIn = handler({**data, "records": records})
         batch._rejected = [
             RejectedItem(step=batch.records[i].step, field=field_name, key=key, reason="; ".join(msgs))
@@ -270,7 +283,7 @@ class RecordsOut(BaseModel):
 
 
 class RewindIn(InputModel):
-    step: Annotated[int, Field(ge=-1, le=MAX_STEP, description="last step kept; -1 empties the history")]
+    step: Annotated[int, Field(ge=-1, le=MAX_STEP, description="last step kept; -1 empties the history"), Integral]
 
 
 class RewindOut(BaseModel):

@@ -45,6 +45,11 @@ POLL_S = 0.02
 SPLIT_STATUSES = frozenset({400, 413, 422})
 
 
+def _spelled(key: str) -> str:
+    """`key` as the server names it in `rejected`: lone surrogates as U+FFFD."""
+    return key.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 class Outcome(enum.Enum):
     OK = "ok"
     RETRY = "retry"
@@ -259,7 +264,10 @@ class Sender(threading.Thread):
             if field_name == "outliers":
                 record["outliers"] = source.get("outliers", [])
             elif field_name in ("scalars", "histograms"):
-                record.setdefault(field_name, {})[key] = source.get(field_name, {}).get(key)
+                sent = source.get(field_name, {})
+                # The server names a key holding lone surrogates with U+FFFD in their place: keep the key as sent.
+                key = key if key in sent else next((k for k in sent if _spelled(k) == key), key)
+                record.setdefault(field_name, {})[key] = sent.get(key)
         reason = "\n".join(json.dumps(item, allow_nan=True) for item in rejected)
         batch_id = str(uuid.uuid4())
         path = self.spool.reject_body(

@@ -68,17 +68,18 @@ def test_partial_refusal_keeps_the_good_keys_and_warns_once_per_key(
     with caplog.at_level(logging.WARNING, logger="mhpo.client"):  # type: ignore[attr-defined]
         run.log(1, {"train/loss": 0.9, "": 2.0})
         assert run.flush(timeout=30)
-        run.log(2, {"train/loss": 0.8, "": 3.0, "bad\x01key": 1.0})
+        run.log(2, {"train/loss": 0.8, "": 3.0, "bad\x01key": 1.0, "caf\udce9": 4.0})
         report = run.finish(timeout=30)
     assert stored(shared_server, run.id, "train/loss") == {1: 0.9, 2: 0.8}
-    assert report.rejected_items == 3 and report.rejected_records == 0 and not report.complete
+    assert report.rejected_items == 4 and report.rejected_records == 0 and not report.complete
     warnings = [r.getMessage() for r in caplog.records if "refused scalars" in r.getMessage()]  # type: ignore[attr-defined]
-    assert len(warnings) == 2 and "''" in warnings[0] and "bad\\x01key" in warnings[1]
+    assert len(warnings) == 3 and "''" in warnings[0] and "bad\\x01key" in warnings[1]
     kept = sorted((tmp_path / "rejected" / run.id).glob("*.json"))
     records = [r for path in kept for r in json.loads(path.read_text())["records"]]
-    assert sorted((r["step"], sorted(r["scalars"])) for r in records) == [(1, [""]), (2, ["", "bad\x01key"])]
+    assert sorted((r["step"], sorted(r["scalars"])) for r in records) == [(1, [""]), (2, ["", "bad\x01key", "caf\udce9"])]
+    assert [r["scalars"]["caf\udce9"] for r in records if r["step"] == 2] == [4.0]  # kept as sent, with its value
     reasons = [json.loads(line) for path in kept for line in path.with_suffix(".reason.txt").read_text().splitlines()]
-    assert {(r["step"], r["key"]) for r in reasons} == {(1, ""), (2, ""), (2, "bad\x01key")}
+    assert {(r["step"], r["key"]) for r in reasons} == {(1, ""), (2, ""), (2, "bad\x01key"), (2, "caf\ufffd\ufffd\ufffd")}
 
 
 def test_fork_then_continue_the_new_run(shared_server: Target, tmp_path: Path) -> None:

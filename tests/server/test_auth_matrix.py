@@ -55,6 +55,7 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Request]] = {
     ("GET", "/healthz"): (PUBLIC, lambda w: ("GET", "/healthz", {})),
     ("GET", "/metrics"): (PUBLIC, lambda w: ("GET", "/metrics", {})),
     ("GET", "/api/v1/projects"): (LIST, lambda w: ("GET", "/api/v1/projects", {})),
+    ("GET", "/api/v1/auth/whoami"): (LIST, lambda w: ("GET", "/api/v1/auth/whoami", {})),  # any valid token
     ("POST", "/api/v1/runs"): (WRITE, lambda w: ("POST", "/api/v1/runs", {"json": {"project": "A", "name": "new"}})),
     ("GET", "/api/v1/runs"): (READ, lambda w: ("GET", "/api/v1/runs", {"params": {"project": "A"}})),
     ("GET", "/api/v1/runs/{run_id}"): (READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}", {})),
@@ -63,6 +64,10 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Request]] = {
     ("POST", "/api/v1/runs/{run_id}/records"): (WRITE, lambda w: (
         "POST", f"/api/v1/runs/{w.run_id}/records",
         {"json": {"batch_id": uuid.uuid4().hex, "records": [{"step": 100, "scalars": {"b": 1.0}}]}})),
+    ("POST", "/api/v1/runs/{run_id}/rewind"): (  # past the last step: keeps the history the other rows read
+        WRITE, lambda w: ("POST", f"/api/v1/runs/{w.run_id}/rewind", {"json": {"step": 1000}})),
+    ("POST", "/api/v1/runs/{run_id}/fork"): (
+        WRITE, lambda w: ("POST", f"/api/v1/runs/{w.run_id}/fork", {"json": {"step": 1, "name": "fork"}})),
     ("GET", "/api/v1/runs/{run_id}/keys"): (READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}/keys", {})),
     ("GET", "/api/v1/runs/{run_id}/scalars"): (READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}/scalars", {})),
     ("GET", "/api/v1/runs/{run_id}/histograms/{key}"): (

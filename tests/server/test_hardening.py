@@ -58,21 +58,49 @@ def test_config_error_names_the_path(client: TestClient) -> None:
     assert "config['data']['dirs'][1]" in message and "surrogate" in message
 
 
+def rejected_items(response: Any) -> list[dict[str, Any]]:
+    """The items a 200 answer refused one by one (a record's bad item never fails the batch)."""
+    assert response.status_code == 200, response.text
+    response.content.decode("utf-8")  # the answer is valid UTF-8 even when the key was not
+    return response.json()["rejected"]
+
+
 @pytest.mark.parametrize(
-    ("record", "loc_part"),
+    ("record", "field", "key", "reason"),
     [
-        ('{"step":0,"scalars":{"a\\ud800":1.0}}', "scalars"),
-        ('{"step":0,"histograms":{"\\udc80":{"lo":0,"hi":1,"counts":[1]}}}', "histograms"),
-        ('{"step":0,"outliers":[{"sample":0,"position":0,"x":0,"A":0,"text":"\\ud83d"}]}', "outliers"),
-        ('{"step":0,"outliers":[{"sample":0,"position":0,"x":0,"A":0,"text":"a\\u0000"}]}', "outliers"),
+        ('{"step":0,"scalars":{"a\\ud800":1.0,"ok":2.0}}', "scalars", "a\ufffd\ufffd\ufffd", "lone surrogate"),
+        ('{"step":0,"histograms":{"\\udc80":{"lo":0,"hi":1,"counts":[1]}},"scalars":{"ok":2.0}}', "histograms",
+         "\ufffd\ufffd\ufffd", "lone surrogate"),
+        ('{"step":0,"scalars":{"a\\u0000":1.0,"ok":2.0}}', "scalars", "a\x00", "pattern"),
+        ('{"step":0,"outliers":[{"sample":0,"position":0,"x":0,"A":0,"text":"\\ud83d"}],"scalars":{"ok":2.0}}',
+         "outliers", None, "0.text: Value error, contains a lone surrogate"),
+        ('{"step":0,"outliers":[{"sample":0,"position":0,"x":0,"A":0,"text":"a\\u0000"}],"scalars":{"ok":2.0}}',
+         "outliers", None, "0.text: Value error, contains a NUL character"),
     ],
 )
-def test_unstorable_record_text_is_refused(client: TestClient, record: str, loc_part: str) -> None:
+def test_unstorable_record_text_is_refused_alone(
+    client: TestClient, record: str, field: str, key: str | None, reason: str
+) -> None:
+    """Unstorable text in a record's item refuses that item, naming field, key and reason; the rest is stored."""
     run_id = new_run(client)
     response = raw_post(client, f"/api/v1/runs/{run_id}/records", f'{{"batch_id":"b","records":[{record}]}}')
-    assert any(loc_part in loc for loc in error_locs(response))
-    assert client.get(f"/api/v1/runs/{run_id}/keys").json() == {"scalars": [], "histograms": []}
+    [item] = rejected_items(response)
+    assert (item["step"], item["field"], item["key"]) == (0, field, key)
+    assert reason in item["reason"]
+    assert response.json()["accepted"] == 1
+    assert client.get(f"/api/v1/runs/{run_id}/keys").json() == {"scalars": ["ok"], "histograms": []}
     assert client.get(f"/api/v1/runs/{run_id}/outliers").json()["outliers"] == []
+
+
+def test_a_valid_key_spelled_like_a_refused_one_is_kept(client: TestClient) -> None:
+    """The refused key is named with U+FFFD; a valid key spelled exactly so is stored, not taken for it."""
+    run_id = new_run(client)
+    record = '{"step":0,"scalars":{"a\\ud800":1.0,"a\\ufffd\\ufffd\\ufffd":2.0}}'
+    response = raw_post(client, f"/api/v1/runs/{run_id}/records", f'{{"batch_id":"b","records":[{record}]}}')
+    assert [(i["field"], i["key"]) for i in rejected_items(response)] == [("scalars", "a\ufffd\ufffd\ufffd")]
+    assert client.get(f"/api/v1/runs/{run_id}/keys").json()["scalars"] == ["a\ufffd\ufffd\ufffd"]
+    series = client.get(f"/api/v1/runs/{run_id}/scalars", params={"keys": "a\ufffd\ufffd\ufffd"}).json()["series"]
+    assert series["a\ufffd\ufffd\ufffd"]["value"] == [2.0]
 
 
 def test_unstorable_alert_rule_text_is_refused(client: TestClient) -> None:
@@ -129,23 +157,53 @@ def test_secrets_in_config_are_redacted(client: TestClient) -> None:
         ({"step": "1"}, ["body", "records", 0, "step"]),
         ({"step": True}, ["body", "records", 0, "step"]),
         ({"step": 1.5}, ["body", "records", 0, "step"]),
-        ({"step": 0, "scalars": {"a": True}}, ["body", "records", 0, "scalars", "a"]),
-        ({"step": 0, "scalars": {"a": "1.5"}}, ["body", "records", 0, "scalars", "a"]),
-        ({"step": 0, "histograms": {"h": {"lo": 0, "hi": 1, "counts": [True]}}},
-         ["body", "records", 0, "histograms", "h", "counts", 0]),
-        ({"step": 0, "outliers": [{"sample": "0", "position": 0, "x": 0, "A": 0}]},
-         ["body", "records", 0, "outliers", 0, "sample"]),
+        ({"step": 0, "time": "1"}, ["body", "records", 0, "time"]),
     ],
 )
-def test_loose_types_are_refused(client: TestClient, record: dict[str, Any], loc: list[Any]) -> None:
+def test_loose_record_types_are_refused(client: TestClient, record: dict[str, Any], loc: list[Any]) -> None:
+    """A loose type of the record itself (step, time) refuses the whole batch."""
     run_id = new_run(client)
-    assert loc in error_locs(post_json(client, f"/api/v1/runs/{run_id}/records", {"batch_id": "b", "records": [record]}))
+    body = {"batch_id": "b", "records": [{**record, "scalars": {"ok": 1.0}}]}
+    assert loc in error_locs(post_json(client, f"/api/v1/runs/{run_id}/records", body))
+    assert client.get(f"/api/v1/runs/{run_id}/keys").json() == {"scalars": [], "histograms": []}
+
+
+@pytest.mark.parametrize(
+    ("items", "field", "key", "reason"),
+    [
+        ({"scalars": {"a": True}}, "scalars", "a", "Input should be a valid number"),
+        ({"scalars": {"a": "1.5"}}, "scalars", "a", "Input should be a valid number"),
+        ({"histograms": {"h": {"lo": 0, "hi": 1, "counts": [True]}}}, "histograms", "h",
+         "counts.0: Input should be a valid integer"),
+        ({"outliers": [{"sample": "0", "position": 0, "x": 0, "A": 0}]}, "outliers", None,
+         "0.sample: Input should be a valid integer"),
+    ],
+)
+def test_loose_item_types_are_refused_alone(
+    client: TestClient, items: dict[str, Any], field: str, key: str | None, reason: str
+) -> None:
+    """A loose type inside an item (a scalar given as true) refuses that item, naming field, key and reason."""
+    run_id = new_run(client)
+    record = {"step": 0, **items, "scalars": {**items.get("scalars", {}), "ok": 1.0}}
+    response = post_json(client, f"/api/v1/runs/{run_id}/records", {"batch_id": "b", "records": [record]})
+    assert rejected_items(response) == [{"step": 0, "field": field, "key": key, "reason": reason}]
+    assert response.json()["accepted"] == 1
+    assert client.get(f"/api/v1/runs/{run_id}/keys").json() == {"scalars": ["ok"], "histograms": []}
+    assert client.get(f"/api/v1/runs/{run_id}/outliers").json()["outliers"] == []
 
 
 def test_ints_are_still_floats(client: TestClient) -> None:
     run_id = new_run(client)
     body = {"batch_id": "b", "records": [{"step": 0, "time": 1, "scalars": {"a": 1}}]}
-    assert post_json(client, f"/api/v1/runs/{run_id}/records", body).json() == {"accepted": 1, "duplicates": 0}
+    assert post_json(client, f"/api/v1/runs/{run_id}/records", body).json() == {"accepted": 1, "duplicates": 0, "rejected": []}
+
+
+def test_integral_floats_are_steps_of_rewind_and_fork(client: TestClient) -> None:
+    run_id = new_run(client)
+    assert client.post(f"/api/v1/runs/{run_id}/rewind", json={"step": 0.0}).status_code == 200
+    assert client.post(f"/api/v1/runs/{run_id}/fork", json={"step": 0.0}).status_code == 201
+    assert ["body", "step"] in error_locs(client.post(f"/api/v1/runs/{run_id}/rewind", json={"step": 0.5}))
+    assert ["body", "step"] in error_locs(client.post(f"/api/v1/runs/{run_id}/rewind", json={"step": True}))
 
 
 def test_run_id_conflict_names_nothing_of_the_other_run(client: TestClient) -> None:

@@ -26,7 +26,7 @@ def test_failing_listener_is_reported(live_server_db: LiveServer) -> None:  # no
         with engine.begin() as conn:
             conn.execute(text("ALTER TABLE alert_rules RENAME TO alert_rules_away"))
         stored = post_records(server, run_id, "broken", range(0, 5))
-        assert stored.json() == {"accepted": 5, "duplicates": 0}  # the batch itself is stored
+        assert stored.json() == {"accepted": 5, "duplicates": 0, "rejected": []}  # the batch itself is stored
 
         state = httpx.get(f"{server.url}/healthz").json()
         failure = state["ingest_listeners"]["IngestMonitor"]

@@ -2,8 +2,10 @@
 
 Text is drawn with lone surrogates, NUL and other control characters, emoji and line
 separators mixed in. Whatever the value, the server either stores it and returns it
-unchanged, or refuses it with a 4xx naming the field and stores nothing; never a 5xx,
-and every list (runs, projects, alert rules, alerts) keeps answering valid UTF-8 JSON.
+unchanged, or refuses it with a 4xx naming the field and stores nothing; a record's item
+(key, outlier text) is refused alone instead: 200 with the item listed in `rejected`,
+naming its field, key and reason, and not stored. Never a 5xx, and every list (runs,
+projects, alert rules, alerts) keeps answering valid UTF-8 JSON.
 """
 
 from __future__ import annotations
@@ -111,6 +113,14 @@ def check_record_stored(client: httpx.Client, expected: tuple[str, str, str], ac
     assert (value in keys) == accepted
 
 
+def check_refused_item(refused: list[dict[str, Any]], target: str, value: str) -> None:
+    """The one item of the record, refused alone: its field, its key (lone surrogates as U+FFFD), a reason."""
+    [item] = refused
+    key = None if target == "outlier text" else value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    assert (item["step"], item["field"], item["key"]) == (0, FIELD[target], key), item
+    assert item["reason"], item
+
+
 def test_every_text_field(live_server_db: LiveServer) -> None:  # noqa: F811
     with httpx.Client(base_url=live_server_db.url, timeout=30) as client:
         for target in TARGETS:
@@ -132,7 +142,10 @@ def fuzz_field(client: httpx.Client, target: str) -> None:
             detail = response.json()["detail"]
             assert any(loc["loc"][:1] == ["body"] and FIELD[target] in loc["loc"] for loc in detail), detail
         if isinstance(expected, tuple):
-            check_record_stored(client, expected, response.status_code == 200)
+            refused = response.json()["rejected"] if response.status_code == 200 else []
+            if refused:
+                check_refused_item(refused, target, value)
+            check_record_stored(client, expected, response.status_code == 200 and not refused)
         elif response.status_code < 300:
             assert read(response) == expected  # stored and returned unchanged
         check_lists(client)
