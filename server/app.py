@@ -25,7 +25,7 @@ from server.flags.service import install as install_flags
 from server.limits import BodySizeLimitMiddleware
 from server.metrics import MetricsMiddleware, ServiceMetrics
 from server.responses import NaNJSONResponse
-from server.routes import auth, events, health, projects, records, runs, series
+from server.routes import auth, events, health, mlflow, projects, records, runs, series
 from server.schemas import RecordIn
 from server.store import Conflict, Invalid, NotFound, Store, StoreError, open_store
 
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.metrics = metrics
     app.state.ingest_listeners: list[IngestListener] = []
     app.state.event_sources: list[EventSource] = []
-    for module in (health, auth, projects, runs, records, series, events):
+    for module in (health, auth, projects, runs, records, series, events, mlflow):
         app.include_router(module.router)
     install_flags(app)
     _install_error_handlers(app)

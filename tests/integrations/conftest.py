@@ -31,7 +31,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _quiet_trl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No hub, no telemetry, no stray logger; the client spools under the test's tmp dir."""
     for key, value in {"HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true", "MHPO_SPOOL_DIR": str(tmp_path / "spool"),
-                       "DISABLE_MLFLOW_INTEGRATION": "TRUE", "TOKENIZERS_PARALLELISM": "false"}.items():
+                       "TOKENIZERS_PARALLELISM": "false"}.items():
         monkeypatch.setenv(key, value)
     yield
 
