@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import httpx
 import pytest
 import torch
@@ -10,7 +14,7 @@ from verl.workers.config import FSDPActorConfig
 
 import mhpo.integrations.verl as mverl
 from mhpo.losses import LOSSES
-from tests.fixtures.server import LiveServer, live_server  # noqa: F401 - pytest fixture
+from tests.fixtures.server import REPO_ROOT, LiveServer, live_server  # noqa: F401 - pytest fixture
 
 
 def actor_config(**overrides: float | None) -> FSDPActorConfig:
@@ -114,3 +118,12 @@ def test_rank0_streams_one_record_per_optimizer_step(live_server: LiveServer, mo
     series = httpx.get(f"{live_server.url}/api/v1/runs/{run['run_id']}/scalars",
                        params={"keys": "ratio/std"}).json()["series"]["ratio/std"]
     assert series["step"] == [0, 1] and all(v > 0 for v in series["value"])
+
+
+def test_verl_imports_it_as_an_external_module() -> None:
+    """verl's own plugin hook: VERL_USE_EXTERNAL_MODULES makes `import verl` register the losses."""
+    code = "import verl; from verl.trainer.ppo.core_algos import get_policy_loss_fn; print(get_policy_loss_fn('mhpo').__name__)"
+    env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "mhpo.integrations.verl",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "compute_policy_loss_mhpo"
