@@ -141,10 +141,10 @@ class GRPOTrainer(trl.GRPOTrainer):
         """At the last micro-batch of an optimizer step: reduce (every process), keep for `log`."""
         stats = self._acc.compute()
         outliers = [dict(o) for o in stats.outliers]
+        decode = getattr(self.processing_class, "decode", None)  # a tokenizer or a processor
         for o in outliers:
-            if not o.get("text") and o.get("token_id") is not None:
-                o["text"] = self.processing_class.decode([int(o["token_id"])]) if hasattr(
-                    self.processing_class, "decode") else ""
+            if decode is not None and not o.get("text") and o.get("token_id") is not None:
+                o["text"] = decode([int(o["token_id"])])
         per_generation = self.args.steps_per_generation * self.num_iterations
         scalars = {**stats.scalars,
                    "train/update_index": float((self._step % per_generation) // self.current_gradient_accumulation_steps)}
