@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+VERL_SPEC ?= verl>=0.9.1,<0.10
 BIN := $(VENV)/bin
 
 .PHONY: install demo test
@@ -10,7 +11,8 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,trl,verl]"
+	$(BIN)/python -m pip install -q --no-deps "$(VERL_SPEC)"
 	touch $@
 
 install: $(BIN)/.installed

@@ -26,7 +26,7 @@ from server.health import ListenerHealth
 from server.limits import BodySizeLimitMiddleware
 from server.metrics import MetricsMiddleware, ServiceMetrics
 from server.responses import NaNJSONResponse
-from server.routes import auth, events, health, projects, records, runs, series
+from server.routes import auth, events, health, mlflow, projects, records, runs, series
 from server.schemas import ERROR_RESPONSES, RecordIn
 from server.store import Conflict, Invalid, NotFound, StorageFull, Store, Unavailable, open_store, storage_fault
 
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.listener_health = ListenerHealth(metrics)
     app.state.ingest_listeners: list[IngestListener] = []
     app.state.event_sources: list[EventSource] = []
-    for module in (health, auth, projects, runs, records, series, events):
+    for module in (health, auth, projects, runs, records, series, events, mlflow):
         app.include_router(module.router)
     install_flags(app)
     _install_error_handlers(app)

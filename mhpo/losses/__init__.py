@@ -12,7 +12,7 @@ aggregation function.
 # Importing a loss module registers it; this order is the order of LOSSES (DESIGN 1's).
 from mhpo.losses import mhpo, grpo, dapo, dual_clip, gspo, sapo, cispo  # noqa: F401, I001
 from mhpo.losses._registry import LOSSES, LossOutput, PolicyLoss, TokenInputs, get_loss, register_loss
-from mhpo.losses.aggregation import AGGREGATIONS, aggregate
+from mhpo.losses.aggregation import AGGREGATIONS, agg_units, aggregate
 
 __all__ = [
     "AGGREGATIONS",
@@ -20,6 +20,7 @@ __all__ = [
     "LossOutput",
     "PolicyLoss",
     "TokenInputs",
+    "agg_units",
     "aggregate",
     "get_loss",
     "register_loss",

@@ -8,6 +8,11 @@
   configured maximum completion length as `max_len` so the divisor stays constant
   across batches; it defaults to T.
 Masked tokens contribute nothing, even if their per-token loss is inf or NaN.
+
+Under gradient accumulation, a mini-batch split into micro-batches gets the mini-batch's
+loss and gradient back by weighting each micro-batch's aggregate with `agg_units`: its
+share of the units the aggregation divides by (valid tokens, non-empty sequences or
+sequences), the way TRL and verl divide by the whole batch's token count.
 """
 
 from __future__ import annotations
@@ -35,3 +40,20 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: str, *, max_len: int | None 
         return seq.sum() / (tokens > 0).sum().clamp(min=1)
     divisor = mask.shape[-1] if max_len is None else max_len
     return values.sum() / (mask.shape[0] * divisor)
+
+
+def agg_units(mask: Tensor, agg: str) -> Tensor:
+    """What `aggregate(..., agg)` divides by on this `mask` (B, T): valid tokens ("token-mean"),
+    sequences with a valid token ("seq-mean-token-mean") or sequences ("seq-mean-token-sum-norm").
+
+    `aggregate(mb) * agg_units(mb) / sum of agg_units over the micro-batches`, summed over the
+    micro-batches, equals `aggregate` of the whole mini-batch (loss and gradient).
+    """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation agg={agg!r}; valid: {', '.join(AGGREGATIONS)}")
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    if agg == "token-mean":
+        return valid.sum()
+    if agg == "seq-mean-token-mean":
+        return valid.any(dim=-1).sum()
+    return torch.tensor(valid.shape[0], device=valid.device)

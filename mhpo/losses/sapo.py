@@ -6,6 +6,12 @@ A smooth, temperature-controlled gate instead of a hard clip: the gradient multi
 M = 4 * sigmoid(z) * (1 - sigmoid(z)) * r (z = tau * (r - 1)) is exactly 1 at r = 1 and
 decays on both sides; tau_neg > tau_pos damps negative-advantage tokens faster
 (TRL's `sapo_temperature_pos/neg`).
+
+r - 1 is computed as `expm1(x)` (exact near r = 1), but its gradient is taken through
+`exp(x)`: expm1's own backward, `expm1(x) + 1`, rounds to 0 for very negative x
+(float32 below about -17), which would zero the gradient instead of leaving -A * M. Likewise the gate is
+`1 - sigmoid(-z)` for z > 0: sigmoid's backward `s * (1 - s)` cancels when s is near 1.
+tau is built in the inputs' dtype, so float64 runs use tau_neg = 1.05 exactly.
 """
 
 from __future__ import annotations
@@ -17,8 +23,15 @@ from mhpo.losses._registry import HParams, TokenInputs, register_loss, require
 
 
 def _tau(adv: Tensor, hp: HParams) -> Tensor:
-    tau_pos, tau_neg = float(hp["tau_pos"]), float(hp["tau_neg"])
-    return torch.where(adv >= 0, tau_pos, tau_neg).to(adv.dtype)
+    tau_pos = torch.tensor(float(hp["tau_pos"]), dtype=adv.dtype, device=adv.device)
+    tau_neg = torch.tensor(float(hp["tau_neg"]), dtype=adv.dtype, device=adv.device)
+    return torch.where(adv >= 0, tau_pos, tau_neg)
+
+
+def _ratio_minus_one(x: Tensor) -> Tensor:
+    """r - 1 with expm1's value and exp's gradient (see the module docstring)."""
+    r = torch.exp(x)
+    return torch.expm1(x).detach() + (r - r.detach())
 
 
 def _multiplier(x: Tensor, adv: Tensor, hp: HParams) -> Tensor:
@@ -46,5 +59,6 @@ def sapo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str,
     seq-mean-token-mean (SAPO, arXiv 2511.20347).
     """
     tau = _tau(inputs.adv, hp)
-    gate = torch.sigmoid(tau * torch.expm1(inputs.x))
+    z = tau * _ratio_minus_one(inputs.x)
+    gate = torch.where(z > 0, 1.0 - torch.sigmoid(-z), torch.sigmoid(z))
     return -(4.0 / tau) * gate * inputs.adv, {}

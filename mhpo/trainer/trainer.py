@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mhpo.client
 from mhpo.diagnostics import HISTOGRAMS, DiagnosticsAccumulator
-from mhpo.losses import get_loss
+from mhpo.losses import agg_units, get_loss
 from mhpo.trainer import distributed
 from mhpo.trainer.config import TrainerConfig
 from mhpo.trainer.rollout import Generation, TransformersRollout, VLLMRollout, token_logp
@@ -317,6 +317,13 @@ class Trainer:
         micro = cfg.micro_batch_size or mb_idx.numel()
         chunks = mb_idx.split(micro)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, reference KL
+        # Each micro-batch weighs its share of what the aggregation divides by over the whole
+        # mini-batch (all ranks; DDP averages gradients, hence the world size), so splitting a
+        # mini-batch into micro-batches or ranks changes neither its loss nor its gradient.
+        agg = cfg.agg or self.loss_fn.default_agg
+        units = [agg_units(gen.completion_mask[mu_idx], agg).double() for mu_idx in chunks]
+        units_total = distributed.all_reduce_sum(torch.stack(units).sum().reshape(1))[0].clamp(min=1)
+        weights = [u * self.dist.world_size / units_total for u in units]
         local_x: list[Tensor] = []  # this rank's valid log-ratios, kept only for the per-rank metrics file
         for i, mu_idx in enumerate(chunks):
             sync = not self.dist.enabled or i == len(chunks) - 1
@@ -326,15 +333,15 @@ class Trainer:
                     self.ddp, gen.input_ids[mu_idx], gen.attention_mask[mu_idx], gen.prompt_width, with_entropy=True
                 )
                 out = self.loss_fn(mu_logp, b_old_logp[mu_idx], b_adv[mu_idx], mu_mask, agg=cfg.agg, **self.hparams)
-                loss = out.loss
+                loss = out.loss * weights[i].to(out.loss.dtype)
                 if b_ref_logp is not None:
                     d = torch.where(mu_mask, b_ref_logp[mu_idx] - mu_logp, 0.0)
                     k3 = torch.exp(d) - d - 1.0
-                    kl = ((k3 * mu_mask).sum(1) / mu_mask.sum(1).clamp(min=1)).mean()
-                    loss = loss + cfg.beta * kl
+                    kl = ((k3 * mu_mask).sum(1) / mu_mask.sum(1).clamp(min=1)).mean()  # a mean over sequences
+                    loss = loss + cfg.beta * kl * mu_idx.numel() / mb_idx.numel()
                     totals[1] += kl.detach() * mu_idx.numel() / mb_idx.numel()
-                totals[0] += out.loss.detach() * mu_idx.numel() / mb_idx.numel()
-                (loss * mu_idx.numel() / mb_idx.numel()).backward()
+                totals[0] += out.loss.detach() * weights[i]
+                loss.backward()
             if cfg.metrics_file and self.dist.enabled:
                 local_x.append((mu_logp.detach().float() - b_old_logp[mu_idx].float())[mu_mask])
             acc.update(

@@ -129,6 +129,10 @@ class Store(abc.ABC):
     def update_run(self, run_id: str, status: str) -> Run: ...
 
     @abc.abstractmethod
+    def merge_config(self, run_id: str, values: Mapping[str, Any]) -> Run:
+        """Add `values` to the run's config (a key given again is overwritten); MLflow params and tags."""
+
+    @abc.abstractmethod
     def get_run(self, run_id: str) -> Run: ...
 
     @abc.abstractmethod

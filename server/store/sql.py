@@ -354,6 +354,16 @@ class SqlStore(Store):
                 raise NotFound(f"run_id {run_id!r} does not exist")
             return self._fetch_run(conn, run_id)
 
+    def merge_config(self, run_id: str, values: Mapping[str, Any]) -> Run:
+        with self._tx(write=True) as conn:
+            self._lock_run(conn, run_id)
+            config = conn.execute(select(RunRow.config).where(RunRow.run_id == run_id)).scalar_one()
+            conn.execute(
+                update(RunRow).where(RunRow.run_id == run_id)
+                .values(config={**(config or {}), **values}, updated_at=time.time())
+            )
+            return self._fetch_run(conn, run_id)
+
     def get_run(self, run_id: str) -> Run:
         with self._tx() as conn:
             return self._fetch_run(conn, run_id)

@@ -1,0 +1,48 @@
+"""TRL, verl and transformers metric names -> the product's scalar keys.
+
+Flags, alerts and dashboard panels read the product's keys (`policy/entropy`, `grad/norm`...);
+a run logged by TRL or verl (directly or through the MLflow-compatible endpoint) gets those
+keys too, next to its original names, which are always kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+METRIC_NAMES: dict[str, str] = {
+    # TRL GRPOTrainer (and transformers' Trainer)
+    "loss": "train/loss",
+    "grad_norm": "grad/norm",
+    "learning_rate": "train/lr",
+    "entropy": "policy/entropy",
+    "kl": "policy/kl_ref",
+    "reward": "reward/mean",
+    "reward_std": "reward/std",
+    "completions/mean_length": "policy/length_mean",
+    "frac_reward_zero_std": "group/degenerate_frac",
+    "clip_ratio/low_mean": "ratio/clip_frac_low",
+    "clip_ratio/high_mean": "ratio/clip_frac_high",
+    "clip_ratio/region_mean": "ratio/clip_frac",
+    # verl
+    "actor/entropy": "policy/entropy",
+    "actor/pg_loss": "train/loss",
+    "actor/pg_clipfrac": "ratio/clip_frac",
+    "actor/ppo_kl": "policy/kl_k1",
+    "actor/kl_loss": "policy/kl_ref",
+    "actor/grad_norm": "grad/norm",
+    "actor/lr": "train/lr",
+    "critic/score/mean": "reward/mean",
+    "response_length/mean": "policy/length_mean",
+}
+
+
+def product_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
+    """`metrics` with the product's key added next to every mapped name (the original kept).
+
+    A product key the metrics already hold (for example from the diagnostics) is not overwritten."""
+    out = dict(metrics)
+    for name, value in metrics.items():
+        key = METRIC_NAMES.get(name)
+        if key is not None and key not in metrics:
+            out[key] = value
+    return out

@@ -1,0 +1,133 @@
+"""TRL: the registry's grpo / dapo / cispo equal TRL's own loss_type (loss and gradients), and a
+real GRPOTrainer run on CPU streams the diagnostics into a live server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from mhpo.integrations.trl import GRPOTrainer
+from tests.fixtures.server import LiveServer, live_server  # noqa: F401 - pytest fixture
+from tests.integrations.conftest import count_reward, cpu_threads, grpo_config, prompts
+
+# (registry loss, its hyper-parameters, TRL loss_type, TRL epsilon, TRL epsilon_high)
+PAIRS = [
+    ("grpo", {"eps": 0.2}, "grpo", 0.2, 0.2),
+    ("dapo", {"eps_low": 0.2, "eps_high": 0.28}, "dapo", 0.2, 0.28),
+    # the bound 1 + eps_high here is epsilon_high in TRL; 1.2 so that the random ratios reach it
+    ("cispo", {"eps_high": 0.2}, "cispo", 0.2, 1.2),
+]
+
+
+def make_trainer(model_dir: Path, tmp_path: Path, loss_type: str, eps: float, eps_high: float, **kw: Any) -> GRPOTrainer:
+    args = grpo_config(tmp_path, loss_type=loss_type, epsilon=eps, epsilon_high=eps_high, gradient_accumulation_steps=2)
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(),
+                          stream=False, **kw)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2  # what `train()` sets from the config
+    return trainer
+
+
+def random_batch(seed: int, vocab: int, model: Any) -> dict[str, Any]:
+    """4 sequences, ragged completion masks (every sequence keeps a token), advantages of both signs,
+    old log-probs a perturbation of the current ones, and a generation batch of twice these tokens."""
+    g = torch.Generator().manual_seed(seed)
+    b, p, t = 4, 3, 6
+    lengths = torch.tensor([1, 6, 3, int(torch.randint(1, 7, (1,), generator=g))])
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+    batch = {
+        "prompt_ids": torch.randint(4, vocab, (b, p), generator=g),
+        "prompt_mask": torch.ones(b, p, dtype=torch.long),
+        "completion_ids": torch.randint(4, vocab, (b, t), generator=g),
+        "completion_mask": mask,
+        "advantages": torch.tensor([1.3, -0.7, 0.4, -1.1]) * (1 + torch.rand(b, generator=g)),
+        "num_items_in_batch": mask.sum() * 2.0,
+    }
+    with torch.no_grad():
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        logits = model(input_ids=ids).logits[:, p - 1 : -1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+    batch["old_per_token_logps"] = logp + torch.randn(b, t, generator=g) * 0.3
+    return batch
+
+
+def loss_and_grads(trainer: GRPOTrainer, batch: dict[str, Any]) -> tuple[float, list[torch.Tensor]]:
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize(("name", "hparams", "loss_type", "eps", "eps_high"), PAIRS, ids=[p[0] for p in PAIRS])
+def test_registry_loss_equals_trl_loss_type(tiny_model_dir: Path, tmp_path: Path, name, hparams, loss_type, eps,
+                                            eps_high) -> None:
+    cpu_threads()
+    trl_own = make_trainer(tiny_model_dir, tmp_path, loss_type, eps, eps_high)
+    ours = make_trainer(tiny_model_dir, tmp_path, loss_type, eps, eps_high, loss=name, loss_hparams=hparams)
+    vocab = trl_own.model.config.vocab_size
+    for seed in range(4):
+        batch = random_batch(seed, vocab, trl_own.model)
+        expected, expected_grads = loss_and_grads(trl_own, batch)
+        got, got_grads = loss_and_grads(ours, batch)
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
+        assert len(got_grads) == len(expected_grads) > 0
+        for a, b in zip(got_grads, expected_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        assert any(g.abs().sum() > 0 for g in got_grads)
+
+
+def test_registry_loss_keeps_the_kl_term(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """beta > 0: TRL's KL term and its gradient survive the replaced policy term."""
+    cpu_threads()
+    trainers = []
+    for kw in ({}, {"loss": "grpo", "loss_hparams": {"eps": 0.2}}):
+        args = grpo_config(tmp_path, loss_type="grpo", beta=0.1, gradient_accumulation_steps=2)
+        trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=args,
+                              train_dataset=prompts(), stream=False, **kw)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 2
+        trainers.append(trainer)
+    batch = random_batch(7, trainers[0].model.config.vocab_size, trainers[0].model)
+    batch["ref_per_token_logps"] = batch["old_per_token_logps"] - 0.2
+    (l0, g0), (l1, g1) = (loss_and_grads(t, batch) for t in trainers)
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_unknown_registry_loss_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown loss 'ppo'"):
+        make_trainer(tiny_model_dir, tmp_path, "grpo", 0.2, 0.2, loss="ppo")
+
+
+def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer) -> None:  # noqa: F811
+    """num_iterations=2: the second update of each generation batch is off-policy, so the ratios move."""
+    cpu_threads()
+    args = grpo_config(tmp_path, max_steps=4, num_iterations=2, run_name="trl-real")
+    trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(),
+                          mhpo_project="trl-it", mhpo_server=live_server.url)
+    trainer.train()
+    runs = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": "trl-it"}).json()["runs"]
+    assert [r["name"] for r in runs] == ["trl-real"] and runs[0]["status"] == "finished"
+    api = f"{live_server.url}/api/v1/runs/{runs[0]['run_id']}"
+    keys = httpx.get(f"{api}/keys").json()
+    assert {"ratio/std", "hazard/zeta_mean", "policy/entropy", "entropy", "clip_ratio/region_mean", "ratio/clip_frac",
+            "grad/norm", "grad_norm", "train/update_index", "reward/mean"} <= set(keys["scalars"])
+    assert {"log_ratio", "psi", "zeta", "multiplier"} <= set(keys["histograms"])
+    series = httpx.get(f"{api}/scalars", params={"keys": "train/update_index,ratio/std"}).json()["series"]
+    assert series["train/update_index"]["step"] == [1, 2, 3, 4]
+    assert series["train/update_index"]["value"] == [0.0, 1.0, 0.0, 1.0]
+    std = dict(zip(series["ratio/std"]["step"], series["ratio/std"]["value"], strict=True))
+    assert std[1] == 0.0 and std[3] == 0.0  # on-policy: x = 0 exactly
+    assert std[2] > 0 and std[4] > 0
+    hist = httpx.get(f"{api}/histograms/log_ratio").json()
+    columns = dict(zip(hist["step"], hist["counts"], strict=True))
+    zero_bin = round((0.0 - hist["lo"]) / ((hist["hi"] - hist["lo"]) / hist["bins"]))
+    off_zero = sum(c for i, c in enumerate(columns[2]) if i != zero_bin) + hist["underflow"][1] + hist["overflow"][1]
+    assert off_zero > 0, "the off-policy step's log-ratio histogram is all in the x = 0 bin"
+    outliers = httpx.get(f"{api}/outliers", params={"step": 2}).json()["outliers"]
+    assert outliers and all(o["text"] for o in outliers if o["token_id"] is not None)
