@@ -1,4 +1,4 @@
-"""Per-step trust-region diagnostics (DESIGN 2.2) reduced on the device, one host transfer per step.
+"""Per-step trust-region diagnostics (the README's metric table) reduced on the device, one host transfer per step.
 
     acc = DiagnosticsAccumulator("mhpo", hparams, top_k=8)
     for mb in micro_batches:                      # one optimizer step
@@ -10,12 +10,12 @@
 merges the micro-batches, all-reduces across ranks when `torch.distributed` is initialised
 (or a `process_group` is given) and copies one packed float64 tensor to the host.
 
-Conventions (decisions the design card leaves open):
+Conventions (decisions made here):
 - Statistics are over valid (mask) tokens. A NaN log-ratio cannot be ordered or binned:
   it is left out of the histograms, min/max and percentiles, but it makes every mean and
   std NaN and is counted in `ratio/nonfinite_frac` (NaN or +-inf), so it is never hidden.
 - Std is the population std (ddof 0), from merged sums and sums of squares.
-- Hazard terms are MHPO's (DESIGN 1.1) for every loss, so runs of different losses are
+- Hazard terms are MHPO's (arXiv 2603.16929) for every loss, so runs of different losses are
   comparable: the run's own MHPO hyper-parameters when the loss is "mhpo", the paper
   defaults otherwise. `grad/multiplier_*` and the `multiplier` histogram are the active
   loss's own gradient multiplier (`PolicyLoss.multiplier`); for "gspo" it is evaluated at

@@ -1,4 +1,4 @@
-"""Pydantic v2 models at the edge of the API (DESIGN 3.1, contracts C1 and C7).
+"""Pydantic v2 models at the edge of the API (contracts C1 and C7 in docs/contracts.md).
 
 The store returns these too (never ORM rows). Timestamps are unix seconds (float), the
 same unit as a record's `time`. Non-finite floats travel as the JSON tokens NaN /

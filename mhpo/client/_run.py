@@ -245,7 +245,7 @@ class Run:
         """Queue one step's statistics; never waits for the network and never raises on network errors.
 
         Scalars are converted to float here (so a tensor is read now, not later); histograms
-        and outliers (DESIGN 3.1 shapes) are taken as given and must not be mutated afterwards.
+        and outliers (contract C1 shapes) are taken as given and must not be mutated afterwards.
         Waits only if `queue_size` records are waiting, i.e. the disk cannot keep up.
         """
         if self._closing:

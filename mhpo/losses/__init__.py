@@ -1,4 +1,4 @@
-"""MHPO and the GRPO family as one registry of losses (DESIGN 1).
+"""MHPO and the GRPO family as one registry of losses.
 
     from mhpo.losses import get_loss, LOSSES
     out = get_loss("mhpo")(logp, old_logp, advantages, mask, agg="seq-mean-token-mean", **hparams)
@@ -9,7 +9,7 @@ One module per loss registers itself with `register_loss`; `aggregate` is the si
 aggregation function.
 """
 
-# Importing a loss module registers it; this order is the order of LOSSES (DESIGN 1's).
+# Importing a loss module registers it; this order is the order of LOSSES.
 from mhpo.losses import mhpo, grpo, dapo, dual_clip, gspo, sapo, cispo  # noqa: F401, I001
 from mhpo.losses._registry import LOSSES, LossOutput, PolicyLoss, TokenInputs, get_loss, register_loss
 from mhpo.losses.aggregation import AGGREGATIONS, agg_units, aggregate

@@ -1,8 +1,8 @@
 """The loss registry: `register_loss`, `get_loss`, `LOSSES`, and the shared input handling.
 
 Every loss is written as a per-token function of already-checked, float32 (or float64),
-masked-and-sanitised tensors; `PolicyLoss` wraps it with the public signature of
-DESIGN 1.4, the checks, the aggregation and the `LossOutput` packing, so each loss module
+masked-and-sanitised tensors; `PolicyLoss` wraps it with the public signature
+(`loss(logp, old_logp, advantages, mask, agg=..., **hparams)`), the checks, the aggregation and the `LossOutput` packing, so each loss module
 holds only its formula. Nothing here reads a tensor value on the host: a loss call never
 synchronises with the device.
 """

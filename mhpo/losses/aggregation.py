@@ -1,4 +1,4 @@
-"""The one aggregation function: per-token losses (B, T) -> scalar (DESIGN 1.3).
+"""The one aggregation function: per-token losses (B, T) -> scalar.
 
 - "seq-mean-token-mean": mean over sequences of each sequence's token mean (GRPO paper,
   MHPO paper); sequences without a valid token are left out of the mean.

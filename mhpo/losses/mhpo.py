@@ -1,4 +1,4 @@
-"""MHPO: Modulated Hazard-aware Policy Optimization (arXiv 2603.16929), DESIGN 1.1.
+"""MHPO: Modulated Hazard-aware Policy Optimization (arXiv 2603.16929).
 
     psi   = c * tanh(x / c)                                    (Log-Fidelity Modulator)
     zeta  = (softplus(sg[psi]) / lambda_pos)^k_pos
@@ -97,7 +97,7 @@ class _MHPOTokenObjective(torch.autograd.Function):
     check=_check,
 )
 def mhpo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
-    """MHPO per-token loss `-exp(psi - sg[zeta]) * A` (arXiv 2603.16929, DESIGN 1.1).
+    """MHPO per-token loss `-exp(psi - sg[zeta]) * A` (arXiv 2603.16929).
 
     Defaults from the paper: c=1.5, (k_pos, lambda_pos)=(1.5, 1.0), (k_neg, lambda_neg)=(2.0, 0.8);
     aggregation seq-mean-token-mean; no KL term. Stats (B, T): psi, zeta, zeta_pos, zeta_neg,

@@ -1,4 +1,4 @@
-"""The instrumented GRPO-family trainer behind `mhpo train` (DESIGN 4)."""
+"""The instrumented GRPO-family trainer behind `mhpo train`."""
 
 from mhpo.trainer.config import TrainerConfig
 from mhpo.trainer.tasks import Example, make_task

@@ -2,7 +2,7 @@
 
 One `step()` = one rollout (prompts x G completions, rewards, group-relative advantages,
 `old_logp` from the generating weights) followed by `ppo_epochs * mini_batches` optimizer
-steps, each streamed as one record (DESIGN 2.2): the loss's diagnostics from
+steps, each streamed as one record: the loss's diagnostics from
 `mhpo.diagnostics`, grad-norms (total and per parameter group), the update/weight ratio,
 rewards and group statistics, lr, loss, and whether the step was skipped because its loss
 or grad-norm was not finite. The first mini-batch of a rollout is on-policy (x = 0); later

@@ -1,1 +1,1 @@
-"""Alert rules on scalars and flags, fired alerts, and webhook delivery (DESIGN 3)."""
+"""Alert rules on scalars and flags, fired alerts, and webhook delivery."""

@@ -1,4 +1,4 @@
-"""Flags computed by the service on ingest (DESIGN 2.1): detectors, their parameters, the listener."""
+"""Flags computed by the service on ingest: detectors, their parameters, the listener."""
 
 from server.flags.detectors import DETECTORS, KINDS, Flag, History, detect
 from server.flags.params import DEFAULT_PARAMS, FlagParams

@@ -1,6 +1,6 @@
 """Labelled synthetic streams that look like GRPO-family runs, for the detector tests and bench/detect.py.
 
-Each stream carries the DESIGN 2.2 scalar names with per-run levels drawn at random,
+Each stream carries the product's metric names with per-run levels drawn at random,
 slow trends (entropy decays, rewards rise, the ratio spread widens), AR(1) drift and
 per-step noise (multiplicative log-normal for scale metrics such as the grad-norm), and
 optionally one injected event at a random onset:

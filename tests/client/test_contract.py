@@ -1,4 +1,4 @@
-"""The client's requests match the server's models (DESIGN 3.1, contract C1): the two stay in step."""
+"""The client's requests match the server's models (contract C1 in docs/contracts.md): the two stay in step."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ def per_token_grad(name: str, xs: list[float], adv: float, **hp: float) -> torch
 
 
 def mhpo_reference(x: float, c: float = 1.5, kp: float = 1.5, lp: float = 1.0, kn: float = 2.0, ln: float = 0.8):
-    """(per-token loss with A = 1, M) from the formulas of DESIGN 1.1, in plain math."""
+    """(per-token loss with A = 1, M) from the paper's formulas (arXiv 2603.16929), in plain math."""
     psi = c * math.tanh(x / c)
     softplus = lambda z: math.log1p(math.exp(z))  # noqa: E731
     zeta = (softplus(psi) / lp) ** kp + (softplus(-psi) / ln) ** kn
@@ -114,7 +114,7 @@ def loss_of(name: str, xs: list[float], adv: float, logp: float = -1.0, **kw) ->
 
 
 def test_mhpo_values_at_hand_points() -> None:
-    # r = 1: psi = 0, zeta = ln2^1.5 + (ln2 / 0.8)^2 = 1.3278, exp(-zeta) = 0.2651 (DESIGN 1.1).
+    # r = 1: psi = 0, zeta = ln2^1.5 + (ln2 / 0.8)^2 = 1.3278, exp(-zeta) = 0.2651.
     zeta0 = math.log(2) ** 1.5 + (math.log(2) / 0.8) ** 2
     assert zeta0 == pytest.approx(1.3278, abs=1e-4)
     assert loss_of("mhpo", [0.0], 1.0) == pytest.approx(-math.exp(-zeta0), rel=1e-12)
