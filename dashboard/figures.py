@@ -98,7 +98,7 @@ KEY_LABELS: list[tuple[str, str, str]] = [
     ("train/skipped", "Skipped steps (non-finite loss)", "count"),
     ("train/", "Trainer", "value"),
 ]
-SPARSE_POINTS = 60  # at most this many points: draw markers, every point is visible
+SPARSE_POINTS = 20  # at most this many points: draw markers, every point is visible
 NAN_COLOUR = "rgba(214,39,40,0.35)"
 LIVE_WINDOW_S = 120.0
 COMPARE_DEFAULT_METRICS = ["ratio/std", "hazard/zeta_mean", "grad/norm", "policy/entropy", "reward/mean"]
@@ -341,16 +341,17 @@ def _value_at(s: Mapping[str, list] | None, step: int) -> float | None:
 
 def event_markers(rows: Sequence[Sequence[str]], series: Mapping[str, Mapping[str, list]],
                   events: Sequence[Mapping[str, Any]]) -> list[tuple[list[int], list[float], list[str]]]:
-    """Per row: flag markers on the flagged key at its value (the first key of the first row when the
-    evidence names no key drawn here); a flag with no finite value there keeps only its vertical line."""
+    """Per row: flag markers on the flagged key at its value (on the first key of the first row when the
+    evidence names no key). A flag about a key this chart does not draw, or with no finite value
+    there, keeps only its vertical line."""
     out: list[tuple[list[int], list[float], list[str]]] = [([], [], []) for _ in rows]
     where = {k: r for r, keys in enumerate(rows) for k in keys}
     for e in events:
         if e.get("step") is None or not rows:
             continue
-        key = flag_key(e)
+        key = flag_key(e) or rows[0][0]
         if key not in where:
-            key = rows[0][0]
+            continue
         y = _value_at(series.get(key), e["step"])
         evidence_value = (e.get("evidence") or {}).get("value")
         if y is None and isinstance(evidence_value, (int, float)) and math.isfinite(evidence_value):

@@ -50,8 +50,12 @@ def _x_range(runs: list[dict[str, Any]]) -> list[float]:
 
 
 def metric_figures(client: ApiClient, runs: list[dict[str, Any]], metrics: list[str]) -> list[Any]:
-    fetched = parallel(*[lambda r=r: client.scalars(r["run_id"], metrics, max_points=MAX_POINTS) for r in runs])
-    data = {r["run_id"]: f["series"] for r, f in zip(runs, fetched)}
+    """One chart per metric; ratio and hazard metrics without each run's on-policy steps (as on the run page)."""
+    wanted = list(dict.fromkeys([*metrics, *figures.POLICY_KEYS]))
+    fetched = parallel(*[lambda r=r: client.scalars(r["run_id"], wanted, max_points=MAX_POINTS) for r in runs])
+    filtered = [m for m in metrics if m.startswith(("ratio/", "hazard/"))]
+    data = {r["run_id"]: figures.off_policy_only(f["series"], filtered, figures.on_policy_steps(f["series"]))
+            for r, f in zip(runs, fetched)}
     x_range = _x_range(runs)
     return [dcc.Graph(figure=figures.compare_metric_figure(m, [(r, data[r["run_id"]].get(m)) for r in runs], x_range),
                       className="graph compare-metric") for m in metrics]
