@@ -19,10 +19,12 @@ Conventions shared by every time-series chart:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -105,6 +107,8 @@ COMPARE_DEFAULT_METRICS = ["ratio/std", "hazard/zeta_mean", "grad/norm", "policy
 
 __all__ = [
     "COMPARE_DEFAULT_METRICS",
+    "alert_rows",
+    "condition_text",
     "PANELS",
     "PANEL_TITLES",
     "compare_metric_figure",
@@ -129,11 +133,13 @@ __all__ = [
     "on_policy_steps",
     "panel_rows",
     "row_label",
+    "rule_rows",
     "run_label",
     "run_rows",
     "series_extension",
     "step_histogram_figure",
     "timeseries_figure",
+    "when",
     "wasserstein_by_step",
     "wasserstein_figure",
 ]
@@ -610,6 +616,51 @@ def run_rows(runs: list[dict[str, Any]], now: float | None = None) -> list[dict[
             "open_flags": run.get("open_flags", 0),
         })
     return rows
+
+
+# alerts page --------------------------------------------------------------------------------
+
+def when(t: float | None) -> str:
+    """A unix time as `YYYY-MM-DD HH:MM:SS` (UTC); empty when absent."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S") if t is not None else ""
+
+
+def condition_text(cond: dict[str, Any] | None) -> str:
+    """A rule's condition in words, e.g. `hazard/zeta_p99 > 3 for 5 steps`."""
+    cond = cond or {}
+    kind = cond.get("type")
+    if kind == "threshold":
+        n = cond.get("for_steps") or 1
+        return f"{cond.get('key')} {cond.get('op')} {cond.get('value'):g} for {n} step{'s' if n != 1 else ''}"
+    if kind == "spike":
+        direction = {"up": "upward", "down": "downward", "both": "upward or downward"}.get(cond.get("direction"), "")
+        return f"{cond.get('key')} {direction} spike (robust z > {cond.get('z'):g})"
+    if kind == "flag":
+        flag = "any flag" if cond.get("kind") in (None, "*") else f"flag {cond.get('kind')}"
+        return f"{flag} of severity {cond.get('min_severity', 'info')} or worse"
+    return json.dumps(cond)
+
+
+def _run_link(run_id: str | None, names: dict[str, str]) -> str:
+    if not run_id:
+        return "every run"
+    return f"[{names.get(run_id, run_id[:8])}](/runs/{run_id})"
+
+
+def rule_rows(rules: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
+    """Rule-table rows; `id` travels with each row for the buttons but is not a column."""
+    return [{"id": r.get("id"), "name": r.get("name"), "project": r.get("project"),
+             "run": _run_link(r.get("run_id"), names), "condition": condition_text(r.get("condition")),
+             "severity": r.get("severity"), "cooldown": f"{r.get('cooldown_s') or 0:g} s",
+             "channels": ", ".join(r.get("channels") or []), "enabled": "yes" if r.get("enabled") else "no"}
+            for r in rules]
+
+
+def alert_rows(alerts: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"id": a.get("id"), "time": when(a.get("created_at")), "rule_name": a.get("rule_name"),
+             "run": _run_link(a.get("run_id"), names), "step": a.get("step"), "severity": a.get("severity"),
+             "message": a.get("message"), "acknowledged": when(a.get("acknowledged_at")) or "no",
+             "delivery_status": a.get("delivery_status")} for a in alerts]
 
 
 # comparison --------------------------------------------------------------------------------
