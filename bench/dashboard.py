@@ -9,9 +9,9 @@ rendered with their data). Baseline pages are measured in the same process, on t
 server. Goal: <= 2 s for a 10,000-step run page, for a compare page of three such runs
 and for the run page of the many-key run.
 
-    python bench/dashboard.py [--steps 10000] [--keys 1000] [--repeat 5] [--screenshot docs/run-page.png]
+    python bench/dashboard.py [--steps 10000] [--keys 1000] [--repeat 5] [--screenshot /tmp/run-10k.png]
 
-`--screenshot` also saves the run page of the long MHPO run (the README image).
+`--screenshot` also saves the run page of the long MHPO run.
 """
 
 from __future__ import annotations

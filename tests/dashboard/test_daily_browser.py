@@ -129,6 +129,9 @@ def test_custom_key_added_from_the_explorer_is_drawn_and_kept(server: LiveServer
     assert trace["x"] == list(range(0, STEPS, 10)) and "markers" in trace["mode"]
     _open(page, url, f".custom-graph {PLOT}")  # kept for this run across a reload
     assert page.evaluate(f"() => document.querySelector('.custom-graph {PLOT}').data[0].name") == "eval/accuracy"
+    page.fill("#run-key-search", "eval")
+    page.wait_for_function("() => document.querySelector('#run-key-count').innerText.startsWith('1 matching')")
+    _shot(page, "daily-run")
     page.locator(".remove-chart").click()
     page.wait_for_selector("#run-custom-empty")
 
@@ -144,7 +147,6 @@ def test_nan_steps_are_marked_and_an_isolated_point_is_drawn(server: LiveServer,
     assert sorted(bands) == NAN_STEPS
     titles = page.evaluate(f"() => document.querySelector('.graph-hazard {PLOT}').layout.yaxis.title.text")
     assert "hazard" in titles
-    _shot(page, "daily-run")
 
 
 def test_ratio_and_hazard_charts_switch_between_off_policy_and_all_steps(server: LiveServer, runs: dict[str, str],
@@ -182,6 +184,8 @@ def test_alerts_form_follows_the_condition_type_and_tables_read_well(server: Liv
     while not httpx.get(f"{server.url}/api/v1/alerts").json()["alerts"] and time.monotonic() < deadline:
         time.sleep(0.2)
     _open(page, server.url + "/alerts", "#alerts-create")
+    for field in ("key", "op", "value", "z", "kind"):  # dropdowns render once their code chunk loaded
+        page.wait_for_selector(f"#rule-{field}", state="attached")
 
     def shown() -> dict[str, bool]:
         return {f: page.evaluate("(id) => document.getElementById(id).closest('label').offsetParent !== null",
