@@ -130,7 +130,7 @@ def _empty(rules: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> tuple[s
 
 TABLE_STYLE: dict[str, Any] = {
     "style_cell": {"textAlign": "left", "whiteSpace": "normal", "height": "auto", "fontSize": "0.85em",
-                   "padding": "2px 6px", "fontFamily": "inherit"},
+                   "padding": "2px 6px"},
     "style_table": {"maxWidth": "100%"},
     "markdown_options": {"link_target": "_self"},
 }
