@@ -228,10 +228,24 @@ def _key_list(keys: list[str], query: str) -> list[Any]:
     return out
 
 
-@callback(Output("run-key-list", "children"), Input("run-key-search", "value"), State("run-keys", "data"),
-          prevent_initial_call=True)
+@callback(Output("run-key-list", "children", allow_duplicate=True), Input("run-key-search", "value"),
+          State("run-keys", "data"), prevent_initial_call=True)
 def search_keys(query: str | None, keys: list[str]) -> list[Any]:
     return _key_list(keys or [], query or "")
+
+
+@callback(Output("run-keys", "data"), Output("run-key-list", "children", allow_duplicate=True),
+          Input("run-state", "data"), State("run-keys", "data"), State("run-key-search", "value"),
+          prevent_initial_call=True)
+def new_keys(state: dict[str, Any], known: list[str], query: str | None) -> tuple[Any, Any]:
+    """Keys a live run starts logging join the explorer without a reload."""
+    try:
+        keys = api().keys(state["run_id"]).get("scalars", [])
+    except ApiError:
+        return no_update, no_update
+    if set(keys) == set(known or []):
+        return no_update, no_update
+    return keys, _key_list(keys, query or "")
 
 
 @callback(Output("run-custom-keys", "data"),

@@ -215,3 +215,15 @@ def test_runs_page_says_whether_each_run_is_live(server: LiveServer, runs: dict[
     _open(page, server.url + "/", "#runs-table")
     live = page.locator("#runs-table td[data-dash-column=live]").all_inner_texts()
     assert live and set(live) <= {"yes", "no"}
+
+
+def test_a_key_logged_while_the_page_is_open_joins_the_explorer(server: LiveServer, page: object) -> None:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        run_id = create_run(client, "field", "growing", "mhpo", {})
+        post_records(client, run_id, list(records(0, 3, seed=5)))
+        _open(page, f"{server.url}/runs/{run_id}", "#run-key-count")
+        post_records(client, run_id, [{"step": 3, "time": 1.7e9, "scalars": {"eval/new_metric": 1.0}}])
+    page.wait_for_selector(".key-button:has-text('eval/new_metric')", state="attached", timeout=10_000)
+    page.fill("#run-key-search", "new_metric")
+    page.wait_for_selector("#run-key-count:has-text('1 matching')")
+    assert page.locator(".key-button", has_text="eval/new_metric").is_visible()
