@@ -1,15 +1,17 @@
 """First paint of the dashboard's run and compare pages on long runs, in headless Chromium.
 
 Starts a real `mhpo serve` on a fresh SQLite file, seeds over the HTTP API three runs of
-`--steps` steps (10,000 by default) and three short baseline runs (`--baseline-steps`,
-100), then opens each page `--repeat` times in a fresh browser context and reports the
-time from navigation to every chart drawn (all Plotly graphs of the page rendered with
-their data). Baseline pages are measured in the same process, on the same server.
-Goal: <= 2 s for a 10,000-step run page and for a compare page of three such runs.
+`--steps` steps (10,000 by default), three short baseline runs (`--baseline-steps`, 100)
+and one run that logs `--keys` extra scalar keys (1,000 per-layer grad norms by default)
+for `--keys-steps` steps, then opens each page `--repeat` times in a fresh browser context
+and reports the time from navigation to every chart drawn (all Plotly graphs of the page
+rendered with their data). Baseline pages are measured in the same process, on the same
+server. Goal: <= 2 s for a 10,000-step run page, for a compare page of three such runs
+and for the run page of the many-key run.
 
-    python bench/dashboard.py [--steps 10000] [--repeat 5] [--screenshot docs/run-page.png]
+    python bench/dashboard.py [--steps 10000] [--keys 1000] [--repeat 5] [--screenshot /tmp/run-10k.png]
 
-`--screenshot` also saves the run page of the long MHPO run (the README image).
+`--screenshot` also saves the run page of the long MHPO run.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.dashboard.seeding import seed_run  # noqa: E402
+from tests.dashboard.seeding import create_run, post_records, records, seed_run  # noqa: E402
 from tests.fixtures.server import LiveServer  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update"]
-RUN_PAGE_GRAPHS = 6  # heat-map, step histogram, trust region, hazard, gradients, policy
+RUN_PAGE_GRAPHS = 7  # heat-map, step histogram, trust region, hazard, gradients, policy, training
 GOAL_S = 2.0
 
 
@@ -46,6 +48,24 @@ def seed_three(url: str, steps: int, tag: str) -> list[str]:
                                drift=widening * 1000 / steps, spike_at=spike, batch=500)
                    for i, (loss, config, widening, spike) in enumerate(specs)]
         return [f.result() for f in futures]
+
+
+def seed_many_keys(url: str, keys: int, steps: int) -> str:
+    """A run whose records carry `keys` per-layer grad norms besides the usual diagnostics."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=300) as client:
+        run_id = create_run(client, "bench", f"{keys}-keys", "mhpo", {"lr": 1e-6})
+        batch = []
+        for rec in records(0, steps, seed=9):
+            rec["scalars"].update({f"grad/norm/layer_{i}": 1.0 + i / keys + rec["step"] / steps for i in range(keys)})
+            batch.append(rec)
+            if len(batch) == 20:
+                post_records(client, run_id, batch)
+                batch = []
+        if batch:
+            post_records(client, run_id, batch)
+    return run_id
 
 
 def first_paint(browser: object, url: str, graphs: int) -> tuple[float, float]:
@@ -82,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10_000, help="steps per long run")
     parser.add_argument("--baseline-steps", type=int, default=100, help="steps per baseline run")
+    parser.add_argument("--keys", type=int, default=1_000, help="extra scalar keys of the many-key run")
+    parser.add_argument("--keys-steps", type=int, default=200, help="steps of the many-key run")
     parser.add_argument("--repeat", type=int, default=5, help="timed loads per page (after one warm-up)")
     parser.add_argument("--screenshot", type=Path, help="save the long MHPO run's page here (PNG)")
     args = parser.parse_args(argv)
@@ -92,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         long_runs = seed_three(server.url, args.steps, f"{args.steps}")
         short_runs = seed_three(server.url, args.baseline_steps, f"{args.baseline_steps}")
-        print(f"seeded 3 x {args.steps} + 3 x {args.baseline_steps} steps over HTTP in "
-              f"{time.monotonic() - started:.1f} s")
+        many = seed_many_keys(server.url, args.keys, args.keys_steps)
+        print(f"seeded 3 x {args.steps} + 3 x {args.baseline_steps} steps and {args.keys} keys x "
+              f"{args.keys_steps} steps over HTTP in {time.monotonic() - started:.1f} s")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             rows = []
@@ -102,11 +125,14 @@ def main(argv: list[str] | None = None) -> int:
                                     RUN_PAGE_GRAPHS, args.repeat))
                 compare = f"{server.url}/compare?runs={','.join(ids)}"
                 rows.append(measure(browser, f"compare, 3 x {steps} steps", compare, 5 + 3 + 1, args.repeat))
+            rows.append(measure(browser, f"run page, {args.keys} keys", f"{server.url}/runs/{many}",
+                                RUN_PAGE_GRAPHS, args.repeat))
             if args.screenshot:
                 context = browser.new_context(viewport={"width": 1600, "height": 1100})
                 page = context.new_page()
                 page.goto(f"{server.url}/runs/{long_runs[0]}")
-                page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 6")
+                page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot .main-svg').length"
+                                       f" >= {RUN_PAGE_GRAPHS}")
                 page.wait_for_load_state("networkidle")
                 page.screenshot(path=str(args.screenshot), full_page=False)
                 context.close()

@@ -15,7 +15,26 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ApiClient", "ApiError", "NotAvailable", "parallel"]
+__all__ = ["ApiClient", "ApiError", "NotAvailable", "key_chunks", "parallel"]
+
+# One scalars request carries at most this many keys (the API takes 1,000) and this many
+# characters of them (a long query string is refused before the API sees it).
+MAX_KEYS_PER_REQUEST = 500
+MAX_KEY_CHARS_PER_REQUEST = 6_000
+
+
+def key_chunks(keys: list[str], max_keys: int = MAX_KEYS_PER_REQUEST,
+               max_chars: int = MAX_KEY_CHARS_PER_REQUEST) -> list[list[str]]:
+    """`keys` split, in order, into groups small enough for one request each."""
+    chunks: list[list[str]] = [[]]
+    chars = 0
+    for key in keys:
+        if chunks[-1] and (len(chunks[-1]) >= max_keys or chars + len(key) + 1 > max_chars):
+            chunks.append([])
+            chars = 0
+        chunks[-1].append(key)
+        chars += len(key) + 1
+    return chunks
 
 
 def parallel(*calls: Callable[[], Any]) -> list[Any]:
@@ -109,12 +128,24 @@ class ApiClient:
 
     def scalars(self, run_id: str, keys: Iterable[str], start: int | None = None,
                 end: int | None = None, max_points: int | None = None) -> dict[str, Any]:
-        """`{"downsampled", "series": {key: {"step", "value", "min", "max"}}}`; no keys, no request."""
-        key_list = list(keys)
+        """`{"downsampled", "series": {key: {"step", "value", "min", "max"}}}`; no keys, no request.
+
+        Many keys are read in several requests at once (see `key_chunks`) and merged.
+        """
+        key_list = list(dict.fromkeys(keys))
         if not key_list:
             return {"run_id": run_id, "downsampled": False, "series": {}}
-        params = {"keys": ",".join(key_list), "start": start, "end": end, "max_points": max_points}
-        return self._request("GET", f"/api/v1/runs/{run_id}/scalars", params=params)
+
+        def read(chunk: list[str]) -> dict[str, Any]:
+            params = {"keys": ",".join(chunk), "start": start, "end": end, "max_points": max_points}
+            return self._request("GET", f"/api/v1/runs/{run_id}/scalars", params=params)
+
+        chunks = key_chunks(key_list)
+        if len(chunks) == 1:
+            return read(chunks[0])
+        parts = parallel(*[lambda c=c: read(c) for c in chunks])
+        return {"run_id": run_id, "downsampled": any(p.get("downsampled") for p in parts),
+                "series": {k: v for p in parts for k, v in p["series"].items()}}
 
     def histograms(self, run_id: str, key: str, start: int | None = None, end: int | None = None,
                    max_steps: int | None = None) -> dict[str, Any]:

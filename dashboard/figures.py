@@ -19,9 +19,12 @@ Conventions shared by every time-series chart:
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -29,12 +32,13 @@ import numpy as np
 Figure = dict[str, Any]
 TITLE_FONT = {"size": 14}
 MARGIN = {"l": 50, "r": 10, "t": 40, "b": 30}
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#393b79", "#ad494a"]
 SEVERITY_COLOURS = {"info": "#1f77b4", "warning": "#ff7f0e", "critical": "#d62728"}
 SELECTION_SHAPE = 0
 HEATMAP_LOG_FLOOR = -5.0
 
-# Panels of the run page: rows of scalar keys (DESIGN 2.2); a trailing "*" matches a prefix.
+# Panels of the run page: rows of scalar keys (the README's metric names); a trailing "*" matches a prefix.
 PANELS: dict[str, list[list[str]]] = {
     "trust_region": [
         ["ratio/mean", "ratio/p01", "ratio/p50", "ratio/p99"],
@@ -51,6 +55,12 @@ PANELS: dict[str, list[list[str]]] = {
         ["grad/multiplier_mean", "grad/multiplier_min", "grad/multiplier_max"],
         ["grad/vanish_frac", "grad/update_ratio"],
     ],
+    "training": [
+        ["train/loss"],
+        ["train/lr"],
+        ["train/update_index", "train/rollout"],
+        ["train/skipped", "train/skipped_total"],
+    ],
     "policy": [
         ["policy/entropy"],
         ["policy/kl_k1", "policy/kl_k3"],
@@ -60,12 +70,45 @@ PANELS: dict[str, list[list[str]]] = {
     ],
 }
 PANEL_TITLES = {"trust_region": "Trust region", "hazard": "Hazard", "gradients": "Gradients",
-                "policy": "Policy"}
+                "training": "Training", "policy": "Policy"}
+WILDCARD_CAP = 8  # keys a "*" pattern adds to a default panel; the key explorer reaches the rest
+# Panels whose on-policy steps (log-ratio exactly 0 everywhere) can be hidden.
+POLICY_FILTERED_PANELS = ("trust_region", "hazard")
+POLICY_KEYS = ("train/update_index", "ratio/min", "ratio/max")
+# (key prefix, chart title, y-axis label): the first matching prefix describes a row.
+KEY_LABELS: list[tuple[str, str, str]] = [
+    ("ratio/clip_frac", "Clipped tokens", "fraction of tokens"),
+    ("ratio/frac_", "Tokens far from the old policy", "fraction of tokens"),
+    ("ratio/pos_mass", "Tokens with x > 0", "fraction of tokens"),
+    ("ratio/neg_mass", "Tokens with x < 0", "fraction of tokens"),
+    ("ratio/", "Log-ratio x = log pi/pi_old", "log-ratio x"),
+    ("hazard/survival", "Survival exp(-zeta)", "survival (0..1)"),
+    ("hazard/zeta_pos", "Hazard by side", "hazard zeta"),
+    ("hazard/", "Hazard zeta", "hazard zeta (>= 0)"),
+    ("grad/norm", "Gradient norm", "L2 norm"),
+    ("grad/multiplier", "Gradient multiplier M(x)", "multiplier M(x)"),
+    ("grad/vanish_frac", "Vanishing gradients, update size", "fraction / ratio"),
+    ("grad/", "Gradients", "value"),
+    ("policy/entropy", "Policy entropy", "nats per token"),
+    ("policy/kl", "KL to the old policy", "nats"),
+    ("policy/logp", "Token log-probability", "log-prob (nats)"),
+    ("policy/length", "Response length", "tokens"),
+    ("reward/", "Reward", "reward"),
+    ("train/loss", "Training loss", "loss"),
+    ("train/lr", "Learning rate", "learning rate"),
+    ("train/update_index", "Update within a rollout", "index (0 = on-policy)"),
+    ("train/skipped", "Skipped steps (non-finite loss)", "count"),
+    ("train/", "Trainer", "value"),
+]
+SPARSE_POINTS = 20  # at most this many points: draw markers, every point is visible
+NAN_COLOUR = "rgba(214,39,40,0.35)"
 LIVE_WINDOW_S = 120.0
 COMPARE_DEFAULT_METRICS = ["ratio/std", "hazard/zeta_mean", "grad/norm", "policy/entropy", "reward/mean"]
 
 __all__ = [
     "COMPARE_DEFAULT_METRICS",
+    "alert_rows",
+    "condition_text",
     "PANELS",
     "PANEL_TITLES",
     "compare_metric_figure",
@@ -73,22 +116,30 @@ __all__ = [
     "empty_figure",
     "event_label",
     "event_markers",
+    "flag_key",
     "event_shapes",
     "first_parting_step",
     "flatten_config",
     "heatmap_columns",
     "heatmap_figure",
     "is_live",
+    "key_groups",
     "loss_hparams",
+    "nan_shapes",
     "occupied_bins",
     "occupied_range",
     "outlier_rows",
+    "off_policy_only",
+    "on_policy_steps",
     "panel_rows",
+    "row_label",
+    "rule_rows",
     "run_label",
     "run_rows",
     "series_extension",
     "step_histogram_figure",
     "timeseries_figure",
+    "when",
     "wasserstein_by_step",
     "wasserstein_figure",
 ]
@@ -148,7 +199,7 @@ def panel_rows(panel: str, available: Iterable[str]) -> list[list[str]]:
         keys: list[str] = []
         for pattern in row:
             if pattern.endswith("*"):
-                keys += [k for k in have if k.startswith(pattern[:-1]) and k not in keys]
+                keys += [k for k in have if k.startswith(pattern[:-1]) and k not in keys][:WILDCARD_CAP]
             elif pattern in have and pattern not in keys:
                 keys.append(pattern)
         if keys:
@@ -156,68 +207,201 @@ def panel_rows(panel: str, available: Iterable[str]) -> list[list[str]]:
     return rows
 
 
+def row_label(keys: Sequence[str]) -> tuple[str, str]:
+    """(chart title, y-axis label) of a row of keys: its first key's meaning and unit."""
+    first = keys[0] if keys else ""
+    for prefix, title, unit in KEY_LABELS:
+        if first.startswith(prefix):
+            return title, unit
+    return (first if len(keys) == 1 else f"{first} and {len(keys) - 1} more"), first.rsplit("/", 1)[-1]
+
+
+def _finite_range(series: Mapping[str, Mapping[str, list]], keys: Sequence[str]) -> tuple[float, float] | None:
+    values = [v for k in keys for f in ("value", "min", "max")
+              for v in (series.get(k) or {}).get(f) or [] if v is not None and math.isfinite(v)]
+    return (min(values), max(values)) if values else None
+
+
+def _minimum_range(bounds: tuple[float, float] | None) -> dict[str, Any]:
+    """A near-constant row keeps a readable range around its value instead of zooming into float noise."""
+    if bounds is None:
+        return {}
+    lo, hi = bounds
+    mid = (lo + hi) / 2
+    if hi - lo > 1e-3 * max(abs(mid), 1.0):
+        return {}
+    half = max(0.01 * abs(mid), 0.01)
+    return {"autorangeoptions": {"include": [mid - half, mid + half]}}
+
+
+def _is_sparse(values: Sequence[float | None]) -> bool:
+    """Few points, or a finite point with no finite neighbour: a line alone would not draw it."""
+    if len(values) <= SPARSE_POINTS:
+        return True
+    ok = [v is not None and math.isfinite(v) for v in values]
+    return any(o and (i == 0 or not ok[i - 1]) and (i == len(ok) - 1 or not ok[i + 1]) for i, o in enumerate(ok))
+
+
+def nan_shapes(rows: Sequence[Sequence[str]], series: Mapping[str, Mapping[str, list]]) -> list[dict[str, Any]]:
+    """A red band over each step where a row's key is NaN or infinite (the line has a gap there)."""
+    shapes = []
+    for r, keys in enumerate(rows):
+        steps = sorted({step for k in keys for step, v in zip((series.get(k) or {}).get("step") or [],
+                                                               (series.get(k) or {}).get("value") or [])
+                        if v is None or not math.isfinite(v)})
+        axis = "y" if r == 0 else f"y{r + 1}"
+        shapes += [{"type": "rect", "xref": "x", "yref": f"{axis} domain", "x0": s - 0.5, "x1": s + 0.5, "y0": 0,
+                    "y1": 1, "fillcolor": NAN_COLOUR, "line": {"color": NAN_COLOUR, "width": 1}, "name": "nan"}
+                   for s in steps]
+    return shapes
+
+
 def timeseries_figure(title: str, rows: Sequence[Sequence[str]], series: Mapping[str, Mapping[str, list]],
                       events: Sequence[Mapping[str, Any]] = (), selected_step: int | None = None,
                       downsampled: bool = False) -> tuple[Figure, dict[str, list[int]]]:
     """Stacked rows sharing one step axis; returns the figure and {key: [line, band-lo, band-hi]} trace indices.
 
+    Each row has its own title (its legend group) and y-axis label with the unit; colours
+    differ across the whole chart. `"__events__"` maps to the flag-marker trace of each row.
     The trace map lets the live callback append new points to the right traces with a Patch.
     """
     if not rows:
         return empty_figure(f"{title}: no metrics logged yet"), {}
-    n, gap = len(rows), 0.04
-    height = (1 - gap * (n - 1)) / n
+    n, row_px, gap_px = len(rows), 130, 34
+    plot_px = n * row_px + (n - 1) * gap_px
     data: list[dict[str, Any]] = []
     layout: dict[str, Any] = {}
     trace_map: dict[str, list[int]] = {}
+    colour = 0
     for r, keys in enumerate(rows):
         axis = "y" if r == 0 else f"y{r + 1}"
-        top = 1 - r * (height + gap)
-        layout["yaxis" if r == 0 else f"yaxis{r + 1}"] = {"domain": [max(0.0, top - height), top], "anchor": "x"}
+        top = 1 - r * (row_px + gap_px) / plot_px
+        row_title, unit = row_label(keys)
+        layout["yaxis" if r == 0 else f"yaxis{r + 1}"] = {
+            "domain": [max(0.0, top - row_px / plot_px), top], "anchor": "x", "title": {"text": unit, "font": {"size": 10}},
+            "tickfont": {"size": 10}, "exponentformat": "SI", **_minimum_range(_finite_range(series, keys))}
         for i, key in enumerate(keys):
             s = series.get(key, {"step": [], "value": [], "min": [], "max": []})
-            colour = PALETTE[i % len(PALETTE)]
+            line_colour = PALETTE[colour % len(PALETTE)]
+            colour += 1
             band = []
             if downsampled:
                 data.append({"type": "scatter", "x": list(s["step"]), "y": _finite_or_none(s.get("max", s["value"])),
-                             "yaxis": axis, "mode": "lines", "line": {"width": 0, "color": colour},
+                             "yaxis": axis, "mode": "lines", "line": {"width": 0, "color": line_colour},
                              "hoverinfo": "skip", "showlegend": False, "name": f"{key} max"})
                 data.append({"type": "scatter", "x": list(s["step"]), "y": _finite_or_none(s.get("min", s["value"])),
-                             "yaxis": axis, "mode": "lines", "line": {"width": 0, "color": colour}, "fill": "tonexty",
-                             "opacity": 0.2, "hoverinfo": "skip", "showlegend": False, "name": f"{key} min"})
+                             "yaxis": axis, "mode": "lines", "line": {"width": 0, "color": line_colour},
+                             "fill": "tonexty", "opacity": 0.2, "hoverinfo": "skip", "showlegend": False,
+                             "name": f"{key} min"})
                 band = [len(data) - 1, len(data) - 2]
-            data.append({"type": "scatter", "x": list(s["step"]), "y": _finite_or_none(s["value"]), "yaxis": axis,
-                         "mode": "lines", "name": key, "line": {"color": colour, "width": 1.5},
-                         "legendgroup": f"row{r}"})
+            values = _finite_or_none(s["value"])
+            trace = {"type": "scatter", "x": list(s["step"]), "y": values, "yaxis": axis,
+                     "mode": "lines+markers" if _is_sparse(values) else "lines", "name": key,
+                     "line": {"color": line_colour, "width": 1.5}, "marker": {"size": 5, "color": line_colour},
+                     "legendgroup": f"row{r}",
+                     "hovertemplate": f"step %{{x}}<br>{key} = %{{y:.6g}}<extra></extra>"}
+            if i == 0:
+                trace["legendgrouptitle"] = {"text": row_title, "font": {"size": 11}}
+            data.append(trace)
             trace_map[key] = [len(data) - 1, *band]
-    marker_steps, marker_y, marker_text = event_markers(series.get(rows[0][0]), events)
-    data.append({"type": "scatter", "x": marker_steps, "y": marker_y, "mode": "markers", "name": "flags",
-                 "marker": {"symbol": "x", "size": 10, "color": "#d62728"}, "hovertext": marker_text,
-                 "hoverinfo": "text"})
-    trace_map["__events__"] = [len(data) - 1]
-    layout.update({"title": _title(title), "height": max(220, 150 * n + 60), "margin": MARGIN,
-                   "legend": {"font": {"size": 10}}, "hovermode": "x unified", "uirevision": title,
+    trace_map["__events__"] = []
+    for r, (steps, ys, texts) in enumerate(event_markers(rows, series, events)):
+        data.append({"type": "scatter", "x": steps, "y": ys, "yaxis": "y" if r == 0 else f"y{r + 1}",
+                     "mode": "markers", "name": "flags", "legendgroup": "flags", "showlegend": r == 0,
+                     "marker": {"symbol": "x", "size": 11, "color": "#d62728"}, "hovertext": texts,
+                     "hoverinfo": "text"})
+        trace_map["__events__"].append(len(data) - 1)
+    layout.update({"title": _title(title), "height": plot_px + 80, "margin": {**MARGIN, "l": 70},
+                   "legend": {"font": {"size": 10}, "groupclick": "toggleitem", "tracegroupgap": 12},
+                   "hovermode": "x", "uirevision": title,
                    "xaxis": {"title": {"text": "step"}, "anchor": f"y{n}" if n > 1 else "y"},
-                   "shapes": [_selection_shape(selected_step), *event_shapes(events)]})
+                   "shapes": [_selection_shape(selected_step), *event_shapes(events), *nan_shapes(rows, series)]})
     return {"data": data, "layout": layout}, trace_map
 
 
-def event_markers(first: Mapping[str, list] | None, events: Sequence[Mapping[str, Any]]
-                   ) -> tuple[list[int], list[float | None], list[str]]:
-    """Flag markers sit on the panel's first curve at the flagged step (nearest logged step)."""
-    steps, ys, texts = [], [], []
-    xs = np.asarray(first["step"] if first else [], dtype=float)
-    vals = _finite_or_none(first["value"]) if first else []
+def flag_key(event: Mapping[str, Any]) -> str | None:
+    """The scalar a flag or alert is about, as its evidence names it (None when it names none)."""
+    evidence = event.get("evidence") or {}
+    if isinstance(evidence.get("key"), str):
+        return evidence["key"]
+    for field in ("keys", "signals"):
+        items = evidence.get(field)
+        if isinstance(items, list) and items:
+            first = items[0]
+            name = first.get("key") if isinstance(first, Mapping) else first
+            if isinstance(name, str):
+                return name
+    values = evidence.get("values")
+    if isinstance(values, Mapping) and values:
+        return str(next(iter(values)))
+    return None
+
+
+def _value_at(s: Mapping[str, list] | None, step: int) -> float | None:
+    """The key's value at the logged step nearest `step` (None when nothing finite is there)."""
+    if not s or not s.get("step"):
+        return None
+    xs = np.asarray(s["step"], dtype=float)
+    return _finite_or_none([s["value"][int(np.abs(xs - step).argmin())]])[0]
+
+
+def event_markers(rows: Sequence[Sequence[str]], series: Mapping[str, Mapping[str, list]],
+                  events: Sequence[Mapping[str, Any]]) -> list[tuple[list[int], list[float], list[str]]]:
+    """Per row: flag markers on the flagged key at its value (on the first key of the first row when the
+    evidence names no key). A flag about a key this chart does not draw, or with no finite value
+    there, keeps only its vertical line."""
+    out: list[tuple[list[int], list[float], list[str]]] = [([], [], []) for _ in rows]
+    where = {k: r for r, keys in enumerate(rows) for k in keys}
     for e in events:
-        if e.get("step") is None:
+        if e.get("step") is None or not rows:
             continue
-        y = None
-        if len(xs):
-            y = vals[int(np.abs(xs - e["step"]).argmin())]
+        key = flag_key(e) or rows[0][0]
+        if key not in where:
+            continue
+        y = _value_at(series.get(key), e["step"])
+        evidence_value = (e.get("evidence") or {}).get("value")
+        if y is None and isinstance(evidence_value, (int, float)) and math.isfinite(evidence_value):
+            y = float(evidence_value)
+        if y is None:
+            continue
+        steps, ys, texts = out[where[key]]
         steps.append(e["step"])
-        ys.append(y if y is not None else 0.0)
-        texts.append(event_label(e))
-    return steps, ys, texts
+        ys.append(y)
+        texts.append(f"{event_label(e)}<br>{key} = {y:.6g}")
+    return out
+
+
+def on_policy_steps(series: Mapping[str, Mapping[str, list]]) -> set[int]:
+    """Steps (or downsampled buckets) that are wholly on-policy.
+
+    `train/update_index` 0 marks an on-policy update; without it, a log-ratio exactly 0
+    everywhere (`ratio/min == ratio/max == 0`) does. A bucket counts only when every step in
+    it was on-policy (its min and max are both 0).
+    """
+    def zero(s: Mapping[str, list] | None) -> dict[int, bool]:
+        if not s:
+            return {}
+        lows, highs = s.get("min") or s["value"], s.get("max") or s["value"]
+        return {int(st): lo == 0 and hi == 0 for st, lo, hi in zip(s["step"], lows, highs)}
+
+    index = zero(series.get("train/update_index"))
+    if index:
+        return {st for st, z in index.items() if z}
+    low, high = zero(series.get("ratio/min")), zero(series.get("ratio/max"))
+    return {st for st, z in low.items() if z and high.get(st)}
+
+
+def off_policy_only(series: Mapping[str, Mapping[str, list]], keys: Iterable[str], on_policy: set[int]
+                    ) -> dict[str, Mapping[str, list]]:
+    """`series` with the on-policy steps removed from `keys` (other keys untouched)."""
+    out = dict(series)
+    for key in keys:
+        s = series.get(key)
+        if s is None or not on_policy:
+            continue
+        keep = [i for i, st in enumerate(s["step"]) if st not in on_policy]
+        out[key] = {f: [v[i] for i in keep] for f, v in s.items() if isinstance(v, list)}
+    return out
 
 
 def series_extension(trace_map: Mapping[str, list[int]], series: Mapping[str, Mapping[str, list]]
@@ -304,7 +488,7 @@ def loss_hparams(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The loss hyper-parameters a run logged in its config.
 
     Trainers nest them differently; we accept `hparams`, `loss_hparams` or `loss_kwargs`
-    sub-dicts, else the top-level keys named as in DESIGN 1 (`c`, `eps`, `k_pos`, ...).
+    sub-dicts, else the top-level keys named as in the README's loss table (`c`, `eps`, `k_pos`, ...).
     """
     config = config or {}
     for name in ("loss_hparams", "hparams", "loss_kwargs"):
@@ -428,10 +612,55 @@ def run_rows(runs: list[dict[str, Any]], now: float | None = None) -> list[dict[
             "status": run.get("status"),
             "loss": run.get("loss") or "",
             "last_step": run.get("last_step") if run.get("last_step") is not None else "",
-            "live": "● live" if live else "",
+            "live": "yes" if live else "no",
             "open_flags": run.get("open_flags", 0),
         })
     return rows
+
+
+# alerts page --------------------------------------------------------------------------------
+
+def when(t: float | None) -> str:
+    """A unix time as `YYYY-MM-DD HH:MM:SS` (UTC); empty when absent."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S") if t is not None else ""
+
+
+def condition_text(cond: dict[str, Any] | None) -> str:
+    """A rule's condition in words, e.g. `hazard/zeta_p99 > 3 for 5 steps`."""
+    cond = cond or {}
+    kind = cond.get("type")
+    if kind == "threshold":
+        n = cond.get("for_steps") or 1
+        return f"{cond.get('key')} {cond.get('op')} {cond.get('value'):g} for {n} step{'s' if n != 1 else ''}"
+    if kind == "spike":
+        direction = {"up": "upward", "down": "downward", "both": "upward or downward"}.get(cond.get("direction"), "")
+        return f"{cond.get('key')} {direction} spike (robust z > {cond.get('z'):g})"
+    if kind == "flag":
+        flag = "any flag" if cond.get("kind") in (None, "*") else f"flag {cond.get('kind')}"
+        return f"{flag} of severity {cond.get('min_severity', 'info')} or worse"
+    return json.dumps(cond)
+
+
+def _run_link(run_id: str | None, names: dict[str, str]) -> str:
+    if not run_id:
+        return "every run"
+    return f"[{names.get(run_id, run_id[:8])}](/runs/{run_id})"
+
+
+def rule_rows(rules: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
+    """Rule-table rows; `id` travels with each row for the buttons but is not a column."""
+    return [{"id": r.get("id"), "name": r.get("name"), "project": r.get("project"),
+             "run": _run_link(r.get("run_id"), names), "condition": condition_text(r.get("condition")),
+             "severity": r.get("severity"), "cooldown": f"{r.get('cooldown_s') or 0:g} s",
+             "channels": ", ".join(r.get("channels") or []), "enabled": "yes" if r.get("enabled") else "no"}
+            for r in rules]
+
+
+def alert_rows(alerts: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"id": a.get("id"), "time": when(a.get("created_at")), "rule_name": a.get("rule_name"),
+             "run": _run_link(a.get("run_id"), names), "step": a.get("step"), "severity": a.get("severity"),
+             "message": a.get("message"), "acknowledged": when(a.get("acknowledged_at")) or "no",
+             "delivery_status": a.get("delivery_status")} for a in alerts]
 
 
 # comparison --------------------------------------------------------------------------------
@@ -472,11 +701,17 @@ def run_label(run: Mapping[str, Any]) -> str:
 
 def compare_metric_figure(metric: str, per_run: Sequence[tuple[Mapping[str, Any], Mapping[str, list] | None]],
                           x_range: Sequence[float] | None = None) -> Figure:
-    """One metric, one line per run, on a shared step axis."""
-    data = [{"type": "scatter", "x": list(s["step"]), "y": _finite_or_none(s["value"]), "mode": "lines",
-             "name": run_label(run), "line": {"color": PALETTE[i % len(PALETTE)]}}
+    """One metric, one line per run, on a shared step axis (title and y label say what it measures)."""
+    data = [{"type": "scatter", "x": list(s["step"]), "y": _finite_or_none(s["value"]),
+             "mode": "lines+markers" if _is_sparse(_finite_or_none(s["value"])) else "lines",
+             "marker": {"size": 5}, "name": run_label(run), "line": {"color": PALETTE[i % len(PALETTE)]},
+             "hovertemplate": f"step %{{x}}<br>{metric} = %{{y:.6g}}<extra>{run_label(run)}</extra>"}
             for i, (run, s) in enumerate(per_run) if s and s["step"]]
-    layout: dict[str, Any] = {"title": _title(metric), "height": 260, "margin": MARGIN, "hovermode": "x unified",
+    meaning, unit = row_label([metric])
+    bounds = _finite_range({str(i): s for i, (_, s) in enumerate(per_run) if s}, [str(i) for i in range(len(per_run))])
+    layout: dict[str, Any] = {"title": _title(f"{metric} ({meaning})" if meaning != metric else metric),
+                              "height": 260, "margin": {**MARGIN, "l": 70}, "hovermode": "x",
+                              "yaxis": {"title": {"text": unit}, "exponentformat": "SI", **_minimum_range(bounds)},
                               "xaxis": {"title": {"text": "step"}, **({"range": list(x_range)} if x_range else {})}}
     if not data:
         layout["annotations"] = [{"text": f"no run logged {metric}", "showarrow": False, "xref": "paper",
@@ -503,8 +738,12 @@ def _cdf_at(hist: Mapping[str, Any], col: int, grid: np.ndarray) -> tuple[np.nda
     return left, right
 
 
-def wasserstein_by_step(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[list[int], list[float]]:
-    """W1 distance between two runs' log-ratio distributions at every step both logged.
+def wasserstein_by_step(a: Mapping[str, Any], b: Mapping[str, Any], skip: Iterable[int] = ()
+                        ) -> tuple[list[int], list[float]]:
+    """W1 distance between two runs' log-ratio distributions at every step both logged, except `skip`.
+
+    `skip` holds the steps where either run was on-policy: there both distributions are a
+    point mass at 0, so the distance is 0 whatever the runs do and would hide where they part.
 
     W1 = integral of |F_a - F_b| dx, computed exactly on the union of both bin grids
     (values inside a bin spread uniformly; under/overflow as atoms at the range ends).
@@ -513,10 +752,11 @@ def wasserstein_by_step(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[lis
         return [], []
     grid = np.union1d(np.linspace(a["lo"], a["hi"], a["bins"] + 1), np.linspace(b["lo"], b["hi"], b["bins"] + 1))
     col_b = {s: i for i, s in enumerate(b["step"])}
+    skipped = set(skip)
     steps, dists = [], []
     for i, s in enumerate(a["step"]):
         j = col_b.get(s)
-        if j is None:
+        if j is None or s in skipped:
             continue
         (left_a, right_a), (left_b, right_b) = _cdf_at(a, i, grid), _cdf_at(b, j, grid)
         start, stop = (right_a - right_b)[:-1], (left_a - left_b)[1:]
@@ -563,3 +803,31 @@ def wasserstein_figure(curves: Sequence[tuple[str, list[int], list[float], int |
         "title": _title("Wasserstein-1 distance of log-ratio distributions vs. the first run"), "height": 280,
         "margin": MARGIN, "xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "W1 (log-ratio units)"}},
         "shapes": shapes, "annotations": annotations}}
+
+
+# key explorer -------------------------------------------------------------------------------
+
+def _natural(key: str) -> list[Any]:
+    """Sort key that puts layer_2 before layer_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key.lower())]
+
+
+def key_groups(keys: Iterable[str], query: str = "", limit: int = 100) -> tuple[list[tuple[str, list[str], int]], int]:
+    """Keys matching `query`, grouped by their first path segment: ([(prefix, shown keys, matches in
+    group)], all matches). Keys that start with the query come first, then those that contain it
+    (case-insensitive); at most `limit` are shown so a run with thousands of keys stays light."""
+    q = query.strip().lower()
+    ordered = sorted(set(keys), key=_natural)
+    if q:
+        starts = [k for k in ordered if k.lower().startswith(q)]
+        hits = starts + [k for k in ordered if q in k.lower() and not k.lower().startswith(q)]
+    else:
+        hits = ordered
+    groups: dict[str, tuple[list[str], list[int]]] = {}
+    for i, key in enumerate(hits):
+        prefix = key.split("/", 1)[0] + "/" if "/" in key else "(no prefix)"
+        shown, count = groups.setdefault(prefix, ([], [0]))
+        count[0] += 1
+        if i < limit:
+            shown.append(key)
+    return [(prefix, shown, count[0]) for prefix, (shown, count) in groups.items()], len(hits)

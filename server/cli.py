@@ -1,4 +1,4 @@
-"""`mhpo serve`, `mhpo db upgrade` and `mhpo token create` (dispatched here by mhpo/cli.py)."""
+"""`mhpo serve`, `mhpo db upgrade` and `mhpo token create|list|revoke` (dispatched here by mhpo/cli.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import os
 import sys
+from datetime import UTC, datetime
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,13 @@ def token(argv: Sequence[str]) -> int:
     create.add_argument("--scope", required=True, choices=["write", "read"], help="write (trainers) or read (viewers)")
     _db_arg(create)
     revoke = sub.add_parser("revoke", help="delete a token: the API and dashboard refuse it from the next request")
-    revoke.add_argument("--token-file", required=True,
-                        help="file holding the token to revoke (not an argument: it would show in `ps` and history)")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--token-file",
+                       help="file holding the token to revoke (not an argument: it would show in `ps` and history)")
+    which.add_argument("--id", type=int, help="the token's id as `mhpo token list` shows it")
     _db_arg(revoke)
+    listing = sub.add_parser("list", help="list tokens: id, project, scope, created (UTC), SHA-256 fingerprint")
+    _db_arg(listing)
     args = parser.parse_args(argv)
     from server.schemas import invalid_key
     from server.store import SchemaError, open_store
@@ -134,6 +139,12 @@ def token(argv: Sequence[str]) -> int:
         store.check_schema()
         if args.action == "create":
             print(store.create_token(args.project, args.scope))
+        elif args.action == "list":
+            _print_tokens(store.list_tokens())
+        elif args.id is not None:
+            if not store.revoke_token_id(args.id):
+                print(f"mhpo token: no token has id {args.id}; `mhpo token list` shows the ids", file=sys.stderr)
+                return 1
         elif not store.revoke_token(Path(args.token_file).read_text().strip()):
             print(f"mhpo token: the token in {args.token_file} is not known to this database", file=sys.stderr)
             return 1
@@ -143,6 +154,17 @@ def token(argv: Sequence[str]) -> int:
     finally:
         store.close()
     return 0
+
+
+def _print_tokens(tokens: list[dict[str, Any]]) -> None:
+    """A table; the fingerprint is the start of `printf %s TOKEN | sha256sum`, to tell tokens apart."""
+    if not tokens:
+        print("no tokens; create one with `mhpo token create --project P --scope write|read`")
+        return
+    print(f"{'id':>4}  {'project':<20} {'scope':<6} {'created (UTC)':<20} fingerprint")
+    for t in tokens:
+        created = datetime.fromtimestamp(t["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{t['id']:>4}  {t['project']:<20} {t['scope']:<6} {created:<20} {t['fingerprint']}")
 
 
 def main(command: str, argv: Sequence[str]) -> int:

@@ -3,19 +3,21 @@
 The form mirrors the alert API's rule (`POST /api/v1/alert-rules`): a name, a project, an
 optional run, one condition (`threshold` on a scalar for N steps in a row, robust `spike`
 of a scalar, or a `flag` of a kind at a severity), severity, cooldown and delivery
-channels. The server validates; its 4xx message (which names the field) is shown as is.
-A server without the alert routes (404) gets a notice instead of the page.
+channels. Only the fields of the chosen condition type are shown. The server validates;
+its 4xx message (which names the field) is shown as is. The tables say conditions in words,
+times in UTC and link runs by name. A server without the alert routes (404) gets a notice
+instead of the page.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import dash
 from dash import Input, Output, State, callback, ctx, dash_table, dcc, html, no_update
 
 from dashboard.api import ApiClient, ApiError, NotAvailable
+from dashboard.figures import alert_rows, rule_rows
 from dashboard.app import api
 
 dash.register_page(__name__, path="/alerts", title="Alerts · MHPO Monitor", name="Alerts", order=2)
@@ -24,9 +26,13 @@ FLAG_KINDS = [
     "*", "collapse", "erosion", "entropy_surge", "hazard_spike", "grad_spike", "kl_spike", "non_finite", "on_policy",
 ]
 SEVERITIES = ["info", "warning", "critical"]
-RULE_COLUMNS = ["id", "name", "project", "run_id", "condition", "severity", "cooldown_s", "channels", "enabled"]
-ALERT_COLUMNS = ["id", "created_at", "rule_name", "project", "run_id", "step", "severity", "message",
-                 "acknowledged_at", "delivery_status"]
+RULE_COLUMNS = [("name", "name"), ("project", "project"), ("run", "run"), ("condition", "condition"),
+                ("severity", "severity"), ("cooldown", "cooldown"), ("channels", "channels"), ("enabled", "enabled")]
+ALERT_COLUMNS = [("time", "fired (UTC)"), ("rule_name", "rule"), ("run", "run"), ("step", "step"),
+                 ("severity", "severity"), ("message", "message"), ("acknowledged", "acknowledged (UTC)"),
+                 ("delivery_status", "delivery")]
+# Form groups shown per condition type ("key" is shared by threshold and spike).
+TYPE_GROUPS = {"key": ("threshold", "spike"), "threshold": ("threshold",), "spike": ("spike",), "flag": ("flag",)}
 FORM_FIELDS = ["name", "project", "run_id", "type", "key", "op", "value", "for_steps", "direction", "z",
                "kind", "min_severity", "severity", "cooldown_s", "channels", "webhook_url", "enabled"]
 DEFAULTS: dict[str, Any] = {"name": "", "project": None, "run_id": None, "type": "threshold", "key": "hazard/zeta_p99",
@@ -35,12 +41,8 @@ DEFAULTS: dict[str, Any] = {"name": "", "project": None, "run_id": None, "type":
                             "channels": ["dashboard"], "webhook_url": "", "enabled": ["on"]}
 
 
-def _cell(value: Any) -> Any:
-    return json.dumps(value, default=str) if isinstance(value, (dict, list)) else value
-
-
-def table_rows(items: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
-    return [{c: _cell(item.get(c)) for c in columns} for item in items]
+def _columns(spec: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    return [{"id": c, "name": n, **({"presentation": "markdown"} if c == "run" else {})} for c, n in spec]
 
 
 def rule_body(form: dict[str, Any]) -> dict[str, Any]:
@@ -83,25 +85,56 @@ def _form(projects: list[str], keys: list[str]) -> html.Div:
         _field("run (empty: every run of the project)", dcc.Input(id="rule-run_id", value="", placeholder="run id")),
         _field("condition", dcc.RadioItems(id="rule-type", options=["threshold", "spike", "flag"], value=d["type"],
                                            inline=True)),
-        _field("scalar key", dcc.Dropdown(id="rule-key", options=keys, value=d["key"], clearable=False)),
-        _field("op", dcc.Dropdown(id="rule-op", options=[">", ">=", "<", "<=", "==", "!="], value=d["op"],
-                                  clearable=False)),
-        _field("value", dcc.Input(id="rule-value", type="number", value=d["value"])),
-        _field("for steps in a row", dcc.Input(id="rule-for_steps", type="number", min=1, value=d["for_steps"])),
-        _field("spike direction", dcc.Dropdown(id="rule-direction", options=["up", "down", "both"],
-                                               value=d["direction"], clearable=False)),
-        _field("spike z", dcc.Input(id="rule-z", type="number", value=d["z"])),
-        _field("flag kind", dcc.Dropdown(id="rule-kind", options=FLAG_KINDS, value=d["kind"], clearable=False)),
-        _field("flag min severity", dcc.Dropdown(id="rule-min_severity", options=SEVERITIES,
-                                                 value=d["min_severity"], clearable=False)),
+        html.Div([_field("scalar key", dcc.Dropdown(id="rule-key", options=keys, value=d["key"], clearable=False))],
+                 id="rule-group-key", className="group"),
+        html.Div([
+            _field("op", dcc.Dropdown(id="rule-op", options=[">", ">=", "<", "<=", "==", "!="], value=d["op"],
+                                      clearable=False)),
+            _field("value", dcc.Input(id="rule-value", type="number", value=d["value"])),
+            _field("for steps in a row", dcc.Input(id="rule-for_steps", type="number", min=1, value=d["for_steps"])),
+        ], id="rule-group-threshold", className="group"),
+        html.Div([
+            _field("spike direction", dcc.Dropdown(id="rule-direction", options=["up", "down", "both"],
+                                                   value=d["direction"], clearable=False)),
+            _field("spike z (robust z-score)", dcc.Input(id="rule-z", type="number", value=d["z"])),
+        ], id="rule-group-spike", className="group", style={"display": "none"}),
+        html.Div([
+            _field("flag kind (* = any)", dcc.Dropdown(id="rule-kind", options=FLAG_KINDS, value=d["kind"],
+                                                       clearable=False)),
+            _field("flag min severity", dcc.Dropdown(id="rule-min_severity", options=SEVERITIES,
+                                                     value=d["min_severity"], clearable=False)),
+        ], id="rule-group-flag", className="group", style={"display": "none"}),
         _field("alert severity", dcc.Dropdown(id="rule-severity", options=SEVERITIES, value=d["severity"],
                                               clearable=False)),
         _field("cooldown (s)", dcc.Input(id="rule-cooldown_s", type="number", min=0, value=d["cooldown_s"])),
         _field("channels", dcc.Checklist(id="rule-channels", options=["dashboard", "webhook"], value=d["channels"],
                                          inline=True)),
-        _field("webhook URL", dcc.Input(id="rule-webhook_url", value=d["webhook_url"], placeholder="https://...")),
+        html.Div([_field("webhook URL", dcc.Input(id="rule-webhook_url", value=d["webhook_url"],
+                                                  placeholder="https://..."))],
+                 id="rule-group-webhook", className="group", style={"display": "none"}),
         _field("enabled", dcc.Checklist(id="rule-enabled", options=["on"], value=d["enabled"], inline=True)),
     ], className="form")
+
+
+@callback([Output(f"rule-group-{g}", "style") for g in (*TYPE_GROUPS, "webhook")],
+          Input("rule-type", "value"), Input("rule-channels", "value"))
+def show_fields(kind: str, channels: list[str] | None) -> list[dict[str, str]]:
+    """Only the fields the chosen condition type (and the webhook channel) uses."""
+    shown = [kind in types for types in TYPE_GROUPS.values()] + ["webhook" in (channels or [])]
+    return [{"display": "contents"} if on else {"display": "none"} for on in shown]
+
+
+def _empty(rules: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> tuple[str, str]:
+    return ("no alert rules yet: fill in the form below and press \"create rule\"" if not rules else "",
+            "no alert has fired" if not alerts else "")
+
+
+TABLE_STYLE: dict[str, Any] = {
+    "style_cell": {"textAlign": "left", "whiteSpace": "normal", "height": "auto", "fontSize": "0.85em",
+                   "padding": "2px 6px"},
+    "style_table": {"maxWidth": "100%"},
+    "markdown_options": {"link_target": "_self"},
+}
 
 
 def _load(client: ApiClient) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -121,12 +154,14 @@ def layout(**_: Any) -> Any:
     except ApiError as exc:
         return html.Div([html.H2("Alerts"), html.P(str(exc), className="error")])
     projects = sorted({r["project"] for r in runs})
+    names = {r["run_id"]: r["name"] for r in runs}
     keys = sorted({k for r in runs[:20] for k in client.keys(r["run_id"]).get("scalars", [])} | {DEFAULTS["key"]})
+    no_rules, no_alerts = _empty(rules, alerts)
     return html.Div([
         html.H2("Alert rules"),
-        dash_table.DataTable(id="alerts-rules", data=table_rows(rules, RULE_COLUMNS),
-                             columns=[{"id": c, "name": c} for c in RULE_COLUMNS], row_selectable="single",
-                             selected_rows=[], style_cell={"textAlign": "left"}, page_size=20),
+        html.P(no_rules, id="alerts-rules-empty", className="hint"),
+        dash_table.DataTable(id="alerts-rules", data=rule_rows(rules, names), columns=_columns(RULE_COLUMNS),
+                             row_selectable="single", selected_rows=[], page_size=20, **TABLE_STYLE),
         html.H3("Rule (select a rule above to edit it)"),
         _form(projects, keys),
         html.Div([html.Button("create rule", id="alerts-create", n_clicks=0),
@@ -135,14 +170,14 @@ def layout(**_: Any) -> Any:
                   html.Button("delete rule", id="alerts-delete", n_clicks=0)], className="toolbar"),
         html.P(id="alerts-message", className="message"),
         html.H2("Fired alerts"),
-        dash_table.DataTable(id="alerts-fired", data=table_rows(alerts, ALERT_COLUMNS),
-                             columns=[{"id": c, "name": c} for c in ALERT_COLUMNS], row_selectable="multi",
-                             selected_rows=[], style_cell={"textAlign": "left"}, page_size=20,
-                             style_data_conditional=[{"if": {"filter_query": "{acknowledged_at} is blank"},
-                                                      "fontWeight": "bold"}]),
+        html.P(no_alerts, id="alerts-fired-empty", className="hint"),
+        dash_table.DataTable(id="alerts-fired", data=alert_rows(alerts, names), columns=_columns(ALERT_COLUMNS),
+                             row_selectable="multi", selected_rows=[], page_size=20,
+                             style_data_conditional=[{"if": {"filter_query": '{acknowledged} = "no"'},
+                                                      "fontWeight": "bold"}], **TABLE_STYLE),
         html.Button("acknowledge selected", id="alerts-ack", n_clicks=0),
         dcc.Interval(id="alerts-refresh", interval=10_000),
-    ])
+    ], className="alerts-page")
 
 
 def _selected_id(rows: list[dict[str, Any]], selected: list[int] | None) -> Any:
@@ -167,6 +202,7 @@ def edit_selected(selected: list[int] | None, rows: list[dict[str, Any]]) -> lis
     Output("alerts-rules", "data"), Output("alerts-rules", "selected_rows"),
     Output("alerts-fired", "data"), Output("alerts-fired", "selected_rows"),
     Output("alerts-message", "children"),
+    Output("alerts-rules-empty", "children"), Output("alerts-fired-empty", "children"),
     Input("alerts-create", "n_clicks"), Input("alerts-save", "n_clicks"), Input("alerts-toggle", "n_clicks"),
     Input("alerts-delete", "n_clicks"), Input("alerts-ack", "n_clicks"), Input("alerts-refresh", "n_intervals"),
     [State(f"rule-{f}", "value") for f in FORM_FIELDS],
@@ -180,10 +216,10 @@ def act(*args: Any) -> tuple[Any, ...]:
     Arguments: six click counters, the form fields (FORM_FIELDS order), then the tables' state.
     """
     form = dict(zip(FORM_FIELDS, args[6:6 + len(FORM_FIELDS)]))
-    rule_rows, rule_sel, alert_rows, alert_sel = args[6 + len(FORM_FIELDS):]
+    rule_table, rule_sel, alert_table, alert_sel = args[6 + len(FORM_FIELDS):]
     client = api()
     action = ctx.triggered_id
-    rule_id = _selected_id(rule_rows, rule_sel)
+    rule_id = _selected_id(rule_table, rule_sel)
     message = no_update
     try:
         if action == "alerts-create":
@@ -197,19 +233,20 @@ def act(*args: Any) -> tuple[Any, ...]:
             client.update_alert_rule(rule_id, body)
             message = f"saved rule {rule_id}"
         elif action == "alerts-toggle":
-            enabled = bool(next(r for r in rule_rows if r.get("id") == rule_id).get("enabled"))
+            enabled = next(r for r in rule_table if r.get("id") == rule_id).get("enabled") == "yes"
             client.update_alert_rule(rule_id, {"enabled": not enabled})
             message = f"rule {rule_id} {'disabled' if enabled else 'enabled'}"
         elif action == "alerts-delete":
             client.delete_alert_rule(rule_id)
             message = f"deleted rule {rule_id}"
         elif action == "alerts-ack":
-            ids = [alert_rows[i]["id"] for i in (alert_sel or []) if i < len(alert_rows)]
+            ids = [alert_table[i]["id"] for i in (alert_sel or []) if i < len(alert_table)]
             for alert_id in ids:
                 client.acknowledge_alert(alert_id)
             message = f"acknowledged {len(ids)} alert(s)" if ids else "select fired alerts to acknowledge"
         rules, alerts = _load(client)
+        names = {r["run_id"]: r["name"] for r in client.runs()}
     except ApiError as exc:
-        return no_update, no_update, no_update, no_update, f"refused by the server: {exc}"
+        return no_update, no_update, no_update, no_update, f"refused by the server: {exc}", no_update, no_update
     keep = no_update if action == "alerts-refresh" else []
-    return table_rows(rules, RULE_COLUMNS), keep, table_rows(alerts, ALERT_COLUMNS), keep, message
+    return (rule_rows(rules, names), keep, alert_rows(alerts, names), keep, message, *_empty(rules, alerts))

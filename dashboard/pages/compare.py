@@ -4,7 +4,9 @@ Shows the chosen metrics overlaid, the log-ratio heat-maps side by side, the per
 Wasserstein-1 distance of each run's log-ratio distribution to the first run's (and the
 first step where it exceeds the threshold: where the runs part), and the config keys whose
 values differ. Histograms are fetched with the same step range and bucket budget for every
-run, so the server's bucketing lines up and the distances compare like with like.
+run, so the server's bucketing lines up and the distances compare like with like. Steps
+where either run was on-policy (all log-ratios exactly 0) are left out of the distance: both
+distributions are then the same point mass and the distance says nothing.
 """
 
 from __future__ import annotations
@@ -48,8 +50,12 @@ def _x_range(runs: list[dict[str, Any]]) -> list[float]:
 
 
 def metric_figures(client: ApiClient, runs: list[dict[str, Any]], metrics: list[str]) -> list[Any]:
-    fetched = parallel(*[lambda r=r: client.scalars(r["run_id"], metrics, max_points=MAX_POINTS) for r in runs])
-    data = {r["run_id"]: f["series"] for r, f in zip(runs, fetched)}
+    """One chart per metric; ratio and hazard metrics without each run's on-policy steps (as on the run page)."""
+    wanted = list(dict.fromkeys([*metrics, *figures.POLICY_KEYS]))
+    fetched = parallel(*[lambda r=r: client.scalars(r["run_id"], wanted, max_points=MAX_POINTS) for r in runs])
+    filtered = [m for m in metrics if m.startswith(("ratio/", "hazard/"))]
+    data = {r["run_id"]: figures.off_policy_only(f["series"], filtered, figures.on_policy_steps(f["series"]))
+            for r, f in zip(runs, fetched)}
     x_range = _x_range(runs)
     return [dcc.Graph(figure=figures.compare_metric_figure(m, [(r, data[r["run_id"]].get(m)) for r in runs], x_range),
                       className="graph compare-metric") for m in metrics]
@@ -65,14 +71,26 @@ def _histograms(client: ApiClient, runs: list[dict[str, Any]], keys: list[dict[s
     return {r["run_id"]: h for r, h in zip(runs, fetched)}
 
 
-def distance_figure(hists: dict[str, dict[str, Any] | None], runs: list[dict[str, Any]], threshold: float) -> Any:
+def on_policy(client: ApiClient, runs: list[dict[str, Any]], keys: list[dict[str, list[str]]]) -> dict[str, set[int]]:
+    """Each run's on-policy steps, read with the histograms' step range and budget so buckets line up."""
+    end = max((r.get("last_step") or 0) for r in runs)
+    fetched = parallel(*[lambda r=r, k=k: client.scalars(
+        r["run_id"], [p for p in figures.POLICY_KEYS if p in k.get("scalars", [])], start=0, end=end,
+        max_points=MAX_HEATMAP_STEPS) for r, k in zip(runs, keys)])
+    return {r["run_id"]: figures.on_policy_steps(f["series"]) for r, f in zip(runs, fetched)}
+
+
+def distance_figure(hists: dict[str, dict[str, Any] | None], runs: list[dict[str, Any]], threshold: float,
+                    skip: dict[str, set[int]] | None = None) -> Any:
     ref = hists.get(runs[0]["run_id"])
+    skip = skip or {}
     curves = []
     for run in runs[1:]:
         other = hists.get(run["run_id"])
         if not ref or not other:
             continue
-        steps, dists = figures.wasserstein_by_step(ref, other)
+        steps, dists = figures.wasserstein_by_step(
+            ref, other, skip.get(runs[0]["run_id"], set()) | skip.get(run["run_id"], set()))
         curves.append((figures.run_label(run), steps, dists, figures.first_parting_step(steps, dists, threshold)))
     return figures.wasserstein_figure(curves, threshold), curves
 
@@ -90,12 +108,13 @@ def layout(runs: str | None = None, **_: Any) -> Any:
         return html.Div([html.H2("Compare runs"), picker, html.P(str(exc), className="error")])
     scalar_keys = sorted(set().union(*(k.get("scalars", []) for k in keys)))
     metrics = [m for m in figures.COMPARE_DEFAULT_METRICS if m in scalar_keys] or scalar_keys[:3]
-    hists, metric_graphs = parallel(lambda: _histograms(client, infos, keys),
-                                    lambda: metric_figures(client, infos, metrics))
+    hists, metric_graphs, skip = parallel(lambda: _histograms(client, infos, keys),
+                                          lambda: metric_figures(client, infos, metrics),
+                                          lambda: on_policy(client, infos, keys))
     x_range = _x_range(infos)
     heatmaps = [dcc.Graph(figure=figures.heatmap_figure(hists[r["run_id"]], title=figures.run_label(r), x_range=x_range),
                           className="graph compare-heatmap") for r in infos]
-    dist_fig, curves = distance_figure(hists, infos, DEFAULT_THRESHOLD)
+    dist_fig, curves = distance_figure(hists, infos, DEFAULT_THRESHOLD, skip)
     diff = figures.config_diff(infos)
     columns = [{"id": "key", "name": "config key"}] + [{"id": figures.run_label(r), "name": figures.run_label(r)}
                                                        for r in infos]
@@ -110,9 +129,11 @@ def layout(runs: str | None = None, **_: Any) -> Any:
         html.H3("log-ratio heat-maps"),
         html.Div(heatmaps, className="row side-by-side", style={"gridTemplateColumns": f"repeat({len(infos)}, 1fr)"}),
         html.H3("where the runs part"),
+        html.P("Wasserstein-1 distance between each run's log-ratio distribution and the first run's, per step; "
+               "steps where either run was on-policy are left out.", className="hint"),
         html.Div([html.Label("threshold (W1, log-ratio units) "),
                   dcc.Input(id="compare-threshold", type="number", value=DEFAULT_THRESHOLD, min=0, step=0.005,
-                            debounce=True)], className="toolbar"),
+                            debounce=True, style={"width": "8em"})], className="toolbar"),
         dcc.Graph(id="compare-distance", figure=dist_fig, className="graph"),
         html.Ul(_parting_text(curves), id="compare-parting"),
         html.H3("config differences"),
@@ -145,5 +166,6 @@ def change_threshold(threshold: float | None, ids: list[str]) -> tuple[Any, list
     client = api()
     infos = parallel(*[lambda i=i: client.run(i) for i in ids])
     keys = parallel(*[lambda i=i: client.keys(i) for i in ids])
-    fig, curves = distance_figure(_histograms(client, infos, keys), infos, float(threshold or 0.0))
+    hists, skip = parallel(lambda: _histograms(client, infos, keys), lambda: on_policy(client, infos, keys))
+    fig, curves = distance_figure(hists, infos, float(threshold or 0.0), skip)
     return fig, _parting_text(curves)

@@ -8,6 +8,13 @@ user clicks a point or a flag; "follow latest" returns to it) drives the split h
 the outlier tokens and the dotted marker drawn on every chart. When the run's history was
 rewound (`last_step` moved back) the charts are rebuilt from the server. Rewinds and forks
 are listed under "History", and a fork links its parent.
+
+The ratio and hazard charts show off-policy steps only by default (an on-policy step's
+log-ratio is exactly 0, so its points only make the curves zig-zag). The key explorer adds
+any logged scalar as a chart of its own; the chosen keys are kept per run in the browser's
+local storage. Scalars are read in requests of a few hundred keys (`ApiClient.scalars`),
+and a "*" pattern adds at most `figures.WILDCARD_CAP` keys to a default panel, so a run
+with thousands of keys draws like any other.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ MAX_POINTS = 400  # per series: enough for a ~700-px chart; fewer points draw fa
 MAX_HEATMAP_STEPS = 500
 HEATMAP_KEY = "log_ratio"
 SPLIT_KEYS = ("log_ratio/adv_pos", "log_ratio/adv_neg")
+EXPLORER_LIMIT = 60  # keys listed at once; the search narrows the rest
+POLICY_OPTIONS = [{"label": "off-policy steps only", "value": "off"}, {"label": "all steps", "value": "all"}]
 
 
 def _graph(name: str, figure: Any) -> dcc.Graph:
@@ -36,10 +45,17 @@ def _graph(name: str, figure: Any) -> dcc.Graph:
 
 
 def _panel_data(client: ApiClient, run_id: str, scalar_keys: list[str], start: int | None = None,
-                end: int | None = None) -> tuple[dict[str, list[list[str]]], dict[str, Any]]:
+                end: int | None = None, policy: str = "off") -> tuple[dict[str, list[list[str]]], dict[str, Any]]:
+    """The default panels' rows and series; with `policy == "off"` the ratio and hazard rows lose
+    their on-policy steps."""
     rows = {name: figures.panel_rows(name, scalar_keys) for name in figures.PANELS}
     wanted = sorted({k for panel in rows.values() for row in panel for k in row})
-    return rows, client.scalars(run_id, wanted, start=start, end=end, max_points=MAX_POINTS)
+    indicators = [k for k in figures.POLICY_KEYS if k in scalar_keys and k not in wanted]
+    data = client.scalars(run_id, wanted + indicators, start=start, end=end, max_points=MAX_POINTS)
+    if policy == "off":
+        filtered = [k for name in figures.POLICY_FILTERED_PANELS for row in rows[name] for k in row]
+        data["series"] = figures.off_policy_only(data["series"], filtered, figures.on_policy_steps(data["series"]))
+    return rows, data
 
 
 def _histogram_or_none(client: ApiClient, run_id: str, key: str, have: list[str], **params: Any) -> dict | None:
@@ -101,9 +117,9 @@ def _flag_list(events: list[dict[str, Any]]) -> list[Any]:
         return [html.P("no flags or alerts")]
     items = []
     for e in sorted(events, key=lambda e: (e.get("step") or 0, str(e.get("id")))):
+        kind = e.get("rule_name") if e.get("type") == "alert" else e.get("kind")
         items.append(html.Li([
-            html.Button(f"step {e.get('step')} · {e.get('type', 'flag')} {e.get('kind') or e.get('rule_name', '')} · "
-                        f"{e.get('severity', '')}",
+            html.Button(f"step {e.get('step')} · {e.get('type', 'flag')} {kind or ''} · {e.get('severity', '')}",
                         id={"type": "flag-item", "key": _event_id(e), "step": e.get("step") or 0},
                         className=f"flag-button severity-{e.get('severity', 'warning')}", n_clicks=0),
             html.Span(f" {e.get('detector') or 'alert rule'}: {e.get('message', '')}", className="flag-message"),
@@ -127,11 +143,11 @@ def _summary(run: dict[str, Any]) -> list[Any]:
 
 
 def _charts(client: ApiClient, run: dict[str, Any], keys: dict[str, Any], events: list[dict[str, Any]],
-            selected: int | None) -> tuple[dict[str, Any], dict[str, Any], Any, list[Any]]:
+            selected: int | None, policy: str = "off") -> tuple[dict[str, Any], dict[str, Any], Any, list[Any]]:
     """Every chart of the run drawn from scratch: figures by name, the page state, the step views."""
     run_id, last_step = run["run_id"], run.get("last_step")
     (rows, data), hist, (step_fig, outlier_table) = parallel(
-        lambda: _panel_data(client, run_id, keys.get("scalars", []), end=last_step),
+        lambda: _panel_data(client, run_id, keys.get("scalars", []), end=last_step, policy=policy),
         lambda: _histogram_or_none(client, run_id, HEATMAP_KEY, keys.get("histograms", []),
                                    end=last_step, max_steps=MAX_HEATMAP_STEPS),
         lambda: selected_step_views(client, run, selected, keys.get("histograms", [])))
@@ -142,7 +158,7 @@ def _charts(client: ApiClient, run: dict[str, Any], keys: dict[str, Any], events
                                                                  data["series"], events, selected,
                                                                  data.get("downsampled", False))
     has_heatmap = bool(hist and hist.get("step"))
-    state = {"run_id": run_id, "last_step": last_step, "trace_maps": trace_maps,
+    state = {"run_id": run_id, "last_step": last_step, "trace_maps": trace_maps, "policy": policy,
              "panel_keys": {n: [k for r in p for k in r] for n, p in rows.items()},
              "heatmap": has_heatmap, "heatmap_bins": figures.occupied_bins(hist) if has_heatmap else None,
              "event_ids": [_event_id(e) for e in events]}
@@ -162,23 +178,146 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
     figs, state, step_fig, outlier_table = _charts(client, run, keys, events, last_step)
     graphs = {name: _graph(name, fig) for name, fig in figs.items() if name != "heatmap"}
     live_ms = refresh_interval_ms()
+    scalar_keys = keys.get("scalars", [])
     return html.Div([
         html.Div(_summary(run), id="run-summary", className="summary"),
         html.Div([html.Button("follow latest step", id="run-follow-button", n_clicks=0),
-                  html.Span(f"selected step {last_step}", id="run-selected-label")], className="toolbar"),
+                  html.Span(f"selected step {last_step}", id="run-selected-label"),
+                  html.Span("ratio and hazard charts:", className="hint"),
+                  dcc.RadioItems(id="run-policy-steps", options=POLICY_OPTIONS, value="off", inline=True)],
+                 className="toolbar"),
         dcc.Store(id="run-state", data=state),
         dcc.Store(id="run-selected", data={"step": last_step, "follow": True}),
+        dcc.Store(id="run-keys", data=scalar_keys),
+        dcc.Store(id="run-custom-keys", storage_type="local"),
         dcc.Interval(id="run-live", interval=live_ms, n_intervals=0),
         html.Section([_graph("heatmap", figs["heatmap"]),
                       dcc.Graph(id="run-step-histogram", figure=step_fig, config={"displaylogo": False},
                                 className="graph")], className="row two"),
         html.Section([graphs["trust_region"], graphs["hazard"]], className="row two"),
         html.Section([graphs["gradients"], graphs["policy"]], className="row two"),
+        html.Section([graphs["training"], html.Div([
+            html.H3("Key explorer"),
+            html.P(f"{len(scalar_keys)} scalar keys logged. Search by prefix or any part of the name; "
+                   "click a key to chart it below (kept for this run in this browser).", className="hint"),
+            dcc.Input(id="run-key-search", type="search", placeholder="e.g. eval/ or accuracy", value="",
+                      debounce=0.3, className="key-search"),
+            html.Div(_key_list(scalar_keys, ""), id="run-key-list", className="key-list"),
+        ], className="explorer")], className="row two"),
+        html.Section([html.H3("Custom charts"), html.Div(id="run-custom-charts", className="grid")], className="row"),
         html.Section([html.Div([html.H3("Flags and alerts"), html.Div(_flag_list(events), id="run-flags")]),
                       html.Div([html.H3("Outlier tokens"), html.Div(outlier_table, id="run-outliers")])],
                      className="row two"),
         html.Section([html.H3("History"), html.Div(_history_list(events), id="run-history")], className="row"),
     ], className="run-page")
+
+
+def _key_list(keys: list[str], query: str) -> list[Any]:
+    """The explorer's matches, grouped by prefix; each key is a button that adds its chart."""
+    groups, total = figures.key_groups(keys, query, EXPLORER_LIMIT)
+    if not total:
+        return [html.P(f"no logged key matches {query!r}" if query else "no scalar keys logged yet")]
+    out: list[Any] = [html.P(f"{total} matching keys" + (f", first {EXPLORER_LIMIT} shown: refine the search"
+                                                          if total > EXPLORER_LIMIT else ""), id="run-key-count")]
+    for prefix, shown, count in groups:
+        buttons = [html.Button(k, id={"type": "key-add", "key": k}, n_clicks=0, className="key-button")
+                   for k in shown]
+        more = [html.Span(f" +{count - len(shown)} more", className="hint")] if count > len(shown) else []
+        out.append(html.Details([html.Summary(f"{prefix} ({count})"), *buttons, *more],
+                                open=len(groups) <= 4 or bool(query), className="key-group"))
+    return out
+
+
+@callback(Output("run-key-list", "children", allow_duplicate=True), Input("run-key-search", "value"),
+          State("run-keys", "data"), prevent_initial_call=True)
+def search_keys(query: str | None, keys: list[str]) -> list[Any]:
+    return _key_list(keys or [], query or "")
+
+
+@callback(Output("run-keys", "data"), Output("run-key-list", "children", allow_duplicate=True),
+          Input("run-state", "data"), State("run-keys", "data"), State("run-key-search", "value"),
+          prevent_initial_call=True)
+def new_keys(state: dict[str, Any], known: list[str], query: str | None) -> tuple[Any, Any]:
+    """Keys a live run starts logging join the explorer without a reload."""
+    try:
+        keys = api().keys(state["run_id"]).get("scalars", [])
+    except ApiError:
+        return no_update, no_update
+    if set(keys) == set(known or []):
+        return no_update, no_update
+    return keys, _key_list(keys, query or "")
+
+
+@callback(Output("run-custom-keys", "data"),
+          Input({"type": "key-add", "key": ALL}, "n_clicks"),
+          Input({"type": "key-remove", "key": ALL}, "n_clicks"),
+          State("run-custom-keys", "data"), State("run-state", "data"), prevent_initial_call=True)
+def choose_keys(_add: list[Any], _remove: list[Any], chosen: dict[str, list[str]] | None, state: dict[str, Any]) -> Any:
+    """Adding or removing a custom chart; the list is kept per run id."""
+    trigger = ctx.triggered_id
+    if not isinstance(trigger, dict) or not (ctx.triggered and ctx.triggered[0]["value"]):
+        return no_update
+    chosen = dict(chosen or {})
+    keys = [k for k in chosen.get(state["run_id"], []) if k != trigger["key"]]
+    if trigger["type"] == "key-add":
+        keys.append(trigger["key"])
+    chosen[state["run_id"]] = keys
+    return chosen
+
+
+@callback(Output("run-custom-charts", "children"), Input("run-custom-keys", "data"), Input("run-state", "data"))
+def custom_charts(chosen: dict[str, list[str]] | None, state: dict[str, Any]) -> list[Any]:
+    """One chart per chosen key, redrawn when the run grows (they are small)."""
+    keys = (chosen or {}).get(state["run_id"], [])
+    if not keys:
+        return [html.P("none yet: pick keys in the key explorer above", id="run-custom-empty", className="hint")]
+    client = api()
+    try:
+        data, events = parallel(lambda: client.scalars(state["run_id"], keys, end=state.get("last_step"),
+                                                       max_points=MAX_POINTS),
+                                lambda: client.events(state["run_id"]))
+    except ApiError as exc:
+        return [html.P(str(exc), className="error")]
+    out = []
+    for key in keys:
+        fig, _ = figures.timeseries_figure(key, [[key]], data["series"], events, None, data.get("downsampled", False))
+        out.append(html.Div([
+            html.Button("remove", id={"type": "key-remove", "key": key}, n_clicks=0, className="remove-chart"),
+            dcc.Graph(id={"type": "custom-graph", "key": key}, figure=fig, config={"displaylogo": False},
+                      className="graph custom-graph")], className="custom-chart"))
+    return out
+
+
+@callback(
+    Output({"type": "run-graph", "name": ALL}, "figure", allow_duplicate=True),
+    Output("run-state", "data", allow_duplicate=True),
+    Input("run-policy-steps", "value"),
+    State("run-state", "data"),
+    State("run-selected", "data"),
+    prevent_initial_call=True,
+)
+def switch_policy(policy: str, state: dict[str, Any], selected: dict[str, Any]) -> tuple[Any, ...]:
+    """Redraw the ratio and hazard charts with or without their on-policy steps."""
+    names = _graph_names()
+    client = api()
+    run_id = state["run_id"]
+    try:
+        keys, events = parallel(lambda: client.keys(run_id), lambda: client.events(run_id))
+        rows, data = _panel_data(client, run_id, keys.get("scalars", []), end=state.get("last_step"), policy=policy)
+    except ApiError:
+        return [no_update] * len(names), no_update
+    out = []
+    for name in names:
+        if name not in figures.POLICY_FILTERED_PANELS:
+            out.append(no_update)
+            continue
+        fig, state["trace_maps"][name] = figures.timeseries_figure(
+            figures.PANEL_TITLES[name], rows[name], data["series"], events, selected.get("step"),
+            data.get("downsampled", False))
+        state["panel_keys"][name] = [k for r in rows[name] for k in r]
+        out.append(fig)
+    state["policy"] = policy
+    return out, state
 
 
 def _graph_names() -> list[str]:
@@ -188,22 +327,22 @@ def _graph_names() -> list[str]:
 
 
 def _events_patch(patch: Patch, new_events: list[dict[str, Any]], trace_map: dict[str, list[int]],
-                  series: dict[str, Any]) -> None:
-    """Flag lines for new events, and markers on the panel's first curve (placed as in the full figure)."""
+                  rows: list[list[str]], series: dict[str, Any]) -> None:
+    """Flag lines for new events, and markers on the flagged curves (placed as in the full figure)."""
     patch["layout"]["shapes"].extend(figures.event_shapes(new_events))
-    first_key = next((k for k in trace_map if k != "__events__"), None)
-    if "__events__" not in trace_map or first_key is None:
+    indices = trace_map.get("__events__") or []
+    if len(indices) != len(rows):
         return
-    steps, ys, texts = figures.event_markers(series.get(first_key), new_events)
-    index = trace_map["__events__"][0]
-    patch["data"][index]["x"].extend(steps)
-    patch["data"][index]["y"].extend(ys)
-    patch["data"][index]["hovertext"].extend(texts)
+    for index, (steps, ys, texts) in zip(indices, figures.event_markers(rows, series, new_events)):
+        if steps:
+            patch["data"][index]["x"].extend(steps)
+            patch["data"][index]["y"].extend(ys)
+            patch["data"][index]["hovertext"].extend(texts)
 
 
 @callback(
     Output({"type": "run-graph", "name": ALL}, "figure", allow_duplicate=True),
-    Output("run-state", "data"),
+    Output("run-state", "data", allow_duplicate=True),
     Output("run-flags", "children"),
     Output("run-history", "children"),
     Output("run-summary", "children"),
@@ -225,22 +364,23 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
     last, new_last = state.get("last_step"), run.get("last_step")
     if last is not None and (new_last is None or new_last < last):  # rewound: redraw from the server
         keys, events = parallel(lambda: client.keys(run_id), lambda: client.events(run_id))
-        figs, new_state, _, _ = _charts(client, run, keys, events, new_last)
+        figs, new_state, _, _ = _charts(client, run, keys, events, new_last, state.get("policy", "off"))
         return ([figs[name] for name in names], new_state, _flag_list(events), _history_list(events), _summary(run),
                 {"step": new_last, "follow": True})
     if new_last is None or (last is not None and new_last <= last):
         return [no_update] * len(names), no_update, no_update, no_update, _summary(run), no_update
     start = None if last is None else last + 1
+    policy = state.get("policy", "off")
     keys, events = parallel(lambda: client.keys(run_id), lambda: client.events(run_id))
     seen = set(state["event_ids"])
     new_events = [e for e in events if _event_id(e) not in seen]
     has_heatmap = HEATMAP_KEY in keys.get("histograms", [])
     (rows, data), hist = parallel(
-        lambda: _panel_data(client, run_id, keys.get("scalars", []), start=start, end=new_last),
+        lambda: _panel_data(client, run_id, keys.get("scalars", []), start=start, end=new_last, policy=policy),
         lambda: client.histograms(run_id, HEATMAP_KEY, start=start if state["heatmap"] else None, end=new_last,
                                   max_steps=MAX_HEATMAP_STEPS) if has_heatmap else None)
     grown = [n for n in rows if [k for r in rows[n] for k in r] != state["panel_keys"].get(n)]
-    full = _panel_data(client, run_id, keys.get("scalars", []), end=new_last)[1] if grown else None
+    full = _panel_data(client, run_id, keys.get("scalars", []), end=new_last, policy=policy)[1] if grown else None
     out = []
     for name in names:
         if name == "heatmap":
@@ -256,8 +396,11 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
             for index, (xs, ys) in figures.series_extension(state["trace_maps"][name], data["series"]).items():
                 patch["data"][index]["x"].extend(xs)
                 patch["data"][index]["y"].extend(ys)
+            nan_marks = figures.nan_shapes(rows[name], data["series"])
+            if nan_marks:
+                patch["layout"]["shapes"].extend(nan_marks)
             if new_events:
-                _events_patch(patch, new_events, state["trace_maps"][name], data["series"])
+                _events_patch(patch, new_events, state["trace_maps"][name], rows[name], data["series"])
             out.append(patch)
     state["last_step"] = new_last
     state["event_ids"] = [_event_id(e) for e in events]

@@ -25,7 +25,7 @@ COLUMNS = [
     {"id": "status", "name": "status"},
     {"id": "loss", "name": "loss"},
     {"id": "last_step", "name": "last step"},
-    {"id": "live", "name": "live"},
+    {"id": "live", "name": "live (heard from in 2 min)"},
     {"id": "open_flags", "name": "open flags"},
 ]
 
@@ -49,7 +49,9 @@ def layout(**_: Any) -> Any:
                              markdown_options={"link_target": "_self"}, style_cell={"textAlign": "left"},
                              style_data_conditional=[{"if": {"filter_query": "{open_flags} > 0",
                                                              "column_id": "open_flags"},
-                                                      "color": "#d62728", "fontWeight": "bold"}]),
+                                                      "color": "#d62728", "fontWeight": "bold"},
+                                                     {"if": {"filter_query": '{live} = "yes"', "column_id": "live"},
+                                                      "color": "#2ca02c", "fontWeight": "bold"}]),
         dcc.Interval(id="runs-refresh", interval=REFRESH_MS),
     ])
 

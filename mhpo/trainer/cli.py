@@ -72,19 +72,28 @@ def parse_config(argv: Sequence[str]) -> TrainerConfig:
 
 
 def main(command: str = "train", argv: Sequence[str] | None = None) -> int:
+    from mhpo.client import MHPOClientError
     from mhpo.trainer.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpcore"):  # one INFO line per request would break up the progress bar
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         config = parse_config(sys.argv[2:] if argv is None else argv)
         trainer = Trainer(config)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mhpo {command}: {exc}", file=sys.stderr)
         return 2
+    except MHPOClientError as exc:
+        print(f"mhpo {command}: the server refused the run: {exc}", file=sys.stderr)
+        return 1
     try:
         trainer.train()
         if trainer.run_url:
             print(f"run finished: {trainer.run_url}")
+    except MHPOClientError as exc:
+        print(f"mhpo {command}: the server refused the run: {exc}", file=sys.stderr)
+        return 1
     finally:
         # DDP's reducer holds the process group: free it first, or gloo's destructor can deadlock on the GIL
         del trainer

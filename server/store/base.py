@@ -198,4 +198,13 @@ class Store(abc.ABC):
         """Delete the token (it stops working on the next request); False if it was not known."""
 
     @abc.abstractmethod
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """Every token's id, project, scope, created_at and the first 8 hex digits of its SHA-256
+        (`fingerprint`), oldest first; the tokens themselves are not stored."""
+
+    @abc.abstractmethod
+    def revoke_token_id(self, token_id: int) -> bool:
+        """`revoke_token` by the id `list_tokens` shows; False if no token has it."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...

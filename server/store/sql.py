@@ -831,6 +831,18 @@ class SqlStore(Store):
             deleted = conn.execute(delete(ApiTokenRow).where(ApiTokenRow.token_hash == hash_token(token)))
         return deleted.rowcount > 0
 
+    def list_tokens(self) -> list[dict[str, Any]]:
+        query = select(ApiTokenRow.id, ApiTokenRow.project, ApiTokenRow.scope, ApiTokenRow.created_at,
+                       ApiTokenRow.token_hash).order_by(ApiTokenRow.id)
+        with self._tx() as conn:
+            return [{"id": r.id, "project": r.project, "scope": r.scope, "created_at": r.created_at,
+                     "fingerprint": r.token_hash[:8]} for r in conn.execute(query)]
+
+    def revoke_token_id(self, token_id: int) -> bool:
+        with self._tx(write=True) as conn:
+            deleted = conn.execute(delete(ApiTokenRow).where(ApiTokenRow.id == token_id))
+        return deleted.rowcount > 0
+
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, allow_nan=True, separators=(",", ":"))

@@ -1,7 +1,7 @@
 """Seed a real server over its HTTP API with runs whose records look like a GRPO-family run.
 
 Each step draws per-token log-ratios x and advantages A, and computes from them, with
-numpy, the DESIGN 2.2 statistics the diagnostics module would send: the `log_ratio`
+numpy, the statistics the diagnostics module would send: the `log_ratio`
 histograms (all tokens and split by the sign of A; 64 bins on [-2, 2]), ratio, hazard
 (MHPO's zeta with the paper's defaults), gradient and policy scalars, and the top tokens
 by |x|. `drift` widens the ratio distribution over steps (a run leaving its trust region);

@@ -130,7 +130,7 @@ def test_run_rows_live_only_when_running_and_heard_from_recently() -> None:
             {**base, "run_id": "b", "name": "stale", "status": "running", "last_seen_at": 10.0},
             {**base, "run_id": "c", "name": "done", "status": "finished", "last_seen_at": 999.0}]
     rows = {r["id"]: r for r in figures.run_rows(runs, now=1000.0)}
-    assert rows["a"]["live"] and not rows["b"]["live"] and not rows["c"]["live"]
+    assert rows["a"]["live"] == "yes" and rows["b"]["live"] == "no" and rows["c"]["live"] == "no"
     assert rows["a"]["name"] == "[fresh](/runs/a)"
 
 

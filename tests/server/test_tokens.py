@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import stat
 from pathlib import Path
 
@@ -87,3 +88,19 @@ def test_the_dashboard_secret_is_generated_once_into_the_data_directory(
     assert [p.name for p in secret_file.parent.iterdir()] == ["dashboard-secret"]
     with pytest.raises(ConfigError, match="MHPO_DASHBOARD_SECRET has 5 characters"):
         create_app(Settings(db=migrated_url, auth=True, dashboard_secret="short"), store=store)
+
+
+def test_token_list_shows_ids_and_fingerprints_and_revoke_takes_an_id(migrated_url: str, store: Store,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert mhpo_main(["token", "list", "--db", migrated_url]) == 0
+    assert "no tokens" in capsys.readouterr().out
+    token = store.create_token("alpha", "read")
+    assert mhpo_main(["token", "list", "--db", migrated_url]) == 0
+    out = capsys.readouterr().out
+    listed = store.list_tokens()
+    assert [(t["project"], t["scope"]) for t in listed] == [("alpha", "read")]
+    assert hashlib.sha256(token.encode()).hexdigest()[:8] in out and token not in out
+    assert mhpo_main(["token", "revoke", "--id", str(listed[0]["id"]), "--db", migrated_url]) == 0
+    assert store.resolve_token(token) is None and store.list_tokens() == []
+    assert mhpo_main(["token", "revoke", "--id", str(listed[0]["id"]), "--db", migrated_url]) == 1
+    assert "no token has id" in capsys.readouterr().err
