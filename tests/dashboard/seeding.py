@@ -6,7 +6,7 @@ histograms (all tokens and split by the sign of A; 64 bins on [-2, 2]), ratio, h
 (MHPO's zeta with the paper's defaults), gradient and policy scalars, and the top tokens
 by |x|. `drift` widens the ratio distribution over steps (a run leaving its trust region);
 `spike_at` makes the hazard p99 jump at one step (a `hazard_spike` for the flags).
-Used by the dashboard tests, `bench/dashboard.py` and `docs/make_run_page_image.py`.
+Used by the dashboard tests (which also take the page images in docs/) and `bench/dashboard.py`.
 """
 
 from __future__ import annotations
