@@ -20,12 +20,13 @@ from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError
 from sqlalchemy.exc import DataError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo.integrations.names import product_scalars
 from server.deps import Principal, ReadAccess, StoreDep, WriteAccess
@@ -74,9 +75,11 @@ class MLflowRoute(APIRoute):
                 return await handler(request)
             except MLflowError as e:
                 return error(e.status, e.code, e.message)
-            except HTTPException as e:
+            except StarletteHTTPException as e:  # also FastAPI's own, e.g. a body that is not UTF-8
                 code = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "RESOURCE_DOES_NOT_EXIST"}
-                return error(e.status_code, code.get(e.status_code, "INVALID_PARAMETER_VALUE"), str(e.detail))
+                response = error(e.status_code, code.get(e.status_code, "INVALID_PARAMETER_VALUE"), str(e.detail))
+                response.headers.update(e.headers or {})
+                return response
             except (RequestValidationError, ValidationError) as e:
                 return error(400, "INVALID_PARAMETER_VALUE", invalid(list(e.errors())))
             except Invalid as e:
@@ -337,5 +340,13 @@ def get_metric_history(store: StoreDep, principal: ReadAccess, metric_key: Annot
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PATCH", "DELETE", "PUT"], include_in_schema=False)
-def unknown(path: str) -> JSONResponse:
-    return error(404, "ENDPOINT_NOT_FOUND", f"MHPO Monitor does not implement the MLflow endpoint /api/2.0/mlflow/{path}")
+def unknown(path: str, request: Request) -> JSONResponse:
+    """404 for an endpoint not implemented; 405 (with Allow) for one implemented under another method."""
+    full = f"{router.prefix}/{path}"
+    allowed = sorted({m for r in router.routes if isinstance(r, APIRoute) and r.include_in_schema and r.path == full
+                      for m in r.methods})
+    if allowed:
+        response = error(405, "ENDPOINT_NOT_FOUND", f"{full} takes {', '.join(allowed)}, not {request.method}")
+        response.headers["Allow"] = ", ".join(allowed)
+        return response
+    return error(404, "ENDPOINT_NOT_FOUND", f"MHPO Monitor does not implement the MLflow endpoint {full}")
