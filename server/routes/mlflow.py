@@ -18,18 +18,20 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError
+from sqlalchemy.exc import DataError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo.integrations.names import product_scalars
 from server.deps import Principal, ReadAccess, StoreDep, WriteAccess
 from server.routes.records import RUN_LOCKS
-from server.schemas import RecordIn, RunCreate
+from server.schemas import MAX_STEP, Key, Name, RecordIn, RunCreate, Text, clean_config, unstorable
 from server.schemas import Run as RunOut
 from server.store import Conflict, Invalid, NotFound, Store
 
@@ -48,7 +50,18 @@ class MLflowError(Exception):
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error_code": code, "message": message}, status_code=status)
+    # A lone surrogate echoed from the request has no UTF-8 encoding: escape it rather than fail.
+    text = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error_code": code, "message": text}, status_code=status)
+
+
+def invalid(errors: list[Any]) -> str:
+    """Each bad field by its path and why (never the value: it may be text that cannot be encoded)."""
+    parts = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query")]
+        parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', '')}")
+    return "; ".join(parts)
 
 
 class MLflowRoute(APIRoute):
@@ -62,11 +75,17 @@ class MLflowRoute(APIRoute):
                 return await handler(request)
             except MLflowError as e:
                 return error(e.status, e.code, e.message)
-            except HTTPException as e:
+            except StarletteHTTPException as e:  # also FastAPI's own, e.g. a body that is not UTF-8
                 code = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "RESOURCE_DOES_NOT_EXIST"}
-                return error(e.status_code, code.get(e.status_code, "INVALID_PARAMETER_VALUE"), str(e.detail))
-            except (RequestValidationError, ValidationError, Invalid) as e:
-                return error(400, "INVALID_PARAMETER_VALUE", str(e))
+                response = error(e.status_code, code.get(e.status_code, "INVALID_PARAMETER_VALUE"), str(e.detail))
+                response.headers.update(e.headers or {})
+                return response
+            except (RequestValidationError, ValidationError) as e:
+                return error(400, "INVALID_PARAMETER_VALUE", invalid(list(e.errors())))
+            except Invalid as e:
+                return error(400, "INVALID_PARAMETER_VALUE", f"{'.'.join(map(str, e.loc))}: {e.message}")
+            except DataError as e:
+                return error(400, "INVALID_PARAMETER_VALUE", f"a value cannot be stored by the database: {e.orig}")
             except NotFound as e:
                 return error(404, "RESOURCE_DOES_NOT_EXIST", str(e))
             except Conflict as e:
@@ -75,7 +94,37 @@ class MLflowRoute(APIRoute):
         return route
 
 
-router = APIRouter(prefix="/api/2.0/mlflow", tags=["mlflow"], route_class=MLflowRoute)
+class MLflowErrorOut(BaseModel):
+    """MLflow's error shape; `message` names the field for INVALID_PARAMETER_VALUE."""
+
+    error_code: str
+    message: str
+
+
+MLFLOW_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": MLflowErrorOut, "description": "INVALID_PARAMETER_VALUE (names the field) or RESOURCE_ALREADY_EXISTS"},
+    401: {"model": MLflowErrorOut, "description": "UNAUTHENTICATED: auth is on and the token is missing or unknown"},
+    403: {"model": MLflowErrorOut, "description": "PERMISSION_DENIED: the token's scope or project does not allow this"},
+    404: {"model": MLflowErrorOut, "description": "RESOURCE_DOES_NOT_EXIST: no such run or experiment"},
+}
+router = APIRouter(prefix="/api/2.0/mlflow", tags=["mlflow"], route_class=MLflowRoute, responses=MLFLOW_ERRORS)
+
+# What the mlflow client sends: int64 fields as JSON numbers (older clients: strings of
+# digits, protobuf's JSON form), doubles as numbers or "NaN" / "Infinity" / "-Infinity".
+Digits = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,15}$")]
+MStep = Annotated[Annotated[int, Strict(), Field(ge=0, le=MAX_STEP)] | Digits, AfterValidator(int)]
+Millis = Annotated[Annotated[int, Strict(), Field(ge=0, le=2**53)] | Digits, AfterValidator(int)]
+Double = Annotated[Annotated[float, Strict()] | Literal["NaN", "Infinity", "-Infinity"], AfterValidator(float)]
+
+
+def _storable(value: str) -> str:
+    reason = unstorable(value)
+    if reason is not None:
+        raise ValueError(reason)
+    return value
+
+
+ParamKey = Annotated[str, StringConstraints(min_length=1, max_length=250), AfterValidator(_storable)]
 
 
 class _Body(BaseModel):
@@ -83,25 +132,25 @@ class _Body(BaseModel):
 
 
 class KeyValue(_Body):
-    key: str
-    value: str | None = None
+    key: ParamKey
+    value: Text | None = None
 
 
 class Metric(_Body):
-    key: str
-    value: float | str
-    timestamp: int | None = None
-    step: int = 0
+    key: Key
+    value: Double
+    timestamp: Millis | None = None
+    step: MStep = 0
 
 
 class ExperimentCreate(_Body):
-    name: str
+    name: Name
 
 
 class RunCreateBody(_Body):
-    experiment_id: str = DEFAULT_EXPERIMENT[0]
-    run_name: str | None = None
-    start_time: int | None = None
+    experiment_id: Name = DEFAULT_EXPERIMENT[0]
+    run_name: Name | None = None
+    start_time: Millis | None = None
     tags: list[KeyValue] = []
 
 
@@ -109,8 +158,8 @@ class RunUpdate(_Body):
     run_id: str | None = None
     run_uuid: str | None = None
     status: str | None = None
-    end_time: int | None = None
-    run_name: str | None = None
+    end_time: Millis | None = None
+    run_name: Name | None = None
 
 
 class LogBatch(_Body):
@@ -165,18 +214,20 @@ def run_for(store: Store, principal: Principal, run_id: str) -> RunOut:
     return run
 
 
-def write_metrics(request: Request, store: Store, run_id: str, metrics: list[Metric]) -> None:
-    """One record per MLflow step (product keys added), stored and passed to the ingest listeners."""
+def as_records(metrics: list[Metric]) -> list[RecordIn]:
+    """One record per MLflow step, product keys added; built before anything is stored."""
     by_step: dict[int, dict[str, float]] = defaultdict(dict)
     times: dict[int, float] = {}
     for m in metrics:
-        if m.step < 0:
-            raise MLflowError(400, "INVALID_PARAMETER_VALUE", f"metric {m.key!r}: step={m.step} must be >= 0")
-        by_step[m.step][m.key] = float(m.value)
+        by_step[m.step][m.key] = m.value
         if m.timestamp is not None:
             times[m.step] = max(times.get(m.step, 0.0), m.timestamp / 1000.0)
-    records = [RecordIn(step=step, time=times.get(step, time.time()), scalars=product_scalars(values))
-               for step, values in sorted(by_step.items())]
+    return [RecordIn(step=step, time=times.get(step, time.time()), scalars=product_scalars(values))
+            for step, values in sorted(by_step.items())]
+
+
+def write_metrics(request: Request, store: Store, run_id: str, records: list[RecordIn]) -> None:
+    """Store the records and pass them to the ingest listeners."""
     if not records:
         return
     with RUN_LOCKS[uuid.UUID(run_id).int % len(RUN_LOCKS)]:
@@ -189,16 +240,17 @@ def write_metrics(request: Request, store: Store, run_id: str, metrics: list[Met
 
 
 def merge(store: Store, run: RunOut, params: list[KeyValue], tags: list[KeyValue]) -> None:
+    """Params and tags into the run's config, secrets redacted as in a run's config."""
     values: dict[str, Any] = {p.key: p.value for p in params}
     if tags:
         values[TAGS] = {**((run.config or {}).get(TAGS) or {}), **{t.key: t.value for t in tags}}
     if values:
-        store.merge_config(run.run_id, values)
+        store.merge_config(run.run_id, clean_config(values))
 
 
 @router.get("/experiments/get-by-name")
 def get_experiment_by_name(store: StoreDep, principal: ReadAccess,
-                           experiment_name: Annotated[str, Query()]) -> dict[str, Any]:
+                           experiment_name: Annotated[Name, Query()]) -> dict[str, Any]:
     principal.check_project(experiment_name)
     for project in store.list_projects():
         if project.name == experiment_name:
@@ -207,7 +259,7 @@ def get_experiment_by_name(store: StoreDep, principal: ReadAccess,
 
 
 @router.get("/experiments/get")
-def get_experiment(principal: ReadAccess, experiment_id: Annotated[str, Query()]) -> dict[str, Any]:
+def get_experiment(principal: ReadAccess, experiment_id: Annotated[Name, Query()]) -> dict[str, Any]:
     name = project_of(experiment_id)
     principal.check_project(name)
     return {"experiment": experiment(name)}
@@ -249,15 +301,16 @@ def get_run(store: StoreDep, principal: ReadAccess, run_id: Annotated[str | None
 @router.post("/runs/log-batch")
 def log_batch(body: LogBatch, request: Request, store: StoreDep, principal: WriteAccess) -> dict[str, Any]:
     run = run_for(store, principal, body.run_id)
+    records = as_records(body.metrics)
     merge(store, run, body.params, body.tags)
-    write_metrics(request, store, run.run_id, body.metrics)
+    write_metrics(request, store, run.run_id, records)
     return {}
 
 
 @router.post("/runs/log-metric")
 def log_metric(body: LogMetric, request: Request, store: StoreDep, principal: WriteAccess) -> dict[str, Any]:
     run = run_for(store, principal, body.run_id)
-    write_metrics(request, store, run.run_id, [body])
+    write_metrics(request, store, run.run_id, as_records([body]))
     return {}
 
 
@@ -274,7 +327,7 @@ def set_tag(body: LogParam, store: StoreDep, principal: WriteAccess) -> dict[str
 
 
 @router.get("/metrics/get-history")
-def get_metric_history(store: StoreDep, principal: ReadAccess, metric_key: Annotated[str, Query()],
+def get_metric_history(store: StoreDep, principal: ReadAccess, metric_key: Annotated[Key, Query()],
                        run_id: Annotated[str | None, Query()] = None,
                        run_uuid: Annotated[str | None, Query()] = None) -> dict[str, Any]:
     run = run_for(store, principal, run_id or run_uuid or "")
@@ -287,5 +340,13 @@ def get_metric_history(store: StoreDep, principal: ReadAccess, metric_key: Annot
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PATCH", "DELETE", "PUT"], include_in_schema=False)
-def unknown(path: str) -> JSONResponse:
-    return error(404, "ENDPOINT_NOT_FOUND", f"MHPO Monitor does not implement the MLflow endpoint /api/2.0/mlflow/{path}")
+def unknown(path: str, request: Request) -> JSONResponse:
+    """404 for an endpoint not implemented; 405 (with Allow) for one implemented under another method."""
+    full = f"{router.prefix}/{path}"
+    allowed = sorted({m for r in router.routes if isinstance(r, APIRoute) and r.include_in_schema and r.path == full
+                      for m in r.methods})
+    if allowed:
+        response = error(405, "ENDPOINT_NOT_FOUND", f"{full} takes {', '.join(allowed)}, not {request.method}")
+        response.headers["Allow"] = ", ".join(allowed)
+        return response
+    return error(404, "ENDPOINT_NOT_FOUND", f"MHPO Monitor does not implement the MLflow endpoint {full}")

@@ -23,6 +23,7 @@ from server.store import open_store
 
 CALLERS = ("auth off", "no token", "bad token", "read A", "write A", "read B", "write B")
 PUBLIC, LIST, READ, WRITE = "public", "list", "read", "write"  # list: any token, filtered to its project
+MLFLOW = "/api/2.0/mlflow"
 RULE = {"name": "hot", "project": "A", "condition": {"type": "threshold", "key": "a", "op": ">", "value": 0.5},
         "channels": ["dashboard", "webhook"], "webhook_url": "https://hooks.example.com/services/SECRET"}
 
@@ -87,6 +88,30 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Request]] = {
     ("GET", "/api/v1/projects/{project}/flag-params"): (READ, lambda w: ("GET", "/api/v1/projects/A/flag-params", {})),
     ("PUT", "/api/v1/projects/{project}/flag-params"): (
         WRITE, lambda w: ("PUT", "/api/v1/projects/A/flag-params", {"json": {}})),
+    # MLflow's tracking API: an experiment is a project, so A's experiment and A's run.
+    ("GET", f"{MLFLOW}/experiments/get-by-name"): (
+        READ, lambda w: ("GET", f"{MLFLOW}/experiments/get-by-name", {"params": {"experiment_name": "A"}})),
+    ("GET", f"{MLFLOW}/experiments/get"): (
+        READ, lambda w: ("GET", f"{MLFLOW}/experiments/get", {"params": {"experiment_id": "A"}})),
+    ("POST", f"{MLFLOW}/experiments/create"): (
+        WRITE, lambda w: ("POST", f"{MLFLOW}/experiments/create", {"json": {"name": "A"}})),
+    ("POST", f"{MLFLOW}/runs/create"): (
+        WRITE, lambda w: ("POST", f"{MLFLOW}/runs/create", {"json": {"experiment_id": "A", "run_name": "mlflow"}})),
+    ("POST", f"{MLFLOW}/runs/update"): (
+        WRITE, lambda w: ("POST", f"{MLFLOW}/runs/update", {"json": {"run_id": w.run_id, "status": "RUNNING"}})),
+    ("GET", f"{MLFLOW}/runs/get"): (READ, lambda w: ("GET", f"{MLFLOW}/runs/get", {"params": {"run_id": w.run_id}})),
+    ("POST", f"{MLFLOW}/runs/log-batch"): (WRITE, lambda w: (
+        "POST", f"{MLFLOW}/runs/log-batch",
+        {"json": {"run_id": w.run_id, "metrics": [{"key": "m", "value": 1.0, "step": 102}],
+                  "params": [{"key": "lr", "value": "0.1"}], "tags": [{"key": "t", "value": "x"}]}})),
+    ("POST", f"{MLFLOW}/runs/log-metric"): (WRITE, lambda w: (
+        "POST", f"{MLFLOW}/runs/log-metric", {"json": {"run_id": w.run_id, "key": "m", "value": 2.0, "step": 101}})),
+    ("POST", f"{MLFLOW}/runs/log-parameter"): (WRITE, lambda w: (
+        "POST", f"{MLFLOW}/runs/log-parameter", {"json": {"run_id": w.run_id, "key": "bs", "value": "8"}})),
+    ("POST", f"{MLFLOW}/runs/set-tag"): (WRITE, lambda w: (
+        "POST", f"{MLFLOW}/runs/set-tag", {"json": {"run_id": w.run_id, "key": "team", "value": "rl"}})),
+    ("GET", f"{MLFLOW}/metrics/get-history"): (READ, lambda w: (
+        "GET", f"{MLFLOW}/metrics/get-history", {"params": {"run_id": w.run_id, "metric_key": "a"}})),
 }
 
 
