@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.dashboard.seeding import post_records, records, seed_run
+from tests.dashboard.browsing import PLOT, open_page, screenshot
 from tests.fixtures.server import LiveServer
 
 pytestmark = pytest.mark.browser
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "dashboard"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update"]
 STEPS = 120
 SPIKE_AT = 90
-PLOT = ".js-plotly-plot"
 
 
 @pytest.fixture(scope="module")
@@ -45,47 +41,13 @@ def runs(server: LiveServer) -> dict[str, str]:
     return {"mhpo": mhpo_id, "grpo": grpo_id}
 
 
-@pytest.fixture(scope="module")
-def browser(chromium_path: str) -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: object) -> Iterator[object]:
-    """A fresh page; the test fails if the browser logged an error or the page threw."""
-    context = browser.new_context(viewport={"width": 1600, "height": 1100})
-    tab = context.new_page()
-    problems: list[str] = []
-    tab.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    tab.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    yield tab
-    context.close()
-    assert not problems, "\n".join(problems)
-
-
-def _open(page: object, url: str, ready: str) -> None:
-    page.goto(url)
-    page.wait_for_selector(ready, timeout=30_000)
-    page.wait_for_load_state("networkidle")
-
-
-def _shot(page: object, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
 def _trace_lengths(page: object, graph: str) -> list[int]:
     return page.evaluate(
         "(sel) => document.querySelector(sel).data.map(t => (t.x || []).length)", f".graph-{graph} {PLOT}")
 
 
 def test_runs_page_lists_runs_and_builds_a_compare_link(server: LiveServer, runs: dict[str, str], page: object) -> None:
-    _open(page, server.url + "/", "#runs-table")
+    open_page(page, server.url + "/", "#runs-table")
     text = page.inner_text("#runs-table")
     assert "mhpo-baseline" in text and "grpo-baseline" in text and str(STEPS - 1) in text
     page.locator("#runs-table input[type=checkbox]").nth(0).check()
@@ -93,11 +55,11 @@ def test_runs_page_lists_runs_and_builds_a_compare_link(server: LiveServer, runs
     page.wait_for_function("() => document.querySelector('#runs-compare-link').href.includes('runs=')")
     href = page.get_attribute("#runs-compare-link", "href")
     assert runs["mhpo"] in href and runs["grpo"] in href
-    _shot(page, "runs")
+    screenshot(page, "runs")
 
 
 def test_run_page_shows_heatmap_panels_flags_and_outliers(server: LiveServer, runs: dict[str, str], page: object) -> None:
-    _open(page, f"{server.url}/runs/{runs['mhpo']}", f".graph-heatmap {PLOT}")
+    open_page(page, f"{server.url}/runs/{runs['mhpo']}", f".graph-heatmap {PLOT}")
     heatmap = page.evaluate(f"() => document.querySelector('.graph-heatmap {PLOT}').data[0]")
     assert heatmap["type"] == "heatmap" and len(heatmap["x"]) == STEPS and len(heatmap["z"]) == STEPS
     for panel, key in [("trust_region", "ratio/mean"), ("hazard", "hazard/zeta_p99"),
@@ -108,11 +70,11 @@ def test_run_page_shows_heatmap_panels_flags_and_outliers(server: LiveServer, ru
     assert {"tokens A>0", "tokens A<0", "M(x) mhpo A>0", "M(x) mhpo A<0"} <= set(step_names)
     assert "hazard_spike" in page.inner_text("#run-flags")
     assert "tok" in page.inner_text("#run-outliers")
-    _shot(page, "run")
+    screenshot(page, "run")
 
 
 def test_clicking_a_flag_selects_its_step_everywhere(server: LiveServer, runs: dict[str, str], page: object) -> None:
-    _open(page, f"{server.url}/runs/{runs['mhpo']}", ".flag-button")
+    open_page(page, f"{server.url}/runs/{runs['mhpo']}", ".flag-button")
     page.locator(".flag-button", has_text="hazard_spike").first.click()
     page.wait_for_function(
         f"(s) => document.querySelector('#run-step-histogram {PLOT}').layout.title.text.startsWith('step ' + s + ':')",
@@ -129,7 +91,7 @@ def test_run_page_loads_plotly_once_from_the_cartesian_bundle_and_points_select_
     bundle is never fetched, every chart draws, and clicking a point still selects its step."""
     scripts: list[str] = []
     page.on("request", lambda r: scripts.append(r.url) if "plotly" in r.url and ".js" in r.url else None)
-    _open(page, f"{server.url}/runs/{runs['mhpo']}", f".graph-policy {PLOT} .main-svg")
+    open_page(page, f"{server.url}/runs/{runs['mhpo']}", f".graph-policy {PLOT} .main-svg")
     page.wait_for_function(f"() => [...document.querySelectorAll('{PLOT}')].every(p => p._fullLayout)")
     assert len(scripts) == 1 and "plotly-cartesian-" in scripts[0], scripts
     assert f"selected step {STEPS - 1}" in page.inner_text("#run-selected-label")
@@ -150,7 +112,7 @@ def test_run_page_loads_plotly_once_from_the_cartesian_bundle_and_points_select_
 
 def test_records_posted_while_open_appear_without_reload_within_2s(server: LiveServer, page: object) -> None:
     run_id = seed_run(server.url, "live", "live-run", "mhpo", {"lr": 1e-6}, 20, seed=3)
-    _open(page, f"{server.url}/runs/{run_id}", f".graph-heatmap {PLOT}")
+    open_page(page, f"{server.url}/runs/{run_id}", f".graph-heatmap {PLOT}")
     assert _trace_lengths(page, "heatmap") == [20]
     hazard_before = _trace_lengths(page, "hazard")[0]
     with httpx.Client(base_url=server.url) as client:
@@ -166,7 +128,7 @@ def test_records_posted_while_open_appear_without_reload_within_2s(server: LiveS
 
 def test_compare_page_shows_both_runs_and_their_config_difference(server: LiveServer, runs: dict[str, str],
                                                                    page: object) -> None:
-    _open(page, f"{server.url}/compare?runs={runs['mhpo']},{runs['grpo']}", f".compare-heatmap {PLOT}")
+    open_page(page, f"{server.url}/compare?runs={runs['mhpo']},{runs['grpo']}", f".compare-heatmap {PLOT}")
     page.wait_for_function(f"() => document.querySelectorAll('.compare-heatmap {PLOT}').length === 2")
     names = page.evaluate(f"() => document.querySelector('.compare-metric {PLOT}').data.map(t => t.name)")
     assert any("mhpo-baseline" in n for n in names) and any("grpo-baseline" in n for n in names)
@@ -174,12 +136,12 @@ def test_compare_page_shows_both_runs_and_their_config_difference(server: LiveSe
     assert "lr" in config and "hparams.eps" in config and "loss" in config
     assert "seed" not in config and "group_size" not in config
     assert "parts from the first run at step" in page.inner_text("#compare-parting")
-    _shot(page, "compare")
+    screenshot(page, "compare")
 
 
 def test_alerts_page_creates_a_rule_that_the_api_returns(server: LiveServer, runs: dict[str, str],
                                                          page: object) -> None:
-    _open(page, server.url + "/alerts", "#alerts-create")
+    open_page(page, server.url + "/alerts", "#alerts-create")
     page.fill("#rule-name", "zeta p99 above 4")
     page.fill("#rule-value", "4")
     page.click("#alerts-create")
@@ -189,7 +151,7 @@ def test_alerts_page_creates_a_rule_that_the_api_returns(server: LiveServer, run
     assert rule["project"] == "demo" and rule["enabled"]
     assert rule["condition"] == {"type": "threshold", "key": "hazard/zeta_p99", "op": ">", "value": 4.0, "for_steps": 1}
     assert "zeta p99 above 4" in page.inner_text("#alerts-rules")
-    _shot(page, "alerts")
+    screenshot(page, "alerts")
 
 
 def test_api_paths_keep_their_own_answers_beside_the_dashboard(server: LiveServer) -> None:

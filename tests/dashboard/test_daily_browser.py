@@ -13,20 +13,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.dashboard.seeding import create_run, post_records, records, seed_run
+from tests.dashboard.browsing import PLOT, open_page, screenshot
 from tests.fixtures.server import LiveServer
 
 pytestmark = pytest.mark.browser
+VIEWPORT = {"width": 1280, "height": 1000}  # the narrowest width the pages must fit without scrolling
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "dashboard"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update"]
-PLOT = ".js-plotly-plot"
 STEPS = 60
 SPIKE_AT = 41
 NAN_STEPS = [20, 21, 22, 24, 25, 26]
@@ -76,41 +73,6 @@ def runs(server: LiveServer) -> dict[str, str]:
     return {"field": field, "many": many, "baseline": baseline}
 
 
-@pytest.fixture(scope="module")
-def browser(chromium_path: str) -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: object) -> Iterator[object]:
-    """A fresh page at 1,280 px; console errors, page errors and 5xx answers fail the test."""
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    tab = context.new_page()
-    problems: list[str] = []
-    tab.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    tab.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    tab.on("response", lambda r: problems.append(f"HTTP {r.status} {r.url}") if r.status >= 500 else None)
-    yield tab
-    context.close()
-    assert not problems, "\n".join(problems)
-
-
-def _open(page: object, url: str, ready: str) -> None:
-    page.goto(url)
-    page.wait_for_selector(ready, timeout=30_000)
-    page.wait_for_load_state("networkidle")
-
-
-def _shot(page: object, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
 def _traces(page: object, graph: str) -> list[dict]:
     return page.evaluate("(sel) => document.querySelector(sel).data.map(t => ({name: t.name, x: t.x, y: t.y,"
                          " mode: t.mode}))", f".graph-{graph} {PLOT}")
@@ -119,7 +81,7 @@ def _traces(page: object, graph: str) -> list[dict]:
 def test_custom_key_added_from_the_explorer_is_drawn_and_kept(server: LiveServer, runs: dict[str, str],
                                                               page: object) -> None:
     url = f"{server.url}/runs/{runs['field']}"
-    _open(page, url, f".graph-training {PLOT}")
+    open_page(page, url, f".graph-training {PLOT}")
     assert "train/loss" in [t["name"] for t in _traces(page, "training")]
     page.fill("#run-key-search", "accura")
     page.locator(".key-button", has_text="eval/accuracy").click()
@@ -127,18 +89,18 @@ def test_custom_key_added_from_the_explorer_is_drawn_and_kept(server: LiveServer
     page.wait_for_function(f"() => document.querySelector('.custom-graph {PLOT}').data[0].name === 'eval/accuracy'")
     trace = page.evaluate(f"() => document.querySelector('.custom-graph {PLOT}').data[0]")
     assert trace["x"] == list(range(0, STEPS, 10)) and "markers" in trace["mode"]
-    _open(page, url, f".custom-graph {PLOT}")  # kept for this run across a reload
+    open_page(page, url, f".custom-graph {PLOT}")  # kept for this run across a reload
     assert page.evaluate(f"() => document.querySelector('.custom-graph {PLOT}').data[0].name") == "eval/accuracy"
     page.fill("#run-key-search", "eval")
     page.wait_for_function("() => document.querySelector('#run-key-count').innerText.startsWith('1 matching')")
-    _shot(page, "daily-run")
+    screenshot(page, "daily-run")
     page.locator(".remove-chart").click()
     page.wait_for_selector("#run-custom-empty")
 
 
 def test_nan_steps_are_marked_and_an_isolated_point_is_drawn(server: LiveServer, runs: dict[str, str],
                                                              page: object) -> None:
-    _open(page, f"{server.url}/runs/{runs['field']}", f".graph-policy {PLOT}")
+    open_page(page, f"{server.url}/runs/{runs['field']}", f".graph-policy {PLOT}")
     entropy = next(t for t in _traces(page, "policy") if t["name"] == "policy/entropy")
     assert "markers" in entropy["mode"]
     assert entropy["y"][ISOLATED] is not None and all(entropy["y"][s] is None for s in NAN_STEPS)
@@ -151,7 +113,7 @@ def test_nan_steps_are_marked_and_an_isolated_point_is_drawn(server: LiveServer,
 
 def test_ratio_and_hazard_charts_switch_between_off_policy_and_all_steps(server: LiveServer, runs: dict[str, str],
                                                                          page: object) -> None:
-    _open(page, f"{server.url}/runs/{runs['field']}", f".graph-trust_region {PLOT}")
+    open_page(page, f"{server.url}/runs/{runs['field']}", f".graph-trust_region {PLOT}")
     steps = next(t for t in _traces(page, "trust_region") if t["name"] == "ratio/mean")["x"]
     assert steps == list(range(1, STEPS, 2))
     page.get_by_label("all steps").check()
@@ -162,7 +124,7 @@ def test_ratio_and_hazard_charts_switch_between_off_policy_and_all_steps(server:
 
 
 def test_five_thousand_keys_paint_list_and_draw(server: LiveServer, runs: dict[str, str], page: object) -> None:
-    _open(page, f"{server.url}/runs/{runs['many']}", f".graph-gradients {PLOT}")
+    open_page(page, f"{server.url}/runs/{runs['many']}", f".graph-gradients {PLOT}")
     assert f"{MANY_KEYS} matching keys" in page.inner_text("#run-key-count")
     assert len(_traces(page, "gradients")) >= 2
     page.fill("#run-key-search", "layer_4999")
@@ -172,10 +134,10 @@ def test_five_thousand_keys_paint_list_and_draw(server: LiveServer, runs: dict[s
 
 
 def test_compare_leaves_out_on_policy_steps(server: LiveServer, runs: dict[str, str], page: object) -> None:
-    _open(page, f"{server.url}/compare?runs={runs['field']},{runs['baseline']}", f"#compare-distance {PLOT}")
+    open_page(page, f"{server.url}/compare?runs={runs['field']},{runs['baseline']}", f"#compare-distance {PLOT}")
     steps = page.evaluate(f"() => document.querySelector('#compare-distance {PLOT}').data[0].x")
     assert steps == list(range(1, STEPS, 2))
-    _shot(page, "daily-compare")
+    screenshot(page, "daily-compare")
 
 
 def test_alerts_form_follows_the_condition_type_and_tables_read_well(server: LiveServer, runs: dict[str, str],
@@ -183,7 +145,7 @@ def test_alerts_form_follows_the_condition_type_and_tables_read_well(server: Liv
     deadline = time.monotonic() + 20
     while not httpx.get(f"{server.url}/api/v1/alerts").json()["alerts"] and time.monotonic() < deadline:
         time.sleep(0.2)
-    _open(page, server.url + "/alerts", "#alerts-create")
+    open_page(page, server.url + "/alerts", "#alerts-create")
     for field in ("key", "op", "value", "z", "kind"):  # dropdowns render once their code chunk loaded
         page.wait_for_selector(f"#rule-{field}", state="attached")
 
@@ -208,11 +170,11 @@ def test_alerts_form_follows_the_condition_type_and_tables_read_well(server: Liv
     assert page.locator("#alerts-fired a", has_text="field-run").first.get_attribute("href") == f"/runs/{runs['field']}"
     assert time.strftime("%Y-", time.gmtime()) in fired
     assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
-    _shot(page, "daily-alerts")
+    screenshot(page, "daily-alerts")
 
 
 def test_runs_page_says_whether_each_run_is_live(server: LiveServer, runs: dict[str, str], page: object) -> None:
-    _open(page, server.url + "/", "#runs-table")
+    open_page(page, server.url + "/", "#runs-table")
     live = page.locator("#runs-table td[data-dash-column=live]").all_inner_texts()
     assert live and set(live) <= {"yes", "no"}
 
@@ -221,7 +183,7 @@ def test_a_key_logged_while_the_page_is_open_joins_the_explorer(server: LiveServ
     with httpx.Client(base_url=server.url, timeout=60) as client:
         run_id = create_run(client, "field", "growing", "mhpo", {})
         post_records(client, run_id, list(records(0, 3, seed=5)))
-        _open(page, f"{server.url}/runs/{run_id}", "#run-key-count")
+        open_page(page, f"{server.url}/runs/{run_id}", "#run-key-count")
         post_records(client, run_id, [{"step": 3, "time": 1.7e9, "scalars": {"eval/new_metric": 1.0}}])
     page.wait_for_selector(".key-button:has-text('eval/new_metric')", state="attached", timeout=10_000)
     page.fill("#run-key-search", "new_metric")

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.dashboard.seeding import seed_run
-from tests.dashboard.test_browser import PLOT, _open, _shot, browser, page  # noqa: F401 - pytest fixtures
+from tests.dashboard.browsing import PLOT, open_page, screenshot
 from tests.fixtures.server import LiveServer
 
 pytestmark = pytest.mark.browser
@@ -23,9 +23,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         yield live
 
 
-def test_rewind_redraws_the_open_page_and_a_fork_links_its_parent(server: LiveServer, page: object) -> None:  # noqa: F811
+def test_rewind_redraws_the_open_page_and_a_fork_links_its_parent(server: LiveServer, page: object) -> None:
     run_id = seed_run(server.url, "history", "parent-run", "mhpo", {"lr": 1e-6}, 40, seed=5)
-    _open(page, f"{server.url}/runs/{run_id}", f".graph-heatmap {PLOT}")
+    open_page(page, f"{server.url}/runs/{run_id}", f".graph-heatmap {PLOT}")
     assert "no rewinds or forks" in page.inner_text("#run-history")
     assert httpx.post(f"{server.url}/api/v1/runs/{run_id}/rewind", json={"step": 29}).status_code == 200
     page.wait_for_function(f"() => document.querySelector('.graph-heatmap {PLOT}').data[0].x.length === 30")
@@ -35,11 +35,11 @@ def test_rewind_redraws_the_open_page_and_a_fork_links_its_parent(server: LiveSe
     assert hazard <= 29
 
     fork = httpx.post(f"{server.url}/api/v1/runs/{run_id}/fork", json={"step": 19, "name": "child-run"}).json()
-    _open(page, f"{server.url}/runs/{fork['run_id']}", "#run-parent-link")
+    open_page(page, f"{server.url}/runs/{fork['run_id']}", "#run-parent-link")
     assert "forked from" in page.inner_text("#run-parent") and "at step 19" in page.inner_text("#run-parent")
     assert page.evaluate(f"() => document.querySelector('.graph-heatmap {PLOT}').data[0].x.length") == 20
     assert "fork" in page.inner_text("#run-history")
-    _shot(page, "run-fork")
+    screenshot(page, "run-fork")
     page.click("#run-parent-link")
     page.wait_for_function("() => document.querySelector('#run-summary').innerText.includes('parent-run')")
     history = page.inner_text("#run-history")

@@ -19,7 +19,7 @@ import pytest
 
 from server.store import open_store
 from tests.dashboard.seeding import create_run, post_records, records
-from tests.dashboard.test_browser import PLOT, _open, browser, page  # noqa: F401 - fixtures
+from tests.dashboard.browsing import PLOT, open_page
 from tests.fixtures.server import LiveServer
 
 STEPS = 30
@@ -152,7 +152,7 @@ def test_a_revoked_token_stops_working_on_the_next_request(secured: Any) -> None
 
 @pytest.mark.browser
 def test_browser_is_sent_to_the_form_logs_in_reads_a_run_and_logs_out(
-        secured: Any, page: Any) -> None:  # noqa: F811 - the page fixture
+        secured: Any, page: Any) -> None:
     server, tokens, run_ids = secured
     run_url = f"{server.url}/runs/{run_ids['alpha']}"
     page.goto(run_url)
@@ -173,7 +173,7 @@ def test_browser_is_sent_to_the_form_logs_in_reads_a_run_and_logs_out(
     assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and not cookie["secure"]
     assert tokens["alpha-read"] not in cookie["value"]
     assert page.evaluate("() => document.cookie") == ""  # not readable by scripts
-    _open(page, server.url + "/", "#runs-table")
+    open_page(page, server.url + "/", "#runs-table")
     assert "alpha-run" in page.inner_text("#runs-table") and "beta-run" not in page.inner_text("#runs-table")
     page.click("#nav-logout")
     page.wait_for_selector("#login-token")
@@ -210,7 +210,7 @@ def test_a_public_dashboard_shows_its_read_tokens_project_without_a_login(secure
 
 
 @pytest.mark.browser
-def test_an_open_page_goes_to_the_form_once_its_token_is_revoked(secured: Any, browser: Any) -> None:  # noqa: F811
+def test_an_open_page_goes_to_the_form_once_its_token_is_revoked(secured: Any, browser: Any) -> None:
     server, _tokens, run_ids = secured
     store = open_store(server.db_url)
     token = store.create_token("alpha", "read")
