@@ -527,10 +527,15 @@ class SqlStore(Store):
                     "evidence": {"removed": removed, "previous_last_step": last_step},
                     "created_at": now,
                 }
-                stmt = self._insert(EventRow.__table__).values(
-                    run_id=run_id, step=max(step, 0), kind="rewind", severity="info", detector="rewind", **values
-                )
-                conn.execute(stmt.on_conflict_do_update(index_elements=["run_id", "kind", "detector", "step"], set_=values))
+                # One event per rewind that changed something; a later rewind to the same step (after
+                # re-logging) gets its own detector name, as events are unique per (run, kind, detector, step).
+                earlier = conn.execute(select(func.count()).select_from(EventRow).where(
+                    EventRow.run_id == run_id, EventRow.kind == "rewind", EventRow.step == max(step, 0)
+                )).scalar_one()
+                conn.execute(insert(EventRow).values(
+                    run_id=run_id, step=max(step, 0), kind="rewind", severity="info",
+                    detector="rewind" if earlier == 0 else f"rewind-{earlier + 1}", **values,
+                ))
         return RewindOut(run_id=run_id, step=step, removed=removed)
 
     def fork(self, run_id: str, step: int, name: str | None) -> Run:
@@ -538,6 +543,9 @@ class SqlStore(Store):
         child = str(uuid.uuid4())
         with self._tx(write=True) as conn:
             parent_last = self._lock_run(conn, run_id)
+            if parent_last is None or step > parent_last:
+                raise Invalid(("step",), f"{step} is past the run's last logged step ({parent_last}); "
+                                         "fork at a step the run has logged")
             parent = conn.execute(select(RunRow.__table__).where(RunRow.run_id == run_id)).one()
             child_name = name or f"{parent.name}-fork-{step}"
             conn.execute(insert(RunRow).values(

@@ -110,6 +110,19 @@ def test_rewind_refuses_bad_input(api: Api) -> None:
     assert api.events(run_id) == []  # nothing to rewind: no event
 
 
+def test_every_rewind_that_removes_something_keeps_its_own_event(api: Api) -> None:
+    run_id = api.new_run()
+    api.post(run_id, [{"step": s, "scalars": {"x": float(s)}} for s in range(21)])
+    api.call("POST", f"/api/v1/runs/{run_id}/rewind", {"step": 10})
+    api.post(run_id, [{"step": s, "scalars": {"x": -float(s)}} for s in range(11, 16)])
+    api.call("POST", f"/api/v1/runs/{run_id}/rewind", {"step": 10})
+    api.call("POST", f"/api/v1/runs/{run_id}/rewind", {"step": 10})  # nothing left to remove: no event
+    rewinds = [e for e in api.events(run_id) if e["type"] == "rewind"]
+    assert [(e["step"], e["evidence"]["removed"]["scalars"], e["evidence"]["previous_last_step"]) for e in rewinds] == [
+        (10, 10, 20), (10, 5, 15)]
+    assert api.series(run_id, "x") == {s: float(s) for s in range(11)}
+
+
 def test_fork_shares_history_and_diverges(api: Api) -> None:
     parent = api.new_run("parent")
     api.post(parent, [{"step": s, "scalars": {"x": float(s), "x/nan": math.nan}, "histograms": {"h": histogram()}}
@@ -131,6 +144,8 @@ def test_fork_shares_history_and_diverges(api: Api) -> None:
     parent_flags = [(e["kind"], e["step"]) for e in api.events(parent) if e["type"] == "flag" and e["step"] <= 9]
     assert [(e["kind"], e["step"]) for e in api.events(kid) if e["type"] == "flag"] == parent_flags
     api.call("POST", f"/api/v1/runs/{parent}/fork", {"step": -1}, 422)
+    past = api.call("POST", f"/api/v1/runs/{parent}/fork", {"step": 20}, 422)  # the parent's last step is 19
+    assert "past the run's last logged step (19)" in json.dumps(past)
     default = api.call("POST", f"/api/v1/runs/{parent}/fork", {"step": 3}, 201)
     assert default["name"] == "parent-fork-3" and api.series(default["run_id"], "x") == {s: float(s) for s in range(4)}
 
