@@ -22,12 +22,19 @@ whole accumulation window (TRL's `dapo` / `cispo`), "seq-mean-token-mean" and
 the accumulation steps (TRL's `grpo` / `dr_grpo`). Conventions that differ from TRL's:
 CISPO's upper bound is `1 + eps_high` here and `epsilon_high` in TRL; a sequence without a
 valid token is left out of "seq-mean-token-mean" here and counts as 0 in TRL's `grpo`.
+Resuming continues the same monitoring run: each checkpoint folder gets `mhpo_run.json` (the
+run's project, name and id), and `train(resume_from_checkpoint=...)` (a path, or True for the
+latest checkpoint in `output_dir`) reopens that run rewound to the checkpoint's `global_step`, so
+the steps logged after the checkpoint are replaced by the resumed trajectory. A run passed as
+`mhpo_run` is used as it is.
 Tested with TRL 1.16 (the `trl` extra pins the supported range).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +42,7 @@ from typing import Any
 import torch
 import trl
 from torch import Tensor
+from transformers.trainer_utils import get_last_checkpoint
 
 import mhpo.client
 from mhpo.diagnostics import DiagnosticsAccumulator
@@ -43,6 +51,8 @@ from mhpo.losses import aggregate, get_loss
 from mhpo.losses._registry import prepare
 
 logger = logging.getLogger(__name__)
+
+RUN_FILE = "mhpo_run.json"
 
 
 def diagnostics_loss(args: Any) -> tuple[str, dict[str, float | None]]:
@@ -109,6 +119,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._own_run = mhpo_run is None
         self._run_options = {"project": mhpo_project, "name": mhpo_run_name or self.args.run_name or "trl-grpo",
                              "server": mhpo_server, "token": mhpo_token, "loss": loss or diag_name}
+        self._resume: dict[str, Any] = {}
         self._pending: tuple[int, dict[str, Any]] | None = None
         self._capture: list[tuple[Tensor, Tensor | None]] | None = None
 
@@ -121,10 +132,38 @@ class GRPOTrainer(trl.GRPOTrainer):
             if self.mhpo_loss is not None:
                 config |= {"mhpo_hparams": dict(self.mhpo_hparams), "mhpo_agg": self.mhpo_agg}
             self._run = mhpo.client.init(
-                self._run_options["project"], self._run_options["name"], config=config,
+                self._resume.get("project", self._run_options["project"]),
+                self._resume.get("name", self._run_options["name"]), config=config,
                 loss=self._run_options["loss"], server=self._run_options["server"], token=self._run_options["token"],
+                run_id=self._resume.get("run_id"), resume_from_step=self._resume.get("step"),
             )
+            self._resume = {}
         return self._run
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """transformers' checkpoint, plus the run's identity so that a resume continues this run."""
+        super()._save_checkpoint(model, trial)
+        if self._run is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            with open(os.path.join(folder, RUN_FILE), "w") as f:
+                json.dump({"project": self._run.project, "name": self._run.name, "run_id": self._run.id}, f)
+
+    def _resume_run_from(self, checkpoint: str | bool | None) -> None:
+        """Remember the run saved with `checkpoint` and its step, for the run opened on the first record."""
+        if isinstance(checkpoint, bool):  # True: transformers' choice (no folder: its own error follows)
+            latest = checkpoint and os.path.isdir(self.args.output_dir)
+            checkpoint = get_last_checkpoint(self.args.output_dir) if latest else None
+        if checkpoint is None or not self._own_run or self._run is not None:
+            return
+        saved = os.path.join(checkpoint, RUN_FILE)
+        if not os.path.isfile(saved):
+            logger.info("%s has no %s: the resumed training logs into a new run", checkpoint, RUN_FILE)
+            return
+        with open(saved) as f:
+            run = json.load(f)
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            step = int(json.load(f)["global_step"])
+        self._resume = {"project": run["project"], "name": run["name"], "run_id": run["run_id"], "step": step}
 
     def _send(self, step: int, record: dict[str, Any]) -> None:
         run = self.mhpo_run
@@ -169,11 +208,13 @@ class GRPOTrainer(trl.GRPOTrainer):
         record["scalars"] = product_scalars({**numbers, **record["scalars"]})
         self._send(step, record)
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        """TRL's training; then the last step is sent and a run this trainer opened is finished."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """TRL's training (resumed: into the checkpoint's run, rewound to its step); then the last step is
+        sent and a run this trainer opened is finished."""
+        self._resume_run_from(resume_from_checkpoint)
         status = "failed"
         try:
-            out = super().train(*args, **kwargs)
+            out = super().train(resume_from_checkpoint, *args, **kwargs)
             status = "finished"
             return out
         finally:

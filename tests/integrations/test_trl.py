@@ -3,6 +3,8 @@ real GRPOTrainer run on CPU streams the diagnostics into a live server."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import httpx
 import pytest
 import torch
 
+import mhpo.client
 from mhpo.integrations.trl import GRPOTrainer
 from tests.fixtures.server import LiveServer, live_server  # noqa: F401 - pytest fixture
 from tests.integrations.conftest import count_reward, cpu_threads, grpo_config, prompts
@@ -131,3 +134,78 @@ def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Pat
     assert off_zero > 0, "the off-policy step's log-ratio histogram is all in the x = 0 bin"
     outliers = httpx.get(f"{api}/outliers", params={"step": 2}).json()["outliers"]
     assert outliers and all(o["text"] for o in outliers if o["token_id"] is not None)
+
+
+def test_resume_from_checkpoint_continues_the_run_rewound(tiny_model_dir: Path, tmp_path: Path,
+                                                          live_server: LiveServer) -> None:  # noqa: F811
+    """Train 4 steps saving at 2, resume from checkpoint-2 with another temperature and learning rate in a
+    new trainer: one run, steps 1..2 from the first trajectory, 3..5 from the resumed one, a rewind event."""
+    cpu_threads()
+    first = grpo_config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, run_name="trl-resume")
+    GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=first, train_dataset=prompts(),
+                mhpo_project="trl-it", mhpo_server=live_server.url).train()
+    runs = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": "trl-it"}).json()["runs"]
+    assert len(runs) == 1
+    api = f"{live_server.url}/api/v1/runs/{runs[0]['run_id']}"
+    keys = "policy/entropy,ratio/std,loss,reward/mean"  # reward/mean: at generation steps (1, 3, 5) only
+
+    def history() -> dict[str, dict[int, float]]:
+        series = httpx.get(f"{api}/scalars", params={"keys": keys}).json()["series"]
+        return {k: dict(zip(s["step"], s["value"], strict=True)) for k, s in series.items()}
+
+    before = history()
+    assert sorted(before["policy/entropy"]) == [1, 2, 3, 4] and sorted(before["reward/mean"]) == [1, 3]
+
+    second = grpo_config(tmp_path, max_steps=5, save_strategy="steps", save_steps=2, run_name="other-name",
+                         temperature=1.7, learning_rate=5e-2)
+    GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=second, train_dataset=prompts(),
+                mhpo_project="trl-it", mhpo_server=live_server.url).train(
+                    resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    runs = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": "trl-it"}).json()["runs"]
+    assert [(r["name"], r["status"]) for r in runs] == [("trl-resume", "finished")]
+    after = history()
+    for key in before:
+        kept = {s: v for s, v in before[key].items() if s <= 2}
+        assert {s: v for s, v in after[key].items() if s <= 2} == kept, key
+    assert sorted(after["policy/entropy"]) == sorted(after["loss"]) == [1, 2, 3, 4, 5]
+    assert sorted(after["reward/mean"]) == [1, 3, 5]
+    # TRL divides the logits by the temperature, so from step 3 the entropies are the resumed run's;
+    # the step-4 loss follows the step-3 update made with the other learning rate
+    assert all(after["policy/entropy"][s] != before["policy/entropy"][s] for s in (3, 4))
+    assert after["loss"][4] != before["loss"][4]
+    events = httpx.get(f"{api}/events").json()["events"]
+    assert [(e["type"], e["step"]) for e in events if e["type"] == "rewind"] == [("rewind", 2)]
+
+
+def test_resume_from_the_latest_checkpoint(tiny_model_dir: Path, tmp_path: Path,
+                                           live_server: LiveServer) -> None:  # noqa: F811
+    """resume_from_checkpoint=True: the latest checkpoint in output_dir (transformers' choice) names the run
+    and the step; a run passed as `mhpo_run` opts out (a new run here, the first one untouched)."""
+    cpu_threads()
+    args = grpo_config(tmp_path, max_steps=3, save_strategy="steps", save_steps=2, run_name="trl-latest")
+    GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(),
+                mhpo_project="trl-it", mhpo_server=live_server.url).train()
+    (run,) = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": "trl-it"}).json()["runs"]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    shutil.rmtree(out / "checkpoint-3")  # as if the process died at step 3 before saving it
+    saved = json.loads((tmp_path / "out" / "checkpoint-2" / "mhpo_run.json").read_text())
+    assert saved == {"project": "trl-it", "name": "trl-latest", "run_id": run["run_id"]}
+
+    args = grpo_config(tmp_path, max_steps=4, save_strategy="no", run_name="trl-latest")
+    GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(),
+                mhpo_project="trl-it", mhpo_server=live_server.url).train(resume_from_checkpoint=True)
+    api = f"{live_server.url}/api/v1/runs/{run['run_id']}"
+    series = httpx.get(f"{api}/scalars", params={"keys": "loss"}).json()["series"]
+    assert series["loss"]["step"] == [1, 2, 3, 4]
+    events = httpx.get(f"{api}/events").json()["events"]
+    assert [(e["type"], e["step"]) for e in events if e["type"] == "rewind"] == [("rewind", 2)]
+
+    own = mhpo.client.init("trl-it", "explicit", server=live_server.url)
+    GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(),
+                mhpo_run=own).train(resume_from_checkpoint=True)
+    assert own.finish(timeout=30).complete
+    assert httpx.get(f"{api}/scalars", params={"keys": "loss"}).json()["series"]["loss"]["step"] == [1, 2, 3, 4]
+    assert httpx.get(f"{api}/events").json()["events"] == events
+    mine = httpx.get(f"{live_server.url}/api/v1/runs/{own.id}/scalars", params={"keys": "loss"}).json()["series"]
+    assert mine["loss"]["step"] == [3, 4]
