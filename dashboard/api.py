@@ -158,7 +158,7 @@ class ApiClient:
     def events(self, run_id: str) -> list[dict[str, Any]]:
         return self._request("GET", f"/api/v1/runs/{run_id}/events")["events"]
 
-    # alerts (issue 6; absent on older servers) ---------------------------------------------
+    # alerts (absent on older servers) --------------------------------------------------------
     def alert_rules(self) -> list[dict[str, Any]]:
         body = self._request("GET", "/api/v1/alert-rules", missing_is_unavailable=True)
         return body["rules"] if isinstance(body, dict) else body
