@@ -200,6 +200,8 @@ def test_ints_are_still_floats(client: TestClient) -> None:
 
 def test_integral_floats_are_steps_of_rewind_and_fork(client: TestClient) -> None:
     run_id = new_run(client)
+    stored = post_json(client, f"/api/v1/runs/{run_id}/records", {"batch_id": "b0", "records": [{"step": 0, "scalars": {"x": 1.0}}]})
+    assert stored.status_code == 200, stored.text  # a fork needs a logged step to start from
     assert client.post(f"/api/v1/runs/{run_id}/rewind", json={"step": 0.0}).status_code == 200
     assert client.post(f"/api/v1/runs/{run_id}/fork", json={"step": 0.0}).status_code == 201
     assert ["body", "step"] in error_locs(client.post(f"/api/v1/runs/{run_id}/rewind", json={"step": 0.5}))
