@@ -6,9 +6,9 @@ service's detectors (`server.flags.detect`, the code the ingest listener runs; b
 does not change its flags) on each run's records:
 
 - healthy: the `mhpo demo` configuration (16 prompts x 8 completions, lr 5e-4, 2
-  mini-batches), MHPO and GRPO, seeds 0-2;
-- `many_updates`: GRPO, lr 2e-3, 2 epochs x 4 mini-batches per rollout, seeds 0-2;
-- `lr_ramp`: GRPO, lr warmed up linearly to 6e-3 over 160 optimizer steps, seeds 0-2.
+  mini-batches), MHPO and GRPO, seeds 0-4;
+- `many_updates`: GRPO, lr 2e-3, 2 epochs x 4 mini-batches per rollout, seeds 0-4;
+- `lr_ramp`: GRPO, lr warmed up linearly to 6e-3 over 160 optimizer steps, seeds 0-4.
 
 Each run is labelled by its own state, per rollout: it has failed from the first rollout
 after which, for 3 rollouts in a row, the entropy stays under 25 % of its start (median of
@@ -23,7 +23,7 @@ flagged no later than one rollout after its label, and the warning/critical flag
 a TRL/verl user sets today (each crossing from the safe side counts once):
 `entropy < 50 % of its start`, `clip fraction > 0.2`, `KL k3 > 0.1`.
 
-    python bench/early_warning.py              # 6 healthy + 6 collapse runs (about 10 minutes on 2 cores)
+    python bench/early_warning.py              # 10 healthy + 10 collapse-regime runs (3-15 minutes on 2 cores)
     python bench/early_warning.py --quick      # 1 seed per configuration, shorter runs
     python bench/early_warning.py --out DIR    # keep the metrics files (reused when present)
 """
@@ -177,7 +177,7 @@ def report(runs: list[Run]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per configuration (default 5)")
     parser.add_argument("--quick", action="store_true", help="1 seed, half-length runs")
     parser.add_argument("--out", help="directory for the metrics files (reused when present; default: a temporary one)")
     args = parser.parse_args()

@@ -23,7 +23,7 @@ from dashboard.app import api
 dash.register_page(__name__, path="/alerts", title="Alerts · MHPO Monitor", name="Alerts", order=2)
 
 FLAG_KINDS = [
-    "*", "collapse", "erosion", "entropy_surge", "hazard_spike", "grad_spike", "kl_spike", "non_finite", "on_policy",
+    "*", "collapse", "erosion", "entropy_surge", "trust_region", "hazard_spike", "grad_spike", "kl_spike", "non_finite", "on_policy",
 ]
 SEVERITIES = ["info", "warning", "critical"]
 RULE_COLUMNS = [("name", "name"), ("project", "project"), ("run", "run"), ("condition", "condition"),

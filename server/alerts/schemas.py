@@ -53,7 +53,7 @@ class SpikeCondition(_In):
 class FlagCondition(_In):
     type: Literal["flag"]
     kind: Literal[
-        "collapse", "erosion", "entropy_surge", "hazard_spike", "grad_spike", "kl_spike", "non_finite", "on_policy", "*"
+        "collapse", "erosion", "entropy_surge", "trust_region", "hazard_spike", "grad_spike", "kl_spike", "non_finite", "on_policy", "*"
     ] = "*"
     min_severity: Severity = "warning"
 

@@ -25,6 +25,8 @@ Detectors (kind: detector name):
   linear or geometric entropy decay over hundreds of steps). The z of both uses the
   noise of the step-to-step differences, which a steady trend does not inflate. One
   flag per event (refractory period). `entropy_surge` is vetoed while the reward rises.
+- `trust_region`: `bound`, absolute bounds (clip fraction, update-to-weight ratio) that
+  need no baseline, so a run that breaks down in its first rollouts is flagged there.
 - `hazard_spike`, `grad_spike`, `kl_spike`: `robust_z`, a one-step robust z-score (log
   scale) vs the rolling median/MAD of the previous points; fires at the onset.
 - `non_finite`: `non_finite_scan`, a scalar that turns NaN or +-Infinity.
@@ -50,13 +52,17 @@ from typing import Any
 
 import numpy as np
 
-from server.flags.params import DEFAULT_PARAMS, DriftParams, FlagParams, Signal, SpikeParams
+from server.flags.params import DEFAULT_PARAMS, DriftParams, FlagParams, Signal, SpikeParams, TrustRegionParams
 
-KINDS = ("collapse", "erosion", "entropy_surge", "hazard_spike", "grad_spike", "kl_spike", "non_finite", "on_policy")
+KINDS = (
+    "collapse", "erosion", "entropy_surge", "trust_region", "hazard_spike", "grad_spike", "kl_spike", "non_finite",
+    "on_policy",
+)
 DETECTORS: dict[str, tuple[str, ...]] = {
     "collapse": ("drift",),
     "erosion": ("drift",),
     "entropy_surge": ("drift",),
+    "trust_region": ("bound",),
     "hazard_spike": ("robust_z",),
     "grad_spike": ("robust_z",),
     "kl_spike": ("drift", "robust_z"),
@@ -392,7 +398,7 @@ def _drift(
     kind: str, p: DriftParams, tables: list[dict[int, _Judged]], unless: list[dict[int, _Judged]], logged: int,
     step: int,
 ) -> Flag | None:
-    """The flag of a drift detector at `step`, or None; `logged` counts the run's signals that it logs at all."""
+    """The flag of a drift detector at `step`, or None; `logged` counts the independent signals (families) the run logs."""
     judged = [(sig, table[step]) for sig, table in zip(p.signals, tables, strict=True) if step in table]
     if not judged:
         return None
@@ -404,9 +410,10 @@ def _drift(
     if any(_votes(sig, row, p) for sig, row in guards):
         return None
     votes = [_evidence(sig, row, p) for sig, row in voting]
-    if len(votes) >= p.critical_votes:
+    independent = len({sig.family or sig.key for sig, _ in voting})
+    if len(votes) >= p.critical_votes and independent >= p.warning_votes:
         severity = "critical"
-    elif len(votes) >= min(p.warning_votes, logged):
+    elif independent >= min(p.warning_votes, logged):
         severity = "warning"
     else:
         severity = "info"
@@ -424,6 +431,7 @@ def _drift(
             "signals": [_evidence(sig, row, p) for sig, row in judged],
             "unless": [_evidence(sig, row, p) for sig, row in guards],
             "votes": len(votes),
+            "independent_votes": independent,
             "needed": needed,
             "window": {"baseline_steps": p.baseline_steps, "recent_steps": p.recent_steps,
                        "trend_steps": p.trend_steps},
@@ -475,7 +483,10 @@ def _spike(kind: str, p: SpikeParams, tables: list[dict[int, dict[str, Any]]], s
     hits = [table[step] for table in tables if step in table]
     if not hits:
         return None
-    severity = "critical" if any(float(h["z"]) >= p.critical_z for h in hits) else "warning"
+    if all(h["key"] in p.info_keys for h in hits):
+        severity = "info"
+    else:
+        severity = "critical" if any(float(h["z"]) >= p.critical_z for h in hits) else "warning"
     parts = ", ".join(
         f"{h['key']} = {float(h['value']):.4g} ({float(h['ratio']):.1f}x baseline, z={float(h['z']):.1f})" for h in hits
     )
@@ -486,6 +497,33 @@ def _spike(kind: str, p: SpikeParams, tables: list[dict[int, dict[str, Any]]], s
         detector=DETECTORS[kind][-1],
         message=f"{kind}: {parts}",
         evidence={"signals": hits, "window_steps": p.window_steps},
+    )
+
+
+def _bound_table(history: History, p: TrustRegionParams, at: np.ndarray) -> dict[int, list[dict[str, Any]]]:
+    """step -> the bounds exceeded at that step (key, value, bound)."""
+    table: dict[int, list[dict[str, Any]]] = {}
+    for bound in p.bounds:
+        values = _lookup(history, bound.key, at)
+        for i in np.flatnonzero(values > bound.max).tolist():
+            table.setdefault(int(at[i]), []).append(
+                {"key": bound.key, "value": json_number(float(values[i])), "max": bound.max}
+            )
+    return table
+
+
+def _trust_region(table: dict[int, list[dict[str, Any]]], step: int) -> Flag | None:
+    hits = table.get(step)
+    if not hits:
+        return None
+    parts = ", ".join(f"{h['key']} = {float(h['value']):.4g} > {h['max']:g}" for h in hits)
+    return Flag(
+        step=step,
+        kind="trust_region",
+        severity="critical" if len(hits) >= 2 else "warning",
+        detector=DETECTORS["trust_region"][0],
+        message=f"trust_region: {parts} (the update left the loss's trust region)",
+        evidence={"signals": hits},
     )
 
 
@@ -568,7 +606,7 @@ def detect(
             p,
             _drift_tables(history, kinds, p.signals, p, at, False),
             _drift_tables(history, kinds, p.unless, p, at, True),
-            sum(history.series(sig.key) is not None for sig in p.signals),
+            len({sig.family or sig.key for sig in p.signals if history.series(sig.key) is not None}),
         )
         for kind, p in params.drifts().items()
         if p.enabled
@@ -578,6 +616,7 @@ def detect(
         for kind, p in params.spikes().items()
         if p.enabled
     }
+    bounds = _bound_table(history, params.trust_region, at) if params.trust_region.enabled else {}
     non_finite = _non_finite_table(history, at) if params.non_finite.enabled else {}
     on_policy = params.on_policy if params.on_policy.enabled and params.on_policy.keys else None
     flags: list[Flag] = []
@@ -585,9 +624,12 @@ def detect(
         found: list[Flag | None] = []
         for kind, (p, tables, unless, logged) in drifts.items():
             flag = _drift(kind, p, tables, unless, logged, step)
-            hold = p.refractory_steps if flag is None or flag.severity != "info" else p.refractory_steps // 4
-            if flag is not None and step - last.get(refractory_key(kind, flag.severity), -(10**12)) > hold:
+            if flag is not None and _outside_refractory(last, kind, flag.severity, p.refractory_steps, step):
                 found.append(flag)
+        flag = _trust_region(bounds, step)
+        if flag is not None and _outside_refractory(last, flag.kind, flag.severity, params.trust_region.refractory_steps,
+                                                    step):
+            found.append(flag)
         for kind, (sp, spike_tables) in spikes.items():
             found.append(_spike(kind, sp, spike_tables, step))
         found.append(_non_finite(non_finite, step))
@@ -599,6 +641,16 @@ def detect(
                 for key in {flag.kind, refractory_key(flag.kind, flag.severity)}:
                     last[key] = max(step, last.get(key, step))
     return flags
+
+
+def _outside_refractory(last: Mapping[str, int], kind: str, severity: str, hold: int, step: int) -> bool:
+    """Whether a flag of `kind` at `step` is a new event: a warning or critical `hold` steps after the last
+    one; an informational flag `hold` // 8 steps after any flag of its kind and `hold` after an alarm."""
+    never = -(10**12)
+    alarm = step - last.get(refractory_key(kind, "warning"), never) > hold
+    if severity != "info":
+        return alarm
+    return alarm and step - last.get(kind, never) > hold // 8
 
 
 def refractory_key(kind: str, severity: str) -> str:

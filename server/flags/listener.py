@@ -203,9 +203,9 @@ class IngestMonitor:
         cached.batches = batches
         self.cache.put(run_id, cached)
         history = History.from_arrays(series)
-        drift_kinds = tuple(params.drifts())
-        refractory = self.alerts.last_flag_steps(run_id, drift_kinds, steps[0])
-        alarms = self.alerts.last_flag_steps(run_id, drift_kinds, steps[0], ("warning", "critical"))
+        held = (*params.drifts(), "trust_region")  # the kinds with a refractory period
+        refractory = self.alerts.last_flag_steps(run_id, held, steps[0])
+        alarms = self.alerts.last_flag_steps(run_id, held, steps[0], ("warning", "critical"))
         refractory.update({refractory_key(kind, "warning"): step for kind, step in alarms.items()})
         flags = detect(history, steps, params, refractory)
         if flags:

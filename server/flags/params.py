@@ -41,6 +41,7 @@ class Signal(_Strict):
     min_abs: Units = 0.0
     min_rel: Annotated[float, Field(ge=0.0, le=1_000.0)] = 0.0
     z: Z = 5.0
+    family: Annotated[str | None, Field(max_length=64, description="signals of one family are one vote for severity")] = None
 
 
 class DriftParams(_Strict):
@@ -54,10 +55,13 @@ class DriftParams(_Strict):
     votes when either test passes its thresholds. The flag fires when at least
     `min_votes` signals vote and no `unless` signal votes (e.g. reward rising), then
     stays quiet for `refractory_steps` steps so one event gives one flag. Its severity
-    counts independent votes: `info` below `warning_votes` (one signal alone, e.g.
-    entropy declining steadily, which a healthy run that is learning also does),
-    `warning` from `warning_votes`, `critical` from `critical_votes`; a run that logs
-    fewer signals than `warning_votes` gets a warning from all of them voting.
+    counts independent votes, signals of one `family` (two views of one quantity, e.g.
+    token entropy and group diversity, which a sharpening policy lowers together) counting
+    once: `info` below `warning_votes` (one signal alone, e.g. entropy declining steadily,
+    which a healthy run that is learning also does), `warning` from `warning_votes`,
+    `critical` from `critical_votes` signals voting with at least `warning_votes`
+    independent votes; a run that logs fewer independent signals than `warning_votes`
+    gets a warning from all of them voting.
     """
 
     enabled: bool = True
@@ -81,7 +85,8 @@ class SpikeParams(_Strict):
     (positive, multiplicative metrics; `min_scale` is then a relative noise floor). It
     fires at the onset of an excursion (z > `z` now but not at the previous point) when
     also v >= `min_ratio` * baseline and v - baseline >= `min_abs` (the key's units).
-    `critical_z` marks the severity.
+    `critical_z` marks the severity; a spike of `info_keys` alone is informational (a
+    tail statistic that the loss itself absorbs, see `hazard_spike`).
     """
 
     enabled: bool = True
@@ -94,6 +99,36 @@ class SpikeParams(_Strict):
     min_abs: Units = 0.0
     min_scale: Annotated[float, Field(ge=0.0, le=1e6)] = 0.05
     log_scale: bool = True
+    info_keys: Annotated[tuple[Key, ...], Field(max_length=16)] = ()
+
+
+class Bound(_Strict):
+    """One absolute bound of `trust_region`: `key` above `max` (in the key's units) at a later update."""
+
+    key: Key
+    max: Units
+
+
+class TrustRegionParams(_Strict):
+    """`trust_region`: an update that left the loss's trust region, judged on absolute bounds.
+
+    Needs no baseline, so it can fire in the first rollout, where a run driven too hard
+    (learning rate, updates per rollout) already breaks down before any rolling window
+    exists. It fires at a step where a bound is exceeded, then stays quiet for
+    `refractory_steps`; two bounds exceeded at one step make it critical. The defaults
+    are the limits of practice: a clip fraction above 0.2 means a fifth of the tokens'
+    ratios left GRPO/PPO's [0.8, 1.2] window (PPO implementations treat 0.1-0.2 as the top
+    of the healthy range; `ratio/clip_frac` of "mhpo" and "sapo" uses that window too), and
+    an update-to-weight norm ratio above 1e-2 is ten times the ~1e-3 that marks a well
+    set learning rate (Karpathy, CS231n "Neural Networks Part 3", ratio of weights:updates).
+    """
+
+    enabled: bool = True
+    bounds: Annotated[tuple[Bound, ...], Field(max_length=16)] = (
+        Bound(key="ratio/clip_frac", max=0.2),
+        Bound(key="grad/update_ratio", max=0.01),
+    )
+    refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
 
 
 class NonFiniteParams(_Strict):
@@ -111,17 +146,18 @@ class OnPolicyParams(_Strict):
 
 
 # Entropy spent on a rising reward is learning (sharpening), not collapse or over-exploration.
-_REWARD_RISING = Signal(key="reward/mean", direction="up", min_abs=0.05, min_rel=0.0, z=0.5)
+_REWARD_RISING = Signal(key="reward/mean", direction="up", min_abs=0.05, min_rel=0.0, z=3.0)
 
 
 def _collapse() -> DriftParams:
     return DriftParams(
         signals=(
-            Signal(key="policy/entropy", direction="down", min_abs=0.05, min_rel=0.1),
+            Signal(key="policy/entropy", direction="down", min_abs=0.05, min_rel=0.07, family="spread"),
             Signal(key="ratio/frac_above_0.2", direction="up", min_abs=0.02, min_rel=1.0),
-            Signal(key="group/distinct_frac", direction="down", min_abs=0.1, min_rel=0.2),
+            Signal(key="group/distinct_frac", direction="down", min_abs=0.1, min_rel=0.2, family="spread"),
         ),
         unless=(_REWARD_RISING,),
+        recent_steps=10,
     )
 
 
@@ -163,12 +199,18 @@ class FlagParams(_Strict):
     collapse: DriftParams = Field(default_factory=_collapse)
     erosion: DriftParams = Field(default_factory=_erosion)
     entropy_surge: DriftParams = Field(default_factory=_entropy_surge)
-    hazard_spike: SpikeParams = SpikeParams(keys=("hazard/zeta_mean", "hazard/zeta_p99"), min_ratio=3.0, min_scale=0.05)
+    # zeta is bounded (4.61 with the paper's defaults, at x -> -inf) and MHPO attenuates the
+    # gradient of the tokens out there: a p99 at that ceiling alone (1 % of the tokens far off,
+    # the bulk unmoved) is the loss doing its job, seen in healthy runs; the mean moving is not.
+    hazard_spike: SpikeParams = SpikeParams(
+        keys=("hazard/zeta_mean", "hazard/zeta_p99"), min_ratio=1.5, min_scale=0.05, info_keys=("hazard/zeta_p99",)
+    )
     grad_spike: SpikeParams = SpikeParams(keys=("grad/norm",), z=6.0, min_ratio=3.0, min_scale=0.1)
     kl_spike: SpikeParams = SpikeParams(
         keys=("policy/kl_k3", "policy/kl_ref"), z=6.0, min_ratio=5.0, min_abs=0.05, min_scale=0.1
     )
     kl_drift: DriftParams = Field(default_factory=_kl_drift)
+    trust_region: TrustRegionParams = TrustRegionParams()
     non_finite: NonFiniteParams = NonFiniteParams()
     on_policy: OnPolicyParams = OnPolicyParams()
 
@@ -202,6 +244,7 @@ class FlagParams(_Strict):
         found = {s.key for p in self.drifts().values() for s in (*p.signals, *p.unless)}
         for p in self.spikes().values():
             found.update(p.keys)
+        found.update(b.key for b in self.trust_region.bounds)
         found.update(self.on_policy.keys, STEP_KIND_KEYS)
         return found
 

@@ -165,3 +165,40 @@ def test_row_median_ignores_nan_like_numpy(rows: list[list[float]]) -> None:
     a = np.array(rows)
     expected = [np.median(r[~np.isnan(r)]) if (~np.isnan(r)).any() else math.nan for r in a]
     np.testing.assert_array_equal(_row_nanmedian(a), np.array(expected))
+
+
+def _trust_region_stream(values: dict[str, list[float]]) -> History:
+    """A run whose every step is a later update (update_index 1) with the given values."""
+    n = len(next(iter(values.values())))
+    points = {key: dict(enumerate(v)) for key, v in values.items()}
+    points["train/update_index"] = dict.fromkeys(range(n), 1.0)
+    return History(points)
+
+
+def test_trust_region_needs_no_warm_up_and_fires_once_per_event() -> None:
+    clip = [0.25, 0.3, 0.05, 0.05, 0.3] + [0.05] * 300 + [0.3]
+    flags = [f for f in detect(_trust_region_stream({"ratio/clip_frac": clip}), range(len(clip)))]
+    assert [(f.kind, f.step, f.severity) for f in flags] == [("trust_region", 0, "warning"), ("trust_region", 305, "warning")]
+    assert flags[0].detector == "bound"
+    assert flags[0].evidence["signals"] == [{"key": "ratio/clip_frac", "value": 0.25, "max": 0.2}]
+
+
+def test_trust_region_with_two_bounds_exceeded_is_critical_and_quiet_below_them() -> None:
+    history = _trust_region_stream({"ratio/clip_frac": [0.1, 0.2, 0.3], "grad/update_ratio": [0.005, 0.01, 0.02]})
+    flags = detect(history, range(3))
+    assert [(f.kind, f.step, f.severity) for f in flags] == [("trust_region", 2, "critical")]
+    off = DEFAULT_PARAMS.merged({"trust_region": {"enabled": False}})
+    assert not detect(history, range(3), off)
+
+
+def test_a_hazard_tail_spike_alone_is_informational_and_the_bulk_a_warning() -> None:
+    """zeta is bounded (its p99 saturates near 4.61) and MHPO attenuates those tokens: the tail
+    reaching the ceiling alone is informational; the mean of zeta moving is a warning."""
+    n = 60
+    mean, p99 = [1.34] * n, [1.5 + 0.01 * (i % 3) for i in range(n)]
+    p99[50] = 4.6
+    mean[55] = 2.2
+    flags = [f for f in detect(_trust_region_stream({"hazard/zeta_mean": mean, "hazard/zeta_p99": p99}), range(n))
+             if f.kind == "hazard_spike"]
+    assert [f.step for f in flags] == [50, 55]
+    assert flags[0].severity == "info" and flags[1].severity in ("warning", "critical")

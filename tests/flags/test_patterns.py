@@ -35,24 +35,40 @@ def test_slow_entropy_collapse_is_flagged_within_30_steps(pattern: str) -> None:
     """1.2 -> 0.05 over 200 steps with every other key logged and flat: a `collapse` flag.
 
     Entropy alone is one signal, so the flag is informational (a healthy run that learns
-    spends entropy too); a noise-driven heads-up shortly before the onset can hold the
-    next one back, hence 9 of 10 seeds rather than all.
+    spends entropy too). A linear decline moves entropy 14 % in 30 steps against a
+    per-point noise of about 4.5 %, so the noise can delay the first flag a few steps past
+    30 (one seed of 20 in `bench/detect.py`), hence 9 of 10 seeds rather than all.
     """
     delays = [first_after_onset(run(pattern, seed), "collapse") for seed in SEEDS]
     assert all(d is not None for d in delays), delays
     assert sum(d <= 30 for d in delays if d is not None) >= 9, delays
 
 
-def test_collapse_with_falling_diversity_is_a_warning_within_60_steps() -> None:
-    """Entropy and group diversity (halving over 60 steps) declining together are two independent votes: a warning."""
-    for seed in SEEDS:
-        stream = pattern_stream("linear_entropy", seed, onset=ONSET)
-        t = np.clip((np.arange(stream.n_steps) - ONSET) / 120.0, 0.0, 1.0)
-        stream.scalars["group/distinct_frac"] = stream.scalars["group/distinct_frac"] * (1.0 - 0.8 * t)
-        flags = detect(History(stream.points()), range(stream.n_steps))
-        alarms = [f.step - ONSET for f in flags if f.kind == "collapse" and f.severity != "info" and f.step >= ONSET]
-        assert alarms and alarms[0] <= 60, (seed, alarms)
-        assert not [f for f in flags if f.severity != "info" and f.step < ONSET], seed
+@pytest.mark.parametrize("seed", SEEDS)
+def test_collapse_with_a_growing_ratio_tail_is_a_warning_within_60_steps(seed: int) -> None:
+    """Entropy down and the mass of x > 0.2 up (+5 % of the tokens over 60 steps) are two independent votes: a warning."""
+    stream = pattern_stream("linear_entropy", seed, onset=ONSET)
+    t = np.clip((np.arange(stream.n_steps) - ONSET) / 60.0, 0.0, 1.0)
+    stream.scalars["ratio/frac_above_0.2"] = stream.scalars["ratio/frac_above_0.2"] + 0.05 * t
+    flags = detect(History(stream.points()), range(stream.n_steps))
+    alarms = [f for f in flags if f.kind == "collapse" and f.severity != "info" and f.step >= ONSET]
+    assert alarms and alarms[0].step - ONSET <= 60, (seed, [(f.step, f.severity) for f in flags])
+    assert alarms[0].evidence["independent_votes"] >= 2
+    assert not [f for f in flags if f.severity != "info" and f.step < ONSET], seed
+
+
+def test_entropy_and_group_diversity_are_one_vote() -> None:
+    """Token entropy and group diversity are two views of one spread, which a sharpening policy
+    (a healthy run that learns) lowers together: both declining is informational, not a warning."""
+    stream = pattern_stream("linear_entropy", 0, onset=ONSET)
+    t = np.clip((np.arange(stream.n_steps) - ONSET) / 120.0, 0.0, 1.0)
+    stream.scalars["group/distinct_frac"] = stream.scalars["group/distinct_frac"] * (1.0 - 0.8 * t)
+    flags = detect(History(stream.points()), range(stream.n_steps))
+    collapse = [f for f in flags if f.kind == "collapse" and f.step >= ONSET]
+    assert collapse, "the decline is flagged"
+    assert all(f.severity == "info" for f in collapse), [(f.step, f.severity, f.message) for f in collapse]
+    both = [f for f in collapse if f.evidence["votes"] == 2]
+    assert both and all(f.evidence["independent_votes"] == 1 for f in both)
 
 
 def test_entropy_blowup_raises_entropy_surge_within_30_steps() -> None:
