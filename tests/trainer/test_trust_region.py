@@ -23,8 +23,9 @@ def test_too_many_updates_per_rollout_raise_trust_region_in_the_first_rollout(li
     demo = demo_configs(steps=2, seed=0, task="addition", project="hard", server=live_server.url, progress=False)[1]
     config = dataclasses.replace(demo, prompts_per_step=8, lr=2e-3, ppo_epochs=2, mini_batches=4, name="too-hard")
     trainer = Trainer(config)
+    run_id = trainer.run.id
     trainer.train()
-    events = httpx.get(f"{live_server.url}/api/v1/runs/{trainer.run.id}/events").json()["events"]
+    events = httpx.get(f"{live_server.url}/api/v1/runs/{run_id}/events").json()["events"]
     region = [e for e in events if e["type"] == "flag" and e["kind"] == "trust_region"]
     assert region, [e["message"] for e in events]
     first = region[0]
