@@ -407,11 +407,14 @@ def _drift(
     if len(voting) < needed:
         return None
     guards = [(sig, table[step]) for sig, table in zip(p.unless, unless, strict=True) if step in table]
-    if any(_votes(sig, row, p) for sig, row in guards):
+    vetoed = any(_votes(sig, row, p) for sig, row in guards)
+    if vetoed and p.vetoed == "silent":
         return None
     votes = [_evidence(sig, row, p) for sig, row in voting]
     independent = len({sig.family or sig.key for sig, _ in voting})
-    if len(votes) >= p.critical_votes and independent >= p.warning_votes:
+    if vetoed:
+        severity = "info"
+    elif len(votes) >= p.critical_votes and independent >= p.warning_votes:
         severity = "critical"
     elif independent >= min(p.warning_votes, logged):
         severity = "warning"

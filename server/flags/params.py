@@ -53,7 +53,8 @@ class DriftParams(_Strict):
     the *trend* test takes the Theil-Sen slope over the last `trend_steps` points (a
     steady linear or geometric decline that a sliding baseline would follow). A signal
     votes when either test passes its thresholds. The flag fires when at least
-    `min_votes` signals vote and no `unless` signal votes (e.g. reward rising), then
+    `min_votes` signals vote and no `unless` signal votes (e.g. reward rising; with
+    `vetoed="info"` a vetoed flag is kept as informational instead of dropped), then
     stays quiet for `refractory_steps` steps so one event gives one flag. Its severity
     counts independent votes, signals of one `family` (two views of one quantity, e.g.
     token entropy and group diversity, which a sharpening policy lowers together) counting
@@ -75,6 +76,7 @@ class DriftParams(_Strict):
     warning_votes: Annotated[int, Field(ge=1, le=16)] = 2
     critical_votes: Annotated[int, Field(ge=1, le=16)] = 3
     refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
+    vetoed: Literal["silent", "info"] = "silent"
 
 
 class SpikeParams(_Strict):
@@ -158,6 +160,7 @@ def _collapse() -> DriftParams:
         ),
         unless=(_REWARD_RISING,),
         recent_steps=10,
+        vetoed="info",  # entropy spent on a rising reward is sharpening: worth seeing, not an alarm
     )
 
 

@@ -222,3 +222,18 @@ def test_batching_does_not_change_the_flags_of_any_shape(pattern: str) -> None:
         stop = min(start + 37, stream.n_steps)
         pieces += detect(History(stream.points(stop)), range(start, stop), last_flagged=last)
     assert pieces == whole
+
+
+def test_collapse_while_the_reward_clearly_rises_is_informational_only() -> None:
+    """The reward veto keeps a collapse flag visible but never an alarm: entropy spent on a rising
+    reward is sharpening, even with a second signal (the ratio tail) voting."""
+    stream = pattern_stream("linear_entropy", 0, onset=ONSET)
+    t = np.clip((np.arange(stream.n_steps) - ONSET) / 60.0, 0.0, 1.0)
+    stream.scalars["ratio/frac_above_0.2"] = stream.scalars["ratio/frac_above_0.2"] + 0.05 * t
+    stream.scalars["reward/mean"] = np.clip(stream.scalars["reward/mean"] + 0.6 * np.clip(
+        (np.arange(stream.n_steps) - ONSET + 60) / 300.0, 0.0, 1.0), 0, 1)
+    flags = [f for f in detect(History(stream.points()), range(stream.n_steps)) if f.kind == "collapse"]
+    after = [f for f in flags if f.step >= ONSET]
+    assert after and after[0].step - ONSET <= 30
+    vetoed = [f for f in after if any(u["vote"] for u in f.evidence["unless"])]
+    assert vetoed and all(f.severity == "info" for f in vetoed), [(f.step, f.severity) for f in after]
