@@ -14,9 +14,10 @@ from server.routes.runs import authorized_run
 from server.schemas import ForkIn, RecordsIn, RecordsOut, RewindIn, RewindOut, Run
 
 router = APIRouter(prefix="/api/v1/runs", tags=["records"])
-# Writes and listeners of one run take turns (striped by run id), so listeners see a run's
-# batches in commit order. Writers of one run queue on the database anyway (SQLite's write
-# lock, PostgreSQL's lock on the run row), so this costs no concurrency.
+# Writes and listeners of one run take turns (striped by run id in a process, the store's
+# run turn across processes), so listeners see a run's batches in commit order. Writers of
+# one run queue on the database anyway (SQLite's write lock, PostgreSQL's lock on the run
+# row), so this costs no concurrency.
 RUN_LOCKS = tuple(threading.Lock() for _ in range(64))
 
 
@@ -41,7 +42,7 @@ def post_records(
         )
     if principal.project is not None:
         authorized_run(store, principal, run_id)
-    with RUN_LOCKS[run_id.int % len(RUN_LOCKS)]:
+    with RUN_LOCKS[run_id.int % len(RUN_LOCKS)], store.run_turn(str(run_id)):
         result = store.write_records(str(run_id), body.batch_id, body.records, body.rejected_items)
         if result.new_records:
             health = request.app.state.listener_health
@@ -68,7 +69,7 @@ def rewind_run(run_id: uuid.UUID, body: RewindIn, request: Request, store: Store
     Idempotent. Batch ids sent before stay known, so a pre-rewind batch re-sent later stores nothing.
     """
     authorized_run(store, principal, run_id)
-    with RUN_LOCKS[run_id.int % len(RUN_LOCKS)]:
+    with RUN_LOCKS[run_id.int % len(RUN_LOCKS)], store.run_turn(str(run_id)):
         result = store.rewind(str(run_id), body.step)
         for listener in request.app.state.ingest_listeners:
             forget = getattr(listener, "forget", None)

@@ -13,6 +13,7 @@ Errors the routes turn into HTTP answers:
 from __future__ import annotations
 
 import abc
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Mapping, Sequence
 import threading
 import time
@@ -205,6 +206,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def revoke_token_id(self, token_id: int) -> bool:
         """`revoke_token` by the id `list_tokens` shows; False if no token has it."""
+
+    def run_turn(self, run_id: str) -> AbstractContextManager[None]:
+        """Hold `run_id` against every other server process until the block ends.
+
+        A batch's write and the ingest listeners that judge it take the run's turn, so two
+        processes (replicas, `mhpo serve --workers N`) never evaluate one run's batches at
+        once and flag it as one process would. A store only one process can use needs no
+        lock across processes (this default).
+        """
+        return nullcontext()
 
     @abc.abstractmethod
     def close(self) -> None: ...

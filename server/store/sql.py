@@ -98,6 +98,7 @@ ALERTS = sql_table("alerts", sql_column("run_id"), sql_column("step"), sql_colum
 # connection opened while the file was read-only stays read-only after the file is writable again.
 SQLITE_RECONNECT = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_CORRUPT", "SQLITE_NOTADB")
 RETRY_BUSY_S = 1
+TURN_TIMEOUT_S = 60  # longest wait for a run's turn (another process ingesting the run) before a 503
 RETRY_FAULT_S = 5
 RETRY_FULL_S = 60
 COUNT_DTYPE = np.dtype("<i8")  # histogram blobs: [underflow, overflow, *counts]
@@ -228,12 +229,50 @@ class SqlStore(Store):
         self._first_step = select(func.min(ScalarRow.step)).where(in_key)
         self._last_step = select(func.max(ScalarRow.step)).where(in_key)
 
+        # Connections that hold a run's turn (a session advisory lock) while the request uses
+        # the main pool: a pool of their own, so waiting turns never starve the writes.
+        self._turns = (
+            create_engine(engine.url, pool_size=4, max_overflow=60, pool_pre_ping=True,
+                          connect_args={"options": f"-c lock_timeout={TURN_TIMEOUT_S * 1000}"})
+            if self.dialect == "postgresql" else None
+        )
+
     @classmethod
     def from_url(cls, url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> SqlStore:
         return cls(make_engine(url, busy_timeout_ms, pool_size))
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._turns is not None:
+            self._turns.dispose()
+
+    @contextmanager
+    def run_turn(self, run_id: str) -> Iterator[None]:
+        """PostgreSQL: a session advisory lock on the run (`pg_advisory_lock`), across processes.
+
+        SQLite needs none: one database file is served by one process. A turn not granted
+        within `TURN_TIMEOUT_S` is a 503 (busy, retry); a dropped connection releases it.
+        """
+        if self._turns is None:
+            yield
+            return
+        key = uuid.UUID(run_id).int >> 65  # 63 bits: a non-negative bigint
+        try:
+            conn = self._turns.connect()
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        except DBAPIError as exc:
+            raise storage_fault(exc) or Unavailable(f"the run's turn could not be taken: {exc.orig}", "busy",
+                                                    RETRY_BUSY_S) from exc
+        try:
+            yield
+        finally:
+            try:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
+            except DBAPIError:
+                conn.invalidate()  # closing the session releases the lock
+            finally:
+                conn.close()
 
     def ping(self) -> None:
         try:

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 import migrations
 from mhpo.demo import wait_healthy
 from server.flags.synthetic import Stream, generate_stream
+from server.store.sql import SqlStore
 from tests.conftest import fresh_pg_database
 from tests.fixtures.server import REPO_ROOT, LiveServer, free_port
 
@@ -94,3 +97,44 @@ def test_serve_with_workers_gives_the_flags_of_one_process() -> None:
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
+
+
+def test_a_runs_turn_is_held_against_another_process_and_not_against_other_runs() -> None:
+    """Two stores with their own engines (as two server processes have) on one PostgreSQL database:
+    while one holds a run's turn, the other waits for that run, not for another run."""
+    run, other = str(uuid.uuid4()), str(uuid.uuid4())
+    with fresh_pg_database() as url:
+        first, second = SqlStore.from_url(url), SqlStore.from_url(url)
+        try:
+            taken, release = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                with first.run_turn(run):
+                    taken.set()
+                    release.wait(30)
+
+            holder = threading.Thread(target=hold)
+            holder.start()
+            assert taken.wait(30)
+            with second.run_turn(other):
+                pass  # another run: no wait
+            waited: list[float] = []
+
+            def wait_for_turn() -> None:
+                t0 = time.monotonic()
+                with second.run_turn(run):
+                    waited.append(time.monotonic() - t0)
+
+            waiter = threading.Thread(target=wait_for_turn)
+            waiter.start()
+            waiter.join(1.0)
+            assert waiter.is_alive() and not waited, "the second process got the run's turn while the first held it"
+            release.set()
+            holder.join(30)
+            waiter.join(30)
+            assert len(waited) == 1 and waited[0] >= 1.0
+            with first.run_turn(run):
+                pass  # released: taken again at once
+        finally:
+            first.close()
+            second.close()
