@@ -18,10 +18,12 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from alembic.migration import MigrationContext
+from filelock import FileLock, Timeout
 from sqlalchemy import (
     Connection,
     Engine,
@@ -99,6 +101,7 @@ ALERTS = sql_table("alerts", sql_column("run_id"), sql_column("step"), sql_colum
 SQLITE_RECONNECT = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_CORRUPT", "SQLITE_NOTADB")
 RETRY_BUSY_S = 1
 TURN_TIMEOUT_S = 60  # longest wait for a run's turn (another process ingesting the run) before a 503
+TURN_STRIPES = 64  # lock files of a SQLite database's run turns
 RETRY_FAULT_S = 5
 RETRY_FULL_S = 60
 COUNT_DTYPE = np.dtype("<i8")  # histogram blobs: [underflow, overflow, *counts]
@@ -236,6 +239,11 @@ class SqlStore(Store):
                           connect_args={"options": f"-c lock_timeout={TURN_TIMEOUT_S * 1000}"})
             if self.dialect == "postgresql" else None
         )
+        # A SQLite file's turns: striped lock files beside it (an in-memory database has one process).
+        database = engine.url.database
+        self._turn_files = (
+            Path(f"{database}-turns") if self.dialect == "sqlite" and database and database != ":memory:" else None
+        )
 
     @classmethod
     def from_url(cls, url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> SqlStore:
@@ -248,13 +256,30 @@ class SqlStore(Store):
 
     @contextmanager
     def run_turn(self, run_id: str) -> Iterator[None]:
-        """PostgreSQL: a session advisory lock on the run (`pg_advisory_lock`), across processes.
+        """PostgreSQL: a session advisory lock on the run (`pg_advisory_lock`); SQLite: an OS file
+        lock (`filelock`) on one of `TURN_STRIPES` files beside the database, by run id.
 
-        SQLite needs none: one database file is served by one process. A turn not granted
-        within `TURN_TIMEOUT_S` is a 503 (busy, retry); a dropped connection releases it.
+        A turn not granted within `TURN_TIMEOUT_S` is a 503 (busy, retry); a dropped
+        connection or an exited process releases it.
         """
         if self._turns is None:
-            yield
+            if self._turn_files is None:
+                yield
+                return
+            lock = FileLock(self._turn_files / f"{uuid.UUID(run_id).int % TURN_STRIPES}.lock")
+            try:
+                self._turn_files.mkdir(exist_ok=True)
+                lock.acquire(timeout=TURN_TIMEOUT_S)
+            except Timeout as exc:
+                raise Unavailable(f"another server process held the run for {TURN_TIMEOUT_S} s", "busy",
+                                  RETRY_BUSY_S) from exc
+            except OSError as exc:
+                raise Unavailable(f"the run's lock file beside the database cannot be written ({exc}); make "
+                                  f"{self._turn_files} writable, no restart needed", "read_only", RETRY_FAULT_S) from exc
+            try:
+                yield
+            finally:
+                lock.release()
             return
         key = uuid.UUID(run_id).int >> 65  # 63 bits: a non-negative bigint
         try:

@@ -1,4 +1,4 @@
-"""Two server processes on one PostgreSQL database flag a run exactly as one process does."""
+"""Two server processes on one database flag a run exactly as one process does."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,8 +23,6 @@ from server.flags.synthetic import Stream, generate_stream
 from server.store.sql import SqlStore
 from tests.conftest import fresh_pg_database
 from tests.fixtures.server import REPO_ROOT, LiveServer, free_port
-
-pytestmark = pytest.mark.postgres
 
 
 def stream_with_events() -> Stream:
@@ -56,6 +55,7 @@ def flags(url: str, run_id: str) -> list[tuple[Any, ...]]:
     )
 
 
+@pytest.mark.postgres
 def test_two_processes_ingesting_alternately_give_the_flags_of_one() -> None:
     stream = stream_with_events()
     batches = [(start, min(start + 12, 360)) for start in range(0, 360, 12)]
@@ -73,6 +73,7 @@ def test_two_processes_ingesting_alternately_give_the_flags_of_one() -> None:
             assert any(kind == "collapse" for _, kind, *_ in expected)
 
 
+@pytest.mark.postgres
 def test_serve_with_workers_gives_the_flags_of_one_process() -> None:
     """`mhpo serve --workers 2`: each request may land on either worker (a new connection per request)."""
     stream = stream_with_events()
@@ -99,42 +100,60 @@ def test_serve_with_workers_gives_the_flags_of_one_process() -> None:
                 proc.wait(timeout=30)
 
 
-def test_a_runs_turn_is_held_against_another_process_and_not_against_other_runs() -> None:
-    """Two stores with their own engines (as two server processes have) on one PostgreSQL database:
-    while one holds a run's turn, the other waits for that run, not for another run."""
+def assert_turns_are_exclusive_per_run(first: SqlStore, second: SqlStore) -> None:
+    """While `first` holds a run's turn, `second` waits for that run, not for another run."""
     run, other = str(uuid.uuid4()), str(uuid.uuid4())
+    while uuid.UUID(other).int % 64 == uuid.UUID(run).int % 64:  # SQLite stripes its lock files by run id
+        other = str(uuid.uuid4())
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with first.run_turn(run):
+            taken.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(30)
+    with second.run_turn(other):
+        pass  # another run: no wait
+    waited: list[float] = []
+
+    def wait_for_turn() -> None:
+        t0 = time.monotonic()
+        with second.run_turn(run):
+            waited.append(time.monotonic() - t0)
+
+    waiter = threading.Thread(target=wait_for_turn)
+    waiter.start()
+    waiter.join(1.0)
+    assert waiter.is_alive() and not waited, "the second process got the run's turn while the first held it"
+    release.set()
+    holder.join(30)
+    waiter.join(30)
+    assert len(waited) == 1 and waited[0] >= 1.0
+    with first.run_turn(run):
+        pass  # released: taken again at once
+
+
+@pytest.mark.postgres
+def test_a_runs_turn_is_held_across_processes_on_postgresql() -> None:
+    """Two stores with their own engines, as two server processes have, on one database."""
     with fresh_pg_database() as url:
         first, second = SqlStore.from_url(url), SqlStore.from_url(url)
         try:
-            taken, release = threading.Event(), threading.Event()
-
-            def hold() -> None:
-                with first.run_turn(run):
-                    taken.set()
-                    release.wait(30)
-
-            holder = threading.Thread(target=hold)
-            holder.start()
-            assert taken.wait(30)
-            with second.run_turn(other):
-                pass  # another run: no wait
-            waited: list[float] = []
-
-            def wait_for_turn() -> None:
-                t0 = time.monotonic()
-                with second.run_turn(run):
-                    waited.append(time.monotonic() - t0)
-
-            waiter = threading.Thread(target=wait_for_turn)
-            waiter.start()
-            waiter.join(1.0)
-            assert waiter.is_alive() and not waited, "the second process got the run's turn while the first held it"
-            release.set()
-            holder.join(30)
-            waiter.join(30)
-            assert len(waited) == 1 and waited[0] >= 1.0
-            with first.run_turn(run):
-                pass  # released: taken again at once
+            assert_turns_are_exclusive_per_run(first, second)
         finally:
             first.close()
             second.close()
+
+
+def test_a_runs_turn_is_held_across_processes_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'mhpo.db'}"
+    migrations.upgrade(url)
+    first, second = SqlStore.from_url(url), SqlStore.from_url(url)
+    try:
+        assert_turns_are_exclusive_per_run(first, second)
+    finally:
+        first.close()
+        second.close()
