@@ -117,6 +117,7 @@ __all__ = [
     "event_label",
     "event_markers",
     "flag_key",
+    "run_facts",
     "event_shapes",
     "first_parting_step",
     "flatten_config",
@@ -317,6 +318,13 @@ def timeseries_figure(title: str, rows: Sequence[Sequence[str]], series: Mapping
                    "xaxis": {"title": {"text": "step"}, "anchor": f"y{n}" if n > 1 else "y"},
                    "shapes": [_selection_shape(selected_step), *event_shapes(events), *nan_shapes(rows, series)]})
     return {"data": data, "layout": layout}, trace_map
+
+
+def run_facts(run: Mapping[str, Any]) -> str:
+    """The run page's one-line facts; a loss the run does not name (TRL, MLflow clients) is left out."""
+    loss = [f"loss {run['loss']}"] if run.get("loss") else []
+    return " · ".join([f"project {run.get('project')}", *loss, f"status {run.get('status')}",
+                       f"last step {run.get('last_step')}", f"open flags {run.get('open_flags', 0)}"])
 
 
 def flag_key(event: Mapping[str, Any]) -> str | None:

@@ -134,8 +134,7 @@ def _summary(run: dict[str, Any]) -> list[Any]:
     parent = run.get("parent_run_id")
     return [
         html.H2(f"{run.get('name')}"),
-        html.Span(f"project {run.get('project')} · loss {run.get('loss')} · status {run.get('status')} · "
-                  f"last step {run.get('last_step')} · open flags {run.get('open_flags', 0)}", id="run-facts"),
+        html.Span(figures.run_facts(run), id="run-facts"),
         html.Span([" · forked from ", dcc.Link(f"run {parent[:8]}", href=f"/runs/{parent}", id="run-parent-link"),
                    f" at step {run.get('fork_step')}"], id="run-parent") if parent else None,
         html.Span(" live" if live else "", className="badge-live" if live else ""),

@@ -116,3 +116,9 @@ def test_alert_conditions_read_as_words_and_times_as_utc() -> None:
                                "severity": "warning", "message": "m", "acknowledged_at": None,
                                "delivery_status": "none"}], {"abc": "my-run"})
     assert rows[0]["run"] == "[my-run](/runs/abc)" and rows[0]["acknowledged"] == "no" and rows[0]["id"] == 4
+
+
+def test_run_facts_leave_out_a_loss_the_run_does_not_name() -> None:
+    base = {"name": "r", "project": "p", "status": "running", "last_step": 3, "open_flags": 1}
+    assert figures.run_facts({**base, "loss": None}) == "project p · status running · last step 3 · open flags 1"
+    assert "loss mhpo" in figures.run_facts({**base, "loss": "mhpo"})
