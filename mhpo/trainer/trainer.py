@@ -200,6 +200,15 @@ class Trainer:
         state = torch.load(path / STATE_FILE, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        saved = self.scheduler.base_lrs[0]
+        if self.cfg.lr is not None and self.cfg.lr != saved:
+            # An lr given on resume wins over the checkpoint's (the optimizer state would silently keep
+            # the old one); the warm-up continues from the resumed step.
+            self.scheduler.base_lrs = [self.cfg.lr] * len(self.scheduler.base_lrs)
+            for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+                group["lr"] = self.cfg.lr * factor(self.scheduler.last_epoch)
+            logger.warning("resuming %s with lr %g (the checkpoint was trained with lr %g)", path, self.cfg.lr, saved)
+        self.lr = self.scheduler.base_lrs[0]
         self.rollout_step, self.opt_step, self.skipped = state["rollout_step"], state["opt_step"], state["skipped"]
         ranks = torch.load(path / f"rng-rank{self.dist.rank}.pt", weights_only=False)
         _set_rng_state(ranks["rng"])
@@ -312,7 +321,7 @@ class Trainer:
     ) -> dict[str, Any]:
         """One optimizer step on the mini-batch `mb_idx` (micro-batched), streamed as one record."""
         cfg = self.cfg
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]
         acc = DiagnosticsAccumulator(cfg.loss, self.hparams, top_k=cfg.top_k_outliers)
         micro = cfg.micro_batch_size or mb_idx.numel()
         chunks = mb_idx.split(micro)

@@ -147,3 +147,14 @@ def test_bfloat16_weights_keep_float32_statistics() -> None:
     records = trainer.step()
     assert all(math.isfinite(r["scalars"]["train/loss"]) for r in records)
     assert records[1]["scalars"]["ratio/std"] > 0.0
+
+
+def test_resume_keeps_the_checkpoints_lr_unless_one_is_given(tmp_path: Path) -> None:
+    Trainer(small_config(steps=1, lr=1e-3, lr_warmup_steps=10, checkpoint_dir=str(tmp_path))).train()
+    kept = Trainer(small_config(steps=2, lr_warmup_steps=10, checkpoint_dir=str(tmp_path), resume="latest"))
+    assert kept.lr == 1e-3 and kept.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 10)
+    changed = Trainer(small_config(steps=2, lr=2e-4, lr_warmup_steps=10, checkpoint_dir=str(tmp_path), resume="latest"))
+    assert changed.lr == 2e-4 and changed.optimizer.param_groups[0]["lr"] == pytest.approx(2e-4 * 3 / 10)
+    records = changed.step()
+    assert records[0]["scalars"]["train/lr"] == pytest.approx(2e-4 * 3 / 10)
+    assert records[1]["scalars"]["train/lr"] == pytest.approx(2e-4 * 4 / 10)
