@@ -429,7 +429,8 @@ def _drift(
         kind=kind,
         severity=severity,
         detector=DETECTORS[kind][0],
-        message=f"{kind}: {parts} ({len(votes)} of {len(judged)} signals)",
+        message=f"{kind}: {parts} ({len(votes)} of the {len(judged)} signals judged at this step"
+                f"{'; reward rising: informational' if vetoed else ''})",
         evidence={
             "signals": [_evidence(sig, row, p) for sig, row in judged],
             "unless": [_evidence(sig, row, p) for sig, row in guards],
@@ -504,37 +505,45 @@ def _spike(kind: str, p: SpikeParams, tables: list[dict[int, dict[str, Any]]], s
 
 
 def _bound_table(history: History, p: TrustRegionParams, at: np.ndarray) -> dict[int, list[dict[str, Any]]]:
-    """step -> the bounds exceeded at that step (key, value, bound)."""
+    """step -> the bounds exceeded at that step (key, value, bound; a key's tightest bound only)."""
     table: dict[int, list[dict[str, Any]]] = {}
-    for bound in p.bounds:
-        values = _lookup(history, bound.key, at)
-        for i in np.flatnonzero(values > bound.max).tolist():
-            table.setdefault(int(at[i]), []).append(
-                {"key": bound.key, "value": json_number(float(values[i])), "max": bound.max}
-            )
+    for key in dict.fromkeys(b.key for b in p.bounds):
+        bound = min(b.max for b in p.bounds if b.key == key)
+        values = _lookup(history, key, at)
+        for i in np.flatnonzero(values > bound).tolist():
+            table.setdefault(int(at[i]), []).append({"key": key, "value": float(values[i]), "max": bound})
     return table
+
+
+def _text(value: float) -> str:
+    """A value for a message: 4 significant digits, non-finite values as JSON spells them."""
+    return f"{value:.4g}" if math.isfinite(value) else str(json_number(value))
 
 
 def _trust_region(table: dict[int, list[dict[str, Any]]], step: int) -> Flag | None:
     hits = table.get(step)
     if not hits:
         return None
-    parts = ", ".join(f"{h['key']} = {float(h['value']):.4g} > {h['max']:g}" for h in hits)
+    parts = ", ".join(f"{h['key']} = {_text(h['value'])} > {h['max']:g}" for h in hits)
     return Flag(
         step=step,
         kind="trust_region",
-        severity="critical" if len(hits) >= 2 else "warning",
+        severity="critical" if len({h["key"] for h in hits}) >= 2 else "warning",
         detector=DETECTORS["trust_region"][0],
         message=f"trust_region: {parts} (the update left the loss's trust region)",
-        evidence={"signals": hits},
+        evidence={"signals": [{**h, "value": json_number(h["value"])} for h in hits]},
     )
 
 
-def _non_finite_table(history: History, steps: np.ndarray) -> dict[int, dict[str, float | str]]:
-    """step -> {key: value} of the keys that turn non-finite at that step (finite, or absent, just before)."""
+def _non_finite_table(history: History, kinds: StepKinds, steps: np.ndarray) -> dict[int, dict[str, float | str]]:
+    """step -> {key: value} of the keys that turn non-finite at that step (finite, or absent, at their previous
+    non-empty step: a value that went non-finite at an empty step, where nothing is flagged, is flagged at the
+    next step that has tokens)."""
     table: dict[int, dict[str, float | str]] = {}
     for key in history.keys():
         key_steps, values = history.series(key) or (np.empty(0, dtype=np.int64), np.empty(0))
+        keep = ~kinds.empty(key_steps)
+        key_steps, values = key_steps[keep], values[keep]
         bad = ~np.isfinite(values)
         if not bad.any():
             continue
@@ -594,9 +603,9 @@ def detect(
 ) -> list[Flag]:
     """Flags at each of `steps` (ascending), judged on `history` up to that step.
 
-    `last_flagged` maps kind (and `refractory_key(kind, "warning")`) -> latest step already
-    flagged (from the store); it is updated in place and enforces the drift detectors'
-    refractory period. The window
+    `last_flagged` maps `refractory_key(kind, severity)` -> the latest step already flagged
+    with that kind at that severity or above (from the store); it is updated in place and
+    enforces the refractory period of the drift and trust-region detectors. The window
     statistics are computed for all steps at once (vectorised); the result is the same as
     evaluating step by step. Empty steps (`tokens/valid` = 0) are never flagged.
     """
@@ -620,7 +629,7 @@ def detect(
         if p.enabled
     }
     bounds = _bound_table(history, params.trust_region, at) if params.trust_region.enabled else {}
-    non_finite = _non_finite_table(history, at) if params.non_finite.enabled else {}
+    non_finite = _non_finite_table(history, kinds, at) if params.non_finite.enabled else {}
     on_policy = params.on_policy if params.on_policy.enabled and params.on_policy.keys else None
     flags: list[Flag] = []
     for step in at.tolist():
@@ -641,23 +650,32 @@ def detect(
         for flag in found:
             if flag is not None:
                 flags.append(flag)
-                for key in {flag.kind, refractory_key(flag.kind, flag.severity)}:
+                for level in SEVERITIES[: SEVERITIES.index(flag.severity) + 1]:
+                    key = refractory_key(flag.kind, level)
                     last[key] = max(step, last.get(key, step))
     return flags
 
 
+SEVERITIES = ("info", "warning", "critical")
+
+
 def _outside_refractory(last: Mapping[str, int], kind: str, severity: str, hold: int, step: int) -> bool:
-    """Whether a flag of `kind` at `step` is a new event: a warning or critical `hold` steps after the last
-    one; an informational flag `hold` // 8 steps after any flag of its kind and `hold` after an alarm."""
+    """Whether a flag of `kind` at `step` is a new event: `hold` steps after the last flag of its kind
+    of at least its severity (so a critical after a warning still comes: an escalation); an
+    informational flag also `hold` // 8 steps after any flag of its kind."""
     never = -(10**12)
-    alarm = step - last.get(refractory_key(kind, "warning"), never) > hold
-    if severity != "info":
-        return alarm
-    return alarm and step - last.get(kind, never) > hold // 8
+    if severity == "info":
+        return step - last.get(refractory_key(kind, "warning"), never) > hold and (
+            step - last.get(refractory_key(kind, "info"), never) > hold // 8
+        )
+    return step - last.get(refractory_key(kind, severity), never) > hold
 
 
 def refractory_key(kind: str, severity: str) -> str:
-    """The `last_flagged` entry a flag of this severity is held back by: an informational flag by any
-    earlier flag of its kind, a warning or critical only by an earlier warning or critical (so an
-    alarm is not swallowed by the heads-up that preceded it)."""
-    return kind if severity == "info" else f"{kind}:alarm"
+    """The `last_flagged` entry of the latest flag of `kind` of at least `severity`."""
+    return f"{kind}:{severity}"
+
+
+def held_severities(severity: str) -> tuple[str, ...]:
+    """The severities a `refractory_key(kind, severity)` entry counts: `severity` and above."""
+    return SEVERITIES[SEVERITIES.index(severity):]

@@ -13,6 +13,7 @@ the reference was, so a near-constant baseline cannot produce an enormous z.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,7 +25,7 @@ Units = Annotated[float, Field(ge=0.0, le=1e9)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Signal(_Strict):
@@ -105,7 +106,7 @@ class SpikeParams(_Strict):
 
 
 class Bound(_Strict):
-    """One absolute bound of `trust_region`: `key` above `max` (in the key's units) at a later update."""
+    """One absolute bound of `trust_region`: `key` above `max` (in the key's units) at any step with tokens."""
 
     key: Key
     max: Units
@@ -218,10 +219,12 @@ class FlagParams(_Strict):
     on_policy: OnPolicyParams = OnPolicyParams()
 
     def merged(self, overrides: dict[str, Any] | None) -> FlagParams:
-        """These parameters with a partial, nested `overrides` dict applied (validated)."""
+        """These parameters with a partial, nested `overrides` dict applied, validated strictly as JSON
+        (no "0.5" for a number, no "false" for a bool, no NaN; a list such as `bounds` is replaced whole)."""
         if not overrides:
             return self
-        return FlagParams.model_validate(_deep_merge(self.model_dump(), overrides))
+        merged = _deep_merge(self.model_dump(mode="json"), overrides)
+        return FlagParams.model_validate_json(json.dumps(merged), strict=True)
 
     def drifts(self) -> dict[str, DriftParams]:
         """Drift detectors by the flag kind they raise."""

@@ -1,6 +1,7 @@
 """Labelled synthetic streams that look like GRPO-family runs, for the detector tests and bench/detect.py.
 
-Each stream carries the product's metric names with per-run levels drawn at random,
+Each stream carries the product's metric names (the clip fraction and update-to-weight ratio
+included, below the trust-region bounds) with per-run levels drawn at random,
 slow trends (entropy decays, rewards rise, the ratio spread widens), AR(1) drift and
 per-step noise (multiplicative log-normal for scale metrics such as the grad-norm), and
 optionally one injected event at a random onset:
@@ -142,6 +143,8 @@ def generate_stream(seed: int, n_steps: int = 400, kind: str | None = None, onse
             grad[sl] *= rng.uniform(5.0, 30.0)
         else:
             grad[sl] = math.inf
+    # Drawn last, so the streams of the keys above stay what they were before these keys were added.
+    update_ratio = rng.uniform(5e-4, 4e-3) * np.exp(-0.3 * t) * noisy(0.1)
     scalars = {
         "ratio/mean": ratio_mean,
         "ratio/std": spread,
@@ -153,10 +156,12 @@ def generate_stream(seed: int, n_steps: int = 400, kind: str | None = None, onse
         "ratio/frac_below_0.2": np.clip(frac_below, 0, 1),
         "ratio/clip_frac_low": np.clip(clip_low, 0, 1),
         "ratio/clip_frac_high": np.clip(clip_high, 0, 1),
+        "ratio/clip_frac": np.clip(clip_low + clip_high, 0, 1),
         "hazard/zeta_mean": zeta_mean,
         "hazard/zeta_p99": zeta_p99,
         "hazard/survival_mean": np.exp(-zeta_mean),
         "grad/norm": grad,
+        "grad/update_ratio": update_ratio,
         "policy/entropy": entropy,
         "policy/kl_k3": spread**2 / 2 * noisy(0.05),
         "policy/logp_mean": logp,
@@ -173,7 +178,8 @@ def generate_stream(seed: int, n_steps: int = 400, kind: str | None = None, onse
         assert onset is not None
         for key in ("ratio/mean", "ratio/std", "ratio/min", "ratio/max", "ratio/p50", "policy/kl_k3"):
             scalars[key][onset:] = 0.0
-        for key in ("ratio/frac_above_0.2", "ratio/frac_below_0.2", "ratio/clip_frac_low", "ratio/clip_frac_high"):
+        for key in ("ratio/frac_above_0.2", "ratio/frac_below_0.2", "ratio/clip_frac_low", "ratio/clip_frac_high",
+                    "ratio/clip_frac"):
             scalars[key][onset:] = 0.0
         scalars["ratio/pos_mass"][onset:] = 0.0
     return Stream(seed=seed, n_steps=n, scalars=scalars, kind=kind, onset=onset)
@@ -283,7 +289,7 @@ def pattern_stream(pattern: str, seed: int, n_steps: int = 400, onset: int = 150
             s[key] = np.repeat(s[key][::2], 2)[:n_steps]
         for key in ("ratio/mean", "ratio/std", "ratio/min", "ratio/max", "ratio/p50", "ratio/pos_mass",
                     "ratio/frac_above_0.2", "ratio/frac_below_0.2", "ratio/clip_frac_low", "ratio/clip_frac_high",
-                    "policy/kl_k3"):
+                    "ratio/clip_frac", "policy/kl_k3"):
             s[key] = np.where(on, 0.0, s[key])
         s["hazard/zeta_mean"] = np.where(on, 1.3278, s["hazard/zeta_mean"])
         s["hazard/zeta_p99"] = np.where(on, 1.3278, s["hazard/zeta_p99"])
