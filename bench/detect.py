@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,8 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mhpo.demo import wait_healthy  # noqa: E402
+from servers import mhpo_server  # noqa: E402
+
 from server.flags import FlagParams, History, detect  # noqa: E402
 from server.flags.synthetic import (  # noqa: E402
     GOAL_DELAY,
@@ -63,33 +63,12 @@ ALL_OFF = {name: {"enabled": False} for name in FlagParams.model_fields}
 PATTERN_GOAL = {"collapse": 30, "entropy_surge": 30, "kl_spike": 2}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def local_server() -> Iterator[str]:
-    """`mhpo db upgrade` + `mhpo serve` on a fresh SQLite file; yields the base URL."""
+    """`mhpo serve` on a fresh SQLite file; yields the base URL."""
     tmp = Path(tempfile.mkdtemp(prefix="mhpo-bench-detect-"))
-    db, port = f"sqlite:///{tmp / 'mhpo.db'}", free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    subprocess.run([sys.executable, "-m", "mhpo", "db", "upgrade", "--db", db], cwd=REPO_ROOT, env=env, check=True,
-                   capture_output=True)
-    with (tmp / "serve.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mhpo", "serve", "--db", db, "--port", str(port)],
-                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_healthy(f"{url}/healthz", proc, timeout=120)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}: see {tmp / 'serve.log'}") from exc
+    with mhpo_server(f"sqlite:///{tmp / 'mhpo.db'}", tmp) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 def post_stream(client: httpx.Client, project: str, stream: Stream, batch: int) -> tuple[str, list[float]]:

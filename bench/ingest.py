@@ -26,9 +26,7 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,48 +39,12 @@ from pathlib import Path
 
 import httpx
 
-from mhpo.demo import wait_healthy
+from servers import free_port, mhpo_server, serve
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 STEP_KEYS = [f"bench/k{i:02d}" for i in range(30)]
 BATCH_STEPS, BATCH_KEYS = 50, [f"bench/k{i:02d}" for i in range(20)]
 READ_STEPS = 100_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def serve(cmd: list[str], health_url: str, log_path: Path, env: dict[str, str] | None = None) -> Iterator[None]:
-    """Run a server process until the block ends; wait for its health URL first."""
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    try:
-        try:
-            wait_healthy(health_url, proc, timeout=120)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}: see {log_path}") from exc
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@contextmanager
-def mhpo_server(db_url: str, workdir: Path) -> Iterator[str]:
-    port = free_port()
-    subprocess.run([sys.executable, "-m", "mhpo", "db", "upgrade", "--db", db_url], cwd=REPO_ROOT, check=True,
-                   capture_output=True)
-    cmd = [sys.executable, "-m", "mhpo", "serve", "--db", db_url, "--host", "127.0.0.1", "--port", str(port)]
-    with serve(cmd, f"http://127.0.0.1:{port}/healthz", workdir / "mhpo-serve.log"):
-        yield f"http://127.0.0.1:{port}"
 
 
 @contextmanager

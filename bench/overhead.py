@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -29,12 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from mhpo.demo import start_server  # noqa: E402
 from mhpo.trainer import Trainer, TrainerConfig  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from servers import free_port  # noqa: E402
 
 
 def main() -> None:
