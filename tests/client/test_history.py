@@ -9,7 +9,7 @@ from pathlib import Path
 import mhpo
 from tests.client.conftest import PROJECT
 from tests.client.helpers import Target
-from tests.fixtures.server import LiveServer, live_server_db  # noqa: F401 - pytest fixture
+from tests.fixtures.server import LiveServer
 
 FAST = {"flush_interval": 0.05, "max_backoff": 0.3}
 
@@ -43,7 +43,7 @@ def test_resume_from_step_rewinds_before_logging(shared_server: Target, tmp_path
 
 
 def test_rewind_requested_while_the_server_is_down_is_replayed_in_order(
-    live_server_db: LiveServer, tmp_path: Path  # noqa: F811
+    live_server_db: LiveServer, tmp_path: Path
 ) -> None:
     target = Target(live_server_db)
     run_id = crashed_run(target, tmp_path)

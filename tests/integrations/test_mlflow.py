@@ -11,7 +11,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from server.store import open_store
-from tests.fixtures.server import LiveServer, live_server, live_server_db  # noqa: F401 - pytest fixtures
+from tests.fixtures.server import LiveServer
 from tests.integrations.conftest import count_reward, cpu_threads, grpo_config, prompts
 
 
@@ -36,7 +36,7 @@ def runs_of(url: str, project: str, headers: dict[str, str] | None = None) -> li
     return httpx.get(f"{url}/api/v1/runs", params={"project": project}, headers=headers).json()["runs"]
 
 
-def test_the_mlflow_client_logs_a_run(live_server_db: LiveServer, tracking) -> None:  # noqa: F811
+def test_the_mlflow_client_logs_a_run(live_server_db: LiveServer, tracking) -> None:
     url = live_server_db.url
     tracking(url)
     mlflow.set_experiment("mlf")
@@ -62,7 +62,7 @@ def test_the_mlflow_client_logs_a_run(live_server_db: LiveServer, tracking) -> N
     assert series["reward/mean"]["step"] == [2] and series["custom"]["value"] == [7.0]
 
 
-def test_unknown_routes_and_runs_answer_mlflow_errors(live_server: LiveServer, tracking) -> None:  # noqa: F811
+def test_unknown_routes_and_runs_answer_mlflow_errors(live_server: LiveServer, tracking) -> None:
     url = live_server.url
     r = httpx.post(f"{url}/api/2.0/mlflow/registered-models/create", json={"name": "m"})
     assert r.status_code == 404 and r.json()["error_code"] == "ENDPOINT_NOT_FOUND"
@@ -92,7 +92,7 @@ def test_tokens_are_honoured(sqlite_url: str, tracking) -> None:
         assert run["name"] == "authed" and run["last_step"] == 3
 
 
-def test_trl_report_to_mlflow_lands_in_mhpo(tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer,  # noqa: F811
+def test_trl_report_to_mlflow_lands_in_mhpo(tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer,
                                             tracking, monkeypatch: pytest.MonkeyPatch) -> None:
     """Plain `trl.GRPOTrainer`, no integration code: transformers' MLflowCallback streams into MHPO Monitor."""
     from trl import GRPOTrainer

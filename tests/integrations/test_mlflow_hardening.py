@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.fixtures.server import LiveServer, live_server_db  # noqa: F401 - pytest fixture
+from tests.fixtures.server import LiveServer
 from tests.integrations.test_mlflow import tracking  # noqa: F401 - pytest fixture
 
 API = "/api/2.0/mlflow"
@@ -58,7 +58,7 @@ def cases(run_id: str, bad: str) -> list[tuple[str, dict[str, Any], str]]:
 
 @pytest.mark.parametrize("kind", list(BAD))
 def test_unstorable_text_is_refused_naming_the_field_and_nothing_is_stored(
-        live_server_db: LiveServer, kind: str) -> None:  # noqa: F811
+        live_server_db: LiveServer, kind: str) -> None:
     url = live_server_db.url
     run_id = new_run(url)
     for path, body, field in cases(run_id, BAD[kind]):
@@ -70,7 +70,7 @@ def test_unstorable_text_is_refused_naming_the_field_and_nothing_is_stored(
     assert httpx.get(f"{url}/api/v1/runs/{run_id}/keys").json()["scalars"] == []
 
 
-def test_secret_params_and_tags_are_redacted(live_server_db: LiveServer, tracking) -> None:  # noqa: F811
+def test_secret_params_and_tags_are_redacted(live_server_db: LiveServer, tracking) -> None:
     url = live_server_db.url
     tracking(url)
     mlflow.set_experiment("secrets")
@@ -86,7 +86,7 @@ def test_secret_params_and_tags_are_redacted(live_server_db: LiveServer, trackin
     assert "SECRET" not in stored and "[redacted]" in stored
 
 
-def test_numbers_as_the_mlflow_client_sends_them(live_server_db: LiveServer, tracking) -> None:  # noqa: F811
+def test_numbers_as_the_mlflow_client_sends_them(live_server_db: LiveServer, tracking) -> None:
     url = live_server_db.url
     run_id = new_run(url)
     # Current clients: JSON numbers, "NaN"/"Infinity" for non-finite values; older ones: int64 as digit strings.

@@ -14,7 +14,7 @@ import torch
 
 import mhpo.client
 from mhpo.integrations.trl import GRPOTrainer
-from tests.fixtures.server import LiveServer, live_server  # noqa: F401 - pytest fixture
+from tests.fixtures.server import LiveServer
 from tests.integrations.conftest import count_reward, cpu_threads, grpo_config, prompts
 
 # (registry loss, its hyper-parameters, TRL loss_type, TRL epsilon, TRL epsilon_high)
@@ -107,7 +107,7 @@ def test_unknown_registry_loss_is_named(tiny_model_dir: Path, tmp_path: Path) ->
         make_trainer(tiny_model_dir, tmp_path, "grpo", 0.2, 0.2, loss="ppo")
 
 
-def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer) -> None:  # noqa: F811
+def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer) -> None:
     """num_iterations=2: the second update of each generation batch is off-policy, so the ratios move."""
     cpu_threads()
     args = grpo_config(tmp_path, max_steps=4, num_iterations=2, run_name="trl-real")
@@ -137,7 +137,7 @@ def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Pat
 
 
 def test_resume_from_checkpoint_continues_the_run_rewound(tiny_model_dir: Path, tmp_path: Path,
-                                                          live_server: LiveServer) -> None:  # noqa: F811
+                                                          live_server: LiveServer) -> None:
     """Train 4 steps saving at 2, resume from checkpoint-2 with another temperature and learning rate in a
     new trainer: one run, steps 1..2 from the first trajectory, 3..5 from the resumed one, a rewind event."""
     cpu_threads()
@@ -178,7 +178,7 @@ def test_resume_from_checkpoint_continues_the_run_rewound(tiny_model_dir: Path, 
 
 
 def test_resume_from_the_latest_checkpoint(tiny_model_dir: Path, tmp_path: Path,
-                                           live_server: LiveServer) -> None:  # noqa: F811
+                                           live_server: LiveServer) -> None:
     """resume_from_checkpoint=True: the latest checkpoint in output_dir (transformers' choice) names the run
     and the step; a run passed as `mhpo_run` opts out (a new run here, the first one untouched)."""
     cpu_threads()

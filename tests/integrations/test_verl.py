@@ -14,7 +14,7 @@ from verl.workers.config import FSDPActorConfig
 
 import mhpo.integrations.verl as mverl
 from mhpo.losses import LOSSES
-from tests.fixtures.server import REPO_ROOT, LiveServer, live_server  # noqa: F401 - pytest fixture
+from tests.fixtures.server import REPO_ROOT, LiveServer
 
 
 def actor_config(**overrides: float | None) -> FSDPActorConfig:
@@ -99,7 +99,7 @@ def test_hparams_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         mverl.hparams_from("mhpo", actor_config())
 
 
-def test_rank0_streams_one_record_per_optimizer_step(live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_rank0_streams_one_record_per_optimizer_step(live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two optimizer steps of 6 sequences, each in two micro-batches of 3: two records."""
     monkeypatch.setattr(mverl, "STREAM", mverl._Stream())
     monkeypatch.setenv("MHPO_PROJECT", "verl-it")

@@ -15,7 +15,7 @@ from mhpo.cli import main as mhpo_main
 from server.config import Settings
 from server.cli import is_loopback
 from server.store import open_store
-from tests.fixtures.server import LiveServer, live_server  # noqa: F401  (fixture)
+from tests.fixtures.server import LiveServer
 from tests.server.conftest import new_run, post_json
 
 
@@ -56,7 +56,7 @@ def test_serve_refuses_unmigrated_database(sqlite_url: str, capsys: pytest.Captu
     assert f"mhpo db upgrade --db {sqlite_url}" in capsys.readouterr().err
 
 
-def test_live_server_survives_sigkill(live_server: LiveServer) -> None:  # noqa: F811
+def test_live_server_survives_sigkill(live_server: LiveServer) -> None:
     """What a real `mhpo serve` acknowledged is still there after SIGKILL and a restart."""
     with httpx.Client(base_url=live_server.url) as client:
         run_id = new_run(client)

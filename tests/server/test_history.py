@@ -15,7 +15,7 @@ import migrations
 from server.app import create_app
 from server.config import Settings
 from server.flags.synthetic import generate_stream
-from tests.fixtures.server import LiveServer, live_server_db  # noqa: F401 - pytest fixture
+from tests.fixtures.server import LiveServer
 
 
 class Api:

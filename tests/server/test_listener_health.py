@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from sqlalchemy import create_engine, text
 
-from tests.fixtures.server import LiveServer, live_server_db  # noqa: F401 - pytest fixture
+from tests.fixtures.server import LiveServer
 
 
 def post_records(server: LiveServer, run_id: str, batch: str, steps: range) -> httpx.Response:
@@ -13,7 +13,7 @@ def post_records(server: LiveServer, run_id: str, batch: str, steps: range) -> h
     return httpx.post(f"{server.url}/api/v1/runs/{run_id}/records", json={"batch_id": batch, "records": records})
 
 
-def test_failing_listener_is_reported(live_server_db: LiveServer) -> None:  # noqa: F811
+def test_failing_listener_is_reported(live_server_db: LiveServer) -> None:
     server = live_server_db
     healthy = httpx.post(f"{server.url}/api/v1/runs", json={"project": "p", "name": "r"}).json()["run_id"]
     assert post_records(server, healthy, "ok", range(0, 5)).status_code == 200

@@ -21,7 +21,7 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fixtures.server import REPO_ROOT, LiveServer, live_server_db  # noqa: F401 - pytest fixture
+from tests.fixtures.server import REPO_ROOT, LiveServer
 
 MAX_EXAMPLES = 12  # per field
 LISTS = ("/api/v1/runs", "/api/v1/projects", "/api/v1/alert-rules", "/api/v1/alerts")
@@ -121,7 +121,7 @@ def check_refused_item(refused: list[dict[str, Any]], target: str, value: str) -
     assert item["reason"], item
 
 
-def test_every_text_field(live_server_db: LiveServer) -> None:  # noqa: F811
+def test_every_text_field(live_server_db: LiveServer) -> None:
     with httpx.Client(base_url=live_server_db.url, timeout=30) as client:
         for target in TARGETS:
             fuzz_field(client, target)

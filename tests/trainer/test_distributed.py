@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures.server import REPO_ROOT, LiveServer, free_port, live_server  # noqa: F401 - pytest fixture
+from tests.fixtures.server import REPO_ROOT, LiveServer, free_port
 
 
-def test_two_process_torchrun_sends_one_merged_record_per_step(live_server: LiveServer, tmp_path: Path) -> None:  # noqa: F811
+def test_two_process_torchrun_sends_one_merged_record_per_step(live_server: LiveServer, tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.fail("torchrun not found next to the interpreter; torch installs it")

@@ -7,11 +7,11 @@ import pytest
 
 from mhpo.demo import demo_configs
 from mhpo.trainer import Trainer
-from tests.fixtures.server import LiveServer, live_server  # noqa: F401 - pytest fixture
+from tests.fixtures.server import LiveServer
 
 
 @pytest.mark.timeout(900)  # 60 optimizer steps of real training: minutes on a shared 2-core machine
-def test_demo_defaults_raise_no_warning_and_stream_the_step_kind(live_server: LiveServer) -> None:  # noqa: F811
+def test_demo_defaults_raise_no_warning_and_stream_the_step_kind(live_server: LiveServer) -> None:
     config = demo_configs(steps=30, seed=0, task="addition", project="quiet", server=live_server.url, progress=False)[0]
     trainer = Trainer(config)
     run_id = trainer.run.id

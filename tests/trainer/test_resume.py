@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.fixtures.server import REPO_ROOT, LiveServer, live_server_db  # noqa: F401 - pytest fixture
+from tests.fixtures.server import REPO_ROOT, LiveServer
 
 SMALL = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "4", "--no-progress"]
 KILLED = """
@@ -35,7 +35,7 @@ def logged(path: Path, key: str) -> dict[int, float]:
     return {r["step"]: r["scalars"][key] for r in map(json.loads, path.read_text().splitlines())}
 
 
-def test_resume_latest_after_a_kill_past_the_checkpoint(live_server_db: LiveServer, tmp_path: Path) -> None:  # noqa: F811
+def test_resume_latest_after_a_kill_past_the_checkpoint(live_server_db: LiveServer, tmp_path: Path) -> None:
     ckpt, first, second = tmp_path / "ckpt", tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     killed = subprocess.run([sys.executable, "-c", KILLED, live_server_db.url, str(ckpt), str(first)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -8,11 +8,11 @@ import sys
 import httpx
 
 from mhpo.trainer import Trainer
-from tests.fixtures.server import REPO_ROOT, LiveServer, live_server  # noqa: F401 - pytest fixture
+from tests.fixtures.server import REPO_ROOT, LiveServer
 from tests.trainer.helpers import small_config
 
 
-def test_records_arrive_in_a_live_server(live_server: LiveServer) -> None:  # noqa: F811
+def test_records_arrive_in_a_live_server(live_server: LiveServer) -> None:
     trainer = Trainer(small_config(steps=2, stream=True, server=live_server.url, project="t", name="stream"))
     run_id = trainer.run.id
     trainer.train()  # finishes the run: flushes every record
@@ -29,7 +29,7 @@ def test_records_arrive_in_a_live_server(live_server: LiveServer) -> None:  # no
     assert outliers and all(o["text"] for o in outliers if o["token_id"] is not None)
 
 
-def test_mhpo_train_command_streams(live_server: LiveServer, tmp_path) -> None:  # noqa: F811
+def test_mhpo_train_command_streams(live_server: LiveServer, tmp_path) -> None:
     cfg = tmp_path / "train.yaml"
     cfg.write_text("prompts_per_step: 4\ngroup_size: 4\nmax_new_tokens: 4\nsteps: 5\n")
     proc = subprocess.run(

@@ -15,11 +15,11 @@ import pytest
 
 from mhpo.demo import demo_configs
 from mhpo.trainer import Trainer
-from tests.fixtures.server import LiveServer, live_server  # noqa: F401 - pytest fixture
+from tests.fixtures.server import LiveServer
 
 
 @pytest.mark.timeout(600)
-def test_too_many_updates_per_rollout_raise_trust_region_in_the_first_rollout(live_server: LiveServer) -> None:  # noqa: F811
+def test_too_many_updates_per_rollout_raise_trust_region_in_the_first_rollout(live_server: LiveServer) -> None:
     demo = demo_configs(steps=2, seed=0, task="addition", project="hard", server=live_server.url, progress=False)[1]
     config = dataclasses.replace(demo, prompts_per_step=8, lr=2e-3, ppo_epochs=2, mini_batches=4, name="too-hard")
     trainer = Trainer(config)
