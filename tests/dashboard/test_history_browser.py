@@ -45,3 +45,11 @@ def test_rewind_redraws_the_open_page_and_a_fork_links_its_parent(server: LiveSe
     history = page.inner_text("#run-history")
     assert "rewind" in history and "child-run" in history
     assert page.get_attribute(".history-link", "href").endswith(fork["run_id"])
+
+
+def test_an_mlflow_run_link_opens_the_run_page(server: LiveServer, page: object) -> None:
+    """The link an MLflow client prints ("View run ... at: <tracking URI>/#/experiments/<id>/runs/<id>")."""
+    run_id = seed_run(server.url, "mlflow-links", "linked-run", "grpo", {"lr": 1e-6}, 5, seed=3)
+    open_page(page, f"{server.url}/#/experiments/mlflow-links/runs/{run_id}", "#run-summary")
+    page.wait_for_function("() => document.querySelector('#run-summary').innerText.includes('linked-run')")
+    assert page.url == f"{server.url}/runs/{run_id}"
