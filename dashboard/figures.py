@@ -581,10 +581,14 @@ def step_histogram_figure(pos: Mapping[str, Any] | None, neg: Mapping[str, Any] 
                 shape, label = _vline(b, colour, label=name.upper(), position="top" if name == "grpo" else "bottom")
                 shapes.append(shape)
                 annotations.append(label)
-    annotations += [{"text": n, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0, "y": -0.2} for n in notes]
+    annotations += [{"text": n, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0, "y": -0.55,
+                     "xanchor": "left"} for n in notes]
+    # The legend goes under the plot: on the right it would cover the multiplier axis and its title.
     return {"data": data, "layout": {
-        "title": _title(title), "barmode": "stack", "height": 340, "margin": {**MARGIN, "r": 50},
-        "legend": {"font": {"size": 10}, "x": 1.08}, "xaxis": {"title": {"text": "log-ratio x"}, "range": [lo, hi]},
+        "title": _title(title), "barmode": "stack", "height": 400, "margin": {**MARGIN, "r": 50, "b": 110},
+        "legend": {"font": {"size": 10}, "orientation": "h", "x": 0, "xanchor": "left", "y": -0.22,
+                   "yanchor": "top"},
+        "xaxis": {"title": {"text": "log-ratio x"}, "range": [lo, hi]},
         "yaxis": {"title": {"text": "share of tokens"}},
         "yaxis2": {"title": {"text": "gradient multiplier M(x)"}, "overlaying": "y", "side": "right",
                    "rangemode": "tozero", "showgrid": False},
