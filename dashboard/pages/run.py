@@ -189,6 +189,7 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
         dcc.Store(id="run-selected", data={"step": last_step, "follow": True}),
         dcc.Store(id="run-keys", data=scalar_keys),
         dcc.Store(id="run-custom-keys", storage_type="local"),
+        dcc.Store(id="run-custom-drawn"),
         dcc.Interval(id="run-live", interval=live_ms, n_intervals=0),
         html.Section([_graph("heatmap", figs["heatmap"]),
                       dcc.Graph(id="run-step-histogram", figure=step_fig, config={"displaylogo": False},
@@ -264,27 +265,74 @@ def choose_keys(_add: list[Any], _remove: list[Any], chosen: dict[str, list[str]
     return chosen
 
 
-@callback(Output("run-custom-charts", "children"), Input("run-custom-keys", "data"), Input("run-state", "data"))
-def custom_charts(chosen: dict[str, list[str]] | None, state: dict[str, Any]) -> list[Any]:
-    """One chart per chosen key, redrawn when the run grows (they are small)."""
+@callback(Output("run-custom-charts", "children"), Output("run-custom-drawn", "data"),
+          Input("run-custom-keys", "data"), State("run-state", "data"))
+def custom_charts(chosen: dict[str, list[str]] | None, state: dict[str, Any]) -> tuple[list[Any], Any]:
+    """One chart per chosen key, drawn when the choice changes; a live update appends to them."""
     keys = (chosen or {}).get(state["run_id"], [])
     if not keys:
-        return [html.P("none yet: pick keys in the key explorer above", id="run-custom-empty", className="hint")]
+        return [html.P("none yet: pick keys in the key explorer above", id="run-custom-empty", className="hint")], None
+    try:
+        figs, drawn = _custom_figures(api(), state, keys)
+    except ApiError as exc:
+        return [html.P(str(exc), className="error")], None
+    return [html.Div([
+        html.Button("remove", id={"type": "key-remove", "key": key}, n_clicks=0, className="remove-chart"),
+        dcc.Graph(id={"type": "custom-graph", "key": key}, figure=figs[key], config={"displaylogo": False},
+                  className="graph custom-graph")], className="custom-chart") for key in keys], drawn
+
+
+def _custom_figures(client: ApiClient, state: dict[str, Any], keys: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The custom charts' figures up to the run's last step, and what was drawn (for the live appends)."""
+    data, events = parallel(lambda: client.scalars(state["run_id"], keys, end=state.get("last_step"),
+                                                   max_points=MAX_POINTS),
+                            lambda: client.events(state["run_id"]))
+    figs, maps = {}, {}
+    for key in keys:
+        figs[key], maps[key] = figures.timeseries_figure(key, [[key]], data["series"], events, None,
+                                                          data.get("downsampled", False))
+    return figs, {"last_step": state.get("last_step"), "trace_maps": maps,
+                  "event_ids": [_event_id(e) for e in events]}
+
+
+@callback(Output({"type": "custom-graph", "key": ALL}, "figure"),
+          Output("run-custom-drawn", "data", allow_duplicate=True),
+          Input("run-state", "data"), State("run-custom-drawn", "data"),
+          State({"type": "custom-graph", "key": ALL}, "id"), prevent_initial_call=True)
+def extend_custom_charts(state: dict[str, Any], drawn: dict[str, Any] | None,
+                         ids: list[dict[str, str]]) -> tuple[list[Any], Any]:
+    """New points of a live run appended to the custom charts (`Patch`), so they keep their zoom;
+    redrawn whole only after a rewind."""
+    keys = [i["key"] for i in ids]
+    last, new_last = (drawn or {}).get("last_step"), state.get("last_step")
+    if not keys or drawn is None or new_last is None or new_last == last:
+        return [no_update] * len(keys), no_update
     client = api()
     try:
-        data, events = parallel(lambda: client.scalars(state["run_id"], keys, end=state.get("last_step"),
+        if last is None or new_last < last or set(keys) != set(drawn["trace_maps"]):
+            figs, new_drawn = _custom_figures(client, state, keys)
+            return [figs[k] for k in keys], new_drawn
+        data, events = parallel(lambda: client.scalars(state["run_id"], keys, start=last + 1, end=new_last,
                                                        max_points=MAX_POINTS),
                                 lambda: client.events(state["run_id"]))
-    except ApiError as exc:
-        return [html.P(str(exc), className="error")]
+    except ApiError:
+        return [no_update] * len(keys), no_update
+    seen = set(drawn["event_ids"])
+    new_events = [e for e in events if _event_id(e) not in seen]
     out = []
     for key in keys:
-        fig, _ = figures.timeseries_figure(key, [[key]], data["series"], events, None, data.get("downsampled", False))
-        out.append(html.Div([
-            html.Button("remove", id={"type": "key-remove", "key": key}, n_clicks=0, className="remove-chart"),
-            dcc.Graph(id={"type": "custom-graph", "key": key}, figure=fig, config={"displaylogo": False},
-                      className="graph custom-graph")], className="custom-chart"))
-    return out
+        patch = Patch()
+        trace_map = drawn["trace_maps"][key]
+        for index, (xs, ys) in figures.series_extension(trace_map, data["series"]).items():
+            patch["data"][index]["x"].extend(xs)
+            patch["data"][index]["y"].extend(ys)
+        nan_marks = figures.nan_shapes([[key]], data["series"])
+        if nan_marks:
+            patch["layout"]["shapes"].extend(nan_marks)
+        if new_events:
+            _events_patch(patch, new_events, trace_map, [[key]], data["series"])
+        out.append(patch)
+    return out, {**drawn, "last_step": new_last, "event_ids": [_event_id(e) for e in events]}
 
 
 @callback(

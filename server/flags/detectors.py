@@ -395,10 +395,9 @@ def _drift_tables(
 
 
 def _drift(
-    kind: str, p: DriftParams, tables: list[dict[int, _Judged]], unless: list[dict[int, _Judged]], logged: int,
-    step: int,
+    kind: str, p: DriftParams, tables: list[dict[int, _Judged]], unless: list[dict[int, _Judged]], step: int
 ) -> Flag | None:
-    """The flag of a drift detector at `step`, or None; `logged` counts the independent signals (families) the run logs."""
+    """The flag of a drift detector at `step`, or None."""
     judged = [(sig, table[step]) for sig, table in zip(p.signals, tables, strict=True) if step in table]
     if not judged:
         return None
@@ -416,7 +415,7 @@ def _drift(
         severity = "info"
     elif len(votes) >= p.critical_votes and independent >= p.warning_votes:
         severity = "critical"
-    elif independent >= min(p.warning_votes, logged):
+    elif independent >= p.warning_votes:
         severity = "warning"
     else:
         severity = "info"
@@ -618,7 +617,6 @@ def detect(
             p,
             _drift_tables(history, kinds, p.signals, p, at, False),
             _drift_tables(history, kinds, p.unless, p, at, True),
-            len({sig.family or sig.key for sig in p.signals if history.series(sig.key) is not None}),
         )
         for kind, p in params.drifts().items()
         if p.enabled
@@ -634,8 +632,8 @@ def detect(
     flags: list[Flag] = []
     for step in at.tolist():
         found: list[Flag | None] = []
-        for kind, (p, tables, unless, logged) in drifts.items():
-            flag = _drift(kind, p, tables, unless, logged, step)
+        for kind, (p, tables, unless) in drifts.items():
+            flag = _drift(kind, p, tables, unless, step)
             if flag is not None and _outside_refractory(last, kind, flag.severity, p.refractory_steps, step):
                 found.append(flag)
         flag = _trust_region(bounds, step)

@@ -62,8 +62,8 @@ class DriftParams(_Strict):
     once: `info` below `warning_votes` (one signal alone, e.g. entropy declining steadily,
     which a healthy run that is learning also does), `warning` from `warning_votes`,
     `critical` from `critical_votes` signals voting with at least `warning_votes`
-    independent votes; a run that logs fewer independent signals than `warning_votes`
-    gets a warning from all of them voting.
+    independent votes. A run that logs fewer independent signals than `warning_votes`
+    (e.g. entropy only) gets informational flags from this detector, never an alarm.
     """
 
     enabled: bool = True

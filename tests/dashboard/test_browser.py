@@ -126,6 +126,21 @@ def test_records_posted_while_open_appear_without_reload_within_2s(server: LiveS
     assert "last step 24" in page.inner_text("#run-summary")
 
 
+def test_a_custom_chart_gets_live_points_appended_and_keeps_its_zoom(server: LiveServer, page: object) -> None:
+    run_id = seed_run(server.url, "live", "custom-live", "mhpo", {"lr": 1e-6}, 20, seed=4)
+    open_page(page, f"{server.url}/runs/{run_id}", f".graph-heatmap {PLOT}")
+    page.fill("#run-key-search", "grad/norm")
+    page.locator(".key-button", has_text="grad/norm").first.click()
+    page.wait_for_selector(f".custom-graph {PLOT}")
+    chart = f"document.querySelector('.custom-graph {PLOT}')"
+    page.wait_for_function(f"() => {chart}.data[0].x.length === 20")
+    page.evaluate(f"() => Plotly.relayout({chart}, {{'xaxis.range': [2, 8]}})")
+    with httpx.Client(base_url=server.url) as client:
+        post_records(client, run_id, list(records(20, 25, seed=4)))
+    page.wait_for_function(f"() => {chart}.data[0].x.length === 25", timeout=10_000)
+    assert page.evaluate(f"() => {chart}.layout.xaxis.range") == [2, 8]
+
+
 def test_compare_page_shows_both_runs_and_their_config_difference(server: LiveServer, runs: dict[str, str],
                                                                    page: object) -> None:
     open_page(page, f"{server.url}/compare?runs={runs['mhpo']},{runs['grpo']}", f".compare-heatmap {PLOT}")
