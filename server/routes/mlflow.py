@@ -24,7 +24,16 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -107,6 +116,8 @@ MLFLOW_ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"model": MLflowErrorOut, "description": "PERMISSION_DENIED: the token's scope or project does not allow this"},
     404: {"model": MLflowErrorOut, "description": "RESOURCE_DOES_NOT_EXIST: no such run or experiment"},
 }
+# MLflow's limits of one log-batch request (mlflow/utils/validation.py)
+MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_ENTITIES_PER_BATCH = 1000, 100, 1000
 router = APIRouter(prefix="/api/2.0/mlflow", tags=["mlflow"], route_class=MLflowRoute, responses=MLFLOW_ERRORS)
 
 # What the mlflow client sends: int64 fields as JSON numbers (older clients: strings of
@@ -163,10 +174,20 @@ class RunUpdate(_Body):
 
 
 class LogBatch(_Body):
+    """MLflow's per-request limits (mlflow/utils/validation.py): the mlflow client splits larger logs."""
+
     run_id: str
-    metrics: list[Metric] = []
-    params: list[KeyValue] = []
-    tags: list[KeyValue] = []
+    metrics: Annotated[list[Metric], Field(max_length=MAX_METRICS_PER_BATCH)] = []
+    params: Annotated[list[KeyValue], Field(max_length=MAX_PARAMS_TAGS_PER_BATCH)] = []
+    tags: Annotated[list[KeyValue], Field(max_length=MAX_PARAMS_TAGS_PER_BATCH)] = []
+
+    @model_validator(mode="after")
+    def _entities(self) -> LogBatch:
+        total = len(self.metrics) + len(self.params) + len(self.tags)
+        if total > MAX_ENTITIES_PER_BATCH:
+            raise ValueError(f"{total} metrics, params and tags in one request exceed MLflow's limit of "
+                             f"{MAX_ENTITIES_PER_BATCH}; split the batch")
+        return self
 
 
 class LogMetric(Metric):

@@ -107,3 +107,26 @@ def test_numbers_as_the_mlflow_client_sends_them(live_server_db: LiveServer, tra
     r = post(url, "runs/log-parameter", {"run_id": run_id, "key": "batch", "value": 8})
     assert r.status_code == 400 and "value" in r.json()["message"]
     assert httpx.get(f"{url}/api/v1/runs/{run_id}/scalars", params={"keys": "m"}).json()["series"]["m"]["step"] == [1, 2, 3, 4]
+
+
+def test_log_batch_keeps_mlflows_limits(live_server_db: LiveServer) -> None:
+    """1,000 metrics, 100 params, 100 tags, 1,000 entities in all per request, as MLflow's own server."""
+    url = live_server_db.url
+    run_id = new_run(url)
+
+    def metrics(n: int) -> list[dict[str, Any]]:
+        return [{"key": f"m{i}", "value": 1.0, "step": 0, "timestamp": 0} for i in range(n)]
+
+    def pairs(n: int, prefix: str) -> list[dict[str, str]]:
+        return [{"key": f"{prefix}{i}", "value": "v"} for i in range(n)]
+
+    for body, field in (({"metrics": metrics(1001)}, "metrics"), ({"params": pairs(101, "p")}, "params"),
+                        ({"tags": pairs(101, "t")}, "tags"),
+                        ({"metrics": metrics(950), "params": pairs(60, "p")}, "1010 metrics, params and tags")):
+        r = post(url, "runs/log-batch", {"run_id": run_id, **body})
+        assert r.status_code == 400 and r.json()["error_code"] == "INVALID_PARAMETER_VALUE", r.text
+        assert field in r.json()["message"], r.text
+    assert httpx.get(f"{url}/api/v1/runs/{run_id}/keys").json()["scalars"] == []
+    r = post(url, "runs/log-batch", {"run_id": run_id, "metrics": metrics(1000)})
+    assert r.status_code == 200, r.text
+    assert len(httpx.get(f"{url}/api/v1/runs/{run_id}/keys").json()["scalars"]) == 1000
