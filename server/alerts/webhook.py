@@ -212,6 +212,7 @@ class WebhookDispatcher:
         queue_size: int = 1000,
         read_limit: int = 8192,
         metrics: WebhookMetrics | None = None,
+        ca_bundle: str | None = None,
     ) -> None:
         self.store = store
         self.deadline_s = deadline_s
@@ -230,7 +231,8 @@ class WebhookDispatcher:
         self._inflight = 0
         self._threads: list[threading.Thread] = []
         self._resolver = ThreadPoolExecutor(workers, thread_name_prefix="mhpo-webhook-dns")
-        self._ssl = ssl.create_default_context(cafile=certifi.where())
+        # HTTPS receivers are verified against certifi's public CAs, or only those of `ca_bundle` (a PEM file).
+        self._ssl = ssl.create_default_context(cafile=ca_bundle or certifi.where())
 
     def start(self) -> None:
         """Start the worker threads (done by the first `submit`)."""

@@ -7,6 +7,7 @@ delivery, stopped with the app). Webhook settings come from `MHPO_WEBHOOK_*` var
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -43,6 +44,20 @@ class WebhookSettings(BaseSettings):
     allow_cidrs: str = Field(
         "", description="comma-separated address ranges allowed as targets, e.g. 10.0.5.0/24,127.0.0.1/32"
     )
+    ca_bundle: str | None = Field(
+        None, description="PEM file of the CAs that sign HTTPS receivers' certificates (default: certifi's public CAs)"
+    )
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                ssl.create_default_context(cafile=value)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"MHPO_WEBHOOK_CA_BUNDLE={value!r} is not a readable PEM file of CA certificates "
+                                 f"({exc}); give the path of one, or unset it for the public CAs") from exc
+        return value or None
 
     @field_validator("allow_cidrs")
     @classmethod
@@ -76,7 +91,7 @@ def install(app: FastAPI, webhook_settings: WebhookSettings | None = None) -> In
     dispatcher = WebhookDispatcher(
         alerts, cfg.timeout_s, cfg.max_attempts, cfg.backoff_s, cfg.public_url, policy,
         workers=cfg.workers, queue_size=cfg.queue_size, read_limit=cfg.read_limit_bytes,
-        metrics=WebhookMetrics(app.state.metrics.registry),
+        metrics=WebhookMetrics(app.state.metrics.registry), ca_bundle=cfg.ca_bundle,
     )
     monitor = IngestMonitor(alerts, dispatcher)
     app.state.alert_store = alerts
