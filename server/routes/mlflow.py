@@ -14,6 +14,7 @@ Errors answer in MLflow's shape, `{"error_code": ..., "message": ...}`; auth is 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections import defaultdict
@@ -352,12 +353,15 @@ def get_metric_history(store: StoreDep, principal: ReadAccess, metric_key: Annot
                        run_id: Annotated[str | None, Query()] = None,
                        run_uuid: Annotated[str | None, Query()] = None) -> dict[str, Any]:
     run = run_for(store, principal, run_id or run_uuid or "")
-    series = store.get_scalars(run.run_id, [metric_key], None, None, 1_000_000).series.get(metric_key)
-    if series is None:
-        return {"metrics": []}
-    ms = int((run.last_seen_at or run.updated_at) * 1000)
-    return {"metrics": [{"key": metric_key, "value": v, "step": s, "timestamp": ms}
-                        for s, v in zip(series.step, series.value, strict=True)]}
+    return {"metrics": [{"key": metric_key, "value": _double(value), "step": step, "timestamp": int(round(time * 1000))}
+                        for step, value, time in store.scalar_history(run.run_id, metric_key)]}
+
+
+def _double(value: float) -> float | str:
+    """A double as protobuf's JSON mapping (MLflow's) writes it: non-finite values as "NaN", "Infinity", "-Infinity"."""
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PATCH", "DELETE", "PUT"], include_in_schema=False)

@@ -173,6 +173,10 @@ class Store(abc.ABC):
     ) -> ScalarsOut: ...
 
     @abc.abstractmethod
+    def scalar_history(self, run_id: str, key: str) -> list[tuple[int, float, float]]:
+        """Every (step, value, time) of one key, by step (MLflow's metric history)."""
+
+    @abc.abstractmethod
     def get_histograms(
         self, run_id: str, key: str, start: int | None, end: int | None, max_steps: int
     ) -> HistogramsOut: ...

@@ -748,6 +748,14 @@ class SqlStore(Store):
                     out[key] = (int(row[2 * i]), int(row[2 * i + 1]))
         return out
 
+    def scalar_history(self, run_id: str, key: str) -> list[tuple[int, float, float]]:
+        query = (select(ScalarRow.step, ScalarRow.value, ScalarRow.is_nan, ScalarRow.time)
+                 .where(ScalarRow.run_id == run_id, ScalarRow.key == key).order_by(ScalarRow.step))
+        with self._tx() as conn:
+            self._require_run(conn, run_id)
+            return [(int(step), self._point(value, is_nan), float(time))
+                    for step, value, is_nan, time in conn.execute(query)]
+
     @staticmethod
     def _point(value: float | None, is_nan: int) -> float:
         return NAN if is_nan or value is None else value

@@ -99,6 +99,10 @@ def test_numbers_as_the_mlflow_client_sends_them(live_server_db: LiveServer, tra
     series = httpx.get(f"{url}/api/v1/runs/{run_id}/scalars", params={"keys": "m"}).json()["series"]["m"]
     assert series["step"] == [1, 2, 3, 4]
     assert series["value"][0] == 0.5 and math.isnan(series["value"][1]) and series["value"][2:] == [-math.inf, math.inf]
+    history = httpx.get(f"{url}{API}/metrics/get-history", params={"run_id": run_id, "metric_key": "m"}).json()
+    assert [(m["step"], m["timestamp"]) for m in history["metrics"][:2]] == [(1, 1_700_000_000_000),
+                                                                           (2, 1_700_000_001_000)]
+    assert [m["value"] for m in history["metrics"]][2:] == ["-Infinity", "Infinity"]
     refused = [("value", True), ("value", "1.5"), ("value", "nan"), ("value", None), ("step", 1.5), ("step", -1),
                ("step", "1e3"), ("step", True), ("timestamp", "soon")]
     for field, value in refused:
