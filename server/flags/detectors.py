@@ -23,8 +23,10 @@ Detectors (kind: detector name):
   (median of the last few points vs the median of the window before them) and a trend
   test (Theil-Sen slope over a window, i.e. the decline a sliding baseline would follow:
   linear or geometric entropy decay over hundreds of steps). The z of both uses the
-  noise of the step-to-step differences, which a steady trend does not inflate. One
-  flag per event (refractory period). `entropy_surge` is vetoed while the reward rises.
+  noise of the step-to-step differences, which a steady trend does not inflate. A signal
+  votes when one test passes, or both are meaningful and at `AGREE` of the z threshold.
+  One flag per event and severity (refractory period). While the reward clearly rises,
+  `collapse` is informational and `entropy_surge` is not raised.
 - `trust_region`: `bound`, absolute bounds (clip fraction, update-to-weight ratio) that
   need no baseline, so a run that breaks down in its first rollouts is flagged there.
 - `hazard_spike`, `grad_spike`, `kl_spike`: `robust_z`, a one-step robust z-score (log
@@ -71,6 +73,7 @@ DETECTORS: dict[str, tuple[str, ...]] = {
 }
 SAME_KIND_PREFIXES = ("ratio/", "hazard/", "grad/", "policy/kl_k")
 MAD_TO_SIGMA = 1.4826
+AGREE = 0.8  # both tests meaningful and at >= 0.8 of the z threshold: two tests agreeing are one vote
 
 
 @dataclass(frozen=True)
@@ -330,7 +333,11 @@ def _drift_rows(
 
 
 def _tests(sig: Signal, row: _Judged, p: DriftParams) -> list[tuple[str, float, float, float, float, bool]]:
-    """(test, value, reference, change in the signal's direction, z, vote) of the level and trend tests."""
+    """(test, value, reference, change in the signal's direction, z, vote) of the level and trend tests.
+
+    Two tests that both see a meaningful change at `AGREE` of the z threshold vote together: a
+    steady decline just past its onset is seen by both at once before either is sure alone.
+    """
     sign = 1.0 if sig.direction == "up" else -1.0
     noise = row.noise if math.isfinite(row.noise) else 0.0
     candidates = [("level", row.level, row.baseline, sign * (row.level - row.baseline),
@@ -342,8 +349,12 @@ def _tests(sig: Signal, row: _Judged, p: DriftParams) -> list[tuple[str, float, 
     out = []
     for name, value, reference, change, se in candidates:
         z = change / se if se > 0 else (math.inf if change > 0 else 0.0)
-        vote = change > 0 and change >= max(sig.min_abs, sig.min_rel * abs(reference)) and z >= sig.z
-        out.append((name, value, reference, change, z, vote))
+        meaningful = change > 0 and change >= max(sig.min_abs, sig.min_rel * abs(reference))
+        out.append((name, value, reference, change, z, meaningful and z >= sig.z))
+    if len(out) == 2 and not any(t[-1] for t in out) and all(
+        t[3] > 0 and t[3] >= max(sig.min_abs, sig.min_rel * abs(t[2])) and t[4] >= AGREE * sig.z for t in out
+    ):
+        out = [(*t[:-1], True) for t in out]
     return out
 
 
