@@ -36,12 +36,11 @@ def test_slow_entropy_collapse_is_flagged_within_30_steps(pattern: str) -> None:
 
     Entropy alone is one signal, so the flag is informational (a healthy run that learns
     spends entropy too). A linear decline moves entropy 14 % in 30 steps against a
-    per-point noise of about 4.5 %, so the noise can delay the first flag a few steps past
-    30 (one seed of 20 in `bench/detect.py`), hence 9 of 10 seeds rather than all.
+    per-point noise of about 4.5 %: the level and trend tests agreeing near the threshold
+    are what catch every seed in time.
     """
     delays = [first_after_onset(run(pattern, seed), "collapse") for seed in SEEDS]
-    assert all(d is not None for d in delays), delays
-    assert sum(d <= 30 for d in delays if d is not None) >= 9, delays
+    assert all(d is not None and d <= 30 for d in delays), delays
 
 
 @pytest.mark.parametrize("seed", SEEDS)
