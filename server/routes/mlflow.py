@@ -353,7 +353,7 @@ def get_metric_history(store: StoreDep, principal: ReadAccess, metric_key: Annot
                        run_id: Annotated[str | None, Query()] = None,
                        run_uuid: Annotated[str | None, Query()] = None) -> dict[str, Any]:
     run = run_for(store, principal, run_id or run_uuid or "")
-    return {"metrics": [{"key": metric_key, "value": _double(value), "step": step, "timestamp": int(round(time * 1000))}
+    return {"metrics": [{"key": metric_key, "value": _double(value), "step": step, "timestamp": round(time * 1000)}
                         for step, value, time in store.scalar_history(run.run_id, metric_key)]}
 
 

@@ -30,7 +30,7 @@ def _name(common_name: str) -> x509.Name:
 
 def make_ca_and_server_cert(directory: Path) -> tuple[Path, Path, Path]:
     """(CA certificate, server certificate, server key) as PEM files; the server's is for RECEIVER_HOST."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("mhpo test CA")).issuer_name(_name("mhpo test CA"))
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +61,21 @@ def prompts() -> Any:
 
 def cpu_threads() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tracking(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Point the mlflow client at a server; restore its global state afterwards."""
+    import mlflow  # only the MLflow tests pay for importing it
+
+    def point(url: str, token: str | None = None) -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        if token is not None:
+            monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", token)
+        mlflow.set_tracking_uri(url)
+
+    yield point
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)

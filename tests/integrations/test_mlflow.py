@@ -15,23 +15,6 @@ from tests.fixtures.server import LiveServer
 from tests.integrations.conftest import count_reward, cpu_threads, grpo_config, prompts
 
 
-@pytest.fixture
-def tracking(monkeypatch: pytest.MonkeyPatch):
-    """Point the mlflow client at a server; restore its global state afterwards."""
-
-    def point(url: str, token: str | None = None) -> None:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        if token is not None:
-            monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", token)
-        mlflow.set_tracking_uri(url)
-
-    yield point
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
 def runs_of(url: str, project: str, headers: dict[str, str] | None = None) -> list[dict]:
     return httpx.get(f"{url}/api/v1/runs", params={"project": project}, headers=headers).json()["runs"]
 

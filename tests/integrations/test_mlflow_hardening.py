@@ -14,7 +14,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.fixtures.server import LiveServer
-from tests.integrations.test_mlflow import tracking  # noqa: F401 - pytest fixture
 
 API = "/api/2.0/mlflow"
 BAD = {"lone surrogate": "\ud800", "NUL": "\x00"}
