@@ -346,16 +346,14 @@ def _tests(sig: Signal, row: _Judged, p: DriftParams) -> list[tuple[str, float, 
         t = p.trend_steps
         se = 1.05 * noise * (t - 1) * math.sqrt(12.0 / (t * (t * t - 1)))
         candidates.append(("trend", row.trend_ref + row.trend_change, row.trend_ref, sign * row.trend_change, se))
-    out = []
+    judged = []
     for name, value, reference, change, se in candidates:
         z = change / se if se > 0 else (math.inf if change > 0 else 0.0)
         meaningful = change > 0 and change >= max(sig.min_abs, sig.min_rel * abs(reference))
-        out.append((name, value, reference, change, z, meaningful and z >= sig.z))
-    if len(out) == 2 and not any(t[-1] for t in out) and all(
-        t[3] > 0 and t[3] >= max(sig.min_abs, sig.min_rel * abs(t[2])) and t[4] >= AGREE * sig.z for t in out
-    ):
-        out = [(*t[:-1], True) for t in out]
-    return out
+        judged.append((name, value, reference, change, z, meaningful))
+    agree = len(judged) == 2 and all(meaningful and z >= AGREE * sig.z for *_, z, meaningful in judged)
+    return [(name, value, reference, change, z, meaningful and (z >= sig.z or agree))
+            for name, value, reference, change, z, meaningful in judged]
 
 
 def _votes(sig: Signal, row: _Judged, p: DriftParams) -> bool:
