@@ -17,6 +17,12 @@ Streaming: with MHPO_PROJECT set (and MHPO_SERVER / MHPO_TOKEN as for `mhpo.init
 MHPO_RUN_NAME names the run), every rank accumulates the diagnostics of its micro-batches
 and, once it has seen `global_batch_size / dp_size` sequences (one optimizer step), they are
 reduced across ranks and rank 0 sends one record. Tested with verl 0.9.1.
+
+verl's policy loss does not see where its optimizer step sits in the rollout; with
+MHPO_UPDATES_PER_ROLLOUT set (= train_batch_size / ppo_mini_batch_size x ppo_epochs) each
+record also carries `train/rollout` and `train/update_index` (0 = the first, on-policy
+update), so the service compares like with like. Without it the service takes a step whose
+log-ratio is exactly 0 as on-policy, which verl's recomputed old log-probabilities need not give.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from mhpo.losses import LOSSES, get_loss
 from mhpo.losses._registry import prepare
 
 HPARAMS_ENV = "MHPO_LOSS_HPARAMS"
+UPDATES_ENV = "MHPO_UPDATES_PER_ROLLOUT"
 VERL_NAMES: dict[str, str] = {("mhpo" if name == "mhpo" else f"mhpo_{name}"): name for name in LOSSES}
 
 
@@ -107,9 +114,24 @@ class _Stream:
             if self.run is None:
                 self.run = mhpo.client.init(os.environ["MHPO_PROJECT"], os.environ.get("MHPO_RUN_NAME", "verl"),
                                             loss=self.loss)
-            self.run.log(self.step, scalars=stats.scalars, histograms=stats.histograms,
+            self.run.log(self.step, scalars={**stats.scalars, **self.position()}, histograms=stats.histograms,
                          outliers=[dict(o) for o in stats.outliers])
         self.step += 1
+
+
+    def position(self) -> dict[str, float]:
+        """`train/rollout` and `train/update_index` of this optimizer step, from MHPO_UPDATES_PER_ROLLOUT."""
+        raw = os.environ.get(UPDATES_ENV)
+        if not raw:
+            return {}
+        try:
+            updates = int(raw)
+            if updates < 1:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{UPDATES_ENV}={raw!r} must be a whole number >= 1: train_batch_size / "
+                             "ppo_mini_batch_size x ppo_epochs, the optimizer steps of one rollout") from None
+        return {"train/rollout": float(self.step // updates), "train/update_index": float(self.step % updates)}
 
 
 STREAM = _Stream()

@@ -100,11 +100,13 @@ def test_hparams_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_rank0_streams_one_record_per_optimizer_step(live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two optimizer steps of 6 sequences, each in two micro-batches of 3: two records."""
+    """Two optimizer steps of 6 sequences, each in two micro-batches of 3: two records, the two updates
+    of one rollout (MHPO_UPDATES_PER_ROLLOUT=2)."""
     monkeypatch.setattr(mverl, "STREAM", mverl._Stream())
     monkeypatch.setenv("MHPO_PROJECT", "verl-it")
     monkeypatch.setenv("MHPO_RUN_NAME", "verl-run")
     monkeypatch.setenv("MHPO_SERVER", live_server.url)
+    monkeypatch.setenv("MHPO_UPDATES_PER_ROLLOUT", "2")
     config = actor_config()
     config.global_batch_info.update(dp_size=1, global_batch_size=6, batch_num_tokens=None, loss_scale_factor=None)
     fn = get_policy_loss_fn("mhpo")
@@ -118,6 +120,9 @@ def test_rank0_streams_one_record_per_optimizer_step(live_server: LiveServer, mo
     series = httpx.get(f"{live_server.url}/api/v1/runs/{run['run_id']}/scalars",
                        params={"keys": "ratio/std"}).json()["series"]["ratio/std"]
     assert series["step"] == [0, 1] and all(v > 0 for v in series["value"])
+    kinds = httpx.get(f"{live_server.url}/api/v1/runs/{run['run_id']}/scalars",
+                      params={"keys": "train/update_index,train/rollout"}).json()["series"]
+    assert kinds["train/update_index"]["value"] == [0.0, 1.0] and kinds["train/rollout"]["value"] == [0.0, 0.0]
 
 
 def test_verl_imports_it_as_an_external_module() -> None:
@@ -127,3 +132,15 @@ def test_verl_imports_it_as_an_external_module() -> None:
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "compute_policy_loss_mhpo"
+
+
+def test_updates_per_rollout_must_be_a_whole_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = mverl._Stream()
+    assert stream.position() == {}
+    for bad in ("0", "2.5", "many"):
+        monkeypatch.setenv("MHPO_UPDATES_PER_ROLLOUT", bad)
+        with pytest.raises(ValueError, match="MHPO_UPDATES_PER_ROLLOUT"):
+            stream.position()
+    monkeypatch.setenv("MHPO_UPDATES_PER_ROLLOUT", "4")
+    stream.step = 9
+    assert stream.position() == {"train/rollout": 2.0, "train/update_index": 1.0}
