@@ -321,17 +321,7 @@ def extend_custom_charts(state: dict[str, Any], drawn: dict[str, Any] | None,
     new_events = [e for e in events if _event_id(e) not in seen]
     out = []
     for key in keys:
-        patch = Patch()
-        trace_map = drawn["trace_maps"][key]
-        for index, (xs, ys) in figures.series_extension(trace_map, data["series"]).items():
-            patch["data"][index]["x"].extend(xs)
-            patch["data"][index]["y"].extend(ys)
-        nan_marks = figures.nan_shapes([[key]], data["series"])
-        if nan_marks:
-            patch["layout"]["shapes"].extend(nan_marks)
-        if new_events:
-            _events_patch(patch, new_events, trace_map, [[key]], data["series"])
-        out.append(patch)
+        out.append(_append_patch(drawn["trace_maps"][key], [[key]], data["series"], new_events))
     return out, {**drawn, "last_step": new_last, "event_ids": [_event_id(e) for e in events]}
 
 
@@ -371,6 +361,21 @@ def _graph_names() -> list[str]:
     """Names of the charts matched by this callback's `{"type": "run-graph", "name": ALL}` output."""
     matched = next(o for o in ctx.outputs_list if isinstance(o, list))
     return [o["id"]["name"] for o in matched]
+
+
+def _append_patch(trace_map: dict[str, list[int]], rows: list[list[str]], series: dict[str, Any],
+                  new_events: list[dict[str, Any]]) -> Patch:
+    """A time-series chart's live update: the new points, NaN bands and flags, appended (nothing redrawn)."""
+    patch = Patch()
+    for index, (xs, ys) in figures.series_extension(trace_map, series).items():
+        patch["data"][index]["x"].extend(xs)
+        patch["data"][index]["y"].extend(ys)
+    nan_marks = figures.nan_shapes(rows, series)
+    if nan_marks:
+        patch["layout"]["shapes"].extend(nan_marks)
+    if new_events:
+        _events_patch(patch, new_events, trace_map, rows, series)
+    return patch
 
 
 def _events_patch(patch: Patch, new_events: list[dict[str, Any]], trace_map: dict[str, list[int]],
@@ -439,16 +444,7 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
             state["panel_keys"][name] = [k for r in rows[name] for k in r]
             out.append(fig)
         else:
-            patch = Patch()
-            for index, (xs, ys) in figures.series_extension(state["trace_maps"][name], data["series"]).items():
-                patch["data"][index]["x"].extend(xs)
-                patch["data"][index]["y"].extend(ys)
-            nan_marks = figures.nan_shapes(rows[name], data["series"])
-            if nan_marks:
-                patch["layout"]["shapes"].extend(nan_marks)
-            if new_events:
-                _events_patch(patch, new_events, state["trace_maps"][name], rows[name], data["series"])
-            out.append(patch)
+            out.append(_append_patch(state["trace_maps"][name], rows[name], data["series"], new_events))
     state["last_step"] = new_last
     state["event_ids"] = [_event_id(e) for e in events]
     follow = selected if not selected.get("follow") else {"step": new_last, "follow": True}

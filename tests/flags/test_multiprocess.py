@@ -11,7 +11,6 @@ import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -136,22 +135,9 @@ def assert_turns_are_exclusive_per_run(first: SqlStore, second: SqlStore) -> Non
         pass  # released: taken again at once
 
 
-@pytest.mark.postgres
-def test_a_runs_turn_is_held_across_processes_on_postgresql() -> None:
-    """Two stores with their own engines, as two server processes have, on one database."""
-    with fresh_pg_database() as url:
-        first, second = SqlStore.from_url(url), SqlStore.from_url(url)
-        try:
-            assert_turns_are_exclusive_per_run(first, second)
-        finally:
-            first.close()
-            second.close()
-
-
-def test_a_runs_turn_is_held_across_processes_on_sqlite(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'mhpo.db'}"
-    migrations.upgrade(url)
-    first, second = SqlStore.from_url(url), SqlStore.from_url(url)
+def test_a_runs_turn_is_held_across_processes(db_url: str) -> None:
+    """Two stores with their own engines, as two server processes have, on one database (SQLite, PostgreSQL)."""
+    first, second = SqlStore.from_url(db_url), SqlStore.from_url(db_url)
     try:
         assert_turns_are_exclusive_per_run(first, second)
     finally:
