@@ -265,16 +265,12 @@ class AlertStore:
         with self._tx() as conn:
             return int(conn.execute(select(func.count()).where(BatchRow.run_id == run_id)).scalar_one())
 
-    def last_flag_steps(
-        self, run_id: str, kinds: Sequence[str], before_step: int, severities: Sequence[str] | None = None
-    ) -> dict[str, int]:
-        """kind -> the latest flagged step below `before_step` (of one of `severities`; for the refractory period)."""
+    def last_flag_steps(self, run_id: str, kinds: Sequence[str], before_step: int) -> dict[tuple[str, str], int]:
+        """(kind, severity) -> the latest flagged step below `before_step` (for the refractory period)."""
         query = (
-            select(EventRow.kind, func.max(EventRow.step))
+            select(EventRow.kind, EventRow.severity, func.max(EventRow.step))
             .where(EventRow.run_id == run_id, EventRow.kind.in_(list(kinds)), EventRow.step < before_step)
-            .group_by(EventRow.kind)
+            .group_by(EventRow.kind, EventRow.severity)
         )
-        if severities is not None:
-            query = query.where(EventRow.severity.in_(list(severities)))
         with self._tx() as conn:
-            return {kind: int(step) for kind, step in conn.execute(query)}
+            return {(kind, severity): int(step) for kind, severity, step in conn.execute(query)}

@@ -657,9 +657,7 @@ def detect(
         for flag in found:
             if flag is not None:
                 flags.append(flag)
-                for level in SEVERITIES[: SEVERITIES.index(flag.severity) + 1]:
-                    key = refractory_key(flag.kind, level)
-                    last[key] = max(step, last.get(key, step))
+                _held(last, flag.kind, flag.severity, step)
     return flags
 
 
@@ -683,6 +681,16 @@ def refractory_key(kind: str, severity: str) -> str:
     return f"{kind}:{severity}"
 
 
-def held_severities(severity: str) -> tuple[str, ...]:
-    """The severities a `refractory_key(kind, severity)` entry counts: `severity` and above."""
-    return SEVERITIES[SEVERITIES.index(severity):]
+def refractory_state(latest: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    """`detect`'s `last_flagged` from the latest flagged step per (kind, severity) of the stored flags."""
+    state: dict[str, int] = {}
+    for (kind, severity), step in latest.items():
+        _held(state, kind, severity, step)
+    return state
+
+
+def _held(last: MutableMapping[str, int], kind: str, severity: str, step: int) -> None:
+    """Record a flag of `kind` at `step`: the latest flag of its severity and of every lower one."""
+    for level in SEVERITIES[: SEVERITIES.index(severity) + 1]:
+        key = refractory_key(kind, level)
+        last[key] = max(step, last.get(key, step))

@@ -38,7 +38,7 @@ from server.alerts import rules as alert_rules
 from server.alerts.schemas import AlertRule, FlagCondition
 from server.alerts.store import AlertStore
 from server.alerts.webhook import WebhookDispatcher
-from server.flags.detectors import SEVERITIES, Flag, History, detect, held_severities, refractory_key
+from server.flags.detectors import Flag, History, detect, refractory_state
 from server.flags.params import DEFAULT_PARAMS, FlagParams
 from server.schemas import RecordIn
 from server.store import Store
@@ -204,11 +204,7 @@ class IngestMonitor:
         self.cache.put(run_id, cached)
         history = History.from_arrays(series)
         held = (*params.drifts(), "trust_region")  # the kinds with a refractory period
-        refractory = {
-            refractory_key(kind, level): step
-            for level in SEVERITIES
-            for kind, step in self.alerts.last_flag_steps(run_id, held, steps[0], held_severities(level)).items()
-        }
+        refractory = refractory_state(self.alerts.last_flag_steps(run_id, held, steps[0]))
         flags = detect(history, steps, params, refractory)
         if flags:
             store.add_events(run_id, [f.as_event() for f in flags])
