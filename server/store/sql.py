@@ -17,7 +17,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -254,36 +254,24 @@ class SqlStore(Store):
         if self._turns is not None:
             self._turns.dispose()
 
-    @contextmanager
-    def run_turn(self, run_id: str) -> Iterator[None]:
+    def run_turn(self, run_id: str) -> AbstractContextManager[None]:
         """PostgreSQL: a session advisory lock on the run (`pg_advisory_lock`); SQLite: an OS file
         lock (`filelock`) on one of `TURN_STRIPES` files beside the database, by run id.
 
         A turn not granted within `TURN_TIMEOUT_S` is a 503 (busy, retry); a dropped
         connection or an exited process releases it.
         """
-        if self._turns is None:
-            if self._turn_files is None:
-                yield
-                return
-            lock = FileLock(self._turn_files / f"{uuid.UUID(run_id).int % TURN_STRIPES}.lock")
-            try:
-                self._turn_files.mkdir(exist_ok=True)
-                lock.acquire(timeout=TURN_TIMEOUT_S)
-            except Timeout as exc:
-                raise Unavailable(f"another server process held the run for {TURN_TIMEOUT_S} s", "busy",
-                                  RETRY_BUSY_S) from exc
-            except OSError as exc:
-                raise Unavailable(f"the run's lock file beside the database cannot be written ({exc}); make "
-                                  f"{self._turn_files} writable, no restart needed", "read_only", RETRY_FAULT_S) from exc
-            try:
-                yield
-            finally:
-                lock.release()
-            return
-        key = uuid.UUID(run_id).int >> 65  # 63 bits: a non-negative bigint
+        if self._turns is not None:
+            return self._advisory_turn(self._turns, uuid.UUID(run_id).int >> 65)  # 63 bits: a non-negative bigint
+        if self._turn_files is not None:
+            return self._file_turn(self._turn_files, uuid.UUID(run_id).int % TURN_STRIPES)
+        return nullcontext()
+
+    @staticmethod
+    @contextmanager
+    def _advisory_turn(turns: Engine, key: int) -> Iterator[None]:
         try:
-            conn = self._turns.connect()
+            conn = turns.connect()
             conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
         except DBAPIError as exc:
             raise storage_fault(exc) or Unavailable(f"the run's turn could not be taken: {exc.orig}", "busy",
@@ -298,6 +286,24 @@ class SqlStore(Store):
                 conn.invalidate()  # closing the session releases the lock
             finally:
                 conn.close()
+
+    @staticmethod
+    @contextmanager
+    def _file_turn(directory: Path, stripe: int) -> Iterator[None]:
+        lock = FileLock(directory / f"{stripe}.lock")
+        try:
+            directory.mkdir(exist_ok=True)
+            lock.acquire(timeout=TURN_TIMEOUT_S)
+        except Timeout as exc:
+            raise Unavailable(f"another server process held the run for {TURN_TIMEOUT_S} s", "busy",
+                              RETRY_BUSY_S) from exc
+        except OSError as exc:
+            raise Unavailable(f"the run's lock file beside the database cannot be written ({exc}); make "
+                              f"{directory} writable, no restart needed", "read_only", RETRY_FAULT_S) from exc
+        try:
+            yield
+        finally:
+            lock.release()
 
     def ping(self) -> None:
         try:
