@@ -33,11 +33,9 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
@@ -61,14 +59,6 @@ from server.flags.synthetic import (  # noqa: E402
 
 ALL_OFF = {name: {"enabled": False} for name in FlagParams.model_fields}
 PATTERN_GOAL = {"collapse": 30, "entropy_surge": 30, "kl_spike": 2}
-
-
-@contextmanager
-def local_server() -> Iterator[str]:
-    """`mhpo serve` on a fresh SQLite file; yields the base URL."""
-    tmp = Path(tempfile.mkdtemp(prefix="mhpo-bench-detect-"))
-    with mhpo_server(f"sqlite:///{tmp / 'mhpo.db'}", tmp) as url:
-        yield url
 
 
 def post_stream(client: httpx.Client, project: str, stream: Stream, batch: int) -> tuple[str, list[float]]:
@@ -207,7 +197,7 @@ def main() -> None:
         report(streams, run_offline(streams), {}, args.batch, time.perf_counter() - t0, "in-process detectors")
         report_patterns(args.pattern_seeds)
         return
-    with local_server() if args.server is None else nullcontext(args.server) as url:
+    with mhpo_server() if args.server is None else nullcontext(args.server) as url:
         t0 = time.perf_counter()
         flags, timing = run_server(url, streams, args.batch)
         report(streams, flags, timing, args.batch, time.perf_counter() - t0, f"server {url}")

@@ -23,12 +23,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -65,14 +62,6 @@ def offline(prior: int, batch: int, naive_steps: int) -> None:
         t_naive = (time.perf_counter() - t0) * len(new) / min(naive_steps, len(new))
         assert [f for f in running if f[0] in new[:naive_steps]] == naive
         print(f"  {label:<28} re-read look-back {t_naive * 1e3:9.0f} ms   running state {t_running * 1e3:7.2f} ms")
-
-
-@contextmanager
-def serve(code_dir: Path, db: str | None) -> Iterator[str]:
-    """`mhpo serve` of the checkout `code_dir` on `db` (default: a fresh SQLite file); yields the base URL."""
-    tmp = Path(tempfile.mkdtemp(prefix="mhpo-bench-rules-"))
-    with mhpo_server(db or f"sqlite:///{tmp / 'mhpo.db'}", tmp, code_dir) as url:
-        yield url
 
 
 def records(start: int, n: int) -> list[dict[str, object]]:
@@ -149,7 +138,7 @@ def main() -> None:
     if not args.skip_offline:
         offline(args.prior, args.batch, args.naive_steps)
     print(f"real server from {args.code_dir}, {N_RULES} threshold rules for_steps={FOR_STEPS}")
-    with serve(args.code_dir.resolve(), args.db) as url:
+    with mhpo_server(args.db, code_dir=args.code_dir.resolve()) as url:
         online(url, args.prior, args.batch, args.measured)
 
 

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,8 +44,11 @@ def serve(cmd: list[str], health_url: str, log_path: Path, env: dict[str, str] |
 
 
 @contextmanager
-def mhpo_server(db_url: str, workdir: Path, code_dir: Path = REPO_ROOT) -> Iterator[str]:
-    """`mhpo db upgrade` then `mhpo serve` of the checkout `code_dir` on `db_url`; yields the base URL."""
+def mhpo_server(db_url: str | None = None, workdir: Path | None = None, code_dir: Path = REPO_ROOT) -> Iterator[str]:
+    """`mhpo db upgrade` then `mhpo serve` of the checkout `code_dir` on `db_url` (default: a fresh SQLite
+    file in `workdir`, itself a new temporary directory by default); yields the base URL."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="mhpo-bench-"))
+    db_url = db_url or f"sqlite:///{workdir / 'mhpo.db'}"
     env = {"PYTHONPATH": str(code_dir)}
     subprocess.run([sys.executable, "-m", "mhpo", "db", "upgrade", "--db", db_url], cwd=code_dir,
                    env={**os.environ, **env}, check=True, capture_output=True)
