@@ -28,25 +28,45 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.dashboard.seeding import create_run, post_records, records, seed_run  # noqa: E402
-from tests.fixtures.server import LiveServer  # noqa: E402
+from tests.dashboard.seeding import create_run, post_records, records, seed_run
+from tests.fixtures.server import LiveServer
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 RUN_PAGE_GRAPHS = 7  # heat-map, step histogram, trust region, hazard, gradients, policy, training
 GOAL_S = 2.0
 
 
 def seed_three(url: str, steps: int, tag: str) -> list[str]:
     """An MHPO run with one hazard spike, and GRPO and DAPO runs whose ratios widen more over the run."""
-    specs = [("mhpo", {"lr": 1e-6, "hparams": {"c": 1.5}}, 0.1, steps // 2),
-             ("grpo", {"lr": 1e-6, "hparams": {"eps": 0.2}}, 0.4, None),
-             ("dapo", {"lr": 2e-6, "hparams": {"eps_low": 0.2, "eps_high": 0.28}}, 0.7, None)]
+    specs = [
+        ("mhpo", {"lr": 1e-6, "hparams": {"c": 1.5}}, 0.1, steps // 2),
+        ("grpo", {"lr": 1e-6, "hparams": {"eps": 0.2}}, 0.4, None),
+        ("dapo", {"lr": 2e-6, "hparams": {"eps_low": 0.2, "eps_high": 0.28}}, 0.7, None),
+    ]
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(seed_run, url, "bench", f"{loss}-{tag}", loss, config, steps, seed=i,
-                               drift=widening * 1000 / steps, spike_at=spike, batch=500)
-                   for i, (loss, config, widening, spike) in enumerate(specs)]
+        futures = [
+            pool.submit(
+                seed_run,
+                url,
+                "bench",
+                f"{loss}-{tag}",
+                loss,
+                config,
+                steps,
+                seed=i,
+                drift=widening * 1000 / steps,
+                spike_at=spike,
+                batch=500,
+            )
+            for i, (loss, config, widening, spike) in enumerate(specs)
+        ]
         return [f.result() for f in futures]
 
 
@@ -76,13 +96,22 @@ def first_paint(browser: object, url: str, graphs: int) -> tuple[float, float]:
     errors: list[str] = []
     callbacks: list[float] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("requestfinished", lambda r: callbacks.append((r.timing["responseStart"] - r.timing["requestStart"]) / 1000)
-            if "_dash-update-component" in r.url else None)
+    page.on(
+        "requestfinished",
+        lambda r: (
+            callbacks.append((r.timing["responseStart"] - r.timing["requestStart"]) / 1000)
+            if "_dash-update-component" in r.url
+            else None
+        ),
+    )
     page.goto(url, wait_until="commit")
     page.wait_for_function(
         "(n) => { const g = document.querySelectorAll('.js-plotly-plot');"
         " return g.length >= n && [...g].every(p => p._fullLayout && p.querySelector('.main-svg')); }",
-        arg=graphs, timeout=120_000, polling="raf")
+        arg=graphs,
+        timeout=120_000,
+        polling="raf",
+    )
     elapsed = page.evaluate("() => performance.now()") / 1000.0
     context.close()
     if errors:
@@ -94,8 +123,13 @@ def measure(browser: object, label: str, url: str, graphs: int, repeat: int) -> 
     first_paint(browser, url, graphs)  # warm-up: server imports, caches, browser code cache
     runs = [first_paint(browser, url, graphs) for _ in range(repeat)]
     times = [t for t, _ in runs]
-    return {"page": label, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "server_s": statistics.median(c for _, c in runs)}
+    return {
+        "page": label,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "server_s": statistics.median(c for _, c in runs),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,24 +149,33 @@ def main(argv: list[str] | None = None) -> int:
         long_runs = seed_three(server.url, args.steps, f"{args.steps}")
         short_runs = seed_three(server.url, args.baseline_steps, f"{args.baseline_steps}")
         many = seed_many_keys(server.url, args.keys, args.keys_steps)
-        print(f"seeded 3 x {args.steps} + 3 x {args.baseline_steps} steps and {args.keys} keys x "
-              f"{args.keys_steps} steps over HTTP in {time.monotonic() - started:.1f} s")
+        print(
+            f"seeded 3 x {args.steps} + 3 x {args.baseline_steps} steps and {args.keys} keys x "
+            f"{args.keys_steps} steps over HTTP in {time.monotonic() - started:.1f} s"
+        )
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             rows = []
             for steps, ids in ((args.baseline_steps, short_runs), (args.steps, long_runs)):
-                rows.append(measure(browser, f"run page, {steps} steps", f"{server.url}/runs/{ids[0]}",
-                                    RUN_PAGE_GRAPHS, args.repeat))
+                rows.append(
+                    measure(
+                        browser, f"run page, {steps} steps", f"{server.url}/runs/{ids[0]}", RUN_PAGE_GRAPHS, args.repeat
+                    )
+                )
                 compare = f"{server.url}/compare?runs={','.join(ids)}"
                 rows.append(measure(browser, f"compare, 3 x {steps} steps", compare, 5 + 3 + 1, args.repeat))
-            rows.append(measure(browser, f"run page, {args.keys} keys", f"{server.url}/runs/{many}",
-                                RUN_PAGE_GRAPHS, args.repeat))
+            rows.append(
+                measure(
+                    browser, f"run page, {args.keys} keys", f"{server.url}/runs/{many}", RUN_PAGE_GRAPHS, args.repeat
+                )
+            )
             if args.screenshot:
                 context = browser.new_context(viewport={"width": 1600, "height": 1100})
                 page = context.new_page()
                 page.goto(f"{server.url}/runs/{long_runs[0]}")
-                page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot .main-svg').length"
-                                       f" >= {RUN_PAGE_GRAPHS}")
+                page.wait_for_function(
+                    f"() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= {RUN_PAGE_GRAPHS}"
+                )
                 page.wait_for_load_state("networkidle")
                 page.screenshot(path=str(args.screenshot), full_page=False)
                 context.close()
@@ -143,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     print("load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(f"{'page':<28} {'median s':>9} {'min s':>7} {'max s':>7} {'server s':>9}")
     for row in rows:
-        print(f"{row['page']:<28} {row['median_s']:>9.2f} {row['min_s']:>7.2f} {row['max_s']:>7.2f}"
-              f" {row['server_s']:>9.2f}")
+        print(
+            f"{row['page']:<28} {row['median_s']:>9.2f} {row['min_s']:>7.2f} {row['max_s']:>7.2f}"
+            f" {row['server_s']:>9.2f}"
+        )
     return 0
 
 

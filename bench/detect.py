@@ -2,7 +2,7 @@
 
 Generates `--per-kind` streams of each injected kind (collapse, erosion, hazard_spike,
 grad_spike, non_finite, on_policy) at random onsets plus `--clean` clean streams
-(`server.flags.synthetic`), posts each as a run to `mhpo serve` (started here on a fresh
+(`mhpo_server.flags.synthetic`), posts each as a run to `mhpo serve` (started here on a fresh
 SQLite file unless `--server` is given), reads the flags back from
 `GET /api/v1/runs/{id}/events` and prints per kind: detected/total within the goal
 delay, the delay in steps (median, max) and false warning/critical flags per 1,000 clean
@@ -43,10 +43,8 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from servers import mhpo_server  # noqa: E402
-
-from server.flags import FlagParams, History, detect  # noqa: E402
-from server.flags.synthetic import (  # noqa: E402
+from mhpo_server.flags import FlagParams, History, detect
+from mhpo_server.flags.synthetic import (
     GOAL_DELAY,
     INJECTED_KINDS,
     PATTERN_KIND,
@@ -56,6 +54,7 @@ from server.flags.synthetic import (  # noqa: E402
     pattern_stream,
     score,
 )
+from servers import mhpo_server
 
 ALL_OFF = {name: {"enabled": False} for name in FlagParams.model_fields}
 PATTERN_GOAL = {"collapse": 30, "entropy_surge": 30, "kl_spike": 2}
@@ -112,17 +111,38 @@ def reward_drop(steps: list[int], rewards: list[float], window: int = 8) -> int 
 def replay_trainer(url: str, lr: float, steps: int, warmup: int) -> None:
     """Stream one real unstable GRPO run to the server and time its first flag against the reward drop."""
     project, name = "bench-detect-replay", f"grpo-lr{lr:g}-{uuid.uuid4().hex[:4]}"
-    cmd = [sys.executable, "-m", "mhpo", "train", "--server", url, "--project", project, "--name", name,
-           "--loss", "grpo", "--lr", str(lr), "--lr-warmup-steps", str(warmup), "--steps", str(steps),
-           "--mini-batches", "4", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mhpo",
+        "train",
+        "--server",
+        url,
+        "--project",
+        project,
+        "--name",
+        name,
+        "--loss",
+        "grpo",
+        "--lr",
+        str(lr),
+        "--lr-warmup-steps",
+        str(warmup),
+        "--steps",
+        str(steps),
+        "--mini-batches",
+        "4",
+        "--no-progress",
+    ]
     print(f"\nreplay: {' '.join(cmd[1:])}")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     subprocess.run(cmd, cwd=REPO_ROOT, check=True, capture_output=True, env=env)
     with httpx.Client(base_url=url, timeout=60) as client:
         runs = client.get("/api/v1/runs", params={"project": project}).json()["runs"]
         run = next(r for r in runs if r["name"] == name)
-        series = client.get(f"/api/v1/runs/{run['run_id']}/scalars",
-                            params={"keys": "reward/mean", "max_points": 10_000}).json()["series"]["reward/mean"]
+        series = client.get(
+            f"/api/v1/runs/{run['run_id']}/scalars", params={"keys": "reward/mean", "max_points": 10_000}
+        ).json()["series"]["reward/mean"]
         events = client.get(f"/api/v1/runs/{run['run_id']}/events").json()["events"]
     flags = [e for e in events if e["type"] == "flag" and e["severity"] != "info"]
     drop = reward_drop(series["step"], series["value"])
@@ -150,8 +170,10 @@ def alarms(flags: Flags, keep_info: frozenset[str] = frozenset()) -> list[list[t
 
 def report_patterns(seeds: int) -> None:
     """The reported failure shapes and the healthy shapes that used to raise false alarms, offline."""
-    print(f"\n{'pattern':<19}{'kind':<15}{'flagged':>9}{'goal':>12}{'delay median':>14}{'delay max':>11}"
-          f"{'severity':>10}{'false alarms':>14}")
+    print(
+        f"\n{'pattern':<19}{'kind':<15}{'flagged':>9}{'goal':>12}{'delay median':>14}{'delay max':>11}"
+        f"{'severity':>10}{'false alarms':>14}"
+    )
     for pattern in PATTERNS:
         kind = PATTERN_KIND.get(pattern)
         delays, severities, false = [], set(), 0
@@ -168,9 +190,11 @@ def report_patterns(seeds: int) -> None:
         within = sum(d <= goal for d in delays) if goal is not None else 0
         med = f"{statistics.median(delays):.1f}" if delays else "-"
         worst = f"{max(delays)}" if delays else "-"
-        print(f"{pattern:<19}{kind or '(healthy)':<15}{f'{within}/{seeds}' if kind else '-':>9}"
-              f"{f'<= {goal} steps' if goal is not None else '-':>12}{med:>14}{worst:>11}"
-              f"{'/'.join(sorted(severities)) or '-':>10}{false:>14}")
+        print(
+            f"{pattern:<19}{kind or '(healthy)':<15}{f'{within}/{seeds}' if kind else '-':>9}"
+            f"{f'<= {goal} steps' if goal is not None else '-':>12}{med:>14}{worst:>11}"
+            f"{'/'.join(sorted(severities)) or '-':>10}{false:>14}"
+        )
 
 
 def main() -> None:
@@ -207,8 +231,12 @@ def main() -> None:
 
 
 def report(
-    streams: list[Stream], flags: Flags, timing: dict[str, list[float]], batch: int,
-    elapsed: float, where: str,
+    streams: list[Stream],
+    flags: Flags,
+    timing: dict[str, list[float]],
+    batch: int,
+    elapsed: float,
+    where: str,
 ) -> None:
     result = score(streams, alarms(flags, frozenset({"on_policy"})))
     info = score(streams, [[(k, s) for k, s, _ in found] for found in flags]).false_flags - result.false_flags
@@ -217,18 +245,25 @@ def report(
         delays = result.delays.get(kind, [])
         med = f"{statistics.median(delays):.1f}" if delays else "-"
         worst = f"{max(delays)}" if delays else "-"
-        print(f"{kind:<14}{result.detected.get(kind, 0):>5}/{result.total.get(kind, 0):<4}"
-              f"{f'<= {GOAL_DELAY[kind]} steps':>12}{med:>14}{worst:>11}")
+        print(
+            f"{kind:<14}{result.detected.get(kind, 0):>5}/{result.total.get(kind, 0):<4}"
+            f"{f'<= {GOAL_DELAY[kind]} steps':>12}{med:>14}{worst:>11}"
+        )
     by_kind = ", ".join(f"{k}: {v}" for k, v in sorted(result.false_by_kind.items())) or "none"
-    print(f"\nfalse warning/critical flags: {result.false_flags} in {result.clean_steps} clean steps = "
-          f"{result.false_per_1000():.3f} per 1,000 steps (goal < 0.5; by kind: {by_kind}); "
-          f"informational: {info} ({1000 * info / max(result.clean_steps, 1):.3f} per 1,000)")
+    print(
+        f"\nfalse warning/critical flags: {result.false_flags} in {result.clean_steps} clean steps = "
+        f"{result.false_per_1000():.3f} per 1,000 steps (goal < 0.5; by kind: {by_kind}); "
+        f"informational: {info} ({1000 * info / max(result.clean_steps, 1):.3f} per 1,000)"
+    )
     if timing:
         on, off = statistics.median(timing["on"]) * 1e3, statistics.median(timing["off"]) * 1e3
-        print(f"ingest of {batch}-record batches, median: {on:.1f} ms with flags and alert rules evaluated, "
-              f"{off:.1f} ms with every detector off (same server, same clean streams): "
-              f"{on - off:+.1f} ms per batch, {(on - off) / batch:.2f} ms per step")
+        print(
+            f"ingest of {batch}-record batches, median: {on:.1f} ms with flags and alert rules evaluated, "
+            f"{off:.1f} ms with every detector off (same server, same clean streams): "
+            f"{on - off:+.1f} ms per batch, {(on - off) / batch:.2f} ms per step"
+        )
     print(f"wall time {elapsed:.1f} s ({where})")
+
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
 Trains real runs of the built-in tiny model on CPU, one after the other (`mhpo train
 --no-stream --metrics-file`: the records exactly as they would be streamed), then runs the
-service's detectors (`server.flags.detect`, the code the ingest listener runs; batching
+service's detectors (`mhpo_server.flags.detect`, the code the ingest listener runs; batching
 does not change its flags) on each run's records:
 
 - healthy: the `mhpo demo` configuration (16 prompts x 8 completions, lr 5e-4, 2
@@ -44,7 +44,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from server.flags import History, detect  # noqa: E402
+from mhpo_server.flags import History, detect
 
 DEMO = ["--prompts-per-step", "16", "--group-size", "8", "--lr", "5e-4"]
 REGIMES: dict[str, tuple[list[str], int]] = {  # name -> (train flags, rollouts)
@@ -75,8 +75,23 @@ def train(regime: str, seed: int, rollouts: int, out: Path) -> list[dict]:
         flags, _ = REGIMES[regime]
         partial = path.with_suffix(".part")
         partial.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "mhpo", "train", *flags, "--seed", str(seed), "--steps", str(rollouts),
-               "--no-stream", "--no-progress", "--metrics-file", str(partial), "--name", f"{regime}-s{seed}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mhpo",
+            "train",
+            *flags,
+            "--seed",
+            str(seed),
+            "--steps",
+            str(rollouts),
+            "--no-stream",
+            "--no-progress",
+            "--metrics-file",
+            str(partial),
+            "--name",
+            f"{regime}-s{seed}",
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         t0 = time.monotonic()
         subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True)
@@ -164,8 +179,10 @@ def report(runs: list[Run]) -> None:
         print(f"{f'{r.regime} s{r.seed}':<20}{len(r.records):>6}{label_:>7}  {', '.join(cells) or '-'}")
     healthy_steps = sum(len(r.records) for r in healthy)
     print(f"\n{len(failed)} runs failed (by their own state), {len(healthy)} did not ({healthy_steps} optimizer steps)")
-    print(f"\n{'detector / threshold':<22}{'flagged <= label + 1 rollout':>30}{'median lead (steps)':>21}"
-          f"{'false warnings / 1,000 healthy steps':>38}")
+    print(
+        f"\n{'detector / threshold':<22}{'flagged <= label + 1 rollout':>30}{'median lead (steps)':>21}"
+        f"{'false warnings / 1,000 healthy steps':>38}"
+    )
     for c in columns:
         in_time = [r for r in failed if c in r.first and r.first[c] <= r.label + r.updates_per_rollout]
         leads = [r.label - r.first[c] for r in in_time]

@@ -17,24 +17,31 @@ import time
 import uuid
 from pathlib import Path
 
+import mhpo_migrations
 import psycopg
-
-import migrations
-from server.schemas import RecordIn, RunCreate
-from server.store import open_store
+from mhpo_server.schemas import RecordIn, RunCreate
+from mhpo_server.store import open_store
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def records(start: int, stop: int, keys: int) -> list[RecordIn]:
     hist = {"lo": -2.0, "hi": 2.0, "counts": [1] * 64}
-    return [RecordIn.model_validate({"step": s, "time": 1.7e9 + s, "histograms": {"h": hist},
-                                     "scalars": {f"k{i:02d}": float(s + i) for i in range(keys)}})
-            for s in range(start, stop)]
+    return [
+        RecordIn.model_validate(
+            {
+                "step": s,
+                "time": 1.7e9 + s,
+                "histograms": {"h": hist},
+                "scalars": {f"k{i:02d}": float(s + i) for i in range(keys)},
+            }
+        )
+        for s in range(start, stop)
+    ]
 
 
 def measure(url: str, steps: int, keys: int) -> dict[str, float]:
-    migrations.upgrade(url)
+    mhpo_migrations.upgrade(url)
     store = open_store(url)
     try:
         run_id = store.create_run(RunCreate(project="bench", name="history")).run_id

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 from servers import free_port, mhpo_server, serve
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -50,8 +49,20 @@ READ_STEPS = 100_000
 @contextmanager
 def mlflow_server(workdir: Path) -> Iterator[str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-           "--default-artifact-root", str(workdir / "mlflow-artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--default-artifact-root",
+        str(workdir / "mlflow-artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with serve(cmd, f"http://127.0.0.1:{port}/health", workdir / "mlflow-server.log"):
         yield f"http://127.0.0.1:{port}"
 
@@ -90,8 +101,10 @@ class MHPOTarget(Target):
     def request(self, run_id: str, n: int, batched: bool) -> tuple[str, bytes, int]:
         now = time.time()
         if batched:
-            records = [{"step": n * BATCH_STEPS + s, "time": now, "scalars": {k: s * 0.5 for k in BATCH_KEYS}}
-                       for s in range(BATCH_STEPS)]
+            records = [
+                {"step": n * BATCH_STEPS + s, "time": now, "scalars": {k: s * 0.5 for k in BATCH_KEYS}}
+                for s in range(BATCH_STEPS)
+            ]
             points = BATCH_STEPS * len(BATCH_KEYS)
         else:
             records = [{"step": n, "time": now, "scalars": {k: n * 0.5 for k in STEP_KEYS}}]
@@ -108,16 +121,21 @@ class MLflowTarget(Target):
             self.experiment_id = response.json()["experiment_id"]
 
     def new_run(self, client: httpx.Client) -> str:
-        response = client.post("/api/2.0/mlflow/runs/create",
-                               json={"experiment_id": self.experiment_id, "start_time": int(time.time() * 1000)})
+        response = client.post(
+            "/api/2.0/mlflow/runs/create",
+            json={"experiment_id": self.experiment_id, "start_time": int(time.time() * 1000)},
+        )
         response.raise_for_status()
         return str(response.json()["run"]["info"]["run_id"])
 
     def request(self, run_id: str, n: int, batched: bool) -> tuple[str, bytes, int]:
         ts = int(time.time() * 1000)
         if batched:
-            metrics = [{"key": k, "value": s * 0.5, "timestamp": ts, "step": n * BATCH_STEPS + s}
-                       for s in range(BATCH_STEPS) for k in BATCH_KEYS]
+            metrics = [
+                {"key": k, "value": s * 0.5, "timestamp": ts, "step": n * BATCH_STEPS + s}
+                for s in range(BATCH_STEPS)
+                for k in BATCH_KEYS
+            ]
         else:
             metrics = [{"key": k, "value": n * 0.5, "timestamp": ts, "step": n} for k in STEP_KEYS]
         body = json.dumps({"run_id": run_id, "metrics": metrics}).encode()
@@ -181,8 +199,11 @@ def run_round(servers: list[tuple[str, str, Target, str]], seconds: float, cells
                 mode = "1000 pts/req" if batched else "1 step/req"
                 cell = Cell(name, db, mode, clients, points, requests, errors, elapsed)
                 cells.append(cell)
-                print(f"  {name:<7} {db:<10} {mode:<13} {clients} client(s): {cell.rate:>10,.0f} points/s"
-                      f" ({errors} errors)", flush=True)
+                print(
+                    f"  {name:<7} {db:<10} {mode:<13} {clients} client(s): {cell.rate:>10,.0f} points/s"
+                    f" ({errors} errors)",
+                    flush=True,
+                )
 
 
 def timed(fn: Callable[[], object], repeat: int) -> list[float]:
@@ -199,9 +220,12 @@ def mhpo_read(base_url: str, steps: int) -> tuple[float, int]:
     with httpx.Client(base_url=base_url, timeout=120.0) as client:
         run_id = MHPOTarget().new_run(client)
         for start in range(0, steps, 10_000):
-            records = [{"step": s, "scalars": {"loss": 1.0 / (s + 1)}} for s in range(start, min(start + 10_000, steps))]
-            client.post(f"/api/v1/runs/{run_id}/records",
-                        json={"batch_id": str(uuid.uuid4()), "records": records}).raise_for_status()
+            records = [
+                {"step": s, "scalars": {"loss": 1.0 / (s + 1)}} for s in range(start, min(start + 10_000, steps))
+            ]
+            client.post(
+                f"/api/v1/runs/{run_id}/records", json={"batch_id": str(uuid.uuid4()), "records": records}
+            ).raise_for_status()
         params = {"keys": "loss", "max_points": 1000}
         url = f"/api/v1/runs/{run_id}/scalars"
         first = client.get(url, params=params)
@@ -218,9 +242,13 @@ def mlflow_read(base_url: str, steps: int) -> tuple[float, int]:
         run_id = target.new_run(client)
         ts = int(time.time() * 1000)
         for start in range(0, steps, 1000):
-            metrics = [{"key": "loss", "value": 1.0 / (s + 1), "timestamp": ts, "step": s}
-                       for s in range(start, min(start + 1000, steps))]
-            client.post("/api/2.0/mlflow/runs/log-batch", json={"run_id": run_id, "metrics": metrics}).raise_for_status()
+            metrics = [
+                {"key": "loss", "value": 1.0 / (s + 1), "timestamp": ts, "step": s}
+                for s in range(start, min(start + 1000, steps))
+            ]
+            client.post(
+                "/api/2.0/mlflow/runs/log-batch", json={"run_id": run_id, "metrics": metrics}
+            ).raise_for_status()
 
         def read() -> int:
             count, token = 0, None
@@ -244,8 +272,11 @@ def mlflow_read(base_url: str, steps: int) -> tuple[float, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each ingest cell")
-    parser.add_argument("--pg", default=os.environ.get("MHPO_TEST_PG_URL", DEFAULT_PG_URL),
-                        help="PostgreSQL admin URL (a fresh database is created and dropped)")
+    parser.add_argument(
+        "--pg",
+        default=os.environ.get("MHPO_TEST_PG_URL", DEFAULT_PG_URL),
+        help="PostgreSQL admin URL (a fresh database is created and dropped)",
+    )
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
     parser.add_argument("--no-mlflow", action="store_true", help="skip the MLflow baseline")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of all cells; the table shows each cell's median")
@@ -257,8 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     reads: dict[str, tuple[float, int]] = {}
     try:
         with ExitStack() as stack:
-            servers = [("mhpo", "sqlite", MHPOTarget(),
-                        stack.enter_context(mhpo_server(f"sqlite:///{workdir / 'mhpo.db'}", workdir)))]
+            servers = [
+                (
+                    "mhpo",
+                    "sqlite",
+                    MHPOTarget(),
+                    stack.enter_context(mhpo_server(f"sqlite:///{workdir / 'mhpo.db'}", workdir)),
+                )
+            ]
             if not args.no_pg:
                 db_url = stack.enter_context(pg_database(args.pg))
                 servers.append(("mhpo", "postgresql", MHPOTarget(), stack.enter_context(mhpo_server(db_url, workdir))))
@@ -272,8 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, db, _target, base_url in servers:
                 read = mlflow_read if name == "mlflow" else mhpo_read
                 reads[f"{name}/{db}"] = read(base_url, args.read_steps)
-                print(f"  {name:<7} {db:<10} read {args.read_steps:,} steps -> {reads[f'{name}/{db}'][1]:,} points:"
-                      f" {reads[f'{name}/{db}'][0] * 1000:.1f} ms", flush=True)
+                print(
+                    f"  {name:<7} {db:<10} read {args.read_steps:,} steps -> {reads[f'{name}/{db}'][1]:,} points:"
+                    f" {reads[f'{name}/{db}'][0] * 1000:.1f} ms",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print_tables(cells, reads, args.read_steps)
@@ -286,14 +326,18 @@ def print_tables(cells: list[Cell], reads: dict[str, tuple[float, int]], read_st
         groups.setdefault((c.server, c.db, c.mode, c.clients), []).append(c)
     rate = {key: statistics.median(c.rate for c in group) for key, group in groups.items()}
     print("\nIngest (scalar points per second, median of the rounds, higher is better)")
-    print(f"| {'server':<7} | {'database':<10} | {'request':<13} | clients | {'points/s':>10} | {'vs MLflow':>9} | errors |")
+    print(
+        f"| {'server':<7} | {'database':<10} | {'request':<13} | clients | {'points/s':>10} | {'vs MLflow':>9} | errors |"
+    )
     print(f"|{'-' * 9}|{'-' * 12}|{'-' * 15}|---------|{'-' * 12}|{'-' * 11}|--------|")
     for key, group in groups.items():
         server, db, mode, clients = key
         base = rate.get(("mlflow", "sqlite", mode, clients))
         ratio = f"{rate[key] / base:.1f}x" if base else "-"
         errors = sum(c.errors for c in group)
-        print(f"| {server:<7} | {db:<10} | {mode:<13} | {clients:>7} | {rate[key]:>10,.0f} | {ratio:>9} | {errors:>6} |")
+        print(
+            f"| {server:<7} | {db:<10} | {mode:<13} | {clients:>7} | {rate[key]:>10,.0f} | {ratio:>9} | {errors:>6} |"
+        )
     print(f"\nRead a {read_steps:,}-step series (median)")
     print(f"| {'server/database':<18} | {'points returned':>15} | {'latency':>10} |")
     print(f"|{'-' * 20}|{'-' * 17}|{'-' * 12}|")

@@ -26,9 +26,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mhpo.demo import start_server  # noqa: E402
-from mhpo.trainer import Trainer, TrainerConfig  # noqa: E402
-from servers import free_port  # noqa: E402
+from servers import free_port
+
+from mhpo.demo import start_server
+from mhpo.trainer import Trainer, TrainerConfig
 
 
 def main() -> None:
@@ -70,9 +71,11 @@ def main() -> None:
     print(f"{'':12}{'median s':>10}{'total s':>10}")
     for k in ("off", "on"):
         print(f"{'stream ' + k:12}{med[k]:10.4f}{total[k]:10.2f}")
-    print(f"overhead: median of paired step ratios {100 * (paired - 1):+.2f} %, ratio of medians "
-          f"{100 * (med['on'] / med['off'] - 1):+.2f} %, ratio of totals {100 * (total['on'] / total['off'] - 1):+.2f} % "
-          f"(goal <= 3 %); final flush at finish {flush_s:.2f} s")
+    print(
+        f"overhead: median of paired step ratios {100 * (paired - 1):+.2f} %, ratio of medians "
+        f"{100 * (med['on'] / med['off'] - 1):+.2f} %, ratio of totals {100 * (total['on'] / total['off'] - 1):+.2f} % "
+        f"(goal <= 3 %); final flush at finish {flush_s:.2f} s"
+    )
 
 
 if __name__ == "__main__":

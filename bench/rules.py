@@ -34,18 +34,21 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from server.alerts.rules import RuleStates  # noqa: E402
-from server.flags.detectors import History  # noqa: E402
-from servers import mhpo_server  # noqa: E402
-from tests.flags.test_rule_state import make_rule, naive_firings  # noqa: E402
+from mhpo_server.alerts.rules import RuleStates
+from mhpo_server.flags.detectors import History
+from servers import mhpo_server
+
+from tests.flags.test_rule_state import make_rule, naive_firings
 
 FOR_STEPS = 10_000
 N_RULES = 4
 
 
 def offline(prior: int, batch: int, naive_steps: int) -> None:
-    rules = [make_rule(i + 1, {"type": "threshold", "key": "loss", "op": ">", "value": 0.0, "for_steps": FOR_STEPS})
-             for i in range(N_RULES)]
+    rules = [
+        make_rule(i + 1, {"type": "threshold", "key": "loss", "op": ">", "value": 0.0, "for_steps": FOR_STEPS})
+        for i in range(N_RULES)
+    ]
     steps = np.arange(prior + 2 * batch, dtype=np.int64)
     values = np.ones(len(steps))
     states = RuleStates()
@@ -74,14 +77,19 @@ def online(url: str, prior: int, batch: int, measured: int) -> None:
         run_a = client.post("/api/v1/runs", json={"project": project, "name": "a"}).json()["run_id"]
         run_b = client.post("/api/v1/runs", json={"project": f"{project}-other", "name": "b"}).json()["run_id"]
         for i in range(N_RULES):
-            client.post("/api/v1/alert-rules", json={
-                "name": f"loss high {i}", "project": project,
-                "condition": {"type": "threshold", "key": "loss", "op": ">", "value": 0.0, "for_steps": FOR_STEPS},
-            }).raise_for_status()
+            client.post(
+                "/api/v1/alert-rules",
+                json={
+                    "name": f"loss high {i}",
+                    "project": project,
+                    "condition": {"type": "threshold", "key": "loss", "op": ">", "value": 0.0, "for_steps": FOR_STEPS},
+                },
+            ).raise_for_status()
         t0 = time.perf_counter()
         for start in range(0, prior, batch):
-            client.post(f"/api/v1/runs/{run_a}/records",
-                        json={"batch_id": uuid.uuid4().hex, "records": records(start, batch)}).raise_for_status()
+            client.post(
+                f"/api/v1/runs/{run_a}/records", json={"batch_id": uuid.uuid4().hex, "records": records(start, batch)}
+            ).raise_for_status()
         print(f"  {prior} points stored in {time.perf_counter() - t0:.1f} s ({batch}-record batches, rules on)")
 
         stop = threading.Event()
@@ -93,8 +101,10 @@ def online(url: str, prior: int, batch: int, measured: int) -> None:
                 step = 0
                 while not stop.is_set():
                     t = time.perf_counter()
-                    c.post(f"/api/v1/runs/{run_b}/records",
-                           json={"batch_id": uuid.uuid4().hex, "records": records(step, 1)}).raise_for_status()
+                    c.post(
+                        f"/api/v1/runs/{run_b}/records",
+                        json={"batch_id": uuid.uuid4().hex, "records": records(step, 1)},
+                    ).raise_for_status()
                     other.append(time.perf_counter() - t)
                     t = time.perf_counter()
                     c.get("/healthz").raise_for_status()
@@ -108,8 +118,10 @@ def online(url: str, prior: int, batch: int, measured: int) -> None:
         try:
             for k in range(measured):
                 t = time.perf_counter()
-                client.post(f"/api/v1/runs/{run_a}/records", json={
-                    "batch_id": uuid.uuid4().hex, "records": records(prior + k * batch, batch)}).raise_for_status()
+                client.post(
+                    f"/api/v1/runs/{run_a}/records",
+                    json={"batch_id": uuid.uuid4().hex, "records": records(prior + k * batch, batch)},
+                ).raise_for_status()
                 own.append(time.perf_counter() - t)
         finally:
             stop.set()
@@ -118,8 +130,10 @@ def online(url: str, prior: int, batch: int, measured: int) -> None:
     print(f"  project A, {batch}-record batch: " + ", ".join(f"{x:.2f} s" for x in own) + f"  ({fired} alerts fired)")
     for label, latencies in (("project B, 1-record batch", other), ("/healthz", health)):
         if latencies:
-            print(f"  meanwhile {label}: median {statistics.median(latencies) * 1e3:.0f} ms, "
-                  f"max {max(latencies) * 1e3:.0f} ms ({len(latencies)} requests)")
+            print(
+                f"  meanwhile {label}: median {statistics.median(latencies) * 1e3:.0f} ms, "
+                f"max {max(latencies) * 1e3:.0f} ms ({len(latencies)} requests)"
+            )
         else:
             print(f"  meanwhile {label}: none completed (the measured batches were too short; raise --batch)")
 
@@ -131,8 +145,12 @@ def main() -> None:
     parser.add_argument("--measured", type=int, default=2, help="measured batches of project A")
     parser.add_argument("--db", help="database URL for the server (default: a fresh SQLite file)")
     parser.add_argument("--code-dir", type=Path, default=REPO_ROOT, help="checkout the server runs from")
-    parser.add_argument("--naive-steps", type=int, default=200,
-                        help="steps the re-read baseline is timed on (scaled to the batch; it is slow)")
+    parser.add_argument(
+        "--naive-steps",
+        type=int,
+        default=200,
+        help="steps the re-read baseline is timed on (scaled to the batch; it is slow)",
+    )
     parser.add_argument("--skip-offline", action="store_true", help="only the real-server part")
     args = parser.parse_args()
     if not args.skip_offline:

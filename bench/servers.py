@@ -14,7 +14,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mhpo.demo import wait_healthy  # noqa: E402
+from mhpo.demo import wait_healthy
 
 
 def free_port() -> int:
@@ -24,8 +24,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(cmd: list[str], health_url: str, log_path: Path, env: dict[str, str] | None = None,
-          cwd: Path = REPO_ROOT) -> Iterator[None]:
+def serve(
+    cmd: list[str], health_url: str, log_path: Path, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT
+) -> Iterator[None]:
     """Run a server process until the block ends; wait for its health URL first (its output goes to `log_path`)."""
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -50,8 +51,13 @@ def mhpo_server(db_url: str | None = None, workdir: Path | None = None, code_dir
     workdir = workdir or Path(tempfile.mkdtemp(prefix="mhpo-bench-"))
     db_url = db_url or f"sqlite:///{workdir / 'mhpo.db'}"
     env = {"PYTHONPATH": str(code_dir)}
-    subprocess.run([sys.executable, "-m", "mhpo", "db", "upgrade", "--db", db_url], cwd=code_dir,
-                   env={**os.environ, **env}, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "mhpo", "db", "upgrade", "--db", db_url],
+        cwd=code_dir,
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
     cmd = [sys.executable, "-m", "mhpo", "serve", "--db", db_url, "--host", "127.0.0.1", "--port", str(port)]
     with serve(cmd, f"http://127.0.0.1:{port}/healthz", workdir / "mhpo-serve.log", env, code_dir):

@@ -25,7 +25,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mhpo.trainer import Trainer, TrainerConfig  # noqa: E402
+from mhpo.trainer import Trainer, TrainerConfig
 
 LOSSES = ("mhpo", "grpo", "dapo")
 
@@ -56,8 +56,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="rollouts per run")
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate (the demo uses 5e-4)")
     parser.add_argument("--spike-factor", type=float, default=3.0)
-    parser.add_argument("--out", default=str(REPO_ROOT / "artifacts" / "stability.png"),
-                        help="PNG path; the numbers go next to it as .json")
+    parser.add_argument(
+        "--out",
+        default=str(REPO_ROOT / "artifacts" / "stability.png"),
+        help="PNG path; the numbers go next to it as .json",
+    )
     args = parser.parse_args()
     os.environ.setdefault("MHPO_SPOOL_DIR", tempfile.mkdtemp(prefix="mhpo-stability-"))
     results: dict[str, list[tuple[list[float], list[float]]]] = {loss: [] for loss in LOSSES}
@@ -66,10 +69,14 @@ def main() -> None:
             results[loss].append(run(loss, seed, args.steps, args.lr))
             print(f"done {loss} seed {seed}", file=sys.stderr, flush=True)
 
-    print(f"lr {args.lr:g}, {args.seeds} seeds x {args.steps} rollouts (2 optimizer steps each), "
-          f"spike = grad-norm > {args.spike_factor:g} x median of the previous 10 steps")
-    print(f"{'loss':6}{'spikes/run':>12}{'median gnorm':>14}{'max gnorm':>11}{'zero-grad':>11}"
-          f"{'first reward':>14}{'final reward':>14}")
+    print(
+        f"lr {args.lr:g}, {args.seeds} seeds x {args.steps} rollouts (2 optimizer steps each), "
+        f"spike = grad-norm > {args.spike_factor:g} x median of the previous 10 steps"
+    )
+    print(
+        f"{'loss':6}{'spikes/run':>12}{'median gnorm':>14}{'max gnorm':>11}{'zero-grad':>11}"
+        f"{'first reward':>14}{'final reward':>14}"
+    )
     for loss, runs in results.items():
         n_spikes = statistics.fmean(spikes(n, args.spike_factor) for n, _ in runs)
         live = [v for n, _ in runs for v in n if v > 0]
@@ -77,10 +84,14 @@ def main() -> None:
         dead = sum(1 for v in everything if v == 0) / len(everything)
         first = statistics.fmean(statistics.fmean(r[:3]) for _, r in runs)
         final = statistics.fmean(statistics.fmean(r[-5:]) for _, r in runs)
-        print(f"{loss:6}{n_spikes:12.2f}{statistics.median(live):14.3f}{max(live):11.3f}{dead:11.0%}"
-              f"{first:14.3f}{final:14.3f}")
-    print("median/max grad-norm over steps with a gradient; zero-grad = share of optimizer steps where every "
-          "group's rewards were equal (after a collapse to reward 0, nothing is left to learn from)")
+        print(
+            f"{loss:6}{n_spikes:12.2f}{statistics.median(live):14.3f}{max(live):11.3f}{dead:11.0%}"
+            f"{first:14.3f}{final:14.3f}"
+        )
+    print(
+        "median/max grad-norm over steps with a gradient; zero-grad = share of optimizer steps where every "
+        "group's rewards were equal (after a collapse to reward 0, nothing is left to learn from)"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"lr": args.lr, "results": results}))

@@ -1,1 +1,1 @@
-"""The MHPO Monitor dashboard: Dash pages over the HTTP query API (`dashboard.app.create_dash`)."""
+"""The MHPO Monitor dashboard: Dash pages over the HTTP query API (`mhpo_dashboard.app.create_dash`)."""

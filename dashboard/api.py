@@ -23,8 +23,9 @@ MAX_KEYS_PER_REQUEST = 500
 MAX_KEY_CHARS_PER_REQUEST = 6_000
 
 
-def key_chunks(keys: list[str], max_keys: int = MAX_KEYS_PER_REQUEST,
-               max_chars: int = MAX_KEY_CHARS_PER_REQUEST) -> list[list[str]]:
+def key_chunks(
+    keys: list[str], max_keys: int = MAX_KEYS_PER_REQUEST, max_chars: int = MAX_KEY_CHARS_PER_REQUEST
+) -> list[list[str]]:
     """`keys` split, in order, into groups small enough for one request each."""
     chunks: list[list[str]] = [[]]
     chars = 0
@@ -71,8 +72,10 @@ def _detail(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         return response.text
     if isinstance(detail, list):
-        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg', '')}"
-                         if isinstance(d, dict) else str(d) for d in detail)
+        return "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg', '')}" if isinstance(d, dict) else str(d)
+            for d in detail
+        )
     return str(detail)
 
 
@@ -83,8 +86,15 @@ class ApiClient:
     viewer's token over the same connection pool (the dashboard's login sends each viewer's own).
     """
 
-    def __init__(self, base_url: str, token: str | None = None, timeout: float = 15.0,
-                 transport: httpx.BaseTransport | None = None, *, http: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 15.0,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        http: httpx.Client | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
         self._headers = _bearer(token)
@@ -96,8 +106,15 @@ class ApiClient:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
-                 json: Any = None, missing_is_unavailable: bool = False) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json: Any = None,
+        missing_is_unavailable: bool = False,
+    ) -> Any:
         clean = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             response = self._http.request(method, path, params=clean, json=json, headers=self._headers)
@@ -126,8 +143,14 @@ class ApiClient:
     def keys(self, run_id: str) -> dict[str, list[str]]:
         return self._request("GET", f"/api/v1/runs/{run_id}/keys")
 
-    def scalars(self, run_id: str, keys: Iterable[str], start: int | None = None,
-                end: int | None = None, max_points: int | None = None) -> dict[str, Any]:
+    def scalars(
+        self,
+        run_id: str,
+        keys: Iterable[str],
+        start: int | None = None,
+        end: int | None = None,
+        max_points: int | None = None,
+    ) -> dict[str, Any]:
         """`{"downsampled", "series": {key: {"step", "value", "min", "max"}}}`; no keys, no request.
 
         Many keys are read in several requests at once (see `key_chunks`) and merged.
@@ -144,11 +167,15 @@ class ApiClient:
         if len(chunks) == 1:
             return read(chunks[0])
         parts = parallel(*[lambda c=c: read(c) for c in chunks])
-        return {"run_id": run_id, "downsampled": any(p.get("downsampled") for p in parts),
-                "series": {k: v for p in parts for k, v in p["series"].items()}}
+        return {
+            "run_id": run_id,
+            "downsampled": any(p.get("downsampled") for p in parts),
+            "series": {k: v for p in parts for k, v in p["series"].items()},
+        }
 
-    def histograms(self, run_id: str, key: str, start: int | None = None, end: int | None = None,
-                   max_steps: int | None = None) -> dict[str, Any]:
+    def histograms(
+        self, run_id: str, key: str, start: int | None = None, end: int | None = None, max_steps: int | None = None
+    ) -> dict[str, Any]:
         params = {"start": start, "end": end, "max_steps": max_steps}
         return self._request("GET", f"/api/v1/runs/{run_id}/histograms/{key}", params=params)
 

@@ -17,11 +17,10 @@ import dash
 import flask
 from a2wsgi import WSGIMiddleware
 from dash import dcc, html
+from mhpo_dashboard.api import ApiClient
+from mhpo_dashboard.auth import Sessions, install_login, viewer
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import Scope
-
-from dashboard.api import ApiClient
-from dashboard.auth import Sessions, install_login, viewer
 
 PAGES_DIR = Path(__file__).resolve().parent / "pages"
 API_CONFIG_KEY = "MHPO_API"
@@ -48,13 +47,22 @@ EARLY_GRAPH_SCRIPTS_HOOK = """function () {
   });
 }"""
 
-__all__ = ["API_CONFIG_KEY", "LIVE_INTERVAL_MS", "DashboardMount", "Login", "api", "create_dash", "mount_dashboard",
-           "refresh_interval_ms", "self_url"]
+__all__ = [
+    "API_CONFIG_KEY",
+    "LIVE_INTERVAL_MS",
+    "DashboardMount",
+    "Login",
+    "api",
+    "create_dash",
+    "mount_dashboard",
+    "refresh_interval_ms",
+    "self_url",
+]
 
 
 @dataclass(frozen=True)
 class Login:
-    """Viewers log in with their own API token (see `dashboard.auth`); for servers with auth on."""
+    """Viewers log in with their own API token (see `mhpo_dashboard.auth`); for servers with auth on."""
 
     secret: bytes
     """key of the session cookie (keep it stable: changing it logs every viewer out)"""
@@ -86,14 +94,22 @@ def _nav(prefix: str) -> html.Nav:
     who = viewer()
     if who is not None:
         label = f"public · {who.project} · read" if who.public else f"{who.project or 'all projects'} · {who.scope}"
-        links += [html.Span(label, id="nav-viewer", className="viewer"),
-                  html.A("log in", href=f"{prefix}login", id="nav-login") if who.public
-                  else html.A("log out", href=f"{prefix}logout", id="nav-logout")]
+        links += [
+            html.Span(label, id="nav-viewer", className="viewer"),
+            html.A("log in", href=f"{prefix}login", id="nav-login")
+            if who.public
+            else html.A("log out", href=f"{prefix}logout", id="nav-logout"),
+        ]
     return html.Nav(links, className="nav")
 
 
-def create_dash(api_base_url: str, token: str | None = None, requests_pathname_prefix: str = "/",
-                live_interval_ms: int = LIVE_INTERVAL_MS, login: Login | None = None) -> dash.Dash:
+def create_dash(
+    api_base_url: str,
+    token: str | None = None,
+    requests_pathname_prefix: str = "/",
+    live_interval_ms: int = LIVE_INTERVAL_MS,
+    login: Login | None = None,
+) -> dash.Dash:
     """A Dash app reading the API at `api_base_url`.
 
     Without `login`, every viewer acts with `token` (None: a server with auth off). With
@@ -102,7 +118,7 @@ def create_dash(api_base_url: str, token: str | None = None, requests_pathname_p
     asks for new records.
     """
     app = dash.Dash(
-        "dashboard",
+        "mhpo_dashboard",
         use_pages=True,
         pages_folder=str(PAGES_DIR),
         title="MHPO Monitor",
@@ -111,8 +127,11 @@ def create_dash(api_base_url: str, token: str | None = None, requests_pathname_p
         update_title=None,
         assets_folder=str(Path(__file__).resolve().parent / "assets"),
         assets_ignore=re.escape(PLOTLY_BUNDLE),  # served, but loaded only by the hook below
-        hooks={"request_pre": EARLY_GRAPH_SCRIPTS_HOOK.replace("{prefix}", requests_pathname_prefix)
-                                                     .replace("{bundle}", PLOTLY_BUNDLE)},
+        hooks={
+            "request_pre": EARLY_GRAPH_SCRIPTS_HOOK.replace("{prefix}", requests_pathname_prefix).replace(
+                "{bundle}", PLOTLY_BUNDLE
+            )
+        },
     )
     client = ApiClient(api_base_url, token=None if login else token)
     app.server.config[API_CONFIG_KEY] = client
@@ -124,8 +143,15 @@ def create_dash(api_base_url: str, token: str | None = None, requests_pathname_p
     with app.server.test_request_context("/"):
         app.server.preprocess_request()
     if login is not None:  # after that hook, which the login's guard would otherwise stop
-        install_login(app.server, client, Sessions(login.secret, login.max_age_s), requests_pathname_prefix,
-                      app.config.routes_pathname_prefix, public_token=token, cookie_secure=login.cookie_secure)
+        install_login(
+            app.server,
+            client,
+            Sessions(login.secret, login.max_age_s),
+            requests_pathname_prefix,
+            app.config.routes_pathname_prefix,
+            public_token=token,
+            cookie_secure=login.cookie_secure,
+        )
     return app
 
 
@@ -160,8 +186,9 @@ def self_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def mount_dashboard(fastapi_app: Any, api_base_url: str, token: str | None = None,
-                    login: Login | None = None) -> dash.Dash:
+def mount_dashboard(
+    fastapi_app: Any, api_base_url: str, token: str | None = None, login: Login | None = None
+) -> dash.Dash:
     """Serve the dashboard from `fastapi_app` (same process and port), reading the API at `api_base_url`.
 
     `token` and `login` as in `create_dash`.

@@ -31,8 +31,7 @@ from urllib.parse import quote, urlsplit
 
 import flask
 from cryptography.fernet import Fernet, InvalidToken
-
-from dashboard.api import ApiClient, ApiError
+from mhpo_dashboard.api import ApiClient, ApiError
 
 __all__ = ["COOKIE", "SECRET_FILE", "Sessions", "Viewer", "install_login", "load_or_create_secret", "viewer"]
 
@@ -81,8 +80,10 @@ def load_or_create_secret(directory: Path) -> bytes:
             temporary.unlink()
     secret = path.read_bytes().strip()
     if len(secret) < 16:
-        raise ValueError(f"{path} holds {len(secret)} bytes; a dashboard secret needs at least 16: delete the file "
-                         "to have a new one generated, or set MHPO_DASHBOARD_SECRET")
+        raise ValueError(
+            f"{path} holds {len(secret)} bytes; a dashboard secret needs at least 16: delete the file "
+            "to have a new one generated, or set MHPO_DASHBOARD_SECRET"
+        )
     return secret
 
 
@@ -126,8 +127,15 @@ the dashboard then shows that token's project with its rights.</p>
 """
 
 
-def install_login(app: flask.Flask, api: ApiClient, sessions: Sessions, requests_prefix: str, routes_prefix: str,
-                  public_token: str | None = None, cookie_secure: bool | None = None) -> None:
+def install_login(
+    app: flask.Flask,
+    api: ApiClient,
+    sessions: Sessions,
+    requests_prefix: str,
+    routes_prefix: str,
+    public_token: str | None = None,
+    cookie_secure: bool | None = None,
+) -> None:
     """Add `/login`, `/logout` and the per-request guard (see the module docstring) to the Dash server."""
 
     def cookie_args() -> dict[str, object]:
@@ -141,8 +149,9 @@ def install_login(app: flask.Flask, api: ApiClient, sessions: Sessions, requests
         return target
 
     def login_page(message: str = "", status: int = 200, target: str | None = None) -> flask.Response:
-        body = LOGIN_PAGE.format(prefix=html.escape(requests_prefix), message=html.escape(message),
-                                 next=html.escape(local_next(target)))
+        body = LOGIN_PAGE.format(
+            prefix=html.escape(requests_prefix), message=html.escape(message), next=html.escape(local_next(target))
+        )
         response = flask.Response(body, status=status, mimetype="text/html")
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -179,7 +188,7 @@ def install_login(app: flask.Flask, api: ApiClient, sessions: Sessions, requests
 
     def refuse(message: str, clear_cookie: bool = False) -> flask.Response:
         """Dash's own routes and non-GETs get 401 JSON; a page gets a redirect to the form."""
-        relative = flask.request.path[len(routes_prefix):]
+        relative = flask.request.path[len(routes_prefix) :]
         if relative.startswith("_dash-") or flask.request.method not in SAFE_METHODS:
             response = flask.jsonify(detail=message)
             response.status_code = 401
@@ -193,12 +202,14 @@ def install_login(app: flask.Flask, api: ApiClient, sessions: Sessions, requests
         return response
 
     def guard() -> flask.Response | None:
-        relative = flask.request.path[len(routes_prefix):] if flask.request.path.startswith(routes_prefix) else ""
+        relative = flask.request.path[len(routes_prefix) :] if flask.request.path.startswith(routes_prefix) else ""
         if relative.startswith(PUBLIC_PATHS):
             return None
         if flask.request.method not in SAFE_METHODS and not same_origin():
-            response = flask.jsonify(detail="refused: this POST comes from another site (Origin/Referer does not "
-                                     f"match {flask.request.host})")
+            response = flask.jsonify(
+                detail="refused: this POST comes from another site (Origin/Referer does not "
+                f"match {flask.request.host})"
+            )
             response.status_code = 403
             return response
         if relative in ("login", "logout"):
@@ -215,8 +226,16 @@ def install_login(app: flask.Flask, api: ApiClient, sessions: Sessions, requests
             response = flask.jsonify(detail=f"cannot check the token with the API: {exc}")
             response.status_code = 502
             return response
-        setattr(flask.g, VIEWER_KEY, Viewer(token=token or public_token, project=who.get("project"),
-                                            scope=str(who.get("scope")), public=token is None))
+        setattr(
+            flask.g,
+            VIEWER_KEY,
+            Viewer(
+                token=token or public_token,
+                project=who.get("project"),
+                scope=str(who.get("scope")),
+                public=token is None,
+            ),
+        )
         return None
 
     app.add_url_rule(f"{routes_prefix}login", "mhpo_login", login, methods=["GET", "POST"])

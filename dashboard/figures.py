@@ -32,8 +32,20 @@ import numpy as np
 Figure = dict[str, Any]
 TITLE_FONT = {"size": 14}
 MARGIN = {"l": 50, "r": 10, "t": 40, "b": 30}
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf", "#393b79", "#ad494a"]
+PALETTE = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#393b79",
+    "#ad494a",
+]
 SEVERITY_COLOURS = {"info": "#1f77b4", "warning": "#ff7f0e", "critical": "#d62728"}
 SELECTION_SHAPE = 0
 HEATMAP_LOG_FLOOR = -5.0
@@ -69,8 +81,13 @@ PANELS: dict[str, list[list[str]]] = {
         ["reward/mean", "reward/std"],
     ],
 }
-PANEL_TITLES = {"trust_region": "Trust region", "hazard": "Hazard", "gradients": "Gradients",
-                "training": "Training", "policy": "Policy"}
+PANEL_TITLES = {
+    "trust_region": "Trust region",
+    "hazard": "Hazard",
+    "gradients": "Gradients",
+    "training": "Training",
+    "policy": "Policy",
+}
 WILDCARD_CAP = 8  # keys a "*" pattern adds to a default panel; the key explorer reaches the rest
 # Panels whose on-policy steps (log-ratio exactly 0 everywhere) can be hidden.
 POLICY_FILTERED_PANELS = ("trust_region", "hazard")
@@ -107,19 +124,18 @@ COMPARE_DEFAULT_METRICS = ["ratio/std", "hazard/zeta_mean", "grad/norm", "policy
 
 __all__ = [
     "COMPARE_DEFAULT_METRICS",
-    "alert_rows",
-    "condition_text",
     "PANELS",
     "PANEL_TITLES",
+    "alert_rows",
     "compare_metric_figure",
+    "condition_text",
     "config_diff",
     "empty_figure",
     "event_label",
     "event_markers",
-    "flag_key",
-    "run_facts",
     "event_shapes",
     "first_parting_step",
+    "flag_key",
     "flatten_config",
     "heatmap_columns",
     "heatmap_figure",
@@ -129,20 +145,21 @@ __all__ = [
     "nan_shapes",
     "occupied_bins",
     "occupied_range",
-    "outlier_rows",
     "off_policy_only",
     "on_policy_steps",
+    "outlier_rows",
     "panel_rows",
     "row_label",
     "rule_rows",
+    "run_facts",
     "run_label",
     "run_rows",
     "series_extension",
     "step_histogram_figure",
     "timeseries_figure",
-    "when",
     "wasserstein_by_step",
     "wasserstein_figure",
+    "when",
 ]
 
 
@@ -153,16 +170,36 @@ def _finite_or_none(values: Iterable[float | None]) -> list[float | None]:
 
 def _selection_shape(step: int | None) -> dict[str, Any]:
     x = step if step is not None else 0
-    return {"type": "line", "xref": "x", "yref": "paper", "x0": x, "x1": x, "y0": 0, "y1": 1,
-            "line": {"color": "#444", "width": 1, "dash": "dot"}, "visible": step is not None}
+    return {
+        "type": "line",
+        "xref": "x",
+        "yref": "paper",
+        "x0": x,
+        "x1": x,
+        "y0": 0,
+        "y1": 1,
+        "line": {"color": "#444", "width": 1, "dash": "dot"},
+        "visible": step is not None,
+    }
 
 
 def event_shapes(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One vertical line per flag/alert, coloured by severity."""
-    return [{"type": "line", "xref": "x", "yref": "paper", "x0": e["step"], "x1": e["step"],
-             "y0": 0, "y1": 1, "opacity": 0.5,
-             "line": {"color": SEVERITY_COLOURS.get(e.get("severity", "warning"), "#ff7f0e"), "width": 1}}
-            for e in events if e.get("step") is not None]
+    return [
+        {
+            "type": "line",
+            "xref": "x",
+            "yref": "paper",
+            "x0": e["step"],
+            "x1": e["step"],
+            "y0": 0,
+            "y1": 1,
+            "opacity": 0.5,
+            "line": {"color": SEVERITY_COLOURS.get(e.get("severity", "warning"), "#ff7f0e"), "width": 1},
+        }
+        for e in events
+        if e.get("step") is not None
+    ]
 
 
 def event_label(event: Mapping[str, Any]) -> str:
@@ -171,25 +208,51 @@ def event_label(event: Mapping[str, Any]) -> str:
 
 
 def empty_figure(message: str, height: int = 220) -> Figure:
-    return {"data": [], "layout": {
-        "height": height, "margin": {"l": 40, "r": 10, "t": 30, "b": 30}, "xaxis": {"visible": False},
-        "yaxis": {"visible": False}, "shapes": [_selection_shape(None)],
-        "annotations": [{"text": message, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}]}}
+    return {
+        "data": [],
+        "layout": {
+            "height": height,
+            "margin": {"l": 40, "r": 10, "t": 30, "b": 30},
+            "xaxis": {"visible": False},
+            "yaxis": {"visible": False},
+            "shapes": [_selection_shape(None)],
+            "annotations": [
+                {"text": message, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}
+            ],
+        },
+    }
 
 
 def _title(text: str) -> dict[str, Any]:
     return {"text": text, "x": 0.01, "font": TITLE_FONT}
 
 
-def _vline(x: float, colour: str, dash: str = "dash", label: str | None = None, position: str = "top") -> tuple[dict, dict | None]:
+def _vline(
+    x: float, colour: str, dash: str = "dash", label: str | None = None, position: str = "top"
+) -> tuple[dict, dict | None]:
     """A vertical line across the plot and its optional label (Plotly's add_vline, as dicts)."""
-    shape = {"type": "line", "xref": "x", "yref": "paper", "x0": x, "x1": x, "y0": 0, "y1": 1,
-             "line": {"color": colour, "dash": dash, "width": 1}}
+    shape = {
+        "type": "line",
+        "xref": "x",
+        "yref": "paper",
+        "x0": x,
+        "x1": x,
+        "y0": 0,
+        "y1": 1,
+        "line": {"color": colour, "dash": dash, "width": 1},
+    }
     if label is None:
         return shape, None
-    return shape, {"text": label, "x": x, "xref": "x", "y": 1.0 if position == "top" else 0.0, "yref": "paper",
-                   "yanchor": "bottom" if position == "top" else "top", "showarrow": False,
-                   "font": {"color": colour, "size": 10}}
+    return shape, {
+        "text": label,
+        "x": x,
+        "xref": "x",
+        "y": 1.0 if position == "top" else 0.0,
+        "yref": "paper",
+        "yanchor": "bottom" if position == "top" else "top",
+        "showarrow": False,
+        "font": {"color": colour, "size": 10},
+    }
 
 
 def panel_rows(panel: str, available: Iterable[str]) -> list[list[str]]:
@@ -218,8 +281,13 @@ def row_label(keys: Sequence[str]) -> tuple[str, str]:
 
 
 def _finite_range(series: Mapping[str, Mapping[str, list]], keys: Sequence[str]) -> tuple[float, float] | None:
-    values = [v for k in keys for f in ("value", "min", "max")
-              for v in (series.get(k) or {}).get(f) or [] if v is not None and math.isfinite(v)]
+    values = [
+        v
+        for k in keys
+        for f in ("value", "min", "max")
+        for v in (series.get(k) or {}).get(f) or []
+        if v is not None and math.isfinite(v)
+    ]
     return (min(values), max(values)) if values else None
 
 
@@ -247,19 +315,41 @@ def nan_shapes(rows: Sequence[Sequence[str]], series: Mapping[str, Mapping[str, 
     """A red band over each step where a row's key is NaN or infinite (the line has a gap there)."""
     shapes = []
     for r, keys in enumerate(rows):
-        steps = sorted({step for k in keys for step, v in zip((series.get(k) or {}).get("step") or [],
-                                                               (series.get(k) or {}).get("value") or [])
-                        if v is None or not math.isfinite(v)})
+        steps = sorted(
+            {
+                step
+                for k in keys
+                for step, v in zip((series.get(k) or {}).get("step") or [], (series.get(k) or {}).get("value") or [])
+                if v is None or not math.isfinite(v)
+            }
+        )
         axis = "y" if r == 0 else f"y{r + 1}"
-        shapes += [{"type": "rect", "xref": "x", "yref": f"{axis} domain", "x0": s - 0.5, "x1": s + 0.5, "y0": 0,
-                    "y1": 1, "fillcolor": NAN_COLOUR, "line": {"color": NAN_COLOUR, "width": 1}, "name": "nan"}
-                   for s in steps]
+        shapes += [
+            {
+                "type": "rect",
+                "xref": "x",
+                "yref": f"{axis} domain",
+                "x0": s - 0.5,
+                "x1": s + 0.5,
+                "y0": 0,
+                "y1": 1,
+                "fillcolor": NAN_COLOUR,
+                "line": {"color": NAN_COLOUR, "width": 1},
+                "name": "nan",
+            }
+            for s in steps
+        ]
     return shapes
 
 
-def timeseries_figure(title: str, rows: Sequence[Sequence[str]], series: Mapping[str, Mapping[str, list]],
-                      events: Sequence[Mapping[str, Any]] = (), selected_step: int | None = None,
-                      downsampled: bool = False) -> tuple[Figure, dict[str, list[int]]]:
+def timeseries_figure(
+    title: str,
+    rows: Sequence[Sequence[str]],
+    series: Mapping[str, Mapping[str, list]],
+    events: Sequence[Mapping[str, Any]] = (),
+    selected_step: int | None = None,
+    downsampled: bool = False,
+) -> tuple[Figure, dict[str, list[int]]]:
     """Stacked rows sharing one step axis; returns the figure and {key: [line, band-lo, band-hi]} trace indices.
 
     Each row has its own title (its legend group) and y-axis label with the unit; colours
@@ -279,52 +369,110 @@ def timeseries_figure(title: str, rows: Sequence[Sequence[str]], series: Mapping
         top = 1 - r * (row_px + gap_px) / plot_px
         row_title, unit = row_label(keys)
         layout["yaxis" if r == 0 else f"yaxis{r + 1}"] = {
-            "domain": [max(0.0, top - row_px / plot_px), top], "anchor": "x", "title": {"text": unit, "font": {"size": 10}},
-            "tickfont": {"size": 10}, "exponentformat": "SI", **_minimum_range(_finite_range(series, keys))}
+            "domain": [max(0.0, top - row_px / plot_px), top],
+            "anchor": "x",
+            "title": {"text": unit, "font": {"size": 10}},
+            "tickfont": {"size": 10},
+            "exponentformat": "SI",
+            **_minimum_range(_finite_range(series, keys)),
+        }
         for i, key in enumerate(keys):
             s = series.get(key, {"step": [], "value": [], "min": [], "max": []})
             line_colour = PALETTE[colour % len(PALETTE)]
             colour += 1
             band = []
             if downsampled:
-                data.append({"type": "scatter", "x": list(s["step"]), "y": _finite_or_none(s.get("max", s["value"])),
-                             "yaxis": axis, "mode": "lines", "line": {"width": 0, "color": line_colour},
-                             "hoverinfo": "skip", "showlegend": False, "name": f"{key} max"})
-                data.append({"type": "scatter", "x": list(s["step"]), "y": _finite_or_none(s.get("min", s["value"])),
-                             "yaxis": axis, "mode": "lines", "line": {"width": 0, "color": line_colour},
-                             "fill": "tonexty", "opacity": 0.2, "hoverinfo": "skip", "showlegend": False,
-                             "name": f"{key} min"})
+                data.append(
+                    {
+                        "type": "scatter",
+                        "x": list(s["step"]),
+                        "y": _finite_or_none(s.get("max", s["value"])),
+                        "yaxis": axis,
+                        "mode": "lines",
+                        "line": {"width": 0, "color": line_colour},
+                        "hoverinfo": "skip",
+                        "showlegend": False,
+                        "name": f"{key} max",
+                    }
+                )
+                data.append(
+                    {
+                        "type": "scatter",
+                        "x": list(s["step"]),
+                        "y": _finite_or_none(s.get("min", s["value"])),
+                        "yaxis": axis,
+                        "mode": "lines",
+                        "line": {"width": 0, "color": line_colour},
+                        "fill": "tonexty",
+                        "opacity": 0.2,
+                        "hoverinfo": "skip",
+                        "showlegend": False,
+                        "name": f"{key} min",
+                    }
+                )
                 band = [len(data) - 1, len(data) - 2]
             values = _finite_or_none(s["value"])
-            trace = {"type": "scatter", "x": list(s["step"]), "y": values, "yaxis": axis,
-                     "mode": "lines+markers" if _is_sparse(values) else "lines", "name": key,
-                     "line": {"color": line_colour, "width": 1.5}, "marker": {"size": 5, "color": line_colour},
-                     "legendgroup": f"row{r}",
-                     "hovertemplate": f"step %{{x}}<br>{key} = %{{y:.6g}}<extra></extra>"}
+            trace = {
+                "type": "scatter",
+                "x": list(s["step"]),
+                "y": values,
+                "yaxis": axis,
+                "mode": "lines+markers" if _is_sparse(values) else "lines",
+                "name": key,
+                "line": {"color": line_colour, "width": 1.5},
+                "marker": {"size": 5, "color": line_colour},
+                "legendgroup": f"row{r}",
+                "hovertemplate": f"step %{{x}}<br>{key} = %{{y:.6g}}<extra></extra>",
+            }
             if i == 0:
                 trace["legendgrouptitle"] = {"text": row_title, "font": {"size": 11}}
             data.append(trace)
             trace_map[key] = [len(data) - 1, *band]
     trace_map["__events__"] = []
     for r, (steps, ys, texts) in enumerate(event_markers(rows, series, events)):
-        data.append({"type": "scatter", "x": steps, "y": ys, "yaxis": "y" if r == 0 else f"y{r + 1}",
-                     "mode": "markers", "name": "flags", "legendgroup": "flags", "showlegend": r == 0,
-                     "marker": {"symbol": "x", "size": 11, "color": "#d62728"}, "hovertext": texts,
-                     "hoverinfo": "text"})
+        data.append(
+            {
+                "type": "scatter",
+                "x": steps,
+                "y": ys,
+                "yaxis": "y" if r == 0 else f"y{r + 1}",
+                "mode": "markers",
+                "name": "flags",
+                "legendgroup": "flags",
+                "showlegend": r == 0,
+                "marker": {"symbol": "x", "size": 11, "color": "#d62728"},
+                "hovertext": texts,
+                "hoverinfo": "text",
+            }
+        )
         trace_map["__events__"].append(len(data) - 1)
-    layout.update({"title": _title(title), "height": plot_px + 80, "margin": {**MARGIN, "l": 70},
-                   "legend": {"font": {"size": 10}, "groupclick": "toggleitem", "tracegroupgap": 12},
-                   "hovermode": "x", "uirevision": title,
-                   "xaxis": {"title": {"text": "step"}, "anchor": f"y{n}" if n > 1 else "y"},
-                   "shapes": [_selection_shape(selected_step), *event_shapes(events), *nan_shapes(rows, series)]})
+    layout.update(
+        {
+            "title": _title(title),
+            "height": plot_px + 80,
+            "margin": {**MARGIN, "l": 70},
+            "legend": {"font": {"size": 10}, "groupclick": "toggleitem", "tracegroupgap": 12},
+            "hovermode": "x",
+            "uirevision": title,
+            "xaxis": {"title": {"text": "step"}, "anchor": f"y{n}" if n > 1 else "y"},
+            "shapes": [_selection_shape(selected_step), *event_shapes(events), *nan_shapes(rows, series)],
+        }
+    )
     return {"data": data, "layout": layout}, trace_map
 
 
 def run_facts(run: Mapping[str, Any]) -> str:
     """The run page's one-line facts; a loss the run does not name (TRL, MLflow clients) is left out."""
     loss = [f"loss {run['loss']}"] if run.get("loss") else []
-    return " · ".join([f"project {run.get('project')}", *loss, f"status {run.get('status')}",
-                       f"last step {run.get('last_step')}", f"open flags {run.get('open_flags', 0)}"])
+    return " · ".join(
+        [
+            f"project {run.get('project')}",
+            *loss,
+            f"status {run.get('status')}",
+            f"last step {run.get('last_step')}",
+            f"open flags {run.get('open_flags', 0)}",
+        ]
+    )
 
 
 def flag_key(event: Mapping[str, Any]) -> str | None:
@@ -353,8 +501,9 @@ def _value_at(s: Mapping[str, list] | None, step: int) -> float | None:
     return _finite_or_none([s["value"][int(np.abs(xs - step).argmin())]])[0]
 
 
-def event_markers(rows: Sequence[Sequence[str]], series: Mapping[str, Mapping[str, list]],
-                  events: Sequence[Mapping[str, Any]]) -> list[tuple[list[int], list[float], list[str]]]:
+def event_markers(
+    rows: Sequence[Sequence[str]], series: Mapping[str, Mapping[str, list]], events: Sequence[Mapping[str, Any]]
+) -> list[tuple[list[int], list[float], list[str]]]:
     """Per row: flag markers on the flagged key at its value (on the first key of the first row when the
     evidence names no key). A flag about a key this chart does not draw, or with no finite value
     there, keeps only its vertical line."""
@@ -386,6 +535,7 @@ def on_policy_steps(series: Mapping[str, Mapping[str, list]]) -> set[int]:
     everywhere (`ratio/min == ratio/max == 0`) does. A bucket counts only when every step in
     it was on-policy (its min and max are both 0).
     """
+
     def zero(s: Mapping[str, list] | None) -> dict[int, bool]:
         if not s:
             return {}
@@ -399,8 +549,9 @@ def on_policy_steps(series: Mapping[str, Mapping[str, list]]) -> set[int]:
     return {st for st, z in low.items() if z and high.get(st)}
 
 
-def off_policy_only(series: Mapping[str, Mapping[str, list]], keys: Iterable[str], on_policy: set[int]
-                    ) -> dict[str, Mapping[str, list]]:
+def off_policy_only(
+    series: Mapping[str, Mapping[str, list]], keys: Iterable[str], on_policy: set[int]
+) -> dict[str, Mapping[str, list]]:
     """`series` with the on-policy steps removed from `keys` (other keys untouched)."""
     out = dict(series)
     for key in keys:
@@ -412,8 +563,9 @@ def off_policy_only(series: Mapping[str, Mapping[str, list]], keys: Iterable[str
     return out
 
 
-def series_extension(trace_map: Mapping[str, list[int]], series: Mapping[str, Mapping[str, list]]
-                     ) -> dict[int, tuple[list[int], list[float | None]]]:
+def series_extension(
+    trace_map: Mapping[str, list[int]], series: Mapping[str, Mapping[str, list]]
+) -> dict[int, tuple[list[int], list[float | None]]]:
     """{trace index: (new steps, new y)} for points fetched since the last refresh."""
     out: dict[int, tuple[list[int], list[float | None]]] = {}
     for key, indices in trace_map.items():
@@ -437,7 +589,7 @@ def heatmap_columns(hist: Mapping[str, Any]) -> tuple[list[int], list[list[float
     totals = counts.sum(axis=1) + under + over
     with np.errstate(divide="ignore", invalid="ignore"):
         share = counts / np.where(totals > 0, totals, 1.0)[:, None]
-        logs = np.where(share > 0, np.log10(np.maximum(share, 10 ** HEATMAP_LOG_FLOOR)), np.nan)
+        logs = np.where(share > 0, np.log10(np.maximum(share, 10**HEATMAP_LOG_FLOOR)), np.nan)
     z = [[None if math.isnan(v) else round(float(v), 4) for v in row] for row in logs]
     return list(hist["step"]), z
 
@@ -447,31 +599,57 @@ def bin_centres(lo: float, hi: float, bins: int) -> list[float]:
     return [lo + (i + 0.5) * width for i in range(bins)]
 
 
-def heatmap_figure(hist: Mapping[str, Any] | None, events: Sequence[Mapping[str, Any]] = (),
-                   selected_step: int | None = None, title: str = "log-ratio x per step",
-                   x_range: Sequence[float] | None = None) -> Figure:
+def heatmap_figure(
+    hist: Mapping[str, Any] | None,
+    events: Sequence[Mapping[str, Any]] = (),
+    selected_step: int | None = None,
+    title: str = "log-ratio x per step",
+    x_range: Sequence[float] | None = None,
+) -> Figure:
     """Step x bin heat-map; z rows are steps (`transpose=True`) so new steps append as rows."""
     if not hist or not hist.get("step"):
         return empty_figure(f"{title}: no log_ratio histograms yet", height=320)
     steps, z = heatmap_columns(hist)
     ticks = list(range(int(HEATMAP_LOG_FLOOR), 1))
-    trace = {"type": "heatmap", "x": steps, "y": bin_centres(hist["lo"], hist["hi"], hist["bins"]), "z": z,
-             "transpose": True, "zmin": HEATMAP_LOG_FLOOR, "zmax": 0, "colorscale": "Viridis", "hoverongaps": False,
-             "colorbar": {"title": {"text": "share"}, "tickvals": ticks,
-                          "ticktext": [f"1e{t}" if t else "1" for t in ticks]},
-             "hovertemplate": "step %{x}<br>x %{y:.3f}<br>log10 share %{z:.2f}<extra></extra>"}
+    trace = {
+        "type": "heatmap",
+        "x": steps,
+        "y": bin_centres(hist["lo"], hist["hi"], hist["bins"]),
+        "z": z,
+        "transpose": True,
+        "zmin": HEATMAP_LOG_FLOOR,
+        "zmax": 0,
+        "colorscale": "Viridis",
+        "hoverongaps": False,
+        "colorbar": {
+            "title": {"text": "share"},
+            "tickvals": ticks,
+            "ticktext": [f"1e{t}" if t else "1" for t in ticks],
+        },
+        "hovertemplate": "step %{x}<br>x %{y:.3f}<br>log10 share %{z:.2f}<extra></extra>",
+    }
     xaxis: dict[str, Any] = {"title": {"text": "step"}}
     if x_range:
         xaxis["range"] = list(x_range)
-    return {"data": [trace], "layout": {
-        "title": _title(title), "height": 320, "margin": MARGIN, "uirevision": title, "xaxis": xaxis,
-        "yaxis": {"title": {"text": "log-ratio x"}, "range": occupied_range(hist, occupied_bins(hist))},
-        "shapes": [_selection_shape(selected_step), *event_shapes(events)]}}
+    return {
+        "data": [trace],
+        "layout": {
+            "title": _title(title),
+            "height": 320,
+            "margin": MARGIN,
+            "uirevision": title,
+            "xaxis": xaxis,
+            "yaxis": {"title": {"text": "log-ratio x"}, "range": occupied_range(hist, occupied_bins(hist))},
+            "shapes": [_selection_shape(selected_step), *event_shapes(events)],
+        },
+    }
 
 
 def occupied_bins(hist: Mapping[str, Any], known: Sequence[int] | None = None) -> list[int] | None:
     """[first, last] bin index holding any value in `hist` (widened to `known`), None if empty."""
-    used = np.flatnonzero(np.asarray(hist.get("counts") or [], dtype=float).reshape(-1, hist.get("bins") or 1).sum(axis=0))
+    used = np.flatnonzero(
+        np.asarray(hist.get("counts") or [], dtype=float).reshape(-1, hist.get("bins") or 1).sum(axis=0)
+    )
     if used.size == 0:
         return list(known) if known else None
     first, last = int(used[0]), int(used[-1])
@@ -502,8 +680,20 @@ def loss_hparams(config: Mapping[str, Any] | None) -> dict[str, Any]:
     for name in ("loss_hparams", "hparams", "loss_kwargs"):
         if isinstance(config.get(name), Mapping):
             return dict(config[name])
-    known = {"c", "k_pos", "lambda_pos", "k_neg", "lambda_neg", "eps", "eps_low", "eps_high",
-             "clip_c", "tau", "tau_pos", "tau_neg"}
+    known = {
+        "c",
+        "k_pos",
+        "lambda_pos",
+        "k_neg",
+        "lambda_neg",
+        "eps",
+        "eps_low",
+        "eps_high",
+        "clip_c",
+        "tau",
+        "tau_pos",
+        "tau_neg",
+    }
     return {k: v for k, v in config.items() if k in known}
 
 
@@ -515,14 +705,18 @@ def _valid_hparams(loss: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in hparams.items() if k in names}
 
 
-def _curves(loss: str, hparams: Mapping[str, Any], x: np.ndarray) -> tuple[list[tuple[str, np.ndarray, str]], str | None]:
+def _curves(
+    loss: str, hparams: Mapping[str, Any], x: np.ndarray
+) -> tuple[list[tuple[str, np.ndarray, str]], str | None]:
     """Multiplier curves of `loss` for A>0 / A<0 (mhpo.curves, imported lazily: it loads torch)."""
     from mhpo import curves
 
     try:
         hp = _valid_hparams(loss, hparams)
-        return [(f"M(x) {loss} A>0", curves.multiplier(loss, x, 1, **hp), "solid"),
-                (f"M(x) {loss} A<0", curves.multiplier(loss, x, -1, **hp), "dash")], None
+        return [
+            (f"M(x) {loss} A>0", curves.multiplier(loss, x, 1, **hp), "solid"),
+            (f"M(x) {loss} A<0", curves.multiplier(loss, x, -1, **hp), "dash"),
+        ], None
     except (ValueError, KeyError) as exc:
         return [], f"{loss} curve unavailable: {exc}"
 
@@ -536,8 +730,13 @@ def _clip_bounds(loss: str, hparams: Mapping[str, Any]) -> tuple[float, float] |
         return None
 
 
-def step_histogram_figure(pos: Mapping[str, Any] | None, neg: Mapping[str, Any] | None, step: int | None,
-                          loss: str | None, hparams: Mapping[str, Any] | None = None) -> Figure:
+def step_histogram_figure(
+    pos: Mapping[str, Any] | None,
+    neg: Mapping[str, Any] | None,
+    step: int | None,
+    loss: str | None,
+    hparams: Mapping[str, Any] | None = None,
+) -> Figure:
     """The selected step's log-ratio histogram split by advantage sign, with the objectives over it.
 
     Bars: share of the step's tokens per bin (A>0 and A<0 stacked). Right axis: the gradient
@@ -551,14 +750,23 @@ def step_histogram_figure(pos: Mapping[str, Any] | None, neg: Mapping[str, Any] 
         return empty_figure(f"{title}: no histogram at this step", height=340)
     lo, hi, bins = hist["lo"], hist["hi"], hist["bins"]
     centres = bin_centres(lo, hi, bins)
-    totals = sum(float(sum(h["counts"][0]) + h["underflow"][0] + h["overflow"][0])
-                 for h in (pos, neg) if h and h.get("step"))
+    totals = sum(
+        float(sum(h["counts"][0]) + h["underflow"][0] + h["overflow"][0]) for h in (pos, neg) if h and h.get("step")
+    )
     data: list[dict[str, Any]] = []
     for h, name, colour in ((pos, "A>0", "#2ca02c"), (neg, "A<0", "#d62728")):
         if h and h.get("step"):
-            data.append({"type": "bar", "x": centres, "y": [c / totals if totals else 0.0 for c in h["counts"][0]],
-                         "name": f"tokens {name}", "marker": {"color": colour}, "opacity": 0.6,
-                         "width": (hi - lo) / bins})
+            data.append(
+                {
+                    "type": "bar",
+                    "x": centres,
+                    "y": [c / totals if totals else 0.0 for c in h["counts"][0]],
+                    "name": f"tokens {name}",
+                    "marker": {"color": colour},
+                    "opacity": 0.6,
+                    "width": (hi - lo) / bins,
+                }
+            )
     x = np.linspace(lo, hi, 401)
     hparams = dict(hparams or {})
     notes = []
@@ -570,9 +778,17 @@ def step_histogram_figure(pos: Mapping[str, Any] | None, neg: Mapping[str, Any] 
         if error:
             notes.append(error)
         for label, y, dash in lines:
-            data.append({"type": "scatter", "x": x.tolist(), "y": _finite_or_none(np.asarray(y, dtype=float).tolist()),
-                         "yaxis": "y2", "mode": "lines", "name": label,
-                         "line": {"dash": dash, "width": 2, "color": "#000" if name == loss else "#9467bd"}})
+            data.append(
+                {
+                    "type": "scatter",
+                    "x": x.tolist(),
+                    "y": _finite_or_none(np.asarray(y, dtype=float).tolist()),
+                    "yaxis": "y2",
+                    "mode": "lines",
+                    "name": label,
+                    "line": {"dash": dash, "width": 2, "color": "#000" if name == loss else "#9467bd"},
+                }
+            )
     shapes, annotations = [], []
     for name, colour in (("grpo", "#ff7f0e"), ("dapo", "#8c564b")):
         bounds = _clip_bounds(name, hparams if name == loss else {})
@@ -581,26 +797,55 @@ def step_histogram_figure(pos: Mapping[str, Any] | None, neg: Mapping[str, Any] 
                 shape, label = _vline(b, colour, label=name.upper(), position="top" if name == "grpo" else "bottom")
                 shapes.append(shape)
                 annotations.append(label)
-    annotations += [{"text": n, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0, "y": -0.55,
-                     "xanchor": "left"} for n in notes]
+    annotations += [
+        {"text": n, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0, "y": -0.55, "xanchor": "left"}
+        for n in notes
+    ]
     # The legend goes under the plot: on the right it would cover the multiplier axis and its title.
-    return {"data": data, "layout": {
-        "title": _title(title), "barmode": "stack", "height": 400, "margin": {**MARGIN, "r": 50, "b": 110},
-        "legend": {"font": {"size": 10}, "orientation": "h", "x": 0, "xanchor": "left", "y": -0.22,
-                   "yanchor": "top"},
-        "xaxis": {"title": {"text": "log-ratio x"}, "range": [lo, hi]},
-        "yaxis": {"title": {"text": "share of tokens"}},
-        "yaxis2": {"title": {"text": "gradient multiplier M(x)"}, "overlaying": "y", "side": "right",
-                   "rangemode": "tozero", "showgrid": False},
-        "shapes": shapes, "annotations": annotations}}
+    return {
+        "data": data,
+        "layout": {
+            "title": _title(title),
+            "barmode": "stack",
+            "height": 400,
+            "margin": {**MARGIN, "r": 50, "b": 110},
+            "legend": {
+                "font": {"size": 10},
+                "orientation": "h",
+                "x": 0,
+                "xanchor": "left",
+                "y": -0.22,
+                "yanchor": "top",
+            },
+            "xaxis": {"title": {"text": "log-ratio x"}, "range": [lo, hi]},
+            "yaxis": {"title": {"text": "share of tokens"}},
+            "yaxis2": {
+                "title": {"text": "gradient multiplier M(x)"},
+                "overlaying": "y",
+                "side": "right",
+                "rangemode": "tozero",
+                "showgrid": False,
+            },
+            "shapes": shapes,
+            "annotations": annotations,
+        },
+    }
 
 
 def outlier_rows(outliers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Table rows, largest |x| first, numbers rounded for reading."""
-    def fmt(v: Any) -> Any:
-        return round(v, 4) if isinstance(v, float) and math.isfinite(v) else ("" if v is None else str(v) if isinstance(v, float) else v)
 
-    ordered = sorted(outliers, key=lambda o: -abs(o["x"]) if isinstance(o.get("x"), (int, float)) and math.isfinite(o["x"]) else -math.inf)
+    def fmt(v: Any) -> Any:
+        return (
+            round(v, 4)
+            if isinstance(v, float) and math.isfinite(v)
+            else ("" if v is None else str(v) if isinstance(v, float) else v)
+        )
+
+    ordered = sorted(
+        outliers,
+        key=lambda o: -abs(o["x"]) if isinstance(o.get("x"), (int, float)) and math.isfinite(o["x"]) else -math.inf,
+    )
     return [{k: fmt(o.get(k)) for k in ("sample", "position", "token_id", "text", "x", "A", "zeta")} for o in ordered]
 
 
@@ -617,20 +862,23 @@ def run_rows(runs: list[dict[str, Any]], now: float | None = None) -> list[dict[
     rows = []
     for run in sorted(runs, key=lambda r: r.get("created_at") or 0, reverse=True):
         live = is_live(run, now)
-        rows.append({
-            "id": run["run_id"],
-            "project": run.get("project"),
-            "name": f"[{run.get('name')}](/runs/{run['run_id']})",
-            "status": run.get("status"),
-            "loss": run.get("loss") or "",
-            "last_step": run.get("last_step") if run.get("last_step") is not None else "",
-            "live": "yes" if live else "no",
-            "open_flags": run.get("open_flags", 0),
-        })
+        rows.append(
+            {
+                "id": run["run_id"],
+                "project": run.get("project"),
+                "name": f"[{run.get('name')}](/runs/{run['run_id']})",
+                "status": run.get("status"),
+                "loss": run.get("loss") or "",
+                "last_step": run.get("last_step") if run.get("last_step") is not None else "",
+                "live": "yes" if live else "no",
+                "open_flags": run.get("open_flags", 0),
+            }
+        )
     return rows
 
 
 # alerts page --------------------------------------------------------------------------------
+
 
 def when(t: float | None) -> str:
     """A unix time as `YYYY-MM-DD HH:MM:SS` (UTC); empty when absent."""
@@ -661,21 +909,41 @@ def _run_link(run_id: str | None, names: dict[str, str]) -> str:
 
 def rule_rows(rules: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
     """Rule-table rows; `id` travels with each row for the buttons but is not a column."""
-    return [{"id": r.get("id"), "name": r.get("name"), "project": r.get("project"),
-             "run": _run_link(r.get("run_id"), names), "condition": condition_text(r.get("condition")),
-             "severity": r.get("severity"), "cooldown": f"{r.get('cooldown_s') or 0:g} s",
-             "channels": ", ".join(r.get("channels") or []), "enabled": "yes" if r.get("enabled") else "no"}
-            for r in rules]
+    return [
+        {
+            "id": r.get("id"),
+            "name": r.get("name"),
+            "project": r.get("project"),
+            "run": _run_link(r.get("run_id"), names),
+            "condition": condition_text(r.get("condition")),
+            "severity": r.get("severity"),
+            "cooldown": f"{r.get('cooldown_s') or 0:g} s",
+            "channels": ", ".join(r.get("channels") or []),
+            "enabled": "yes" if r.get("enabled") else "no",
+        }
+        for r in rules
+    ]
 
 
 def alert_rows(alerts: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
-    return [{"id": a.get("id"), "time": when(a.get("created_at")), "rule_name": a.get("rule_name"),
-             "run": _run_link(a.get("run_id"), names), "step": a.get("step"), "severity": a.get("severity"),
-             "message": a.get("message"), "acknowledged": when(a.get("acknowledged_at")) or "no",
-             "delivery_status": a.get("delivery_status")} for a in alerts]
+    return [
+        {
+            "id": a.get("id"),
+            "time": when(a.get("created_at")),
+            "rule_name": a.get("rule_name"),
+            "run": _run_link(a.get("run_id"), names),
+            "step": a.get("step"),
+            "severity": a.get("severity"),
+            "message": a.get("message"),
+            "acknowledged": when(a.get("acknowledged_at")) or "no",
+            "delivery_status": a.get("delivery_status"),
+        }
+        for a in alerts
+    ]
 
 
 # comparison --------------------------------------------------------------------------------
+
 
 def flatten_config(config: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
@@ -711,23 +979,47 @@ def run_label(run: Mapping[str, Any]) -> str:
     return f"{run.get('name') or run['run_id']} ({str(run['run_id'])[:8]})"
 
 
-def compare_metric_figure(metric: str, per_run: Sequence[tuple[Mapping[str, Any], Mapping[str, list] | None]],
-                          x_range: Sequence[float] | None = None) -> Figure:
+def compare_metric_figure(
+    metric: str,
+    per_run: Sequence[tuple[Mapping[str, Any], Mapping[str, list] | None]],
+    x_range: Sequence[float] | None = None,
+) -> Figure:
     """One metric, one line per run, on a shared step axis (title and y label say what it measures)."""
-    data = [{"type": "scatter", "x": list(s["step"]), "y": _finite_or_none(s["value"]),
-             "mode": "lines+markers" if _is_sparse(_finite_or_none(s["value"])) else "lines",
-             "marker": {"size": 5}, "name": run_label(run), "line": {"color": PALETTE[i % len(PALETTE)]},
-             "hovertemplate": f"step %{{x}}<br>{metric} = %{{y:.6g}}<extra>{run_label(run)}</extra>"}
-            for i, (run, s) in enumerate(per_run) if s and s["step"]]
+    data = [
+        {
+            "type": "scatter",
+            "x": list(s["step"]),
+            "y": _finite_or_none(s["value"]),
+            "mode": "lines+markers" if _is_sparse(_finite_or_none(s["value"])) else "lines",
+            "marker": {"size": 5},
+            "name": run_label(run),
+            "line": {"color": PALETTE[i % len(PALETTE)]},
+            "hovertemplate": f"step %{{x}}<br>{metric} = %{{y:.6g}}<extra>{run_label(run)}</extra>",
+        }
+        for i, (run, s) in enumerate(per_run)
+        if s and s["step"]
+    ]
     meaning, unit = row_label([metric])
     bounds = _finite_range({str(i): s for i, (_, s) in enumerate(per_run) if s}, [str(i) for i in range(len(per_run))])
-    layout: dict[str, Any] = {"title": _title(f"{metric} ({meaning})" if meaning != metric else metric),
-                              "height": 260, "margin": {**MARGIN, "l": 70}, "hovermode": "x",
-                              "yaxis": {"title": {"text": unit}, "exponentformat": "SI", **_minimum_range(bounds)},
-                              "xaxis": {"title": {"text": "step"}, **({"range": list(x_range)} if x_range else {})}}
+    layout: dict[str, Any] = {
+        "title": _title(f"{metric} ({meaning})" if meaning != metric else metric),
+        "height": 260,
+        "margin": {**MARGIN, "l": 70},
+        "hovermode": "x",
+        "yaxis": {"title": {"text": unit}, "exponentformat": "SI", **_minimum_range(bounds)},
+        "xaxis": {"title": {"text": "step"}, **({"range": list(x_range)} if x_range else {})},
+    }
     if not data:
-        layout["annotations"] = [{"text": f"no run logged {metric}", "showarrow": False, "xref": "paper",
-                                  "yref": "paper", "x": 0.5, "y": 0.5}]
+        layout["annotations"] = [
+            {
+                "text": f"no run logged {metric}",
+                "showarrow": False,
+                "xref": "paper",
+                "yref": "paper",
+                "x": 0.5,
+                "y": 0.5,
+            }
+        ]
     return {"data": data, "layout": layout}
 
 
@@ -744,14 +1036,17 @@ def _cdf_at(hist: Mapping[str, Any], col: int, grid: np.ndarray) -> tuple[np.nda
     if total <= 0:
         nan = np.full_like(grid, np.nan)
         return nan, nan
-    inside = np.interp(grid, np.linspace(lo, hi, bins + 1), np.concatenate([[under], under + np.cumsum(counts)]) / total)
+    inside = np.interp(
+        grid, np.linspace(lo, hi, bins + 1), np.concatenate([[under], under + np.cumsum(counts)]) / total
+    )
     left = np.where(grid <= lo, 0.0, np.where(grid > hi, 1.0, inside))
     right = np.where(grid < lo, 0.0, np.where(grid >= hi, 1.0, inside))
     return left, right
 
 
-def wasserstein_by_step(a: Mapping[str, Any], b: Mapping[str, Any], skip: Iterable[int] = ()
-                        ) -> tuple[list[int], list[float]]:
+def wasserstein_by_step(
+    a: Mapping[str, Any], b: Mapping[str, Any], skip: Iterable[int] = ()
+) -> tuple[list[int], list[float]]:
     """W1 distance between two runs' log-ratio distributions at every step both logged, except `skip`.
 
     `skip` holds the steps where either run was on-policy: there both distributions are a
@@ -795,13 +1090,23 @@ def first_parting_step(steps: Sequence[int], distances: Sequence[float], thresho
     return None
 
 
-def wasserstein_figure(curves: Sequence[tuple[str, list[int], list[float], int | None]],
-                       threshold: float) -> Figure:
+def wasserstein_figure(curves: Sequence[tuple[str, list[int], list[float], int | None]], threshold: float) -> Figure:
     """Per-step W1 of each run against the reference run, the threshold and where each parts."""
-    data = [{"type": "scatter", "x": steps, "y": dists, "mode": "lines", "name": label}
-            for label, steps, dists, _ in curves]
-    shapes = [{"type": "line", "xref": "paper", "yref": "y", "x0": 0, "x1": 1, "y0": threshold, "y1": threshold,
-               "line": {"dash": "dash", "color": "#7f7f7f", "width": 1}}]
+    data = [
+        {"type": "scatter", "x": steps, "y": dists, "mode": "lines", "name": label} for label, steps, dists, _ in curves
+    ]
+    shapes = [
+        {
+            "type": "line",
+            "xref": "paper",
+            "yref": "y",
+            "x0": 0,
+            "x1": 1,
+            "y0": threshold,
+            "y1": threshold,
+            "line": {"dash": "dash", "color": "#7f7f7f", "width": 1},
+        }
+    ]
     annotations = []
     for _, _, _, parting in curves:
         if parting is not None:
@@ -809,15 +1114,32 @@ def wasserstein_figure(curves: Sequence[tuple[str, list[int], list[float], int |
             shapes.append(shape)
             annotations.append(label)
     if not data:
-        annotations.append({"text": "no common histogram steps", "showarrow": False, "xref": "paper", "yref": "paper",
-                            "x": 0.5, "y": 0.5})
-    return {"data": data, "layout": {
-        "title": _title("Wasserstein-1 distance of log-ratio distributions vs. the first run"), "height": 280,
-        "margin": MARGIN, "xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "W1 (log-ratio units)"}},
-        "shapes": shapes, "annotations": annotations}}
+        annotations.append(
+            {
+                "text": "no common histogram steps",
+                "showarrow": False,
+                "xref": "paper",
+                "yref": "paper",
+                "x": 0.5,
+                "y": 0.5,
+            }
+        )
+    return {
+        "data": data,
+        "layout": {
+            "title": _title("Wasserstein-1 distance of log-ratio distributions vs. the first run"),
+            "height": 280,
+            "margin": MARGIN,
+            "xaxis": {"title": {"text": "step"}},
+            "yaxis": {"title": {"text": "W1 (log-ratio units)"}},
+            "shapes": shapes,
+            "annotations": annotations,
+        },
+    }
 
 
 # key explorer -------------------------------------------------------------------------------
+
 
 def _natural(key: str) -> list[Any]:
     """Sort key that puts layer_2 before layer_10."""

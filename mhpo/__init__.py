@@ -4,4 +4,4 @@ from mhpo.client import Run, init
 
 __version__ = "0.1.0"
 
-__all__ = ["Run", "init", "__version__"]
+__all__ = ["Run", "__version__", "init"]

@@ -12,9 +12,9 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("server.cli", "API and dashboard in one process"),
-    "db": ("server.cli", "database schema: `mhpo db upgrade [--db URL]`"),
-    "token": ("server.cli", "API tokens: `mhpo token create|list|revoke`"),
+    "serve": ("mhpo_server.cli", "API and dashboard in one process"),
+    "db": ("mhpo_server.cli", "database schema: `mhpo db upgrade [--db URL]`"),
+    "token": ("mhpo_server.cli", "API tokens: `mhpo token create|list|revoke`"),
     "train": ("mhpo.trainer.cli", "instrumented GRPO-family training"),
     "demo": ("mhpo.demo", "serve + short MHPO and GRPO runs"),
 }

@@ -34,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed shared by both runs (default 0)")
     parser.add_argument("--task", default="addition", help="built-in task (default addition)")
     parser.add_argument("--project", default="demo", help="project name (default demo)")
-    parser.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep serving after the runs (--no-serve: stop and exit)")
+    parser.add_argument(
+        "--serve",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep serving after the runs (--no-serve: stop and exit)",
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return parser
 
@@ -45,8 +49,16 @@ def demo_configs(steps: int, seed: int, task: str, project: str, server: str, pr
     from mhpo.trainer import TrainerConfig
 
     common = dict(
-        task=task, steps=steps, seed=seed, project=project, server=server, progress=progress,
-        prompts_per_step=16, group_size=8, lr=5e-4, model="tiny",
+        task=task,
+        steps=steps,
+        seed=seed,
+        project=project,
+        server=server,
+        progress=progress,
+        prompts_per_step=16,
+        group_size=8,
+        lr=5e-4,
+        model="tiny",
     )
     return [TrainerConfig(loss=loss, name=f"{loss}-{task}-s{seed}", **common) for loss in ("mhpo", "grpo")]
 

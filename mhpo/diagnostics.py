@@ -557,8 +557,14 @@ class DiagnosticsAccumulator:
         )
 
     def _update_empty(
-        self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-        loss_stats: Mapping[str, Tensor] | None, entropy: Tensor | None, token_ids: Tensor | None,
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        loss_stats: Mapping[str, Tensor] | None,
+        entropy: Tensor | None,
+        token_ids: Tensor | None,
     ) -> None:
         """A zero-size micro-batch as one fully masked column per row (a placeholder row when B = 0, not counted)."""
         b = logp.shape[0]
@@ -568,8 +574,15 @@ class DiagnosticsAccumulator:
             return None if t is None else torch.full((rows, 1), fill, dtype=t.dtype, device=t.device)
 
         adv = advantages.new_zeros((rows,) if advantages.dim() == 1 else (rows, 1))
-        self.update(pad(logp), pad(old_logp), adv, pad(mask, False), loss_stats=loss_stats, entropy=pad(entropy),
-                    token_ids=pad(token_ids))
+        self.update(
+            pad(logp),
+            pad(old_logp),
+            adv,
+            pad(mask, False),
+            loss_stats=loss_stats,
+            entropy=pad(entropy),
+            token_ids=pad(token_ids),
+        )
         if b == 0:
             self._updates[-1].sums[_SUMS.index("n_seq")] -= 1
             self._samples -= 1
@@ -651,7 +664,9 @@ class DiagnosticsAccumulator:
         x_m = torch.stack([u.x_moments for u in ups])
         o_m = torch.stack([u.other_moments for u in ups])
         x_moments = torch.stack([x_m[:, 0].sum(0), x_m[:, 1].sum(0), x_m[:, 2].amin(0), x_m[:, 3].amax(0)])
-        o_moments = torch.stack([o_m[:, :, 0].sum(0), o_m[:, :, 1].sum(0), o_m[:, :, 2].amin(0), o_m[:, :, 3].amax(0)], 1)
+        o_moments = torch.stack(
+            [o_m[:, :, 0].sum(0), o_m[:, :, 1].sum(0), o_m[:, :, 2].amin(0), o_m[:, :, 3].amax(0)], 1
+        )
         outliers = joined([u.outliers for u in ups])
         x_all = joined([u.x for u in ups])
         zeta_all = joined([u.zeta for u in ups])
@@ -789,7 +804,7 @@ class DiagnosticsAccumulator:
             spec_o = HISTOGRAMS[key]
             other[key] = other_counts[offsets[i] : offsets[i] + spec_o.bins + 2]
         z_mean, _ = mean_std(o_mom[1, 0], o_mom[1, 1], n_ok)
-        nan_or = (lambda v: math.nan if has_nan else v)  # noqa: E731
+        nan_or = lambda v: math.nan if has_nan else v
         scalars["hazard/zeta_mean"] = z_mean
         scalars["hazard/zeta_p99"] = float(z_q[0])
         scalars["hazard/zeta_pos_mean"] = nan_or(ratio(s["zeta_pos_sum"], n))

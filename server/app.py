@@ -16,19 +16,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from mhpo_server.config import Settings, data_dir
+from mhpo_server.flags.service import install as install_flags
+from mhpo_server.health import ListenerHealth
+from mhpo_server.limits import BodySizeLimitMiddleware
+from mhpo_server.metrics import MetricsMiddleware, ServiceMetrics
+from mhpo_server.responses import NaNJSONResponse
+from mhpo_server.routes import auth, events, health, mlflow, projects, records, runs, series
+from mhpo_server.schemas import ERROR_RESPONSES, RecordIn
+from mhpo_server.store import Conflict, Invalid, NotFound, StorageFull, Store, Unavailable, open_store, storage_fault
 from sqlalchemy.exc import DataError, DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo import __version__
-from server.config import Settings, data_dir
-from server.flags.service import install as install_flags
-from server.health import ListenerHealth
-from server.limits import BodySizeLimitMiddleware
-from server.metrics import MetricsMiddleware, ServiceMetrics
-from server.responses import NaNJSONResponse
-from server.routes import auth, events, health, mlflow, projects, records, runs, series
-from server.schemas import ERROR_RESPONSES, RecordIn
-from server.store import Conflict, Invalid, NotFound, StorageFull, Store, Unavailable, open_store, storage_fault
 
 IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
 EventSource = Callable[[Store, str], list[dict[str, Any]]]
@@ -81,12 +81,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.dashboard:
-        from dashboard.app import Login, mount_dashboard, self_url
+        from mhpo_dashboard.app import Login, mount_dashboard, self_url
 
         login = None
         if login_secret is not None:
-            login = Login(secret=login_secret, max_age_s=settings.dashboard_session_hours * 3600,
-                          cookie_secure=settings.dashboard_cookie_secure)
+            login = Login(
+                secret=login_secret,
+                max_age_s=settings.dashboard_session_hours * 3600,
+                cookie_secure=settings.dashboard_cookie_secure,
+            )
         mount_dashboard(app, self_url(settings.host, settings.port), token=public_token, login=login)
     return app
 
@@ -98,24 +101,30 @@ def _public_dashboard_token(settings: Settings, store: Store) -> str | None:
     token = settings.dashboard_public_token.get_secret_value()
     info = store.resolve_token(token)
     if info is None:
-        raise ConfigError("MHPO_DASHBOARD_PUBLIC_TOKEN is not a token of this server: create one with "
-                          "`mhpo token create --project P --scope read`, or unset it so viewers log in")
+        raise ConfigError(
+            "MHPO_DASHBOARD_PUBLIC_TOKEN is not a token of this server: create one with "
+            "`mhpo token create --project P --scope read`, or unset it so viewers log in"
+        )
     if info.scope != "read":
-        raise ConfigError(f"MHPO_DASHBOARD_PUBLIC_TOKEN is a {info.scope!r} token of project {info.project!r}: "
-                          "everyone reaching the dashboard acts with it, so it must be a read token "
-                          "(`mhpo token create --project P --scope read`)")
+        raise ConfigError(
+            f"MHPO_DASHBOARD_PUBLIC_TOKEN is a {info.scope!r} token of project {info.project!r}: "
+            "everyone reaching the dashboard acts with it, so it must be a read token "
+            "(`mhpo token create --project P --scope read`)"
+        )
     return token
 
 
 def _dashboard_secret(settings: Settings) -> bytes:
     """MHPO_DASHBOARD_SECRET, else the key generated once into the data directory."""
-    from dashboard.auth import load_or_create_secret
+    from mhpo_dashboard.auth import load_or_create_secret
 
     if settings.dashboard_secret is not None:
         secret = settings.dashboard_secret.get_secret_value().encode()
         if len(secret) < 16:
-            raise ConfigError(f"MHPO_DASHBOARD_SECRET has {len(secret)} characters: use at least 16 random ones "
-                              "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`), or unset it")
+            raise ConfigError(
+                f"MHPO_DASHBOARD_SECRET has {len(secret)} characters: use at least 16 random ones "
+                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`), or unset it"
+            )
         return secret
     return load_or_create_secret(data_dir())
 

@@ -6,12 +6,12 @@ import argparse
 import ipaddress
 import os
 import sys
-from datetime import UTC, datetime
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from server.config import DEFAULT_PORT, Settings
+from mhpo_server.config import DEFAULT_PORT, Settings
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -44,14 +44,30 @@ def serve(argv: Sequence[str]) -> int:
     _db_arg(parser)
     parser.add_argument("--host", help="listen address (default 127.0.0.1, $MHPO_HOST)")
     parser.add_argument("--port", type=int, help=f"listen port (default {DEFAULT_PORT}, $MHPO_PORT)")
-    parser.add_argument("--auth", action=argparse.BooleanOptionalAction, default=None,
-                        help="require API tokens (default off, $MHPO_AUTH)")
-    parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=None,
-                        help="serve the dashboard at / (default on, $MHPO_DASHBOARD)")
-    parser.add_argument("--insecure-public", action="store_true", default=None,
-                        help="allow a non-loopback --host with auth off (anyone who reaches it can read and write)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="server processes sharing the port (default 1); flags stay exact across them")
+    parser.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="require API tokens (default off, $MHPO_AUTH)",
+    )
+    parser.add_argument(
+        "--dashboard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve the dashboard at / (default on, $MHPO_DASHBOARD)",
+    )
+    parser.add_argument(
+        "--insecure-public",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host with auth off (anyone who reaches it can read and write)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (default 1); flags stay exact across them",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
@@ -64,10 +80,9 @@ def serve(argv: Sequence[str]) -> int:
         )
         return 2
     import uvicorn
-
-    from server.app import ConfigError, create_app
-    from server.http import with_header_timeout
-    from server.store import SchemaError
+    from mhpo_server.app import ConfigError, create_app
+    from mhpo_server.http import with_header_timeout
+    from mhpo_server.store import SchemaError
 
     try:
         app = create_app(settings)
@@ -78,18 +93,31 @@ def serve(argv: Sequence[str]) -> int:
         print(f"mhpo serve: --workers {args.workers} must be >= 1", file=sys.stderr)
         return 2
     common: dict[str, Any] = {
-        "host": settings.host, "port": settings.port, "log_level": args.log_level, "access_log": args.access_log,
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": args.log_level,
+        "access_log": args.access_log,
         "timeout_keep_alive": settings.keep_alive_timeout_s,
     }
     if args.workers == 1:
         uvicorn.run(app, http=with_header_timeout(settings.header_timeout_s), **common)  # type: ignore[arg-type]
         return 0
     app.state.store.close()  # each worker process builds its own app from the same settings
-    os.environ.update({f"MHPO_{name.upper()}": str(value) for name, value in settings.model_dump().items()
-                       if isinstance(value, str | int | float | bool)})
+    os.environ.update(
+        {
+            f"MHPO_{name.upper()}": str(value)
+            for name, value in settings.model_dump().items()
+            if isinstance(value, str | int | float | bool)
+        }
+    )
     # Workers are spawned processes: they get the protocol by import path, its deadline from MHPO_HEADER_TIMEOUT_S.
-    uvicorn.run("server.app:create_app", factory=True, workers=args.workers, http="server.http:HeaderTimeoutProtocol",
-                **common)
+    uvicorn.run(
+        "mhpo_server.app:create_app",
+        factory=True,
+        workers=args.workers,
+        http="mhpo_server.http:HeaderTimeoutProtocol",
+        **common,
+    )
     return 0
 
 
@@ -99,13 +127,14 @@ def db(argv: Sequence[str]) -> int:
     upgrade = sub.add_parser("upgrade", help="migrate the database to the newest schema")
     _db_arg(upgrade)
     args = parser.parse_args(argv)
-    import migrations
-
+    import mhpo_migrations
     from sqlalchemy import make_url
 
     settings = _settings(args)
-    migrations.upgrade(settings.db)
-    print(f"database {make_url(settings.db).render_as_string(hide_password=True)} is at revision {migrations.head()}")
+    mhpo_migrations.upgrade(settings.db)
+    print(
+        f"database {make_url(settings.db).render_as_string(hide_password=True)} is at revision {mhpo_migrations.head()}"
+    )
     return 0
 
 
@@ -118,15 +147,16 @@ def token(argv: Sequence[str]) -> int:
     _db_arg(create)
     revoke = sub.add_parser("revoke", help="delete a token: the API and dashboard refuse it from the next request")
     which = revoke.add_mutually_exclusive_group(required=True)
-    which.add_argument("--token-file",
-                       help="file holding the token to revoke (not an argument: it would show in `ps` and history)")
+    which.add_argument(
+        "--token-file", help="file holding the token to revoke (not an argument: it would show in `ps` and history)"
+    )
     which.add_argument("--id", type=int, help="the token's id as `mhpo token list` shows it")
     _db_arg(revoke)
     listing = sub.add_parser("list", help="list tokens: id, project, scope, created (UTC), SHA-256 fingerprint")
     _db_arg(listing)
     args = parser.parse_args(argv)
-    from server.schemas import invalid_key
-    from server.store import SchemaError, open_store
+    from mhpo_server.schemas import invalid_key
+    from mhpo_server.store import SchemaError, open_store
 
     if args.action == "create":
         # The same rule as a project name in the API; a non-UTF-8 argument arrives as a lone surrogate.
@@ -170,6 +200,6 @@ def _print_tokens(tokens: list[dict[str, Any]]) -> None:
 def main(command: str, argv: Sequence[str]) -> int:
     handlers = {"serve": serve, "db": db, "token": token}
     if command not in handlers:
-        print(f"server.cli: unknown command {command!r}; valid: {', '.join(handlers)}", file=sys.stderr)
+        print(f"mhpo_server.cli: unknown command {command!r}; valid: {', '.join(handlers)}", file=sys.stderr)
         return 2
     return handlers[command](list(argv))

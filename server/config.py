@@ -34,8 +34,12 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MHPO_", extra="ignore")
 
-    db: str = Field(default_factory=default_db_url, description="SQLAlchemy URL (sqlite:///... or postgresql+psycopg://...)")
-    auth: bool = Field(False, description="require `Authorization: Bearer <token>` (write scope for writes, any for reads)")
+    db: str = Field(
+        default_factory=default_db_url, description="SQLAlchemy URL (sqlite:///... or postgresql+psycopg://...)"
+    )
+    auth: bool = Field(
+        False, description="require `Authorization: Bearer <token>` (write scope for writes, any for reads)"
+    )
     host: str = Field("127.0.0.1", description="listen address of `mhpo serve`")
     port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="listen port of `mhpo serve`")
     max_body_bytes: int = Field(32 * MIB, ge=1024, description="largest request body accepted; larger gets 413")
@@ -43,19 +47,27 @@ class Settings(BaseSettings):
     max_points: int = Field(10_000, ge=10, description="upper bound of `max_points`/`max_steps` on reads")
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0, description="how long a SQLite writer waits for the lock")
     pool_size: int = Field(10, ge=1, description="database connections kept open (as many again may overflow)")
-    header_timeout_s: float = Field(10.0, gt=0, le=600, description="a request's line and headers must arrive within this; else 408 and close")
-    keep_alive_timeout_s: float = Field(5.0, gt=0, le=600, description="an idle kept-alive connection is closed after this")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="a request's line and headers must arrive within this; else 408 and close"
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="an idle kept-alive connection is closed after this"
+    )
     insecure_public: bool = Field(False, description="allow a non-loopback host with auth off")
     dashboard: bool = Field(True, description="serve the Dash dashboard at / beside the API (off for API-only use)")
     dashboard_public_token: SecretStr | None = Field(
-        None, description="auth on: a read token that makes the dashboard public (no login; anyone reaching the port "
-        "sees that token's project); unset: every viewer logs in with their own token")
+        None,
+        description="auth on: a read token that makes the dashboard public (no login; anyone reaching the port "
+        "sees that token's project); unset: every viewer logs in with their own token",
+    )
     dashboard_token: SecretStr | None = Field(None, description="deprecated name of dashboard_public_token")
     dashboard_secret: SecretStr | None = Field(
-        None, description="key of the dashboard's session cookie; unset: generated once into the data directory")
+        None, description="key of the dashboard's session cookie; unset: generated once into the data directory"
+    )
     dashboard_session_hours: float = Field(12.0, gt=0, le=24 * 90, description="how long a dashboard login lasts")
     dashboard_cookie_secure: bool | None = Field(
-        None, description="mark the session cookie Secure; unset: when the request came over https")
+        None, description="mark the session cookie Secure; unset: when the request came over https"
+    )
 
     @field_validator("db")
     @classmethod
@@ -71,9 +83,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _deprecated_dashboard_token(self) -> Settings:
         if self.dashboard_token is not None:
-            warnings.warn("MHPO_DASHBOARD_TOKEN is deprecated: it makes the dashboard public (no login) for that "
-                          "token's project; name that choice MHPO_DASHBOARD_PUBLIC_TOKEN, or unset it so viewers "
-                          "log in with their own tokens", FutureWarning, stacklevel=2)
+            warnings.warn(
+                "MHPO_DASHBOARD_TOKEN is deprecated: it makes the dashboard public (no login) for that "
+                "token's project; name that choice MHPO_DASHBOARD_PUBLIC_TOKEN, or unset it so viewers "
+                "log in with their own tokens",
+                FutureWarning,
+                stacklevel=2,
+            )
             if self.dashboard_public_token is None:
                 self.dashboard_public_token = self.dashboard_token
             self.dashboard_token = None

@@ -11,10 +11,9 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
-from server.config import Settings
-from server.metrics import ServiceMetrics
-from server.store import Store
+from mhpo_server.config import Settings
+from mhpo_server.metrics import ServiceMetrics
+from mhpo_server.store import Store
 
 
 def get_settings(request: Request) -> Settings:
@@ -46,31 +45,38 @@ class Principal:
     def check_project(self, project: str) -> None:
         if self.project is not None and self.project != project:
             raise HTTPException(
-                403, f"this token is for project {self.project!r}, not {project!r}: create one with "
+                403,
+                f"this token is for project {self.project!r}, not {project!r}: create one with "
                 f"`mhpo token create --project {project} --scope {self.scope}`",
             )
 
 
 def get_principal(
-    settings: SettingsDep, store: StoreDep,
+    settings: SettingsDep,
+    store: StoreDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     if not settings.auth:
         return Principal(project=None, scope="write")
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(
-            401, "missing token: send `Authorization: Bearer <token>` (create one with `mhpo token create`)",
+            401,
+            "missing token: send `Authorization: Bearer <token>` (create one with `mhpo token create`)",
             headers={"WWW-Authenticate": "Bearer"},
         )
     token = store.resolve_token(credentials.credentials)
     if token is None:
-        raise HTTPException(401, "unknown token: create one with `mhpo token create`", headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401, "unknown token: create one with `mhpo token create`", headers={"WWW-Authenticate": "Bearer"}
+        )
     return Principal(project=token.project, scope=token.scope)
 
 
 def require_write(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     if principal.scope != "write":
-        raise HTTPException(403, f"token scope {principal.scope!r} cannot write: use a token created with --scope write")
+        raise HTTPException(
+            403, f"token scope {principal.scope!r} cannot write: use a token created with --scope write"
+        )
     return principal
 
 

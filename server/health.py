@@ -15,9 +15,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from server.metrics import ServiceMetrics
-from server.schemas import SURROGATE_RE, RecordIn
-from server.store import Store, StoreError
+from mhpo_server.metrics import ServiceMetrics
+from mhpo_server.schemas import SURROGATE_RE, RecordIn
+from mhpo_server.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 LISTENER_EVENT_KIND = "listener_error"
@@ -47,16 +47,32 @@ class ListenerHealth:
         step = min((r.step for r in records), default=0)
         error = SURROGATE_RE.sub("\ufffd", f"{type(exc).__name__}: {exc}")[:500]
         self.metrics.listener_errors.labels(name).inc()
-        log.error("ingest listener %s failed on run %s at step %d (the batch is stored)", name, run_id, step,
-                  exc_info=exc)
+        log.error(
+            "ingest listener %s failed on run %s at step %d (the batch is stored)", name, run_id, step, exc_info=exc
+        )
         with self._lock:
             state = self._state.setdefault(name, {"failures": 0})
-            state.update(ok=False, failures=state["failures"] + 1,
-                         last_failure={"run_id": run_id, "step": step, "error": error, "at": time.time()})
-        message = f"{name} failed on the batch from step {step}, which is stored: flags and alerts may be missing ({error})"
+            state.update(
+                ok=False,
+                failures=state["failures"] + 1,
+                last_failure={"run_id": run_id, "step": step, "error": error, "at": time.time()},
+            )
+        message = (
+            f"{name} failed on the batch from step {step}, which is stored: flags and alerts may be missing ({error})"
+        )
         try:
-            store.add_events(run_id, [{"step": step, "kind": LISTENER_EVENT_KIND, "severity": "warning",
-                                       "detector": name[:200], "message": message}])
+            store.add_events(
+                run_id,
+                [
+                    {
+                        "step": step,
+                        "kind": LISTENER_EVENT_KIND,
+                        "severity": "warning",
+                        "detector": name[:200],
+                        "message": message,
+                    }
+                ],
+            )
         except (StoreError, ValueError) as event_exc:
             log.error("could not store the listener_error event of run %s: %s", run_id, event_exc)
 

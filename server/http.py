@@ -15,11 +15,14 @@ import os
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+
 def _response_408(seconds: float) -> bytes:
     body = f"request headers not received within {seconds:g} s (MHPO_HEADER_TIMEOUT_S)".encode()
     return (
         b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        + f"content-length: {len(body)}\r\n".encode() + b"connection: close\r\n\r\n" + body
+        + f"content-length: {len(body)}\r\n".encode()
+        + b"connection: close\r\n\r\n"
+        + body
     )
 
 

@@ -15,14 +15,14 @@ class ServiceMetrics:
             "mhpo_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
         )
         self.latency = Histogram(
-            "mhpo_http_request_duration_seconds", "time to answer a request", ["method", "route"],
+            "mhpo_http_request_duration_seconds",
+            "time to answer a request",
+            ["method", "route"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
         self.rows = Counter("mhpo_rows_written", "rows newly stored", ["table"], registry=self.registry)
-        self.batches = Counter(
-            "mhpo_batches", "record batches received", ["result"], registry=self.registry
-        )
+        self.batches = Counter("mhpo_batches", "record batches received", ["result"], registry=self.registry)
         self.spool_replays = Counter(
             "mhpo_spool_replays",
             "record batches a client replayed from its on-disk spool (request header X-MHPO-Replay: 1)",

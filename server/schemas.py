@@ -37,7 +37,9 @@ KEY_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 KEY_RE = re.compile(r"^[^\x00-\x1f\x7f\ud800-\udfff]+$")
 SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 REDACTED = "[redacted]"
-UNICODE_MSG = "contains a lone surrogate, which is not valid Unicode text: send valid UTF-8 (decode bytes with errors='replace')"
+UNICODE_MSG = (
+    "contains a lone surrogate, which is not valid Unicode text: send valid UTF-8 (decode bytes with errors='replace')"
+)
 # Words of a config key that mark its value as a secret (`hf_token`, `apiKey`, `db-password`).
 SECRET_WORDS = frozenset({"token", "password", "passwd", "secret", "apikey", "credential", "credentials"})
 SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"), ("webhook", "url")})
@@ -122,7 +124,9 @@ Text = Annotated[str, AfterValidator(_storable)]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=250, pattern=KEY_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=KEY_PATTERN), AfterValidator(_storable)]
 Config = Annotated[dict[str, Any], AfterValidator(clean_config)]
-Integral = BeforeValidator(_integral)  # after the bounds in Annotated[int, Field(...), Integral], so the schema keeps them
+Integral = BeforeValidator(
+    _integral
+)  # after the bounds in Annotated[int, Field(...), Integral], so the schema keeps them
 Step = Annotated[int, Field(ge=0, le=MAX_STEP), Integral]
 Count = Annotated[int, Field(ge=0, le=2**62), Integral]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -289,7 +293,9 @@ class RewindIn(InputModel):
 class RewindOut(BaseModel):
     run_id: str
     step: int
-    removed: dict[str, int] = Field(description="rows taken out per table: scalars, histograms, outliers, flags, alerts")
+    removed: dict[str, int] = Field(
+        description="rows taken out per table: scalars, histograms, outliers, flags, alerts"
+    )
 
 
 class ForkIn(InputModel):
@@ -301,10 +307,13 @@ class RunCreate(InputModel):
     project: Name
     name: Name
     config: Config | None = Field(
-        None, description="any JSON object; values of keys named like token, password, secret or api_key are stored as \"[redacted]\""
+        None,
+        description='any JSON object; values of keys named like token, password, secret or api_key are stored as "[redacted]"',
     )
     loss: Name | None = None
-    run_id: Annotated[uuid.UUID, Strict(False)] | None = Field(None, description="client-chosen id (so a run exists before the server is reachable)")
+    run_id: Annotated[uuid.UUID, Strict(False)] | None = Field(
+        None, description="client-chosen id (so a run exists before the server is reachable)"
+    )
 
 
 class RunPatch(InputModel):
@@ -461,5 +470,3 @@ def parse_keys(raw: str | None) -> list[str]:
         if reason is not None:
             raise ValueError(reason)
     return keys
-
-

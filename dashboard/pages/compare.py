@@ -16,10 +16,9 @@ from urllib.parse import quote
 
 import dash
 from dash import Input, Output, State, callback, dash_table, dcc, html
-
-from dashboard import figures
-from dashboard.api import ApiClient, ApiError, parallel
-from dashboard.app import api
+from mhpo_dashboard import figures
+from mhpo_dashboard.api import ApiClient, ApiError, parallel
+from mhpo_dashboard.app import api
 
 dash.register_page(__name__, path="/compare", title="Compare · MHPO Monitor", name="Compare", order=1)
 
@@ -34,14 +33,18 @@ def _run_ids(runs: str | None) -> list[str]:
 
 def _picker(client: ApiClient, chosen: list[str]) -> Any:
     try:
-        options = [{"label": f"{r['project']} / {r['name']} ({r['run_id'][:8]})", "value": r["run_id"]}
-                   for r in client.runs()]
+        options = [
+            {"label": f"{r['project']} / {r['name']} ({r['run_id'][:8]})", "value": r["run_id"]} for r in client.runs()
+        ]
     except ApiError as exc:
         return html.P(str(exc), className="error")
-    return html.Div([
-        dcc.Dropdown(id="compare-pick", options=options, value=chosen, multi=True, placeholder="pick runs"),
-        dcc.Link("compare", id="compare-pick-link", href="/compare", className="button"),
-    ], className="toolbar")
+    return html.Div(
+        [
+            dcc.Dropdown(id="compare-pick", options=options, value=chosen, multi=True, placeholder="pick runs"),
+            dcc.Link("compare", id="compare-pick-link", href="/compare", className="button"),
+        ],
+        className="toolbar",
+    )
 
 
 def _x_range(runs: list[dict[str, Any]]) -> list[float]:
@@ -54,34 +57,62 @@ def metric_figures(client: ApiClient, runs: list[dict[str, Any]], metrics: list[
     wanted = list(dict.fromkeys([*metrics, *figures.POLICY_KEYS]))
     fetched = parallel(*[lambda r=r: client.scalars(r["run_id"], wanted, max_points=MAX_POINTS) for r in runs])
     filtered = [m for m in metrics if m.startswith(("ratio/", "hazard/"))]
-    data = {r["run_id"]: figures.off_policy_only(f["series"], filtered, figures.on_policy_steps(f["series"]))
-            for r, f in zip(runs, fetched)}
+    data = {
+        r["run_id"]: figures.off_policy_only(f["series"], filtered, figures.on_policy_steps(f["series"]))
+        for r, f in zip(runs, fetched)
+    }
     x_range = _x_range(runs)
-    return [dcc.Graph(figure=figures.compare_metric_figure(m, [(r, data[r["run_id"]].get(m)) for r in runs], x_range),
-                      className="graph compare-metric") for m in metrics]
+    return [
+        dcc.Graph(
+            figure=figures.compare_metric_figure(m, [(r, data[r["run_id"]].get(m)) for r in runs], x_range),
+            className="graph compare-metric",
+        )
+        for m in metrics
+    ]
 
 
-def _histograms(client: ApiClient, runs: list[dict[str, Any]], keys: list[dict[str, list[str]]]
-                ) -> dict[str, dict[str, Any] | None]:
+def _histograms(
+    client: ApiClient, runs: list[dict[str, Any]], keys: list[dict[str, list[str]]]
+) -> dict[str, dict[str, Any] | None]:
     """Every run's log_ratio histograms over the same step range and bucket budget (so buckets line up)."""
     end = max((r.get("last_step") or 0) for r in runs)
-    fetched = parallel(*[lambda r=r, k=k: client.histograms(r["run_id"], "log_ratio", start=0, end=end,
-                                                             max_steps=MAX_HEATMAP_STEPS)
-                         if "log_ratio" in k.get("histograms", []) else None for r, k in zip(runs, keys)])
+    fetched = parallel(
+        *[
+            lambda r=r, k=k: (
+                client.histograms(r["run_id"], "log_ratio", start=0, end=end, max_steps=MAX_HEATMAP_STEPS)
+                if "log_ratio" in k.get("histograms", [])
+                else None
+            )
+            for r, k in zip(runs, keys)
+        ]
+    )
     return {r["run_id"]: h for r, h in zip(runs, fetched)}
 
 
 def on_policy(client: ApiClient, runs: list[dict[str, Any]], keys: list[dict[str, list[str]]]) -> dict[str, set[int]]:
     """Each run's on-policy steps, read with the histograms' step range and budget so buckets line up."""
     end = max((r.get("last_step") or 0) for r in runs)
-    fetched = parallel(*[lambda r=r, k=k: client.scalars(
-        r["run_id"], [p for p in figures.POLICY_KEYS if p in k.get("scalars", [])], start=0, end=end,
-        max_points=MAX_HEATMAP_STEPS) for r, k in zip(runs, keys)])
+    fetched = parallel(
+        *[
+            lambda r=r, k=k: client.scalars(
+                r["run_id"],
+                [p for p in figures.POLICY_KEYS if p in k.get("scalars", [])],
+                start=0,
+                end=end,
+                max_points=MAX_HEATMAP_STEPS,
+            )
+            for r, k in zip(runs, keys)
+        ]
+    )
     return {r["run_id"]: figures.on_policy_steps(f["series"]) for r, f in zip(runs, fetched)}
 
 
-def distance_figure(hists: dict[str, dict[str, Any] | None], runs: list[dict[str, Any]], threshold: float,
-                    skip: dict[str, set[int]] | None = None) -> Any:
+def distance_figure(
+    hists: dict[str, dict[str, Any] | None],
+    runs: list[dict[str, Any]],
+    threshold: float,
+    skip: dict[str, set[int]] | None = None,
+) -> Any:
     ref = hists.get(runs[0]["run_id"])
     skip = skip or {}
     curves = []
@@ -90,7 +121,8 @@ def distance_figure(hists: dict[str, dict[str, Any] | None], runs: list[dict[str
         if not ref or not other:
             continue
         steps, dists = figures.wasserstein_by_step(
-            ref, other, skip.get(runs[0]["run_id"], set()) | skip.get(run["run_id"], set()))
+            ref, other, skip.get(runs[0]["run_id"], set()) | skip.get(run["run_id"], set())
+        )
         curves.append((figures.run_label(run), steps, dists, figures.first_parting_step(steps, dists, threshold)))
     return figures.wasserstein_figure(curves, threshold), curves
 
@@ -108,44 +140,84 @@ def layout(runs: str | None = None, **_: Any) -> Any:
         return html.Div([html.H2("Compare runs"), picker, html.P(str(exc), className="error")])
     scalar_keys = sorted(set().union(*(k.get("scalars", []) for k in keys)))
     metrics = [m for m in figures.COMPARE_DEFAULT_METRICS if m in scalar_keys] or scalar_keys[:3]
-    hists, metric_graphs, skip = parallel(lambda: _histograms(client, infos, keys),
-                                          lambda: metric_figures(client, infos, metrics),
-                                          lambda: on_policy(client, infos, keys))
+    hists, metric_graphs, skip = parallel(
+        lambda: _histograms(client, infos, keys),
+        lambda: metric_figures(client, infos, metrics),
+        lambda: on_policy(client, infos, keys),
+    )
     x_range = _x_range(infos)
-    heatmaps = [dcc.Graph(figure=figures.heatmap_figure(hists[r["run_id"]], title=figures.run_label(r), x_range=x_range),
-                          className="graph compare-heatmap") for r in infos]
+    heatmaps = [
+        dcc.Graph(
+            figure=figures.heatmap_figure(hists[r["run_id"]], title=figures.run_label(r), x_range=x_range),
+            className="graph compare-heatmap",
+        )
+        for r in infos
+    ]
     dist_fig, curves = distance_figure(hists, infos, DEFAULT_THRESHOLD, skip)
     diff = figures.config_diff(infos)
-    columns = [{"id": "key", "name": "config key"}] + [{"id": figures.run_label(r), "name": figures.run_label(r)}
-                                                       for r in infos]
-    return html.Div([
-        html.H2("Compare runs"),
-        picker,
-        dcc.Store(id="compare-runs", data=ids),
-        html.Div([html.Label("metrics "),
-                  dcc.Dropdown(id="compare-metrics", options=scalar_keys, value=metrics, multi=True)],
-                 className="toolbar"),
-        html.Div(metric_graphs, id="compare-metric-graphs", className="grid"),
-        html.H3("log-ratio heat-maps"),
-        html.Div(heatmaps, className="row side-by-side", style={"gridTemplateColumns": f"repeat({len(infos)}, 1fr)"}),
-        html.H3("where the runs part"),
-        html.P("Wasserstein-1 distance between each run's log-ratio distribution and the first run's, per step; "
-               "steps where either run was on-policy are left out.", className="hint"),
-        html.Div([html.Label("threshold (W1, log-ratio units) "),
-                  dcc.Input(id="compare-threshold", type="number", value=DEFAULT_THRESHOLD, min=0, step=0.005,
-                            debounce=True, style={"width": "8em"})], className="toolbar"),
-        dcc.Graph(id="compare-distance", figure=dist_fig, className="graph"),
-        html.Ul(_parting_text(curves), id="compare-parting"),
-        html.H3("config differences"),
-        dash_table.DataTable(id="compare-config", columns=columns, data=diff, style_cell={"textAlign": "left"})
-        if diff else html.P("the runs' configs are identical", id="compare-config"),
-    ])
+    columns = [{"id": "key", "name": "config key"}] + [
+        {"id": figures.run_label(r), "name": figures.run_label(r)} for r in infos
+    ]
+    return html.Div(
+        [
+            html.H2("Compare runs"),
+            picker,
+            dcc.Store(id="compare-runs", data=ids),
+            html.Div(
+                [
+                    html.Label("metrics "),
+                    dcc.Dropdown(id="compare-metrics", options=scalar_keys, value=metrics, multi=True),
+                ],
+                className="toolbar",
+            ),
+            html.Div(metric_graphs, id="compare-metric-graphs", className="grid"),
+            html.H3("log-ratio heat-maps"),
+            html.Div(
+                heatmaps, className="row side-by-side", style={"gridTemplateColumns": f"repeat({len(infos)}, 1fr)"}
+            ),
+            html.H3("where the runs part"),
+            html.P(
+                "Wasserstein-1 distance between each run's log-ratio distribution and the first run's, per step; "
+                "steps where either run was on-policy are left out.",
+                className="hint",
+            ),
+            html.Div(
+                [
+                    html.Label("threshold (W1, log-ratio units) "),
+                    dcc.Input(
+                        id="compare-threshold",
+                        type="number",
+                        value=DEFAULT_THRESHOLD,
+                        min=0,
+                        step=0.005,
+                        debounce=True,
+                        style={"width": "8em"},
+                    ),
+                ],
+                className="toolbar",
+            ),
+            dcc.Graph(id="compare-distance", figure=dist_fig, className="graph"),
+            html.Ul(_parting_text(curves), id="compare-parting"),
+            html.H3("config differences"),
+            dash_table.DataTable(id="compare-config", columns=columns, data=diff, style_cell={"textAlign": "left"})
+            if diff
+            else html.P("the runs' configs are identical", id="compare-config"),
+        ]
+    )
 
 
 def _parting_text(curves: list[tuple[str, list[int], list[float], int | None]]) -> list[Any]:
-    return [html.Li(f"{label}: " + (f"parts from the first run at step {parting}" if parting is not None
-                                    else "never parts from the first run above the threshold"))
-            for label, _, _, parting in curves] or [html.Li("no common log_ratio histogram steps")]
+    return [
+        html.Li(
+            f"{label}: "
+            + (
+                f"parts from the first run at step {parting}"
+                if parting is not None
+                else "never parts from the first run above the threshold"
+            )
+        )
+        for label, _, _, parting in curves
+    ] or [html.Li("no common log_ratio histogram steps")]
 
 
 @callback(Output("compare-pick-link", "href"), Input("compare-pick", "value"))
@@ -153,15 +225,24 @@ def pick_link(chosen: list[str] | None) -> str:
     return "/compare?runs=" + quote(",".join(chosen or []), safe=",")
 
 
-@callback(Output("compare-metric-graphs", "children"), Input("compare-metrics", "value"),
-          State("compare-runs", "data"), prevent_initial_call=True)
+@callback(
+    Output("compare-metric-graphs", "children"),
+    Input("compare-metrics", "value"),
+    State("compare-runs", "data"),
+    prevent_initial_call=True,
+)
 def change_metrics(metrics: list[str] | None, ids: list[str]) -> list[Any]:
     client = api()
     return metric_figures(client, parallel(*[lambda i=i: client.run(i) for i in ids]), metrics or [])
 
 
-@callback(Output("compare-distance", "figure"), Output("compare-parting", "children"),
-          Input("compare-threshold", "value"), State("compare-runs", "data"), prevent_initial_call=True)
+@callback(
+    Output("compare-distance", "figure"),
+    Output("compare-parting", "children"),
+    Input("compare-threshold", "value"),
+    State("compare-runs", "data"),
+    prevent_initial_call=True,
+)
 def change_threshold(threshold: float | None, ids: list[str]) -> tuple[Any, list[Any]]:
     client = api()
     infos = parallel(*[lambda i=i: client.run(i) for i in ids])

@@ -24,10 +24,9 @@ from typing import Any
 
 import dash
 from dash import ALL, Input, Output, Patch, State, callback, ctx, dcc, html, no_update
-
-from dashboard import figures
-from dashboard.api import ApiClient, ApiError, parallel
-from dashboard.app import api, refresh_interval_ms
+from mhpo_dashboard import figures
+from mhpo_dashboard.api import ApiClient, ApiError, parallel
+from mhpo_dashboard.app import api, refresh_interval_ms
 
 dash.register_page(__name__, path_template="/runs/<run_id>", title="Run · MHPO Monitor", name="Run")
 
@@ -40,12 +39,22 @@ POLICY_OPTIONS = [{"label": "off-policy steps only", "value": "off"}, {"label": 
 
 
 def _graph(name: str, figure: Any) -> dcc.Graph:
-    return dcc.Graph(id={"type": "run-graph", "name": name}, figure=figure,
-                     config={"displaylogo": False}, className=f"graph graph-{name}")
+    return dcc.Graph(
+        id={"type": "run-graph", "name": name},
+        figure=figure,
+        config={"displaylogo": False},
+        className=f"graph graph-{name}",
+    )
 
 
-def _panel_data(client: ApiClient, run_id: str, scalar_keys: list[str], start: int | None = None,
-                end: int | None = None, policy: str = "off") -> tuple[dict[str, list[list[str]]], dict[str, Any]]:
+def _panel_data(
+    client: ApiClient,
+    run_id: str,
+    scalar_keys: list[str],
+    start: int | None = None,
+    end: int | None = None,
+    policy: str = "off",
+) -> tuple[dict[str, list[list[str]]], dict[str, Any]]:
     """The default panels' rows and series; with `policy == "off"` the ratio and hazard rows lose
     their on-policy steps."""
     rows = {name: figures.panel_rows(name, scalar_keys) for name in figures.PANELS}
@@ -62,15 +71,17 @@ def _histogram_or_none(client: ApiClient, run_id: str, key: str, have: list[str]
     return client.histograms(run_id, key, **params) if key in have else None
 
 
-def selected_step_views(client: ApiClient, run: dict[str, Any], step: int | None, hist_keys: list[str]
-                        ) -> tuple[Any, list[Any]]:
+def selected_step_views(
+    client: ApiClient, run: dict[str, Any], step: int | None, hist_keys: list[str]
+) -> tuple[Any, list[Any]]:
     """The split histogram figure and the outlier table of one step."""
     if step is None:
         return figures.step_histogram_figure(None, None, None, run.get("loss")), [html.P("no step logged yet")]
     run_id = run["run_id"]
     pos, neg, outliers = parallel(
         *[lambda k=k: _histogram_or_none(client, run_id, k, hist_keys, start=step, end=step) for k in SPLIT_KEYS],
-        lambda: client.outliers(run_id, step))
+        lambda: client.outliers(run_id, step),
+    )
     if pos is None and neg is None:
         pos = _histogram_or_none(client, run_id, HEATMAP_KEY, hist_keys, start=step, end=step)
     fig = figures.step_histogram_figure(pos, neg, step, run.get("loss"), figures.loss_hparams(run.get("config")))
@@ -83,8 +94,10 @@ def _outlier_table(step: int | None, outliers: list[dict[str, Any]]) -> list[Any
         return [html.P("no outlier tokens logged at or before this step")]
     header = html.Tr([html.Th(c) for c in rows[0]])
     body = [html.Tr([html.Td(str(v)) for v in row.values()]) for row in rows]
-    return [html.P(f"top tokens by |x| at step {step}"), html.Table([html.Thead(header), html.Tbody(body)],
-                                                                     className="table outliers")]
+    return [
+        html.P(f"top tokens by |x| at step {step}"),
+        html.Table([html.Thead(header), html.Tbody(body)], className="table outliers"),
+    ]
 
 
 def _event_id(event: dict[str, Any]) -> str:
@@ -104,10 +117,24 @@ def _history_list(events: list[dict[str, Any]]) -> list[Any]:
     for e in found:
         evidence = e.get("evidence") or {}
         other = evidence.get("child_run_id") or evidence.get("parent_run_id")
-        link = [" · ", dcc.Link(f"open {'fork' if 'child_run_id' in evidence else 'parent'} run",
-                               href=f"/runs/{other}", className="history-link")] if other else []
-        items.append(html.Li([html.Strong(f"step {e.get('step')} · {e.get('type')}"),
-                              html.Span(f" {e.get('message', '')}"), *link], className=f"history {e.get('type')}"))
+        link = (
+            [
+                " · ",
+                dcc.Link(
+                    f"open {'fork' if 'child_run_id' in evidence else 'parent'} run",
+                    href=f"/runs/{other}",
+                    className="history-link",
+                ),
+            ]
+            if other
+            else []
+        )
+        items.append(
+            html.Li(
+                [html.Strong(f"step {e.get('step')} · {e.get('type')}"), html.Span(f" {e.get('message', '')}"), *link],
+                className=f"history {e.get('type')}",
+            )
+        )
     return [html.Ul(items, className="history-list")]
 
 
@@ -118,14 +145,25 @@ def _flag_list(events: list[dict[str, Any]]) -> list[Any]:
     items = []
     for e in sorted(events, key=lambda e: (e.get("step") or 0, str(e.get("id")))):
         kind = e.get("rule_name") if e.get("type") == "alert" else e.get("kind")
-        items.append(html.Li([
-            html.Button(f"step {e.get('step')} · {e.get('type', 'flag')} {kind or ''} · {e.get('severity', '')}",
+        items.append(
+            html.Li(
+                [
+                    html.Button(
+                        f"step {e.get('step')} · {e.get('type', 'flag')} {kind or ''} · {e.get('severity', '')}",
                         id={"type": "flag-item", "key": _event_id(e), "step": e.get("step") or 0},
-                        className=f"flag-button severity-{e.get('severity', 'warning')}", n_clicks=0),
-            html.Span(f" {e.get('detector') or 'alert rule'}: {e.get('message', '')}", className="flag-message"),
-            html.Details([html.Summary("evidence"),
-                          html.Pre(json.dumps(e.get("evidence"), indent=1, default=str))]),
-        ], className="flag"))
+                        className=f"flag-button severity-{e.get('severity', 'warning')}",
+                        n_clicks=0,
+                    ),
+                    html.Span(
+                        f" {e.get('detector') or 'alert rule'}: {e.get('message', '')}", className="flag-message"
+                    ),
+                    html.Details(
+                        [html.Summary("evidence"), html.Pre(json.dumps(e.get("evidence"), indent=1, default=str))]
+                    ),
+                ],
+                className="flag",
+            )
+        )
     return [html.Ul(items, className="flags")]
 
 
@@ -135,32 +173,54 @@ def _summary(run: dict[str, Any]) -> list[Any]:
     return [
         html.H2(f"{run.get('name')}"),
         html.Span(figures.run_facts(run), id="run-facts"),
-        html.Span([" · forked from ", dcc.Link(f"run {parent[:8]}", href=f"/runs/{parent}", id="run-parent-link"),
-                   f" at step {run.get('fork_step')}"], id="run-parent") if parent else None,
+        html.Span(
+            [
+                " · forked from ",
+                dcc.Link(f"run {parent[:8]}", href=f"/runs/{parent}", id="run-parent-link"),
+                f" at step {run.get('fork_step')}",
+            ],
+            id="run-parent",
+        )
+        if parent
+        else None,
         html.Span(" live" if live else "", className="badge-live" if live else ""),
     ]
 
 
-def _charts(client: ApiClient, run: dict[str, Any], keys: dict[str, Any], events: list[dict[str, Any]],
-            selected: int | None, policy: str = "off") -> tuple[dict[str, Any], dict[str, Any], Any, list[Any]]:
+def _charts(
+    client: ApiClient,
+    run: dict[str, Any],
+    keys: dict[str, Any],
+    events: list[dict[str, Any]],
+    selected: int | None,
+    policy: str = "off",
+) -> tuple[dict[str, Any], dict[str, Any], Any, list[Any]]:
     """Every chart of the run drawn from scratch: figures by name, the page state, the step views."""
     run_id, last_step = run["run_id"], run.get("last_step")
     (rows, data), hist, (step_fig, outlier_table) = parallel(
         lambda: _panel_data(client, run_id, keys.get("scalars", []), end=last_step, policy=policy),
-        lambda: _histogram_or_none(client, run_id, HEATMAP_KEY, keys.get("histograms", []),
-                                   end=last_step, max_steps=MAX_HEATMAP_STEPS),
-        lambda: selected_step_views(client, run, selected, keys.get("histograms", [])))
+        lambda: _histogram_or_none(
+            client, run_id, HEATMAP_KEY, keys.get("histograms", []), end=last_step, max_steps=MAX_HEATMAP_STEPS
+        ),
+        lambda: selected_step_views(client, run, selected, keys.get("histograms", [])),
+    )
     trace_maps: dict[str, dict[str, list[int]]] = {}
     figs = {"heatmap": figures.heatmap_figure(hist, events, selected)}
     for name, panel_rows in rows.items():
-        figs[name], trace_maps[name] = figures.timeseries_figure(figures.PANEL_TITLES[name], panel_rows,
-                                                                 data["series"], events, selected,
-                                                                 data.get("downsampled", False))
+        figs[name], trace_maps[name] = figures.timeseries_figure(
+            figures.PANEL_TITLES[name], panel_rows, data["series"], events, selected, data.get("downsampled", False)
+        )
     has_heatmap = bool(hist and hist.get("step"))
-    state = {"run_id": run_id, "last_step": last_step, "trace_maps": trace_maps, "policy": policy,
-             "panel_keys": {n: [k for r in p for k in r] for n, p in rows.items()},
-             "heatmap": has_heatmap, "heatmap_bins": figures.occupied_bins(hist) if has_heatmap else None,
-             "event_ids": [_event_id(e) for e in events]}
+    state = {
+        "run_id": run_id,
+        "last_step": last_step,
+        "trace_maps": trace_maps,
+        "policy": policy,
+        "panel_keys": {n: [k for r in p for k in r] for n, p in rows.items()},
+        "heatmap": has_heatmap,
+        "heatmap_bins": figures.occupied_bins(hist) if has_heatmap else None,
+        "event_ids": [_event_id(e) for e in events],
+    }
     return figs, state, step_fig, outlier_table
 
 
@@ -169,8 +229,9 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
         return html.P("no run id in the address; pick a run on the runs page")
     client = api()
     try:
-        run, keys, events = parallel(lambda: client.run(run_id), lambda: client.keys(run_id),
-                                     lambda: client.events(run_id))
+        run, keys, events = parallel(
+            lambda: client.run(run_id), lambda: client.keys(run_id), lambda: client.events(run_id)
+        )
     except ApiError as exc:
         return html.Div([html.H2("Run not available"), html.P(str(exc), className="error")])
     last_step = run.get("last_step")
@@ -178,38 +239,75 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
     graphs = {name: _graph(name, fig) for name, fig in figs.items() if name != "heatmap"}
     live_ms = refresh_interval_ms()
     scalar_keys = keys.get("scalars", [])
-    return html.Div([
-        html.Div(_summary(run), id="run-summary", className="summary"),
-        html.Div([html.Button("follow latest step", id="run-follow-button", n_clicks=0),
-                  html.Span(f"selected step {last_step}", id="run-selected-label"),
-                  html.Span("ratio and hazard charts:", className="hint"),
-                  dcc.RadioItems(id="run-policy-steps", options=POLICY_OPTIONS, value="off", inline=True)],
-                 className="toolbar"),
-        dcc.Store(id="run-state", data=state),
-        dcc.Store(id="run-selected", data={"step": last_step, "follow": True}),
-        dcc.Store(id="run-keys", data=scalar_keys),
-        dcc.Store(id="run-custom-keys", storage_type="local"),
-        dcc.Store(id="run-custom-drawn"),
-        dcc.Interval(id="run-live", interval=live_ms, n_intervals=0),
-        html.Section([_graph("heatmap", figs["heatmap"]),
-                      dcc.Graph(id="run-step-histogram", figure=step_fig, config={"displaylogo": False},
-                                className="graph")], className="row two"),
-        html.Section([graphs["trust_region"], graphs["hazard"]], className="row two"),
-        html.Section([graphs["gradients"], graphs["policy"]], className="row two"),
-        html.Section([graphs["training"], html.Div([
-            html.H3("Key explorer"),
-            html.P(f"{len(scalar_keys)} scalar keys logged. Search by prefix or any part of the name; "
-                   "click a key to chart it below (kept for this run in this browser).", className="hint"),
-            dcc.Input(id="run-key-search", type="search", placeholder="e.g. eval/ or accuracy", value="",
-                      debounce=0.3, className="key-search"),
-            html.Div(_key_list(scalar_keys, ""), id="run-key-list", className="key-list"),
-        ], className="explorer")], className="row two"),
-        html.Section([html.H3("Custom charts"), html.Div(id="run-custom-charts", className="grid")], className="row"),
-        html.Section([html.Div([html.H3("Flags and alerts"), html.Div(_flag_list(events), id="run-flags")]),
-                      html.Div([html.H3("Outlier tokens"), html.Div(outlier_table, id="run-outliers")])],
-                     className="row two"),
-        html.Section([html.H3("History"), html.Div(_history_list(events), id="run-history")], className="row"),
-    ], className="run-page")
+    return html.Div(
+        [
+            html.Div(_summary(run), id="run-summary", className="summary"),
+            html.Div(
+                [
+                    html.Button("follow latest step", id="run-follow-button", n_clicks=0),
+                    html.Span(f"selected step {last_step}", id="run-selected-label"),
+                    html.Span("ratio and hazard charts:", className="hint"),
+                    dcc.RadioItems(id="run-policy-steps", options=POLICY_OPTIONS, value="off", inline=True),
+                ],
+                className="toolbar",
+            ),
+            dcc.Store(id="run-state", data=state),
+            dcc.Store(id="run-selected", data={"step": last_step, "follow": True}),
+            dcc.Store(id="run-keys", data=scalar_keys),
+            dcc.Store(id="run-custom-keys", storage_type="local"),
+            dcc.Store(id="run-custom-drawn"),
+            dcc.Interval(id="run-live", interval=live_ms, n_intervals=0),
+            html.Section(
+                [
+                    _graph("heatmap", figs["heatmap"]),
+                    dcc.Graph(
+                        id="run-step-histogram", figure=step_fig, config={"displaylogo": False}, className="graph"
+                    ),
+                ],
+                className="row two",
+            ),
+            html.Section([graphs["trust_region"], graphs["hazard"]], className="row two"),
+            html.Section([graphs["gradients"], graphs["policy"]], className="row two"),
+            html.Section(
+                [
+                    graphs["training"],
+                    html.Div(
+                        [
+                            html.H3("Key explorer"),
+                            html.P(
+                                f"{len(scalar_keys)} scalar keys logged. Search by prefix or any part of the name; "
+                                "click a key to chart it below (kept for this run in this browser).",
+                                className="hint",
+                            ),
+                            dcc.Input(
+                                id="run-key-search",
+                                type="search",
+                                placeholder="e.g. eval/ or accuracy",
+                                value="",
+                                debounce=0.3,
+                                className="key-search",
+                            ),
+                            html.Div(_key_list(scalar_keys, ""), id="run-key-list", className="key-list"),
+                        ],
+                        className="explorer",
+                    ),
+                ],
+                className="row two",
+            ),
+            html.Section(
+                [html.H3("Custom charts"), html.Div(id="run-custom-charts", className="grid")], className="row"
+            ),
+            html.Section(
+                [
+                    html.Div([html.H3("Flags and alerts"), html.Div(_flag_list(events), id="run-flags")]),
+                    html.Div([html.H3("Outlier tokens"), html.Div(outlier_table, id="run-outliers")]),
+                ],
+                className="row two",
+            ),
+            html.Section([html.H3("History"), html.Div(_history_list(events), id="run-history")], className="row"),
+        ],
+        className="run-page",
+    )
 
 
 def _key_list(keys: list[str], query: str) -> list[Any]:
@@ -217,26 +315,44 @@ def _key_list(keys: list[str], query: str) -> list[Any]:
     groups, total = figures.key_groups(keys, query, EXPLORER_LIMIT)
     if not total:
         return [html.P(f"no logged key matches {query!r}" if query else "no scalar keys logged yet")]
-    out: list[Any] = [html.P(f"{total} matching keys" + (f", first {EXPLORER_LIMIT} shown: refine the search"
-                                                          if total > EXPLORER_LIMIT else ""), id="run-key-count")]
+    out: list[Any] = [
+        html.P(
+            f"{total} matching keys"
+            + (f", first {EXPLORER_LIMIT} shown: refine the search" if total > EXPLORER_LIMIT else ""),
+            id="run-key-count",
+        )
+    ]
     for prefix, shown, count in groups:
-        buttons = [html.Button(k, id={"type": "key-add", "key": k}, n_clicks=0, className="key-button")
-                   for k in shown]
+        buttons = [html.Button(k, id={"type": "key-add", "key": k}, n_clicks=0, className="key-button") for k in shown]
         more = [html.Span(f" +{count - len(shown)} more", className="hint")] if count > len(shown) else []
-        out.append(html.Details([html.Summary(f"{prefix} ({count})"), *buttons, *more],
-                                open=len(groups) <= 4 or bool(query), className="key-group"))
+        out.append(
+            html.Details(
+                [html.Summary(f"{prefix} ({count})"), *buttons, *more],
+                open=len(groups) <= 4 or bool(query),
+                className="key-group",
+            )
+        )
     return out
 
 
-@callback(Output("run-key-list", "children", allow_duplicate=True), Input("run-key-search", "value"),
-          State("run-keys", "data"), prevent_initial_call=True)
+@callback(
+    Output("run-key-list", "children", allow_duplicate=True),
+    Input("run-key-search", "value"),
+    State("run-keys", "data"),
+    prevent_initial_call=True,
+)
 def search_keys(query: str | None, keys: list[str]) -> list[Any]:
     return _key_list(keys or [], query or "")
 
 
-@callback(Output("run-keys", "data"), Output("run-key-list", "children", allow_duplicate=True),
-          Input("run-state", "data"), State("run-keys", "data"), State("run-key-search", "value"),
-          prevent_initial_call=True)
+@callback(
+    Output("run-keys", "data"),
+    Output("run-key-list", "children", allow_duplicate=True),
+    Input("run-state", "data"),
+    State("run-keys", "data"),
+    State("run-key-search", "value"),
+    prevent_initial_call=True,
+)
 def new_keys(state: dict[str, Any], known: list[str], query: str | None) -> tuple[Any, Any]:
     """Keys a live run starts logging join the explorer without a reload."""
     try:
@@ -248,10 +364,14 @@ def new_keys(state: dict[str, Any], known: list[str], query: str | None) -> tupl
     return keys, _key_list(keys, query or "")
 
 
-@callback(Output("run-custom-keys", "data"),
-          Input({"type": "key-add", "key": ALL}, "n_clicks"),
-          Input({"type": "key-remove", "key": ALL}, "n_clicks"),
-          State("run-custom-keys", "data"), State("run-state", "data"), prevent_initial_call=True)
+@callback(
+    Output("run-custom-keys", "data"),
+    Input({"type": "key-add", "key": ALL}, "n_clicks"),
+    Input({"type": "key-remove", "key": ALL}, "n_clicks"),
+    State("run-custom-keys", "data"),
+    State("run-state", "data"),
+    prevent_initial_call=True,
+)
 def choose_keys(_add: list[Any], _remove: list[Any], chosen: dict[str, list[str]] | None, state: dict[str, Any]) -> Any:
     """Adding or removing a custom chart; the list is kept per run id."""
     trigger = ctx.triggered_id
@@ -265,8 +385,12 @@ def choose_keys(_add: list[Any], _remove: list[Any], chosen: dict[str, list[str]
     return chosen
 
 
-@callback(Output("run-custom-charts", "children"), Output("run-custom-drawn", "data"),
-          Input("run-custom-keys", "data"), State("run-state", "data"))
+@callback(
+    Output("run-custom-charts", "children"),
+    Output("run-custom-drawn", "data"),
+    Input("run-custom-keys", "data"),
+    State("run-state", "data"),
+)
 def custom_charts(chosen: dict[str, list[str]] | None, state: dict[str, Any]) -> tuple[list[Any], Any]:
     """One chart per chosen key, drawn when the choice changes; a live update appends to them."""
     keys = (chosen or {}).get(state["run_id"], [])
@@ -276,31 +400,48 @@ def custom_charts(chosen: dict[str, list[str]] | None, state: dict[str, Any]) ->
         figs, drawn = _custom_figures(api(), state, keys)
     except ApiError as exc:
         return [html.P(str(exc), className="error")], None
-    return [html.Div([
-        html.Button("remove", id={"type": "key-remove", "key": key}, n_clicks=0, className="remove-chart"),
-        dcc.Graph(id={"type": "custom-graph", "key": key}, figure=figs[key], config={"displaylogo": False},
-                  className="graph custom-graph")], className="custom-chart") for key in keys], drawn
+    return [
+        html.Div(
+            [
+                html.Button("remove", id={"type": "key-remove", "key": key}, n_clicks=0, className="remove-chart"),
+                dcc.Graph(
+                    id={"type": "custom-graph", "key": key},
+                    figure=figs[key],
+                    config={"displaylogo": False},
+                    className="graph custom-graph",
+                ),
+            ],
+            className="custom-chart",
+        )
+        for key in keys
+    ], drawn
 
 
 def _custom_figures(client: ApiClient, state: dict[str, Any], keys: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The custom charts' figures up to the run's last step, and what was drawn (for the live appends)."""
-    data, events = parallel(lambda: client.scalars(state["run_id"], keys, end=state.get("last_step"),
-                                                   max_points=MAX_POINTS),
-                            lambda: client.events(state["run_id"]))
+    data, events = parallel(
+        lambda: client.scalars(state["run_id"], keys, end=state.get("last_step"), max_points=MAX_POINTS),
+        lambda: client.events(state["run_id"]),
+    )
     figs, maps = {}, {}
     for key in keys:
-        figs[key], maps[key] = figures.timeseries_figure(key, [[key]], data["series"], events, None,
-                                                          data.get("downsampled", False))
-    return figs, {"last_step": state.get("last_step"), "trace_maps": maps,
-                  "event_ids": [_event_id(e) for e in events]}
+        figs[key], maps[key] = figures.timeseries_figure(
+            key, [[key]], data["series"], events, None, data.get("downsampled", False)
+        )
+    return figs, {"last_step": state.get("last_step"), "trace_maps": maps, "event_ids": [_event_id(e) for e in events]}
 
 
-@callback(Output({"type": "custom-graph", "key": ALL}, "figure"),
-          Output("run-custom-drawn", "data", allow_duplicate=True),
-          Input("run-state", "data"), State("run-custom-drawn", "data"),
-          State({"type": "custom-graph", "key": ALL}, "id"), prevent_initial_call=True)
-def extend_custom_charts(state: dict[str, Any], drawn: dict[str, Any] | None,
-                         ids: list[dict[str, str]]) -> tuple[list[Any], Any]:
+@callback(
+    Output({"type": "custom-graph", "key": ALL}, "figure"),
+    Output("run-custom-drawn", "data", allow_duplicate=True),
+    Input("run-state", "data"),
+    State("run-custom-drawn", "data"),
+    State({"type": "custom-graph", "key": ALL}, "id"),
+    prevent_initial_call=True,
+)
+def extend_custom_charts(
+    state: dict[str, Any], drawn: dict[str, Any] | None, ids: list[dict[str, str]]
+) -> tuple[list[Any], Any]:
     """New points of a live run appended to the custom charts (`Patch`), so they keep their zoom;
     redrawn whole only after a rewind."""
     keys = [i["key"] for i in ids]
@@ -312,9 +453,10 @@ def extend_custom_charts(state: dict[str, Any], drawn: dict[str, Any] | None,
         if last is None or new_last < last or set(keys) != set(drawn["trace_maps"]):
             figs, new_drawn = _custom_figures(client, state, keys)
             return [figs[k] for k in keys], new_drawn
-        data, events = parallel(lambda: client.scalars(state["run_id"], keys, start=last + 1, end=new_last,
-                                                       max_points=MAX_POINTS),
-                                lambda: client.events(state["run_id"]))
+        data, events = parallel(
+            lambda: client.scalars(state["run_id"], keys, start=last + 1, end=new_last, max_points=MAX_POINTS),
+            lambda: client.events(state["run_id"]),
+        )
     except ApiError:
         return [no_update] * len(keys), no_update
     seen = set(drawn["event_ids"])
@@ -349,8 +491,13 @@ def switch_policy(policy: str, state: dict[str, Any], selected: dict[str, Any]) 
             out.append(no_update)
             continue
         fig, state["trace_maps"][name] = figures.timeseries_figure(
-            figures.PANEL_TITLES[name], rows[name], data["series"], events, selected.get("step"),
-            data.get("downsampled", False))
+            figures.PANEL_TITLES[name],
+            rows[name],
+            data["series"],
+            events,
+            selected.get("step"),
+            data.get("downsampled", False),
+        )
         state["panel_keys"][name] = [k for r in rows[name] for k in r]
         out.append(fig)
     state["policy"] = policy
@@ -363,8 +510,9 @@ def _graph_names() -> list[str]:
     return [o["id"]["name"] for o in matched]
 
 
-def _append_patch(trace_map: dict[str, list[int]], rows: list[list[str]], series: dict[str, Any],
-                  new_events: list[dict[str, Any]]) -> Patch:
+def _append_patch(
+    trace_map: dict[str, list[int]], rows: list[list[str]], series: dict[str, Any], new_events: list[dict[str, Any]]
+) -> Patch:
     """A time-series chart's live update: the new points, NaN bands and flags, appended (nothing redrawn)."""
     patch = Patch()
     for index, (xs, ys) in figures.series_extension(trace_map, series).items():
@@ -378,8 +526,13 @@ def _append_patch(trace_map: dict[str, list[int]], rows: list[list[str]], series
     return patch
 
 
-def _events_patch(patch: Patch, new_events: list[dict[str, Any]], trace_map: dict[str, list[int]],
-                  rows: list[list[str]], series: dict[str, Any]) -> None:
+def _events_patch(
+    patch: Patch,
+    new_events: list[dict[str, Any]],
+    trace_map: dict[str, list[int]],
+    rows: list[list[str]],
+    series: dict[str, Any],
+) -> None:
     """Flag lines for new events, and markers on the flagged curves (placed as in the full figure)."""
     patch["layout"]["shapes"].extend(figures.event_shapes(new_events))
     indices = trace_map.get("__events__") or []
@@ -417,8 +570,14 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
     if last is not None and (new_last is None or new_last < last):  # rewound: redraw from the server
         keys, events = parallel(lambda: client.keys(run_id), lambda: client.events(run_id))
         figs, new_state, _, _ = _charts(client, run, keys, events, new_last, state.get("policy", "off"))
-        return ([figs[name] for name in names], new_state, _flag_list(events), _history_list(events), _summary(run),
-                {"step": new_last, "follow": True})
+        return (
+            [figs[name] for name in names],
+            new_state,
+            _flag_list(events),
+            _history_list(events),
+            _summary(run),
+            {"step": new_last, "follow": True},
+        )
     if new_last is None or (last is not None and new_last <= last):
         return [no_update] * len(names), no_update, no_update, no_update, _summary(run), no_update
     start = None if last is None else last + 1
@@ -429,8 +588,18 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
     has_heatmap = HEATMAP_KEY in keys.get("histograms", [])
     (rows, data), hist = parallel(
         lambda: _panel_data(client, run_id, keys.get("scalars", []), start=start, end=new_last, policy=policy),
-        lambda: client.histograms(run_id, HEATMAP_KEY, start=start if state["heatmap"] else None, end=new_last,
-                                  max_steps=MAX_HEATMAP_STEPS) if has_heatmap else None)
+        lambda: (
+            client.histograms(
+                run_id,
+                HEATMAP_KEY,
+                start=start if state["heatmap"] else None,
+                end=new_last,
+                max_steps=MAX_HEATMAP_STEPS,
+            )
+            if has_heatmap
+            else None
+        ),
+    )
     grown = [n for n in rows if [k for r in rows[n] for k in r] != state["panel_keys"].get(n)]
     full = _panel_data(client, run_id, keys.get("scalars", []), end=new_last, policy=policy)[1] if grown else None
     out = []
@@ -439,8 +608,13 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
             out.append(_heatmap_update(state, hist, events, new_events, selected))
         elif name in grown:
             fig, state["trace_maps"][name] = figures.timeseries_figure(
-                figures.PANEL_TITLES[name], rows[name], full["series"], events, selected.get("step"),
-                full.get("downsampled", False))
+                figures.PANEL_TITLES[name],
+                rows[name],
+                full["series"],
+                events,
+                selected.get("step"),
+                full.get("downsampled", False),
+            )
             state["panel_keys"][name] = [k for r in rows[name] for k in r]
             out.append(fig)
         else:
@@ -448,12 +622,23 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
     state["last_step"] = new_last
     state["event_ids"] = [_event_id(e) for e in events]
     follow = selected if not selected.get("follow") else {"step": new_last, "follow": True}
-    return (out, state, _flag_list(events) if new_events else no_update,
-            _history_list(events) if new_events else no_update, _summary(run), follow)
+    return (
+        out,
+        state,
+        _flag_list(events) if new_events else no_update,
+        _history_list(events) if new_events else no_update,
+        _summary(run),
+        follow,
+    )
 
 
-def _heatmap_update(state: dict[str, Any], hist: dict[str, Any] | None, events: list[dict],
-                    new_events: list[dict], selected: dict[str, Any]) -> Any:
+def _heatmap_update(
+    state: dict[str, Any],
+    hist: dict[str, Any] | None,
+    events: list[dict],
+    new_events: list[dict],
+    selected: dict[str, Any],
+) -> Any:
     """The whole heat-map the first time a histogram exists, afterwards only the new rows."""
     if hist is None:
         return no_update

@@ -152,7 +152,9 @@ class Run:
         try:
             self.id = str(uuid.UUID(str(run_id))) if run_id is not None else str(uuid.uuid4())
         except ValueError:
-            raise ValueError(f"run_id={run_id!r} is not a UUID; pass the id of an earlier run or leave it out") from None
+            raise ValueError(
+                f"run_id={run_id!r} is not a UUID; pass the id of an earlier run or leave it out"
+            ) from None
         request = {"run_id": self.id, "project": project, "name": name, "config": dict(config or {}), "loss": loss}
         try:
             encode_record(request)
@@ -163,8 +165,10 @@ class Run:
         self.server = (server or os.environ.get("MHPO_SERVER") or DEFAULT_SERVER).rstrip("/")
         self.url = f"{self.server}/runs/{self.id}"
         token = token or os.environ.get("MHPO_TOKEN") or None
-        max_bytes = spool_max_bytes if spool_max_bytes is not None else int(
-            _env_float("MHPO_SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES)
+        max_bytes = (
+            spool_max_bytes
+            if spool_max_bytes is not None
+            else int(_env_float("MHPO_SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES))
         )
         self.spool = Spool(Path(spool_dir) if spool_dir is not None else default_spool_dir(), self.server, max_bytes)
         self.spool_dir = self.spool.run_dir(self.id)
@@ -188,12 +192,21 @@ class Run:
         self._warned_closed = False
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         client = httpx.Client(
-            base_url=self.server, headers=headers, timeout=httpx.Timeout(request_timeout, connect=min(3.0, request_timeout))
+            base_url=self.server,
+            headers=headers,
+            timeout=httpx.Timeout(request_timeout, connect=min(3.0, request_timeout)),
         )
         self._sender = Sender(
-            run_id=self.id, run_request=request, created=False, records=self._buffer, client=client,
-            spool=self.spool, batch_size=batch_size, max_batch_bytes=max_batch_bytes,
-            flush_interval=flush_interval, max_backoff=max_backoff,
+            run_id=self.id,
+            run_request=request,
+            created=False,
+            records=self._buffer,
+            client=client,
+            spool=self.spool,
+            batch_size=batch_size,
+            max_batch_bytes=max_batch_bytes,
+            flush_interval=flush_interval,
+            max_backoff=max_backoff,
         )
         try:
             self._create(request)
@@ -215,7 +228,10 @@ class Run:
         elif outcome is Outcome.RETRY:
             logger.warning(
                 "mhpo server %s unreachable (%s); run %s starts anyway, records spool to %s until it is back",
-                self.server, _reason(response) if response is not None else "no connection", self.id, self.spool_dir,
+                self.server,
+                _reason(response) if response is not None else "no connection",
+                self.id,
+                self.spool_dir,
             )
             self.spool.write_meta(self.id, RUN_META, request)
         else:
@@ -283,7 +299,10 @@ class Run:
             self._warned_full = True
             logger.warning(
                 "mhpo run %s: %d records are waiting to be sent or spooled; log() now waits for the disk. "
-                "Check the spool directory %s", self.id, self._queue_size, self.spool_dir,
+                "Check the spool directory %s",
+                self.id,
+                self._queue_size,
+                self.spool_dir,
             )
         while len(self._buffer) >= self._queue_size:
             if not self._sender.is_alive():
@@ -339,8 +358,13 @@ class Run:
                 logger.warning(
                     "mhpo run %s: %d records in %d batches still spooled at %s (final status %r %s); "
                     "the next mhpo.init against %s sends them",
-                    self.id, report.spooled_records, report.spooled_batches, self.spool_dir, status,
-                    "delivered" if report.status_delivered else "spooled too", self.server,
+                    self.id,
+                    report.spooled_records,
+                    report.spooled_batches,
+                    self.spool_dir,
+                    status,
+                    "delivered" if report.status_delivered else "spooled too",
+                    self.server,
                 )
             if not self._sender.is_alive():
                 self.spool.remove_run_dir_if_empty(self.id)
@@ -381,8 +405,18 @@ def init(
     Spooled batches an earlier process left for this server are replayed in the background.
     """
     _install_exit_hooks()
-    return Run(project, name, config=config, loss=loss, server=server, token=token, run_id=run_id,
-               spool_dir=spool_dir, resume_from_step=resume_from_step, **options)
+    return Run(
+        project,
+        name,
+        config=config,
+        loss=loss,
+        server=server,
+        token=token,
+        run_id=run_id,
+        spool_dir=spool_dir,
+        resume_from_step=resume_from_step,
+        **options,
+    )
 
 
 def fork(

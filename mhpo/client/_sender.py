@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import enum
 import json
-from collections import deque
 import logging
 import random
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +186,7 @@ class Sender(threading.Thread):
                     self._replay()
                 for control in controls:
                     self._flush(control)
-            except Exception:  # noqa: BLE001 - the thread must outlive any bug; the spool keeps the data
+            except Exception:
                 logger.exception("mhpo sender for run %s hit an unexpected error; continuing", self.run_id)
                 self._back_off()
             for control in controls:
@@ -210,7 +210,9 @@ class Sender(threading.Thread):
             return encode_record(record)
         except (TypeError, ValueError) as exc:
             self.counters.dropped_records += 1
-            logger.error("mhpo run %s: dropping step %s, it cannot be sent as JSON: %s", self.run_id, record.get("step"), exc)
+            logger.error(
+                "mhpo run %s: dropping step %s, it cannot be sent as JSON: %s", self.run_id, record.get("step"), exc
+            )
             return None
 
     def _backlog(self) -> bool:
@@ -227,7 +229,9 @@ class Sender(threading.Thread):
 
     # ---- HTTP -----------------------------------------------------------------------------
 
-    def _post_records(self, run_id: str, body: bytes, n_records: int, replay: bool) -> tuple[Outcome, httpx.Response | None]:
+    def _post_records(
+        self, run_id: str, body: bytes, n_records: int, replay: bool
+    ) -> tuple[Outcome, httpx.Response | None]:
         headers = {"Content-Type": "application/json"}
         if replay:
             headers[REPLAY_HEADER] = "1"
@@ -283,7 +287,12 @@ class Sender(threading.Thread):
             logger.warning(
                 "mhpo server refused %s %r of run %s at step %s (%s); the step's other items are stored, the refused "
                 "ones kept at %s. Later refusals of this key are counted, not logged.",
-                where[0], where[1], run_id, item.get("step"), item.get("reason"), path,
+                where[0],
+                where[1],
+                run_id,
+                item.get("step"),
+                item.get("reason"),
+                path,
             )
 
     def _post_rewind(self, run_id: str, step: int) -> tuple[Outcome, httpx.Response | None]:
@@ -311,8 +320,9 @@ class Sender(threading.Thread):
     def create_run(self, request: dict[str, Any]) -> tuple[Outcome, httpx.Response | None]:
         """POST the run; an existing run with this id (a restarted trainer) counts as created."""
         try:
-            response = self.client.post("/api/v1/runs", content=encode_record(request),
-                                        headers={"Content-Type": "application/json"})
+            response = self.client.post(
+                "/api/v1/runs", content=encode_record(request), headers={"Content-Type": "application/json"}
+            )
         except httpx.HTTPError as exc:
             logger.debug("mhpo run %s: not created yet (%s)", request.get("run_id"), exc)
             return Outcome.RETRY, None
@@ -373,7 +383,10 @@ class Sender(threading.Thread):
         logger.error(
             "mhpo server refused %d record(s) of run %s (%s); not retried, kept at %s. "
             "Fix the input (or the token: MHPO_TOKEN needs the write scope) and re-send if needed.",
-            n_records, run_id, reason, kept,
+            n_records,
+            run_id,
+            reason,
+            kept,
         )
 
     # ---- replay ---------------------------------------------------------------------------
@@ -406,7 +419,9 @@ class Sender(threading.Thread):
                     return False
                 if outcome is not Outcome.OK:
                     reason = _reason(response) if response is not None else "refused"
-                    logger.error("mhpo server refused to create run %s (%s); its spooled batches are set aside", run_id, reason)
+                    logger.error(
+                        "mhpo server refused to create run %s (%s); its spooled batches are set aside", run_id, reason
+                    )
                     for batch in self.spool.batches(run_id):
                         self._log_rejected(run_id, batch.records, reason, self.spool.reject(run_id, batch, reason))
                         if own:
@@ -482,8 +497,12 @@ class Sender(threading.Thread):
                 return True
         reason = _reason(response) if response is not None else "refused"
         if batch.rewind:
-            logger.error("mhpo server refused the spooled rewind of run %s (%s); not retried, kept at %s",
-                         run_id, reason, self.spool.reject(run_id, batch, reason))
+            logger.error(
+                "mhpo server refused the spooled rewind of run %s (%s); not retried, kept at %s",
+                run_id,
+                reason,
+                self.spool.reject(run_id, batch, reason),
+            )
             return False
         self._log_rejected(run_id, batch.records, reason, self.spool.reject(run_id, batch, reason))
         return False
@@ -509,7 +528,11 @@ class Sender(threading.Thread):
             self.counters.status_delivered = outcome is Outcome.OK
             if outcome not in (Outcome.OK, Outcome.RETRY):
                 keep = False  # refused: a replay would be refused again
-                logger.error("mhpo server refused status %r for run %s (%s)", control.status, self.run_id,
-                             _reason(response) if response is not None else "refused")
+                logger.error(
+                    "mhpo server refused status %r for run %s (%s)",
+                    control.status,
+                    self.run_id,
+                    _reason(response) if response is not None else "refused",
+                )
         if keep and not self.counters.status_delivered:
             self.spool.write_meta(self.run_id, STATUS_META, {"status": control.status})

@@ -156,7 +156,11 @@ class Spool:
                 logger.warning(
                     "mhpo spool full: %d of %d bytes used under %s; dropping batch of %d records for run %s. "
                     "Free space there, bring the server back, or raise spool_max_bytes / MHPO_SPOOL_MAX_BYTES.",
-                    self._used, self.max_bytes, self.root, n_records, run_id,
+                    self._used,
+                    self.max_bytes,
+                    self.root,
+                    n_records,
+                    run_id,
                 )
             return False
         run_dir = self.run_dir(run_id)
@@ -168,7 +172,10 @@ class Spool:
             logger.warning(
                 "mhpo spool write failed at %s (%s); dropping batch of %d records for run %s. "
                 "Check that spool_dir / MHPO_SPOOL_DIR is writable and has space.",
-                path, exc, n_records, run_id,
+                path,
+                exc,
+                n_records,
+                run_id,
             )
             return False
         self._used += len(body)
@@ -183,7 +190,9 @@ class Spool:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._write_atomic(path, body)
         except OSError as exc:
-            logger.warning("mhpo spool could not keep the rewind of run %s to step %d at %s: %s", run_id, step, path, exc)
+            logger.warning(
+                "mhpo spool could not keep the rewind of run %s to step %d at %s: %s", run_id, step, path, exc
+            )
             return False
         self._used += len(body)
         return True

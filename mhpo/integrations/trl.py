@@ -117,8 +117,13 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._stream = stream
         self._run = mhpo_run
         self._own_run = mhpo_run is None
-        self._run_options = {"project": mhpo_project, "name": mhpo_run_name or self.args.run_name or "trl-grpo",
-                             "server": mhpo_server, "token": mhpo_token, "loss": loss or diag_name}
+        self._run_options = {
+            "project": mhpo_project,
+            "name": mhpo_run_name or self.args.run_name or "trl-grpo",
+            "server": mhpo_server,
+            "token": mhpo_token,
+            "loss": loss or diag_name,
+        }
         self._resume: dict[str, Any] = {}
         self._pending: tuple[int, dict[str, Any]] | None = None
         self._capture: list[tuple[Tensor, Tensor | None]] | None = None
@@ -133,9 +138,13 @@ class GRPOTrainer(trl.GRPOTrainer):
                 config |= {"mhpo_hparams": dict(self.mhpo_hparams), "mhpo_agg": self.mhpo_agg}
             self._run = mhpo.client.init(
                 self._resume.get("project", self._run_options["project"]),
-                self._resume.get("name", self._run_options["name"]), config=config,
-                loss=self._run_options["loss"], server=self._run_options["server"], token=self._run_options["token"],
-                run_id=self._resume.get("run_id"), resume_from_step=self._resume.get("step"),
+                self._resume.get("name", self._run_options["name"]),
+                config=config,
+                loss=self._run_options["loss"],
+                server=self._run_options["server"],
+                token=self._run_options["token"],
+                run_id=self._resume.get("run_id"),
+                resume_from_step=self._resume.get("step"),
             )
             self._resume = {}
         return self._run
@@ -168,8 +177,13 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _send(self, step: int, record: dict[str, Any]) -> None:
         run = self.mhpo_run
         if run is not None:
-            run.log(step, scalars=record["scalars"], histograms=record["histograms"], outliers=record["outliers"],
-                    time=record["time"])
+            run.log(
+                step,
+                scalars=record["scalars"],
+                histograms=record["histograms"],
+                outliers=record["outliers"],
+                time=record["time"],
+            )
 
     def _flush_pending(self) -> None:
         if self._pending is not None:
@@ -185,8 +199,10 @@ class GRPOTrainer(trl.GRPOTrainer):
             if decode is not None and not o.get("text") and o.get("token_id") is not None:
                 o["text"] = decode([int(o["token_id"])])
         per_generation = self.args.steps_per_generation * self.num_iterations
-        scalars = {**stats.scalars,
-                   "train/update_index": float((self._step % per_generation) // self.current_gradient_accumulation_steps)}
+        scalars = {
+            **stats.scalars,
+            "train/update_index": float((self._step % per_generation) // self.current_gradient_accumulation_steps),
+        }
         self._flush_pending()
         record = {"time": time.time(), "scalars": scalars, "histograms": stats.histograms, "outliers": outliers}
         self._pending = (self.state.global_step + 1, record)
@@ -242,11 +258,20 @@ class GRPOTrainer(trl.GRPOTrainer):
         finally:
             self._capture = None
         if self.model.training and self._stream:
-            mask = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+            mask = (
+                inputs["completion_mask"]
+                if "tool_mask" not in inputs
+                else inputs["completion_mask"] * inputs["tool_mask"]
+            )
             old = inputs.get("old_per_token_logps")
             self._acc.update(
-                logps.detach(), logps.detach() if old is None else old, inputs["advantages"], mask, loss_stats=stats,
-                entropy=None if entropies is None else entropies.detach(), token_ids=inputs["completion_ids"],
+                logps.detach(),
+                logps.detach() if old is None else old,
+                inputs["advantages"],
+                mask,
+                loss_stats=stats,
+                entropy=None if entropies is None else entropies.detach(),
+                token_ids=inputs["completion_ids"],
             )
             if self.accelerator.sync_gradients:
                 self._step_statistics()
@@ -259,11 +284,27 @@ class GRPOTrainer(trl.GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
-            **{k: inputs.get(k) for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
-                                          "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
-                                          "mm_token_type_ids", "image_position_ids")},
+            **{
+                k: inputs.get(k)
+                for k in (
+                    "pixel_values",
+                    "image_grid_thw",
+                    "num_images",
+                    "pixel_attention_mask",
+                    "spatial_shapes",
+                    "num_tiles",
+                    "image_sizes",
+                    "token_type_ids",
+                    "mm_token_type_ids",
+                    "image_position_ids",
+                )
+            },
         )
         entropy_mask = None
         if self.top_entropy_quantile < 1.0:
@@ -276,8 +317,10 @@ class GRPOTrainer(trl.GRPOTrainer):
         per_token_loss, stats = self.mhpo_loss.token_loss(token_inputs, self.mhpo_hparams)
         if self.off_policy_mask_threshold is not None:
             per_token_loss = per_token_loss * self.get_off_policy_mask(
-                advantages=adv_2d, per_token_logps=logps,
-                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old), mask=mask,
+                advantages=adv_2d,
+                per_token_logps=logps,
+                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old),
+                mask=mask,
                 off_policy_threshold=self.off_policy_mask_threshold,
             )
         if entropy_mask is not None:
@@ -306,7 +349,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         stats["loss"] = loss.detach() * accumulation
         if self._entropy_bonus_enabled:
             effective = mask if entropy_mask is None else mask * entropy_mask
-            loss = loss - self.entropy_coef * (entropies * effective).sum() / effective.sum().clamp(min=1.0) / accumulation
+            loss = (
+                loss - self.entropy_coef * (entropies * effective).sum() / effective.sum().clamp(min=1.0) / accumulation
+            )
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())

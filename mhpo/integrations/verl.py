@@ -71,7 +71,9 @@ def hparams_from(name: str, config: Any) -> dict[str, float | None]:
         try:
             extra = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{HPARAMS_ENV}={raw!r} is not JSON ({e}); set it to an object like '{{\"c\": 1.5}}'") from None
+            raise ValueError(
+                f"{HPARAMS_ENV}={raw!r} is not JSON ({e}); set it to an object like '{{\"c\": 1.5}}'"
+            ) from None
         if not isinstance(extra, dict):
             raise ValueError(f"{HPARAMS_ENV}={raw!r} must be a JSON object of hyper-parameters")
         hp |= extra
@@ -92,8 +94,9 @@ class _Stream:
     def enabled(self) -> bool:
         return bool(os.environ.get("MHPO_PROJECT"))
 
-    def update(self, name: str, hp: dict[str, float | None], inputs: tuple[Tensor, ...], config: Any,
-               stats: dict[str, Tensor]) -> None:
+    def update(
+        self, name: str, hp: dict[str, float | None], inputs: tuple[Tensor, ...], config: Any, stats: dict[str, Tensor]
+    ) -> None:
         log_prob, old_log_prob, advantages, mask = inputs
         if self.acc is None:
             self.acc, self.loss = DiagnosticsAccumulator(name, hp), name
@@ -112,12 +115,16 @@ class _Stream:
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         if rank0:
             if self.run is None:
-                self.run = mhpo.client.init(os.environ["MHPO_PROJECT"], os.environ.get("MHPO_RUN_NAME", "verl"),
-                                            loss=self.loss)
-            self.run.log(self.step, scalars={**stats.scalars, **self.position()}, histograms=stats.histograms,
-                         outliers=[dict(o) for o in stats.outliers])
+                self.run = mhpo.client.init(
+                    os.environ["MHPO_PROJECT"], os.environ.get("MHPO_RUN_NAME", "verl"), loss=self.loss
+                )
+            self.run.log(
+                self.step,
+                scalars={**stats.scalars, **self.position()},
+                histograms=stats.histograms,
+                outliers=[dict(o) for o in stats.outliers],
+            )
         self.step += 1
-
 
     def position(self) -> dict[str, float]:
         """`train/rollout` and `train/update_index` of this optimizer step, from MHPO_UPDATES_PER_ROLLOUT."""
@@ -129,8 +136,10 @@ class _Stream:
             if updates < 1:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"{UPDATES_ENV}={raw!r} must be a whole number >= 1: train_batch_size / "
-                             "ppo_mini_batch_size x ppo_epochs, the optimizer steps of one rollout") from None
+            raise ValueError(
+                f"{UPDATES_ENV}={raw!r} must be a whole number >= 1: train_batch_size / "
+                "ppo_mini_batch_size x ppo_epochs, the optimizer steps of one rollout"
+            ) from None
         return {"train/rollout": float(self.step // updates), "train/update_index": float(self.step % updates)}
 
 
@@ -156,8 +165,9 @@ def make_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Any]]]:
         if rollout_is_weights is not None:
             per_token = per_token * rollout_is_weights
         batch_info = dict(_field(config, "global_batch_info") or {})
-        pg_loss = agg_loss(loss_mat=per_token, loss_mask=inputs.mask.to(per_token.dtype), loss_agg_mode=loss_agg_mode,
-                           **batch_info)
+        pg_loss = agg_loss(
+            loss_mat=per_token, loss_mask=inputs.mask.to(per_token.dtype), loss_agg_mode=loss_agg_mode, **batch_info
+        )
         stats["loss"] = pg_loss.detach()
         valid = inputs.mask
         count = valid.sum().clamp(min=1).double()

@@ -50,10 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         help_ = f.metadata.get("help", "")
         kind = _base_type(f.type)
         if f.name == "hparams":
-            parser.add_argument("--hparam", dest="hparams", action="append", type=_hparam, metavar="NAME=VALUE",
-                                help=help_)
+            parser.add_argument(
+                "--hparam", dest="hparams", action="append", type=_hparam, metavar="NAME=VALUE", help=help_
+            )
         elif kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=f"{help_} (default {f.default})")
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, help=f"{help_} (default {f.default})"
+            )
         else:
             parser.add_argument(flag, dest=f.name, type=kind, help=f"{help_} (default {f.default})")
     return parser

@@ -16,7 +16,6 @@ from typing import Any
 
 import yaml
 
-
 SECRET_FIELDS = frozenset({"token"})
 
 
@@ -53,14 +52,18 @@ class TrainerConfig:
     steps: int = _help("rollout steps to train", default=20)
     ppo_epochs: int = _help("passes over each rollout", default=1)
     mini_batches: int = _help("optimizer steps per pass over a rollout (>= 2 so ratios move)", default=2)
-    micro_batch_size: int = _help("sequences per forward/backward (gradient accumulation); 0 = whole mini-batch", default=0)
+    micro_batch_size: int = _help(
+        "sequences per forward/backward (gradient accumulation); 0 = whole mini-batch", default=0
+    )
     lr: float | None = _help("AdamW learning rate (default 5e-4 for tiny, 1e-6 for a checkpoint)", default=None)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     lr_warmup_steps: int = _help("optimizer steps of linear lr warm-up", default=4)
     max_grad_norm: float = _help("grad-norm clipping threshold", default=1.0)
     seed: int = _help("seed of the model init, the data and the sampling", default=0)
     device: str = _help("auto | cpu | cuda", default="auto")
-    dtype: str = _help("weights dtype: float32 | bfloat16 | float16 (log-probs and losses stay float32)", default="float32")
+    dtype: str = _help(
+        "weights dtype: float32 | bfloat16 | float16 (log-probs and losses stay float32)", default="float32"
+    )
     # streaming and bookkeeping
     stream: bool = _help("stream records to the server (--no-stream disables)", default=True)
     server: str | None = _help("server URL (default: MHPO_SERVER or http://127.0.0.1:8765)", default=None)

@@ -108,8 +108,15 @@ class VLLMRollout:
     """Sampling with vLLM (`pip install mhpo[vllm]`, CUDA); weights pushed from the trainer each rollout."""
 
     def __init__(
-        self, model_path: str, pad_id: int, eos_ids: list[int], max_new_tokens: int, temperature: float, seed: int,
-        gpu_memory_utilization: float = 0.3, dtype: str = "float32",
+        self,
+        model_path: str,
+        pad_id: int,
+        eos_ids: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        gpu_memory_utilization: float = 0.3,
+        dtype: str = "float32",
     ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in-process to load weights
         try:
@@ -117,7 +124,10 @@ class VLLMRollout:
         except ImportError as exc:
             raise RuntimeError("rollout='vllm' needs vLLM: pip install 'mhpo[vllm]' (and a CUDA GPU)") from exc
         self.llm = LLM(
-            model=model_path, seed=seed, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+            model=model_path,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
             enforce_eager=True,
         )
         self._params = SamplingParams(
@@ -154,9 +164,10 @@ class VLLMRollout:
             for t, (tok, lp) in enumerate(zip(toks, o.outputs[0].logprobs or [], strict=False)):
                 elogp[i, t] = lp[tok].logprob
         comp = comp.to(device)
-        cmask = completion_mask(comp, self.eos_ids) & (torch.arange(width, device=device) < torch.tensor(
-            [len(o.outputs[0].token_ids) for o in outputs], device=device
-        ).unsqueeze(1))
+        cmask = completion_mask(comp, self.eos_ids) & (
+            torch.arange(width, device=device)
+            < torch.tensor([len(o.outputs[0].token_ids) for o in outputs], device=device).unsqueeze(1)
+        )
         comp = torch.where(cmask, comp, self.pad_id)
         full = torch.cat([ids, comp], dim=1)
         attn = torch.cat([mask, cmask.long()], dim=1)

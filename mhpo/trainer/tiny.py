@@ -110,11 +110,21 @@ def warm_up(
     model.eval()
 
 
-def tiny_model_path(task: Task, task_key: str, seed: int, warmup_steps: int, hidden: int = 128, layers: int = 2) -> Path:
+def tiny_model_path(
+    task: Task, task_key: str, seed: int, warmup_steps: int, hidden: int = 128, layers: int = 2
+) -> Path:
     """Build (or reuse from the cache) the warmed-up tiny model for this task and seed."""
     charset = task.charset()
     key = json.dumps(
-        {"v": 1, "task": task_key, "charset": charset, "seed": seed, "warmup": warmup_steps, "hidden": hidden, "layers": layers},
+        {
+            "v": 1,
+            "task": task_key,
+            "charset": charset,
+            "seed": seed,
+            "warmup": warmup_steps,
+            "hidden": hidden,
+            "layers": layers,
+        },
         sort_keys=True,
     )
     path = cache_root() / "tiny" / hashlib.sha256(key.encode()).hexdigest()[:16]

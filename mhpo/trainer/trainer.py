@@ -140,8 +140,14 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         if cfg.rollout == "vllm":
             self.engine: Any = VLLMRollout(
-                str(resume_path or self.base_path), pad, self.eos_ids, cfg.max_new_tokens, cfg.temperature,
-                cfg.seed + self.dist.rank, cfg.vllm_gpu_memory_utilization, cfg.dtype,
+                str(resume_path or self.base_path),
+                pad,
+                self.eos_ids,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                cfg.seed + self.dist.rank,
+                cfg.vllm_gpu_memory_utilization,
+                cfg.dtype,
             )
         else:
             self.engine = TransformersRollout(pad, self.eos_ids, cfg.max_new_tokens, cfg.temperature)
@@ -161,8 +167,14 @@ class Trainer:
             # Resuming: the run's history is rewound to the checkpoint's last optimizer step, so the
             # steps logged after the checkpoint by the interrupted process give way to the new ones.
             self.run = mhpo.client.init(
-                cfg.project, cfg.run_name, config=cfg.to_dict(), loss=cfg.loss, server=cfg.server,
-                token=cfg.token, run_id=run_id, resume_from_step=self.opt_step - 1 if run_id is not None else None,
+                cfg.project,
+                cfg.run_name,
+                config=cfg.to_dict(),
+                loss=cfg.loss,
+                server=cfg.server,
+                token=cfg.token,
+                run_id=run_id,
+                resume_from_step=self.opt_step - 1 if run_id is not None else None,
             )
         self.run_url: str | None = self.run.url if self.run is not None else None
 
@@ -193,7 +205,9 @@ class Trainer:
             return latest_checkpoint(self.cfg.checkpoint_dir or "")
         path = Path(self.cfg.resume)
         if not (path / STATE_FILE).exists():
-            raise FileNotFoundError(f"resume={self.cfg.resume!r} has no {STATE_FILE}; give a step-N checkpoint directory")
+            raise FileNotFoundError(
+                f"resume={self.cfg.resume!r} has no {STATE_FILE}; give a step-N checkpoint directory"
+            )
         return path
 
     def _load_state(self, path: Path) -> str | None:
@@ -259,7 +273,8 @@ class Trainer:
         gen = self.engine.generate(self.model, prompt_ids, cfg.group_size)
         b_completion = gen.input_ids[:, gen.prompt_width :]  # (N, T)
         texts = self.tokenizer.batch_decode(
-            [row[m].tolist() for row, m in zip(b_completion, gen.completion_mask, strict=True)], skip_special_tokens=True
+            [row[m].tolist() for row, m in zip(b_completion, gen.completion_mask, strict=True)],
+            skip_special_tokens=True,
         )
         b_examples = [e for e in examples for _ in range(cfg.group_size)]
         b_rewards = torch.tensor([self.task.reward(t, e) for t, e in zip(texts, b_examples, strict=True)])
@@ -283,15 +298,24 @@ class Trainer:
         self.rollout_step += 1
         return records
 
-    def _rollout_scalars(self, gen: Generation, rewards: Tensor, texts: list[str], old_logp: Tensor) -> dict[str, float]:
+    def _rollout_scalars(
+        self, gen: Generation, rewards: Tensor, texts: list[str], old_logp: Tensor
+    ) -> dict[str, float]:
         """Rewards, group and length statistics (and the engine mismatch), summed across ranks."""
         g = self.cfg.group_size
         grouped = rewards.view(-1, g)
         degenerate = (grouped == grouped[:, :1]).all(dim=1).float().sum()
         distinct = sum(len(set(texts[i : i + g])) / g for i in range(0, len(texts), g))
         lengths = gen.completion_mask.sum(dim=1).float().cpu()
-        sums = [rewards.sum(), (rewards**2).sum(), float(rewards.numel()), degenerate, float(grouped.shape[0]),
-                distinct, lengths.sum()]
+        sums = [
+            rewards.sum(),
+            (rewards**2).sum(),
+            float(rewards.numel()),
+            degenerate,
+            float(grouped.shape[0]),
+            distinct,
+            lengths.sum(),
+        ]
         if gen.engine_logp is not None:
             valid = gen.completion_mask
             d = torch.where(valid, old_logp - gen.engine_logp, 0.0)  # trainer minus engine log-prob
@@ -311,13 +335,22 @@ class Trainer:
         }
         if gen.engine_logp is not None:
             tokens = max(v[10], 1.0)
-            out |= {"mismatch/log_ratio_mean": v[7] / tokens, "mismatch/log_ratio_abs_mean": v[8] / tokens,
-                    "mismatch/kl_k3": v[9] / tokens}
+            out |= {
+                "mismatch/log_ratio_mean": v[7] / tokens,
+                "mismatch/log_ratio_abs_mean": v[8] / tokens,
+                "mismatch/kl_k3": v[9] / tokens,
+            }
         return out
 
     def _update(
-        self, gen: Generation, mb_idx: Tensor, b_old_logp: Tensor, b_ref_logp: Tensor | None, b_adv: Tensor,
-        rollout_scalars: dict[str, float], update_index: int,
+        self,
+        gen: Generation,
+        mb_idx: Tensor,
+        b_old_logp: Tensor,
+        b_ref_logp: Tensor | None,
+        b_adv: Tensor,
+        rollout_scalars: dict[str, float],
+        update_index: int,
     ) -> dict[str, Any]:
         """One optimizer step on the mini-batch `mb_idx` (micro-batched), streamed as one record."""
         cfg = self.cfg
@@ -354,11 +387,18 @@ class Trainer:
             if cfg.metrics_file and self.dist.enabled:
                 local_x.append((mu_logp.detach().float() - b_old_logp[mu_idx].float())[mu_mask])
             acc.update(
-                mu_logp.detach(), b_old_logp[mu_idx], b_adv[mu_idx], mu_mask, loss_stats=out.stats,
-                entropy=mu_entropy, token_ids=gen.input_ids[mu_idx, gen.prompt_width :],
+                mu_logp.detach(),
+                b_old_logp[mu_idx],
+                b_adv[mu_idx],
+                mu_mask,
+                loss_stats=out.stats,
+                entropy=mu_entropy,
+                token_ids=gen.input_ids[mu_idx, gen.prompt_width :],
             )
 
-        norms = [p.grad.detach().norm() if p.grad is not None else torch.zeros((), device=self.device) for p in self.params]
+        norms = [
+            p.grad.detach().norm() if p.grad is not None else torch.zeros((), device=self.device) for p in self.params
+        ]
         group_sq = {g: torch.zeros((), device=self.device) for g in PARAM_GROUPS}
         for g, nrm in zip(self.groups, norms, strict=True):
             group_sq[g] = group_sq[g] + nrm.float() ** 2
@@ -385,9 +425,18 @@ class Trainer:
 
         totals = distributed.all_reduce_sum(totals) / self.dist.world_size
         stats = acc.compute()
-        host = torch.stack(
-            [total.float(), update_ratio.float(), *[group_sq[g].sqrt().float() for g in PARAM_GROUPS], *totals.float()]
-        ).cpu().tolist()
+        host = (
+            torch.stack(
+                [
+                    total.float(),
+                    update_ratio.float(),
+                    *[group_sq[g].sqrt().float() for g in PARAM_GROUPS],
+                    *totals.float(),
+                ]
+            )
+            .cpu()
+            .tolist()
+        )
         scalars: dict[str, float] = {**rollout_scalars, **stats.scalars}
         scalars["grad/norm"] = host[0]
         scalars["grad/update_ratio"] = host[1]
@@ -405,11 +454,17 @@ class Trainer:
         for o in outliers:
             if not o.get("text") and o.get("token_id") is not None:
                 o["text"] = self.tokenizer.decode([int(o["token_id"])])
-        record = {"step": self.opt_step, "time": time.time(), "scalars": scalars, "histograms": stats.histograms,
-                  "outliers": outliers}
+        record = {
+            "step": self.opt_step,
+            "time": time.time(),
+            "scalars": scalars,
+            "histograms": stats.histograms,
+            "outliers": outliers,
+        }
         if self.dist.is_main and self.run is not None:
-            self.run.log(record["step"], scalars=scalars, histograms=stats.histograms, outliers=outliers,
-                         time=record["time"])
+            self.run.log(
+                record["step"], scalars=scalars, histograms=stats.histograms, outliers=outliers, time=record["time"]
+            )
         if cfg.metrics_file:
             self._write_metrics(record, local_x)
         self.opt_step += 1
@@ -427,8 +482,10 @@ class Trainer:
             spec = HISTOGRAMS["log_ratio"]
             index = ((x - spec.lo) * (spec.bins / (spec.hi - spec.lo))).floor().clamp(-1, spec.bins).long() + 1
             cells = torch.bincount(index[~torch.isnan(x)], minlength=spec.bins + 2).tolist()
-            local = {"tokens": int(x.numel()), "log_ratio": {"underflow": cells[0], "counts": cells[1:-1],
-                                                               "overflow": cells[-1]}}
+            local = {
+                "tokens": int(x.numel()),
+                "log_ratio": {"underflow": cells[0], "counts": cells[1:-1], "overflow": cells[-1]},
+            }
             lines.append((Path(f"{self.cfg.metrics_file}.rank{self.dist.rank}"), {**record, "local": local}))
         for path, row in lines:
             with path.open("a", encoding="utf-8") as f:
@@ -440,8 +497,13 @@ class Trainer:
 
         Returns the last rollout's records."""
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.rollout_step, desc=cfg.run_name,
-                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.rollout_step,
+            desc=cfg.run_name,
+            disable=not (cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        )
         status = "failed"
         records: list[dict[str, Any]] = []
         try:
@@ -449,8 +511,11 @@ class Trainer:
                 records = self.step()
                 last = records[-1]["scalars"]
                 self.reward_history.append(last["reward/mean"])
-                bar.set_postfix(reward=f"{last['reward/mean']:.3f}", hazard=f"{last.get('hazard/zeta_mean', math.nan):.3f}",
-                                gnorm=f"{last['grad/norm']:.2f}")
+                bar.set_postfix(
+                    reward=f"{last['reward/mean']:.3f}",
+                    hazard=f"{last.get('hazard/zeta_mean', math.nan):.3f}",
+                    gnorm=f"{last['grad/norm']:.2f}",
+                )
                 bar.update(1)
                 if cfg.checkpoint_dir and cfg.checkpoint_every and self.rollout_step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()

@@ -28,8 +28,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("rewound_at", sa.Double(), nullable=True))
         batch.drop_constraint("uq_alerts_rule_id_run_id_step", type_="unique")
     op.create_index(
-        "uq_alerts_rule_id_run_id_step", "alerts", ["rule_id", "run_id", "step"], unique=True,
-        sqlite_where=NOT_REWOUND, postgresql_where=NOT_REWOUND,
+        "uq_alerts_rule_id_run_id_step",
+        "alerts",
+        ["rule_id", "run_id", "step"],
+        unique=True,
+        sqlite_where=NOT_REWOUND,
+        postgresql_where=NOT_REWOUND,
     )
 
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from mhpo_server.store.models import NAME_LENGTH, Base, JSONText
 from sqlalchemy import BigInteger, Boolean, Double, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
-
-from server.store.models import NAME_LENGTH, Base, JSONText
 
 
 class FlagParamsRow(Base):
@@ -47,8 +46,13 @@ class AlertRow(Base):
     # record and the same step may fire again on the new trajectory.
     __table_args__ = (
         Index(
-            "uq_alerts_rule_id_run_id_step", "rule_id", "run_id", "step", unique=True,
-            sqlite_where=text("rewound_at IS NULL"), postgresql_where=text("rewound_at IS NULL"),
+            "uq_alerts_rule_id_run_id_step",
+            "rule_id",
+            "run_id",
+            "step",
+            unique=True,
+            sqlite_where=text("rewound_at IS NULL"),
+            postgresql_where=text("rewound_at IS NULL"),
         ),
         Index(None, "run_id", "step"),
     )

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from server.alerts.schemas import SEVERITY_RANK, AlertRule, FlagCondition, SpikeCondition, ThresholdCondition
-from server.flags.detectors import MAD_TO_SIGMA, Flag, History, json_number
+from mhpo_server.alerts.schemas import SEVERITY_RANK, AlertRule, FlagCondition, SpikeCondition, ThresholdCondition
+from mhpo_server.flags.detectors import MAD_TO_SIGMA, Flag, History, json_number
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -128,7 +127,9 @@ def _spike_score(value: float, ordered: list[float], cond: SpikeCondition) -> tu
     return fired, {name: json_number(x) for name, x in evidence.items()}
 
 
-def _rebuild(cond: ThresholdCondition | SpikeCondition, steps: np.ndarray, values: np.ndarray) -> ThresholdState | SpikeState:
+def _rebuild(
+    cond: ThresholdCondition | SpikeCondition, steps: np.ndarray, values: np.ndarray
+) -> ThresholdState | SpikeState:
     """The state after the given points (the key's last logged points, at least `history_points` of them or all)."""
     last = int(steps[-1]) if len(steps) else None
     if isinstance(cond, ThresholdCondition):

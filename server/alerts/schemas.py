@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from mhpo_server.schemas import KEY_PATTERN, InputModel, Integral, Key, Name, Severity
 from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
-
-from server.schemas import KEY_PATTERN, InputModel, Integral, Key, Name, Severity
 
 Channel = Literal["dashboard", "webhook"]
 DeliveryStatus = Literal["none", "pending", "delivered", "failed"]
@@ -53,7 +52,16 @@ class SpikeCondition(_In):
 class FlagCondition(_In):
     type: Literal["flag"]
     kind: Literal[
-        "collapse", "erosion", "entropy_surge", "trust_region", "hazard_spike", "grad_spike", "kl_spike", "non_finite", "on_policy", "*"
+        "collapse",
+        "erosion",
+        "entropy_surge",
+        "trust_region",
+        "hazard_spike",
+        "grad_spike",
+        "kl_spike",
+        "non_finite",
+        "on_policy",
+        "*",
     ] = "*"
     min_severity: Severity = "warning"
 
@@ -64,9 +72,7 @@ Condition = Annotated[ThresholdCondition | SpikeCondition | FlagCondition, Field
 class AlertRuleCreate(_In):
     name: Name
     project: Name
-    run_id: RunId | None = Field(
-        None, description="limit the rule to one run of the project; null watches every run"
-    )
+    run_id: RunId | None = Field(None, description="limit the rule to one run of the project; null watches every run")
     condition: Condition
     severity: Severity = "warning"
     cooldown_s: Annotated[float, Field(ge=0, le=365 * 86400)] = 600.0
@@ -136,7 +142,9 @@ class Alert(BaseModel):
     delivery_attempts: int
     delivery_error: str | None
     delivered_at: float | None
-    rewound_at: float | None = Field(None, description="when a rewind of the run took this alert's step out of its history")
+    rewound_at: float | None = Field(
+        None, description="when a rewind of the run took this alert's step out of its history"
+    )
 
 
 class AlertList(BaseModel):

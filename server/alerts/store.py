@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from mhpo_server.alerts.models import AlertRow, AlertRuleRow, FlagParamsRow
+from mhpo_server.alerts.schemas import Alert, AlertRule, AlertRuleCreate, AlertRulePatch
+from mhpo_server.store.models import BatchRow, EventRow, ScalarRow
 from sqlalchemy import Connection, Engine, delete, func, insert, literal, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
-
-from server.alerts.models import AlertRow, AlertRuleRow, FlagParamsRow
-from server.alerts.schemas import Alert, AlertRule, AlertRuleCreate, AlertRulePatch
-from server.store.models import BatchRow, EventRow, ScalarRow
 
 NULLABLE_RULE_FIELDS = frozenset({"run_id", "webhook_url"})  # PATCH null clears these; other fields ignore null
 WINDOW_CHUNK = 100  # keys per UNION ALL statement: 2 selects per key, SQLite allows 500 per compound select
@@ -123,7 +122,8 @@ class AlertStore:
     def update_rule(self, rule_id: int, patch: AlertRulePatch) -> AlertRule:
         current = self.get_rule(rule_id)
         changes = {
-            k: v for k, v in patch.model_dump(mode="json", exclude_unset=True).items()
+            k: v
+            for k, v in patch.model_dump(mode="json", exclude_unset=True).items()
             if v is not None or k in NULLABLE_RULE_FIELDS
         }
         merged = AlertRuleCreate.model_validate(
@@ -157,7 +157,9 @@ class AlertStore:
         stmt = (
             self._insert(AlertRow.__table__)
             .values(**row)
-            .on_conflict_do_nothing(index_elements=["rule_id", "run_id", "step"], index_where=AlertRow.rewound_at.is_(None))
+            .on_conflict_do_nothing(
+                index_elements=["rule_id", "run_id", "step"], index_where=AlertRow.rewound_at.is_(None)
+            )
             .returning(AlertRow.id)
         )
         with self._tx() as conn:
@@ -245,11 +247,15 @@ class AlertStore:
                         .limit(points)
                         .subquery()
                     )
-                    top = select(literal(1).label("part"), *cols).where(*of_key).order_by(ScalarRow.step.desc()).limit(1)
+                    top = (
+                        select(literal(1).label("part"), *cols).where(*of_key).order_by(ScalarRow.step.desc()).limit(1)
+                    )
                     parts += [select(before), select(top.subquery())]
                 parts.append(
                     select(literal(0).label("part"), *cols).where(
-                        ScalarRow.run_id == run_id, ScalarRow.key.in_(chunk), ScalarRow.step >= first,
+                        ScalarRow.run_id == run_id,
+                        ScalarRow.key.in_(chunk),
+                        ScalarRow.step >= first,
                         ScalarRow.step <= last,
                     )
                 )

@@ -29,7 +29,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Names that are internal wherever the server runs (cloud metadata services, loopback).
-INTERNAL_NAMES = frozenset({"localhost", "metadata", "metadata.google.internal", "instance-data", "instance-data.ec2.internal"})
+INTERNAL_NAMES = frozenset(
+    {"localhost", "metadata", "metadata.google.internal", "instance-data", "instance-data.ec2.internal"}
+)
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 ALLOW_HINT = "to deliver to an internal receiver, allow it with MHPO_WEBHOOK_ALLOW_HOSTS or MHPO_WEBHOOK_ALLOW_CIDRS"
 
@@ -108,7 +110,11 @@ class TargetPolicy:
         kind = address_kind(ip)
         if kind is not None and not self._allowed(host, ip):
             literal = _host_literal(host) is not None
-            what = f"{ip} is not a public address ({kind})" if literal else f"host {host} resolves to a non-public address ({kind})"
+            what = (
+                f"{ip} is not a public address ({kind})"
+                if literal
+                else f"host {host} resolves to a non-public address ({kind})"
+            )
             raise TargetRefused(f"{what}; {ALLOW_HINT}")
 
     def check_url(self, url: str) -> None:
@@ -138,8 +144,9 @@ class TargetPolicy:
         if internal and not self._allowed(host, None):
             raise TargetRefused(f"host {name} is an internal name; {ALLOW_HINT}")
 
-    def resolve(self, host: str, port: int, resolver: ThreadPoolExecutor | None = None,
-                timeout: float | None = None) -> list[str]:
+    def resolve(
+        self, host: str, port: int, resolver: ThreadPoolExecutor | None = None, timeout: float | None = None
+    ) -> list[str]:
         """Every address `host` resolves to, each checked; refused if any one is internal.
 
         Checking every address (not only the first) closes the trick of a name that

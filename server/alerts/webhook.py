@@ -39,12 +39,12 @@ from typing import Any
 
 import certifi
 import httpcore
+from mhpo_server.alerts.schemas import Alert
+from mhpo_server.alerts.store import AlertStore
+from mhpo_server.alerts.targets import TargetPolicy, TargetRefused
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mhpo import __version__
-from server.alerts.schemas import Alert
-from server.alerts.store import AlertStore
-from server.alerts.targets import TargetPolicy, TargetRefused
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ class WebhookMetrics:
         self.deliveries = Counter(
             "mhpo_webhook_deliveries",
             "webhook delivery attempts by result (delivered, retry, failed, dropped: queue full)",
-            ["result"], registry=registry,
+            ["result"],
+            registry=registry,
         )
         self.bytes_read = Counter(
             "mhpo_webhook_reply_bytes_read", "bytes read from webhook receivers' replies", registry=registry
@@ -174,9 +175,7 @@ class _GuardedBackend(httpcore.SyncBackend):
         addresses = self.policy.resolve(host, port, self.resolver, self.budget.timeout(timeout))
         for i, address in enumerate(addresses):
             try:
-                stream = super().connect_tcp(
-                    address, port, self.budget.timeout(timeout), local_address, socket_options
-                )
+                stream = super().connect_tcp(address, port, self.budget.timeout(timeout), local_address, socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout):
                 if i == len(addresses) - 1:
                     raise
@@ -317,11 +316,19 @@ class WebhookDispatcher:
         budget = _Budget(time.monotonic() + self.deadline_s, self.read_limit, self.metrics)
         backend = _GuardedBackend(self.policy, budget, self._resolver)
         headers = [("Content-Type", "application/json"), ("User-Agent", f"mhpo-monitor/{__version__}")]
-        timeouts = {"connect": self.deadline_s, "read": self.deadline_s, "write": self.deadline_s, "pool": self.deadline_s}
+        timeouts = {
+            "connect": self.deadline_s,
+            "read": self.deadline_s,
+            "write": self.deadline_s,
+            "pool": self.deadline_s,
+        }
         try:
-            with httpcore.ConnectionPool(
-                ssl_context=self._ssl, network_backend=backend, retries=0, max_connections=1
-            ) as pool, pool.stream("POST", url, headers=headers, content=body, extensions={"timeout": timeouts}) as reply:
+            with (
+                httpcore.ConnectionPool(
+                    ssl_context=self._ssl, network_backend=backend, retries=0, max_connections=1
+                ) as pool,
+                pool.stream("POST", url, headers=headers, content=body, extensions={"timeout": timeouts}) as reply,
+            ):
                 status = reply.status
         except TargetRefused as exc:
             return f"refused by the webhook target policy: {exc}"
@@ -329,7 +336,13 @@ class WebhookDispatcher:
             return f"the reply headers exceed {self.read_limit} bytes (MHPO_WEBHOOK_READ_LIMIT_BYTES)"
         except httpcore.UnsupportedProtocol:
             return "the URL is not an http:// or https:// URL"
-        except (DeadlineExceeded, httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
+        except (
+            DeadlineExceeded,
+            httpcore.TimeoutException,
+            httpcore.NetworkError,
+            httpcore.ProtocolError,
+            OSError,
+        ) as exc:
             log.info("webhook to %s: %s: %s", url, type(exc).__name__, exc)
             return f"no HTTP reply within {self.deadline_s:g} s (connection failed, closed, too slow or not HTTP)"
         finally:
@@ -345,7 +358,7 @@ class WebhookDispatcher:
     def _deliver(self, job: _Job) -> None:
         try:
             error = self.send(job.url, job.body)
-        except Exception:  # noqa: BLE001 - an unexpected failure must not kill the worker thread
+        except Exception:
             log.exception("webhook delivery of alert %s failed unexpectedly", job.alert_id)
             error = "internal error while sending (see the server log)"
         if error is None:
@@ -364,5 +377,5 @@ class WebhookDispatcher:
         self.metrics.deliveries.labels(result).inc()
         try:
             self.store.set_delivery(alert_id, status, attempts, error)
-        except Exception:  # noqa: BLE001 - a store hiccup must not kill the worker thread
+        except Exception:
             log.exception("could not record the webhook delivery of alert %s", alert_id)

@@ -14,7 +14,7 @@ Rules every detector keeps:
 - Empty steps (`tokens/valid` = 0) are data, not a signal: they enter no window and
   nothing is flagged at them.
 - Minimum meaningful changes. Each signal's move must exceed a floor in its own units and
-  relative to its reference (`server.flags.params`), besides a noise z-score, so a
+  relative to its reference (`mhpo_server.flags.params`), besides a noise z-score, so a
   constant baseline cannot turn an ordinary value into z = 10^4.
 
 Detectors (kind: detector name):
@@ -53,11 +53,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from server.flags.params import DEFAULT_PARAMS, DriftParams, FlagParams, Signal, SpikeParams, TrustRegionParams
+from mhpo_server.flags.params import DEFAULT_PARAMS, DriftParams, FlagParams, Signal, SpikeParams, TrustRegionParams
 
 KINDS = (
-    "collapse", "erosion", "entropy_surge", "trust_region", "hazard_spike", "grad_spike", "kl_spike", "non_finite",
+    "collapse",
+    "erosion",
+    "entropy_surge",
+    "trust_region",
+    "hazard_spike",
+    "grad_spike",
+    "kl_spike",
+    "non_finite",
     "on_policy",
 )
 DETECTORS: dict[str, tuple[str, ...]] = {
@@ -326,8 +332,13 @@ def _drift_rows(
     out = {}
     for i, step in enumerate(judged_at.tolist()):
         out[step] = _Judged(
-            level=float(level[i]), baseline=float(baseline[i]), trend_change=float(slope[i] * (t - 1)),
-            trend_ref=float(intercept[i]), noise=float(noise[i]), points=int(count[i]), trend_ok=bool(full[i]),
+            level=float(level[i]),
+            baseline=float(baseline[i]),
+            trend_change=float(slope[i] * (t - 1)),
+            trend_ref=float(intercept[i]),
+            noise=float(noise[i]),
+            points=int(count[i]),
+            trend_ok=bool(full[i]),
         )
     return out
 
@@ -340,8 +351,15 @@ def _tests(sig: Signal, row: _Judged, p: DriftParams) -> list[tuple[str, float, 
     """
     sign = 1.0 if sig.direction == "up" else -1.0
     noise = row.noise if math.isfinite(row.noise) else 0.0
-    candidates = [("level", row.level, row.baseline, sign * (row.level - row.baseline),
-                   noise * 1.2533 * math.sqrt(1.0 / p.recent_steps + 1.0 / max(row.points, 1)))]
+    candidates = [
+        (
+            "level",
+            row.level,
+            row.baseline,
+            sign * (row.level - row.baseline),
+            noise * 1.2533 * math.sqrt(1.0 / p.recent_steps + 1.0 / max(row.points, 1)),
+        )
+    ]
     if row.trend_ok:
         t = p.trend_steps
         se = 1.05 * noise * (t - 1) * math.sqrt(12.0 / (t * (t * t - 1)))
@@ -352,8 +370,10 @@ def _tests(sig: Signal, row: _Judged, p: DriftParams) -> list[tuple[str, float, 
         meaningful = change > 0 and change >= max(sig.min_abs, sig.min_rel * abs(reference))
         judged.append((name, value, reference, change, z, meaningful))
     agree = len(judged) == 2 and all(meaningful and z >= AGREE * sig.z for *_, z, meaningful in judged)
-    return [(name, value, reference, change, z, meaningful and (z >= sig.z or agree))
-            for name, value, reference, change, z, meaningful in judged]
+    return [
+        (name, value, reference, change, z, meaningful and (z >= sig.z or agree))
+        for name, value, reference, change, z, meaningful in judged
+    ]
 
 
 def _votes(sig: Signal, row: _Judged, p: DriftParams) -> bool:
@@ -438,15 +458,18 @@ def _drift(
         severity=severity,
         detector=DETECTORS[kind][0],
         message=f"{kind}: {parts} ({len(votes)} of the {len(judged)} signals judged at this step"
-                f"{'; reward rising: informational' if vetoed else ''})",
+        f"{'; reward rising: informational' if vetoed else ''})",
         evidence={
             "signals": [_evidence(sig, row, p) for sig, row in judged],
             "unless": [_evidence(sig, row, p) for sig, row in guards],
             "votes": len(votes),
             "independent_votes": independent,
             "needed": needed,
-            "window": {"baseline_steps": p.baseline_steps, "recent_steps": p.recent_steps,
-                       "trend_steps": p.trend_steps},
+            "window": {
+                "baseline_steps": p.baseline_steps,
+                "recent_steps": p.recent_steps,
+                "trend_steps": p.trend_steps,
+            },
         },
     )
 
@@ -485,8 +508,13 @@ def _spike_table(
                 "baseline": json_number(float(baseline[i])),
                 "ratio": json_number(float(ratio[i])),
                 "z": json_number(float(z[i])),
-                "threshold": {"z": p.z, "min_ratio": p.min_ratio, "min_abs": p.min_abs, "min_scale": p.min_scale,
-                              "log_scale": p.log_scale},
+                "threshold": {
+                    "z": p.z,
+                    "min_ratio": p.min_ratio,
+                    "min_abs": p.min_abs,
+                    "min_scale": p.min_scale,
+                    "log_scale": p.log_scale,
+                },
             }
     return table
 
@@ -646,8 +674,9 @@ def detect(
             if flag is not None and _outside_refractory(last, kind, flag.severity, p.refractory_steps, step):
                 found.append(flag)
         flag = _trust_region(bounds, step)
-        if flag is not None and _outside_refractory(last, flag.kind, flag.severity, params.trust_region.refractory_steps,
-                                                    step):
+        if flag is not None and _outside_refractory(
+            last, flag.kind, flag.severity, params.trust_region.refractory_steps, step
+        ):
             found.append(flag)
         for kind, (sp, spike_tables) in spikes.items():
             found.append(_spike(kind, sp, spike_tables, step))

@@ -33,15 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from server.alerts import rules as alert_rules
-from server.alerts.schemas import AlertRule, FlagCondition
-from server.alerts.store import AlertStore
-from server.alerts.webhook import WebhookDispatcher
-from server.flags.detectors import Flag, History, detect, refractory_state
-from server.flags.params import DEFAULT_PARAMS, FlagParams
-from server.schemas import RecordIn
-from server.store import Store
+from mhpo_server.alerts import rules as alert_rules
+from mhpo_server.alerts.schemas import AlertRule, FlagCondition
+from mhpo_server.alerts.store import AlertStore
+from mhpo_server.alerts.webhook import WebhookDispatcher
+from mhpo_server.flags.detectors import Flag, History, detect, refractory_state
+from mhpo_server.flags.params import DEFAULT_PARAMS, FlagParams
+from mhpo_server.schemas import RecordIn
+from mhpo_server.store import Store
 
 log = logging.getLogger(__name__)
 

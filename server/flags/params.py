@@ -42,14 +42,16 @@ class Signal(_Strict):
     min_abs: Units = 0.0
     min_rel: Annotated[float, Field(ge=0.0, le=1_000.0)] = 0.0
     z: Z = 5.0
-    family: Annotated[str | None, Field(max_length=64, description="signals of one family are one vote for severity")] = None
+    family: Annotated[
+        str | None, Field(max_length=64, description="signals of one family are one vote for severity")
+    ] = None
 
 
 class DriftParams(_Strict):
     """A drift detector (collapse, erosion, entropy_surge, the drift half of kl_spike).
 
     Two tests per signal, on the points of the signal's own kind of step (see
-    `server.flags.detectors`): the *level* test compares the median of the last
+    `mhpo_server.flags.detectors`): the *level* test compares the median of the last
     `recent_steps` points with the median of the `baseline_steps` points before them;
     the *trend* test takes the Theil-Sen slope over the last `trend_steps` points (a
     steady linear or geometric decline that a sliding baseline would follow). A signal
@@ -198,7 +200,7 @@ def _kl_drift() -> DriftParams:
 
 
 class FlagParams(_Strict):
-    """Every detector's parameters; the defaults are set on `server.flags.synthetic` streams and real runs."""
+    """Every detector's parameters; the defaults are set on `mhpo_server.flags.synthetic` streams and real runs."""
 
     collapse: DriftParams = Field(default_factory=_collapse)
     erosion: DriftParams = Field(default_factory=_erosion)
@@ -228,8 +230,12 @@ class FlagParams(_Strict):
 
     def drifts(self) -> dict[str, DriftParams]:
         """Drift detectors by the flag kind they raise."""
-        return {"collapse": self.collapse, "erosion": self.erosion, "entropy_surge": self.entropy_surge,
-                "kl_spike": self.kl_drift}
+        return {
+            "collapse": self.collapse,
+            "erosion": self.erosion,
+            "entropy_surge": self.entropy_surge,
+            "kl_spike": self.kl_drift,
+        }
 
     def spikes(self) -> dict[str, SpikeParams]:
         """Spike detectors by the flag kind they raise."""

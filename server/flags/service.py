@@ -13,15 +13,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from mhpo_server.alerts.store import AlertStore
+from mhpo_server.alerts.targets import TargetPolicy
+from mhpo_server.alerts.webhook import WebhookDispatcher, WebhookMetrics
+from mhpo_server.flags.listener import IngestMonitor
+from mhpo_server.routes import alerts as alert_routes
+from mhpo_server.store import Store
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from server.alerts.store import AlertStore
-from server.alerts.targets import TargetPolicy
-from server.alerts.webhook import WebhookDispatcher, WebhookMetrics
-from server.flags.listener import IngestMonitor
-from server.routes import alerts as alert_routes
-from server.store import Store
 
 
 class WebhookSettings(BaseSettings):
@@ -36,8 +35,12 @@ class WebhookSettings(BaseSettings):
     backoff_s: float = Field(1.0, ge=0, description="wait before the first retry; doubles after each failure")
     public_url: str | None = Field(None, description="dashboard URL linked from the message, e.g. http://host:8765")
     workers: int = Field(4, ge=1, le=64, description="deliveries sent at the same time")
-    queue_size: int = Field(1000, ge=1, description="deliveries waiting (retries included); beyond it one fails at once")
-    read_limit_bytes: int = Field(8192, ge=1024, le=65536, description="most bytes read from a reply (status and headers)")
+    queue_size: int = Field(
+        1000, ge=1, description="deliveries waiting (retries included); beyond it one fails at once"
+    )
+    read_limit_bytes: int = Field(
+        8192, ge=1024, le=65536, description="most bytes read from a reply (status and headers)"
+    )
     allow_hosts: str = Field(
         "", description="comma-separated host names allowed even when they resolve to internal addresses"
     )
@@ -55,8 +58,10 @@ class WebhookSettings(BaseSettings):
             try:
                 ssl.create_default_context(cafile=value)
             except (OSError, ssl.SSLError) as exc:
-                raise ValueError(f"MHPO_WEBHOOK_CA_BUNDLE={value!r} is not a readable PEM file of CA certificates "
-                                 f"({exc}); give the path of one, or unset it for the public CAs") from exc
+                raise ValueError(
+                    f"MHPO_WEBHOOK_CA_BUNDLE={value!r} is not a readable PEM file of CA certificates "
+                    f"({exc}); give the path of one, or unset it for the public CAs"
+                ) from exc
         return value or None
 
     @field_validator("allow_cidrs")
@@ -89,9 +94,17 @@ def install(app: FastAPI, webhook_settings: WebhookSettings | None = None) -> In
     alerts = AlertStore(app.state.store.engine)
     policy = cfg.policy()
     dispatcher = WebhookDispatcher(
-        alerts, cfg.timeout_s, cfg.max_attempts, cfg.backoff_s, cfg.public_url, policy,
-        workers=cfg.workers, queue_size=cfg.queue_size, read_limit=cfg.read_limit_bytes,
-        metrics=WebhookMetrics(app.state.metrics.registry), ca_bundle=cfg.ca_bundle,
+        alerts,
+        cfg.timeout_s,
+        cfg.max_attempts,
+        cfg.backoff_s,
+        cfg.public_url,
+        policy,
+        workers=cfg.workers,
+        queue_size=cfg.queue_size,
+        read_limit=cfg.read_limit_bytes,
+        metrics=WebhookMetrics(app.state.metrics.registry),
+        ca_bundle=cfg.ca_bundle,
     )
     monitor = IngestMonitor(alerts, dispatcher)
     app.state.alert_store = alerts

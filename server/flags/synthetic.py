@@ -178,8 +178,13 @@ def generate_stream(seed: int, n_steps: int = 400, kind: str | None = None, onse
         assert onset is not None
         for key in ("ratio/mean", "ratio/std", "ratio/min", "ratio/max", "ratio/p50", "policy/kl_k3"):
             scalars[key][onset:] = 0.0
-        for key in ("ratio/frac_above_0.2", "ratio/frac_below_0.2", "ratio/clip_frac_low", "ratio/clip_frac_high",
-                    "ratio/clip_frac"):
+        for key in (
+            "ratio/frac_above_0.2",
+            "ratio/frac_below_0.2",
+            "ratio/clip_frac_low",
+            "ratio/clip_frac_high",
+            "ratio/clip_frac",
+        ):
             scalars[key][onset:] = 0.0
         scalars["ratio/pos_mass"][onset:] = 0.0
     return Stream(seed=seed, n_steps=n, scalars=scalars, kind=kind, onset=onset)
@@ -246,8 +251,12 @@ def score(streams: list[Stream], flags: list[list[tuple[str, int]]]) -> Score:
 
 
 PATTERNS = ("linear_entropy", "geometric_entropy", "entropy_blowup", "kl_jump", "alternating", "empty_steps")
-PATTERN_KIND = {"linear_entropy": "collapse", "geometric_entropy": "collapse", "entropy_blowup": "entropy_surge",
-                "kl_jump": "kl_spike"}
+PATTERN_KIND = {
+    "linear_entropy": "collapse",
+    "geometric_entropy": "collapse",
+    "entropy_blowup": "entropy_surge",
+    "kl_jump": "kl_spike",
+}
 
 
 def pattern_stream(pattern: str, seed: int, n_steps: int = 400, onset: int = 150) -> Stream:
@@ -287,9 +296,20 @@ def pattern_stream(pattern: str, seed: int, n_steps: int = 400, onset: int = 150
         s["train/rollout"] = (np.arange(n_steps) // 2).astype(np.float64)
         for key in ("reward/mean", "group/distinct_frac"):  # rollout-level: streamed with both updates
             s[key] = np.repeat(s[key][::2], 2)[:n_steps]
-        for key in ("ratio/mean", "ratio/std", "ratio/min", "ratio/max", "ratio/p50", "ratio/pos_mass",
-                    "ratio/frac_above_0.2", "ratio/frac_below_0.2", "ratio/clip_frac_low", "ratio/clip_frac_high",
-                    "ratio/clip_frac", "policy/kl_k3"):
+        for key in (
+            "ratio/mean",
+            "ratio/std",
+            "ratio/min",
+            "ratio/max",
+            "ratio/p50",
+            "ratio/pos_mass",
+            "ratio/frac_above_0.2",
+            "ratio/frac_below_0.2",
+            "ratio/clip_frac_low",
+            "ratio/clip_frac_high",
+            "ratio/clip_frac",
+            "policy/kl_k3",
+        ):
             s[key] = np.where(on, 0.0, s[key])
         s["hazard/zeta_mean"] = np.where(on, 1.3278, s["hazard/zeta_mean"])
         s["hazard/zeta_p99"] = np.where(on, 1.3278, s["hazard/zeta_p99"])

@@ -1,1 +1,1 @@
-"""One router per resource; `server.app.create_app` includes them all."""
+"""One router per resource; `mhpo_server.app.create_app` includes them all."""

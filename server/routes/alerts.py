@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
-from pydantic import ValidationError
-
-from server.alerts.schemas import (
+from mhpo_server.alerts.schemas import (
     MAX_RULES_PER_PROJECT,
     Alert,
     AlertList,
@@ -21,13 +19,14 @@ from server.alerts.schemas import (
     AlertRulePatch,
     FlagParamsOut,
 )
-from server.alerts.store import AlertStore
-from server.alerts.targets import TargetPolicy, TargetRefused
-from server.deps import Principal, ReadAccess, StoreDep, WriteAccess
-from server.flags.listener import IngestMonitor
-from server.responses import NaNJSONResponse, respond
-from server.schemas import KEY_PATTERN
-from server.store import Store
+from mhpo_server.alerts.store import AlertStore
+from mhpo_server.alerts.targets import TargetPolicy, TargetRefused
+from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
+from mhpo_server.flags.listener import IngestMonitor
+from mhpo_server.responses import NaNJSONResponse, respond
+from mhpo_server.schemas import KEY_PATTERN
+from mhpo_server.store import Store
+from pydantic import ValidationError
 
 router = APIRouter(prefix="/api/v1", tags=["alerts"])
 
@@ -83,9 +82,14 @@ def create_rule(
     if len(alerts.list_rules(body.project)) >= MAX_RULES_PER_PROJECT:
         raise HTTPException(
             422,
-            [{"loc": ["body", "project"], "type": "value_error",
-              "msg": f"project {body.project!r} already has {MAX_RULES_PER_PROJECT} alert rules, the most it may have: "
-                     "delete or edit one (PATCH /api/v1/alert-rules/{id})"}],
+            [
+                {
+                    "loc": ["body", "project"],
+                    "type": "value_error",
+                    "msg": f"project {body.project!r} already has {MAX_RULES_PER_PROJECT} alert rules, the most it may have: "
+                    "delete or edit one (PATCH /api/v1/alert-rules/{id})",
+                }
+            ],
         )
     return respond(alerts.create_rule(body), status_code=201)
 
@@ -107,8 +111,13 @@ def _check_run_scope(store: Store, project: str, run_id: str | None) -> None:
     if run_id is not None and store.get_run(run_id).project != project:
         raise HTTPException(
             422,
-            [{"loc": ["body", "run_id"], "type": "value_error",
-              "msg": f"run {run_id} is not in project {project!r}: use that run's project or leave run_id null"}],
+            [
+                {
+                    "loc": ["body", "run_id"],
+                    "type": "value_error",
+                    "msg": f"run {run_id} is not in project {project!r}: use that run's project or leave run_id null",
+                }
+            ],
         )
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from mhpo_server.deps import ReadAccess, SettingsDep
+from mhpo_server.schemas import Scope
 from pydantic import BaseModel
-
-from server.deps import ReadAccess, SettingsDep
-from server.schemas import Scope
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 

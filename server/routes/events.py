@@ -6,11 +6,10 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
-
-from server.deps import ReadAccess, StoreDep
-from server.responses import NaNJSONResponse
-from server.routes.runs import authorized_run
-from server.schemas import EventList
+from mhpo_server.deps import ReadAccess, StoreDep
+from mhpo_server.responses import NaNJSONResponse
+from mhpo_server.routes.runs import authorized_run
+from mhpo_server.schemas import EventList
 
 router = APIRouter(prefix="/api/v1/runs", tags=["events"])
 

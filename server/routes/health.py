@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from mhpo_server.deps import MetricsDep, SettingsDep, StoreDep
+from mhpo_server.store import Unavailable
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
-
-from server.deps import MetricsDep, SettingsDep, StoreDep
-from server.store import Unavailable
 
 router = APIRouter(tags=["service"])
 
@@ -37,8 +36,12 @@ def healthz(request: Request, store: StoreDep, settings: SettingsDep) -> dict[st
         for state in listeners.values():
             if state.get("last_failure") is not None:
                 state["last_failure"] = {"at": state["last_failure"]["at"]}
-    return {"status": "ok" if healthy else "degraded", "database": database, "writes": writes,
-            "ingest_listeners": listeners}
+    return {
+        "status": "ok" if healthy else "degraded",
+        "database": database,
+        "writes": writes,
+        "ingest_listeners": listeners,
+    }
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -25,6 +25,11 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
+from mhpo_server.routes.records import RUN_LOCKS
+from mhpo_server.schemas import MAX_STEP, Key, Name, RecordIn, RunCreate, Text, clean_config, unstorable
+from mhpo_server.schemas import Run as RunOut
+from mhpo_server.store import Conflict, Invalid, NotFound, Store
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -39,11 +44,6 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo.integrations.names import product_scalars
-from server.deps import Principal, ReadAccess, StoreDep, WriteAccess
-from server.routes.records import RUN_LOCKS
-from server.schemas import MAX_STEP, Key, Name, RecordIn, RunCreate, Text, clean_config, unstorable
-from server.schemas import Run as RunOut
-from server.store import Conflict, Invalid, NotFound, Store
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,15 @@ class MLflowErrorOut(BaseModel):
 
 
 MLFLOW_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": MLflowErrorOut, "description": "INVALID_PARAMETER_VALUE (names the field) or RESOURCE_ALREADY_EXISTS"},
+    400: {
+        "model": MLflowErrorOut,
+        "description": "INVALID_PARAMETER_VALUE (names the field) or RESOURCE_ALREADY_EXISTS",
+    },
     401: {"model": MLflowErrorOut, "description": "UNAUTHENTICATED: auth is on and the token is missing or unknown"},
-    403: {"model": MLflowErrorOut, "description": "PERMISSION_DENIED: the token's scope or project does not allow this"},
+    403: {
+        "model": MLflowErrorOut,
+        "description": "PERMISSION_DENIED: the token's scope or project does not allow this",
+    },
     404: {"model": MLflowErrorOut, "description": "RESOURCE_DOES_NOT_EXIST: no such run or experiment"},
 }
 # MLflow's limits of one log-batch request (mlflow/utils/validation.py)
@@ -186,8 +192,10 @@ class LogBatch(_Body):
     def _entities(self) -> LogBatch:
         total = len(self.metrics) + len(self.params) + len(self.tags)
         if total > MAX_ENTITIES_PER_BATCH:
-            raise ValueError(f"{total} metrics, params and tags in one request exceed MLflow's limit of "
-                             f"{MAX_ENTITIES_PER_BATCH}; split the batch")
+            raise ValueError(
+                f"{total} metrics, params and tags in one request exceed MLflow's limit of "
+                f"{MAX_ENTITIES_PER_BATCH}; split the batch"
+            )
         return self
 
 
@@ -206,8 +214,15 @@ def project_of(experiment_id: str) -> str:
 def experiment(name: str, created: float | None = None) -> dict[str, Any]:
     ms = int((created or time.time()) * 1000)
     eid = DEFAULT_EXPERIMENT[0] if name == DEFAULT_EXPERIMENT[1] else name
-    return {"experiment_id": eid, "name": name, "artifact_location": "", "lifecycle_stage": "active",
-            "creation_time": ms, "last_update_time": ms, "tags": []}
+    return {
+        "experiment_id": eid,
+        "name": name,
+        "artifact_location": "",
+        "lifecycle_stage": "active",
+        "creation_time": ms,
+        "last_update_time": ms,
+        "tags": [],
+    }
 
 
 def run_json(run: RunOut) -> dict[str, Any]:
@@ -215,15 +230,23 @@ def run_json(run: RunOut) -> dict[str, Any]:
     tags = config.pop(TAGS, {}) or {}
     experiment_id = DEFAULT_EXPERIMENT[0] if run.project == DEFAULT_EXPERIMENT[1] else run.project
     info = {
-        "run_id": run.run_id, "run_uuid": run.run_id, "run_name": run.name, "experiment_id": experiment_id,
-        "user_id": "", "status": MLFLOW_STATUS.get(run.status, "RUNNING"), "start_time": int(run.created_at * 1000),
-        "artifact_uri": "", "lifecycle_stage": "active",
+        "run_id": run.run_id,
+        "run_uuid": run.run_id,
+        "run_name": run.name,
+        "experiment_id": experiment_id,
+        "user_id": "",
+        "status": MLFLOW_STATUS.get(run.status, "RUNNING"),
+        "start_time": int(run.created_at * 1000),
+        "artifact_uri": "",
+        "lifecycle_stage": "active",
     }
     if run.status != "running":
         info["end_time"] = int(run.updated_at * 1000)
     params = [{"key": k, "value": v if isinstance(v, str) else str(v)} for k, v in config.items()]
-    return {"info": info, "data": {"metrics": [], "params": params,
-                                   "tags": [{"key": k, "value": str(v)} for k, v in tags.items()]}}
+    return {
+        "info": info,
+        "data": {"metrics": [], "params": params, "tags": [{"key": k, "value": str(v)} for k, v in tags.items()]},
+    }
 
 
 def run_for(store: Store, principal: Principal, run_id: str) -> RunOut:
@@ -244,8 +267,10 @@ def as_records(metrics: list[Metric]) -> list[RecordIn]:
         by_step[m.step][m.key] = m.value
         if m.timestamp is not None:
             times[m.step] = max(times.get(m.step, 0.0), m.timestamp / 1000.0)
-    return [RecordIn(step=step, time=times.get(step, time.time()), scalars=product_scalars(values))
-            for step, values in sorted(by_step.items())]
+    return [
+        RecordIn(step=step, time=times.get(step, time.time()), scalars=product_scalars(values))
+        for step, values in sorted(by_step.items())
+    ]
 
 
 def write_metrics(request: Request, store: Store, run_id: str, records: list[RecordIn]) -> None:
@@ -271,8 +296,9 @@ def merge(store: Store, run: RunOut, params: list[KeyValue], tags: list[KeyValue
 
 
 @router.get("/experiments/get-by-name")
-def get_experiment_by_name(store: StoreDep, principal: ReadAccess,
-                           experiment_name: Annotated[Name, Query()]) -> dict[str, Any]:
+def get_experiment_by_name(
+    store: StoreDep, principal: ReadAccess, experiment_name: Annotated[Name, Query()]
+) -> dict[str, Any]:
     principal.check_project(experiment_name)
     for project in store.list_projects():
         if project.name == experiment_name:
@@ -315,8 +341,12 @@ def update_run(body: RunUpdate, store: StoreDep, principal: WriteAccess) -> dict
 
 
 @router.get("/runs/get")
-def get_run(store: StoreDep, principal: ReadAccess, run_id: Annotated[str | None, Query()] = None,
-            run_uuid: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+def get_run(
+    store: StoreDep,
+    principal: ReadAccess,
+    run_id: Annotated[str | None, Query()] = None,
+    run_uuid: Annotated[str | None, Query()] = None,
+) -> dict[str, Any]:
     return {"run": run_json(run_for(store, principal, run_id or run_uuid or ""))}
 
 
@@ -349,12 +379,20 @@ def set_tag(body: LogParam, store: StoreDep, principal: WriteAccess) -> dict[str
 
 
 @router.get("/metrics/get-history")
-def get_metric_history(store: StoreDep, principal: ReadAccess, metric_key: Annotated[Key, Query()],
-                       run_id: Annotated[str | None, Query()] = None,
-                       run_uuid: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+def get_metric_history(
+    store: StoreDep,
+    principal: ReadAccess,
+    metric_key: Annotated[Key, Query()],
+    run_id: Annotated[str | None, Query()] = None,
+    run_uuid: Annotated[str | None, Query()] = None,
+) -> dict[str, Any]:
     run = run_for(store, principal, run_id or run_uuid or "")
-    return {"metrics": [{"key": metric_key, "value": _double(value), "step": step, "timestamp": round(time * 1000)}
-                        for step, value, time in store.scalar_history(run.run_id, metric_key)]}
+    return {
+        "metrics": [
+            {"key": metric_key, "value": _double(value), "step": step, "timestamp": round(time * 1000)}
+            for step, value, time in store.scalar_history(run.run_id, metric_key)
+        ]
+    }
 
 
 def _double(value: float) -> float | str:
@@ -368,8 +406,14 @@ def _double(value: float) -> float | str:
 def unknown(path: str, request: Request) -> JSONResponse:
     """404 for an endpoint not implemented; 405 (with Allow) for one implemented under another method."""
     full = f"{router.prefix}/{path}"
-    allowed = sorted({m for r in router.routes if isinstance(r, APIRoute) and r.include_in_schema and r.path == full
-                      for m in r.methods})
+    allowed = sorted(
+        {
+            m
+            for r in router.routes
+            if isinstance(r, APIRoute) and r.include_in_schema and r.path == full
+            for m in r.methods
+        }
+    )
     if allowed:
         response = error(405, "ENDPOINT_NOT_FOUND", f"{full} takes {', '.join(allowed)}, not {request.method}")
         response.headers["Allow"] = ", ".join(allowed)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-
-from server.deps import ReadAccess, StoreDep
-from server.responses import NaNJSONResponse, respond
-from server.schemas import ProjectList
+from mhpo_server.deps import ReadAccess, StoreDep
+from mhpo_server.responses import NaNJSONResponse, respond
+from mhpo_server.schemas import ProjectList
 
 router = APIRouter(prefix="/api/v1", tags=["projects"])
 

@@ -7,11 +7,10 @@ import threading
 import uuid
 
 from fastapi import APIRouter, HTTPException, Request
-
-from server.deps import MetricsDep, SettingsDep, StoreDep, WriteAccess
-from server.responses import NaNJSONResponse, respond
-from server.routes.runs import authorized_run
-from server.schemas import ForkIn, RecordsIn, RecordsOut, RewindIn, RewindOut, Run
+from mhpo_server.deps import MetricsDep, SettingsDep, StoreDep, WriteAccess
+from mhpo_server.responses import NaNJSONResponse, respond
+from mhpo_server.routes.runs import authorized_run
+from mhpo_server.schemas import ForkIn, RecordsIn, RecordsOut, RewindIn, RewindOut, Run
 
 router = APIRouter(prefix="/api/v1/runs", tags=["records"])
 # Writes and listeners of one run take turns (striped by run id in a process, the store's
@@ -23,8 +22,13 @@ RUN_LOCKS = tuple(threading.Lock() for _ in range(64))
 
 @router.post("/{run_id}/records", response_model=RecordsOut)
 def post_records(
-    run_id: uuid.UUID, body: RecordsIn, request: Request, store: StoreDep, settings: SettingsDep,
-    metrics: MetricsDep, principal: WriteAccess,
+    run_id: uuid.UUID,
+    body: RecordsIn,
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    principal: WriteAccess,
 ) -> NaNJSONResponse:
     """Stores the batch in one transaction, committed before answering; then runs the ingest listeners.
 
@@ -36,9 +40,14 @@ def post_records(
     if len(body.records) > settings.max_records_per_batch:
         raise HTTPException(
             422,
-            [{"loc": ["body", "records"], "type": "too_long",
-              "msg": f"{len(body.records)} records exceed the limit of {settings.max_records_per_batch} per batch "
-                     "(MHPO_MAX_RECORDS_PER_BATCH); split the batch"}],
+            [
+                {
+                    "loc": ["body", "records"],
+                    "type": "too_long",
+                    "msg": f"{len(body.records)} records exceed the limit of {settings.max_records_per_batch} per batch "
+                    "(MHPO_MAX_RECORDS_PER_BATCH); split the batch",
+                }
+            ],
         )
     if principal.project is not None:
         authorized_run(store, principal, run_id)
@@ -62,7 +71,9 @@ def post_records(
 
 
 @router.post("/{run_id}/rewind", response_model=RewindOut, tags=["runs"])
-def rewind_run(run_id: uuid.UUID, body: RewindIn, request: Request, store: StoreDep, principal: WriteAccess) -> NaNJSONResponse:
+def rewind_run(
+    run_id: uuid.UUID, body: RewindIn, request: Request, store: StoreDep, principal: WriteAccess
+) -> NaNJSONResponse:
     """The run's history ends at `step`: later scalars, histograms, outliers and flags are deleted,
     later fired alerts are marked rewound, and later steps may be logged again as new.
 

@@ -6,11 +6,10 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-
-from server.deps import Principal, ReadAccess, StoreDep, WriteAccess
-from server.responses import NaNJSONResponse, respond
-from server.schemas import KEY_PATTERN, Run, RunCreate, RunList, RunPatch
-from server.store import Store
+from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
+from mhpo_server.responses import NaNJSONResponse, respond
+from mhpo_server.schemas import KEY_PATTERN, Run, RunCreate, RunList, RunPatch
+from mhpo_server.store import Store
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
@@ -37,8 +36,11 @@ def update_run(run_id: uuid.UUID, body: RunPatch, store: StoreDep, principal: Wr
 
 @router.get("", response_model=RunList)
 def list_runs(
-    store: StoreDep, principal: ReadAccess,
-    project: Annotated[str | None, Query(max_length=200, pattern=KEY_PATTERN, description="only this project's runs")] = None,
+    store: StoreDep,
+    principal: ReadAccess,
+    project: Annotated[
+        str | None, Query(max_length=200, pattern=KEY_PATTERN, description="only this project's runs")
+    ] = None,
 ) -> NaNJSONResponse:
     if principal.project is not None:
         principal.check_project(project or principal.project)

@@ -6,11 +6,10 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query
-
-from server.deps import ReadAccess, SettingsDep, StoreDep
-from server.responses import NaNJSONResponse, respond
-from server.routes.runs import authorized_run
-from server.schemas import KEY_PATTERN, MAX_STEP, HistogramsOut, Keys, OutliersOut, ScalarsOut, parse_keys
+from mhpo_server.deps import ReadAccess, SettingsDep, StoreDep
+from mhpo_server.responses import NaNJSONResponse, respond
+from mhpo_server.routes.runs import authorized_run
+from mhpo_server.schemas import KEY_PATTERN, MAX_STEP, HistogramsOut, Keys, OutliersOut, ScalarsOut, parse_keys
 
 router = APIRouter(prefix="/api/v1/runs", tags=["series"])
 
@@ -19,11 +18,27 @@ StepQuery = Annotated[int | None, Query(ge=0, le=MAX_STEP)]
 
 def _check_range(start: int | None, end: int | None, limit: int, limit_name: str, cap: int) -> None:
     if start is not None and end is not None and start > end:
-        raise HTTPException(422, [{"loc": ["query", "start"], "type": "value_error",
-                                   "msg": f"start={start} is after end={end}; give start <= end"}])
+        raise HTTPException(
+            422,
+            [
+                {
+                    "loc": ["query", "start"],
+                    "type": "value_error",
+                    "msg": f"start={start} is after end={end}; give start <= end",
+                }
+            ],
+        )
     if limit > cap:
-        raise HTTPException(422, [{"loc": ["query", limit_name], "type": "less_than_equal",
-                                   "msg": f"{limit_name}={limit} exceeds the server limit {cap} (MHPO_MAX_POINTS)"}])
+        raise HTTPException(
+            422,
+            [
+                {
+                    "loc": ["query", limit_name],
+                    "type": "less_than_equal",
+                    "msg": f"{limit_name}={limit} exceeds the server limit {cap} (MHPO_MAX_POINTS)",
+                }
+            ],
+        )
 
 
 @router.get("/{run_id}/keys", response_model=Keys)
@@ -35,9 +50,18 @@ def get_keys(run_id: uuid.UUID, store: StoreDep, principal: ReadAccess) -> NaNJS
 
 @router.get("/{run_id}/scalars", response_model=ScalarsOut)
 def get_scalars(
-    run_id: uuid.UUID, store: StoreDep, settings: SettingsDep, principal: ReadAccess,
-    keys: Annotated[str | None, Query(max_length=100_000, pattern=r"^[^\x00-\x1f\x7f]*$",
-                                      description="comma-separated keys (at most 1,000, each 1-250 characters); all when absent")] = None,
+    run_id: uuid.UUID,
+    store: StoreDep,
+    settings: SettingsDep,
+    principal: ReadAccess,
+    keys: Annotated[
+        str | None,
+        Query(
+            max_length=100_000,
+            pattern=r"^[^\x00-\x1f\x7f]*$",
+            description="comma-separated keys (at most 1,000, each 1-250 characters); all when absent",
+        ),
+    ] = None,
     start: StepQuery = None,
     end: StepQuery = None,
     max_points: Annotated[int, Query(ge=2, le=1_000_000, description="points per series before downsampling")] = 1000,
@@ -55,7 +79,11 @@ def get_scalars(
 
 @router.get("/{run_id}/histograms/{key:path}", response_model=HistogramsOut)
 def get_histograms(
-    run_id: uuid.UUID, key: Annotated[str, Path(max_length=250, pattern=KEY_PATTERN)], store: StoreDep, settings: SettingsDep, principal: ReadAccess,
+    run_id: uuid.UUID,
+    key: Annotated[str, Path(max_length=250, pattern=KEY_PATTERN)],
+    store: StoreDep,
+    settings: SettingsDep,
+    principal: ReadAccess,
     start: StepQuery = None,
     end: StepQuery = None,
     max_steps: Annotated[int, Query(ge=1, le=1_000_000, description="columns before merging consecutive steps")] = 500,
@@ -68,8 +96,12 @@ def get_histograms(
 
 @router.get("/{run_id}/outliers", response_model=OutliersOut)
 def get_outliers(
-    run_id: uuid.UUID, store: StoreDep, principal: ReadAccess,
-    step: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="latest step <= this; the last one when absent")] = None,
+    run_id: uuid.UUID,
+    store: StoreDep,
+    principal: ReadAccess,
+    step: Annotated[
+        int | None, Query(ge=0, le=MAX_STEP, description="latest step <= this; the last one when absent")
+    ] = None,
 ) -> NaNJSONResponse:
     if principal.project is not None:
         authorized_run(store, principal, run_id)

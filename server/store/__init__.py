@@ -1,6 +1,6 @@
 """Storage: the `Store` interface and its SQL implementation, chosen by URL."""
 
-from server.store.base import (
+from mhpo_server.store.base import (
     Conflict,
     Invalid,
     NotFound,
@@ -12,7 +12,7 @@ from server.store.base import (
     WriteHealth,
     WriteResult,
 )
-from server.store.sql import SqlStore, make_engine, storage_fault
+from mhpo_server.store.sql import SqlStore, make_engine, storage_fault
 
 
 def open_store(url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> Store:
@@ -21,6 +21,18 @@ def open_store(url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> 
 
 
 __all__ = [
-    "Conflict", "Invalid", "NotFound", "SchemaError", "SqlStore", "StorageFull", "Store", "StoreError",
-    "Unavailable", "WriteHealth", "WriteResult", "make_engine", "open_store", "storage_fault",
+    "Conflict",
+    "Invalid",
+    "NotFound",
+    "SchemaError",
+    "SqlStore",
+    "StorageFull",
+    "Store",
+    "StoreError",
+    "Unavailable",
+    "WriteHealth",
+    "WriteResult",
+    "make_engine",
+    "open_store",
+    "storage_fault",
 ]

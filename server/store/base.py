@@ -1,4 +1,4 @@
-"""The store interface the routes call; `server.store.sql.SqlStore` implements it on SQLAlchemy.
+"""The store interface the routes call; `mhpo_server.store.sql.SqlStore` implements it on SQLAlchemy.
 
 Errors the routes turn into HTTP answers:
     StoreError
@@ -13,14 +13,14 @@ Errors the routes turn into HTTP answers:
 from __future__ import annotations
 
 import abc
-from contextlib import AbstractContextManager, nullcontext
-from collections.abc import Mapping, Sequence
 import threading
 import time
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.schemas import (
+from mhpo_server.schemas import (
     Event,
     EventCreate,
     HistogramsOut,

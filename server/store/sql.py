@@ -21,9 +21,48 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import mhpo_migrations
 import numpy as np
 from alembic.migration import MigrationContext
 from filelock import FileLock, Timeout
+from mhpo_server.schemas import (
+    MAX_STEP,
+    Event,
+    EventCreate,
+    HistogramsOut,
+    Keys,
+    OutliersOut,
+    Project,
+    RecordIn,
+    RejectedItem,
+    RewindOut,
+    Run,
+    RunCreate,
+    ScalarsOut,
+    Series,
+    TokenInfo,
+)
+from mhpo_server.store.base import (
+    Conflict,
+    Invalid,
+    NotFound,
+    SchemaError,
+    StorageFull,
+    Store,
+    Unavailable,
+    WriteHealth,
+    WriteResult,
+)
+from mhpo_server.store.models import (
+    ApiTokenRow,
+    BatchRow,
+    EventRow,
+    HistogramRow,
+    OutlierRow,
+    ProjectRow,
+    RunRow,
+    ScalarRow,
+)
 from sqlalchemy import (
     Connection,
     Engine,
@@ -44,46 +83,6 @@ from sqlalchemy import table as sql_table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, IntegrityError
-
-import migrations
-from server.schemas import (
-    MAX_STEP,
-    Event,
-    EventCreate,
-    HistogramsOut,
-    Keys,
-    OutliersOut,
-    Project,
-    RecordIn,
-    RejectedItem,
-    RewindOut,
-    Run,
-    RunCreate,
-    ScalarsOut,
-    Series,
-    TokenInfo,
-)
-from server.store.base import (
-    Conflict,
-    Invalid,
-    NotFound,
-    SchemaError,
-    StorageFull,
-    Store,
-    Unavailable,
-    WriteHealth,
-    WriteResult,
-)
-from server.store.models import (
-    ApiTokenRow,
-    BatchRow,
-    EventRow,
-    HistogramRow,
-    OutlierRow,
-    ProjectRow,
-    RunRow,
-    ScalarRow,
-)
 
 IN_CHUNK = 500  # values per IN (...) list: far below SQLite's 32,766 and PostgreSQL's 65,535 bind parameters
 OPEN_SEVERITIES = ("warning", "critical")
@@ -142,17 +141,20 @@ def storage_fault(exc: BaseException) -> Unavailable | None:
     if name.startswith("SQLITE_FULL") or state == "53100":
         return StorageFull(
             f"the disk holding the database is full ({detail}); free space, the write can then be retried",
-            "disk_full", RETRY_FULL_S,
+            "disk_full",
+            RETRY_FULL_S,
         )
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or state in ("40001", "40P01", "55P03"):
         return Unavailable(f"database busy, retry later ({detail})", "busy", RETRY_BUSY_S)
     if name.startswith("SQLITE_READONLY") or state == "25006":
-        return Unavailable(f"the database is read-only ({detail}); make it writable, no restart needed",
-                           "read_only", RETRY_FAULT_S)
+        return Unavailable(
+            f"the database is read-only ({detail}); make it writable, no restart needed", "read_only", RETRY_FAULT_S
+        )
     if name.startswith(SQLITE_RECONNECT) or state.startswith(("53", "57P", "08")):
         return Unavailable(f"the database cannot be used right now ({detail})", "storage_error", RETRY_FAULT_S)
-    if exc.connection_invalidated or (not state and type(orig).__name__ in ("OperationalError", "InterfaceError")
-                                      and not name):
+    if exc.connection_invalidated or (
+        not state and type(orig).__name__ in ("OperationalError", "InterfaceError") and not name
+    ):
         return Unavailable(f"the database is unreachable ({detail})", "unreachable", RETRY_FAULT_S)
     return None
 
@@ -227,17 +229,27 @@ class SqlStore(Store):
             .returning(BatchRow.batch_id)
         )
         self._touch_run = update(RunRow).where(RunRow.run_id == rid)
-        in_key = and_(ScalarRow.run_id == rid, ScalarRow.key == bindparam("key"),
-                      ScalarRow.step >= bindparam("start"), ScalarRow.step <= bindparam("end"))
+        in_key = and_(
+            ScalarRow.run_id == rid,
+            ScalarRow.key == bindparam("key"),
+            ScalarRow.step >= bindparam("start"),
+            ScalarRow.step <= bindparam("end"),
+        )
         self._first_step = select(func.min(ScalarRow.step)).where(in_key)
         self._last_step = select(func.max(ScalarRow.step)).where(in_key)
 
         # Connections that hold a run's turn (a session advisory lock) while the request uses
         # the main pool: a pool of their own, so waiting turns never starve the writes.
         self._turns = (
-            create_engine(engine.url, pool_size=4, max_overflow=60, pool_pre_ping=True,
-                          connect_args={"options": f"-c lock_timeout={TURN_TIMEOUT_S * 1000}"})
-            if self.dialect == "postgresql" else None
+            create_engine(
+                engine.url,
+                pool_size=4,
+                max_overflow=60,
+                pool_pre_ping=True,
+                connect_args={"options": f"-c lock_timeout={TURN_TIMEOUT_S * 1000}"},
+            )
+            if self.dialect == "postgresql"
+            else None
         )
         # A SQLite file's turns: striped lock files beside it (an in-memory database has one process).
         database = engine.url.database
@@ -274,8 +286,9 @@ class SqlStore(Store):
             conn = turns.connect()
             conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
         except DBAPIError as exc:
-            raise storage_fault(exc) or Unavailable(f"the run's turn could not be taken: {exc.orig}", "busy",
-                                                    RETRY_BUSY_S) from exc
+            raise storage_fault(exc) or Unavailable(
+                f"the run's turn could not be taken: {exc.orig}", "busy", RETRY_BUSY_S
+            ) from exc
         try:
             yield
         finally:
@@ -295,11 +308,16 @@ class SqlStore(Store):
             directory.mkdir(exist_ok=True)
             lock.acquire(timeout=TURN_TIMEOUT_S)
         except Timeout as exc:
-            raise Unavailable(f"another server process held the run for {TURN_TIMEOUT_S} s", "busy",
-                              RETRY_BUSY_S) from exc
+            raise Unavailable(
+                f"another server process held the run for {TURN_TIMEOUT_S} s", "busy", RETRY_BUSY_S
+            ) from exc
         except OSError as exc:
-            raise Unavailable(f"the run's lock file beside the database cannot be written ({exc}); make "
-                              f"{directory} writable, no restart needed", "read_only", RETRY_FAULT_S) from exc
+            raise Unavailable(
+                f"the run's lock file beside the database cannot be written ({exc}); make "
+                f"{directory} writable, no restart needed",
+                "read_only",
+                RETRY_FAULT_S,
+            ) from exc
         try:
             yield
         finally:
@@ -310,8 +328,9 @@ class SqlStore(Store):
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
         except DBAPIError as exc:
-            raise storage_fault(exc) or Unavailable(f"the database failed a trivial query: {exc.orig}",
-                                                    "storage_error", RETRY_FAULT_S) from exc
+            raise storage_fault(exc) or Unavailable(
+                f"the database failed a trivial query: {exc.orig}", "storage_error", RETRY_FAULT_S
+            ) from exc
 
     @contextmanager
     def _tx(self, write: bool = False) -> Iterator[Connection]:
@@ -350,13 +369,13 @@ class SqlStore(Store):
     def check_schema(self) -> None:
         url = self.engine.url.render_as_string(hide_password=True)
         fix = f"run `mhpo db upgrade --db {url}`"
-        head = migrations.head()
+        head = mhpo_migrations.head()
         with self.engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
         if current is None:
             raise SchemaError(f"database {url} has no mhpo schema (not migrated): {fix}")
         if current != head:
-            if current not in migrations.known_revisions():
+            if current not in mhpo_migrations.known_revisions():
                 raise SchemaError(
                     f"database {url} is at revision {current}, newer than this server knows (head {head}): "
                     "upgrade the mhpo package"
@@ -372,9 +391,19 @@ class SqlStore(Store):
             .scalar_subquery()
         )
         return select(
-            RunRow.run_id, ProjectRow.name.label("project"), RunRow.name, RunRow.loss, RunRow.config,
-            RunRow.status, RunRow.created_at, RunRow.updated_at, RunRow.last_step, RunRow.last_seen_at,
-            open_flags.label("open_flags"), RunRow.parent_run_id, RunRow.fork_step,
+            RunRow.run_id,
+            ProjectRow.name.label("project"),
+            RunRow.name,
+            RunRow.loss,
+            RunRow.config,
+            RunRow.status,
+            RunRow.created_at,
+            RunRow.updated_at,
+            RunRow.last_step,
+            RunRow.last_seen_at,
+            open_flags.label("open_flags"),
+            RunRow.parent_run_id,
+            RunRow.fork_step,
         ).join(ProjectRow, ProjectRow.id == RunRow.project_id)
 
     @staticmethod
@@ -400,8 +429,14 @@ class SqlStore(Store):
             inserted = conn.execute(
                 self._insert(RunRow.__table__)
                 .values(
-                    run_id=run_id, project_id=project_id, name=run.name, loss=run.loss, config=run.config,
-                    status="running", created_at=now, updated_at=now,
+                    run_id=run_id,
+                    project_id=project_id,
+                    name=run.name,
+                    loss=run.loss,
+                    config=run.config,
+                    status="running",
+                    created_at=now,
+                    updated_at=now,
                 )
                 .on_conflict_do_nothing(index_elements=["run_id"])
                 .returning(RunRow.run_id)
@@ -429,7 +464,8 @@ class SqlStore(Store):
             self._lock_run(conn, run_id)
             config = conn.execute(select(RunRow.config).where(RunRow.run_id == run_id)).scalar_one()
             conn.execute(
-                update(RunRow).where(RunRow.run_id == run_id)
+                update(RunRow)
+                .where(RunRow.run_id == run_id)
                 .values(config={**(config or {}), **values}, updated_at=time.time())
             )
             return self._fetch_run(conn, run_id)
@@ -557,16 +593,21 @@ class SqlStore(Store):
                 if seen[key] != binning:
                     lo, hi, bins = seen[key]
                     refused.setdefault(i, set()).add(key)
-                    rejected.append(RejectedItem(
-                        step=record.step, field="histograms", key=key,
-                        reason=f"binning (lo={hist.lo}, hi={hist.hi}, bins={len(hist.counts)}) differs from this "
-                               f"run's (lo={lo}, hi={hi}, bins={bins}); keep one binning per key or log under a new key",
-                    ))
+                    rejected.append(
+                        RejectedItem(
+                            step=record.step,
+                            field="histograms",
+                            key=key,
+                            reason=f"binning (lo={hist.lo}, hi={hist.hi}, bins={len(hist.counts)}) differs from this "
+                            f"run's (lo={lo}, hi={hi}, bins={bins}); keep one binning per key or log under a new key",
+                        )
+                    )
         if not refused:
             return records
         return [
             r.model_copy(update={"histograms": {k: h for k, h in r.histograms.items() if k not in refused[i]}})
-            if i in refused else r
+            if i in refused
+            else r
             for i, r in enumerate(records)
         ]
 
@@ -580,7 +621,9 @@ class SqlStore(Store):
             for name, table in (("scalars", ScalarRow), ("histograms", HistogramRow), ("outliers", OutlierRow)):
                 removed[name] = conn.execute(delete(table).where(table.run_id == run_id, table.step > step)).rowcount
             removed["flags"] = conn.execute(
-                delete(EventRow).where(EventRow.run_id == run_id, EventRow.step > step, EventRow.kind.not_in(HISTORY_KINDS))
+                delete(EventRow).where(
+                    EventRow.run_id == run_id, EventRow.step > step, EventRow.kind.not_in(HISTORY_KINDS)
+                )
             ).rowcount
             removed["alerts"] = conn.execute(
                 update(ALERTS)
@@ -599,13 +642,21 @@ class SqlStore(Store):
                 }
                 # One event per rewind that changed something; a later rewind to the same step (after
                 # re-logging) gets its own detector name, as events are unique per (run, kind, detector, step).
-                earlier = conn.execute(select(func.count()).select_from(EventRow).where(
-                    EventRow.run_id == run_id, EventRow.kind == "rewind", EventRow.step == max(step, 0)
-                )).scalar_one()
-                conn.execute(insert(EventRow).values(
-                    run_id=run_id, step=max(step, 0), kind="rewind", severity="info",
-                    detector="rewind" if earlier == 0 else f"rewind-{earlier + 1}", **values,
-                ))
+                earlier = conn.execute(
+                    select(func.count())
+                    .select_from(EventRow)
+                    .where(EventRow.run_id == run_id, EventRow.kind == "rewind", EventRow.step == max(step, 0))
+                ).scalar_one()
+                conn.execute(
+                    insert(EventRow).values(
+                        run_id=run_id,
+                        step=max(step, 0),
+                        kind="rewind",
+                        severity="info",
+                        detector="rewind" if earlier == 0 else f"rewind-{earlier + 1}",
+                        **values,
+                    )
+                )
         return RewindOut(run_id=run_id, step=step, removed=removed)
 
     def fork(self, run_id: str, step: int, name: str | None) -> Run:
@@ -614,16 +665,28 @@ class SqlStore(Store):
         with self._tx(write=True) as conn:
             parent_last = self._lock_run(conn, run_id)
             if parent_last is None or step > parent_last:
-                raise Invalid(("step",), f"{step} is past the run's last logged step ({parent_last}); "
-                                         "fork at a step the run has logged")
+                raise Invalid(
+                    ("step",),
+                    f"{step} is past the run's last logged step ({parent_last}); fork at a step the run has logged",
+                )
             parent = conn.execute(select(RunRow.__table__).where(RunRow.run_id == run_id)).one()
             child_name = name or f"{parent.name}-fork-{step}"
-            conn.execute(insert(RunRow).values(
-                run_id=child, project_id=parent.project_id, name=child_name, loss=parent.loss, config=parent.config,
-                status="running", created_at=now, updated_at=now, last_seen_at=None,
-                last_step=None if parent_last is None else min(parent_last, step),
-                parent_run_id=run_id, fork_step=step,
-            ))
+            conn.execute(
+                insert(RunRow).values(
+                    run_id=child,
+                    project_id=parent.project_id,
+                    name=child_name,
+                    loss=parent.loss,
+                    config=parent.config,
+                    status="running",
+                    created_at=now,
+                    updated_at=now,
+                    last_seen_at=None,
+                    last_step=None if parent_last is None else min(parent_last, step),
+                    parent_run_id=run_id,
+                    fork_step=step,
+                )
+            )
             for table in (ScalarRow, HistogramRow, OutlierRow):
                 columns = [c.name for c in table.__table__.columns if c.name != "run_id"]
                 source = select(literal(child), *(table.__table__.c[c] for c in columns)).where(
@@ -631,20 +694,39 @@ class SqlStore(Store):
                 )
                 conn.execute(insert(table).from_select(["run_id", *columns], source))
             flag_columns = ["step", "kind", "severity", "detector", "message", "evidence", "created_at"]
-            conn.execute(insert(EventRow).from_select(
-                ["run_id", *flag_columns],
-                select(literal(child), *(EventRow.__table__.c[c] for c in flag_columns)).where(
-                    EventRow.run_id == run_id, EventRow.step <= step, EventRow.kind.not_in(HISTORY_KINDS)
-                ),
-            ))
-            conn.execute(insert(EventRow), [
-                {"run_id": child, "step": step, "kind": "fork", "severity": "info", "detector": "fork",
-                 "message": f"forked from run {parent.name!r} ({run_id}) at step {step}",
-                 "evidence": {"parent_run_id": run_id, "fork_step": step}, "created_at": now},
-                {"run_id": run_id, "step": step, "kind": "fork", "severity": "info", "detector": child,
-                 "message": f"forked into run {child_name!r} ({child}) at step {step}",
-                 "evidence": {"child_run_id": child, "fork_step": step}, "created_at": now},
-            ])
+            conn.execute(
+                insert(EventRow).from_select(
+                    ["run_id", *flag_columns],
+                    select(literal(child), *(EventRow.__table__.c[c] for c in flag_columns)).where(
+                        EventRow.run_id == run_id, EventRow.step <= step, EventRow.kind.not_in(HISTORY_KINDS)
+                    ),
+                )
+            )
+            conn.execute(
+                insert(EventRow),
+                [
+                    {
+                        "run_id": child,
+                        "step": step,
+                        "kind": "fork",
+                        "severity": "info",
+                        "detector": "fork",
+                        "message": f"forked from run {parent.name!r} ({run_id}) at step {step}",
+                        "evidence": {"parent_run_id": run_id, "fork_step": step},
+                        "created_at": now,
+                    },
+                    {
+                        "run_id": run_id,
+                        "step": step,
+                        "kind": "fork",
+                        "severity": "info",
+                        "detector": child,
+                        "message": f"forked into run {child_name!r} ({child}) at step {step}",
+                        "evidence": {"child_run_id": child, "fork_step": step},
+                        "created_at": now,
+                    },
+                ],
+            )
             return self._fetch_run(conn, child)
 
     # reads ------------------------------------------------------------------------------
@@ -656,7 +738,10 @@ class SqlStore(Store):
     def list_keys(self, run_id: str) -> Keys:
         with self._tx() as conn:
             self._require_run(conn, run_id)
-            return Keys(scalars=self._distinct_keys(conn, "scalars", run_id), histograms=self._distinct_keys(conn, "histograms", run_id))
+            return Keys(
+                scalars=self._distinct_keys(conn, "scalars", run_id),
+                histograms=self._distinct_keys(conn, "histograms", run_id),
+            )
 
     @staticmethod
     def _distinct_keys(conn: Connection, table: str, run_id: str) -> list[str]:
@@ -742,7 +827,10 @@ class SqlStore(Store):
             columns = []
             for key in chunk:
                 where = and_(
-                    ScalarRow.run_id == run_id, ScalarRow.key == key, ScalarRow.step >= lo_step, ScalarRow.step <= hi_step
+                    ScalarRow.run_id == run_id,
+                    ScalarRow.key == key,
+                    ScalarRow.step >= lo_step,
+                    ScalarRow.step <= hi_step,
                 )
                 columns += [
                     select(func.min(ScalarRow.step)).where(where).scalar_subquery(),
@@ -755,12 +843,17 @@ class SqlStore(Store):
         return out
 
     def scalar_history(self, run_id: str, key: str) -> list[tuple[int, float, float]]:
-        query = (select(ScalarRow.step, ScalarRow.value, ScalarRow.is_nan, ScalarRow.time)
-                 .where(ScalarRow.run_id == run_id, ScalarRow.key == key).order_by(ScalarRow.step))
+        query = (
+            select(ScalarRow.step, ScalarRow.value, ScalarRow.is_nan, ScalarRow.time)
+            .where(ScalarRow.run_id == run_id, ScalarRow.key == key)
+            .order_by(ScalarRow.step)
+        )
         with self._tx() as conn:
             self._require_run(conn, run_id)
-            return [(int(step), self._point(value, is_nan), float(time))
-                    for step, value, is_nan, time in conn.execute(query)]
+            return [
+                (int(step), self._point(value, is_nan), float(time))
+                for step, value, is_nan, time in conn.execute(query)
+            ]
 
     @staticmethod
     def _point(value: float | None, is_nan: int) -> float:
@@ -813,8 +906,13 @@ class SqlStore(Store):
         bucket = ((ScalarRow.step - lo) // width).label("bucket")
         query = (
             select(
-                func.min(ScalarRow.step), func.avg(ScalarRow.value), func.min(ScalarRow.value),
-                func.max(ScalarRow.value), func.max(ScalarRow.is_nan), func.count(ScalarRow.value), func.count(),
+                func.min(ScalarRow.step),
+                func.avg(ScalarRow.value),
+                func.min(ScalarRow.value),
+                func.max(ScalarRow.value),
+                func.max(ScalarRow.is_nan),
+                func.count(ScalarRow.value),
+                func.count(),
             )
             .where(*in_range, ScalarRow.key == key)
             .group_by(bucket)
@@ -831,10 +929,13 @@ class SqlStore(Store):
         self, run_id: str, key: str, start: int | None, end: int | None, max_steps: int
     ) -> HistogramsOut:
         query = select(
-            HistogramRow.step, HistogramRow.lo, HistogramRow.hi, HistogramRow.bins, HistogramRow.counts, HistogramRow.stats
-        ).where(
-            HistogramRow.run_id == run_id, HistogramRow.key == key
-        )
+            HistogramRow.step,
+            HistogramRow.lo,
+            HistogramRow.hi,
+            HistogramRow.bins,
+            HistogramRow.counts,
+            HistogramRow.stats,
+        ).where(HistogramRow.run_id == run_id, HistogramRow.key == key)
         if start is not None:
             query = query.where(HistogramRow.step >= start)
         if end is not None:
@@ -844,8 +945,19 @@ class SqlStore(Store):
             rows = conn.execute(query.order_by(HistogramRow.step)).all()
         if not rows:
             return HistogramsOut(
-                key=key, lo=None, hi=None, bins=None, step=[], step_end=[], counts=[], underflow=[], overflow=[],
-                min=[], max=[], sum=[], sumsq=[],
+                key=key,
+                lo=None,
+                hi=None,
+                bins=None,
+                step=[],
+                step_end=[],
+                counts=[],
+                underflow=[],
+                overflow=[],
+                min=[],
+                max=[],
+                sum=[],
+                sumsq=[],
             )
         return merge_histograms(key, rows, max_steps)
 
@@ -866,22 +978,42 @@ class SqlStore(Store):
         if not parsed:
             return 0
         rows = [
-            {"run_id": run_id, "step": e.step, "kind": e.kind, "severity": e.severity, "detector": e.detector,
-             "message": e.message, "evidence": e.evidence, "created_at": now if e.created_at is None else e.created_at}
+            {
+                "run_id": run_id,
+                "step": e.step,
+                "kind": e.kind,
+                "severity": e.severity,
+                "detector": e.detector,
+                "message": e.message,
+                "evidence": e.evidence,
+                "created_at": now if e.created_at is None else e.created_at,
+            }
             for e in parsed
         ]
-        stmt = self._insert(EventRow.__table__).on_conflict_do_nothing(
-            index_elements=["run_id", "kind", "detector", "step"]
-        ).returning(EventRow.id)
+        stmt = (
+            self._insert(EventRow.__table__)
+            .on_conflict_do_nothing(index_elements=["run_id", "kind", "detector", "step"])
+            .returning(EventRow.id)
+        )
         with self._tx(write=True) as conn:
             self._require_run(conn, run_id)
             return len(conn.execute(stmt, rows).all())
 
     def list_events(self, run_id: str) -> list[Event]:
-        query = select(
-            EventRow.id, EventRow.kind, EventRow.step, EventRow.severity, EventRow.detector, EventRow.message,
-            EventRow.evidence, EventRow.created_at,
-        ).where(EventRow.run_id == run_id).order_by(EventRow.step, EventRow.id)
+        query = (
+            select(
+                EventRow.id,
+                EventRow.kind,
+                EventRow.step,
+                EventRow.severity,
+                EventRow.detector,
+                EventRow.message,
+                EventRow.evidence,
+                EventRow.created_at,
+            )
+            .where(EventRow.run_id == run_id)
+            .order_by(EventRow.step, EventRow.id)
+        )
         with self._tx() as conn:
             self._require_run(conn, run_id)
             return [
@@ -918,11 +1050,20 @@ class SqlStore(Store):
         return deleted.rowcount > 0
 
     def list_tokens(self) -> list[dict[str, Any]]:
-        query = select(ApiTokenRow.id, ApiTokenRow.project, ApiTokenRow.scope, ApiTokenRow.created_at,
-                       ApiTokenRow.token_hash).order_by(ApiTokenRow.id)
+        query = select(
+            ApiTokenRow.id, ApiTokenRow.project, ApiTokenRow.scope, ApiTokenRow.created_at, ApiTokenRow.token_hash
+        ).order_by(ApiTokenRow.id)
         with self._tx() as conn:
-            return [{"id": r.id, "project": r.project, "scope": r.scope, "created_at": r.created_at,
-                     "fingerprint": r.token_hash[:8]} for r in conn.execute(query)]
+            return [
+                {
+                    "id": r.id,
+                    "project": r.project,
+                    "scope": r.scope,
+                    "created_at": r.created_at,
+                    "fingerprint": r.token_hash[:8],
+                }
+                for r in conn.execute(query)
+            ]
 
     def revoke_token_id(self, token_id: int) -> bool:
         with self._tx(write=True) as conn:
@@ -951,9 +1092,7 @@ def _rows(run_id: str, records: Sequence[RecordIn], now: float) -> tuple[list[tu
     return scalars, hists, outliers
 
 
-def _only_new(
-    records: Sequence[RecordIn], scalars: set[Any], hists: set[Any], outliers: set[Any]
-) -> list[RecordIn]:
+def _only_new(records: Sequence[RecordIn], scalars: set[Any], hists: set[Any], outliers: set[Any]) -> list[RecordIn]:
     """The records cut down to the items this batch stored first (for ingest listeners)."""
     out = []
     for record in records:
@@ -987,9 +1126,17 @@ def merge_histograms(key: str, rows: Sequence[Any], max_steps: int) -> Histogram
         counts = counts.astype(object)
     merged = np.add.reduceat(counts, starts, axis=0) if group > 1 else counts
     return HistogramsOut(
-        key=key, lo=lo, hi=hi, bins=bins,
-        step=steps[starts].tolist(), step_end=steps[ends].tolist(),
-        counts=merged[:, 2:].tolist(), underflow=merged[:, 0].tolist(), overflow=merged[:, 1].tolist(),
-        min=np.fmin.reduceat(stats[:, 0], starts).tolist(), max=np.fmax.reduceat(stats[:, 1], starts).tolist(),
-        sum=np.add.reduceat(stats[:, 2], starts).tolist(), sumsq=np.add.reduceat(stats[:, 3], starts).tolist(),
+        key=key,
+        lo=lo,
+        hi=hi,
+        bins=bins,
+        step=steps[starts].tolist(),
+        step_end=steps[ends].tolist(),
+        counts=merged[:, 2:].tolist(),
+        underflow=merged[:, 0].tolist(),
+        overflow=merged[:, 1].tolist(),
+        min=np.fmin.reduceat(stats[:, 0], starts).tolist(),
+        max=np.fmax.reduceat(stats[:, 1], starts).tolist(),
+        sum=np.add.reduceat(stats[:, 2], starts).tolist(),
+        sumsq=np.add.reduceat(stats[:, 3], starts).tolist(),
     )

@@ -45,5 +45,14 @@ def scalars(step: int, n: int = 30) -> dict[str, float]:
 
 def histogram(step: int) -> dict[str, Any]:
     counts = [step % 7 + i for i in range(64)]
-    return {"lo": -2.0, "hi": 2.0, "counts": counts, "underflow": 1, "overflow": 2, "min": -2.5, "max": 2.5,
-            "sum": 0.5 * step, "sumsq": 3.0 + step}
+    return {
+        "lo": -2.0,
+        "hi": 2.0,
+        "counts": counts,
+        "underflow": 1,
+        "overflow": 2,
+        "min": -2.5,
+        "max": 2.5,
+        "sum": 0.5 * step,
+        "sumsq": 3.0 + step,
+    }

@@ -20,8 +20,17 @@ SECONDS = 5.0
 
 
 def test_sixteen_clients_at_once_lose_nothing(shared_server: Target, tmp_path: Path) -> None:
-    runs = [mhpo.init(PROJECT, f"concurrent-{i}", server=shared_server.url, token=shared_server.token,
-                      spool_dir=tmp_path, flush_interval=0.2) for i in range(CLIENTS)]
+    runs = [
+        mhpo.init(
+            PROJECT,
+            f"concurrent-{i}",
+            server=shared_server.url,
+            token=shared_server.token,
+            spool_dir=tmp_path,
+            flush_interval=0.2,
+        )
+        for i in range(CLIENTS)
+    ]
     steps = [0] * CLIENTS
     reports: list[FinishReport | None] = [None] * CLIENTS
     errors: list[BaseException] = []

@@ -47,7 +47,9 @@ def test_sigkill_mid_run_every_step_arrives_exactly_once(sqlite_url: str, tmp_pa
     outage: list[float] = []
     preempted: list[float] = []
     try:
-        run = mhpo.init("faults", "sigkill", server=server.url, spool_dir=tmp_path, flush_interval=0.05, max_backoff=0.5)
+        run = mhpo.init(
+            "faults", "sigkill", server=server.url, spool_dir=tmp_path, flush_interval=0.05, max_backoff=0.5
+        )
         for step in range(STEPS):
             if step == KILL_AT:
                 server.kill()
@@ -84,8 +86,10 @@ def test_sigkill_mid_run_every_step_arrives_exactly_once(sqlite_url: str, tmp_pa
     own = sorted(wall - queued for wall, queued in zip(outage, preempted))
     outage.sort()
     p99, worst, own_worst = outage[int(len(outage) * 0.99)], outage[-1], own[-1]
-    summary = (f"log() while the server was down, {len(outage)} calls: p50 {outage[len(outage) // 2] * 1e6:.0f} us, "
-               f"p99 {p99 * 1e6:.0f} us, max {worst * 1e6:.0f} us; max without OS run-queue waits {own_worst * 1e6:.0f} us")
+    summary = (
+        f"log() while the server was down, {len(outage)} calls: p50 {outage[len(outage) // 2] * 1e6:.0f} us, "
+        f"p99 {p99 * 1e6:.0f} us, max {worst * 1e6:.0f} us; max without OS run-queue waits {own_worst * 1e6:.0f} us"
+    )
     print(summary)
     assert p99 < 1e-3 and own_worst < 1e-3, summary
 
@@ -105,8 +109,13 @@ print(json.dumps({"run_id": run.id, "spooled": report.spooled_records, "replayed
 
 def trainer(url: str, spool: Path, name: str, steps: int, timeout: float) -> dict[str, object]:
     """One training process, start to exit."""
-    done = subprocess.run([sys.executable, "-c", TRAINER, url, str(spool), name, str(steps), str(timeout)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", TRAINER, url, str(spool), name, str(steps), str(timeout)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 

@@ -31,8 +31,16 @@ def crashed_run(target: Target, spool: Path) -> str:
 
 def test_resume_from_step_rewinds_before_logging(shared_server: Target, tmp_path: Path) -> None:
     run_id = crashed_run(shared_server, tmp_path)
-    run = mhpo.init(PROJECT, "resume", server=shared_server.url, token=shared_server.token, spool_dir=tmp_path,
-                    run_id=run_id, resume_from_step=100, **FAST)
+    run = mhpo.init(
+        PROJECT,
+        "resume",
+        server=shared_server.url,
+        token=shared_server.token,
+        spool_dir=tmp_path,
+        run_id=run_id,
+        resume_from_step=100,
+        **FAST,
+    )
     for step in range(101, 201):
         run.log(step, {"value": 1000.0 + step})
     report = run.finish(timeout=30)
@@ -48,8 +56,9 @@ def test_rewind_requested_while_the_server_is_down_is_replayed_in_order(
     target = Target(live_server_db)
     run_id = crashed_run(target, tmp_path)
     live_server_db.kill()
-    run = mhpo.init(PROJECT, "resume", server=target.url, spool_dir=tmp_path, run_id=run_id, resume_from_step=100,
-                    **FAST)
+    run = mhpo.init(
+        PROJECT, "resume", server=target.url, spool_dir=tmp_path, run_id=run_id, resume_from_step=100, **FAST
+    )
     for step in range(101, 201):
         run.log(step, {"value": 1000.0 + step})
     assert not run.flush(timeout=0.5)  # the rewind and the records wait in the spool, in order
@@ -76,21 +85,38 @@ def test_partial_refusal_keeps_the_good_keys_and_warns_once_per_key(
     assert len(warnings) == 3 and "''" in warnings[0] and "bad\\x01key" in warnings[1]
     kept = sorted((tmp_path / "rejected" / run.id).glob("*.json"))
     records = [r for path in kept for r in json.loads(path.read_text())["records"]]
-    assert sorted((r["step"], sorted(r["scalars"])) for r in records) == [(1, [""]), (2, ["", "bad\x01key", "caf\udce9"])]
+    assert sorted((r["step"], sorted(r["scalars"])) for r in records) == [
+        (1, [""]),
+        (2, ["", "bad\x01key", "caf\udce9"]),
+    ]
     assert [r["scalars"]["caf\udce9"] for r in records if r["step"] == 2] == [4.0]  # kept as sent, with its value
     reasons = [json.loads(line) for path in kept for line in path.with_suffix(".reason.txt").read_text().splitlines()]
-    assert {(r["step"], r["key"]) for r in reasons} == {(1, ""), (2, ""), (2, "bad\x01key"), (2, "caf\ufffd\ufffd\ufffd")}
+    assert {(r["step"], r["key"]) for r in reasons} == {
+        (1, ""),
+        (2, ""),
+        (2, "bad\x01key"),
+        (2, "caf\ufffd\ufffd\ufffd"),
+    }
 
 
 def test_fork_then_continue_the_new_run(shared_server: Target, tmp_path: Path) -> None:
-    parent = mhpo.init(PROJECT, "parent", server=shared_server.url, token=shared_server.token, spool_dir=tmp_path, **FAST)
+    parent = mhpo.init(
+        PROJECT, "parent", server=shared_server.url, token=shared_server.token, spool_dir=tmp_path, **FAST
+    )
     for step in range(51):
         parent.log(step, {"value": float(step)})
     assert parent.finish(timeout=30).complete
     child = mhpo.client.fork(parent.id, 20, name="child", server=shared_server.url, token=shared_server.token)
     assert (child["parent_run_id"], child["fork_step"], child["project"]) == (parent.id, 20, PROJECT)
-    run = mhpo.init(child["project"], child["name"], server=shared_server.url, token=shared_server.token,
-                    spool_dir=tmp_path, run_id=child["run_id"], **FAST)
+    run = mhpo.init(
+        child["project"],
+        child["name"],
+        server=shared_server.url,
+        token=shared_server.token,
+        spool_dir=tmp_path,
+        run_id=child["run_id"],
+        **FAST,
+    )
     for step in range(21, 41):
         run.log(step, {"value": -float(step)})
     assert run.finish(timeout=30).complete

@@ -22,8 +22,16 @@ FAST = {"flush_interval": 0.05, "max_backoff": 0.3}
 
 
 def test_records_arrive_with_histograms_outliers_and_non_finite_values(shared_server: Target, tmp_path: Path) -> None:
-    run = mhpo.init(PROJECT, "roundtrip", config={"lr": 1e-6, "loss": {"c": 1.5}}, loss="mhpo", server=shared_server.url,
-                    token=shared_server.token, spool_dir=tmp_path, **FAST)
+    run = mhpo.init(
+        PROJECT,
+        "roundtrip",
+        config={"lr": 1e-6, "loss": {"c": 1.5}},
+        loss="mhpo",
+        server=shared_server.url,
+        token=shared_server.token,
+        spool_dir=tmp_path,
+        **FAST,
+    )
     outlier = {"sample": 0, "position": 3, "token_id": 17, "text": "x", "x": 2.5, "A": -1.0, "zeta": 4.0}
     for step in range(200):
         extra = {"weird/nan": math.nan, "weird/inf": math.inf} if step == 7 else {}
@@ -60,8 +68,15 @@ def test_the_token_comes_from_the_environment_and_a_missing_one_fails_at_init(
 def test_one_bad_record_is_refused_alone(
     shared_sqlite_server: Target, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run = mhpo.init(PROJECT, "refusal", server=shared_sqlite_server.url, token=shared_sqlite_server.token,
-                    spool_dir=tmp_path, batch_size=1000, flush_interval=5.0)
+    run = mhpo.init(
+        PROJECT,
+        "refusal",
+        server=shared_sqlite_server.url,
+        token=shared_sqlite_server.token,
+        spool_dir=tmp_path,
+        batch_size=1000,
+        flush_interval=5.0,
+    )
     with caplog.at_level(logging.ERROR, logger="mhpo.client"):
         for step in range(100):  # a time before 1970 is an error of the record itself, not of one item
             run.log(step, scalars(step), histograms={"log_ratio": histogram(step)}, time=-1.0 if step == 42 else None)
@@ -79,8 +94,9 @@ def test_resume_with_the_same_run_id_after_a_crash(shared_sqlite_server: Target,
     for step in range(30):
         first.log(step, scalars(step))
     first.finish("crashed", timeout=30)
-    again = mhpo.init(PROJECT, "resumed", server=target.url, token=target.token, spool_dir=tmp_path, run_id=first.id,
-                      **FAST)
+    again = mhpo.init(
+        PROJECT, "resumed", server=target.url, token=target.token, spool_dir=tmp_path, run_id=first.id, **FAST
+    )
     for step in range(25, 60):  # re-logs 25..29 from its last checkpoint: stored once
         again.log(step, scalars(step))
     assert again.finish(timeout=30).complete
@@ -104,8 +120,13 @@ raise RuntimeError("diverged")
 
 def test_exit_without_finish_flushes_and_marks_the_run_failed(shared_sqlite_server: Target, tmp_path: Path) -> None:
     target = shared_sqlite_server
-    done = subprocess.run([sys.executable, "-c", CRASHING_TRAINER, PROJECT, target.url, str(target.token), str(tmp_path)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", CRASHING_TRAINER, PROJECT, target.url, str(target.token), str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1 and "diverged" in done.stderr
     run_id = done.stdout.split()[0]
     assert sorted(target.stored_steps(run_id, "train/loss")) == list(range(20))
@@ -117,8 +138,14 @@ def test_a_damaged_spool_file_is_set_aside_not_retried_forever(shared_sqlite_ser
     orphan_dir = tmp_path / server_key(shared_sqlite_server.url) / orphan
     orphan_dir.mkdir(parents=True)
     (orphan_dir / f"{1:020d}-{uuid.uuid4()}-n5.json").write_bytes(b'{"batch_id": "x", "records": [{"step": 0, "sca')
-    run = mhpo.init(PROJECT, "replayer", server=shared_sqlite_server.url, token=shared_sqlite_server.token,
-                    spool_dir=tmp_path, **FAST)
+    run = mhpo.init(
+        PROJECT,
+        "replayer",
+        server=shared_sqlite_server.url,
+        token=shared_sqlite_server.token,
+        spool_dir=tmp_path,
+        **FAST,
+    )
     assert run.finish(timeout=20).complete
     assert not orphan_dir.exists()
     assert len(list((tmp_path / "rejected" / orphan).glob("*-n5.json"))) == 1

@@ -71,8 +71,7 @@ def test_log_is_non_blocking_while_server_is_down(dead_server: str, tmp_path: Pa
 def test_full_spool_warns_and_counts_instead_of_crashing(
     dead_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run = mhpo.init("p", "full", server=dead_server, spool_dir=tmp_path, spool_max_bytes=20_000,
-                    batch_size=50, **FAST)
+    run = mhpo.init("p", "full", server=dead_server, spool_dir=tmp_path, spool_max_bytes=20_000, batch_size=50, **FAST)
     with caplog.at_level(logging.WARNING, logger="mhpo.client"):
         for step in range(1000):
             run.log(step, {f"key/{i}": float(i) for i in range(10)})
@@ -113,7 +112,9 @@ def test_an_unserialisable_record_is_dropped_alone(dead_server: str, tmp_path: P
     assert sorted(spooled_steps(report.spool_dir)) == [0, 2]
 
 
-def test_one_run_id_is_open_in_one_place_only(dead_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_run_id_is_open_in_one_place_only(
+    dead_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(mhpo.client._run, "LOCK_WAIT_S", 0.3)
     run = mhpo.init("p", "lock", server=dead_server, spool_dir=tmp_path, **FAST)
     with pytest.raises(MHPOClientError, match="already open"):
@@ -159,9 +160,18 @@ def test_spool_env_and_stale_partial_writes(dead_server: str, tmp_path: Path, mo
 
 @pytest.mark.parametrize(
     ("status", "n", "outcome"),
-    [(200, 5, Outcome.OK), (408, 5, Outcome.RETRY), (429, 5, Outcome.RETRY), (503, 5, Outcome.RETRY),
-     (404, 5, Outcome.MISSING_RUN), (422, 5, Outcome.SPLIT), (413, 2, Outcome.SPLIT), (422, 1, Outcome.REJECT),
-     (401, 5, Outcome.REJECT), (403, 5, Outcome.REJECT)],
+    [
+        (200, 5, Outcome.OK),
+        (408, 5, Outcome.RETRY),
+        (429, 5, Outcome.RETRY),
+        (503, 5, Outcome.RETRY),
+        (404, 5, Outcome.MISSING_RUN),
+        (422, 5, Outcome.SPLIT),
+        (413, 2, Outcome.SPLIT),
+        (422, 1, Outcome.REJECT),
+        (401, 5, Outcome.REJECT),
+        (403, 5, Outcome.REJECT),
+    ],
 )
 def test_response_classes(status: int, n: int, outcome: Outcome) -> None:
     assert classify(status, n) is outcome

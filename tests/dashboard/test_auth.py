@@ -6,8 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from dashboard.auth import Sessions, load_or_create_secret
+from mhpo_dashboard.auth import Sessions, load_or_create_secret
 
 SECRET = b"0123456789abcdef-secret"
 TOKEN = "mhpo_" + "t" * 43
@@ -32,8 +31,9 @@ def test_a_short_secret_is_refused() -> None:
 
 def test_processes_starting_together_share_one_generated_secret(tmp_path: Path) -> None:
     found: list[bytes] = []
-    threads = [threading.Thread(target=lambda: found.append(load_or_create_secret(tmp_path / "data")))
-               for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: found.append(load_or_create_secret(tmp_path / "data"))) for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.dashboard.seeding import post_records, records, seed_run
 from tests.dashboard.browsing import PLOT, open_page, screenshot
+from tests.dashboard.seeding import post_records, records, seed_run
 from tests.fixtures.server import LiveServer
 
 pytestmark = pytest.mark.browser
@@ -34,16 +34,33 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def runs(server: LiveServer) -> dict[str, str]:
     """An MHPO run with a hazard spike and a drifting GRPO run (different lr and loss)."""
     common = {"model": "tiny-gpt", "seed": 1, "group_size": 8}
-    mhpo_id = seed_run(server.url, "demo", "mhpo-baseline", "mhpo",
-                       {**common, "lr": 1e-6, "hparams": {"c": 1.5, "k_pos": 1.5}}, STEPS, seed=1, spike_at=SPIKE_AT)
-    grpo_id = seed_run(server.url, "demo", "grpo-baseline", "grpo",
-                       {**common, "lr": 3e-6, "hparams": {"eps": 0.2}}, STEPS, seed=2, drift=2.0)
+    mhpo_id = seed_run(
+        server.url,
+        "demo",
+        "mhpo-baseline",
+        "mhpo",
+        {**common, "lr": 1e-6, "hparams": {"c": 1.5, "k_pos": 1.5}},
+        STEPS,
+        seed=1,
+        spike_at=SPIKE_AT,
+    )
+    grpo_id = seed_run(
+        server.url,
+        "demo",
+        "grpo-baseline",
+        "grpo",
+        {**common, "lr": 3e-6, "hparams": {"eps": 0.2}},
+        STEPS,
+        seed=2,
+        drift=2.0,
+    )
     return {"mhpo": mhpo_id, "grpo": grpo_id}
 
 
 def _trace_lengths(page: object, graph: str) -> list[int]:
     return page.evaluate(
-        "(sel) => document.querySelector(sel).data.map(t => (t.x || []).length)", f".graph-{graph} {PLOT}")
+        "(sel) => document.querySelector(sel).data.map(t => (t.x || []).length)", f".graph-{graph} {PLOT}"
+    )
 
 
 def test_runs_page_lists_runs_and_builds_a_compare_link(server: LiveServer, runs: dict[str, str], page: object) -> None:
@@ -58,12 +75,18 @@ def test_runs_page_lists_runs_and_builds_a_compare_link(server: LiveServer, runs
     screenshot(page, "runs")
 
 
-def test_run_page_shows_heatmap_panels_flags_and_outliers(server: LiveServer, runs: dict[str, str], page: object) -> None:
+def test_run_page_shows_heatmap_panels_flags_and_outliers(
+    server: LiveServer, runs: dict[str, str], page: object
+) -> None:
     open_page(page, f"{server.url}/runs/{runs['mhpo']}", f".graph-heatmap {PLOT}")
     heatmap = page.evaluate(f"() => document.querySelector('.graph-heatmap {PLOT}').data[0]")
     assert heatmap["type"] == "heatmap" and len(heatmap["x"]) == STEPS and len(heatmap["z"]) == STEPS
-    for panel, key in [("trust_region", "ratio/mean"), ("hazard", "hazard/zeta_p99"),
-                       ("gradients", "grad/norm/mlp"), ("policy", "policy/entropy")]:
+    for panel, key in [
+        ("trust_region", "ratio/mean"),
+        ("hazard", "hazard/zeta_p99"),
+        ("gradients", "grad/norm/mlp"),
+        ("policy", "policy/entropy"),
+    ]:
         names = page.evaluate("(sel) => document.querySelector(sel).data.map(t => t.name)", f".graph-{panel} {PLOT}")
         assert key in names, (panel, names)
     step_names = page.evaluate(f"() => document.querySelector('#run-step-histogram {PLOT}').data.map(t => t.name)")
@@ -78,7 +101,8 @@ def test_clicking_a_flag_selects_its_step_everywhere(server: LiveServer, runs: d
     page.locator(".flag-button", has_text="hazard_spike").first.click()
     page.wait_for_function(
         f"(s) => document.querySelector('#run-step-histogram {PLOT}').layout.title.text.startsWith('step ' + s + ':')",
-        arg=SPIKE_AT)
+        arg=SPIKE_AT,
+    )
     assert f"selected step {SPIKE_AT}" in page.inner_text("#run-selected-label")
     assert f"at step {SPIKE_AT}" in page.inner_text("#run-outliers")
     marker = page.evaluate(f"() => document.querySelector('.graph-hazard {PLOT}').layout.shapes[0]")
@@ -86,7 +110,8 @@ def test_clicking_a_flag_selects_its_step_everywhere(server: LiveServer, runs: d
 
 
 def test_run_page_loads_plotly_once_from_the_cartesian_bundle_and_points_select_steps(
-        server: LiveServer, runs: dict[str, str], page: object) -> None:
+    server: LiveServer, runs: dict[str, str], page: object
+) -> None:
     """The renderer hook loads the cartesian bundle early and dcc.Graph reuses it: the full
     bundle is never fetched, every chart draws, and clicking a point still selects its step."""
     scripts: list[str] = []
@@ -102,12 +127,14 @@ def test_run_page_loads_plotly_once_from_the_cartesian_bundle_and_points_select_
     page.wait_for_selector(f".graph-policy {PLOT} .hoverlayer > *", state="attached")  # clicks hit the hovered point
     page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
     page.wait_for_function(
-        f"() => !document.querySelector('#run-selected-label').innerText.includes('step {STEPS - 1}')")
+        f"() => !document.querySelector('#run-selected-label').innerText.includes('step {STEPS - 1}')"
+    )
     step = int(page.inner_text("#run-selected-label").split()[2])
     assert 0 < step < STEPS - 1
     page.wait_for_function(
         f"(s) => document.querySelector('#run-step-histogram {PLOT}').layout.title.text.startsWith('step ' + s + ':')",
-        arg=step)
+        arg=step,
+    )
 
 
 def test_records_posted_while_open_appear_without_reload_within_2s(server: LiveServer, page: object) -> None:
@@ -118,10 +145,14 @@ def test_records_posted_while_open_appear_without_reload_within_2s(server: LiveS
     with httpx.Client(base_url=server.url) as client:
         started = time.monotonic()
         post_records(client, run_id, list(records(20, 25, seed=3)))
-    page.wait_for_function(f"() => document.querySelector('.graph-heatmap {PLOT}').data[0].x.length === 25",
-                           timeout=2000)
-    page.wait_for_function(f"(n) => document.querySelector('.graph-hazard {PLOT}').data[0].x.length === n",
-                           arg=hazard_before + 5, timeout=max(1, int(2000 - (time.monotonic() - started) * 1000)))
+    page.wait_for_function(
+        f"() => document.querySelector('.graph-heatmap {PLOT}').data[0].x.length === 25", timeout=2000
+    )
+    page.wait_for_function(
+        f"(n) => document.querySelector('.graph-hazard {PLOT}').data[0].x.length === n",
+        arg=hazard_before + 5,
+        timeout=max(1, int(2000 - (time.monotonic() - started) * 1000)),
+    )
     assert time.monotonic() - started <= 2.0
     assert "last step 24" in page.inner_text("#run-summary")
 
@@ -141,8 +172,9 @@ def test_a_custom_chart_gets_live_points_appended_and_keeps_its_zoom(server: Liv
     assert page.evaluate(f"() => {chart}.layout.xaxis.range") == [2, 8]
 
 
-def test_compare_page_shows_both_runs_and_their_config_difference(server: LiveServer, runs: dict[str, str],
-                                                                   page: object) -> None:
+def test_compare_page_shows_both_runs_and_their_config_difference(
+    server: LiveServer, runs: dict[str, str], page: object
+) -> None:
     open_page(page, f"{server.url}/compare?runs={runs['mhpo']},{runs['grpo']}", f".compare-heatmap {PLOT}")
     page.wait_for_function(f"() => document.querySelectorAll('.compare-heatmap {PLOT}').length === 2")
     names = page.evaluate(f"() => document.querySelector('.compare-metric {PLOT}').data.map(t => t.name)")
@@ -154,8 +186,9 @@ def test_compare_page_shows_both_runs_and_their_config_difference(server: LiveSe
     screenshot(page, "compare")
 
 
-def test_alerts_page_creates_a_rule_that_the_api_returns(server: LiveServer, runs: dict[str, str],
-                                                         page: object) -> None:
+def test_alerts_page_creates_a_rule_that_the_api_returns(
+    server: LiveServer, runs: dict[str, str], page: object
+) -> None:
     open_page(page, server.url + "/alerts", "#alerts-create")
     page.fill("#rule-name", "zeta p99 above 4")
     page.fill("#rule-value", "4")

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.dashboard.seeding import create_run, post_records, records, seed_run
 from tests.dashboard.browsing import PLOT, open_page, screenshot
+from tests.dashboard.seeding import create_run, post_records, records, seed_run
 from tests.fixtures.server import LiveServer
 
 pytestmark = pytest.mark.browser
@@ -58,28 +58,46 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 @pytest.fixture(scope="module")
 def runs(server: LiveServer) -> dict[str, str]:
     with httpx.Client(base_url=server.url, timeout=120) as client:
-        rule = {"name": "zeta p99 high", "project": "field", "condition": {
-            "type": "threshold", "key": "hazard/zeta_p99", "op": ">", "value": 3.0, "for_steps": 1},
-            "severity": "critical", "cooldown_s": 0, "channels": ["dashboard"]}
+        rule = {
+            "name": "zeta p99 high",
+            "project": "field",
+            "condition": {"type": "threshold", "key": "hazard/zeta_p99", "op": ">", "value": 3.0, "for_steps": 1},
+            "severity": "critical",
+            "cooldown_s": 0,
+            "channels": ["dashboard"],
+        }
         client.post("/api/v1/alert-rules", json=rule).raise_for_status()
         field = create_run(client, "field", "field-run", "mhpo", {"lr": 1e-6, "hparams": {"c": 1.5}})
         post_records(client, field, field_records())
         many = create_run(client, "field", "many-keys", "mhpo", {"lr": 1e-6})
-        post_records(client, many, [{"step": s, "time": 1.7e9 + s,
-                                     "scalars": {f"grad/norm/layer_{i}": i + s / 10 for i in range(MANY_KEYS)}}
-                                    for s in range(3)])
-    baseline = seed_run(server.url, "field", "grpo-baseline", "grpo", {"lr": 3e-6, "hparams": {"eps": 0.2}},
-                        STEPS, seed=8, drift=2.0)
+        post_records(
+            client,
+            many,
+            [
+                {
+                    "step": s,
+                    "time": 1.7e9 + s,
+                    "scalars": {f"grad/norm/layer_{i}": i + s / 10 for i in range(MANY_KEYS)},
+                }
+                for s in range(3)
+            ],
+        )
+    baseline = seed_run(
+        server.url, "field", "grpo-baseline", "grpo", {"lr": 3e-6, "hparams": {"eps": 0.2}}, STEPS, seed=8, drift=2.0
+    )
     return {"field": field, "many": many, "baseline": baseline}
 
 
 def _traces(page: object, graph: str) -> list[dict]:
-    return page.evaluate("(sel) => document.querySelector(sel).data.map(t => ({name: t.name, x: t.x, y: t.y,"
-                         " mode: t.mode}))", f".graph-{graph} {PLOT}")
+    return page.evaluate(
+        "(sel) => document.querySelector(sel).data.map(t => ({name: t.name, x: t.x, y: t.y, mode: t.mode}))",
+        f".graph-{graph} {PLOT}",
+    )
 
 
-def test_custom_key_added_from_the_explorer_is_drawn_and_kept(server: LiveServer, runs: dict[str, str],
-                                                              page: object) -> None:
+def test_custom_key_added_from_the_explorer_is_drawn_and_kept(
+    server: LiveServer, runs: dict[str, str], page: object
+) -> None:
     url = f"{server.url}/runs/{runs['field']}"
     open_page(page, url, f".graph-training {PLOT}")
     assert "train/loss" in [t["name"] for t in _traces(page, "training")]
@@ -98,27 +116,33 @@ def test_custom_key_added_from_the_explorer_is_drawn_and_kept(server: LiveServer
     page.wait_for_selector("#run-custom-empty")
 
 
-def test_nan_steps_are_marked_and_an_isolated_point_is_drawn(server: LiveServer, runs: dict[str, str],
-                                                             page: object) -> None:
+def test_nan_steps_are_marked_and_an_isolated_point_is_drawn(
+    server: LiveServer, runs: dict[str, str], page: object
+) -> None:
     open_page(page, f"{server.url}/runs/{runs['field']}", f".graph-policy {PLOT}")
     entropy = next(t for t in _traces(page, "policy") if t["name"] == "policy/entropy")
     assert "markers" in entropy["mode"]
     assert entropy["y"][ISOLATED] is not None and all(entropy["y"][s] is None for s in NAN_STEPS)
-    bands = page.evaluate(f"() => document.querySelector('.graph-policy {PLOT}').layout.shapes"
-                          ".filter(s => s.name === 'nan').map(s => s.x0 + 0.5)")
+    bands = page.evaluate(
+        f"() => document.querySelector('.graph-policy {PLOT}').layout.shapes"
+        ".filter(s => s.name === 'nan').map(s => s.x0 + 0.5)"
+    )
     assert sorted(bands) == NAN_STEPS
     titles = page.evaluate(f"() => document.querySelector('.graph-hazard {PLOT}').layout.yaxis.title.text")
     assert "hazard" in titles
 
 
-def test_ratio_and_hazard_charts_switch_between_off_policy_and_all_steps(server: LiveServer, runs: dict[str, str],
-                                                                         page: object) -> None:
+def test_ratio_and_hazard_charts_switch_between_off_policy_and_all_steps(
+    server: LiveServer, runs: dict[str, str], page: object
+) -> None:
     open_page(page, f"{server.url}/runs/{runs['field']}", f".graph-trust_region {PLOT}")
     steps = next(t for t in _traces(page, "trust_region") if t["name"] == "ratio/mean")["x"]
     assert steps == list(range(1, STEPS, 2))
     page.get_by_label("all steps").check()
-    page.wait_for_function(f"() => document.querySelector('.graph-trust_region {PLOT}').data"
-                           f".find(t => t.name === 'ratio/mean').x.length === {STEPS}")
+    page.wait_for_function(
+        f"() => document.querySelector('.graph-trust_region {PLOT}').data"
+        f".find(t => t.name === 'ratio/mean').x.length === {STEPS}"
+    )
     hazard = next(t for t in _traces(page, "hazard") if t["name"] == "hazard/zeta_p99")["x"]
     assert hazard == list(range(STEPS))
 
@@ -129,8 +153,9 @@ def test_five_thousand_keys_paint_list_and_draw(server: LiveServer, runs: dict[s
     assert len(_traces(page, "gradients")) >= 2
     page.fill("#run-key-search", "layer_4999")
     page.locator(".key-button", has_text="grad/norm/layer_4999").click()
-    page.wait_for_function(f"() => document.querySelector('.custom-graph {PLOT}')?.data[0].name"
-                           " === 'grad/norm/layer_4999'")
+    page.wait_for_function(
+        f"() => document.querySelector('.custom-graph {PLOT}')?.data[0].name === 'grad/norm/layer_4999'"
+    )
 
 
 def test_compare_leaves_out_on_policy_steps(server: LiveServer, runs: dict[str, str], page: object) -> None:
@@ -140,8 +165,9 @@ def test_compare_leaves_out_on_policy_steps(server: LiveServer, runs: dict[str, 
     screenshot(page, "daily-compare")
 
 
-def test_alerts_form_follows_the_condition_type_and_tables_read_well(server: LiveServer, runs: dict[str, str],
-                                                                      page: object) -> None:
+def test_alerts_form_follows_the_condition_type_and_tables_read_well(
+    server: LiveServer, runs: dict[str, str], page: object
+) -> None:
     deadline = time.monotonic() + 20
     while not httpx.get(f"{server.url}/api/v1/alerts").json()["alerts"] and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -150,8 +176,10 @@ def test_alerts_form_follows_the_condition_type_and_tables_read_well(server: Liv
         page.wait_for_selector(f"#rule-{field}", state="attached")
 
     def shown() -> dict[str, bool]:
-        return {f: page.evaluate("(id) => document.getElementById(id).closest('label').offsetParent !== null",
-                                 f"rule-{f}") for f in ("key", "op", "value", "z", "kind")}
+        return {
+            f: page.evaluate("(id) => document.getElementById(id).closest('label').offsetParent !== null", f"rule-{f}")
+            for f in ("key", "op", "value", "z", "kind")
+        }
 
     assert shown() == {"key": True, "op": True, "value": True, "z": False, "kind": False}
     page.get_by_label("spike", exact=True).check()

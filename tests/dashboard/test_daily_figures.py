@@ -8,9 +8,8 @@ import plotly.graph_objects as go
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from dashboard import figures
-from dashboard.api import key_chunks
+from mhpo_dashboard import figures
+from mhpo_dashboard.api import key_chunks
 
 
 def _series(steps: list[int], values: list[float]) -> dict:
@@ -60,8 +59,9 @@ def test_a_constant_series_keeps_a_readable_range_and_a_one_step_series_is_a_dot
 
 def test_nan_steps_get_bands_and_an_isolated_point_gets_a_marker() -> None:
     values = [1.0] * 40 + [math.nan, 2.0, math.inf] + [1.0] * 40
-    fig, trace_map = figures.timeseries_figure("P", [["policy/entropy"]],
-                                               {"policy/entropy": _series(list(range(len(values))), values)})
+    fig, trace_map = figures.timeseries_figure(
+        "P", [["policy/entropy"]], {"policy/entropy": _series(list(range(len(values))), values)}
+    )
     go.Figure(fig)
     assert fig["data"][trace_map["policy/entropy"][0]]["mode"] == "lines+markers"
     assert sorted(s["x0"] + 0.5 for s in fig["layout"]["shapes"] if s.get("name") == "nan") == [40, 42]
@@ -69,10 +69,18 @@ def test_nan_steps_get_bands_and_an_isolated_point_gets_a_marker() -> None:
 
 def test_flag_markers_sit_on_the_key_the_evidence_names_at_its_value() -> None:
     rows = [["hazard/zeta_mean"], ["hazard/zeta_p99"]]
-    series = {"hazard/zeta_mean": _series([0, 1, 2], [1.0, 1.0, 1.0]),
-              "hazard/zeta_p99": _series([0, 1, 2], [2.0, 9.0, 2.0])}
-    named = {"id": 1, "type": "flag", "kind": "hazard_spike", "step": 1, "severity": "critical",
-             "evidence": {"signals": [{"key": "hazard/zeta_p99", "z": 9.0}]}}
+    series = {
+        "hazard/zeta_mean": _series([0, 1, 2], [1.0, 1.0, 1.0]),
+        "hazard/zeta_p99": _series([0, 1, 2], [2.0, 9.0, 2.0]),
+    }
+    named = {
+        "id": 1,
+        "type": "flag",
+        "kind": "hazard_spike",
+        "step": 1,
+        "severity": "critical",
+        "evidence": {"signals": [{"key": "hazard/zeta_p99", "z": 9.0}]},
+    }
     elsewhere = {**named, "id": 2, "evidence": {"values": {"policy/entropy": math.nan}}}
     anonymous = {**named, "id": 3, "step": 2, "evidence": {}}
     assert figures.flag_key(named) == "hazard/zeta_p99" and figures.flag_key(anonymous) is None
@@ -84,37 +92,66 @@ def test_flag_markers_sit_on_the_key_the_evidence_names_at_its_value() -> None:
 
 
 def test_on_policy_steps_from_the_update_index_or_an_exact_zero_log_ratio() -> None:
-    by_index = {"train/update_index": _series([0, 1, 2, 3], [0.0, 1.0, 0.0, 1.0]),
-                "ratio/min": _series([0, 1, 2, 3], [0.0, 0.0, 0.0, 0.0])}
+    by_index = {
+        "train/update_index": _series([0, 1, 2, 3], [0.0, 1.0, 0.0, 1.0]),
+        "ratio/min": _series([0, 1, 2, 3], [0.0, 0.0, 0.0, 0.0]),
+    }
     assert figures.on_policy_steps(by_index) == {0, 2}
     by_ratio = {"ratio/min": _series([0, 1, 2], [0.0, -0.1, 0.0]), "ratio/max": _series([0, 1, 2], [0.0, 0.1, 0.1])}
     assert figures.on_policy_steps(by_ratio) == {0}
     bucket = {"train/update_index": {"step": [0, 10], "value": [0.5, 0.0], "min": [0.0, 0.0], "max": [1.0, 0.0]}}
     assert figures.on_policy_steps(bucket) == {10}
-    kept = figures.off_policy_only({**by_index, "ratio/mean": _series([0, 1, 2, 3], [0.0, 0.2, 0.0, 0.3])},
-                                   ["ratio/mean"], {0, 2})
+    kept = figures.off_policy_only(
+        {**by_index, "ratio/mean": _series([0, 1, 2, 3], [0.0, 0.2, 0.0, 0.3])}, ["ratio/mean"], {0, 2}
+    )
     assert kept["ratio/mean"] == _series([1, 3], [0.2, 0.3]) and kept["ratio/min"] == by_index["ratio/min"]
 
 
 def test_wasserstein_leaves_out_the_steps_it_is_told_to_skip() -> None:
-    hist = {"lo": -1.0, "hi": 1.0, "bins": 2, "step": [0, 1, 2], "counts": [[1, 0], [1, 0], [1, 0]],
-            "underflow": [0, 0, 0], "overflow": [0, 0, 0]}
+    hist = {
+        "lo": -1.0,
+        "hi": 1.0,
+        "bins": 2,
+        "step": [0, 1, 2],
+        "counts": [[1, 0], [1, 0], [1, 0]],
+        "underflow": [0, 0, 0],
+        "overflow": [0, 0, 0],
+    }
     other = {**hist, "counts": [[0, 1], [0, 1], [0, 1]]}
     steps, dists = figures.wasserstein_by_step(hist, other, skip={0, 2})
     assert steps == [1] and dists == [pytest.approx(1.0)]
 
 
 def test_alert_conditions_read_as_words_and_times_as_utc() -> None:
-    assert figures.condition_text({"type": "threshold", "key": "hazard/zeta_p99", "op": ">", "value": 3.0,
-                                  "for_steps": 5}) == "hazard/zeta_p99 > 3 for 5 steps"
-    assert figures.condition_text({"type": "spike", "key": "grad/norm", "direction": "up", "z": 6.0}) == \
-        "grad/norm upward spike (robust z > 6)"
-    assert figures.condition_text({"type": "flag", "kind": "*", "min_severity": "critical"}) == \
-        "any flag of severity critical or worse"
+    assert (
+        figures.condition_text({"type": "threshold", "key": "hazard/zeta_p99", "op": ">", "value": 3.0, "for_steps": 5})
+        == "hazard/zeta_p99 > 3 for 5 steps"
+    )
+    assert (
+        figures.condition_text({"type": "spike", "key": "grad/norm", "direction": "up", "z": 6.0})
+        == "grad/norm upward spike (robust z > 6)"
+    )
+    assert (
+        figures.condition_text({"type": "flag", "kind": "*", "min_severity": "critical"})
+        == "any flag of severity critical or worse"
+    )
     assert figures.when(0.0) == "1970-01-01 00:00:00" and figures.when(None) == ""
-    rows = figures.alert_rows([{"id": 4, "created_at": 0.0, "rule_name": "r", "run_id": "abc", "step": 3,
-                               "severity": "warning", "message": "m", "acknowledged_at": None,
-                               "delivery_status": "none"}], {"abc": "my-run"})
+    rows = figures.alert_rows(
+        [
+            {
+                "id": 4,
+                "created_at": 0.0,
+                "rule_name": "r",
+                "run_id": "abc",
+                "step": 3,
+                "severity": "warning",
+                "message": "m",
+                "acknowledged_at": None,
+                "delivery_status": "none",
+            }
+        ],
+        {"abc": "my-run"},
+    )
     assert rows[0]["run"] == "[my-run](/runs/abc)" and rows[0]["acknowledged"] == "no" and rows[0]["id"] == 4
 
 

@@ -9,17 +9,35 @@ import plotly.graph_objects as go
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mhpo_dashboard import figures
 
-from dashboard import figures
 from mhpo import curves
 
 
-def _hist(columns: list[list[int]], steps: list[int] | None = None, lo: float = -2.0, hi: float = 2.0,
-          under: list[int] | None = None, over: list[int] | None = None) -> dict:
+def _hist(
+    columns: list[list[int]],
+    steps: list[int] | None = None,
+    lo: float = -2.0,
+    hi: float = 2.0,
+    under: list[int] | None = None,
+    over: list[int] | None = None,
+) -> dict:
     n = len(columns)
-    return {"key": "log_ratio", "lo": lo, "hi": hi, "bins": len(columns[0]), "step": steps or list(range(n)),
-            "step_end": steps or list(range(n)), "counts": columns, "underflow": under or [0] * n,
-            "overflow": over or [0] * n, "min": [lo] * n, "max": [hi] * n, "sum": [0.0] * n, "sumsq": [0.0] * n}
+    return {
+        "key": "log_ratio",
+        "lo": lo,
+        "hi": hi,
+        "bins": len(columns[0]),
+        "step": steps or list(range(n)),
+        "step_end": steps or list(range(n)),
+        "counts": columns,
+        "underflow": under or [0] * n,
+        "overflow": over or [0] * n,
+        "min": [lo] * n,
+        "max": [hi] * n,
+        "sum": [0.0] * n,
+        "sumsq": [0.0] * n,
+    }
 
 
 def valid(fig: dict) -> dict:
@@ -83,10 +101,21 @@ def test_extending_a_panel_equals_building_it_from_all_points(downsampled: bool)
 
 
 def test_timeseries_figure_marks_flags_and_keeps_nan_as_gaps() -> None:
-    events = [{"id": 1, "type": "flag", "kind": "hazard_spike", "step": 3, "severity": "critical",
-               "detector": "spike", "message": "zeta p99 far above its baseline", "evidence": {}}]
+    events = [
+        {
+            "id": 1,
+            "type": "flag",
+            "kind": "hazard_spike",
+            "step": 3,
+            "severity": "critical",
+            "detector": "spike",
+            "message": "zeta p99 far above its baseline",
+            "evidence": {},
+        }
+    ]
     fig, trace_map = figures.timeseries_figure(
-        "Hazard", [["hazard/zeta_p99"]], {"hazard/zeta_p99": _series([0, 1, 2, 3], [1.0, math.nan, 1.0, 9.0])}, events)
+        "Hazard", [["hazard/zeta_p99"]], {"hazard/zeta_p99": _series([0, 1, 2, 3], [1.0, math.nan, 1.0, 9.0])}, events
+    )
     valid(fig)
     assert fig["data"][trace_map["hazard/zeta_p99"][0]]["y"] == [1.0, None, 1.0, 9.0]
     markers = fig["data"][trace_map["__events__"][0]]
@@ -118,17 +147,22 @@ def test_loss_hparams_read_from_the_run_config() -> None:
 
 
 def test_outlier_rows_largest_abs_x_first() -> None:
-    rows = figures.outlier_rows([{"sample": 0, "position": 1, "token_id": 5, "text": "a", "x": 0.1, "A": 1.0, "zeta": None},
-                                 {"sample": 1, "position": 2, "token_id": None, "text": "b", "x": -3.0, "A": -1.0,
-                                  "zeta": 2.5}])
+    rows = figures.outlier_rows(
+        [
+            {"sample": 0, "position": 1, "token_id": 5, "text": "a", "x": 0.1, "A": 1.0, "zeta": None},
+            {"sample": 1, "position": 2, "token_id": None, "text": "b", "x": -3.0, "A": -1.0, "zeta": 2.5},
+        ]
+    )
     assert [r["text"] for r in rows] == ["b", "a"] and rows[1]["zeta"] == "" and rows[0]["token_id"] == ""
 
 
 def test_run_rows_live_only_when_running_and_heard_from_recently() -> None:
     base = {"project": "p", "loss": "mhpo", "last_step": 3, "open_flags": 1, "created_at": 1.0}
-    runs = [{**base, "run_id": "a", "name": "fresh", "status": "running", "last_seen_at": 990.0},
-            {**base, "run_id": "b", "name": "stale", "status": "running", "last_seen_at": 10.0},
-            {**base, "run_id": "c", "name": "done", "status": "finished", "last_seen_at": 999.0}]
+    runs = [
+        {**base, "run_id": "a", "name": "fresh", "status": "running", "last_seen_at": 990.0},
+        {**base, "run_id": "b", "name": "stale", "status": "running", "last_seen_at": 10.0},
+        {**base, "run_id": "c", "name": "done", "status": "finished", "last_seen_at": 999.0},
+    ]
     rows = {r["id"]: r for r in figures.run_rows(runs, now=1000.0)}
     assert rows["a"]["live"] == "yes" and rows["b"]["live"] == "no" and rows["c"]["live"] == "no"
     assert rows["a"]["name"] == "[fresh](/runs/a)"
@@ -193,8 +227,11 @@ def test_first_parting_step_and_its_figure() -> None:
 
 def test_compare_and_empty_figures_are_valid_plotly() -> None:
     run = {"run_id": "a" * 36, "name": "r"}
-    fig = valid(figures.compare_metric_figure("policy/entropy", [(run, _series([0, 1], [2.0, 1.9])), (run, None)],
-                                              x_range=[0, 1]))
+    fig = valid(
+        figures.compare_metric_figure(
+            "policy/entropy", [(run, _series([0, 1], [2.0, 1.9])), (run, None)], x_range=[0, 1]
+        )
+    )
     assert len(fig["data"]) == 1 and fig["layout"]["xaxis"]["range"] == [0, 1]
     valid(figures.empty_figure("nothing yet"))
     valid(figures.step_histogram_figure(None, None, None, "mhpo"))

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.dashboard.seeding import seed_run
 from tests.dashboard.browsing import PLOT, open_page, screenshot
+from tests.dashboard.seeding import seed_run
 from tests.fixtures.server import LiveServer
 
 pytestmark = pytest.mark.browser

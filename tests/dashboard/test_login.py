@@ -16,10 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
+from mhpo_server.store import open_store
 
-from server.store import open_store
-from tests.dashboard.seeding import create_run, post_records, records
 from tests.dashboard.browsing import PLOT, open_page
+from tests.dashboard.seeding import create_run, post_records, records
 from tests.fixtures.server import LiveServer
 
 STEPS = 30
@@ -37,8 +37,9 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServ
     with server:
         run_ids = {}
         for project in ("alpha", "beta"):
-            with httpx.Client(base_url=server.url, timeout=60,
-                              headers={"Authorization": f"Bearer {tokens[project + '-write']}"}) as client:
+            with httpx.Client(
+                base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {tokens[project + '-write']}"}
+            ) as client:
                 run_ids[project] = create_run(client, project, f"{project}-run", "mhpo", {"lr": 1e-6})
                 post_records(client, run_ids[project], list(records(0, STEPS, seed=4, spike_at=20)))
         yield server, tokens, run_ids
@@ -65,8 +66,9 @@ def _route(client: httpx.Client, pathname: str) -> httpx.Response:
     values = {"pathname": pathname, "search": ""}
     body = {
         "output": dep["output"],
-        "outputs": [{"id": o.split(".")[0], "property": o.split(".")[1]}
-                    for o in dep["output"].strip(".").split("...")],
+        "outputs": [
+            {"id": o.split(".")[0], "property": o.split(".")[1]} for o in dep["output"].strip(".").split("...")
+        ],
         "inputs": [{**i, "value": values.get(i["property"])} for i in dep["inputs"]],
         "state": [{**s, "value": None} for s in dep["state"]],
         "changedPropIds": ["_pages_location.pathname"],
@@ -76,10 +78,13 @@ def _route(client: httpx.Client, pathname: str) -> httpx.Response:
 
 def _refresh_runs(client: httpx.Client) -> httpx.Response:
     """The runs page's periodic refresh callback (a plain Dash POST, as the browser sends it)."""
-    body = {"output": "..runs-table.data...runs-error.children..",
-            "outputs": [{"id": "runs-table", "property": "data"}, {"id": "runs-error", "property": "children"}],
-            "inputs": [{"id": "runs-refresh", "property": "n_intervals", "value": 1}],
-            "changedPropIds": ["runs-refresh.n_intervals"], "state": []}
+    body = {
+        "output": "..runs-table.data...runs-error.children..",
+        "outputs": [{"id": "runs-table", "property": "data"}, {"id": "runs-error", "property": "children"}],
+        "inputs": [{"id": "runs-refresh", "property": "n_intervals", "value": 1}],
+        "changedPropIds": ["runs-refresh.n_intervals"],
+        "state": [],
+    }
     return client.post("/_dash-update-component", json=body)
 
 
@@ -90,8 +95,11 @@ def test_without_a_session_pages_redirect_to_the_form_and_dash_routes_answer_401
             answer = anonymous.get(path)
             assert answer.status_code == 303 and answer.headers["location"].startswith("/login?next="), path
         assert anonymous.get("/login?next=/alerts").status_code == 200
-        for method, path in (("GET", "/_dash-layout"), ("GET", "/_dash-dependencies"),
-                             ("POST", "/_dash-update-component")):
+        for method, path in (
+            ("GET", "/_dash-layout"),
+            ("GET", "/_dash-dependencies"),
+            ("POST", "/_dash-update-component"),
+        ):
             answer = anonymous.request(method, path, json={} if method == "POST" else None)
             assert answer.status_code == 401 and "log in" in answer.json()["detail"], (path, answer.text)
         assert _refresh_runs(anonymous).status_code == 401
@@ -107,12 +115,14 @@ def test_login_refuses_unknown_tokens_and_other_sites(secured: Any) -> None:
         wrong = client.post("/login", data={"token": "mhpo_not-a-token"}, headers={"Origin": server.url})
         assert wrong.status_code == 200 and "does not know this token" in wrong.text
         assert "mhpo_not-a-token" not in wrong.text and not client.cookies
-        cross_site = client.post("/login", data={"token": tokens["alpha-read"]},
-                                 headers={"Origin": "http://evil.example"})
+        cross_site = client.post(
+            "/login", data={"token": tokens["alpha-read"]}, headers={"Origin": "http://evil.example"}
+        )
         assert cross_site.status_code == 403 and not client.cookies
         for elsewhere in ("//evil.example/x", "/\\evil.example", "/\t/evil.example", "http://evil.example/"):
-            away = client.post("/login", data={"token": tokens["alpha-read"], "next": elsewhere},
-                               headers={"Origin": server.url})
+            away = client.post(
+                "/login", data={"token": tokens["alpha-read"], "next": elsewhere}, headers={"Origin": server.url}
+            )
             assert away.status_code == 303 and away.headers["location"] == "/", elsewhere
     with _login(server, tokens["alpha-read"]) as viewer:
         refused = viewer.post("/_dash-update-component", json={}, headers={"Origin": "http://evil.example"})
@@ -151,8 +161,7 @@ def test_a_revoked_token_stops_working_on_the_next_request(secured: Any) -> None
 
 
 @pytest.mark.browser
-def test_browser_is_sent_to_the_form_logs_in_reads_a_run_and_logs_out(
-        secured: Any, page: Any) -> None:
+def test_browser_is_sent_to_the_form_logs_in_reads_a_run_and_logs_out(secured: Any, page: Any) -> None:
     server, tokens, run_ids = secured
     run_url = f"{server.url}/runs/{run_ids['alpha']}"
     page.goto(run_url)
@@ -190,8 +199,12 @@ def test_a_public_dashboard_shows_its_read_tokens_project_without_a_login(secure
     store = open_store(server.db_url)
     public_token = store.create_token("alpha", "read")
     store.close()
-    env = {"MHPO_AUTH": "true", "MHPO_DASHBOARD_SECRET": secrets.token_urlsafe(32),
-           "MHPO_DASHBOARD_PUBLIC_TOKEN": public_token, "MHPO_DASHBOARD_COOKIE_SECURE": "true"}
+    env = {
+        "MHPO_AUTH": "true",
+        "MHPO_DASHBOARD_SECRET": secrets.token_urlsafe(32),
+        "MHPO_DASHBOARD_PUBLIC_TOKEN": public_token,
+        "MHPO_DASHBOARD_COOKIE_SECURE": "true",
+    }
     with LiveServer(server.db_url, env=env) as public, httpx.Client(base_url=public.url, timeout=60) as anonymous:
         assert anonymous.get("/").status_code == 200
         runs = _refresh_runs(anonymous)

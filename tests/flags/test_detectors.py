@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mhpo_server.flags import DEFAULT_PARAMS, Flag, FlagParams, History, detect
+from mhpo_server.flags.detectors import _row_nanmedian
+from mhpo_server.flags.synthetic import (
+    GOAL_DELAY,
+    INJECTED_KINDS,
+    Score,
+    Stream,
+    generate_stream,
+    generate_suite,
+    score,
+)
 from pydantic import ValidationError
-
-from server.flags import DEFAULT_PARAMS, Flag, FlagParams, History, detect
-from server.flags.detectors import _row_nanmedian
-from server.flags.synthetic import GOAL_DELAY, INJECTED_KINDS, Score, Stream, generate_stream, generate_suite, score
 
 ALL = frozenset({"info", "warning", "critical"})
 ALARMS = frozenset({"warning", "critical"})
@@ -182,7 +189,10 @@ def _trust_region_stream(values: dict[str, list[float]]) -> History:
 def test_trust_region_needs_no_warm_up_and_fires_once_per_event() -> None:
     clip = [0.25, 0.3, 0.05, 0.05, 0.3] + [0.05] * 300 + [0.3]
     flags = [f for f in detect(_trust_region_stream({"ratio/clip_frac": clip}), range(len(clip)))]
-    assert [(f.kind, f.step, f.severity) for f in flags] == [("trust_region", 0, "warning"), ("trust_region", 305, "warning")]
+    assert [(f.kind, f.step, f.severity) for f in flags] == [
+        ("trust_region", 0, "warning"),
+        ("trust_region", 305, "warning"),
+    ]
     assert flags[0].detector == "bound"
     assert flags[0].evidence["signals"] == [{"key": "ratio/clip_frac", "value": 0.25, "max": 0.2}]
 
@@ -202,21 +212,27 @@ def test_a_hazard_tail_spike_alone_is_informational_and_the_bulk_a_warning() -> 
     mean, p99 = [1.34] * n, [1.5 + 0.01 * (i % 3) for i in range(n)]
     p99[50] = 4.6
     mean[55] = 2.2
-    flags = [f for f in detect(_trust_region_stream({"hazard/zeta_mean": mean, "hazard/zeta_p99": p99}), range(n))
-             if f.kind == "hazard_spike"]
+    flags = [
+        f
+        for f in detect(_trust_region_stream({"hazard/zeta_mean": mean, "hazard/zeta_p99": p99}), range(n))
+        if f.kind == "hazard_spike"
+    ]
     assert [f.step for f in flags] == [50, 55]
     assert flags[0].severity == "info" and flags[1].severity in ("warning", "critical")
 
 
 def test_a_critical_after_a_warning_is_an_escalation_and_comes_through() -> None:
-    history = _trust_region_stream({"ratio/clip_frac": [0.25, 0.9, 0.9, 0.25], "grad/update_ratio": [0.0, 0.9, 0.9, 0.0]})
+    history = _trust_region_stream(
+        {"ratio/clip_frac": [0.25, 0.9, 0.9, 0.25], "grad/update_ratio": [0.0, 0.9, 0.9, 0.0]}
+    )
     flags = detect(history, range(4))
     assert [(f.step, f.severity) for f in flags] == [(0, "warning"), (1, "critical")]
 
 
 def test_two_bounds_on_one_key_are_one_signal() -> None:
-    params = DEFAULT_PARAMS.merged({"trust_region": {"bounds": [{"key": "ratio/clip_frac", "max": 0.2},
-                                                                {"key": "ratio/clip_frac", "max": 0.3}]}})
+    params = DEFAULT_PARAMS.merged(
+        {"trust_region": {"bounds": [{"key": "ratio/clip_frac", "max": 0.2}, {"key": "ratio/clip_frac", "max": 0.3}]}}
+    )
     flags = detect(_trust_region_stream({"ratio/clip_frac": [0.5]}), range(1), params)
     assert [(f.severity, f.evidence["signals"]) for f in flags] == [
         ("warning", [{"key": "ratio/clip_frac", "value": 0.5, "max": 0.2}])

@@ -8,20 +8,19 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import mhpo_migrations
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-
-import migrations
-from server.app import create_app
-from server.config import Settings
-from server.flags import History, detect
-from server.flags.synthetic import Stream, generate_stream
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.flags import History, detect
+from mhpo_server.flags.synthetic import Stream, generate_stream
 
 
 @pytest.fixture
 def app(db_url: str) -> Iterator[FastAPI]:
-    migrations.upgrade(db_url)
+    mhpo_migrations.upgrade(db_url)
     app = create_app(Settings(db=db_url))
     with TestClient(app):
         yield app
@@ -92,7 +91,7 @@ def test_in_order_batches_match_evaluating_the_whole_stream(app: FastAPI) -> Non
 
 
 def test_a_restarted_server_seeds_its_windows_from_the_store(db_url: str) -> None:
-    migrations.upgrade(db_url)
+    mhpo_migrations.upgrade(db_url)
     stream = stream_with_events()
     with TestClient(create_app(Settings(db=db_url))) as client:
         run_id = new_run(client)
@@ -110,8 +109,12 @@ def test_rule_and_parameter_changes_apply_to_the_next_batch(app: FastAPI) -> Non
     post(client, run_id, [{"step": s, "scalars": {"kl": 0.0}} for s in range(10)])
     rule = client.post(
         "/api/v1/alert-rules",
-        json={"name": "kl", "project": "p", "cooldown_s": 0,
-              "condition": {"type": "threshold", "key": "kl", "op": ">", "value": 1.0}},
+        json={
+            "name": "kl",
+            "project": "p",
+            "cooldown_s": 0,
+            "condition": {"type": "threshold", "key": "kl", "op": ">", "value": 1.0},
+        },
     )
     assert rule.status_code == 201, rule.text
     post(client, run_id, [{"step": 10, "scalars": {"kl": 2.0}}])

@@ -14,12 +14,12 @@ import uuid
 from typing import Any
 
 import httpx
+import mhpo_migrations
 import pytest
+from mhpo_server.flags.synthetic import Stream, generate_stream
+from mhpo_server.store.sql import SqlStore
 
-import migrations
 from mhpo.demo import wait_healthy
-from server.flags.synthetic import Stream, generate_stream
-from server.store.sql import SqlStore
 from tests.conftest import fresh_pg_database
 from tests.fixtures.server import REPO_ROOT, LiveServer, free_port
 
@@ -40,8 +40,9 @@ def new_run(url: str) -> str:
 
 def post(url: str, run_id: str, records: list[dict[str, Any]]) -> None:
     body = json.dumps({"batch_id": uuid.uuid4().hex, "records": records})
-    r = httpx.post(f"{url}/api/v1/runs/{run_id}/records", content=body,
-                   headers={"content-type": "application/json"}, timeout=60)
+    r = httpx.post(
+        f"{url}/api/v1/runs/{run_id}/records", content=body, headers={"content-type": "application/json"}, timeout=60
+    )
     assert r.status_code == 200, r.text
 
 
@@ -77,13 +78,16 @@ def test_serve_with_workers_gives_the_flags_of_one_process() -> None:
     """`mhpo serve --workers 2`: each request may land on either worker (a new connection per request)."""
     stream = stream_with_events()
     with fresh_pg_database() as shared, fresh_pg_database() as alone:
-        migrations.upgrade(shared)
+        mhpo_migrations.upgrade(shared)
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         with tempfile.TemporaryFile() as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mhpo", "serve", "--db", shared, "--port", str(port), "--workers", "2"],
-                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
             try:
                 url = f"http://127.0.0.1:{port}"

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import math
 
+import mhpo_migrations
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.flags import DEFAULT_PARAMS, Flag, FlagParams, History, detect
+from mhpo_server.flags.synthetic import pattern_stream
 from pydantic import ValidationError
-
-import migrations
-from server.app import create_app
-from server.config import Settings
-from server.flags import DEFAULT_PARAMS, Flag, FlagParams, History, detect
-from server.flags.synthetic import pattern_stream
 
 SEEDS = range(10)
 ONSET = 150
@@ -139,7 +138,7 @@ def test_an_empty_step_flags_nothing() -> None:
 
 
 def test_an_empty_step_posted_to_the_server_raises_nothing(sqlite_url: str) -> None:
-    migrations.upgrade(sqlite_url)
+    mhpo_migrations.upgrade(sqlite_url)
     with TestClient(create_app(Settings(db=sqlite_url))) as client:
         run_id = client.post("/api/v1/runs", json={"project": "p", "name": "empty"}).json()["run_id"]
         stream = pattern_stream("alternating", 2)
@@ -183,7 +182,7 @@ def test_every_parameter_is_bounded(override: dict, field: str) -> None:
 
 
 def test_an_unbounded_window_is_a_422_naming_the_field(sqlite_url: str) -> None:
-    migrations.upgrade(sqlite_url)
+    mhpo_migrations.upgrade(sqlite_url)
     with TestClient(create_app(Settings(db=sqlite_url))) as client:
         r = client.put("/api/v1/projects/p/flag-params", json={"hazard_spike": {"window_steps": 1e20}})
         assert r.status_code == 422, r.text
@@ -193,6 +192,7 @@ def test_an_unbounded_window_is_a_422_naming_the_field(sqlite_url: str) -> None:
 
 def test_every_numeric_parameter_declares_bounds() -> None:
     """A new parameter without bounds fails here, not in production."""
+
     def walk(model: type, path: str) -> list[str]:
         missing = []
         for name, info in model.model_fields.items():
@@ -205,7 +205,7 @@ def test_every_numeric_parameter_declares_bounds() -> None:
                     missing.append(path + name)
         return missing
 
-    from server.flags.params import DriftParams, OnPolicyParams, Signal, SpikeParams
+    from mhpo_server.flags.params import DriftParams, OnPolicyParams, Signal, SpikeParams
 
     missing = [n for m in (DriftParams, SpikeParams, Signal, OnPolicyParams) for n in walk(m, f"{m.__name__}.")]
     assert not missing, missing
@@ -230,8 +230,9 @@ def test_collapse_while_the_reward_clearly_rises_is_informational_only() -> None
     stream = pattern_stream("linear_entropy", 0, onset=ONSET)
     t = np.clip((np.arange(stream.n_steps) - ONSET) / 60.0, 0.0, 1.0)
     stream.scalars["ratio/frac_above_0.2"] = stream.scalars["ratio/frac_above_0.2"] + 0.05 * t
-    stream.scalars["reward/mean"] = np.clip(stream.scalars["reward/mean"] + 0.6 * np.clip(
-        (np.arange(stream.n_steps) - ONSET + 60) / 300.0, 0.0, 1.0), 0, 1)
+    stream.scalars["reward/mean"] = np.clip(
+        stream.scalars["reward/mean"] + 0.6 * np.clip((np.arange(stream.n_steps) - ONSET + 60) / 300.0, 0.0, 1.0), 0, 1
+    )
     flags = [f for f in detect(History(stream.points()), range(stream.n_steps)) if f.kind == "collapse"]
     after = [f for f in flags if f.step >= ONSET]
     assert after and after[0].step - ONSET <= 30

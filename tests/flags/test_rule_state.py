@@ -14,18 +14,18 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
+import mhpo_migrations
 import numpy as np
 import pytest
-from hypothesis import given, settings
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from mhpo_server.alerts.rules import OPS, RuleStates, _mad, history_points
+from mhpo_server.alerts.schemas import MAX_RULES_PER_PROJECT, AlertRule, SpikeCondition, ThresholdCondition
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.flags.detectors import MAD_TO_SIGMA, History, fast_median
 
-import migrations
-from server.alerts.rules import OPS, RuleStates, _mad, history_points
-from server.alerts.schemas import MAX_RULES_PER_PROJECT, AlertRule, SpikeCondition, ThresholdCondition
-from server.app import create_app
-from server.config import Settings
-from server.flags.detectors import MAD_TO_SIGMA, History, fast_median
 from tests.fixtures.server import LiveServer
 
 
@@ -69,11 +69,22 @@ def naive_firings(rules: Sequence[AlertRule], history: History, steps: Sequence[
 
 
 def make_rule(rule_id: int, condition: dict[str, Any]) -> AlertRule:
-    return AlertRule.model_validate({
-        "id": rule_id, "name": f"r{rule_id}", "project": "p", "run_id": None, "condition": condition,
-        "severity": "warning", "cooldown_s": 0.0, "channels": ["dashboard"], "webhook_url": None, "enabled": True,
-        "created_at": 0.0, "updated_at": 0.0,
-    })
+    return AlertRule.model_validate(
+        {
+            "id": rule_id,
+            "name": f"r{rule_id}",
+            "project": "p",
+            "run_id": None,
+            "condition": condition,
+            "severity": "warning",
+            "cooldown_s": 0.0,
+            "channels": ["dashboard"],
+            "webhook_url": None,
+            "enabled": True,
+            "created_at": 0.0,
+            "updated_at": 0.0,
+        }
+    )
 
 
 RULES = [
@@ -160,8 +171,12 @@ def test_states_are_bounded_and_evaluation_stays_correct_when_evicted() -> None:
         states.evaluate(f"run{run}", RULES, window(points, 0, 99), list(range(100)), [])
     assert states._cells <= 30 + 1 + 9  # one state may sit above the bound alone
     fresh = RuleStates()
-    evicted = [(f.step, f.rule.id) for f in states.evaluate("run0", RULES, window(points, 100, 199), list(range(100, 200)), [])]
-    kept = [(f.step, f.rule.id) for f in fresh.evaluate("run0", RULES, window(points, 100, 199), list(range(100, 200)), [])]
+    evicted = [
+        (f.step, f.rule.id) for f in states.evaluate("run0", RULES, window(points, 100, 199), list(range(100, 200)), [])
+    ]
+    kept = [
+        (f.step, f.rule.id) for f in fresh.evaluate("run0", RULES, window(points, 100, 199), list(range(100, 200)), [])
+    ]
     assert evicted == kept == naive_firings(RULES, window(points, 100, 199), list(range(100, 200)))
 
 
@@ -176,8 +191,11 @@ def server(db_url: str) -> Iterator[LiveServer]:
 
 def post(server: LiveServer, run_id: str, points: list[tuple[int, float]]) -> None:
     records = [{"step": s, "time": 1.7e9 + s, "scalars": {"loss": v}} for s, v in points]
-    r = httpx.post(f"{server.url}/api/v1/runs/{run_id}/records",
-                   json={"batch_id": uuid.uuid4().hex, "records": records}, timeout=30)
+    r = httpx.post(
+        f"{server.url}/api/v1/runs/{run_id}/records",
+        json={"batch_id": uuid.uuid4().hex, "records": records},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
 
 
@@ -188,8 +206,10 @@ def test_state_is_rebuilt_from_the_store_after_a_restart(server: LiveServer) -> 
         {"type": "threshold", "key": "loss", "op": ">", "value": 1.0, "for_steps": 5},
         {"type": "spike", "key": "loss", "direction": "up", "z": 5.0, "window_steps": 10, "min_baseline": 5},
     ):
-        r = httpx.post(f"{server.url}/api/v1/alert-rules",
-                       json={"name": condition["type"], "project": "p", "condition": condition, "cooldown_s": 0})
+        r = httpx.post(
+            f"{server.url}/api/v1/alert-rules",
+            json={"name": condition["type"], "project": "p", "condition": condition, "cooldown_s": 0},
+        )
         assert r.status_code == 201, r.text
     post(server, run_id, [(s, 0.5 + 0.01 * (s % 3)) for s in range(10)])
     post(server, run_id, [(10, 2.0), (11, 2.0), (12, 2.0)])
@@ -207,7 +227,7 @@ def test_state_is_rebuilt_from_the_store_after_a_restart(server: LiveServer) -> 
 
 def test_rules_per_project_are_bounded(sqlite_url: str) -> None:
     """Every batch evaluates its project's rules: their number is capped (422 naming the project), others unaffected."""
-    migrations.upgrade(sqlite_url)
+    mhpo_migrations.upgrade(sqlite_url)
     condition = {"type": "threshold", "key": "loss", "op": ">", "value": 1.0}
     with TestClient(create_app(Settings(db=sqlite_url, dashboard=False))) as client:
         for i in range(MAX_RULES_PER_PROJECT):

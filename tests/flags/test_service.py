@@ -8,18 +8,17 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import mhpo_migrations
 import pytest
 from fastapi.testclient import TestClient
-
-import migrations
-from server.app import create_app
-from server.config import Settings
-from server.flags.synthetic import generate_stream
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.flags.synthetic import generate_stream
 
 
 @pytest.fixture
 def client(db_url: str) -> Iterator[TestClient]:
-    migrations.upgrade(db_url)
+    mhpo_migrations.upgrade(db_url)
     with TestClient(create_app(Settings(db=db_url))) as c:
         yield c
 
@@ -97,7 +96,7 @@ BAD_RULES = [
 
 
 def test_bad_rules_get_a_422_naming_the_field(sqlite_url: str) -> None:
-    migrations.upgrade(sqlite_url)
+    mhpo_migrations.upgrade(sqlite_url)
     with TestClient(create_app(Settings(db=sqlite_url))) as client:
         for body, field in BAD_RULES:
             r = client.post("/api/v1/alert-rules", json={"name": "bad", "project": "p", **body})
@@ -107,10 +106,20 @@ def test_bad_rules_get_a_422_naming_the_field(sqlite_url: str) -> None:
 
 def test_threshold_rule_with_cooldown_fires_once(client: TestClient) -> None:
     run_id = new_run(client)
-    once = add_rule(client, name="once", run_id=run_id, cooldown_s=3600,
-                    condition={"type": "threshold", "key": "loss", "op": ">", "value": 1.0})
-    every = add_rule(client, name="every", run_id=run_id, cooldown_s=0,
-                     condition={"type": "threshold", "key": "loss", "op": ">", "value": 1.0})
+    once = add_rule(
+        client,
+        name="once",
+        run_id=run_id,
+        cooldown_s=3600,
+        condition={"type": "threshold", "key": "loss", "op": ">", "value": 1.0},
+    )
+    every = add_rule(
+        client,
+        name="every",
+        run_id=run_id,
+        cooldown_s=0,
+        condition={"type": "threshold", "key": "loss", "op": ">", "value": 1.0},
+    )
     values = [0.5, 2.0, 0.5, 2.0, 2.0, 0.5, 3.0]
     post(client, run_id, scalar_records("loss", values[:4]))
     post(client, run_id, scalar_records("loss", values[4:], start=4))
@@ -122,10 +131,21 @@ def test_threshold_rule_with_cooldown_fires_once(client: TestClient) -> None:
 
 def test_consecutive_steps_and_disabled_rules(client: TestClient) -> None:
     run_id = new_run(client)
-    add_rule(client, name="3 in a row", run_id=run_id, cooldown_s=0,
-             condition={"type": "threshold", "key": "kl", "op": ">=", "value": 0.1, "for_steps": 3})
-    off = add_rule(client, name="off", run_id=run_id, cooldown_s=0, enabled=False,
-                   condition={"type": "threshold", "key": "kl", "op": ">=", "value": 0.1})
+    add_rule(
+        client,
+        name="3 in a row",
+        run_id=run_id,
+        cooldown_s=0,
+        condition={"type": "threshold", "key": "kl", "op": ">=", "value": 0.1, "for_steps": 3},
+    )
+    off = add_rule(
+        client,
+        name="off",
+        run_id=run_id,
+        cooldown_s=0,
+        enabled=False,
+        condition={"type": "threshold", "key": "kl", "op": ">=", "value": 0.1},
+    )
     post(client, run_id, scalar_records("kl", [0.2, 0.2, 0.0, 0.2, 0.2, 0.2, 0.2, math.nan]))
     alerts = client.get("/api/v1/alerts", params={"run_id": run_id}).json()["alerts"]
     assert [(a["rule_name"], a["step"]) for a in alerts] == [("3 in a row", 5)]
@@ -134,8 +154,13 @@ def test_consecutive_steps_and_disabled_rules(client: TestClient) -> None:
 
 def test_spike_rule_on_any_scalar(client: TestClient) -> None:
     run_id = new_run(client)
-    add_rule(client, name="reward drop", run_id=run_id, cooldown_s=0,
-             condition={"type": "spike", "key": "reward/mean", "direction": "down", "z": 6, "window_steps": 30})
+    add_rule(
+        client,
+        name="reward drop",
+        run_id=run_id,
+        cooldown_s=0,
+        condition={"type": "spike", "key": "reward/mean", "direction": "down", "z": 6, "window_steps": 30},
+    )
     values = [0.5 + 0.01 * ((i * 7) % 5 - 2) for i in range(60)]
     values[45] = 0.1
     post(client, run_id, scalar_records("reward/mean", values))

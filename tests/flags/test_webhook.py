@@ -17,7 +17,9 @@ import pytest
 from tests.fixtures.server import LiveServer
 
 WEBHOOK_ENV = {
-    "MHPO_WEBHOOK_BACKOFF_S": "0.05", "MHPO_WEBHOOK_MAX_ATTEMPTS": "3", "MHPO_WEBHOOK_TIMEOUT_S": "30",
+    "MHPO_WEBHOOK_BACKOFF_S": "0.05",
+    "MHPO_WEBHOOK_MAX_ATTEMPTS": "3",
+    "MHPO_WEBHOOK_TIMEOUT_S": "30",
     "MHPO_WEBHOOK_ALLOW_CIDRS": "127.0.0.1/32",  # the receiver is on loopback, refused by default
 }
 
@@ -34,7 +36,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 receiver.waiting.set()
                 receiver.release.wait(30)
@@ -77,9 +79,16 @@ def setup_run(server: LiveServer, receiver: Receiver) -> tuple[str, dict[str, An
     run_id = httpx.post(f"{server.url}/api/v1/runs", json={"project": "hooks", "name": "r"}).json()["run_id"]
     rule = httpx.post(
         f"{server.url}/api/v1/alert-rules",
-        json={"name": "loss high", "project": "hooks", "run_id": run_id, "cooldown_s": 0, "severity": "critical",
-              "condition": {"type": "threshold", "key": "loss", "op": ">", "value": 1.0},
-              "channels": ["dashboard", "webhook"], "webhook_url": receiver.url},
+        json={
+            "name": "loss high",
+            "project": "hooks",
+            "run_id": run_id,
+            "cooldown_s": 0,
+            "severity": "critical",
+            "condition": {"type": "threshold", "key": "loss", "op": ">", "value": 1.0},
+            "channels": ["dashboard", "webhook"],
+            "webhook_url": receiver.url,
+        },
     )
     assert rule.status_code == 201, rule.text
     return run_id, rule.json()

@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
+from mhpo_server.alerts.targets import TargetPolicy, TargetRefused, address_kind
 
-from server.alerts.targets import TargetPolicy, TargetRefused, address_kind
 from tests.fixtures.server import LiveServer
 
 DEADLINE_S = 3
@@ -126,7 +126,9 @@ class RawReceiver:
                 break
             data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+        )
         while len(body) < length:
             body += conn.recv(65536)
         self.requests.append(head + b"\r\n\r\n" + body)
@@ -209,9 +211,15 @@ def new_rule(server: LiveServer, url: str, project: str | None = None) -> tuple[
     run_id = httpx.post(f"{server.url}/api/v1/runs", json={"project": project, "name": "r"}).json()["run_id"]
     rule = httpx.post(
         f"{server.url}/api/v1/alert-rules",
-        json={"name": "loss high", "project": project, "run_id": run_id, "cooldown_s": 0,
-              "condition": {"type": "threshold", "key": "loss", "op": ">", "value": 1.0},
-              "channels": ["webhook"], "webhook_url": url},
+        json={
+            "name": "loss high",
+            "project": project,
+            "run_id": run_id,
+            "cooldown_s": 0,
+            "condition": {"type": "threshold", "key": "loss", "op": ">", "value": 1.0},
+            "channels": ["webhook"],
+            "webhook_url": url,
+        },
     )
     return run_id, rule
 
@@ -224,8 +232,11 @@ def hooked_run(server: LiveServer, url: str) -> str:
 
 def post_loss(server: LiveServer, run_id: str, values: list[float]) -> None:
     records = [{"step": i, "time": 1.7e9 + i, "scalars": {"loss": v}} for i, v in enumerate(values)]
-    r = httpx.post(f"{server.url}/api/v1/runs/{run_id}/records",
-                   json={"batch_id": uuid.uuid4().hex, "records": records}, timeout=30)
+    r = httpx.post(
+        f"{server.url}/api/v1/runs/{run_id}/records",
+        json={"batch_id": uuid.uuid4().hex, "records": records},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
 
 
@@ -286,8 +297,9 @@ def test_target_table_at_save_time(server: LiveServer) -> None:
 
 def test_patch_to_an_internal_target_is_refused(server: LiveServer) -> None:
     run_id, rule = new_rule(server, "https://hooks.example.com/x")
-    patched = httpx.patch(f"{server.url}/api/v1/alert-rules/{rule.json()['id']}",
-                          json={"webhook_url": "http://2852039166/"})
+    patched = httpx.patch(
+        f"{server.url}/api/v1/alert-rules/{rule.json()['id']}", json={"webhook_url": "http://2852039166/"}
+    )
     assert patched.status_code == 422 and patched.json()["detail"][0]["loc"] == ["body", "webhook_url"]
     assert "169.254.169.254" in patched.text
 
@@ -324,7 +336,9 @@ def test_a_name_resolving_inside_is_refused_at_send_time(server: LiveServer, rec
     post_loss(server, run_id, [0.5, 2.0])
     (alert,) = wait_for("the delivery to settle", lambda: settled(server, run_id))
     assert alert["delivery_status"] == "failed"
-    assert alert["delivery_error"].startswith(f"refused by the webhook target policy: host {name} resolves to a non-public")
+    assert alert["delivery_error"].startswith(
+        f"refused by the webhook target policy: host {name} resolves to a non-public"
+    )
     assert receiver.requests == [] and not receiver.connected.is_set()
 
 
@@ -411,9 +425,11 @@ def test_a_huge_reply_is_not_read(server: LiveServer, receivers: list[RawReceive
     wait_for("the server to hang up", receiver.closed_by_peer.is_set, timeout=30)
     memory_after = memory_kib(server.pid)
     read = metric(server, "mhpo_webhook_reply_bytes_read_total") - read_before
-    print(f"\nhuge reply: offered {HUGE >> 20} MiB, receiver wrote {receiver.sent / 2**20:.1f} MiB before the hang-up, "
-          f"server read {read:.0f} bytes; RSS {memory_before['VmRSS'] >> 10} -> {memory_after['VmRSS'] >> 10} MiB, "
-          f"peak {memory_before['VmHWM'] >> 10} -> {memory_after['VmHWM'] >> 10} MiB")
+    print(
+        f"\nhuge reply: offered {HUGE >> 20} MiB, receiver wrote {receiver.sent / 2**20:.1f} MiB before the hang-up, "
+        f"server read {read:.0f} bytes; RSS {memory_before['VmRSS'] >> 10} -> {memory_after['VmRSS'] >> 10} MiB, "
+        f"peak {memory_before['VmHWM'] >> 10} -> {memory_after['VmHWM'] >> 10} MiB"
+    )
     assert alert["delivery_error"] == "HTTP 500 Internal Server Error"
     assert 0 < read <= 8192
     assert receiver.sent < HUGE // 8

@@ -7,10 +7,10 @@ from pathlib import Path
 import httpx
 import mlflow
 import pytest
+from mhpo_server.store import open_store
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from server.store import open_store
 from tests.fixtures.server import LiveServer
 from tests.integrations.conftest import count_reward, cpu_threads, grpo_config, prompts
 
@@ -39,8 +39,9 @@ def test_the_mlflow_client_logs_a_run(live_server_db: LiveServer, tracking) -> N
     [run] = runs_of(url, "mlf")
     assert (run["run_id"], run["name"], run["status"]) == (run_id, "from-mlflow", "finished")
     assert run["config"]["batch"] == "8" and run["config"]["mlflow.tags"]["team"] == "rl"
-    series = httpx.get(f"{url}/api/v1/runs/{run_id}/scalars",
-                       params={"keys": "policy/entropy,actor/entropy,reward/mean,custom"}).json()["series"]
+    series = httpx.get(
+        f"{url}/api/v1/runs/{run_id}/scalars", params={"keys": "policy/entropy,actor/entropy,reward/mean,custom"}
+    ).json()["series"]
     assert series["policy/entropy"]["value"] == series["actor/entropy"]["value"] == [1.5, 1.25]
     assert series["reward/mean"]["step"] == [2] and series["custom"]["value"] == [7.0]
 
@@ -75,8 +76,9 @@ def test_tokens_are_honoured(sqlite_url: str, tracking) -> None:
         assert run["name"] == "authed" and run["last_step"] == 3
 
 
-def test_trl_report_to_mlflow_lands_in_mhpo(tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer,
-                                            tracking, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trl_report_to_mlflow_lands_in_mhpo(
+    tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer, tracking, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Plain `trl.GRPOTrainer`, no integration code: transformers' MLflowCallback streams into MHPO Monitor."""
     from trl import GRPOTrainer
 
@@ -89,6 +91,8 @@ def test_trl_report_to_mlflow_lands_in_mhpo(tiny_model_dir: Path, tmp_path: Path
     assert run["name"] == "plain-trl" and run["status"] == "finished"
     assert run["config"]["num_iterations"] == "2"
     keys = httpx.get(f"{live_server.url}/api/v1/runs/{run['run_id']}/keys").json()["scalars"]
-    assert {"entropy", "policy/entropy", "grad_norm", "grad/norm", "clip_ratio/region_mean", "ratio/clip_frac"} <= set(keys)
+    assert {"entropy", "policy/entropy", "grad_norm", "grad/norm", "clip_ratio/region_mean", "ratio/clip_frac"} <= set(
+        keys
+    )
     series = httpx.get(f"{live_server.url}/api/v1/runs/{run['run_id']}/scalars", params={"keys": "grad/norm"}).json()
     assert series["series"]["grad/norm"]["step"] == [1, 2]

@@ -44,20 +44,37 @@ def cases(run_id: str, bad: str) -> list[tuple[str, dict[str, Any], str]]:
         ("runs/set-tag", {"run_id": run_id, "key": f"k{bad}", "value": "v"}, "key"),
         ("runs/set-tag", {"run_id": run_id, "key": "k", "value": f"v{bad}"}, "value"),
         ("runs/log-metric", {"run_id": run_id, **ok_metric, "key": f"m{bad}"}, "key"),
-        ("runs/log-batch", {"run_id": run_id, "metrics": [ok_metric], "params": [{"key": "k", "value": f"v{bad}"}]},
-         "params.0.value"),
-        ("runs/log-batch", {"run_id": run_id, "metrics": [ok_metric], "params": [{"key": f"k{bad}", "value": "v"}]},
-         "params.0.key"),
-        ("runs/log-batch", {"run_id": run_id, "params": [{"key": "k", "value": "v"}],
-                            "tags": [{"key": f"t{bad}", "value": "v"}]}, "tags.0.key"),
-        ("runs/log-batch", {"run_id": run_id, "params": [{"key": "k", "value": "v"}],
-                            "metrics": [ok_metric, {**ok_metric, "key": f"m{bad}"}]}, "metrics.1.key"),
+        (
+            "runs/log-batch",
+            {"run_id": run_id, "metrics": [ok_metric], "params": [{"key": "k", "value": f"v{bad}"}]},
+            "params.0.value",
+        ),
+        (
+            "runs/log-batch",
+            {"run_id": run_id, "metrics": [ok_metric], "params": [{"key": f"k{bad}", "value": "v"}]},
+            "params.0.key",
+        ),
+        (
+            "runs/log-batch",
+            {"run_id": run_id, "params": [{"key": "k", "value": "v"}], "tags": [{"key": f"t{bad}", "value": "v"}]},
+            "tags.0.key",
+        ),
+        (
+            "runs/log-batch",
+            {
+                "run_id": run_id,
+                "params": [{"key": "k", "value": "v"}],
+                "metrics": [ok_metric, {**ok_metric, "key": f"m{bad}"}],
+            },
+            "metrics.1.key",
+        ),
     ]
 
 
 @pytest.mark.parametrize("kind", list(BAD))
 def test_unstorable_text_is_refused_naming_the_field_and_nothing_is_stored(
-        live_server_db: LiveServer, kind: str) -> None:
+    live_server_db: LiveServer, kind: str
+) -> None:
     url = live_server_db.url
     run_id = new_run(url)
     for path, body, field in cases(run_id, BAD[kind]):
@@ -89,9 +106,11 @@ def test_numbers_as_the_mlflow_client_sends_them(live_server_db: LiveServer, tra
     url = live_server_db.url
     run_id = new_run(url)
     # Current clients: JSON numbers, "NaN"/"Infinity" for non-finite values; older ones: int64 as digit strings.
-    for metric in ({"key": "m", "value": 0.5, "step": 1, "timestamp": 1_700_000_000_000},
-                   {"key": "m", "value": "NaN", "step": "2", "timestamp": "1700000001000"},
-                   {"key": "m", "value": "-Infinity", "step": 3}):
+    for metric in (
+        {"key": "m", "value": 0.5, "step": 1, "timestamp": 1_700_000_000_000},
+        {"key": "m", "value": "NaN", "step": "2", "timestamp": "1700000001000"},
+        {"key": "m", "value": "-Infinity", "step": 3},
+    ):
         assert post(url, "runs/log-metric", {"run_id": run_id, **metric}).status_code == 200
     tracking(url)
     MlflowClient().log_metric(run_id, "m", math.inf, step=4)
@@ -99,17 +118,33 @@ def test_numbers_as_the_mlflow_client_sends_them(live_server_db: LiveServer, tra
     assert series["step"] == [1, 2, 3, 4]
     assert series["value"][0] == 0.5 and math.isnan(series["value"][1]) and series["value"][2:] == [-math.inf, math.inf]
     history = httpx.get(f"{url}{API}/metrics/get-history", params={"run_id": run_id, "metric_key": "m"}).json()
-    assert [(m["step"], m["timestamp"]) for m in history["metrics"][:2]] == [(1, 1_700_000_000_000),
-                                                                           (2, 1_700_000_001_000)]
+    assert [(m["step"], m["timestamp"]) for m in history["metrics"][:2]] == [
+        (1, 1_700_000_000_000),
+        (2, 1_700_000_001_000),
+    ]
     assert [m["value"] for m in history["metrics"]][2:] == ["-Infinity", "Infinity"]
-    refused = [("value", True), ("value", "1.5"), ("value", "nan"), ("value", None), ("step", 1.5), ("step", -1),
-               ("step", "1e3"), ("step", True), ("timestamp", "soon")]
+    refused = [
+        ("value", True),
+        ("value", "1.5"),
+        ("value", "nan"),
+        ("value", None),
+        ("step", 1.5),
+        ("step", -1),
+        ("step", "1e3"),
+        ("step", True),
+        ("timestamp", "soon"),
+    ]
     for field, value in refused:
         r = post(url, "runs/log-metric", {"run_id": run_id, "key": "m", "value": 1.0, "step": 9, field: value})
         assert r.status_code == 400 and field in r.json()["message"], (field, value, r.text)
     r = post(url, "runs/log-parameter", {"run_id": run_id, "key": "batch", "value": 8})
     assert r.status_code == 400 and "value" in r.json()["message"]
-    assert httpx.get(f"{url}/api/v1/runs/{run_id}/scalars", params={"keys": "m"}).json()["series"]["m"]["step"] == [1, 2, 3, 4]
+    assert httpx.get(f"{url}/api/v1/runs/{run_id}/scalars", params={"keys": "m"}).json()["series"]["m"]["step"] == [
+        1,
+        2,
+        3,
+        4,
+    ]
 
 
 def test_log_batch_keeps_mlflows_limits(live_server_db: LiveServer) -> None:
@@ -123,9 +158,12 @@ def test_log_batch_keeps_mlflows_limits(live_server_db: LiveServer) -> None:
     def pairs(n: int, prefix: str) -> list[dict[str, str]]:
         return [{"key": f"{prefix}{i}", "value": "v"} for i in range(n)]
 
-    for body, field in (({"metrics": metrics(1001)}, "metrics"), ({"params": pairs(101, "p")}, "params"),
-                        ({"tags": pairs(101, "t")}, "tags"),
-                        ({"metrics": metrics(950), "params": pairs(60, "p")}, "1010 metrics, params and tags")):
+    for body, field in (
+        ({"metrics": metrics(1001)}, "metrics"),
+        ({"params": pairs(101, "p")}, "params"),
+        ({"tags": pairs(101, "t")}, "tags"),
+        ({"metrics": metrics(950), "params": pairs(60, "p")}, "1010 metrics, params and tags"),
+    ):
         r = post(url, "runs/log-batch", {"run_id": run_id, **body})
         assert r.status_code == 400 and r.json()["error_code"] == "INVALID_PARAMETER_VALUE", r.text
         assert field in r.json()["message"], r.text

@@ -26,10 +26,13 @@ PAIRS = [
 ]
 
 
-def make_trainer(model_dir: Path, tmp_path: Path, loss_type: str, eps: float, eps_high: float, **kw: Any) -> GRPOTrainer:
+def make_trainer(
+    model_dir: Path, tmp_path: Path, loss_type: str, eps: float, eps_high: float, **kw: Any
+) -> GRPOTrainer:
     args = grpo_config(tmp_path, loss_type=loss_type, epsilon=eps, epsilon_high=eps_high, gradient_accumulation_steps=2)
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(),
-                          stream=False, **kw)
+    trainer = GRPOTrainer(
+        model=str(model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(), stream=False, **kw
+    )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 2  # what `train()` sets from the config
     return trainer
@@ -66,8 +69,9 @@ def loss_and_grads(trainer: GRPOTrainer, batch: dict[str, Any]) -> tuple[float, 
 
 
 @pytest.mark.parametrize(("name", "hparams", "loss_type", "eps", "eps_high"), PAIRS, ids=[p[0] for p in PAIRS])
-def test_registry_loss_equals_trl_loss_type(tiny_model_dir: Path, tmp_path: Path, name, hparams, loss_type, eps,
-                                            eps_high) -> None:
+def test_registry_loss_equals_trl_loss_type(
+    tiny_model_dir: Path, tmp_path: Path, name, hparams, loss_type, eps, eps_high
+) -> None:
     cpu_threads()
     trl_own = make_trainer(tiny_model_dir, tmp_path, loss_type, eps, eps_high)
     ours = make_trainer(tiny_model_dir, tmp_path, loss_type, eps, eps_high, loss=name, loss_hparams=hparams)
@@ -89,8 +93,9 @@ def test_registry_loss_keeps_the_kl_term(tiny_model_dir: Path, tmp_path: Path) -
     trainers = []
     for kw in ({}, {"loss": "grpo", "loss_hparams": {"eps": 0.2}}):
         args = grpo_config(tmp_path, loss_type="grpo", beta=0.1, gradient_accumulation_steps=2)
-        trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=args,
-                              train_dataset=prompts(), stream=False, **kw)
+        trainer = GRPOTrainer(
+            model=str(tiny_model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(), stream=False, **kw
+        )
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 2
         trainers.append(trainer)
@@ -111,15 +116,31 @@ def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Pat
     """num_iterations=2: the second update of each generation batch is off-policy, so the ratios move."""
     cpu_threads()
     args = grpo_config(tmp_path, max_steps=4, num_iterations=2, run_name="trl-real")
-    trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(),
-                          mhpo_project="trl-it", mhpo_server=live_server.url)
+    trainer = GRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=count_reward,
+        args=args,
+        train_dataset=prompts(),
+        mhpo_project="trl-it",
+        mhpo_server=live_server.url,
+    )
     trainer.train()
     runs = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": "trl-it"}).json()["runs"]
     assert [r["name"] for r in runs] == ["trl-real"] and runs[0]["status"] == "finished"
     api = f"{live_server.url}/api/v1/runs/{runs[0]['run_id']}"
     keys = httpx.get(f"{api}/keys").json()
-    assert {"ratio/std", "hazard/zeta_mean", "policy/entropy", "entropy", "clip_ratio/region_mean", "ratio/clip_frac",
-            "grad/norm", "grad_norm", "train/update_index", "reward/mean"} <= set(keys["scalars"])
+    assert {
+        "ratio/std",
+        "hazard/zeta_mean",
+        "policy/entropy",
+        "entropy",
+        "clip_ratio/region_mean",
+        "ratio/clip_frac",
+        "grad/norm",
+        "grad_norm",
+        "train/update_index",
+        "reward/mean",
+    } <= set(keys["scalars"])
     assert {"log_ratio", "psi", "zeta", "multiplier"} <= set(keys["histograms"])
     series = httpx.get(f"{api}/scalars", params={"keys": "train/update_index,ratio/std"}).json()["series"]
     assert series["train/update_index"]["step"] == [1, 2, 3, 4]
@@ -136,14 +157,21 @@ def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Pat
     assert outliers and all(o["text"] for o in outliers if o["token_id"] is not None)
 
 
-def test_resume_from_checkpoint_continues_the_run_rewound(tiny_model_dir: Path, tmp_path: Path,
-                                                          live_server: LiveServer) -> None:
+def test_resume_from_checkpoint_continues_the_run_rewound(
+    tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer
+) -> None:
     """Train 4 steps saving at 2, resume from checkpoint-2 with another temperature and learning rate in a
     new trainer: one run, steps 1..2 from the first trajectory, 3..5 from the resumed one, a rewind event."""
     cpu_threads()
     first = grpo_config(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, run_name="trl-resume")
-    GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=first, train_dataset=prompts(),
-                mhpo_project="trl-it", mhpo_server=live_server.url).train()
+    GRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=count_reward,
+        args=first,
+        train_dataset=prompts(),
+        mhpo_project="trl-it",
+        mhpo_server=live_server.url,
+    ).train()
     runs = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": "trl-it"}).json()["runs"]
     assert len(runs) == 1
     api = f"{live_server.url}/api/v1/runs/{runs[0]['run_id']}"
@@ -156,11 +184,23 @@ def test_resume_from_checkpoint_continues_the_run_rewound(tiny_model_dir: Path, 
     before = history()
     assert sorted(before["policy/entropy"]) == [1, 2, 3, 4] and sorted(before["reward/mean"]) == [1, 3]
 
-    second = grpo_config(tmp_path, max_steps=5, save_strategy="steps", save_steps=2, run_name="other-name",
-                         temperature=1.7, learning_rate=5e-2)
-    GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=second, train_dataset=prompts(),
-                mhpo_project="trl-it", mhpo_server=live_server.url).train(
-                    resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    second = grpo_config(
+        tmp_path,
+        max_steps=5,
+        save_strategy="steps",
+        save_steps=2,
+        run_name="other-name",
+        temperature=1.7,
+        learning_rate=5e-2,
+    )
+    GRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=count_reward,
+        args=second,
+        train_dataset=prompts(),
+        mhpo_project="trl-it",
+        mhpo_server=live_server.url,
+    ).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     runs = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": "trl-it"}).json()["runs"]
     assert [(r["name"], r["status"]) for r in runs] == [("trl-resume", "finished")]
     after = history()
@@ -177,14 +217,19 @@ def test_resume_from_checkpoint_continues_the_run_rewound(tiny_model_dir: Path, 
     assert [(e["type"], e["step"]) for e in events if e["type"] == "rewind"] == [("rewind", 2)]
 
 
-def test_resume_from_the_latest_checkpoint(tiny_model_dir: Path, tmp_path: Path,
-                                           live_server: LiveServer) -> None:
+def test_resume_from_the_latest_checkpoint(tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer) -> None:
     """resume_from_checkpoint=True: the latest checkpoint in output_dir (transformers' choice) names the run
     and the step; a run passed as `mhpo_run` opts out (a new run here, the first one untouched)."""
     cpu_threads()
     args = grpo_config(tmp_path, max_steps=3, save_strategy="steps", save_steps=2, run_name="trl-latest")
-    GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(),
-                mhpo_project="trl-it", mhpo_server=live_server.url).train()
+    GRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=count_reward,
+        args=args,
+        train_dataset=prompts(),
+        mhpo_project="trl-it",
+        mhpo_server=live_server.url,
+    ).train()
     (run,) = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": "trl-it"}).json()["runs"]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
@@ -193,8 +238,14 @@ def test_resume_from_the_latest_checkpoint(tiny_model_dir: Path, tmp_path: Path,
     assert saved == {"project": "trl-it", "name": "trl-latest", "run_id": run["run_id"]}
 
     args = grpo_config(tmp_path, max_steps=4, save_strategy="no", run_name="trl-latest")
-    GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(),
-                mhpo_project="trl-it", mhpo_server=live_server.url).train(resume_from_checkpoint=True)
+    GRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=count_reward,
+        args=args,
+        train_dataset=prompts(),
+        mhpo_project="trl-it",
+        mhpo_server=live_server.url,
+    ).train(resume_from_checkpoint=True)
     api = f"{live_server.url}/api/v1/runs/{run['run_id']}"
     series = httpx.get(f"{api}/scalars", params={"keys": "loss"}).json()["series"]
     assert series["loss"]["step"] == [1, 2, 3, 4]
@@ -202,8 +253,9 @@ def test_resume_from_the_latest_checkpoint(tiny_model_dir: Path, tmp_path: Path,
     assert [(e["type"], e["step"]) for e in events if e["type"] == "rewind"] == [("rewind", 2)]
 
     own = mhpo.client.init("trl-it", "explicit", server=live_server.url)
-    GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(),
-                mhpo_run=own).train(resume_from_checkpoint=True)
+    GRPOTrainer(
+        model=str(tiny_model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts(), mhpo_run=own
+    ).train(resume_from_checkpoint=True)
     assert own.finish(timeout=30).complete
     assert httpx.get(f"{api}/scalars", params={"keys": "loss"}).json()["series"]["loss"]["step"] == [1, 2, 3, 4]
     assert httpx.get(f"{api}/events").json()["events"] == events

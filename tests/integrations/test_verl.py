@@ -44,19 +44,29 @@ def test_every_registry_loss_is_registered_without_clashing() -> None:
 def test_get_policy_loss_fn_mhpo_runs_with_verls_signature() -> None:
     old, logp, adv, mask = batch(0)
     fn = get_policy_loss_fn("mhpo")
-    pg_loss, metrics = fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
-                          loss_agg_mode="seq-mean-token-mean", config=actor_config(), rollout_is_weights=None)
+    pg_loss, metrics = fn(
+        old_log_prob=old,
+        log_prob=logp,
+        advantages=adv,
+        response_mask=mask,
+        loss_agg_mode="seq-mean-token-mean",
+        config=actor_config(),
+        rollout_is_weights=None,
+    )
     pg_loss.backward()
     assert pg_loss.shape == () and torch.isfinite(pg_loss) and logp.grad.abs().sum() > 0
     assert set(metrics) == {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
     assert all(isinstance(v, float) for v in metrics.values())
 
 
-@pytest.mark.parametrize(("ours", "overrides"), [
-    ("mhpo_grpo", {"clip_ratio_low": None, "clip_ratio_high": None, "clip_ratio_c": 1e9}),
-    ("mhpo_dapo", {"clip_ratio_c": 1e9}),
-    ("mhpo_dual_clip", {"clip_ratio_low": None, "clip_ratio_high": None, "clip_ratio_c": 3.0}),
-])
+@pytest.mark.parametrize(
+    ("ours", "overrides"),
+    [
+        ("mhpo_grpo", {"clip_ratio_low": None, "clip_ratio_high": None, "clip_ratio_c": 1e9}),
+        ("mhpo_dapo", {"clip_ratio_c": 1e9}),
+        ("mhpo_dual_clip", {"clip_ratio_low": None, "clip_ratio_high": None, "clip_ratio_c": 3.0}),
+    ],
+)
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("weights", [False, True])
 def test_parity_with_verls_vanilla(ours: str, overrides: dict, agg: str, weights: bool) -> None:
@@ -74,7 +84,9 @@ def test_parity_with_verls_vanilla(ours: str, overrides: dict, agg: str, weights
         torch.testing.assert_close(g_got, g_expected, rtol=1e-10, atol=1e-12)
         assert metrics["actor/ppo_kl"] == pytest.approx(expected_metrics["actor/ppo_kl"], rel=1e-9, abs=1e-12)
         if ours != "mhpo_dual_clip":
-            assert metrics["actor/pg_clipfrac"] == pytest.approx(expected_metrics["actor/pg_clipfrac"], abs=1e-7)  # verl: float32
+            assert metrics["actor/pg_clipfrac"] == pytest.approx(
+                expected_metrics["actor/pg_clipfrac"], abs=1e-7
+            )  # verl: float32
 
 
 def test_cispo_parity_with_verls_cispo() -> None:
@@ -117,19 +129,24 @@ def test_rank0_streams_one_record_per_optimizer_step(live_server: LiveServer, mo
     mverl.STREAM.run.finish()
     [run] = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": "verl-it"}).json()["runs"]
     assert (run["name"], run["last_step"], run["loss"]) == ("verl-run", 1, "mhpo")
-    series = httpx.get(f"{live_server.url}/api/v1/runs/{run['run_id']}/scalars",
-                       params={"keys": "ratio/std"}).json()["series"]["ratio/std"]
+    series = httpx.get(f"{live_server.url}/api/v1/runs/{run['run_id']}/scalars", params={"keys": "ratio/std"}).json()[
+        "series"
+    ]["ratio/std"]
     assert series["step"] == [0, 1] and all(v > 0 for v in series["value"])
-    kinds = httpx.get(f"{live_server.url}/api/v1/runs/{run['run_id']}/scalars",
-                      params={"keys": "train/update_index,train/rollout"}).json()["series"]
+    kinds = httpx.get(
+        f"{live_server.url}/api/v1/runs/{run['run_id']}/scalars", params={"keys": "train/update_index,train/rollout"}
+    ).json()["series"]
     assert kinds["train/update_index"]["value"] == [0.0, 1.0] and kinds["train/rollout"]["value"] == [0.0, 0.0]
 
 
 def test_verl_imports_it_as_an_external_module() -> None:
     """verl's own plugin hook: VERL_USE_EXTERNAL_MODULES makes `import verl` register the losses."""
     code = "import verl; from verl.trainer.ppo.core_algos import get_policy_loss_fn; print(get_policy_loss_fn('mhpo').__name__)"
-    env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "mhpo.integrations.verl",
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "VERL_USE_EXTERNAL_MODULES": "mhpo.integrations.verl",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "compute_policy_loss_mhpo"
 

@@ -16,8 +16,13 @@ def test_an_empty_step_streams_a_token_count_of_zero_and_no_nan(shape: tuple[int
     b, t = shape
     logp = torch.randn(b, t)
     stats = compute_step_stats(
-        loss, logp, logp - 0.1, torch.randn(b), torch.zeros(b, t, dtype=torch.bool),
-        entropy=torch.rand(b, t), token_ids=torch.zeros(b, t, dtype=torch.long),
+        loss,
+        logp,
+        logp - 0.1,
+        torch.randn(b),
+        torch.zeros(b, t, dtype=torch.bool),
+        entropy=torch.rand(b, t),
+        token_ids=torch.zeros(b, t, dtype=torch.long),
     )
     assert stats.scalars == {"tokens/valid": 0.0}
     assert stats.histograms == {} and stats.outliers == []

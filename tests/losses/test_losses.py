@@ -34,7 +34,7 @@ def per_token_grad(name: str, xs: list[float], adv: float, **hp: float) -> torch
 def mhpo_reference(x: float, c: float = 1.5, kp: float = 1.5, lp: float = 1.0, kn: float = 2.0, ln: float = 0.8):
     """(per-token loss with A = 1, M) from the paper's formulas (arXiv 2603.16929), in plain math."""
     psi = c * math.tanh(x / c)
-    softplus = lambda z: math.log1p(math.exp(z))  # noqa: E731
+    softplus = lambda z: math.log1p(math.exp(z))
     zeta = (softplus(psi) / lp) ** kp + (softplus(-psi) / ln) ** kn
     return -math.exp(psi - zeta), math.exp(psi - zeta) / math.cosh(x / c) ** 2
 

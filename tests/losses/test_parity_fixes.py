@@ -31,7 +31,9 @@ def test_the_one_and_three_token_example() -> None:
     dapo = get_loss("dapo")
     whole = dapo(logp, logp.detach(), adv, mask).loss
     (g_whole,) = torch.autograd.grad(whole, logp)
-    split = split_loss(lambda lp, rows: -adv[rows, None] * torch.exp(lp - lp.detach()), logp, mask, "token-mean", [1, 1])
+    split = split_loss(
+        lambda lp, rows: -adv[rows, None] * torch.exp(lp - lp.detach()), logp, mask, "token-mean", [1, 1]
+    )
     (g_split,) = torch.autograd.grad(split, logp)
     assert whole.item() == pytest.approx(0.5) and split.item() == pytest.approx(0.5)
     assert g_whole[mask].tolist() == pytest.approx([-0.25, 0.25, 0.25, 0.25])
@@ -79,7 +81,9 @@ def test_sapo_tau_keeps_float64() -> None:
     assert out.loss.item() == pytest.approx(4.0 / 1.05 / (1.0 + math.exp(-z)), rel=1e-15)
 
 
-@pytest.mark.parametrize(("dtype", "x", "expected"), [(torch.float32, -20.0, -1.621e-9), (torch.float64, -38.0, -2.47e-17)])
+@pytest.mark.parametrize(
+    ("dtype", "x", "expected"), [(torch.float32, -20.0, -1.621e-9), (torch.float64, -38.0, -2.47e-17)]
+)
 def test_sapo_far_tail_gradient_is_not_cancelled(dtype: torch.dtype, x: float, expected: float) -> None:
     lp = torch.zeros(1, 1, dtype=dtype, requires_grad=True)
     old = torch.full((1, 1), -x, dtype=dtype)

@@ -14,28 +14,28 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import mhpo_migrations
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.store import Store, open_store
 
-import migrations
-from server.app import create_app
-from server.config import Settings
-from server.store import Store, open_store
 from tests.conftest import fresh_pg_database
 
 
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("template") / "mhpo.db"
-    migrations.upgrade(f"sqlite:///{path}")
+    mhpo_migrations.upgrade(f"sqlite:///{path}")
     return path
 
 
 @pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
     with fresh_pg_database("mhpo_tmpl") as url:
-        migrations.upgrade(url)
+        mhpo_migrations.upgrade(url)
         yield url.rsplit("/", 1)[1]
 
 

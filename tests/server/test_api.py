@@ -11,15 +11,24 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.schemas import RecordIn
+from mhpo_server.store import Store, open_store
 
-from server.app import create_app
-from server.config import Settings
-from server.schemas import RecordIn
-from server.store import Store, open_store
 from tests.server.conftest import new_run, post_json
 
-HIST = {"lo": -2.0, "hi": 2.0, "counts": [0, 3, 1, 0], "underflow": 0, "overflow": 1, "min": -1.0, "max": 2.5,
-        "sum": 1.0, "sumsq": 8.0}
+HIST = {
+    "lo": -2.0,
+    "hi": 2.0,
+    "counts": [0, 3, 1, 0],
+    "underflow": 0,
+    "overflow": 1,
+    "min": -1.0,
+    "max": 2.5,
+    "sum": 1.0,
+    "sumsq": 8.0,
+}
 
 
 def batch(*records: dict[str, Any], batch_id: str | None = None) -> dict[str, Any]:
@@ -28,9 +37,15 @@ def batch(*records: dict[str, Any], batch_id: str | None = None) -> dict[str, An
 
 def test_records_round_trip_with_nonfinite_tokens(client: TestClient) -> None:
     run_id = new_run(client, config={"lr": 1e-6}, loss="mhpo")
-    body = batch({"step": 0, "time": 1.7e9, "scalars": {"a": math.nan, "b": math.inf, "c": -math.inf},
-                  "histograms": {"log_ratio": HIST},
-                  "outliers": [{"sample": 0, "position": 1, "token_id": 2, "text": "x", "x": 1.0, "A": 1.0, "zeta": None}]})
+    body = batch(
+        {
+            "step": 0,
+            "time": 1.7e9,
+            "scalars": {"a": math.nan, "b": math.inf, "c": -math.inf},
+            "histograms": {"log_ratio": HIST},
+            "outliers": [{"sample": 0, "position": 1, "token_id": 2, "text": "x", "x": 1.0, "A": 1.0, "zeta": None}],
+        }
+    )
     response = post_json(client, f"/api/v1/runs/{run_id}/records", body)
     assert response.status_code == 200 and response.json() == {"accepted": 5, "duplicates": 0, "rejected": []}
     again = post_json(client, f"/api/v1/runs/{run_id}/records", body)
@@ -46,8 +61,21 @@ def test_records_round_trip_with_nonfinite_tokens(client: TestClient) -> None:
     assert run["last_step"] == 0 and run["config"] == {"lr": 1e-6}
     events = client.get(f"/api/v1/runs/{run_id}/events").json()["events"]
     assert run["open_flags"] == sum(e["type"] == "flag" and e["severity"] != "info" for e in events)
-    assert set(run) == {"run_id", "project", "name", "loss", "config", "status", "created_at", "updated_at",
-                        "last_step", "last_seen_at", "open_flags", "parent_run_id", "fork_step"}
+    assert set(run) == {
+        "run_id",
+        "project",
+        "name",
+        "loss",
+        "config",
+        "status",
+        "created_at",
+        "updated_at",
+        "last_step",
+        "last_seen_at",
+        "open_flags",
+        "parent_run_id",
+        "fork_step",
+    }
     assert client.get("/api/v1/runs", params={"project": "p"}).json()["runs"][0]["run_id"] == run_id
     assert client.get("/api/v1/runs", params={"project": "nope"}).json() == {"runs": []}
     projects = client.get("/api/v1/projects").json()["projects"]
@@ -82,10 +110,19 @@ BAD_ITEMS = [  # (record, field, key, a word of the reason): refused alone, the 
     ({"step": 0, "histograms": {"h": {**HIST, "lo": 2.0, "hi": 2.0}}, "scalars": {"ok": 1.0}}, "histograms", "h", "lo"),
     ({"step": 0, "histograms": {"h": {**HIST, "lo": math.nan}}, "scalars": {"ok": 1.0}}, "histograms", "h", "lo"),
     ({"step": 0, "histograms": {"h": {**HIST, "hi": math.inf}}, "scalars": {"ok": 1.0}}, "histograms", "h", "hi"),
-    ({"step": 0, "histograms": {"h": {**HIST, "counts": [1, -1]}}, "scalars": {"ok": 1.0}}, "histograms", "h", "counts"),
+    (
+        {"step": 0, "histograms": {"h": {**HIST, "counts": [1, -1]}}, "scalars": {"ok": 1.0}},
+        "histograms",
+        "h",
+        "counts",
+    ),
     ({"step": 0, "histograms": {"h": {**HIST, "counts": []}}, "scalars": {"ok": 1.0}}, "histograms", "h", "counts"),
-    ({"step": 0, "outliers": [{"sample": 0, "position": -2, "x": 0.0, "A": 0.0}], "scalars": {"ok": 1.0}},
-     "outliers", None, "position"),
+    (
+        {"step": 0, "outliers": [{"sample": 0, "position": -2, "x": 0.0, "A": 0.0}], "scalars": {"ok": 1.0}},
+        "outliers",
+        None,
+        "position",
+    ),
 ]
 
 
@@ -100,8 +137,9 @@ def test_bad_records_get_422_naming_the_field(client: TestClient, record: dict[s
 
 
 @pytest.mark.parametrize(("record", "field", "key", "word"), BAD_ITEMS, ids=[f"{f}-{w}" for _, f, _, w in BAD_ITEMS])
-def test_bad_items_are_refused_alone(client: TestClient, record: dict[str, Any], field: str, key: str | None,
-                                     word: str) -> None:
+def test_bad_items_are_refused_alone(
+    client: TestClient, record: dict[str, Any], field: str, key: str | None, word: str
+) -> None:
     run_id = new_run(client)
     response = post_json(client, f"/api/v1/runs/{run_id}/records", batch({"step": 1, "scalars": {"kept": 1.0}}, record))
     assert response.status_code == 200, response.text
@@ -117,8 +155,12 @@ def test_other_bad_requests_are_4xx(client: TestClient) -> None:
     unknown = post_json(client, f"/api/v1/runs/{uuid.uuid4()}/records", batch({"step": 0}))
     assert unknown.status_code == 404 and "does not exist" in unknown.json()["detail"]
     assert client.get("/api/v1/runs/not-a-uuid").status_code == 422
-    assert client.post(f"/api/v1/runs/{run_id}/records", content=b"{not json",
-                       headers={"content-type": "application/json"}).status_code == 422
+    assert (
+        client.post(
+            f"/api/v1/runs/{run_id}/records", content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
     missing = post_json(client, f"/api/v1/runs/{run_id}/records", {"records": []})
     assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "batch_id"]
     assert client.get(f"/api/v1/runs/{run_id}/scalars", params={"max_points": 1}).status_code == 422
@@ -130,7 +172,10 @@ def test_other_bad_requests_are_4xx(client: TestClient) -> None:
     assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["query", "keys"]
     assert client.get(f"/api/v1/runs/{run_id}/scalars", params={"keys": "a\x01"}).status_code == 422
     assert client.get("/api/v1/runs", params={"project": "\x00"}).status_code == 422
-    binning = [batch({"step": 0, "histograms": {"h": HIST}}), batch({"step": 1, "histograms": {"h": {**HIST, "hi": 3.0}}})]
+    binning = [
+        batch({"step": 0, "histograms": {"h": HIST}}),
+        batch({"step": 1, "histograms": {"h": {**HIST, "hi": 3.0}}}),
+    ]
     assert post_json(client, f"/api/v1/runs/{run_id}/records", binning[0]).status_code == 200
     changed = post_json(client, f"/api/v1/runs/{run_id}/records", binning[1])
     assert changed.status_code == 200 and changed.json()["accepted"] == 0
@@ -168,7 +213,7 @@ def test_auth_scopes_and_projects(migrated_url: str) -> None:
     write, read = store.create_token("p", "write"), store.create_token("p", "read")
     other = store.create_token("q", "write")
     store.close()
-    bearer = lambda token: {"Authorization": f"Bearer {token}"}  # noqa: E731
+    bearer = lambda token: {"Authorization": f"Bearer {token}"}
     with TestClient(create_app(Settings(db=migrated_url, dashboard=False, auth=True))) as client:
         body = {"project": "p", "name": "r"}
         assert client.post("/api/v1/runs", json=body).status_code == 401
@@ -210,15 +255,29 @@ def test_ingest_listeners_get_only_new_records(app: FastAPI) -> None:
         metrics = client.get("/metrics").text
     assert [[r.step for r in records] for _, records in seen] == [[0, 1, 2], [3, 4]]
     assert all(isinstance(r, RecordIn) for _, records in seen for r in records) and seen[0][0] == run_id
-    assert 'mhpo_ingest_listener_errors_total{listener="test_ingest_listeners_get_only_new_records.<locals>.broken"} 2.0' in metrics
+    assert (
+        'mhpo_ingest_listener_errors_total{listener="test_ingest_listeners_get_only_new_records.<locals>.broken"} 2.0'
+        in metrics
+    )
 
 
 def test_event_sources_and_flags(app: FastAPI, store: Store) -> None:
     app.state.event_sources.append(lambda s, run_id: [{"type": "alert", "step": 1, "rule": "r"}])
     with TestClient(app) as client:
         run_id = new_run(client)
-        store.add_events(run_id, [{"step": 2, "kind": "collapse", "severity": "critical", "detector": "entropy",
-                                   "message": "entropy falling", "evidence": {"slope": -math.inf}}])
+        store.add_events(
+            run_id,
+            [
+                {
+                    "step": 2,
+                    "kind": "collapse",
+                    "severity": "critical",
+                    "detector": "entropy",
+                    "message": "entropy falling",
+                    "evidence": {"slope": -math.inf},
+                }
+            ],
+        )
         events = client.get(f"/api/v1/runs/{run_id}/events").json()["events"]
         assert [e["type"] for e in events] == ["alert", "flag"]
         flag = events[1]

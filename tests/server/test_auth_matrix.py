@@ -16,16 +16,20 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-
-from server.app import create_app
-from server.config import Settings
-from server.store import open_store
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.store import open_store
 
 CALLERS = ("auth off", "no token", "bad token", "read A", "write A", "read B", "write B")
 PUBLIC, LIST, READ, WRITE = "public", "list", "read", "write"  # list: any token, filtered to its project
 MLFLOW = "/api/2.0/mlflow"
-RULE = {"name": "hot", "project": "A", "condition": {"type": "threshold", "key": "a", "op": ">", "value": 0.5},
-        "channels": ["dashboard", "webhook"], "webhook_url": "https://hooks.example.com/services/SECRET"}
+RULE = {
+    "name": "hot",
+    "project": "A",
+    "condition": {"type": "threshold", "key": "a", "op": ">", "value": 0.5},
+    "channels": ["dashboard", "webhook"],
+    "webhook_url": "https://hooks.example.com/services/SECRET",
+}
 
 
 @dataclass
@@ -43,8 +47,9 @@ class World:
         return {} if token is None else {"Authorization": f"Bearer {token}"}
 
     def new_rule(self) -> int:
-        response = self.client.post("/api/v1/alert-rules", json={**RULE, "name": f"r-{uuid.uuid4().hex[:6]}"},
-                                    headers=self.as_("write A"))
+        response = self.client.post(
+            "/api/v1/alert-rules", json={**RULE, "name": f"r-{uuid.uuid4().hex[:6]}"}, headers=self.as_("write A")
+        )
         assert response.status_code == 201, response.text
         return int(response.json()["id"])
 
@@ -61,62 +66,114 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Request]] = {
     ("GET", "/api/v1/runs"): (READ, lambda w: ("GET", "/api/v1/runs", {"params": {"project": "A"}})),
     ("GET", "/api/v1/runs/{run_id}"): (READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}", {})),
     ("PATCH", "/api/v1/runs/{run_id}"): (
-        WRITE, lambda w: ("PATCH", f"/api/v1/runs/{w.run_id}", {"json": {"status": "running"}})),
-    ("POST", "/api/v1/runs/{run_id}/records"): (WRITE, lambda w: (
-        "POST", f"/api/v1/runs/{w.run_id}/records",
-        {"json": {"batch_id": uuid.uuid4().hex, "records": [{"step": 100, "scalars": {"b": 1.0}}]}})),
+        WRITE,
+        lambda w: ("PATCH", f"/api/v1/runs/{w.run_id}", {"json": {"status": "running"}}),
+    ),
+    ("POST", "/api/v1/runs/{run_id}/records"): (
+        WRITE,
+        lambda w: (
+            "POST",
+            f"/api/v1/runs/{w.run_id}/records",
+            {"json": {"batch_id": uuid.uuid4().hex, "records": [{"step": 100, "scalars": {"b": 1.0}}]}},
+        ),
+    ),
     ("POST", "/api/v1/runs/{run_id}/rewind"): (  # past the last step: keeps the history the other rows read
-        WRITE, lambda w: ("POST", f"/api/v1/runs/{w.run_id}/rewind", {"json": {"step": 1000}})),
+        WRITE,
+        lambda w: ("POST", f"/api/v1/runs/{w.run_id}/rewind", {"json": {"step": 1000}}),
+    ),
     ("POST", "/api/v1/runs/{run_id}/fork"): (
-        WRITE, lambda w: ("POST", f"/api/v1/runs/{w.run_id}/fork", {"json": {"step": 1, "name": "fork"}})),
+        WRITE,
+        lambda w: ("POST", f"/api/v1/runs/{w.run_id}/fork", {"json": {"step": 1, "name": "fork"}}),
+    ),
     ("GET", "/api/v1/runs/{run_id}/keys"): (READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}/keys", {})),
     ("GET", "/api/v1/runs/{run_id}/scalars"): (READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}/scalars", {})),
     ("GET", "/api/v1/runs/{run_id}/histograms/{key}"): (
-        READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}/histograms/h", {})),
+        READ,
+        lambda w: ("GET", f"/api/v1/runs/{w.run_id}/histograms/h", {}),
+    ),
     ("GET", "/api/v1/runs/{run_id}/outliers"): (READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}/outliers", {})),
     ("GET", "/api/v1/runs/{run_id}/events"): (READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}/events", {})),
     ("POST", "/api/v1/alert-rules"): (WRITE, lambda w: ("POST", "/api/v1/alert-rules", {"json": RULE})),
     ("GET", "/api/v1/alert-rules"): (READ, lambda w: ("GET", "/api/v1/alert-rules", {"params": {"project": "A"}})),
     ("GET", "/api/v1/alert-rules/{rule_id}"): (READ, lambda w: ("GET", f"/api/v1/alert-rules/{w.rule_id}", {})),
     ("PATCH", "/api/v1/alert-rules/{rule_id}"): (
-        WRITE, lambda w: ("PATCH", f"/api/v1/alert-rules/{w.rule_id}", {"json": {"cooldown_s": 60}})),
+        WRITE,
+        lambda w: ("PATCH", f"/api/v1/alert-rules/{w.rule_id}", {"json": {"cooldown_s": 60}}),
+    ),
     ("DELETE", "/api/v1/alert-rules/{rule_id}"): (
-        WRITE, lambda w: ("DELETE", f"/api/v1/alert-rules/{w.new_rule()}", {})),
+        WRITE,
+        lambda w: ("DELETE", f"/api/v1/alert-rules/{w.new_rule()}", {}),
+    ),
     ("GET", "/api/v1/alerts"): (READ, lambda w: ("GET", "/api/v1/alerts", {"params": {"project": "A"}})),
     ("GET", "/api/v1/alerts/{alert_id}"): (READ, lambda w: ("GET", f"/api/v1/alerts/{w.alert_id}", {})),
     ("POST", "/api/v1/alerts/{alert_id}/ack"): (WRITE, lambda w: ("POST", f"/api/v1/alerts/{w.alert_id}/ack", {})),
     ("GET", "/api/v1/projects/{project}/flag-params"): (READ, lambda w: ("GET", "/api/v1/projects/A/flag-params", {})),
     ("PUT", "/api/v1/projects/{project}/flag-params"): (
-        WRITE, lambda w: ("PUT", "/api/v1/projects/A/flag-params", {"json": {}})),
+        WRITE,
+        lambda w: ("PUT", "/api/v1/projects/A/flag-params", {"json": {}}),
+    ),
     # MLflow's tracking API: an experiment is a project, so A's experiment and A's run.
     ("GET", f"{MLFLOW}/experiments/get-by-name"): (
-        READ, lambda w: ("GET", f"{MLFLOW}/experiments/get-by-name", {"params": {"experiment_name": "A"}})),
+        READ,
+        lambda w: ("GET", f"{MLFLOW}/experiments/get-by-name", {"params": {"experiment_name": "A"}}),
+    ),
     ("GET", f"{MLFLOW}/experiments/get"): (
-        READ, lambda w: ("GET", f"{MLFLOW}/experiments/get", {"params": {"experiment_id": "A"}})),
+        READ,
+        lambda w: ("GET", f"{MLFLOW}/experiments/get", {"params": {"experiment_id": "A"}}),
+    ),
     ("POST", f"{MLFLOW}/experiments/create"): (
-        WRITE, lambda w: ("POST", f"{MLFLOW}/experiments/create", {"json": {"name": "A"}})),
+        WRITE,
+        lambda w: ("POST", f"{MLFLOW}/experiments/create", {"json": {"name": "A"}}),
+    ),
     ("POST", f"{MLFLOW}/runs/create"): (
-        WRITE, lambda w: ("POST", f"{MLFLOW}/runs/create", {"json": {"experiment_id": "A", "run_name": "mlflow"}})),
+        WRITE,
+        lambda w: ("POST", f"{MLFLOW}/runs/create", {"json": {"experiment_id": "A", "run_name": "mlflow"}}),
+    ),
     ("POST", f"{MLFLOW}/runs/update"): (
-        WRITE, lambda w: ("POST", f"{MLFLOW}/runs/update", {"json": {"run_id": w.run_id, "status": "RUNNING"}})),
+        WRITE,
+        lambda w: ("POST", f"{MLFLOW}/runs/update", {"json": {"run_id": w.run_id, "status": "RUNNING"}}),
+    ),
     ("GET", f"{MLFLOW}/runs/get"): (READ, lambda w: ("GET", f"{MLFLOW}/runs/get", {"params": {"run_id": w.run_id}})),
-    ("POST", f"{MLFLOW}/runs/log-batch"): (WRITE, lambda w: (
-        "POST", f"{MLFLOW}/runs/log-batch",
-        {"json": {"run_id": w.run_id, "metrics": [{"key": "m", "value": 1.0, "step": 102}],
-                  "params": [{"key": "lr", "value": "0.1"}], "tags": [{"key": "t", "value": "x"}]}})),
-    ("POST", f"{MLFLOW}/runs/log-metric"): (WRITE, lambda w: (
-        "POST", f"{MLFLOW}/runs/log-metric", {"json": {"run_id": w.run_id, "key": "m", "value": 2.0, "step": 101}})),
-    ("POST", f"{MLFLOW}/runs/log-parameter"): (WRITE, lambda w: (
-        "POST", f"{MLFLOW}/runs/log-parameter", {"json": {"run_id": w.run_id, "key": "bs", "value": "8"}})),
-    ("POST", f"{MLFLOW}/runs/set-tag"): (WRITE, lambda w: (
-        "POST", f"{MLFLOW}/runs/set-tag", {"json": {"run_id": w.run_id, "key": "team", "value": "rl"}})),
-    ("GET", f"{MLFLOW}/metrics/get-history"): (READ, lambda w: (
-        "GET", f"{MLFLOW}/metrics/get-history", {"params": {"run_id": w.run_id, "metric_key": "a"}})),
+    ("POST", f"{MLFLOW}/runs/log-batch"): (
+        WRITE,
+        lambda w: (
+            "POST",
+            f"{MLFLOW}/runs/log-batch",
+            {
+                "json": {
+                    "run_id": w.run_id,
+                    "metrics": [{"key": "m", "value": 1.0, "step": 102}],
+                    "params": [{"key": "lr", "value": "0.1"}],
+                    "tags": [{"key": "t", "value": "x"}],
+                }
+            },
+        ),
+    ),
+    ("POST", f"{MLFLOW}/runs/log-metric"): (
+        WRITE,
+        lambda w: (
+            "POST",
+            f"{MLFLOW}/runs/log-metric",
+            {"json": {"run_id": w.run_id, "key": "m", "value": 2.0, "step": 101}},
+        ),
+    ),
+    ("POST", f"{MLFLOW}/runs/log-parameter"): (
+        WRITE,
+        lambda w: ("POST", f"{MLFLOW}/runs/log-parameter", {"json": {"run_id": w.run_id, "key": "bs", "value": "8"}}),
+    ),
+    ("POST", f"{MLFLOW}/runs/set-tag"): (
+        WRITE,
+        lambda w: ("POST", f"{MLFLOW}/runs/set-tag", {"json": {"run_id": w.run_id, "key": "team", "value": "rl"}}),
+    ),
+    ("GET", f"{MLFLOW}/metrics/get-history"): (
+        READ,
+        lambda w: ("GET", f"{MLFLOW}/metrics/get-history", {"params": {"run_id": w.run_id, "metric_key": "a"}}),
+    ),
 }
 
 
 def expected(need: str, caller: str) -> str:
-    """"2xx", or the exact refusal: 401 without a valid token, 403 for the wrong scope or project."""
+    """ "2xx", or the exact refusal: 401 without a valid token, 403 for the wrong scope or project."""
     if need == PUBLIC or caller == "auth off":
         return "2xx"
     if caller in ("no token", "bad token"):
@@ -132,10 +189,18 @@ def seed(client: TestClient, tokens: dict[str, str | None]) -> World:
     world.rule_id = world.new_rule()
     run = client.post("/api/v1/runs", json={"project": "A", "name": "run-a"}, headers=headers)
     world.run_id = run.json()["run_id"]
-    records = [{"step": s, "scalars": {"a": 1.0}, "histograms": {"h": {"lo": 0.0, "hi": 1.0, "counts": [1, 2]}},
-                "outliers": [{"sample": 0, "position": 1, "x": 0.5, "A": 1.0, "text": "tok"}]} for s in range(3)]
-    stored = client.post(f"/api/v1/runs/{world.run_id}/records", json={"batch_id": "seed", "records": records},
-                         headers=headers)
+    records = [
+        {
+            "step": s,
+            "scalars": {"a": 1.0},
+            "histograms": {"h": {"lo": 0.0, "hi": 1.0, "counts": [1, 2]}},
+            "outliers": [{"sample": 0, "position": 1, "x": 0.5, "A": 1.0, "text": "tok"}],
+        }
+        for s in range(3)
+    ]
+    stored = client.post(
+        f"/api/v1/runs/{world.run_id}/records", json={"batch_id": "seed", "records": records}, headers=headers
+    )
     assert stored.status_code == 200, stored.text
     alerts = client.get("/api/v1/alerts", params={"project": "A"}, headers=headers).json()["alerts"]
     world.alert_id = alerts[0]["id"]
@@ -148,14 +213,20 @@ def worlds(migrated_url: str) -> Iterator[dict[bool, World]]:
     store = open_store(migrated_url)
     try:
         tokens: dict[str, str | None] = {
-            "no token": None, "bad token": "mhpo_not-a-token", "auth off": None,
-            "read A": store.create_token("A", "read"), "write A": store.create_token("A", "write"),
-            "read B": store.create_token("B", "read"), "write B": store.create_token("B", "write"),
+            "no token": None,
+            "bad token": "mhpo_not-a-token",
+            "auth off": None,
+            "read A": store.create_token("A", "read"),
+            "write A": store.create_token("A", "write"),
+            "read B": store.create_token("B", "read"),
+            "write B": store.create_token("B", "write"),
         }
     finally:
         store.close()
-    with TestClient(create_app(Settings(db=migrated_url, auth=True, dashboard=False))) as on, \
-            TestClient(create_app(Settings(db=migrated_url, auth=False, dashboard=False))) as off:
+    with (
+        TestClient(create_app(Settings(db=migrated_url, auth=True, dashboard=False))) as on,
+        TestClient(create_app(Settings(db=migrated_url, auth=False, dashboard=False))) as off,
+    ):
         world_on = seed(on, tokens)
         yield {True: world_on, False: World(off, tokens, world_on.run_id, world_on.rule_id, world_on.alert_id)}
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-
+from mhpo_server.cli import is_loopback
+from mhpo_server.config import Settings
+from mhpo_server.store import open_store
 from pydantic import ValidationError
 
 from mhpo.cli import main as mhpo_main
-from server.config import Settings
-from server.cli import is_loopback
-from server.store import open_store
 from tests.fixtures.server import LiveServer
 from tests.server.conftest import new_run, post_json
 
@@ -60,14 +59,24 @@ def test_live_server_survives_sigkill(live_server: LiveServer) -> None:
     """What a real `mhpo serve` acknowledged is still there after SIGKILL and a restart."""
     with httpx.Client(base_url=live_server.url) as client:
         run_id = new_run(client)
-        records = {"batch_id": str(uuid.uuid4()),
-                   "records": [{"step": s, "time": 1.0, "scalars": {"loss": math.nan if s == 3 else s}} for s in range(10)]}
-        assert post_json(client, f"/api/v1/runs/{run_id}/records", records).json() == {"accepted": 10, "duplicates": 0, "rejected": []}
+        records = {
+            "batch_id": str(uuid.uuid4()),
+            "records": [{"step": s, "time": 1.0, "scalars": {"loss": math.nan if s == 3 else s}} for s in range(10)],
+        }
+        assert post_json(client, f"/api/v1/runs/{run_id}/records", records).json() == {
+            "accepted": 10,
+            "duplicates": 0,
+            "rejected": [],
+        }
     live_server.kill()
     assert not live_server.running
     live_server.start()
     with httpx.Client(base_url=live_server.url) as client:
         series = client.get(f"/api/v1/runs/{run_id}/scalars", params={"keys": "loss"}).json()["series"]["loss"]
         assert series["step"] == list(range(10)) and math.isnan(series["value"][3])
-        assert post_json(client, f"/api/v1/runs/{run_id}/records", records).json() == {"accepted": 0, "duplicates": 10, "rejected": []}
+        assert post_json(client, f"/api/v1/runs/{run_id}/records", records).json() == {
+            "accepted": 0,
+            "duplicates": 10,
+            "rejected": [],
+        }
         assert "mhpo_http_requests_total" in client.get("/metrics").text

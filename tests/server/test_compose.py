@@ -51,7 +51,10 @@ def test_compose_file() -> None:
     command = " ".join(server["command"])
     assert command.index("mhpo db upgrade") < command.index("mhpo serve"), "migrates before serving"
     assert "--host 0.0.0.0" in command and "--insecure-public" in command
-    assert server["environment"]["MHPO_DB"].startswith("postgresql+psycopg://") and "@db:5432/" in server["environment"]["MHPO_DB"]
+    assert (
+        server["environment"]["MHPO_DB"].startswith("postgresql+psycopg://")
+        and "@db:5432/" in server["environment"]["MHPO_DB"]
+    )
     assert all(port.startswith("127.0.0.1:") for port in server["ports"]), "published on loopback only"
     assert "/healthz" in " ".join(server["healthcheck"]["test"])
     assert server["build"] == "." and (REPO / "Dockerfile").is_file()

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.schemas import invalid_key, parse_keys
+from mhpo_server.store import open_store
 from sqlalchemy import create_engine, text
 
-from server.app import create_app
-from server.config import Settings
-from server.schemas import invalid_key, parse_keys
-from server.store import open_store
 from tests.server.conftest import new_run, post_json
 
 SURROGATE = "\ud800"
@@ -53,7 +53,9 @@ def test_unstorable_run_text_is_refused_and_nothing_saved(client: TestClient, bo
 
 
 def test_config_error_names_the_path(client: TestClient) -> None:
-    response = raw_post(client, "/api/v1/runs", '{"project":"p","name":"x","config":{"data":{"dirs":["a","caf\\udce9"]}}}')
+    response = raw_post(
+        client, "/api/v1/runs", '{"project":"p","name":"x","config":{"data":{"dirs":["a","caf\\udce9"]}}}'
+    )
     message = response.json()["detail"][0]["msg"]
     assert "config['data']['dirs'][1]" in message and "surrogate" in message
 
@@ -69,13 +71,25 @@ def rejected_items(response: Any) -> list[dict[str, Any]]:
     ("record", "field", "key", "reason"),
     [
         ('{"step":0,"scalars":{"a\\ud800":1.0,"ok":2.0}}', "scalars", "a\ufffd\ufffd\ufffd", "lone surrogate"),
-        ('{"step":0,"histograms":{"\\udc80":{"lo":0,"hi":1,"counts":[1]}},"scalars":{"ok":2.0}}', "histograms",
-         "\ufffd\ufffd\ufffd", "lone surrogate"),
+        (
+            '{"step":0,"histograms":{"\\udc80":{"lo":0,"hi":1,"counts":[1]}},"scalars":{"ok":2.0}}',
+            "histograms",
+            "\ufffd\ufffd\ufffd",
+            "lone surrogate",
+        ),
         ('{"step":0,"scalars":{"a\\u0000":1.0,"ok":2.0}}', "scalars", "a\x00", "pattern"),
-        ('{"step":0,"outliers":[{"sample":0,"position":0,"x":0,"A":0,"text":"\\ud83d"}],"scalars":{"ok":2.0}}',
-         "outliers", None, "0.text: Value error, contains a lone surrogate"),
-        ('{"step":0,"outliers":[{"sample":0,"position":0,"x":0,"A":0,"text":"a\\u0000"}],"scalars":{"ok":2.0}}',
-         "outliers", None, "0.text: Value error, contains a NUL character"),
+        (
+            '{"step":0,"outliers":[{"sample":0,"position":0,"x":0,"A":0,"text":"\\ud83d"}],"scalars":{"ok":2.0}}',
+            "outliers",
+            None,
+            "0.text: Value error, contains a lone surrogate",
+        ),
+        (
+            '{"step":0,"outliers":[{"sample":0,"position":0,"x":0,"A":0,"text":"a\\u0000"}],"scalars":{"ok":2.0}}',
+            "outliers",
+            None,
+            "0.text: Value error, contains a NUL character",
+        ),
     ],
 )
 def test_unstorable_record_text_is_refused_alone(
@@ -126,8 +140,9 @@ def test_a_bad_row_stored_earlier_never_breaks_the_lists(client: TestClient, mig
     engine = create_engine(migrated_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text("UPDATE runs SET config = :c WHERE run_id = :r"),
-                         {"c": '{"path":"/data/caf\\udce9"}', "r": run_id})
+            conn.execute(
+                text("UPDATE runs SET config = :c WHERE run_id = :r"), {"c": '{"path":"/data/caf\\udce9"}', "r": run_id}
+            )
     finally:
         engine.dispose()
     for url in ("/api/v1/runs", f"/api/v1/runs/{run_id}", "/api/v1/projects"):
@@ -138,15 +153,29 @@ def test_a_bad_row_stored_earlier_never_breaks_the_lists(client: TestClient, mig
 
 def test_secrets_in_config_are_redacted(client: TestClient) -> None:
     config = {
-        "hf_token": "hf_abc", "password": "hunter2", "nested": {"apiKey": "k-1", "client_secret": "s"},
-        "list": [{"DB_PASSWORD": "pw"}], "webhook_url": "https://hooks.slack.com/services/T/B/X",
-        "max_new_tokens": 6, "tokenizer": "char", "token_budget": None, "use_auth_token": False, "lr": 1e-6,
+        "hf_token": "hf_abc",
+        "password": "hunter2",
+        "nested": {"apiKey": "k-1", "client_secret": "s"},
+        "list": [{"DB_PASSWORD": "pw"}],
+        "webhook_url": "https://hooks.slack.com/services/T/B/X",
+        "max_new_tokens": 6,
+        "tokenizer": "char",
+        "token_budget": None,
+        "use_auth_token": False,
+        "lr": 1e-6,
     }
     run = post_json(client, "/api/v1/runs", {"project": "p", "name": "s", "config": config}).json()
     assert run["config"] == {
-        "hf_token": "[redacted]", "password": "[redacted]", "nested": {"apiKey": "[redacted]", "client_secret": "[redacted]"},
-        "list": [{"DB_PASSWORD": "[redacted]"}], "webhook_url": "[redacted]",
-        "max_new_tokens": 6, "tokenizer": "char", "token_budget": None, "use_auth_token": False, "lr": 1e-6,
+        "hf_token": "[redacted]",
+        "password": "[redacted]",
+        "nested": {"apiKey": "[redacted]", "client_secret": "[redacted]"},
+        "list": [{"DB_PASSWORD": "[redacted]"}],
+        "webhook_url": "[redacted]",
+        "max_new_tokens": 6,
+        "tokenizer": "char",
+        "token_budget": None,
+        "use_auth_token": False,
+        "lr": 1e-6,
     }
     assert "hunter2" not in client.get("/api/v1/runs").text
 
@@ -173,10 +202,18 @@ def test_loose_record_types_are_refused(client: TestClient, record: dict[str, An
     [
         ({"scalars": {"a": True}}, "scalars", "a", "Input should be a valid number"),
         ({"scalars": {"a": "1.5"}}, "scalars", "a", "Input should be a valid number"),
-        ({"histograms": {"h": {"lo": 0, "hi": 1, "counts": [True]}}}, "histograms", "h",
-         "counts.0: Input should be a valid integer"),
-        ({"outliers": [{"sample": "0", "position": 0, "x": 0, "A": 0}]}, "outliers", None,
-         "0.sample: Input should be a valid integer"),
+        (
+            {"histograms": {"h": {"lo": 0, "hi": 1, "counts": [True]}}},
+            "histograms",
+            "h",
+            "counts.0: Input should be a valid integer",
+        ),
+        (
+            {"outliers": [{"sample": "0", "position": 0, "x": 0, "A": 0}]},
+            "outliers",
+            None,
+            "0.sample: Input should be a valid integer",
+        ),
     ],
 )
 def test_loose_item_types_are_refused_alone(
@@ -195,12 +232,18 @@ def test_loose_item_types_are_refused_alone(
 def test_ints_are_still_floats(client: TestClient) -> None:
     run_id = new_run(client)
     body = {"batch_id": "b", "records": [{"step": 0, "time": 1, "scalars": {"a": 1}}]}
-    assert post_json(client, f"/api/v1/runs/{run_id}/records", body).json() == {"accepted": 1, "duplicates": 0, "rejected": []}
+    assert post_json(client, f"/api/v1/runs/{run_id}/records", body).json() == {
+        "accepted": 1,
+        "duplicates": 0,
+        "rejected": [],
+    }
 
 
 def test_integral_floats_are_steps_of_rewind_and_fork(client: TestClient) -> None:
     run_id = new_run(client)
-    stored = post_json(client, f"/api/v1/runs/{run_id}/records", {"batch_id": "b0", "records": [{"step": 0, "scalars": {"x": 1.0}}]})
+    stored = post_json(
+        client, f"/api/v1/runs/{run_id}/records", {"batch_id": "b0", "records": [{"step": 0, "scalars": {"x": 1.0}}]}
+    )
     assert stored.status_code == 200, stored.text  # a fork needs a logged step to start from
     assert client.post(f"/api/v1/runs/{run_id}/rewind", json={"step": 0.0}).status_code == 200
     assert client.post(f"/api/v1/runs/{run_id}/fork", json={"step": 0.0}).status_code == 201
@@ -230,8 +273,12 @@ def test_read_tokens_see_webhook_urls_masked(migrated_url: str) -> None:
         store.close()
     url = "https://hooks.slack.com/services/T000/B000/XXXXSECRET"
     with TestClient(create_app(Settings(db=migrated_url, auth=True, dashboard=False))) as client:
-        created = post_json(client, "/api/v1/alert-rules", {**RULE, "channels": ["webhook"], "webhook_url": url},
-                            headers={"Authorization": f"Bearer {write}"}).json()
+        created = post_json(
+            client,
+            "/api/v1/alert-rules",
+            {**RULE, "channels": ["webhook"], "webhook_url": url},
+            headers={"Authorization": f"Bearer {write}"},
+        ).json()
         as_write = client.get(f"/api/v1/alert-rules/{created['id']}", headers={"Authorization": f"Bearer {write}"})
         as_read = client.get(f"/api/v1/alert-rules/{created['id']}", headers={"Authorization": f"Bearer {read}"})
         listed = client.get("/api/v1/alert-rules", headers={"Authorization": f"Bearer {read}"})
@@ -243,8 +290,9 @@ def test_read_tokens_see_webhook_urls_masked(migrated_url: str) -> None:
 
 def test_openapi_states_the_enforced_max_points(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
-    params = {p["name"]: p["schema"] for op in schema["paths"].values() for o in op.values()
-              for p in o.get("parameters", [])}
+    params = {
+        p["name"]: p["schema"] for op in schema["paths"].values() for o in op.values() for p in o.get("parameters", [])
+    }
     assert params["max_points"]["maximum"] == params["max_steps"]["maximum"] == Settings(db="sqlite://").max_points
     run_id = new_run(client)
     at_max = client.get(f"/api/v1/runs/{run_id}/scalars", params={"max_points": params["max_points"]["maximum"]})

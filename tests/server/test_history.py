@@ -8,13 +8,13 @@ import uuid
 from typing import Any
 
 import httpx
+import mhpo_migrations
 import pytest
 from fastapi.testclient import TestClient
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.flags.synthetic import generate_stream
 
-import migrations
-from server.app import create_app
-from server.config import Settings
-from server.flags.synthetic import generate_stream
 from tests.fixtures.server import LiveServer
 
 
@@ -34,8 +34,9 @@ class Api:
         return self.call("POST", "/api/v1/runs", {"project": "p", "name": name}, 201)["run_id"]
 
     def post(self, run_id: str, records: list[dict[str, Any]], batch_id: str | None = None) -> dict[str, Any]:
-        return self.call("POST", f"/api/v1/runs/{run_id}/records", {"batch_id": batch_id or uuid.uuid4().hex,
-                                                                   "records": records})
+        return self.call(
+            "POST", f"/api/v1/runs/{run_id}/records", {"batch_id": batch_id or uuid.uuid4().hex, "records": records}
+        )
 
     def series(self, run_id: str, key: str) -> dict[int, float]:
         found = self.call("GET", f"/api/v1/runs/{run_id}/scalars?keys={key}&max_points=10000")["series"]
@@ -56,8 +57,17 @@ def histogram(lo: float = 0.0) -> dict[str, Any]:
 
 def test_rewind_then_relog_new_values_win_and_flags_follow_the_new_history(api: Api) -> None:
     run_id = api.new_run()
-    api.call("POST", "/api/v1/alert-rules", {"name": "probe high", "project": "p", "cooldown_s": 0,
-                                             "condition": {"type": "threshold", "key": "probe", "op": ">", "value": 5}}, 201)
+    api.call(
+        "POST",
+        "/api/v1/alert-rules",
+        {
+            "name": "probe high",
+            "project": "p",
+            "cooldown_s": 0,
+            "condition": {"type": "threshold", "key": "probe", "op": ">", "value": 5},
+        },
+        201,
+    )
     old = generate_stream(4, 200, "grad_spike", onset=150)
     old_batches = [(uuid.uuid4().hex, old.records(i, i + 50)) for i in range(0, 200, 50)]
     for batch_id, records in old_batches:
@@ -72,7 +82,9 @@ def test_rewind_then_relog_new_values_win_and_flags_follow_the_new_history(api: 
     answer = api.call("POST", f"/api/v1/runs/{run_id}/rewind", {"step": 100})
     assert answer["removed"]["scalars"] == 99 * len(old.scalars) + 99 and answer["removed"]["histograms"] == 99
     assert answer["removed"]["outliers"] == 99 and answer["removed"]["flags"] >= 1 and answer["removed"]["alerts"] == 1
-    assert api.call("POST", f"/api/v1/runs/{run_id}/rewind", {"step": 100})["removed"] == dict.fromkeys(answer["removed"], 0)
+    assert api.call("POST", f"/api/v1/runs/{run_id}/rewind", {"step": 100})["removed"] == dict.fromkeys(
+        answer["removed"], 0
+    )
     assert api.call("GET", f"/api/v1/runs/{run_id}")["last_step"] == 100
     assert max(api.series(run_id, "probe")) == 100
     assert api.call("GET", f"/api/v1/runs/{run_id}/histograms/h")["step"][-1] == 100
@@ -119,14 +131,21 @@ def test_every_rewind_that_removes_something_keeps_its_own_event(api: Api) -> No
     api.call("POST", f"/api/v1/runs/{run_id}/rewind", {"step": 10})  # nothing left to remove: no event
     rewinds = [e for e in api.events(run_id) if e["type"] == "rewind"]
     assert [(e["step"], e["evidence"]["removed"]["scalars"], e["evidence"]["previous_last_step"]) for e in rewinds] == [
-        (10, 10, 20), (10, 5, 15)]
+        (10, 10, 20),
+        (10, 5, 15),
+    ]
     assert api.series(run_id, "x") == {s: float(s) for s in range(11)}
 
 
 def test_fork_shares_history_and_diverges(api: Api) -> None:
     parent = api.new_run("parent")
-    api.post(parent, [{"step": s, "scalars": {"x": float(s), "x/nan": math.nan}, "histograms": {"h": histogram()}}
-                      for s in range(20)])
+    api.post(
+        parent,
+        [
+            {"step": s, "scalars": {"x": float(s), "x/nan": math.nan}, "histograms": {"h": histogram()}}
+            for s in range(20)
+        ],
+    )
     child = api.call("POST", f"/api/v1/runs/{parent}/fork", {"step": 9, "name": "child"}, 201)
     assert (child["name"], child["parent_run_id"], child["fork_step"], child["last_step"]) == ("child", parent, 9, 9)
     assert api.call("GET", f"/api/v1/runs/{child['run_id']}")["parent_run_id"] == parent
@@ -154,35 +173,52 @@ def test_partial_refusal_keeps_the_good_items(api: Api) -> None:
     run_id = api.new_run()
     api.post(run_id, [{"step": 0, "histograms": {"h": histogram()}}])
     records = [
-        {"step": 1, "scalars": {"train/loss": 0.9, "": 2.0, "bad\x01key": 1.0, "text": "high"},
-         "histograms": {"h": histogram(lo=5.0), "inverted": {"lo": 1, "hi": 0, "counts": [1]}, "ok": histogram()},
-         "outliers": [{"sample": 0}]},
+        {
+            "step": 1,
+            "scalars": {"train/loss": 0.9, "": 2.0, "bad\x01key": 1.0, "text": "high"},
+            "histograms": {"h": histogram(lo=5.0), "inverted": {"lo": 1, "hi": 0, "counts": [1]}, "ok": histogram()},
+            "outliers": [{"sample": 0}],
+        },
         {"step": 2, "scalars": {"train/loss": 0.8}},
     ]
     answer = api.post(run_id, records)
     assert answer["accepted"] == 3 and answer["duplicates"] == 0
     refused = {(r["step"], r["field"], r["key"]) for r in answer["rejected"]}
-    assert refused == {(1, "scalars", ""), (1, "scalars", "bad\x01key"), (1, "scalars", "text"),
-                       (1, "histograms", "h"), (1, "histograms", "inverted"), (1, "outliers", None)}
+    assert refused == {
+        (1, "scalars", ""),
+        (1, "scalars", "bad\x01key"),
+        (1, "scalars", "text"),
+        (1, "histograms", "h"),
+        (1, "histograms", "inverted"),
+        (1, "outliers", None),
+    }
     assert all(r["reason"] for r in answer["rejected"])
     assert "binning" in next(r["reason"] for r in answer["rejected"] if r["key"] == "h")
     assert api.series(run_id, "train/loss") == {1: 0.9, 2: 0.8}
     assert api.call("GET", f"/api/v1/runs/{run_id}/keys") == {"scalars": ["train/loss"], "histograms": ["h", "ok"]}
     # Errors of the envelope or of a record itself still refuse the whole batch, storing nothing.
     for bad in ({"step": -1, "scalars": {"a": 1.0}}, {"step": 3, "scalars": [1.0]}, {"step": 3, "typo": {}}):
-        api.call("POST", f"/api/v1/runs/{run_id}/records", {"batch_id": uuid.uuid4().hex,
-                                                           "records": [{"step": 3, "scalars": {"a": 1.0}}, bad]}, 422)
+        api.call(
+            "POST",
+            f"/api/v1/runs/{run_id}/records",
+            {"batch_id": uuid.uuid4().hex, "records": [{"step": 3, "scalars": {"a": 1.0}}, bad]},
+            422,
+        )
     assert api.series(run_id, "a") == {}
 
 
 def test_a_rewind_drops_the_flag_listeners_cached_windows(db_url: str) -> None:
     """The listener keeps the newest points of each run in memory; after a rewind they are not the newest."""
-    migrations.upgrade(db_url)
+    mhpo_migrations.upgrade(db_url)
     with TestClient(create_app(Settings(db=db_url, dashboard=False))) as client:
         run_id = client.post("/api/v1/runs", json={"project": "p", "name": "cache"}).json()["run_id"]
         body = {"batch_id": "b1", "records": generate_stream(1, 60).records(0, 60)}
-        assert client.post(f"/api/v1/runs/{run_id}/records", content=json.dumps(body),
-                           headers={"content-type": "application/json"}).status_code == 200
+        assert (
+            client.post(
+                f"/api/v1/runs/{run_id}/records", content=json.dumps(body), headers={"content-type": "application/json"}
+            ).status_code
+            == 200
+        )
         cache = client.app.state.flag_monitor.cache  # type: ignore[attr-defined]
         assert cache.get(run_id) is not None
         assert client.post(f"/api/v1/runs/{run_id}/rewind", json={"step": 30}).status_code == 200

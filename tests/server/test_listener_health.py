@@ -16,7 +16,7 @@ def post_records(server: LiveServer, run_id: str, batch: str, steps: range) -> h
 def test_failing_listener_is_reported(live_server_db: LiveServer) -> None:
     server = live_server_db
     healthy = httpx.post(f"{server.url}/api/v1/runs", json={"project": "p", "name": "r"}).json()["run_id"]
-    assert post_records(server, healthy, "ok", range(0, 5)).status_code == 200
+    assert post_records(server, healthy, "ok", range(5)).status_code == 200
     assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
     # A project whose alert rules the listener has not read (and cached) yet.
     run_id = httpx.post(f"{server.url}/api/v1/runs", json={"project": "q", "name": "r"}).json()["run_id"]
@@ -25,7 +25,7 @@ def test_failing_listener_is_reported(live_server_db: LiveServer) -> None:
     try:
         with engine.begin() as conn:
             conn.execute(text("ALTER TABLE alert_rules RENAME TO alert_rules_away"))
-        stored = post_records(server, run_id, "broken", range(0, 5))
+        stored = post_records(server, run_id, "broken", range(5))
         assert stored.json() == {"accepted": 5, "duplicates": 0, "rejected": []}  # the batch itself is stored
 
         state = httpx.get(f"{server.url}/healthz").json()

@@ -5,30 +5,29 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import mhpo_migrations
+import mhpo_server.app  # noqa: F401  (imports every model the app uses, so all tables are compared)
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.store import SchemaError, open_store
+from mhpo_server.store.models import Base
 from sqlalchemy import create_engine, text
-
-import migrations
-import server.app  # noqa: F401  (imports every model the app uses, so all tables are compared)
-from server.app import create_app
-from server.config import Settings
-from server.store import SchemaError, open_store
-from server.store.models import Base
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_upgrade_to_head_matches_models(db_url: str) -> None:
-    migrations.upgrade(db_url)
+    mhpo_migrations.upgrade(db_url)
     engine = create_engine(db_url)
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
-        assert context.get_current_revision() == migrations.head()
+        assert context.get_current_revision() == mhpo_migrations.head()
     engine.dispose()
-    migrations.upgrade(db_url)  # a second upgrade is a no-op
+    mhpo_migrations.upgrade(db_url)  # a second upgrade is a no-op
 
 
 def test_server_refuses_unmigrated_database(db_url: str) -> None:
@@ -38,10 +37,10 @@ def test_server_refuses_unmigrated_database(db_url: str) -> None:
 
 
 def test_server_refuses_stale_and_unknown_revisions(db_url: str) -> None:
-    migrations.upgrade(db_url, "0001")
+    mhpo_migrations.upgrade(db_url, "0001")
     store = open_store(db_url)
     try:
-        if migrations.head() != "0001":
+        if mhpo_migrations.head() != "0001":
             with pytest.raises(SchemaError, match="behind the server's .*mhpo db upgrade"):
                 store.check_schema()
         with store.engine.begin() as conn:  # type: ignore[attr-defined]
@@ -53,10 +52,12 @@ def test_server_refuses_stale_and_unknown_revisions(db_url: str) -> None:
 
 
 def test_migrations_ship_as_a_package() -> None:
-    """`migrations` works from a non-editable install: a package with env.py, the template and versions/."""
-    here = Path(migrations.__file__).parent
+    """`mhpo_migrations` works from a non-editable install: a package with env.py, the template and versions/."""
+    here = Path(mhpo_migrations.__file__).parent
     assert (here / "env.py").is_file() and (here / "script.py.mako").is_file()
     assert (here / "versions" / "__init__.py").is_file() and (here / "versions" / "0001_initial.py").is_file()
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert "migrations*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
+    setuptools = project["tool"]["setuptools"]
+    assert {"mhpo_migrations", "mhpo_migrations.versions"} <= set(setuptools["packages"])
+    assert setuptools["package-dir"]["mhpo_migrations"] == "migrations"
     assert "*.mako" in project["tool"]["setuptools"]["package-data"]["*"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from server.schemas import RecordIn, RunCreate
-from server.store import Store
+from mhpo_server.schemas import RecordIn, RunCreate
+from mhpo_server.store import Store
 
 
 def test_many_keys_at_once_equal_one_key_at_a_time(store: Store) -> None:
@@ -24,7 +24,9 @@ def test_many_keys_at_once_equal_one_key_at_a_time(store: Store) -> None:
         records.append(RecordIn(step=s, scalars=scalars))
     store.write_records(run_id, "b", records)
     flagged = [7, 1_500, 2_999]
-    store.add_events(run_id, [{"step": s, "kind": "grad_spike", "severity": "warning", "detector": "d"} for s in flagged])
+    store.add_events(
+        run_id, [{"step": s, "kind": "grad_spike", "severity": "warning", "detector": "d"} for s in flagged]
+    )
     keys = ["late", "dense", "missing", "sparse", "spiky"]
     for start, end, max_points in [(None, None, 100), (None, None, 10_000), (900, 2_600, 50), (2_990, None, 20)]:
         together = store.get_scalars(run_id, keys, start, end, max_points)

@@ -19,12 +19,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.store import open_store
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
-from server.app import create_app
-from server.config import Settings
-from server.store import open_store
 from tests.server.conftest import new_run, post_json
 
 MAX_EXAMPLES = 8
@@ -35,10 +35,19 @@ def fuzz_target(migrated_url: str) -> Iterator[tuple[FastAPI, str]]:
     app = create_app(Settings(db=migrated_url, dashboard=False))
     with TestClient(app) as client:
         run_id = new_run(client)
-        records = [{"step": s, "scalars": {"a": float(s), "b": math.nan},
-                    "histograms": {"h": {"lo": 0.0, "hi": 1.0, "counts": [s, 1]}},
-                    "outliers": [{"sample": 0, "position": s, "x": 0.1, "A": 1.0}]} for s in range(20)]
-        assert post_json(client, f"/api/v1/runs/{run_id}/records", {"batch_id": "seed", "records": records}).status_code == 200
+        records = [
+            {
+                "step": s,
+                "scalars": {"a": float(s), "b": math.nan},
+                "histograms": {"h": {"lo": 0.0, "hi": 1.0, "counts": [s, 1]}},
+                "outliers": [{"sample": 0, "position": s, "x": 0.1, "A": 1.0}],
+            }
+            for s in range(20)
+        ]
+        assert (
+            post_json(client, f"/api/v1/runs/{run_id}/records", {"batch_id": "seed", "records": records}).status_code
+            == 200
+        )
         yield app, run_id
 
 
@@ -52,8 +61,13 @@ def test_no_server_errors(fuzz_target: tuple[FastAPI, str]) -> None:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
             @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=MAX_EXAMPLES,
+                deadline=None,
+                derandomize=True,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
             def fuzz(case: schemathesis.Case) -> None:
                 if "run_id" in (case.path_parameters or {}) and uuid.uuid5(uuid.NAMESPACE_OID, repr(case.body)).int % 4:
                     case.path_parameters["run_id"] = run_id
@@ -107,11 +121,19 @@ def every_check(migrated_url: str, auth: bool) -> None:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
                 @given(case=operation.as_strategy(generation_mode=mode))
-                @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-                          suppress_health_check=list(HealthCheck))
+                @settings(
+                    max_examples=MAX_EXAMPLES,
+                    deadline=None,
+                    derandomize=True,
+                    database=None,
+                    suppress_health_check=list(HealthCheck),
+                )
                 def fuzz(case: schemathesis.Case) -> None:
-                    if mode is GenerationMode.POSITIVE and "run_id" in (case.path_parameters or {}) \
-                            and uuid.uuid5(uuid.NAMESPACE_OID, repr(case.body)).int % 4:
+                    if (
+                        mode is GenerationMode.POSITIVE
+                        and "run_id" in (case.path_parameters or {})
+                        and uuid.uuid5(uuid.NAMESPACE_OID, repr(case.body)).int % 4
+                    ):
                         case.path_parameters["run_id"] = run_id
                     if case.query:  # unknown query parameters are ignored, as documented
                         case.query = {k: v for k, v in case.query.items() if k in known_query}
@@ -119,8 +141,11 @@ def every_check(migrated_url: str, auth: bool) -> None:
                     sent = headers if mode is GenerationMode.POSITIVE or "Authorization" in (case.headers or {}) else {}
                     response = case.call(headers=sent)
                     case.validate_response(response, checks=EVERY_CHECK, headers=sent)
-                    if mode is GenerationMode.POSITIVE and response.status_code == 422 \
-                            and operation.label not in PARTIAL_BODIES:
+                    if (
+                        mode is GenerationMode.POSITIVE
+                        and response.status_code == 422
+                        and operation.label not in PARTIAL_BODIES
+                    ):
                         assert DOCUMENTED_REFUSALS.search(response.text), (operation.label, case.body, response.text)
 
                 try:

@@ -52,9 +52,9 @@ def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
 def immutable_file(tmp_path: Path) -> Iterator[Path]:
     """A migrated SQLite database (WAL mode) whose main file the test can make immutable."""
     db = tmp_path / "mhpo.db"
-    import migrations
+    import mhpo_migrations
 
-    migrations.upgrade(f"sqlite:///{db}")
+    mhpo_migrations.upgrade(f"sqlite:///{db}")
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
     probe = _run("chattr", "+i", str(db))
@@ -101,10 +101,13 @@ def test_full_disk_answers_507_and_recovers_when_space_is_freed(small_disk: Path
         records = f"{server.url}/api/v1/runs/{run_id}/records"
         full = None
         for i in range(40):
-            batch = {"batch_id": f"b{i}", "records": [
-                {"step": 10 * i + j, "histograms": {"h": {"lo": 0.0, "hi": 1.0, "counts": [j + 1] * BIG_BINS}}}
-                for j in range(10)
-            ]}
+            batch = {
+                "batch_id": f"b{i}",
+                "records": [
+                    {"step": 10 * i + j, "histograms": {"h": {"lo": 0.0, "hi": 1.0, "counts": [j + 1] * BIG_BINS}}}
+                    for j in range(10)
+                ],
+            }
             response = httpx.post(records, json=batch, timeout=60)
             if response.status_code != 200:
                 full = (batch, response)
@@ -116,7 +119,11 @@ def test_full_disk_answers_507_and_recovers_when_space_is_freed(small_disk: Path
 
         assert _run("mount", "-o", "remount,size=64m", str(small_disk)).returncode == 0
         retried = httpx.post(records, json=batch, timeout=60)
-        assert retried.json() == {"accepted": 10, "duplicates": 0, "rejected": []}  # the refused batch had left nothing behind
+        assert retried.json() == {
+            "accepted": 10,
+            "duplicates": 0,
+            "rejected": [],
+        }  # the refused batch had left nothing behind
         assert health(server)["status"] == "ok"
 
 
@@ -193,11 +200,14 @@ def test_postgres_outage_answers_503_and_recovers_without_restart() -> None:
         proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
         proxy.start()
         try:
-            with LiveServer(parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)) as server:
+            with LiveServer(
+                parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+            ) as server:
                 assert httpx.post(f"{server.url}/api/v1/runs", json=run_body("before")).status_code == 201
                 proxy.stop()
-                assert_fault(httpx.post(f"{server.url}/api/v1/runs", json=run_body("during"), timeout=60), 503,
-                             "unreachable")
+                assert_fault(
+                    httpx.post(f"{server.url}/api/v1/runs", json=run_body("during"), timeout=60), 503, "unreachable"
+                )
                 assert_fault(httpx.get(f"{server.url}/api/v1/runs", timeout=60), 503, "unreachable")
                 state = health(server)
                 assert state["status"] == "degraded" and state["database"]["ok"] is False
@@ -225,13 +235,16 @@ def test_postgres_outage_answers_503_and_recovers_without_restart() -> None:
 def test_postgres_faults_that_cannot_be_caused_here_are_classified(error: str, status: int, reason: str) -> None:
     """The SQLSTATEs of PostgreSQL faults this machine cannot cause for real (its disk, its shutdown)."""
     import psycopg.errors
+    from mhpo_server.store import StorageFull, storage_fault
     from sqlalchemy.exc import DBAPIError
 
-    from server.store import StorageFull, storage_fault
-
-    wrapped = DBAPIError.instance("INSERT ...", {}, getattr(psycopg.errors, error)("the server said so"),
-                                  psycopg.errors.Error)
+    wrapped = DBAPIError.instance(
+        "INSERT ...", {}, getattr(psycopg.errors, error)("the server said so"), psycopg.errors.Error
+    )
     fault = storage_fault(wrapped)
     assert fault is not None and fault.reason == reason
     assert (507 if isinstance(fault, StorageFull) else 503) == status
-    assert storage_fault(DBAPIError.instance("SELECT", {}, psycopg.errors.UndefinedTable("no"), psycopg.errors.Error)) is None
+    assert (
+        storage_fault(DBAPIError.instance("SELECT", {}, psycopg.errors.UndefinedTable("no"), psycopg.errors.Error))
+        is None
+    )

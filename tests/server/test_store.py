@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mhpo_server.schemas import EventCreate, RecordIn, RunCreate
+from mhpo_server.store import Conflict, NotFound, Store, open_store
+from mhpo_server.store.models import ApiTokenRow, BatchRow, ScalarRow
+from mhpo_server.store.sql import merge_histograms
 from sqlalchemy import select
-
-from server.schemas import EventCreate, RecordIn, RunCreate
-from server.store import Conflict, NotFound, Store, open_store
-from server.store.models import ApiTokenRow, BatchRow, ScalarRow
-from server.store.sql import merge_histograms
 
 NONFINITE = {"nan": math.nan, "pinf": math.inf, "ninf": -math.inf, "zero": 0.0, "big": 1.5e308, "tiny": 5e-324}
 
@@ -24,8 +23,17 @@ def rec(step: int, **fields: object) -> RecordIn:
 
 
 def hist(counts: list[int], lo: float = -2.0, hi: float = 2.0, **stats: float) -> dict[str, object]:
-    base = {"lo": lo, "hi": hi, "counts": counts, "underflow": 1, "overflow": 2, "min": -3.0, "max": 3.0,
-            "sum": 1.0, "sumsq": 9.0}
+    base = {
+        "lo": lo,
+        "hi": hi,
+        "counts": counts,
+        "underflow": 1,
+        "overflow": 2,
+        "min": -3.0,
+        "max": 3.0,
+        "sum": 1.0,
+        "sumsq": 9.0,
+    }
     return {**base, **stats}
 
 
@@ -167,8 +175,20 @@ def test_histograms_merge_exactly(store: Store, run_id: str) -> None:
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 50, size=(10, 8))
     records = [
-        rec(s, histograms={"log_ratio": hist(counts[s].tolist(), underflow=s, overflow=1, min=-s - 1.0, max=float(s),
-                                             sum=float(s), sumsq=float(s * s))})
+        rec(
+            s,
+            histograms={
+                "log_ratio": hist(
+                    counts[s].tolist(),
+                    underflow=s,
+                    overflow=1,
+                    min=-s - 1.0,
+                    max=float(s),
+                    sum=float(s),
+                    sumsq=float(s * s),
+                )
+            },
+        )
         for s in range(10)
     ]
     store.write_records(run_id, "b", records)
@@ -186,8 +206,14 @@ def test_histograms_merge_exactly(store: Store, run_id: str) -> None:
 
 def test_events_unique_and_open_flags(store: Store, run_id: str) -> None:
     flags = [
-        {"step": 3, "kind": "hazard_spike", "severity": "critical", "detector": "mad", "message": "m",
-         "evidence": {"value": math.inf, "baseline": 1.0}},
+        {
+            "step": 3,
+            "kind": "hazard_spike",
+            "severity": "critical",
+            "detector": "mad",
+            "message": "m",
+            "evidence": {"value": math.inf, "baseline": 1.0},
+        },
         {"step": 3, "kind": "on_policy", "severity": "info", "detector": "ratio"},
     ]
     assert store.add_events(run_id, flags) == 2
@@ -200,10 +226,14 @@ def test_events_unique_and_open_flags(store: Store, run_id: str) -> None:
 
 def test_keys_and_outliers(store: Store, run_id: str) -> None:
     o = {"sample": 1, "position": 2, "token_id": None, "text": "", "x": 0.5, "A": 1.0, "zeta": None}
-    store.write_records(run_id, "b", [
-        rec(2, scalars={"b": 1.0, "a/x": 2.0}, histograms={"psi": hist([1, 2])}, outliers=[o]),
-        rec(6, scalars={"a/x": 1.0}, outliers=[{**o, "x": -0.5}]),
-    ])
+    store.write_records(
+        run_id,
+        "b",
+        [
+            rec(2, scalars={"b": 1.0, "a/x": 2.0}, histograms={"psi": hist([1, 2])}, outliers=[o]),
+            rec(6, scalars={"a/x": 1.0}, outliers=[{**o, "x": -0.5}]),
+        ],
+    )
     keys = store.list_keys(run_id)
     assert keys.scalars == ["a/x", "b"] and keys.histograms == ["psi"]
     assert store.get_outliers(run_id, 1).step is None
@@ -219,7 +249,9 @@ def test_many_keys_and_flagged_steps(store: Store, run_id: str) -> None:
     assert len(series) == 1_000 and all(s.step == [0, 1, 2] for s in series.values())
     store.write_records(run_id, "c", [rec(s, scalars={"long": float(s)}) for s in range(3, 3_000)])
     flagged = list(range(3, 3_000, 2))
-    store.add_events(run_id, [{"step": s, "kind": "grad_spike", "severity": "warning", "detector": "d"} for s in flagged])
+    store.add_events(
+        run_id, [{"step": s, "kind": "grad_spike", "severity": "warning", "detector": "d"} for s in flagged]
+    )
     long = store.get_scalars(run_id, ["long"], None, None, 100).series["long"]
     assert set(flagged) <= set(long.step) and len(long.step) <= 100 + len(flagged)
 
@@ -242,8 +274,14 @@ def test_tokens_are_stored_hashed(store: Store) -> None:
 def test_histogram_merge_is_exact_property(counts: list[list[int]], max_steps: int) -> None:
     """Merged columns partition the steps in order and add up bin by bin, exactly (integers, no rounding)."""
     rows = [
-        (10 * i, 0.0, 1.0, 3, np.array([i, 1, *c], dtype="<i8").tobytes(),
-         np.array([-i, i, 0.5, 0.25], dtype="<f8").tobytes())
+        (
+            10 * i,
+            0.0,
+            1.0,
+            3,
+            np.array([i, 1, *c], dtype="<i8").tobytes(),
+            np.array([-i, i, 0.5, 0.25], dtype="<f8").tobytes(),
+        )
         for i, c in enumerate(counts)
     ]
     merged = merge_histograms("k", rows, max_steps)

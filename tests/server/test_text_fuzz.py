@@ -33,7 +33,8 @@ hostile = st.lists(
         st.characters(categories=["Cs"]),  # lone surrogates
         st.sampled_from(["\x00", "\x1f", "\x7f", "\u2028", "\ufeff", "\U0001f600", "é", "/", "%", "\\"]),
     ),
-    min_size=0, max_size=12,
+    min_size=0,
+    max_size=12,
 ).map("".join)
 text_values = st.one_of(hostile, st.text(max_size=12))
 
@@ -44,6 +45,7 @@ def run_field(field: str) -> Target:
     def build(_run_id: str, value: str) -> tuple[str, str, dict[str, Any], Callable[[httpx.Response], Any], Any]:
         body: dict[str, Any] = {"project": "p", "name": "n", field: value}
         return "POST", "/api/v1/runs", body, lambda r: r.json()[field], value
+
     return build
 
 
@@ -51,6 +53,7 @@ def config(path: Callable[[str], dict[str, Any]]) -> Target:
     def build(_run_id: str, value: str) -> tuple[str, str, dict[str, Any], Callable[[httpx.Response], Any], Any]:
         cfg = path(value)
         return "POST", "/api/v1/runs", {"project": "p", "name": "n", "config": cfg}, lambda r: r.json()["config"], cfg
+
     return build
 
 
@@ -58,6 +61,7 @@ def record(make: Callable[[str], dict[str, Any]], read: Callable[[httpx.Response
     def build(run_id: str, value: str) -> tuple[str, str, dict[str, Any], Callable[[httpx.Response], Any], Any]:
         body = {"batch_id": uuid.uuid4().hex, "records": [{"step": 0, **make(value)}]}
         return "POST", f"/api/v1/runs/{run_id}/records", body, read, (run_id, path, value)
+
     return build
 
 
@@ -65,6 +69,7 @@ def rule_field(update: Callable[[str], dict[str, Any]], read: Callable[[dict[str
     def build(_run_id: str, value: str) -> tuple[str, str, dict[str, Any], Callable[[httpx.Response], Any], Any]:
         body = {**RULE, **update(value)}
         return "POST", "/api/v1/alert-rules", body, lambda r: read(r.json()), value
+
     return build
 
 
@@ -76,19 +81,32 @@ TARGETS: dict[str, Target] = {
     "config key": config(lambda v: {v: 1}),
     "nested config": config(lambda v: {"a": [{"b": v}], "c": {v: [v]}}),
     "scalar key": record(lambda v: {"scalars": {v: 1.0}}, lambda r: r, "scalars"),
-    "histogram key": record(lambda v: {"histograms": {v: {"lo": 0.0, "hi": 1.0, "counts": [1]}}}, lambda r: r,
-                            "histograms"),
-    "outlier text": record(lambda v: {"outliers": [{"sample": 0, "position": 0, "x": 0.0, "A": 0.0, "text": v}]},
-                           lambda r: r, "outliers"),
+    "histogram key": record(
+        lambda v: {"histograms": {v: {"lo": 0.0, "hi": 1.0, "counts": [1]}}}, lambda r: r, "histograms"
+    ),
+    "outlier text": record(
+        lambda v: {"outliers": [{"sample": 0, "position": 0, "x": 0.0, "A": 0.0, "text": v}]}, lambda r: r, "outliers"
+    ),
     "rule name": rule_field(lambda v: {"name": v}, lambda j: j["name"]),
     "rule project": rule_field(lambda v: {"project": v}, lambda j: j["project"]),
     "rule key": rule_field(lambda v: {"condition": {**RULE["condition"], "key": v}}, lambda j: j["condition"]["key"]),
 }
 
 
-FIELD = {"project": "project", "name": "name", "loss": "loss", "config value": "config", "config key": "config",
-         "nested config": "config", "scalar key": "scalars", "histogram key": "histograms", "outlier text": "outliers",
-         "rule name": "name", "rule project": "project", "rule key": "condition"}
+FIELD = {
+    "project": "project",
+    "name": "name",
+    "loss": "loss",
+    "config value": "config",
+    "config key": "config",
+    "nested config": "config",
+    "scalar key": "scalars",
+    "histogram key": "histograms",
+    "outlier text": "outliers",
+    "rule name": "name",
+    "rule project": "project",
+    "rule key": "condition",
+}
 
 
 def post(client: httpx.Client, method: str, url: str, body: Any) -> httpx.Response:
@@ -129,8 +147,13 @@ def test_every_text_field(live_server_db: LiveServer) -> None:
 
 def fuzz_field(client: httpx.Client, target: str) -> None:
     @given(value=text_values)
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def fuzz(value: str) -> None:
         run_id = post(client, "POST", "/api/v1/runs", {"project": "p", "name": "host"}).json()["run_id"]
         method, url, body, read, expected = TARGETS[target](run_id, value)
@@ -155,13 +178,26 @@ def fuzz_field(client: httpx.Client, target: str) -> None:
 
 def test_token_command_refuses_unstorable_project_names(sqlite_url: str) -> None:
     """`mhpo token create --project` with a non-UTF-8 argument (a lone surrogate after decoding) is refused."""
-    import migrations
+    import mhpo_migrations
 
-    migrations.upgrade(sqlite_url)
+    mhpo_migrations.upgrade(sqlite_url)
     proc = subprocess.run(
-        [sys.executable, "-m", "mhpo", "token", "create", "--project", b"caf\xe9", "--scope", "read",
-         "--db", sqlite_url],
-        cwd=REPO_ROOT, capture_output=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "mhpo",
+            "token",
+            "create",
+            "--project",
+            b"caf\xe9",
+            "--scope",
+            "read",
+            "--db",
+            sqlite_url,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert b"--project" in proc.stderr and not proc.stdout

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from mhpo_server.app import ConfigError, create_app
+from mhpo_server.config import Settings
+from mhpo_server.store import Store
 
 from mhpo.cli import main as mhpo_main
-from server.app import ConfigError, create_app
-from server.config import Settings
-from server.store import Store
 
 SECRET = "s" * 32
 
@@ -25,7 +25,10 @@ def test_whoami_names_the_tokens_project_and_scope(migrated_url: str, store: Sto
     read, write = store.create_token("alpha", "read"), store.create_token("beta", "write")
     with TestClient(create_app(Settings(db=migrated_url, auth=True, dashboard=False))) as client:
         assert client.get("/api/v1/auth/whoami", headers=_bearer(read)).json() == {
-            "auth": True, "project": "alpha", "scope": "read"}
+            "auth": True,
+            "project": "alpha",
+            "scope": "read",
+        }
         assert client.get("/api/v1/auth/whoami", headers=_bearer(write)).json()["scope"] == "write"
         assert client.get("/api/v1/auth/whoami").status_code == 401
         assert client.get("/api/v1/auth/whoami", headers=_bearer(read + "x")).status_code == 401
@@ -42,8 +45,9 @@ def test_a_revoked_token_is_refused_on_the_next_request(migrated_url: str, store
     assert store.resolve_token(token) is None
 
 
-def test_token_revoke_command_reads_the_token_from_a_file(migrated_url: str, store: Store, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_token_revoke_command_reads_the_token_from_a_file(
+    migrated_url: str, store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(store.create_token("alpha", "write") + "\n")
     assert mhpo_main(["token", "revoke", "--token-file", str(token_file), "--db", migrated_url]) == 0
@@ -67,9 +71,9 @@ def test_the_public_dashboard_token_must_be_a_known_read_token(migrated_url: str
         create_app(old_name, store=store)
 
 
-def test_serve_refuses_a_write_token_as_the_public_dashboard(migrated_url: str, store: Store,
-                                                             monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_refuses_a_write_token_as_the_public_dashboard(
+    migrated_url: str, store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("MHPO_DASHBOARD_PUBLIC_TOKEN", store.create_token("alpha", "write"))
     monkeypatch.setenv("MHPO_DASHBOARD_SECRET", SECRET)
     assert mhpo_main(["serve", "--db", migrated_url, "--auth", "--port", "1"]) == 2
@@ -77,7 +81,8 @@ def test_serve_refuses_a_write_token_as_the_public_dashboard(migrated_url: str, 
 
 
 def test_the_dashboard_secret_is_generated_once_into_the_data_directory(
-        migrated_url: str, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    migrated_url: str, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     create_app(Settings(db=migrated_url, auth=True), store=store)
     secret_file = tmp_path / "mhpo" / "dashboard-secret"
@@ -90,8 +95,9 @@ def test_the_dashboard_secret_is_generated_once_into_the_data_directory(
         create_app(Settings(db=migrated_url, auth=True, dashboard_secret="short"), store=store)
 
 
-def test_token_list_shows_ids_and_fingerprints_and_revoke_takes_an_id(migrated_url: str, store: Store,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_token_list_shows_ids_and_fingerprints_and_revoke_takes_an_id(
+    migrated_url: str, store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert mhpo_main(["token", "list", "--db", migrated_url]) == 0
     assert "no tokens" in capsys.readouterr().out
     token = store.create_token("alpha", "read")

@@ -15,8 +15,12 @@ def test_a_refused_token_prints_one_line_not_a_traceback(tmp_path: Path) -> None
     with LiveServer(f"sqlite:///{tmp_path / 'mhpo.db'}", env=env) as server:
         proc = subprocess.run(
             [sys.executable, "-m", "mhpo", "train", "--steps", "1", "--server", server.url, "--no-progress"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
-            env={**os.environ, "MHPO_TOKEN": "mhpo_not-a-token", "PYTHONPATH": str(REPO_ROOT)})
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**os.environ, "MHPO_TOKEN": "mhpo_not-a-token", "PYTHONPATH": str(REPO_ROOT)},
+        )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     refusal = [line for line in proc.stderr.splitlines() if line.startswith("mhpo train:")]

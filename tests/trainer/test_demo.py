@@ -16,9 +16,25 @@ def test_demo_runs_both_losses_and_exits(tmp_path: Path) -> None:
     port = free_port()
     db = f"sqlite:///{tmp_path / 'demo.db'}"
     proc = subprocess.run(
-        [sys.executable, "-m", "mhpo", "demo", "--steps", "1", "--no-serve", "--no-progress", "--port", str(port),
-         "--db", db],
-        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "mhpo",
+            "demo",
+            "--steps",
+            "1",
+            "--no-serve",
+            "--no-progress",
+            "--port",
+            str(port),
+            "--db",
+            db,
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"dashboard: http://127.0.0.1:{port}/" in proc.stdout

@@ -22,11 +22,38 @@ def test_two_process_torchrun_sends_one_merged_record_per_step(live_server: Live
     metrics = tmp_path / "metrics.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "mhpo", "train",
-         "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "4", "--steps", "2",
-         "--server", live_server.url, "--project", "ddp", "--name", "two-ranks", "--no-progress",
-         "--metrics-file", str(metrics)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
+        [
+            torchrun,
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "mhpo",
+            "train",
+            "--prompts-per-step",
+            "4",
+            "--group-size",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--steps",
+            "2",
+            "--server",
+            live_server.url,
+            "--project",
+            "ddp",
+            "--name",
+            "two-ranks",
+            "--no-progress",
+            "--metrics-file",
+            str(metrics),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     merged = [json.loads(line) for line in metrics.read_text().splitlines()]

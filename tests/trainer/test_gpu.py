@@ -18,7 +18,9 @@ from tests.trainer.helpers import small_config
 pytestmark = pytest.mark.gpu
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install 'mhpo[vllm]')")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install 'mhpo[vllm]')"
+)
 
 
 @needs_cuda

@@ -37,8 +37,13 @@ def logged(path: Path, key: str) -> dict[int, float]:
 
 def test_resume_latest_after_a_kill_past_the_checkpoint(live_server_db: LiveServer, tmp_path: Path) -> None:
     ckpt, first, second = tmp_path / "ckpt", tmp_path / "first.jsonl", tmp_path / "second.jsonl"
-    killed = subprocess.run([sys.executable, "-c", KILLED, live_server_db.url, str(ckpt), str(first)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED, live_server_db.url, str(ckpt), str(first)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     run_id = killed.stdout.split()[-1]
     api = f"{live_server_db.url}/api/v1/runs/{run_id}"
@@ -46,10 +51,33 @@ def test_resume_latest_after_a_kill_past_the_checkpoint(live_server_db: LiveServ
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-1"]
 
     resumed = subprocess.run(
-        [sys.executable, "-m", "mhpo", "train", *SMALL, "--steps", "3", "--checkpoint-dir", str(ckpt), "--resume", "latest",
-         "--temperature", "0.7", "--server", live_server_db.url, "--project", "t", "--name", "resume",
-         "--metrics-file", str(second)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mhpo",
+            "train",
+            *SMALL,
+            "--steps",
+            "3",
+            "--checkpoint-dir",
+            str(ckpt),
+            "--resume",
+            "latest",
+            "--temperature",
+            "0.7",
+            "--server",
+            live_server_db.url,
+            "--project",
+            "t",
+            "--name",
+            "resume",
+            "--metrics-file",
+            str(second),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
     for key in ("train/loss", "grad/norm", "reward/mean"):

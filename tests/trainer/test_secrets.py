@@ -6,10 +6,10 @@ from pathlib import Path
 
 import httpx
 import torch
+from mhpo_server.store import open_store
 
 from mhpo.trainer import Trainer
 from mhpo.trainer.trainer import STATE_FILE
-from server.store import open_store
 from tests.fixtures.server import LiveServer
 from tests.trainer.helpers import small_config
 
@@ -21,8 +21,16 @@ def test_the_token_never_reaches_the_config(sqlite_url: str, tmp_path: Path) -> 
             write, read = store.create_token("t", "write"), store.create_token("t", "read")
         finally:
             store.close()
-        trainer = Trainer(small_config(stream=True, server=server.url, token=write, project="t", name="secret",
-                                       checkpoint_dir=str(tmp_path / "ckpt")))
+        trainer = Trainer(
+            small_config(
+                stream=True,
+                server=server.url,
+                token=write,
+                project="t",
+                name="secret",
+                checkpoint_dir=str(tmp_path / "ckpt"),
+            )
+        )
         trainer.train()
         checkpoint = trainer.save_checkpoint()
         runs = httpx.get(f"{server.url}/api/v1/runs", headers={"Authorization": f"Bearer {read}"})

@@ -33,9 +33,29 @@ def test_mhpo_train_command_streams(live_server: LiveServer, tmp_path) -> None:
     cfg = tmp_path / "train.yaml"
     cfg.write_text("prompts_per_step: 4\ngroup_size: 4\nmax_new_tokens: 4\nsteps: 5\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "mhpo", "train", "--config", str(cfg), "--steps", "1", "--loss", "dapo",
-         "--server", live_server.url, "--project", "cli", "--name", "from-cli", "--no-progress"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "mhpo",
+            "train",
+            "--config",
+            str(cfg),
+            "--steps",
+            "1",
+            "--loss",
+            "dapo",
+            "--server",
+            live_server.url,
+            "--project",
+            "cli",
+            "--name",
+            "from-cli",
+            "--no-progress",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr
     runs = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": "cli"}).json()["runs"]

@@ -31,5 +31,6 @@ def test_too_many_updates_per_rollout_raise_trust_region_in_the_first_rollout(li
     first = region[0]
     assert first["step"] < 8 and first["severity"] in ("warning", "critical"), first
     assert first["detector"] == "bound" and first["evidence"]["signals"][0]["key"] in (
-        "ratio/clip_frac", "grad/update_ratio"
+        "ratio/clip_frac",
+        "grad/update_ratio",
     )
