@@ -106,6 +106,7 @@ HISTOGRAMS: dict[str, HistSpec] = {
     "psi": HistSpec(-2.0, 2.0, 64),
     "zeta": HistSpec(0.0, 8.0, 64),
     "multiplier": HistSpec(0.0, 5.0, 64),
+    "mismatch": HistSpec(-1.0, 1.0, 80),
 }
 THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0)  # edges of the log-ratio bins (width 0.025)
 PERCENTILES: dict[str, float] = {"p01": 0.01, "p05": 0.05, "p50": 0.50, "p95": 0.95, "p99": 0.99}
@@ -164,6 +165,23 @@ _SUMS = (
     "loss_n", "zeta_pos_sum", "zeta_neg_sum", "survival_sum", "vanish_n", "clip_low_n", "clip_high_n", "inf_n",
 )  # fmt: skip
 _X_CLASSES = 4  # advantage > 0, < 0, == 0, and a dump group for masked / NaN tokens
+
+# Sampler vs trainer (`rollout_logp` given): sums and maxima per update, packed in these orders.
+MISMATCH_BUCKETS: tuple[tuple[str, float, float], ...] = (  # key suffix, sampled-token probability range
+    ("p_lt_0.01", 0.0, 0.01),
+    ("p_0.01_0.1", 0.01, 0.1),
+    ("p_ge_0.1", 0.1, 1.0),
+)
+# u = w - 1, summed instead of w so that moments near w = 1 lose nothing to cancellation
+_MM_SUMS = ("valid", "n", "abs", "d", "d2", "k3", "u", "u2", "prob_abs", *(
+    f"{part}_{i}" for i in range(len(MISMATCH_BUCKETS)) for part in ("abs", "n")
+))  # fmt: skip
+_MM_MAX = ("d_max", "neg_d_min", "u_max", "neg_u_min", "seq_max", "prob_abs_max")
+_MM_SPEC = HISTOGRAMS["mismatch"]
+_MM_SCALE = _scale(_MM_SPEC)
+_MM_SLOTS = _MM_SPEC.bins + 2
+_MM_BOUND = 20.0  # w = exp(d) with d clamped to +-20, as verl's SAFETY_BOUND
+_LOG_EDGES = tuple(math.log(hi) for _, _, hi in MISMATCH_BUCKETS[:-1])
 _SIGNS = 3  # the log-ratio histogram's copies: advantage > 0, < 0, == 0
 
 
@@ -288,6 +306,9 @@ class _Update(NamedTuple):
     x: Tensor  # (B * T,) the log-ratio (for the percentiles and the ties)
     zeta: Tensor  # (B * T,) zeta (for its percentile)
     ok: Tensor  # (B * T,) the tokens kept: valid and x not NaN
+    mismatch: (
+        tuple[Tensor, Tensor, Tensor] | None
+    )  # sums (_MM_SUMS), maxima (_MM_MAX), d's bins; None without rollout_logp
 
 
 class DiagnosticsAccumulator:
@@ -325,16 +346,19 @@ class DiagnosticsAccumulator:
         loss_stats: Mapping[str, Tensor] | None = None,
         entropy: Tensor | None = None,
         token_ids: Tensor | None = None,
+        rollout_logp: Tensor | None = None,
     ) -> None:
         """Add one micro-batch: `logp`, `old_logp`, `mask`, `entropy`, `token_ids` (B, T);
-        `advantages` (B,) or (B, T); `loss_stats` the `LossOutput.stats` of this micro-batch.
+        `advantages` (B,) or (B, T); `loss_stats` the `LossOutput.stats` of this micro-batch;
+        `rollout_logp` (B, T) the sampling engine's log-prob of each sampled token, which adds the
+        `mismatch/*` statistics (give it for every micro-batch of a step, on every rank, or for none).
         """
-        for name, t in (("entropy", entropy), ("token_ids", token_ids)):
+        for name, t in (("entropy", entropy), ("token_ids", token_ids), ("rollout_logp", rollout_logp)):
             if t is not None and tuple(t.shape) != tuple(logp.shape):
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but logp has shape {tuple(logp.shape)}")
         check_inputs(logp, old_logp, advantages, mask)
         if logp.numel() == 0:  # (0, T) or (B, 0): no token; one masked column keeps B rows counted
-            self._update_empty(logp, old_logp, advantages, mask, loss_stats, entropy, token_ids)
+            self._update_empty(logp, old_logp, advantages, mask, loss_stats, entropy, token_ids, rollout_logp)
             return
         dtype = compute_dtype(logp)
         valid = mask if mask.dtype == torch.bool else mask != 0
@@ -553,6 +577,7 @@ class DiagnosticsAccumulator:
                 x_ok.reshape(-1),
                 sources[1].reshape(-1),
                 ok.reshape(-1),
+                None if rollout_logp is None else _mismatch_partials(old_logp, rollout_logp, valid, dtype),
             )
         )
 
@@ -565,6 +590,7 @@ class DiagnosticsAccumulator:
         loss_stats: Mapping[str, Tensor] | None,
         entropy: Tensor | None,
         token_ids: Tensor | None,
+        rollout_logp: Tensor | None = None,
     ) -> None:
         """A zero-size micro-batch as one fully masked column per row (a placeholder row when B = 0, not counted)."""
         b = logp.shape[0]
@@ -582,6 +608,7 @@ class DiagnosticsAccumulator:
             loss_stats=loss_stats,
             entropy=pad(entropy),
             token_ids=pad(token_ids),
+            rollout_logp=pad(rollout_logp),
         )
         if b == 0:
             self._updates[-1].sums[_SUMS.index("n_seq")] -= 1
@@ -672,6 +699,20 @@ class DiagnosticsAccumulator:
         zeta_all = joined([u.zeta for u in ups])
         ok_all = joined([u.ok for u in ups])
         qs = list(PERCENTILES.values())
+        with_mm = [u.mismatch is not None for u in ups]
+        if any(with_mm) and not all(with_mm):
+            raise ValueError(
+                f"rollout_logp was given for {sum(with_mm)} of the step's {len(ups)} micro-batches; "
+                "give it to every update() of a step or to none"
+            )
+        mm = None
+        if all(with_mm):
+            mm_parts = [u.mismatch for u in ups if u.mismatch is not None]
+            mm = (
+                total([m[0] for m in mm_parts]),
+                torch.stack([m[1] for m in mm_parts]).amax(0),
+                total([m[2] for m in mm_parts]),
+            )
 
         distributed = process_group is not None or (dist.is_available() and dist.is_initialized())
         if distributed:
@@ -680,16 +721,22 @@ class DiagnosticsAccumulator:
             x_fine = self._fine_hist(x_all, ok_all, HISTOGRAMS["log_ratio"])
             z_fine = self._fine_hist(zeta_all, ok_all, HISTOGRAMS["zeta"])
             additive += [x_fine, z_fine]
+            maxima = [-x_moments[2], x_moments[3], -o_moments[:, 2], o_moments[:, 3]]
+            if mm is not None:
+                additive += [mm[0], mm[2]]
+                maxima.append(mm[1])
             flat_sum = torch.cat(additive)
             dist.all_reduce(flat_sum, op=dist.ReduceOp.SUM, group=process_group)
-            extremes = torch.cat([-x_moments[2], x_moments[3], -o_moments[:, 2], o_moments[:, 3]])
+            extremes = torch.cat(maxima)
             dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=process_group)
             parts = list(torch.split(flat_sum, [t.numel() for t in additive]))
+            if mm is not None:
+                mm = (parts[8], extremes[-len(_MM_MAX) :], parts[9])
             sums, x_counts, other_counts, ties = parts[0], parts[1], parts[2], parts[5]
             nx, no = x_moments.shape[1], o_moments.shape[0]
             x_moments = torch.stack([*parts[3].view(2, nx), -extremes[:nx], extremes[nx : 2 * nx]])
             o_moments = torch.stack(
-                [*parts[4].view(no, 2).T, -extremes[2 * nx : 2 * nx + no], extremes[2 * nx + no :]], 1
+                [*parts[4].view(no, 2).T, -extremes[2 * nx : 2 * nx + no], extremes[2 * nx + no : 2 * (nx + no)]], 1
             )
             x_min, x_max = x_moments[2, :3].amin(), x_moments[3, :3].amax()
             x_q = _quantiles_from_hist(parts[6], HISTOGRAMS["log_ratio"], x_min, x_max, qs)
@@ -711,6 +758,8 @@ class DiagnosticsAccumulator:
         outliers = outliers[torch.topk(outliers[:, 0], k).indices] if k else outliers[:0]
 
         packed = [sums, x_counts, other_counts, x_moments.reshape(-1), o_moments.reshape(-1), x_q, z_q, ties]
+        if mm is not None:
+            packed += list(mm)
         host = torch.cat([p.double().reshape(-1) for p in packed] + [outliers.reshape(-1)]).cpu().numpy()
         self.reset()
         return self._assemble(host, [p.numel() for p in packed])
@@ -741,7 +790,8 @@ class DiagnosticsAccumulator:
         for n in sizes:
             parts.append(host[at : at + n])
             at += n
-        sums_a, x_counts, other_counts, x_mom, o_mom, x_q, z_q, ties_a = parts
+        sums_a, x_counts, other_counts, x_mom, o_mom, x_q, z_q, ties_a = parts[:8]
+        mm = parts[8:]
         outlier_rows = host[at:].reshape(-1, 7)
         s = dict(zip(_SUMS, sums_a.tolist(), strict=True))
         n = s["n_valid"]
@@ -765,11 +815,11 @@ class DiagnosticsAccumulator:
             return mean, math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan
 
         if n == 0:  # an empty step: token counts, and none of the statistics that need a token
-            scalars = {"tokens/valid": 0.0}
+            scalars: dict[str, float] = {"tokens/valid": 0.0}
             if s["loss_n"] > 0:
                 scalars["train/loss"] = s["loss_sum"] / s["loss_n"]
             return StepStats(scalars=scalars, histograms={}, outliers=[])
-        scalars: dict[str, float] = {"tokens/valid": float(n)}
+        scalars = {"tokens/valid": float(n)}
         sx, sqx = float(x_mom[0, :3].sum()), float(x_mom[1, :3].sum())
         x_mean, x_std = mean_std(sx, sqx, n_ok)
         scalars["ratio/mean"], scalars["ratio/std"] = x_mean, x_std
@@ -834,6 +884,11 @@ class DiagnosticsAccumulator:
             hist = _c1_histogram(HISTOGRAMS[key], counts, mom)
             if hist is not None:
                 histograms[key] = hist
+        if mm:
+            mm_scalars, mm_hist = _mismatch_stats(*mm)
+            scalars |= mm_scalars
+            if mm_hist is not None:
+                histograms["mismatch"] = mm_hist
 
         outliers = [
             {
@@ -849,6 +904,81 @@ class DiagnosticsAccumulator:
             if not r[0] < 0  # NaN scores (NaN log-ratios) are kept, padding (-1) is not
         ]
         return StepStats(scalars=scalars, histograms=histograms, outliers=outliers)
+
+
+def _mismatch_partials(
+    old_logp: Tensor, rollout_logp: Tensor, valid: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 sums (`_MM_SUMS`), maxima (`_MM_MAX`) and `mismatch` bins of d = old_logp - rollout_logp.
+
+    A valid token whose d is NaN (the engine gave no log-prob for it, as vLLM can) is left out
+    and counted in `mismatch/unscored_frac`; masked tokens count nowhere, whatever they hold.
+    """
+    old = old_logp.detach().to(dtype)
+    d_raw = (old - rollout_logp.detach().to(dtype)).double()  # d as the loss sees it; moments in float64
+    old = old.double()
+    scored = valid & ~torch.isnan(d_raw)
+    d = torch.where(scored, d_raw, 0.0)  # 0 (so w = 1) on the tokens left out
+    sf = _as_float(scored, torch.float64)
+    u = torch.expm1(d.clamp(-_MM_BOUND, _MM_BOUND))  # w - 1: 0 on the tokens left out
+    absd = d.abs()
+    prob_abs = torch.where(scored, (torch.exp(old) - torch.exp(old - d)).abs(), 0.0)
+    bucket = sum((old >= edge).to(torch.int8) for edge in _LOG_EDGES)  # by the trainer's probability
+    sums = [valid.sum().double(), sf.sum(), absd.sum(), d.sum(), (d * d).sum(), (u - d).sum()]
+    sums += [u.sum(), (u * u).sum(), prob_abs.sum()]
+    for i in range(len(MISMATCH_BUCKETS)):
+        in_bucket = _as_float(bucket == i, torch.float64) * sf
+        sums += [(absd * in_bucket).sum(), in_bucket.sum()]
+    rows = scored.any(1)
+    maxima = [
+        torch.where(scored, d, -math.inf).amax(),
+        torch.where(scored, -d, -math.inf).amax(),
+        torch.where(scored, u, -math.inf).amax(),
+        torch.where(scored, -u, -math.inf).amax(),
+        torch.where(rows, d.sum(1), -math.inf).amax(),
+        torch.where(scored, prob_abs, -math.inf).amax(),
+    ]
+    p, q, shift = _MM_SCALE
+    width = (_MM_SPEC.hi - _MM_SPEC.lo) / _MM_SPEC.bins
+    slots = torch.clamp(d, _MM_SPEC.lo - width / 2, _MM_SPEC.hi).to(torch.float64).mul_(p).div_(q).floor_()
+    slots = torch.where(scored, slots.add_(shift + 1), float(_MM_SLOTS))  # the tokens left out: a dump slot
+    counts = _count(slots, _MM_SLOTS + 1)[:_MM_SLOTS]
+    to64 = [t.to(torch.float64) for t in (*sums, *maxima)]
+    return torch.stack(to64[: len(sums)]), torch.stack(to64[len(sums) :]), counts
+
+
+def _mismatch_stats(
+    sums: np.ndarray, maxima: np.ndarray, counts: np.ndarray
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """The `mismatch/*` scalars and the `mismatch` histogram from the merged partials (host side)."""
+    s = dict(zip(_MM_SUMS, sums.tolist(), strict=True))
+    m = dict(zip(_MM_MAX, maxima.tolist(), strict=True))
+    n = s["n"]
+    out = {"mismatch/unscored_frac": (s["valid"] - n) / s["valid"]} if s["valid"] > 0 else {}
+    if n == 0:
+        return out, None
+    u_mean, u2_mean = s["u"] / n, s["u2"] / n  # moments of w - 1
+    w2_sum = n + 2.0 * s["u"] + s["u2"]
+    out |= {
+        "mismatch/abs_mean": s["abs"] / n,
+        "mismatch/abs_max": max(m["d_max"], m["neg_d_min"]),
+        "mismatch/kl_k1": -s["d"] / n,
+        "mismatch/kl_k3": s["k3"] / n,
+        "mismatch/is_mean": 1.0 + u_mean,
+        "mismatch/is_min": 1.0 - m["neg_u_min"],
+        "mismatch/is_max": 1.0 + m["u_max"],
+        "mismatch/is_std": math.sqrt(max(u2_mean - u_mean * u_mean, 0.0)),
+        "mismatch/ess": (n + s["u"]) ** 2 / (n * w2_sum),
+        "mismatch/chi2": u2_mean + 2.0 * u_mean,
+        "mismatch/seq_log_max": m["seq_max"],
+        "mismatch/prob_abs_mean": s["prob_abs"] / n,
+        "mismatch/prob_abs_max": m["prob_abs_max"],
+    }
+    for i, (suffix, _, _) in enumerate(MISMATCH_BUCKETS):
+        if s[f"n_{i}"] > 0:  # an empty bucket has no mean (and NaN would read as a fault)
+            out[f"mismatch/abs_mean_{suffix}"] = s[f"abs_{i}"] / s[f"n_{i}"]
+    hist = _c1_histogram(_MM_SPEC, counts, (s["d"], s["d2"], -m["neg_d_min"], m["d_max"]))
+    return out, hist
 
 
 def _c1_histogram(spec: HistSpec, counts: np.ndarray, mom: tuple[float, ...]) -> dict[str, Any] | None:
@@ -995,8 +1125,18 @@ def compute_step_stats(
     token_ids: Tensor | None = None,
     top_k: int = 8,
     process_group: Any = None,
+    rollout_logp: Tensor | None = None,
 ) -> StepStats:
     """One-shot `DiagnosticsAccumulator` for a step held in one batch (TRL callbacks, custom loops)."""
     acc = DiagnosticsAccumulator(loss_name, hparams, top_k=top_k)
-    acc.update(logp, old_logp, advantages, mask, loss_stats=loss_stats, entropy=entropy, token_ids=token_ids)
+    acc.update(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        loss_stats=loss_stats,
+        entropy=entropy,
+        token_ids=token_ids,
+        rollout_logp=rollout_logp,
+    )
     return acc.compute(process_group=process_group)

@@ -68,3 +68,41 @@ def test_two_rank_reduction_sums_the_bins(tmp_path: Path) -> None:
     candidates = singles[0].outliers + [{**o, "sample": o["sample"] + 4} for o in singles[1].outliers]
     top = sorted(candidates, key=lambda o: -abs(o["x"]))
     assert got["outliers"] == top[:4]
+
+
+def mismatch_batch(rank: int) -> dict[str, torch.Tensor]:
+    """`rank_batch` plus a sampler's log-probs: a gap that differs by rank, junk on masked tokens."""
+    batch = rank_batch(rank)
+    g = torch.Generator().manual_seed(200 + rank)
+    rollout = batch["old_logp"] + torch.randn(batch["old_logp"].shape, generator=g) * (0.02 + 0.2 * rank)
+    batch["rollout_logp"] = rollout.masked_fill(~batch["mask"], float("nan"))
+    return batch
+
+
+def mismatch_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        acc = DiagnosticsAccumulator("grpo", {}, top_k=2)
+        acc.update(**mismatch_batch(rank))
+        torch.save(acc.compute()._asdict(), Path(out_dir) / f"mm{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_reduction_merges_the_sampler_statistics(tmp_path: Path) -> None:
+    """The ranks' `mismatch/*` statistics and bins equal those of one process holding both batches."""
+    mp.spawn(mismatch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    reduced = [torch.load(tmp_path / f"mm{r}.pt", weights_only=False) for r in range(2)]
+    assert reduced[0] == reduced[1]
+    both = [mismatch_batch(r) for r in range(2)]
+    whole = DiagnosticsAccumulator("grpo", {}, top_k=2)
+    whole.update(**{k: torch.cat([b[k] for b in both]) for k in both[0]})
+    expected = whole.compute()
+    keys = [k for k in expected.scalars if k.startswith("mismatch/")]
+    assert len(keys) >= 14
+    for key in keys:
+        assert reduced[0]["scalars"][key] == pytest.approx(expected.scalars[key], rel=1e-9, abs=1e-12), key
+    got, want = reduced[0]["histograms"]["mismatch"], expected.histograms["mismatch"]
+    for key in ("counts", "underflow", "overflow", "min", "max", "lo", "hi"):
+        assert got[key] == want[key], key
+    assert got["sum"] == pytest.approx(want["sum"], rel=1e-9) and got["sumsq"] == pytest.approx(want["sumsq"], rel=1e-9)
