@@ -23,6 +23,13 @@ METRIC_NAMES: dict[str, str] = {
     "clip_ratio/low_mean": "ratio/clip_frac_low",
     "clip_ratio/high_mean": "ratio/clip_frac_high",
     "clip_ratio/region_mean": "ratio/clip_frac",
+    # TRL sampling with vLLM (`vllm_importance_sampling_correction`): |old - sampling| log-prob gap, and the IS
+    # ratio exp(old - sampling) after TRL's truncation or masking (token or sequence level, per its mode)
+    "sampling/sampling_logp_difference/mean": "mismatch/abs_mean",
+    "sampling/sampling_logp_difference/max": "mismatch/abs_max",
+    "sampling/importance_sampling_ratio/min": "mismatch/is_min",
+    "sampling/importance_sampling_ratio/mean": "mismatch/is_mean",
+    "sampling/importance_sampling_ratio/max": "mismatch/is_max",
     # verl
     "actor/entropy": "policy/entropy",
     "actor/pg_loss": "train/loss",
@@ -33,6 +40,19 @@ METRIC_NAMES: dict[str, str] = {
     "actor/lr": "train/lr",
     "critic/score/mean": "reward/mean",
     "response_length/mean": "policy/length_mean",
+    # verl rollout correction (`rollout_corr_helper.py`): kl = mean(rollout - old) = -mean(d); k3_kl and
+    # chi2_token as here; the rollout_is_* statistics are of the applied (truncated) IS weights
+    "rollout_corr/kl": "mismatch/kl_k1",
+    "rollout_corr/k3_kl": "mismatch/kl_k3",
+    "rollout_corr/chi2_token": "mismatch/chi2",
+    "rollout_corr/rollout_is_mean": "mismatch/is_mean",
+    "rollout_corr/rollout_is_min": "mismatch/is_min",
+    "rollout_corr/rollout_is_max": "mismatch/is_max",
+    "rollout_corr/rollout_is_std": "mismatch/is_std",
+    "rollout_corr/rollout_is_eff_sample_size": "mismatch/ess",
+    # verl's debug metrics: despite the name, |exp(old) - exp(rollout)|, a gap in probability
+    "training/rollout_probs_diff_mean": "mismatch/prob_abs_mean",
+    "training/rollout_probs_diff_max": "mismatch/prob_abs_max",
 }
 
 

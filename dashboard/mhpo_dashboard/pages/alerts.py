@@ -27,6 +27,7 @@ FLAG_KINDS = [
     "erosion",
     "entropy_surge",
     "trust_region",
+    "mismatch",
     "hazard_spike",
     "grad_spike",
     "kl_spike",

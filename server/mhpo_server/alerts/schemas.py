@@ -56,6 +56,7 @@ class FlagCondition(_In):
         "erosion",
         "entropy_surge",
         "trust_region",
+        "mismatch",
         "hazard_spike",
         "grad_spike",
         "kl_spike",

@@ -31,6 +31,10 @@ Detectors (kind: detector name):
   need no baseline, so a run that breaks down in its first rollouts is flagged there.
 - `hazard_spike`, `grad_spike`, `kl_spike`: `robust_z`, a one-step robust z-score (log
   scale) vs the rolling median/MAD of the previous points; fires at the onset.
+- `mismatch`: `band`, absolute bands on the sampler-vs-trainer statistics (`mismatch/*`, what
+  TRL's `sampling/*` and verl's `rollout_corr/*` map onto), and `log_drift`, a key's recent
+  level against its own earlier low on a log scale; the idle-clip invariant (every clip fraction
+  exactly 0 while the gap grows) lowers the drift's ratio and raises the severity.
 - `non_finite`: `non_finite_scan`, a scalar that turns NaN or +-Infinity.
 - `on_policy`: `exact_ratio`, the log-ratio is exactly 0 for several steps in a row
   (informational: one update per rollout, ratio diagnostics carry no information).
@@ -53,13 +57,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from mhpo_server.flags.params import DEFAULT_PARAMS, DriftParams, FlagParams, Signal, SpikeParams, TrustRegionParams
+from mhpo_server.flags.params import (
+    DEFAULT_PARAMS,
+    DriftParams,
+    FlagParams,
+    MismatchParams,
+    Signal,
+    SpikeParams,
+    TrustRegionParams,
+)
 
 KINDS = (
     "collapse",
     "erosion",
     "entropy_surge",
     "trust_region",
+    "mismatch",
     "hazard_spike",
     "grad_spike",
     "kl_spike",
@@ -71,6 +84,7 @@ DETECTORS: dict[str, tuple[str, ...]] = {
     "erosion": ("drift",),
     "entropy_surge": ("drift",),
     "trust_region": ("bound",),
+    "mismatch": ("band", "log_drift"),
     "hazard_spike": ("robust_z",),
     "grad_spike": ("robust_z",),
     "kl_spike": ("drift", "robust_z"),
@@ -571,6 +585,130 @@ def _trust_region(table: dict[int, list[dict[str, Any]]], step: int) -> Flag | N
     )
 
 
+def _band_hits(history: History, p: MismatchParams, at: np.ndarray) -> dict[int, list[dict[str, Any]]]:
+    """step -> the `mismatch` bands a logged value is outside of at that step."""
+    table: dict[int, list[dict[str, Any]]] = {}
+    for band in p.bands:
+        values = _lookup(history, band.key, at)
+        judged = np.abs(values) if band.absolute else values
+        with np.errstate(invalid="ignore"):
+            out = np.zeros(len(at), dtype=bool)
+            if band.above is not None:
+                out |= judged >= band.above
+            if band.below is not None:
+                out |= judged < band.below
+        for i in np.flatnonzero(out).tolist():
+            table.setdefault(int(at[i]), []).append(
+                {
+                    "key": band.key,
+                    "value": json_number(float(values[i])),
+                    "band": {"below": band.below, "above": band.above, "absolute": band.absolute},
+                    "severity": band.severity,
+                    "meaning": band.meaning,
+                }
+            )
+    return table
+
+
+def _growth_table(
+    history: History, kinds: StepKinds, p: MismatchParams, at: np.ndarray
+) -> dict[int, list[dict[str, Any]]]:
+    """step -> per growth key logged there: its recent level, its reference (earlier low) and their ratio.
+
+    Reference: the lowest median of `reference_steps` consecutive points among the `lookback_steps`
+    points before the recent ones, so a rising trend never drags it up; levels are positive
+    values (log scale), non-positive ones are left out.
+    """
+    table: dict[int, list[dict[str, Any]]] = {}
+    r, k, look = p.recent_steps, p.reference_steps, p.lookback_steps
+    for sig in p.growth:
+        for steps, values in _subseries(history, kinds, sig.key):
+            positive = values > 0
+            steps, values = steps[positive], values[positive]
+            judged_at, ends = _evaluated(steps, at)
+            ok = ends >= r + max(k, p.min_points)
+            judged_at, ends = judged_at[ok], ends[ok]
+            if not len(ends):
+                continue
+            logs = np.log(values)
+            rolling = _row_nanmedian(_take(logs, np.arange(k, len(logs) + 1), k))  # rolling[j]: points j..j+k-1
+            level = _row_nanmedian(_take(logs, ends, r))
+            for step, end, lvl in zip(judged_at.tolist(), ends.tolist(), level.tolist(), strict=True):
+                first = max(0, end - r - look)
+                last = end - r - k  # the last window that ends before the recent points
+                ref = float(np.min(rolling[first : last + 1]))
+                value, reference = math.exp(lvl), math.exp(ref)
+                table.setdefault(step, []).append(
+                    {
+                        "key": sig.key,
+                        "value": json_number(value),
+                        "baseline": json_number(reference),
+                        "ratio": json_number(value / reference),
+                        "change": json_number(value - reference),
+                        "min_abs": sig.min_abs,
+                    }
+                )
+    return table
+
+
+def _idle_clip(history: History, p: MismatchParams, step: int) -> list[str]:
+    """The clip-fraction keys logged at `step` that were exactly 0 at each of their last `recent_steps` points."""
+    idle = []
+    for key in p.clip_keys:
+        found = history.upto(key, step)
+        if found is not None and len(found[1]) >= p.recent_steps and not np.any(found[1][-p.recent_steps :]):
+            idle.append(key)
+    return idle
+
+
+def _worst_per_key(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One band hit per key: its most severe (a value past the critical band is past the warning one too)."""
+    worst: dict[str, dict[str, Any]] = {}
+    for h in hits:
+        if h["key"] not in worst or h["severity"] == "critical":
+            worst[h["key"]] = h
+    return list(worst.values())
+
+
+def _mismatch(
+    history: History,
+    p: MismatchParams,
+    bands: dict[int, list[dict[str, Any]]],
+    growth: dict[int, list[dict[str, Any]]],
+    step: int,
+) -> Flag | None:
+    """The `mismatch` flag at `step`: bands first (they need no baseline), else the drift test."""
+    band_hits = _worst_per_key(bands.get(step, []))
+    idle = _idle_clip(history, p, step) if band_hits or step in growth else []
+    needed = p.idle_clip_ratio if idle else p.ratio
+    grown = [
+        g for g in growth.get(step, []) if float(g["ratio"]) >= needed and float(g["change"]) >= float(g["min_abs"])
+    ]
+    if not band_hits and not grown:
+        return None
+    critical = any(h["severity"] == "critical" for h in band_hits) or bool(grown and idle)
+    severity = "critical" if critical else "warning"
+    parts = [f"{h['key']} = {_text(float(h['value']))} ({h['meaning'] or 'outside its band'})" for h in band_hits] + [
+        f"{g['key']} {float(g['ratio']):.1f}x its earlier level {_text(float(g['baseline']))} (now {_text(float(g['value']))})"
+        for g in grown
+    ]
+    if idle and grown:
+        parts.append(f"{', '.join(idle)} exactly 0 while it grows: the policy ratio does not see the gap")
+    return Flag(
+        step=step,
+        kind="mismatch",
+        severity=severity,
+        detector=DETECTORS["mismatch"][0 if band_hits else 1],
+        message="mismatch: sampler and trainer disagree on the sampled tokens: " + "; ".join(parts),
+        evidence={
+            "bands": band_hits,
+            "growth": growth.get(step, []),
+            "threshold": {"ratio": needed, "recent_steps": p.recent_steps, "lookback_steps": p.lookback_steps},
+            "idle_clip": idle,
+        },
+    )
+
+
 def _non_finite_table(history: History, kinds: StepKinds, steps: np.ndarray) -> dict[int, dict[str, float | str]]:
     """step -> {key: value} of the keys that turn non-finite at that step (finite, or absent, at their previous
     non-empty step: a value that went non-finite at an empty step, where nothing is flagged, is flagged at the
@@ -664,6 +802,9 @@ def detect(
         if p.enabled
     }
     bounds = _bound_table(history, params.trust_region, at) if params.trust_region.enabled else {}
+    mm = params.mismatch
+    mm_bands = _band_hits(history, mm, at) if mm.enabled else {}
+    mm_growth = _growth_table(history, kinds, mm, at) if mm.enabled else {}
     non_finite = _non_finite_table(history, kinds, at) if params.non_finite.enabled else {}
     on_policy = params.on_policy if params.on_policy.enabled and params.on_policy.keys else None
     flags: list[Flag] = []
@@ -677,6 +818,9 @@ def detect(
         if flag is not None and _outside_refractory(
             last, flag.kind, flag.severity, params.trust_region.refractory_steps, step
         ):
+            found.append(flag)
+        flag = _mismatch(history, mm, mm_bands, mm_growth, step) if mm.enabled else None
+        if flag is not None and _outside_refractory(last, flag.kind, flag.severity, mm.refractory_steps, step):
             found.append(flag)
         for kind, (sp, spike_tables) in spikes.items():
             found.append(_spike(kind, sp, spike_tables, step))

@@ -136,6 +136,81 @@ class TrustRegionParams(_Strict):
     refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
 
 
+class Band(_Strict):
+    """One absolute band of `mismatch`: `key` (|key| when `absolute`) above `above` or below `below`, in its units."""
+
+    key: Key
+    above: Annotated[float, Field(ge=-1e9, le=1e9)] | None = None
+    below: Annotated[float, Field(ge=-1e9, le=1e9)] | None = None
+    absolute: bool = False
+    severity: Literal["warning", "critical"] = "warning"
+    meaning: Annotated[str, Field(max_length=200)] = ""
+
+
+class GrowthSignal(_Strict):
+    """One key of the `mismatch` drift test: its recent level against its own earlier low (log scale).
+
+    It votes when the level is at least the detector's ratio times the reference and at least
+    `min_abs` (the key's units) above it: a several-fold move of a near-zero level is not one.
+    """
+
+    key: Key
+    min_abs: Units = 0.0
+
+
+def _mismatch_bands() -> tuple[Band, ...]:
+    return (
+        Band(key="mismatch/abs_mean", above=0.05, meaning="suspicious (healthy dense models: ~0.01)"),
+        Band(key="mismatch/abs_mean", above=0.2, severity="critical", meaning="broken (e.g. weights not synced)"),
+        Band(key="mismatch/is_mean", below=0.5, above=2.0, meaning="IS weights off their [0.5, 2] band"),
+        Band(key="mismatch/ess", below=0.3, meaning="effective sample size bad (< 0.3)"),
+        Band(key="mismatch/kl_k1", above=0.1, absolute=True, meaning="|KL(sampler || trainer)| > 0.1"),
+        Band(key="mismatch/kl_k3", above=0.1, meaning="KL(sampler || trainer) > 0.1"),
+        Band(key="mismatch/chi2", above=1.0, meaning="chi-squared of the IS weights > 1"),
+    )
+
+
+class MismatchParams(_Strict):
+    """`mismatch`: the sampler and the trainer disagree on the sampled tokens' log-probs.
+
+    Three tests, each on whichever of its keys a run logs (a TRL run maps four, verl about ten):
+    - `bands`: absolute bands in each metric's units, from verl's rollout-correction guidance
+      (IS mean in [0.5, 2], ESS >= 0.3, |kl| <= 0.1, chi2_token <= 1) and the levels public
+      reports give for mean |d| (~0.01 healthy, 0.05 suspicious, 0.2 and above broken). They
+      need no baseline, so a run that starts broken (top-k-processed log-probs) is flagged at once.
+    - drift (`growth`): the median of a key's last `recent_steps` logged values against its
+      reference, the lowest median of `reference_steps` consecutive values among the
+      `lookback_steps` values before them (the run's own early level, which a rising trend
+      does not drag up), on a log scale: a `ratio`-fold growth at least `min_abs` in size.
+    - idle clip: when every clip fraction among `clip_keys` was exactly 0 over the last
+      `recent_steps` points, the PPO/MHPO ratio cannot see the gap, so the drift needs only
+      `idle_clip_ratio` and a flag is raised one severity up.
+    One flag per event: quiet for `refractory_steps` after a flag of its severity (a critical
+    after a warning still comes).
+    """
+
+    enabled: bool = True
+    bands: Annotated[tuple[Band, ...], Field(max_length=32)] = Field(default_factory=_mismatch_bands)
+    growth: Annotated[tuple[GrowthSignal, ...], Field(max_length=16)] = (
+        GrowthSignal(key="mismatch/abs_mean", min_abs=0.01),
+        GrowthSignal(key="mismatch/kl_k3", min_abs=0.001),
+        GrowthSignal(key="mismatch/chi2", min_abs=0.01),
+        GrowthSignal(key="mismatch/prob_abs_mean", min_abs=0.005),
+    )
+    ratio: Annotated[float, Field(ge=1.5, le=1e6)] = 4.0
+    idle_clip_ratio: Annotated[float, Field(ge=1.2, le=1e6)] = 2.0
+    recent_steps: Annotated[int, Field(ge=1, le=200)] = 5
+    reference_steps: Annotated[int, Field(ge=1, le=200)] = 10
+    lookback_steps: Annotated[int, Field(ge=5, le=2_000)] = 100
+    min_points: Annotated[int, Field(ge=1, le=2_000, description="warm-up: reference points needed")] = 10
+    clip_keys: Annotated[tuple[Key, ...], Field(max_length=16)] = (
+        "ratio/clip_frac",
+        "ratio/clip_frac_low",
+        "ratio/clip_frac_high",
+    )
+    refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
+
+
 class NonFiniteParams(_Strict):
     """`non_finite`: a scalar turns NaN or +-Infinity (fires when a key becomes non-finite)."""
 
@@ -217,6 +292,7 @@ class FlagParams(_Strict):
     )
     kl_drift: DriftParams = Field(default_factory=_kl_drift)
     trust_region: TrustRegionParams = TrustRegionParams()
+    mismatch: MismatchParams = MismatchParams()
     non_finite: NonFiniteParams = NonFiniteParams()
     on_policy: OnPolicyParams = OnPolicyParams()
 
@@ -249,7 +325,9 @@ class FlagParams(_Strict):
         """
         drift = max(max(p.baseline_steps + p.recent_steps, p.trend_steps) for p in self.drifts().values())
         spike = max(p.window_steps + 1 for p in self.spikes().values())
-        return 2 * max(drift, spike, self.on_policy.min_steps) + 2
+        m = self.mismatch
+        mismatch = m.lookback_steps + m.recent_steps
+        return 2 * max(drift, spike, mismatch, self.on_policy.min_steps) + 2
 
     def keys(self) -> set[str]:
         """The scalar keys any detector reads."""
@@ -257,6 +335,9 @@ class FlagParams(_Strict):
         for p in self.spikes().values():
             found.update(p.keys)
         found.update(b.key for b in self.trust_region.bounds)
+        found.update(b.key for b in self.mismatch.bands)
+        found.update(g.key for g in self.mismatch.growth)
+        found.update(self.mismatch.clip_keys)
         found.update(self.on_policy.keys, STEP_KIND_KEYS)
         return found
 
