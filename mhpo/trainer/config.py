@@ -47,6 +47,27 @@ class TrainerConfig:
     group_size: int = _help("completions per prompt (G)", default=8)
     max_new_tokens: int = _help("completion length limit", default=6)
     temperature: float = _help("sampling temperature", default=1.0)
+    top_k: int = _help(
+        "sample from the k most likely tokens only (0: off); the sampler's log-probs are then those of the "
+        "renormalised distribution, as engines return them",
+        default=0,
+    )
+    top_p: float = _help("nucleus sampling: the smallest set of tokens holding this mass (1: off)", default=1.0)
+    rollout_dtype: str = _help(
+        "sampler weights: same (the training weights) | float32 | bfloat16 | float16; another dtype samples "
+        "with a copy of the policy, as a bf16 inference engine does",
+        default="same",
+    )
+    rollout_sync_every: int = _help(
+        "refresh the sampler's weights every K rollouts (K > 1: a stale sampler, as an un-synced engine or async RL)",
+        default=1,
+    )
+    is_correction: str = _help(
+        "sampler-trainer correction of the policy loss: none | tis (truncated IS, weight min(w, cap)) | "
+        "mis (masked IS, weight 0 where w > cap); w = exp(old_logp - rollout_logp)",
+        default="none",
+    )
+    is_cap: float = _help("the cap of --is-correction (verl's default 2.0; TRL's 3.0)", default=2.0)
     vllm_gpu_memory_utilization: float = _help("vLLM memory share of the GPU", default=0.3)
     # optimisation
     steps: int = _help("rollout steps to train", default=20)
@@ -99,6 +120,16 @@ class TrainerConfig:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use float32, bfloat16 or float16")
         if self.rollout not in ("transformers", "vllm"):
             raise ValueError(f"rollout={self.rollout!r} is unknown; use transformers or vllm")
+        if self.rollout_dtype not in ("same", "float32", "bfloat16", "float16"):
+            raise ValueError(f"rollout_dtype={self.rollout_dtype!r} is unknown; use same, float32, bfloat16 or float16")
+        if self.rollout_sync_every < 1:
+            raise ValueError(f"rollout_sync_every={self.rollout_sync_every} must be >= 1 (1: sync every rollout)")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_k={self.top_k}, top_p={self.top_p}: need top_k >= 0 (0: off) and 0 < top_p <= 1")
+        if self.is_correction not in ("none", "tis", "mis"):
+            raise ValueError(f"is_correction={self.is_correction!r} is unknown; use none, tis or mis")
+        if not self.is_cap > 0:
+            raise ValueError(f"is_cap={self.is_cap} must be > 0, e.g. 2.0")
         batch = self.prompts_per_step * self.group_size
         if batch % self.mini_batches:
             raise ValueError(

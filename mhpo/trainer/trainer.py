@@ -6,7 +6,10 @@ steps, each streamed as one record: the loss's diagnostics from
 `mhpo.diagnostics`, grad-norms (total and per parameter group), the update/weight ratio,
 rewards and group statistics, lr, loss, and whether the step was skipped because its loss
 or grad-norm was not finite. The first mini-batch of a rollout is on-policy (x = 0); later
-ones see the ratio move, which is what the diagnostics are for.
+ones see the ratio move, which is what the diagnostics are for. The sampler's log-prob of each
+sampled token is recorded during generation, so every record also carries the sampler-vs-trainer
+statistics (`mismatch/*`, d = old_logp - rollout_logp), and `--is-correction` can reweight the
+policy loss by them (`mhpo.trainer.correction`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from mhpo.diagnostics import HISTOGRAMS, DiagnosticsAccumulator
 from mhpo.losses import agg_units, get_loss
 from mhpo.trainer import distributed
 from mhpo.trainer.config import TrainerConfig
+from mhpo.trainer.correction import correction_weights
 from mhpo.trainer.rollout import Generation, TransformersRollout, VLLMRollout, token_logp
 from mhpo.trainer.tasks import make_task
 from mhpo.trainer.tiny import tiny_model_path
@@ -147,10 +151,22 @@ class Trainer:
                 cfg.temperature,
                 cfg.seed + self.dist.rank,
                 cfg.vllm_gpu_memory_utilization,
-                cfg.dtype,
+                cfg.dtype if cfg.rollout_dtype == "same" else cfg.rollout_dtype,
+                cfg.top_k,
+                cfg.top_p,
             )
         else:
-            self.engine = TransformersRollout(pad, self.eos_ids, cfg.max_new_tokens, cfg.temperature)
+            rollout_dtype = dtype if cfg.rollout_dtype == "same" else getattr(torch, cfg.rollout_dtype)
+            self.engine = TransformersRollout(
+                pad,
+                self.eos_ids,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                dtype=rollout_dtype,
+                separate=rollout_dtype != dtype or cfg.rollout_sync_every > 1,
+            )
 
         self.data_rng = random.Random(cfg.seed * 1_000_003 + self.dist.rank)
         torch.manual_seed(cfg.seed * 1_000_003 + self.dist.rank)
@@ -270,7 +286,8 @@ class Trainer:
         cfg = self.cfg
         examples = self.task.sample(self.data_rng, cfg.prompts_per_step)
         prompt_ids = [self.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
-        gen = self.engine.generate(self.model, prompt_ids, cfg.group_size)
+        sync = self.rollout_step % cfg.rollout_sync_every == 0
+        gen = self.engine.generate(self.model, prompt_ids, cfg.group_size, sync=sync)
         b_completion = gen.input_ids[:, gen.prompt_width :]  # (N, T)
         texts = self.tokenizer.batch_decode(
             [row[m].tolist() for row, m in zip(b_completion, gen.completion_mask, strict=True)],
@@ -279,12 +296,20 @@ class Trainer:
         b_examples = [e for e in examples for _ in range(cfg.group_size)]
         b_rewards = torch.tensor([self.task.reward(t, e) for t, e in zip(texts, b_examples, strict=True)])
         b_adv = group_advantages(b_rewards, cfg.group_size, cfg.advantage).to(self.device)
+        t = cfg.temperature
         with torch.no_grad():
-            b_old_logp, _ = token_logp(self.model, gen.input_ids, gen.attention_mask, gen.prompt_width)
+            b_old_logp, _ = token_logp(self.model, gen.input_ids, gen.attention_mask, gen.prompt_width, temperature=t)
             b_ref_logp = None
             if self.ref_model is not None:
-                b_ref_logp, _ = token_logp(self.ref_model, gen.input_ids, gen.attention_mask, gen.prompt_width)
-        rollout_scalars = self._rollout_scalars(gen, b_rewards, texts, b_old_logp)
+                b_ref_logp, _ = token_logp(
+                    self.ref_model, gen.input_ids, gen.attention_mask, gen.prompt_width, temperature=t
+                )
+        rollout_scalars = self._rollout_scalars(gen, b_rewards, texts)
+        b_weight = b_changed = None  # (N, T) the sampler-trainer correction's per-token weights
+        if cfg.is_correction != "none" and gen.rollout_logp is not None:
+            b_weight, b_changed = correction_weights(
+                b_old_logp, gen.rollout_logp, gen.completion_mask, cfg.is_correction, cfg.is_cap
+            )
 
         records = []
         n = b_rewards.numel()
@@ -294,14 +319,16 @@ class Trainer:
             for k in range(cfg.mini_batches):
                 mb_idx = perm[k * mb_size : (k + 1) * mb_size].to(self.device)
                 index = len(records)  # train/update_index: 0 is the on-policy first update of this rollout
-                records.append(self._update(gen, mb_idx, b_old_logp, b_ref_logp, b_adv, rollout_scalars, index))
+                records.append(
+                    self._update(
+                        gen, mb_idx, b_old_logp, b_ref_logp, b_adv, rollout_scalars, index, b_weight, b_changed
+                    )
+                )
         self.rollout_step += 1
         return records
 
-    def _rollout_scalars(
-        self, gen: Generation, rewards: Tensor, texts: list[str], old_logp: Tensor
-    ) -> dict[str, float]:
-        """Rewards, group and length statistics (and the engine mismatch), summed across ranks."""
+    def _rollout_scalars(self, gen: Generation, rewards: Tensor, texts: list[str]) -> dict[str, float]:
+        """Rewards, group and length statistics, summed across ranks."""
         g = self.cfg.group_size
         grouped = rewards.view(-1, g)
         degenerate = (grouped == grouped[:, :1]).all(dim=1).float().sum()
@@ -316,11 +343,6 @@ class Trainer:
             distinct,
             lengths.sum(),
         ]
-        if gen.engine_logp is not None:
-            valid = gen.completion_mask
-            d = torch.where(valid, old_logp - gen.engine_logp, 0.0)  # trainer minus engine log-prob
-            k3 = torch.where(valid, torch.exp(d) - d - 1.0, 0.0)  # KL(engine || trainer), k3 estimator
-            sums += [d.sum().cpu(), d.abs().sum().cpu(), k3.sum().cpu(), valid.sum().float().cpu()]
         t = distributed.all_reduce_sum(torch.tensor([float(s) for s in sums], dtype=torch.float64, device=self.device))
         v = t.cpu().tolist()
         count = v[2]
@@ -333,13 +355,6 @@ class Trainer:
             "policy/length_mean": v[6] / count,
             "train/rollout": float(self.rollout_step),
         }
-        if gen.engine_logp is not None:
-            tokens = max(v[10], 1.0)
-            out |= {
-                "mismatch/log_ratio_mean": v[7] / tokens,
-                "mismatch/log_ratio_abs_mean": v[8] / tokens,
-                "mismatch/kl_k3": v[9] / tokens,
-            }
         return out
 
     def _update(
@@ -351,8 +366,14 @@ class Trainer:
         b_adv: Tensor,
         rollout_scalars: dict[str, float],
         update_index: int,
+        b_weight: Tensor | None = None,
+        b_changed: Tensor | None = None,
     ) -> dict[str, Any]:
-        """One optimizer step on the mini-batch `mb_idx` (micro-batched), streamed as one record."""
+        """One optimizer step on the mini-batch `mb_idx` (micro-batched), streamed as one record.
+
+        `b_weight` (N, T): the sampler-trainer correction's per-token weights, applied as per-token
+        advantages (every registry loss is linear in A); the diagnostics see the plain advantages.
+        """
         cfg = self.cfg
         lr = self.optimizer.param_groups[0]["lr"]
         acc = DiagnosticsAccumulator(cfg.loss, self.hparams, top_k=cfg.top_k_outliers)
@@ -372,9 +393,15 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 mu_mask = gen.completion_mask[mu_idx]
                 mu_logp, mu_entropy = token_logp(
-                    self.ddp, gen.input_ids[mu_idx], gen.attention_mask[mu_idx], gen.prompt_width, with_entropy=True
+                    self.ddp,
+                    gen.input_ids[mu_idx],
+                    gen.attention_mask[mu_idx],
+                    gen.prompt_width,
+                    with_entropy=True,
+                    temperature=cfg.temperature,
                 )
-                out = self.loss_fn(mu_logp, b_old_logp[mu_idx], b_adv[mu_idx], mu_mask, agg=cfg.agg, **self.hparams)
+                mu_adv = b_adv[mu_idx] if b_weight is None else b_adv[mu_idx].unsqueeze(-1) * b_weight[mu_idx]
+                out = self.loss_fn(mu_logp, b_old_logp[mu_idx], mu_adv, mu_mask, agg=cfg.agg, **self.hparams)
                 loss = out.loss * weights[i].to(out.loss.dtype)
                 if b_ref_logp is not None:
                     d = torch.where(mu_mask, b_ref_logp[mu_idx] - mu_logp, 0.0)
@@ -394,6 +421,7 @@ class Trainer:
                 loss_stats=out.stats,
                 entropy=mu_entropy,
                 token_ids=gen.input_ids[mu_idx, gen.prompt_width :],
+                rollout_logp=None if gen.rollout_logp is None else gen.rollout_logp[mu_idx],
             )
 
         norms = [
@@ -450,6 +478,11 @@ class Trainer:
         scalars["train/update_index"] = float(update_index)
         scalars["train/skipped"] = 0.0 if finite else 1.0
         scalars["train/skipped_total"] = float(self.skipped)
+        if b_changed is not None:  # the share of the mini-batch's tokens the cap truncated (tis) or masked (mis)
+            changed = distributed.all_reduce_sum(
+                torch.stack([b_changed[mb_idx].sum(), gen.completion_mask[mb_idx].sum()]).double()
+            )
+            scalars["mismatch/corrected_frac"] = float(changed[0] / changed[1].clamp(min=1))
         outliers = [dict(o) for o in stats.outliers]
         for o in outliers:
             if not o.get("text") and o.get("token_id") is not None:
