@@ -11,7 +11,9 @@ TRL's `_compute_loss` uses (log-probs, old log-probs, advantages, completion mas
 mask, entropies), with TRL's own logged metrics (their product names added, see
 `mhpo.integrations.names`) and `train/update_index` (0 for the first, on-policy update of a
 generation batch; `num_iterations` and `steps_per_generation` make later ones off-policy).
-The statistics are reduced across processes; the main process alone sends them.
+The statistics are reduced across processes; the main process alone sends them. When TRL samples
+with vLLM, its per-token sampling log-probs (`sampling_per_token_logps` in the inputs, NaN where
+vLLM gave none) add the sampler-vs-trainer statistics (`mismatch/*`, against `old_per_token_logps`).
 
 With `loss=None` TRL's own loss runs untouched. With a registry loss only the policy term is
 replaced: TRL's off-policy mask, entropy mask, tool mask, vLLM importance-sampling correction,
@@ -272,6 +274,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                 loss_stats=stats,
                 entropy=None if entropies is None else entropies.detach(),
                 token_ids=inputs["completion_ids"],
+                rollout_logp=inputs.get("sampling_per_token_logps"),
             )
             if self.accelerator.sync_gradients:
                 self._step_statistics()

@@ -18,6 +18,15 @@ MHPO_RUN_NAME names the run), every rank accumulates the diagnostics of its micr
 and, once it has seen `global_batch_size / dp_size` sequences (one optimizer step), they are
 reduced across ranks and rank 0 sends one record. Tested with verl 0.9.1.
 
+Sampler vs trainer: verl hands a policy loss the rollout log-probs only as `rollout_is_weights`
+(when `algorithm.rollout_correction.rollout_is` is on): w = exp(old_log_prob - rollout_log_prob),
+truncated at `rollout_is_threshold` (TIS) or zeroed outside a band (IcePop). With the token-level
+weights (`rollout_is="token"`, no batch normalisation) each weight strictly between 0 and the
+threshold (MHPO_ROLLOUT_IS_THRESHOLD, verl's default 2.0) gives that token's rollout log-prob
+back exactly, log w = old - rollout, and the record gets the `mismatch/*` statistics; a truncated
+or zeroed token's is unknown and counts in `mismatch/unscored_frac`. verl's own `rollout_corr/*`
+metrics (its logger, through the MLflow endpoint) cover every token.
+
 verl's policy loss does not see where its optimizer step sits in the rollout; with
 MHPO_UPDATES_PER_ROLLOUT set (= train_batch_size / ppo_mini_batch_size x ppo_epochs) each
 record also carries `train/rollout` and `train/update_index` (0 = the first, on-policy
@@ -28,6 +37,7 @@ log-ratio is exactly 0 as on-policy, which verl's recomputed old log-probabiliti
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +54,7 @@ from mhpo.losses._registry import prepare
 
 HPARAMS_ENV = "MHPO_LOSS_HPARAMS"
 UPDATES_ENV = "MHPO_UPDATES_PER_ROLLOUT"
+THRESHOLD_ENV = "MHPO_ROLLOUT_IS_THRESHOLD"
 VERL_NAMES: dict[str, str] = {("mhpo" if name == "mhpo" else f"mhpo_{name}"): name for name in LOSSES}
 
 
@@ -95,12 +106,19 @@ class _Stream:
         return bool(os.environ.get("MHPO_PROJECT"))
 
     def update(
-        self, name: str, hp: dict[str, float | None], inputs: tuple[Tensor, ...], config: Any, stats: dict[str, Tensor]
+        self,
+        name: str,
+        hp: dict[str, float | None],
+        inputs: tuple[Tensor, ...],
+        config: Any,
+        stats: dict[str, Tensor],
+        rollout_is_weights: Tensor | None = None,
     ) -> None:
         log_prob, old_log_prob, advantages, mask = inputs
         if self.acc is None:
             self.acc, self.loss = DiagnosticsAccumulator(name, hp), name
-        self.acc.update(log_prob.detach(), old_log_prob, advantages, mask, loss_stats=stats)
+        rollout = None if rollout_is_weights is None else rollout_log_probs(old_log_prob, rollout_is_weights)
+        self.acc.update(log_prob.detach(), old_log_prob, advantages, mask, loss_stats=stats, rollout_logp=rollout)
         self.sequences += log_prob.shape[0]
         info = _field(config, "global_batch_info") or {}
         per_rank = (info.get("global_batch_size") or 0) / max(int(info.get("dp_size") or 1), 1)
@@ -146,6 +164,19 @@ class _Stream:
 STREAM = _Stream()
 
 
+def rollout_log_probs(old_log_prob: Tensor, rollout_is_weights: Tensor) -> Tensor:
+    """The rollout log-probs behind verl's token-level IS weights: old - log w where 0 < w < threshold,
+    NaN (unscored) where the weight was truncated or zeroed (see the module docstring)."""
+    raw = os.environ.get(THRESHOLD_ENV, "2.0")
+    try:
+        threshold = float(raw)
+    except ValueError:
+        raise ValueError(f"{THRESHOLD_ENV}={raw!r} must be a number: verl's rollout_is_threshold (upper)") from None
+    w = rollout_is_weights.detach().double()
+    known = (w > 0) & (w < threshold)
+    return torch.where(known, old_log_prob.detach().double() - torch.log(torch.where(known, w, 1.0)), math.nan)
+
+
 def make_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Any]]]:
     """verl's policy-loss function for the registry loss `name`."""
     loss = get_loss(name)
@@ -182,7 +213,8 @@ def make_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Any]]]:
             "actor/pg_clipfrac_lower": (low.sum() / count).item(),
         }
         if STREAM.enabled:
-            STREAM.update(name, hp, (log_prob, old_log_prob, advantages, response_mask), config, stats)
+            tensors = (log_prob, old_log_prob, advantages, response_mask)
+            STREAM.update(name, hp, tensors, config, stats, rollout_is_weights)
         return pg_loss, metrics
 
     policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{name}"

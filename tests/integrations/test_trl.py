@@ -261,3 +261,30 @@ def test_resume_from_the_latest_checkpoint(tiny_model_dir: Path, tmp_path: Path,
     assert httpx.get(f"{api}/events").json()["events"] == events
     mine = httpx.get(f"{live_server.url}/api/v1/runs/{own.id}/scalars", params={"keys": "loss"}).json()["series"]
     assert mine["loss"]["step"] == [3, 4]
+
+
+def test_vllm_sampling_log_probs_give_the_mismatch_statistics(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """TRL keeps vLLM's per-token sampling log-probs in `sampling_per_token_logps` (NaN where vLLM gave none):
+    the step's record carries the sampler-vs-trainer statistics against `old_per_token_logps`."""
+    from mhpo.diagnostics import compute_step_stats
+
+    cpu_threads()
+    args = grpo_config(tmp_path, loss_type="grpo", gradient_accumulation_steps=1)
+    trainer = GRPOTrainer(model=str(tiny_model_dir), reward_funcs=count_reward, args=args, train_dataset=prompts())
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = random_batch(3, trainer.model.config.vocab_size, trainer.model)
+    sampling = batch["old_per_token_logps"] + torch.randn(4, 6, generator=torch.Generator().manual_seed(1)) * 0.05
+    sampling[1, 2] = float("nan")  # a token vLLM could not score
+    batch["sampling_per_token_logps"] = sampling
+    trainer._compute_loss(trainer.model, batch)
+    scalars = trainer._pending[1]["scalars"]
+    mask = batch["completion_mask"]
+    expected = compute_step_stats(
+        "grpo", batch["old_per_token_logps"], batch["old_per_token_logps"], batch["advantages"], mask,
+        rollout_logp=sampling,
+    ).scalars  # fmt: skip
+    for key in ("mismatch/abs_mean", "mismatch/kl_k3", "mismatch/is_mean", "mismatch/ess", "mismatch/unscored_frac"):
+        assert scalars[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert scalars["mismatch/unscored_frac"] == pytest.approx(1 / mask.sum().item())
+    assert "mismatch" in trainer._pending[1]["histograms"]

@@ -161,3 +161,32 @@ def test_updates_per_rollout_must_be_a_whole_number(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("MHPO_UPDATES_PER_ROLLOUT", "4")
     stream.step = 9
     assert stream.position() == {"train/rollout": 2.0, "train/update_index": 1.0}
+
+
+def test_rollout_correction_weights_give_the_mismatch_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """verl's own TIS weights (rollout_is="token", threshold 2): the tokens below the threshold give their rollout
+    log-probs back; the truncated ones are unscored, as if the engine had not scored them."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+    from mhpo.diagnostics import compute_step_stats
+
+    monkeypatch.setattr(mverl, "STREAM", mverl._Stream())
+    monkeypatch.setenv("MHPO_PROJECT", "verl-mm")
+    old, logp, adv, mask = batch(11)
+    rollout = old - torch.randn(old.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.5
+    weights, _ = compute_rollout_correction_weights(old - rollout, mask, "token", 2.0)
+    config = actor_config()
+    config.global_batch_info.update(dp_size=1, global_batch_size=1000, batch_num_tokens=None, loss_scale_factor=None)
+    get_policy_loss_fn("mhpo_grpo")(old, logp, adv, mask, "token-mean", config, rollout_is_weights=weights)
+    got = mverl.STREAM.acc.compute().scalars
+    truncated = ((old - rollout).exp() >= 2.0) & (mask > 0)
+    assert truncated.any()
+    expected = compute_step_stats(
+        "grpo", logp.detach(), old, adv, mask, rollout_logp=rollout.masked_fill(truncated, float("nan"))
+    ).scalars
+    assert got["mismatch/unscored_frac"] == pytest.approx(truncated.sum().item() / mask.sum().item())
+    for key in ("mismatch/abs_mean", "mismatch/kl_k1", "mismatch/is_mean", "mismatch/ess", "mismatch/chi2"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-9), key
+    monkeypatch.setenv(mverl.THRESHOLD_ENV, "two")
+    with pytest.raises(ValueError, match="MHPO_ROLLOUT_IS_THRESHOLD='two' must be a number"):
+        mverl.rollout_log_probs(old, weights)
