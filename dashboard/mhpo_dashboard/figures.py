@@ -80,6 +80,19 @@ PANELS: dict[str, list[list[str]]] = {
         ["policy/length_mean"],
         ["reward/mean", "reward/std"],
     ],
+    # Sampler vs trainer (d = old_logp - rollout_logp): the gap, overall and by the token's probability; the
+    # IS ratio w = exp(d) (mean inside its min-max band); the effective sample size; the divergences.
+    "mismatch": [
+        [
+            "mismatch/abs_mean",
+            "mismatch/abs_mean_p_lt_0.01",
+            "mismatch/abs_mean_p_0.01_0.1",
+            "mismatch/abs_mean_p_ge_0.1",
+        ],
+        ["mismatch/is_mean", "mismatch/is_min", "mismatch/is_max"],
+        ["mismatch/ess"],
+        ["mismatch/kl_k1", "mismatch/kl_k3", "mismatch/chi2"],
+    ],
 }
 PANEL_TITLES = {
     "trust_region": "Trust region",
@@ -87,6 +100,7 @@ PANEL_TITLES = {
     "gradients": "Gradients",
     "training": "Training",
     "policy": "Policy",
+    "mismatch": "Sampler vs trainer",
 }
 WILDCARD_CAP = 8  # keys a "*" pattern adds to a default panel; the key explorer reaches the rest
 # Panels whose on-policy steps (log-ratio exactly 0 everywhere) can be hidden.
@@ -116,14 +130,29 @@ KEY_LABELS: list[tuple[str, str, str]] = [
     ("train/update_index", "Update within a rollout", "index (0 = on-policy)"),
     ("train/skipped", "Skipped steps (non-finite loss)", "count"),
     ("train/", "Trainer", "value"),
+    ("mismatch/abs_mean", "Sampler-trainer gap, mean |d|", "|log-prob difference|"),
+    ("mismatch/is_", "IS ratio w = exp(d): mean, min, max", "trainer / sampler"),
+    ("mismatch/ess", "Effective sample size of w", "ESS (0..1)"),
+    ("mismatch/", "KL(sampler || trainer), chi2 of w", "nats / chi2"),
 ]
 SPARSE_POINTS = 20  # at most this many points: draw markers, every point is visible
 NAN_COLOUR = "rgba(214,39,40,0.35)"
 LIVE_WINDOW_S = 120.0
-COMPARE_DEFAULT_METRICS = ["ratio/std", "hazard/zeta_mean", "grad/norm", "policy/entropy", "reward/mean"]
+COMPARE_DEFAULT_METRICS = [
+    "ratio/std",
+    "hazard/zeta_mean",
+    "grad/norm",
+    "policy/entropy",
+    "reward/mean",
+    "mismatch/abs_mean",
+    "mismatch/is_mean",
+    "mismatch/ess",
+]
+MISMATCH_HEATMAP_KEY = "mismatch"
 
 __all__ = [
     "COMPARE_DEFAULT_METRICS",
+    "MISMATCH_HEATMAP_KEY",
     "PANELS",
     "PANEL_TITLES",
     "alert_rows",
@@ -605,10 +634,13 @@ def heatmap_figure(
     selected_step: int | None = None,
     title: str = "log-ratio x per step",
     x_range: Sequence[float] | None = None,
+    key: str = "log_ratio",
+    value_label: str = "log-ratio x",
 ) -> Figure:
-    """Step x bin heat-map; z rows are steps (`transpose=True`) so new steps append as rows."""
+    """Step x bin heat-map of histogram `key` (values `value_label`); z rows are steps (`transpose=True`) so
+    new steps append as rows."""
     if not hist or not hist.get("step"):
-        return empty_figure(f"{title}: no log_ratio histograms yet", height=320)
+        return empty_figure(f"{title}: no {key} histograms yet", height=320)
     steps, z = heatmap_columns(hist)
     ticks = list(range(int(HEATMAP_LOG_FLOOR), 1))
     trace = {
@@ -626,7 +658,7 @@ def heatmap_figure(
             "tickvals": ticks,
             "ticktext": [f"1e{t}" if t else "1" for t in ticks],
         },
-        "hovertemplate": "step %{x}<br>x %{y:.3f}<br>log10 share %{z:.2f}<extra></extra>",
+        "hovertemplate": f"step %{{x}}<br>{value_label} %{{y:.3f}}<br>log10 share %{{z:.2f}}<extra></extra>",
     }
     xaxis: dict[str, Any] = {"title": {"text": "step"}}
     if x_range:
@@ -639,7 +671,7 @@ def heatmap_figure(
             "margin": MARGIN,
             "uirevision": title,
             "xaxis": xaxis,
-            "yaxis": {"title": {"text": "log-ratio x"}, "range": occupied_range(hist, occupied_bins(hist))},
+            "yaxis": {"title": {"text": value_label}, "range": occupied_range(hist, occupied_bins(hist))},
             "shapes": [_selection_shape(selected_step), *event_shapes(events)],
         },
     }

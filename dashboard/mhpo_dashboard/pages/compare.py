@@ -72,15 +72,15 @@ def metric_figures(client: ApiClient, runs: list[dict[str, Any]], metrics: list[
 
 
 def _histograms(
-    client: ApiClient, runs: list[dict[str, Any]], keys: list[dict[str, list[str]]]
+    client: ApiClient, runs: list[dict[str, Any]], keys: list[dict[str, list[str]]], key: str = "log_ratio"
 ) -> dict[str, dict[str, Any] | None]:
-    """Every run's log_ratio histograms over the same step range and bucket budget (so buckets line up)."""
+    """Every run's `key` histograms over the same step range and bucket budget (so buckets line up)."""
     end = max((r.get("last_step") or 0) for r in runs)
     fetched = parallel(
         *[
             lambda r=r, k=k: (
-                client.histograms(r["run_id"], "log_ratio", start=0, end=end, max_steps=MAX_HEATMAP_STEPS)
-                if "log_ratio" in k.get("histograms", [])
+                client.histograms(r["run_id"], key, start=0, end=end, max_steps=MAX_HEATMAP_STEPS)
+                if key in k.get("histograms", [])
                 else None
             )
             for r, k in zip(runs, keys)
@@ -140,8 +140,10 @@ def layout(runs: str | None = None, **_: Any) -> Any:
         return html.Div([html.H2("Compare runs"), picker, html.P(str(exc), className="error")])
     scalar_keys = sorted(set().union(*(k.get("scalars", []) for k in keys)))
     metrics = [m for m in figures.COMPARE_DEFAULT_METRICS if m in scalar_keys] or scalar_keys[:3]
-    hists, metric_graphs, skip = parallel(
+    mm_key = figures.MISMATCH_HEATMAP_KEY
+    hists, mm_hists, metric_graphs, skip = parallel(
         lambda: _histograms(client, infos, keys),
+        lambda: _histograms(client, infos, keys, mm_key),
         lambda: metric_figures(client, infos, metrics),
         lambda: on_policy(client, infos, keys),
     )
@@ -153,6 +155,28 @@ def layout(runs: str | None = None, **_: Any) -> Any:
         )
         for r in infos
     ]
+    mismatch: list[Any] = []
+    if any(mm_hists.values()):  # sampler-vs-trainer gap, e.g. a corrected run next to an uncorrected one
+        mismatch = [
+            html.H3("sampler-trainer gap heat-maps", id="compare-mismatch"),
+            html.Div(
+                [
+                    dcc.Graph(
+                        figure=figures.heatmap_figure(
+                            mm_hists[r["run_id"]],
+                            title=figures.run_label(r),
+                            x_range=x_range,
+                            key=mm_key,
+                            value_label="d = old - rollout log-prob",
+                        ),
+                        className="graph compare-heatmap",
+                    )
+                    for r in infos
+                ],
+                className="row side-by-side",
+                style={"gridTemplateColumns": f"repeat({len(infos)}, 1fr)"},
+            ),
+        ]
     dist_fig, curves = distance_figure(hists, infos, DEFAULT_THRESHOLD, skip)
     diff = figures.config_diff(infos)
     columns = [{"id": "key", "name": "config key"}] + [
@@ -175,6 +199,7 @@ def layout(runs: str | None = None, **_: Any) -> Any:
             html.Div(
                 heatmaps, className="row side-by-side", style={"gridTemplateColumns": f"repeat({len(infos)}, 1fr)"}
             ),
+            *mismatch,
             html.H3("where the runs part"),
             html.P(
                 "Wasserstein-1 distance between each run's log-ratio distribution and the first run's, per step; "

@@ -9,6 +9,10 @@ the outlier tokens and the dotted marker drawn on every chart. When the run's hi
 rewound (`last_step` moved back) the charts are rebuilt from the server. Rewinds and forks
 are listed under "History", and a fork links its parent.
 
+A run that logs sampler-vs-trainer statistics (`mismatch/*`) also gets the "Sampler vs trainer"
+panel (gap, IS ratio band, ESS, divergences; live like the others) and, when it logs the
+`mismatch` histogram, its step x bin heat-map (drawn when the page loads).
+
 The ratio and hazard charts show off-policy steps only by default (an on-policy step's
 log-ratio is exactly 0, so its points only make the curves zig-zag). The key explorer adds
 any logged scalar as a chart of its own; the chosen keys are kept per run in the browser's
@@ -239,6 +243,7 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
     graphs = {name: _graph(name, fig) for name, fig in figs.items() if name != "heatmap"}
     live_ms = refresh_interval_ms()
     scalar_keys = keys.get("scalars", [])
+    mismatch = _mismatch_section(client, run_id, graphs["mismatch"], scalar_keys, keys.get("histograms", []), events)
     return html.Div(
         [
             html.Div(_summary(run), id="run-summary", className="summary"),
@@ -268,6 +273,7 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
             ),
             html.Section([graphs["trust_region"], graphs["hazard"]], className="row two"),
             html.Section([graphs["gradients"], graphs["policy"]], className="row two"),
+            mismatch,
             html.Section(
                 [
                     graphs["training"],
@@ -307,6 +313,40 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
             html.Section([html.H3("History"), html.Div(_history_list(events), id="run-history")], className="row"),
         ],
         className="run-page",
+    )
+
+
+def _mismatch_section(
+    client: ApiClient,
+    run_id: str,
+    panel: dcc.Graph,
+    scalar_keys: list[str],
+    hist_keys: list[str],
+    events: list[dict[str, Any]],
+) -> html.Section:
+    """The "Sampler vs trainer" panel and the `mismatch` heat-map; hidden for a run without `mismatch/*` keys."""
+    shown = any(k.startswith("mismatch/") for k in scalar_keys)
+    hist = None
+    if shown:
+        key = figures.MISMATCH_HEATMAP_KEY
+        try:
+            hist = _histogram_or_none(client, run_id, key, hist_keys, max_steps=MAX_HEATMAP_STEPS)
+        except ApiError:
+            hist = None
+    heatmap = dcc.Graph(
+        id="run-mismatch-heatmap",
+        figure=figures.heatmap_figure(
+            hist,
+            events,
+            title="sampler-trainer gap d per step",
+            key="mismatch",
+            value_label="d = old - rollout log-prob",
+        ),
+        config={"displaylogo": False},
+        className="graph",
+    )
+    return html.Section(
+        [panel, heatmap], id="run-mismatch", className="row two", style=None if shown else {"display": "none"}
     )
 
 
