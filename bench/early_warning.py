@@ -69,10 +69,11 @@ class Run:
     alarms: dict[str, int] = field(default_factory=dict)  # detector or threshold -> count
 
 
-def train(regime: str, seed: int, rollouts: int, out: Path) -> list[dict]:
+def train(regime: str, seed: int, rollouts: int, out: Path, flags: list[str] | None = None) -> list[dict]:
+    """The records of one `mhpo train` run of `regime` (its flags from REGIMES unless given), cached in `out`."""
     path = out / f"{regime}-s{seed}-r{rollouts}.jsonl"
     if not path.exists():
-        flags, _ = REGIMES[regime]
+        flags = REGIMES[regime][0] if flags is None else flags
         partial = path.with_suffix(".part")
         partial.unlink(missing_ok=True)
         cmd = [

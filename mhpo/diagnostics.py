@@ -41,6 +41,17 @@ Conventions (decisions made here):
   a negative advantage) are left out of `StepStats.histograms`.
 - `train/loss` is the mean of `loss_stats["loss"]` over the updates (and ranks);
   `policy/length_mean` counts valid tokens per sequence.
+- Sampler vs trainer (only with `rollout_logp`, the sampling engine's log-prob of each sampled
+  token; without it nothing below is computed): d = old_logp - rollout_logp and w = exp(d) with
+  d clamped to +-20, over the valid tokens whose d is not NaN (an engine may give no log-prob
+  for a token: TRL stores NaN there; those are counted in `mismatch/unscored_frac`, not
+  averaged). `mismatch/abs_mean`, `abs_max`, `kl_k1` = mean(-d) (KL(sampler || trainer) on the
+  sampled tokens), `kl_k3` = mean(w - d - 1), `is_mean/min/max/std` of w, `ess` = (sum w)^2 /
+  (N sum w^2), `chi2` = mean(w^2) - 1, `seq_log_max` = max over sequences of sum_t d,
+  `prob_abs_mean/max` of |exp(old_logp) - exp(rollout_logp)| (verl's `rollout_probs_diff`), the
+  `mismatch` histogram of d on [-1, 1], and mean |d| by the trainer's probability of the
+  token (`mismatch/abs_mean_p_lt_0.01`, `_p_0.01_0.1`, `_p_ge_0.1`; a bucket without tokens
+  has no key). Moments are float64 sums of w - 1, so values near w = 1 lose nothing.
 
 How the reduction stays cheap (it runs every step, next to the loss, and is bound by memory
 traffic): every histogram is one `bincount` (a `histc` on CUDA) of an exact bin index built
