@@ -214,7 +214,7 @@ def _x_slots(x_ok: Tensor, offset: Tensor, out: Tensor) -> Tensor:
     float64 copy takes the product and the floor; on the CPU the index is then int16 and the
     offset an int16 add (cheaper passes than float64 ones).
     """
-    p, q, shift = _X_SCALE
+    p, q, _ = _X_SCALE
     w = (_X_SPEC.hi - _X_SPEC.lo) / _X_SPEC.bins
     clamped = torch.clamp(x_ok, _X_SPEC.lo - w / 2, _X_SPEC.hi, out=out)  # < lo: underflow, hi: overflow
     y = clamped.to(torch.float64).mul_(p)
@@ -412,10 +412,10 @@ class DiagnosticsAccumulator:
         if fast_rows:
             masked = t - ok_rows
             if seq is None and lo > -math.inf:
-                low_rows = _n_cmp(x, lo, True, True) - masked * float(0.0 < float(torch.tensor(lo, dtype=dtype)))
+                low_rows = _n_cmp(x, lo, True, True) - masked * float(float(torch.tensor(lo, dtype=dtype)) > 0.0)
                 clip_low = torch.dot(low_rows, (adv < 0).to(dtype))
             if seq is None and hi < math.inf:
-                high_rows = _n_cmp(x, hi, False, True) - masked * float(0.0 > float(torch.tensor(hi, dtype=dtype)))
+                high_rows = _n_cmp(x, hi, False, True) - masked * float(float(torch.tensor(hi, dtype=dtype)) < 0.0)
                 clip_high = torch.dot(high_rows, (adv > 0).to(dtype))
         elif row_adv:
             if seq is None and lo > -math.inf:
@@ -804,7 +804,10 @@ class DiagnosticsAccumulator:
             spec_o = HISTOGRAMS[key]
             other[key] = other_counts[offsets[i] : offsets[i] + spec_o.bins + 2]
         z_mean, _ = mean_std(o_mom[1, 0], o_mom[1, 1], n_ok)
-        nan_or = lambda v: math.nan if has_nan else v
+
+        def nan_or(v: float) -> float:
+            return math.nan if has_nan else v
+
         scalars["hazard/zeta_mean"] = z_mean
         scalars["hazard/zeta_p99"] = float(z_q[0])
         scalars["hazard/zeta_pos_mean"] = nan_or(ratio(s["zeta_pos_sum"], n))

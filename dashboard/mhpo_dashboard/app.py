@@ -17,10 +17,11 @@ import dash
 import flask
 from a2wsgi import WSGIMiddleware
 from dash import dcc, html
-from mhpo_dashboard.api import ApiClient
-from mhpo_dashboard.auth import Sessions, install_login, viewer
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import Scope
+
+from mhpo_dashboard.api import ApiClient
+from mhpo_dashboard.auth import Sessions, install_login, viewer
 
 PAGES_DIR = Path(__file__).resolve().parent / "pages"
 API_CONFIG_KEY = "MHPO_API"

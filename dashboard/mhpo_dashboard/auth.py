@@ -31,6 +31,7 @@ from urllib.parse import quote, urlsplit
 
 import flask
 from cryptography.fernet import Fernet, InvalidToken
+
 from mhpo_dashboard.api import ApiClient, ApiError
 
 __all__ = ["COOKIE", "SECRET_FILE", "Sessions", "Viewer", "install_login", "load_or_create_secret", "viewer"]

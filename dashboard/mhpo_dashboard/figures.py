@@ -319,7 +319,9 @@ def nan_shapes(rows: Sequence[Sequence[str]], series: Mapping[str, Mapping[str, 
             {
                 step
                 for k in keys
-                for step, v in zip((series.get(k) or {}).get("step") or [], (series.get(k) or {}).get("value") or [])
+                for step, v in zip(
+                    (series.get(k) or {}).get("step") or [], (series.get(k) or {}).get("value") or [], strict=True
+                )
                 if v is None or not math.isfinite(v)
             }
         )
@@ -540,7 +542,7 @@ def on_policy_steps(series: Mapping[str, Mapping[str, list]]) -> set[int]:
         if not s:
             return {}
         lows, highs = s.get("min") or s["value"], s.get("max") or s["value"]
-        return {int(st): lo == 0 and hi == 0 for st, lo, hi in zip(s["step"], lows, highs)}
+        return {int(st): lo == 0 and hi == 0 for st, lo, hi in zip(s["step"], lows, highs, strict=True)}
 
     index = zero(series.get("train/update_index"))
     if index:
@@ -969,7 +971,7 @@ def config_diff(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         values = [f.get(key, missing) for f in flats]
         if any(v != values[0] for v in values[1:]):
             row: dict[str, Any] = {"key": key}
-            for run, v in zip(runs, values):
+            for run, v in zip(runs, values, strict=True):
                 row[run_label(run)] = "—" if v is missing else str(v)
             rows.append(row)
     return rows
@@ -1084,7 +1086,7 @@ def _integral_abs_linear(start: np.ndarray, stop: np.ndarray, widths: np.ndarray
 
 def first_parting_step(steps: Sequence[int], distances: Sequence[float], threshold: float) -> int | None:
     """The first step whose distance exceeds `threshold` (None if the runs never part)."""
-    for s, d in zip(steps, distances):
+    for s, d in zip(steps, distances, strict=True):
         if d > threshold:
             return int(s)
     return None

@@ -80,6 +80,7 @@ def serve(argv: Sequence[str]) -> int:
         )
         return 2
     import uvicorn
+
     from mhpo_server.app import ConfigError, create_app
     from mhpo_server.http import with_header_timeout
     from mhpo_server.store import SchemaError
@@ -127,8 +128,9 @@ def db(argv: Sequence[str]) -> int:
     upgrade = sub.add_parser("upgrade", help="migrate the database to the newest schema")
     _db_arg(upgrade)
     args = parser.parse_args(argv)
-    import mhpo_migrations
     from sqlalchemy import make_url
+
+    import mhpo_migrations
 
     settings = _settings(args)
     mhpo_migrations.upgrade(settings.db)

@@ -101,7 +101,7 @@ def test_page_code_runs(page: Path, docs_server: LiveServer, tmp_path: Path, mon
         if not block.skipped:
             # compiled under the page's name and line, so a traceback points into the doc
             code = compile("\n" * block.line + block.code, str(page), "exec")
-            exec(code, namespace)  # noqa: S102 - running the docs' own examples is the point
+            exec(code, namespace)
     check = CHECKS.get(page_id(page))
     if check is not None:
         check(docs_server)

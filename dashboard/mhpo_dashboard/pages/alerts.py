@@ -15,6 +15,7 @@ from typing import Any
 
 import dash
 from dash import Input, Output, State, callback, ctx, dash_table, dcc, html, no_update
+
 from mhpo_dashboard.api import ApiClient, ApiError, NotAvailable
 from mhpo_dashboard.app import api
 from mhpo_dashboard.figures import alert_rows, rule_rows
@@ -391,7 +392,7 @@ def act(*args: Any) -> tuple[Any, ...]:
 
     Arguments: six click counters, the form fields (FORM_FIELDS order), then the tables' state.
     """
-    form = dict(zip(FORM_FIELDS, args[6 : 6 + len(FORM_FIELDS)]))
+    form = dict(zip(FORM_FIELDS, args[6 : 6 + len(FORM_FIELDS)], strict=True))
     rule_table, rule_sel, alert_table, alert_sel = args[6 + len(FORM_FIELDS) :]
     client = api()
     action = ctx.triggered_id

@@ -24,6 +24,7 @@ from typing import Any
 
 import dash
 from dash import ALL, Input, Output, Patch, State, callback, ctx, dcc, html, no_update
+
 from mhpo_dashboard import figures
 from mhpo_dashboard.api import ApiClient, ApiError, parallel
 from mhpo_dashboard.app import api, refresh_interval_ms
@@ -461,9 +462,7 @@ def extend_custom_charts(
         return [no_update] * len(keys), no_update
     seen = set(drawn["event_ids"])
     new_events = [e for e in events if _event_id(e) not in seen]
-    out = []
-    for key in keys:
-        out.append(_append_patch(drawn["trace_maps"][key], [[key]], data["series"], new_events))
+    out = [_append_patch(drawn["trace_maps"][key], [[key]], data["series"], new_events) for key in keys]
     return out, {**drawn, "last_step": new_last, "event_ids": [_event_id(e) for e in events]}
 
 
@@ -538,7 +537,7 @@ def _events_patch(
     indices = trace_map.get("__events__") or []
     if len(indices) != len(rows):
         return
-    for index, (steps, ys, texts) in zip(indices, figures.event_markers(rows, series, new_events)):
+    for index, (steps, ys, texts) in zip(indices, figures.event_markers(rows, series, new_events), strict=True):
         if steps:
             patch["data"][index]["x"].extend(steps)
             patch["data"][index]["y"].extend(ys)
@@ -681,7 +680,7 @@ def select_step(_clicks: list[Any], _flags: list[Any], _follow: int, state: dict
     points = value.get("points") or []
     if not points or points[0].get("x") is None:
         return no_update
-    return {"step": int(round(float(points[0]["x"]))), "follow": False}
+    return {"step": round(float(points[0]["x"])), "follow": False}
 
 
 @callback(

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from mhpo_server.alerts.schemas import SEVERITY_RANK, AlertRule, FlagCondition, SpikeCondition, ThresholdCondition
 from mhpo_server.flags.detectors import MAD_TO_SIGMA, Flag, History, json_number
 

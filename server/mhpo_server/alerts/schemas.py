@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from mhpo_server.schemas import KEY_PATTERN, InputModel, Integral, Key, Name, Severity
 from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
+
+from mhpo_server.schemas import KEY_PATTERN, InputModel, Integral, Key, Name, Severity
 
 Channel = Literal["dashboard", "webhook"]
 DeliveryStatus = Literal["none", "pending", "delivered", "failed"]

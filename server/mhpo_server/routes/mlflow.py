@@ -25,11 +25,6 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
-from mhpo_server.routes.records import RUN_LOCKS
-from mhpo_server.schemas import MAX_STEP, Key, Name, RecordIn, RunCreate, Text, clean_config, unstorable
-from mhpo_server.schemas import Run as RunOut
-from mhpo_server.store import Conflict, Invalid, NotFound, Store
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -44,6 +39,11 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo.integrations.names import product_scalars
+from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
+from mhpo_server.routes.records import RUN_LOCKS
+from mhpo_server.schemas import MAX_STEP, Key, Name, RecordIn, RunCreate, Text, clean_config, unstorable
+from mhpo_server.schemas import Run as RunOut
+from mhpo_server.store import Conflict, Invalid, NotFound, Store
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,31 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import mhpo_migrations
 import numpy as np
 from alembic.migration import MigrationContext
 from filelock import FileLock, Timeout
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy import column as sql_column
+from sqlalchemy import table as sql_table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+import mhpo_migrations
 from mhpo_server.schemas import (
     MAX_STEP,
     Event,
@@ -63,26 +84,6 @@ from mhpo_server.store.models import (
     RunRow,
     ScalarRow,
 )
-from sqlalchemy import (
-    Connection,
-    Engine,
-    and_,
-    bindparam,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    literal,
-    select,
-    text,
-    update,
-)
-from sqlalchemy import column as sql_column
-from sqlalchemy import table as sql_table
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.exc import DBAPIError, IntegrityError
 
 IN_CHUNK = 500  # values per IN (...) list: far below SQLite's 32,766 and PostgreSQL's 65,535 bind parameters
 OPEN_SEVERITIES = ("warning", "critical")
@@ -553,10 +554,12 @@ class SqlStore(Store):
             marks = ", ".join("?" * len(BULK_COLUMNS[table]))
             conn.exec_driver_sql(f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows)
             return
-        with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-            with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+        with (
+            conn.connection.driver_connection.cursor() as cursor,  # type: ignore[union-attr]
+            cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
 
     def _insert_new(self, conn: Connection, name: str, rows: list[tuple[Any, ...]], key: tuple[str, ...]) -> set[Any]:
         """Insert, skipping rows already stored; returns the keys of the rows that were new.
@@ -568,7 +571,7 @@ class SqlStore(Store):
         columns = BULK_COLUMNS[name]
         table = sql_table(name, *(sql_column(c) for c in columns))
         stmt = self._insert(table).on_conflict_do_nothing().returning(*(table.c[k] for k in key))
-        params = [dict(zip(columns, row)) for row in rows]
+        params = [dict(zip(columns, row, strict=True)) for row in rows]
         return {tuple(row) if len(key) > 1 else row[0] for row in conn.execute(stmt, params)}
 
     def _check_binning(
