@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -48,7 +48,7 @@ def demo_configs(steps: int, seed: int, task: str, project: str, server: str, pr
     """The two runs: identical except for the loss (MHPO defaults; GRPO eps = 0.2)."""
     from mhpo.trainer import TrainerConfig
 
-    common = {
+    common: dict[str, Any] = {
         "task": task,
         "steps": steps,
         "seed": seed,

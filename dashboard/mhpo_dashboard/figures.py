@@ -791,14 +791,16 @@ def step_histogram_figure(
                     "line": {"dash": dash, "width": 2, "color": "#000" if name == loss else "#9467bd"},
                 }
             )
-    shapes, annotations = [], []
+    shapes: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for name, colour in (("grpo", "#ff7f0e"), ("dapo", "#8c564b")):
         bounds = _clip_bounds(name, hparams if name == loss else {})
         for b in bounds or ():
             if b is not None and math.isfinite(b):
-                shape, label = _vline(b, colour, label=name.upper(), position="top" if name == "grpo" else "bottom")
+                shape, note = _vline(b, colour, label=name.upper(), position="top" if name == "grpo" else "bottom")
                 shapes.append(shape)
-                annotations.append(label)
+                if note is not None:  # always, with a label
+                    annotations.append(note)
     annotations += [
         {"text": n, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0, "y": -0.55, "xanchor": "left"}
         for n in notes
@@ -895,7 +897,9 @@ def condition_text(cond: dict[str, Any] | None) -> str:
         n = cond.get("for_steps") or 1
         return f"{cond.get('key')} {cond.get('op')} {cond.get('value'):g} for {n} step{'s' if n != 1 else ''}"
     if kind == "spike":
-        direction = {"up": "upward", "down": "downward", "both": "upward or downward"}.get(cond.get("direction"), "")
+        direction = {"up": "upward", "down": "downward", "both": "upward or downward"}.get(
+            str(cond.get("direction")), ""
+        )
         return f"{cond.get('key')} {direction} spike (robust z > {cond.get('z'):g})"
     if kind == "flag":
         flag = "any flag" if cond.get("kind") in (None, "*") else f"flag {cond.get('kind')}"

@@ -101,7 +101,7 @@ def serve(argv: Sequence[str]) -> int:
         "timeout_keep_alive": settings.keep_alive_timeout_s,
     }
     if args.workers == 1:
-        uvicorn.run(app, http=with_header_timeout(settings.header_timeout_s), **common)  # type: ignore[arg-type]
+        uvicorn.run(app, http=with_header_timeout(settings.header_timeout_s), **common)
         return 0
     app.state.store.close()  # each worker process builds its own app from the same settings
     os.environ.update(

@@ -397,7 +397,7 @@ def act(*args: Any) -> tuple[Any, ...]:
     client = api()
     action = ctx.triggered_id
     rule_id = _selected_id(rule_table, rule_sel)
-    message = no_update
+    message: object = no_update
     try:
         if action == "alerts-create":
             created = client.create_alert_rule(rule_body(form))
@@ -425,5 +425,5 @@ def act(*args: Any) -> tuple[Any, ...]:
         names = {r["run_id"]: r["name"] for r in client.runs()}
     except ApiError as exc:
         return no_update, no_update, no_update, no_update, f"refused by the server: {exc}", no_update, no_update
-    keep = no_update if action == "alerts-refresh" else []
+    keep: object = no_update if action == "alerts-refresh" else []
     return (rule_rows(rules, names), keep, alert_rows(alerts, names), keep, message, *_empty(rules, alerts))

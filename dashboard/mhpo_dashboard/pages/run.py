@@ -118,7 +118,7 @@ def _history_list(events: list[dict[str, Any]]) -> list[Any]:
     for e in found:
         evidence = e.get("evidence") or {}
         other = evidence.get("child_run_id") or evidence.get("parent_run_id")
-        link = (
+        link: list[Any] = (
             [
                 " · ",
                 dcc.Link(
@@ -484,7 +484,7 @@ def switch_policy(policy: str, state: dict[str, Any], selected: dict[str, Any]) 
         rows, data = _panel_data(client, run_id, keys.get("scalars", []), end=state.get("last_step"), policy=policy)
     except ApiError:
         return [no_update] * len(names), no_update
-    out = []
+    out: list[Any] = []
     for name in names:
         if name not in figures.POLICY_FILTERED_PANELS:
             out.append(no_update)
@@ -568,7 +568,7 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
     last, new_last = state.get("last_step"), run.get("last_step")
     if last is not None and (new_last is None or new_last < last):  # rewound: redraw from the server
         keys, events = parallel(lambda: client.keys(run_id), lambda: client.events(run_id))
-        figs, new_state, _, _ = _charts(client, run, keys, events, new_last, state.get("policy", "off"))
+        figs, new_state = _charts(client, run, keys, events, new_last, state.get("policy", "off"))[:2]
         return (
             [figs[name] for name in names],
             new_state,
@@ -606,6 +606,7 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
         if name == "heatmap":
             out.append(_heatmap_update(state, hist, events, new_events, selected))
         elif name in grown:
+            assert full is not None  # read above whenever a panel grew
             fig, state["trace_maps"][name] = figures.timeseries_figure(
                 figures.PANEL_TITLES[name],
                 rows[name],

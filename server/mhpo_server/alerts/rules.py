@@ -165,7 +165,7 @@ def _scalar_firings(
             state.last_step = step
             if state.streak != cond.for_steps or step not in fire_at:
                 continue
-            evidence = {
+            evidence: dict[str, Any] = {
                 "key": cond.key,
                 "value": json_number(value),
                 "threshold": {"op": cond.op, "value": cond.value, "for_steps": cond.for_steps},

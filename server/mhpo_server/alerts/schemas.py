@@ -10,6 +10,7 @@ each (rule, run) then stays quiet for `cooldown_s` seconds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
@@ -100,7 +101,7 @@ class AlertRulePatch(_In):
     enabled: bool | None = None
 
 
-def _check_webhook(channels: list[str], url: Any) -> None:
+def _check_webhook(channels: Sequence[str], url: Any) -> None:
     if "webhook" in channels and url is None:
         raise ValueError("webhook_url: required when channels contains 'webhook' (an http:// or https:// URL)")
 

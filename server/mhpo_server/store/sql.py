@@ -44,6 +44,7 @@ from sqlalchemy import table as sql_table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.sql.expression import BindParameter
 
 import mhpo_migrations
 from mhpo_server.schemas import (
@@ -219,7 +220,7 @@ class SqlStore(Store):
         self.dialect = engine.dialect.name
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
         # Statements of the hot paths, built once: building one costs more than running it on SQLite.
-        rid = bindparam("rid")
+        rid: BindParameter[str] = bindparam("rid")
         self._run_by_id = self._run_select().where(RunRow.run_id == rid)
         self._run_exists = select(RunRow.run_id).where(RunRow.run_id == rid)
         lock = select(RunRow.last_step).where(RunRow.run_id == rid)
@@ -871,7 +872,7 @@ class SqlStore(Store):
             for key in keys:
                 rows = conn.execute(select(*cols).where(*in_range, ScalarRow.key == key).order_by(ScalarRow.step)).all()
                 if rows:
-                    by_key[key] = rows
+                    by_key[key] = list(rows)
         else:
             for chunk in _chunks(list(keys)):
                 query = select(ScalarRow.key, *cols).where(*in_range, ScalarRow.key.in_(chunk))
