@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from early_warning import Run, by_rollout, label, train
+
 from mhpo_server.flags import History, detect
 
 BASE = ["--loss", "grpo", "--prompts-per-step", "4", "--group-size", "8"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mhpo_server.flags import DEFAULT_PARAMS, FlagParams, History, detect
 from pydantic import ValidationError
 
 from mhpo.integrations.names import product_scalars
+from mhpo_server.flags import DEFAULT_PARAMS, FlagParams, History, detect
 from tests.flags.mismatch_cases import trl_healthy, trl_jump, trl_top_k, verl_drift
 
 
