@@ -7,9 +7,10 @@ service's detectors (`mhpo_server.flags.detect`, what the ingest listener runs) 
 - `synced_fp32`: the sampler is the trained float32 policy itself (the healthy reference);
 - `bf16_sampler`: samples with a bfloat16 copy of the policy, refreshed every rollout (`--rollout-dtype bfloat16`);
 - `top_k`: sampling restricted to the 3 likeliest tokens, the sampler's log-probs renormalised over them (`--top-k 3`);
-- `stale_k4` and `stale_k4_tis`: the sampler's weights refreshed every 4 rollouts (`--rollout-sync-every 4`) at
-  twice the learning rate (1e-3), uncorrected and with token-level truncated importance sampling
-  (`--is-correction tis --is-cap 2`).
+- `stale_k4`, `stale_k4_tis`, `stale_k4_mis`: the sampler's weights refreshed every 4 rollouts
+  (`--rollout-sync-every 4`) at twice the learning rate (1e-3), uncorrected, with token-level truncated
+  importance sampling (`--is-correction tis --is-cap 2`) and with masked importance sampling
+  (`--is-correction mis --is-cap 2`).
 
 Every run: GRPO, 4 prompts x 8 completions per rollout, 2 optimizer steps per rollout.
 
@@ -19,7 +20,7 @@ maximum mean |d| (`mismatch/abs_mean`), the median IS mean, the first `mismatch`
 (optimizer step), the label and the lead (label - first flag; > 0 is early); per regime the same summarised
 with the final reward and entropy (mean of the last 4 rollouts).
 
-    python bench/mismatch.py                 # 3 seeds x 5 regimes, 20 rollouts each (~15-30 minutes on 2 busy cores)
+    python bench/mismatch.py                 # 3 seeds x 6 regimes, 20 rollouts each (~15 minutes on 2 busy cores)
     python bench/mismatch.py --seeds 1       # one seed per regime
     python bench/mismatch.py --out DIR       # keep the metrics files (reused when present)
 """
@@ -47,6 +48,7 @@ REGIMES: dict[str, list[str]] = {
     "top_k": [*BASE, "--top-k", "3"],
     "stale_k4": STALE,
     "stale_k4_tis": [*STALE, "--is-correction", "tis", "--is-cap", "2"],
+    "stale_k4_mis": [*STALE, "--is-correction", "mis", "--is-cap", "2"],
 }
 ALARM = ("warning", "critical")
 
