@@ -126,3 +126,11 @@ def test_parameters_are_bounded_and_merge() -> None:
     assert {"mismatch/abs_mean", "mismatch/ess", "ratio/clip_frac"} <= DEFAULT_PARAMS.keys()
     off = DEFAULT_PARAMS.merged({"mismatch": {"enabled": False}})
     assert mismatch_flags(points(trl_jump()[0]), off) == []
+
+
+def test_the_clip_is_idle_only_when_every_clip_fraction_logged_is_zero() -> None:
+    rows = grow(300, 100, 1e4, 150, clip=0.0)
+    for row in rows:
+        row["ratio/clip_frac_high"] = 0.03  # one side clips: the ratio does see something
+    [first, *_] = mismatch_flags(points(rows))
+    assert first.evidence["idle_clip"] == [] and first.severity == "warning"

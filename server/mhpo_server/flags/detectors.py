@@ -653,12 +653,16 @@ def _growth_table(
 
 
 def _idle_clip(history: History, p: MismatchParams, step: int) -> list[str]:
-    """The clip-fraction keys logged at `step` that were exactly 0 at each of their last `recent_steps` points."""
+    """The clip-fraction keys logged at `step` when every one of them was exactly 0 at each of its last
+    `recent_steps` points (the clip idle), else none."""
     idle = []
     for key in p.clip_keys:
         found = history.upto(key, step)
-        if found is not None and len(found[1]) >= p.recent_steps and not np.any(found[1][-p.recent_steps :]):
-            idle.append(key)
+        if found is None:
+            continue
+        if len(found[1]) < p.recent_steps or np.any(found[1][-p.recent_steps :]):
+            return []
+        idle.append(key)
     return idle
 
 
