@@ -25,11 +25,11 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
+from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess, visible_run
 from mhpo_server.routes.records import RUN_LOCKS
 from mhpo_server.schemas import MAX_STEP, Key, Name, RecordIn, RunCreate, Text, clean_config, unstorable
 from mhpo_server.schemas import Run as RunOut
-from mhpo_server.store import Conflict, Invalid, NotFound, Store
+from mhpo_server.store import DATA_ERROR, Conflict, Invalid, NotFound, Store
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -95,7 +95,8 @@ class MLflowRoute(APIRoute):
             except Invalid as e:
                 return error(400, "INVALID_PARAMETER_VALUE", f"{'.'.join(map(str, e.loc))}: {e.message}")
             except DataError as e:
-                return error(400, "INVALID_PARAMETER_VALUE", f"a value cannot be stored by the database: {e.orig}")
+                log.warning("database refused a value: %s", e.orig)
+                return error(400, "INVALID_PARAMETER_VALUE", DATA_ERROR)
             except NotFound as e:
                 return error(404, "RESOURCE_DOES_NOT_EXIST", str(e))
             except Conflict as e:
@@ -253,10 +254,8 @@ def run_for(store: Store, principal: Principal, run_id: str) -> RunOut:
     try:
         uuid.UUID(run_id)
     except ValueError:
-        raise MLflowError(404, "RESOURCE_DOES_NOT_EXIST", f"run_id {run_id!r} does not exist") from None
-    run = store.get_run(run_id)
-    principal.check_project(run.project)
-    return run
+        raise MLflowError(404, "RESOURCE_DOES_NOT_EXIST", str(NotFound.run(run_id))) from None
+    return visible_run(store, principal, run_id)
 
 
 def as_records(metrics: list[Metric]) -> list[RecordIn]:

@@ -6,7 +6,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
+from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess, visible_run
 from mhpo_server.responses import NaNJSONResponse, respond
 from mhpo_server.schemas import KEY_PATTERN, Run, RunCreate, RunList, RunPatch
 from mhpo_server.store import Store
@@ -16,9 +16,7 @@ router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
 def authorized_run(store: Store, principal: Principal, run_id: uuid.UUID) -> Run:
     """The run, after checking a project-scoped token may see it (404 for an unknown run)."""
-    run = store.get_run(str(run_id))
-    principal.check_project(run.project)
-    return run
+    return visible_run(store, principal, str(run_id))
 
 
 @router.post("", response_model=Run, status_code=201)

@@ -42,7 +42,10 @@ class StoreError(Exception):
 
 
 class NotFound(StoreError, LookupError):
-    pass
+    @classmethod
+    def run(cls, run_id: str) -> NotFound:
+        """The one answer for a run the caller cannot see: unknown, or another project's (no existence leak)."""
+        return cls(f"run_id {run_id!r} does not exist: create it with POST /api/v1/runs")
 
 
 class Conflict(StoreError):
@@ -62,13 +65,33 @@ class SchemaError(StoreError, RuntimeError):
     pass
 
 
+DATA_ERROR = "a value in the request cannot be stored or compared by the database (e.g. a NUL character): remove it"
+PUBLIC_FAULTS = {
+    "busy": "the database is busy",
+    "read_only": "the database is read-only; the operator has been told (server log)",
+    "disk_full": "the disk holding the database is full; the operator has been told (server log)",
+    "unreachable": "the database is unreachable",
+    "storage_error": "the database cannot be used right now",
+}
+
+
 class Unavailable(StoreError):
-    """A storage fault the caller cannot fix but may retry: `reason` is a short slug, `retry_after` seconds."""
+    """A storage fault the caller cannot fix but may retry: `reason` is a short slug, `retry_after` seconds.
+
+    The message may hold the driver's text (host, port, database name): it is for the
+    server log; callers get `public_message`.
+    """
 
     def __init__(self, message: str, reason: str, retry_after: int) -> None:
         super().__init__(message)
         self.reason = reason
         self.retry_after = retry_after
+
+    @property
+    def public_message(self) -> str:
+        """What any caller may read: the kind of fault and when to retry, nothing of the database's identity."""
+        what = PUBLIC_FAULTS.get(self.reason, PUBLIC_FAULTS["storage_error"])
+        return f"{what}: retry after {self.retry_after} s"
 
 
 class StorageFull(Unavailable):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import secrets
 import time
@@ -84,6 +85,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+log = logging.getLogger(__name__)
 IN_CHUNK = 500  # values per IN (...) list: far below SQLite's 32,766 and PostgreSQL's 65,535 bind parameters
 OPEN_SEVERITIES = ("warning", "critical")
 HISTORY_KINDS = ("rewind", "fork")  # events about the run's history, not flags: kept by a rewind, not copied by a fork
@@ -351,7 +353,8 @@ class SqlStore(Store):
                 with conn.begin():
                     yield conn
         except IntegrityError as exc:
-            raise Conflict(f"the write conflicts with stored data: {exc.orig}") from exc
+            log.warning("integrity error: %s", exc.orig)
+            raise Conflict("the write conflicts with stored data (an id or key already taken)") from exc
         except DBAPIError as exc:
             fault = storage_fault(exc)
             if fault is None:
@@ -413,7 +416,7 @@ class SqlStore(Store):
     def _fetch_run(self, conn: Connection, run_id: str) -> Run:
         row = conn.execute(self._run_by_id, {"rid": run_id}).first()
         if row is None:
-            raise NotFound(f"run_id {run_id!r} does not exist: create it with POST /api/v1/runs")
+            raise NotFound.run(run_id)
         return self._to_run(row)
 
     def create_run(self, run: RunCreate) -> Run:
@@ -456,7 +459,7 @@ class SqlStore(Store):
                 .returning(RunRow.run_id)
             ).first()
             if done is None:
-                raise NotFound(f"run_id {run_id!r} does not exist")
+                raise NotFound.run(run_id)
             return self._fetch_run(conn, run_id)
 
     def merge_config(self, run_id: str, values: Mapping[str, Any]) -> Run:
@@ -541,7 +544,7 @@ class SqlStore(Store):
         """
         row = conn.execute(self._lock, {"rid": run_id}).first()
         if row is None:
-            raise NotFound(f"run_id {run_id!r} does not exist: create it with POST /api/v1/runs")
+            raise NotFound.run(run_id)
         return row[0]
 
     def _bulk_insert(self, conn: Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
@@ -733,7 +736,7 @@ class SqlStore(Store):
 
     def _require_run(self, conn: Connection, run_id: str) -> None:
         if conn.execute(self._run_exists, {"rid": run_id}).first() is None:
-            raise NotFound(f"run_id {run_id!r} does not exist")
+            raise NotFound.run(run_id)
 
     def list_keys(self, run_id: str) -> Keys:
         with self._tx() as conn:
