@@ -17,8 +17,8 @@ import httpx
 
 __all__ = ["ApiClient", "ApiError", "NotAvailable", "key_chunks", "parallel"]
 
-# One scalars request carries at most this many keys (the API takes 1,000) and this many
-# characters of them (a long query string is refused before the API sees it).
+# One scalars request carries at most this many keys (the API takes 1,000 by default) and this
+# many characters of them (a long query string is refused before the API sees it).
 MAX_KEYS_PER_REQUEST = 500
 MAX_KEY_CHARS_PER_REQUEST = 6_000
 
@@ -30,11 +30,11 @@ def key_chunks(
     chunks: list[list[str]] = [[]]
     chars = 0
     for key in keys:
-        if chunks[-1] and (len(chunks[-1]) >= max_keys or chars + len(key) + 1 > max_chars):
+        if chunks[-1] and (len(chunks[-1]) >= max_keys or chars + len(key) + len("&key=") > max_chars):
             chunks.append([])
             chars = 0
         chunks[-1].append(key)
-        chars += len(key) + 1
+        chars += len(key) + len("&key=")
     return chunks
 
 
@@ -160,7 +160,8 @@ class ApiClient:
             return {"run_id": run_id, "downsampled": False, "series": {}}
 
         def read(chunk: list[str]) -> dict[str, Any]:
-            params = {"keys": ",".join(chunk), "start": start, "end": end, "max_points": max_points}
+            # One `key=` per key: a key may hold a comma, which `keys=a,b` would split.
+            params = {"key": chunk, "start": start, "end": end, "max_points": max_points}
             return self._request("GET", f"/api/v1/runs/{run_id}/scalars", params=params)
 
         chunks = key_chunks(key_list)

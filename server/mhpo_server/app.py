@@ -30,6 +30,7 @@ from mhpo_server.store import (
     Conflict,
     Invalid,
     NotFound,
+    OverLimit,
     StorageFull,
     Store,
     Unavailable,
@@ -195,6 +196,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Invalid)
     async def _invalid(_request: Request, exc: Invalid) -> NaNJSONResponse:
         return _error(422, [{"loc": ["body", *exc.loc], "msg": exc.message, "type": "value_error"}])
+
+    @app.exception_handler(OverLimit)
+    async def _over_limit(_request: Request, exc: OverLimit) -> NaNJSONResponse:
+        return _error(422, [{"loc": list(exc.loc), "msg": exc.message, "type": "value_error"}])
 
     @app.exception_handler(DataError)
     async def _data(_request: Request, exc: DataError) -> NaNJSONResponse:

@@ -7,9 +7,11 @@ Infinity / -Infinity, as Python's json module reads and writes them.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -118,6 +120,39 @@ def clean_config(value: Any, path: tuple[str | int, ...] = ()) -> Any:
             out[key] = REDACTED if secret else clean_config(item, (*path, key))
         return out
     return value
+
+
+def _largest_string(value: Any, path: tuple[str | int, ...] = ()) -> tuple[int, tuple[str | int, ...]]:
+    """(UTF-8 bytes, path) of the longest string in a config, keys included."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass")), path
+    best: tuple[int, tuple[str | int, ...]] = (0, path)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str):
+            best = max(best, (len(key.encode("utf-8", "surrogatepass")), (*path, key)), key=lambda b: b[0])
+        best = max(best, _largest_string(item, (*path, key)), key=lambda b: b[0])
+    return best
+
+
+def config_too_large(config: Any, max_value_bytes: int, max_bytes: int | None = None) -> str | None:
+    """Why `config` is over the config limits (a string over MHPO_MAX_CONFIG_VALUE_BYTES, the whole over
+    MHPO_MAX_CONFIG_BYTES), or None: every run listing carries each run's config, so its size is bounded."""
+    size, path = _largest_string(config)
+    if size > max_value_bytes:
+        where = "config" + "".join(f"[{str(p)[:40]!a}]" for p in path)
+        return (
+            f"{where} has {size} bytes, more than the limit of {max_value_bytes} per value "
+            "(MHPO_MAX_CONFIG_VALUE_BYTES): log large values as artifacts or files, not in the config"
+        )
+    if max_bytes is not None:
+        total = len(json.dumps(config, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogatepass"))
+        if total > max_bytes:
+            return (
+                f"the config has {total} bytes of JSON, more than the limit of {max_bytes} per run "
+                "(MHPO_MAX_CONFIG_BYTES): keep only the settings worth comparing runs by"
+            )
+    return None
 
 
 Text = Annotated[str, AfterValidator(_storable)]
@@ -452,19 +487,18 @@ class TokenInfo(BaseModel):
     scope: Scope
 
 
-MAX_QUERY_KEYS = 1_000
+def parse_keys(raw: str | None, exact: Sequence[str] = (), limit: int = 1_000) -> list[str]:
+    """`keys=a,b` -> ["a", "b"], then each `key=` value as it is (a key may hold a comma); order kept,
+    duplicates removed, empty entries of `keys=` dropped.
 
-
-def parse_keys(raw: str | None) -> list[str]:
-    """`keys=a,b` -> ["a", "b"] (empty entries dropped, order kept, duplicates removed).
-
-    Raises ValueError for more than MAX_QUERY_KEYS keys or a key that no record could carry.
+    Raises ValueError for more than `limit` keys (MHPO_MAX_KEYS_PER_READ) or a key that no record could carry.
     """
-    if not raw:
-        return []
-    keys = list(dict.fromkeys(k for k in (part.strip() for part in raw.split(",")) if k))
-    if len(keys) > MAX_QUERY_KEYS:
-        raise ValueError(f"{len(keys)} keys exceed the limit of {MAX_QUERY_KEYS} per request; ask in several requests")
+    split = (k for k in (part.strip() for part in (raw or "").split(",")) if k)
+    keys = list(dict.fromkeys([*split, *exact]))
+    if len(keys) > limit:
+        raise ValueError(
+            f"{len(keys)} keys exceed the limit of {limit} per read (MHPO_MAX_KEYS_PER_READ): ask in several requests"
+        )
     for key in keys:
         reason = invalid_key(key)
         if reason is not None:

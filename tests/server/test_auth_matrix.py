@@ -133,6 +133,10 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Request]] = {
         WRITE,
         lambda w: ("POST", f"{MLFLOW}/runs/update", {"json": {"run_id": w.run_id, "status": "RUNNING"}}),
     ),
+    ("POST", f"{MLFLOW}/runs/search"): (
+        READ,
+        lambda w: ("POST", f"{MLFLOW}/runs/search", {"json": {"experiment_ids": ["A"]}}),
+    ),
     ("GET", f"{MLFLOW}/runs/get"): (READ, lambda w: ("GET", f"{MLFLOW}/runs/get", {"params": {"run_id": w.run_id}})),
     ("POST", f"{MLFLOW}/runs/log-batch"): (
         WRITE,
@@ -174,7 +178,8 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Request]] = {
 
 def by_id(path: str) -> bool:
     """The operation names one of project A's resources by its id (a run, rule or alert), not by its project."""
-    mlflow_run = path.startswith(MLFLOW) and not path.startswith((f"{MLFLOW}/experiments", f"{MLFLOW}/runs/create"))
+    by_project = (f"{MLFLOW}/experiments", f"{MLFLOW}/runs/create", f"{MLFLOW}/runs/search")
+    mlflow_run = path.startswith(MLFLOW) and not path.startswith(by_project)
     return mlflow_run or any(part in path for part in ("{run_id}", "{rule_id}", "{alert_id}"))
 
 
