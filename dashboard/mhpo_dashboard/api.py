@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ApiClient", "ApiError", "NotAvailable", "key_chunks", "parallel"]
+__all__ = ["ApiClient", "ApiError", "NotAvailable", "key_chunks", "numbers", "parallel"]
 
 # One scalars request carries at most this many keys (the API takes 1,000 by default) and this
 # many characters of them (a long query string is refused before the API sees it).
@@ -36,6 +36,19 @@ def key_chunks(
         chunks[-1].append(key)
         chars += len(key) + len("&key=")
     return chunks
+
+
+def numbers(values: list[Any]) -> list[Any]:
+    """Numbers of an answer as floats: the API writes NaN and +-Infinity as the strings "NaN",
+    "Infinity", "-Infinity" (strict JSON), which `float` reads back."""
+    return [float(v) if isinstance(v, str) else v for v in values]
+
+
+def _series_numbers(answer: dict[str, Any]) -> dict[str, Any]:
+    for series in answer.get("series", {}).values():
+        for field in ("value", "min", "max"):
+            series[field] = numbers(series[field])
+    return answer
 
 
 def parallel(*calls: Callable[[], Any]) -> list[Any]:
@@ -162,7 +175,7 @@ class ApiClient:
         def read(chunk: list[str]) -> dict[str, Any]:
             # One `key=` per key: a key may hold a comma, which `keys=a,b` would split.
             params = {"key": chunk, "start": start, "end": end, "max_points": max_points}
-            return self._request("GET", f"/api/v1/runs/{run_id}/scalars", params=params)
+            return _series_numbers(self._request("GET", f"/api/v1/runs/{run_id}/scalars", params=params))
 
         chunks = key_chunks(key_list)
         if len(chunks) == 1:
@@ -178,10 +191,18 @@ class ApiClient:
         self, run_id: str, key: str, start: int | None = None, end: int | None = None, max_steps: int | None = None
     ) -> dict[str, Any]:
         params = {"start": start, "end": end, "max_steps": max_steps}
-        return self._request("GET", f"/api/v1/runs/{run_id}/histograms/{key}", params=params)
+        answer = self._request("GET", f"/api/v1/runs/{run_id}/histograms/{key}", params=params)
+        for field in ("min", "max", "sum", "sumsq"):
+            answer[field] = numbers(answer[field])
+        return answer
 
     def outliers(self, run_id: str, step: int) -> dict[str, Any]:
-        return self._request("GET", f"/api/v1/runs/{run_id}/outliers", params={"step": step})
+        answer = self._request("GET", f"/api/v1/runs/{run_id}/outliers", params={"step": step})
+        for outlier in answer["outliers"]:
+            for field in ("x", "A", "zeta"):
+                if isinstance(outlier.get(field), str):
+                    outlier[field] = float(outlier[field])
+        return answer
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
         return self._request("GET", f"/api/v1/runs/{run_id}/events")["events"]

@@ -1,8 +1,10 @@
 """Pydantic v2 models at the edge of the API (contracts C1 and C7 in docs/contracts.md).
 
 The store returns these too (never ORM rows). Timestamps are unix seconds (float), the
-same unit as a record's `time`. Non-finite floats travel as the JSON tokens NaN /
-Infinity / -Infinity, as Python's json module reads and writes them.
+same unit as a record's `time`. Non-finite floats are read as the strings "NaN",
+"Infinity", "-Infinity" (protobuf's JSON, as MLflow and clients in other languages send
+them) or as the bare tokens Python's json module writes; answers carry the strings
+(`responses.NaNJSONResponse`), so every answer is strict JSON.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     ValidatorFunctionWrapHandler,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -165,6 +168,11 @@ Integral = BeforeValidator(
 Step = Annotated[int, Field(ge=0, le=MAX_STEP), Integral]
 Count = Annotated[int, Field(ge=0, le=2**62), Integral]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+NON_FINITE = ("NaN", "Infinity", "-Infinity")  # protobuf JSON's (MLflow's, other languages') spelling
+# A float of a record that may also be written "NaN", "Infinity" or "-Infinity" (JSON has no token
+# for them; the bare tokens Python writes are read too). Validation stays one strict pass in Rust:
+# `RecordsIn` turns these strings into floats only when a batch holds some (see `_non_finite_strings`).
+Number = Annotated[float, WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string", "enum": list(NON_FINITE)}]})]
 RunStatus = Literal["running", "finished", "failed", "crashed"]
 Severity = Literal["info", "warning", "critical"]
 Scope = Literal["write", "read"]
@@ -192,10 +200,10 @@ class HistogramIn(InputModel):
     counts: Annotated[list[Count], Field(min_length=1, max_length=MAX_BINS)]
     underflow: Count = 0
     overflow: Count = 0
-    min: float = math.nan
-    max: float = math.nan
-    sum: float = 0.0
-    sumsq: float = 0.0
+    min: Number = math.nan
+    max: Number = math.nan
+    sum: Number = 0.0
+    sumsq: Number = 0.0
 
     @model_validator(mode="after")
     def _bounds(self) -> HistogramIn:
@@ -209,9 +217,9 @@ class OutlierIn(InputModel):
     position: Annotated[int, Field(ge=0, le=2**31), Integral]
     token_id: Annotated[int, Field(ge=0, le=2**31), Integral] | None = None
     text: Annotated[Text, Field(max_length=1000)] = ""
-    x: float
-    A: float
-    zeta: float | None = None
+    x: Number
+    A: Number
+    zeta: Number | None = None
 
 
 ItemField = Literal["scalars", "histograms", "outliers"]
@@ -245,6 +253,34 @@ def _spelled(key: str) -> str:
     return key.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
+def _non_finite_strings(data: Any, errors: list[Any]) -> Any:
+    """`data` with each "NaN" / "Infinity" / "-Infinity" string a float error points at replaced by
+    the float, or None when no error is one of those (the batch is then judged as it is)."""
+    spots = [
+        tuple(e["loc"])
+        for e in errors
+        if e["type"] == "float_type" and e.get("input") in NON_FINITE and e["loc"][:1] == ("records",)
+    ]
+    if not spots:
+        return None
+    if isinstance(data, str | bytes):  # model_validate_json: the strings are in the JSON text
+        data = json.loads(data)
+    if not isinstance(data, dict):
+        return None
+    records = list(data["records"])
+    for loc in spots:
+        node = records[loc[1]] = _copied(records[loc[1]])
+        for part in loc[2:-1]:
+            node[part] = _copied(node[part])
+            node = node[part]
+        node[loc[-1]] = float(node[loc[-1]])
+    return {**data, "records": records}
+
+
+def _copied(node: Any) -> Any:
+    return list(node) if isinstance(node, list) else dict(node)
+
+
 # pydantic states the key pattern as `patternProperties`, which alone lets other keys through in JSON Schema.
 KEYS_ONLY: dict[str, Any] = {"additionalProperties": False}
 
@@ -252,7 +288,7 @@ KEYS_ONLY: dict[str, Any] = {"additionalProperties": False}
 class RecordIn(InputModel):
     step: Step
     time: Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)] | None = None
-    scalars: Annotated[dict[Key, float], Field(max_length=MAX_KEYS_PER_RECORD, json_schema_extra=KEYS_ONLY)] = {}
+    scalars: Annotated[dict[Key, Number], Field(max_length=MAX_KEYS_PER_RECORD, json_schema_extra=KEYS_ONLY)] = {}
     histograms: Annotated[dict[Key, HistogramIn], Field(max_length=1_000, json_schema_extra=KEYS_ONLY)] = {}
     outliers: Annotated[list[OutlierIn], Field(max_length=MAX_OUTLIERS_PER_RECORD)] = []
 
@@ -285,6 +321,9 @@ class RecordsIn(InputModel):
             return handler(data)
         except ValidationError as exc:
             errors = exc.errors()
+            spelled = _non_finite_strings(data, errors)
+            if spelled is not None:
+                return cls._refuse_bad_items(spelled, handler)
             items = [_item_of(tuple(e["loc"])) for e in errors]
             if any(item is None for item in items) or not isinstance(data, dict):
                 raise
