@@ -17,6 +17,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DataError, DBAPIError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mhpo import __version__
 from mhpo_server.config import Settings, data_dir
 from mhpo_server.flags.service import install as install_flags
 from mhpo_server.health import ListenerHealth
@@ -37,10 +41,6 @@ from mhpo_server.store import (
     open_store,
     storage_fault,
 )
-from sqlalchemy.exc import DataError, DBAPIError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from mhpo import __version__
 
 log = logging.getLogger(__name__)
 IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
@@ -84,8 +84,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.store = store
     app.state.metrics = metrics
     app.state.listener_health = ListenerHealth(metrics)
-    app.state.ingest_listeners: list[IngestListener] = []
-    app.state.event_sources: list[EventSource] = []
+    ingest_listeners: list[IngestListener] = []
+    event_sources: list[EventSource] = []
+    app.state.ingest_listeners, app.state.event_sources = ingest_listeners, event_sources
     for module in (health, auth, projects, runs, records, series, events, mlflow):
         app.include_router(module.router)
     install_flags(app)

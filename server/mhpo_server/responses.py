@@ -16,10 +16,10 @@ import json
 import re
 from typing import Any
 
-from mhpo_server.schemas import SURROGATE_RE
 from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
+from mhpo_server.schemas import SURROGATE_RE
 
 # A string literal (kept as it is) or a bare non-finite token (quoted): one pass, strings skipped.
 BARE_NON_FINITE = re.compile(r'("(?:[^"\\]|\\.)*")|(-?Infinity|NaN)')

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+
 from mhpo_dashboard.api import ApiClient
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
-
 from tests.fixtures.server import LiveServer
 from tests.server.conftest import new_run, post_json
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.store import open_store

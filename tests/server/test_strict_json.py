@@ -9,8 +9,8 @@ import math
 from typing import Any
 
 from fastapi.testclient import TestClient
-from mhpo_dashboard.api import ApiClient
 
+from mhpo_dashboard.api import ApiClient
 from tests.server.conftest import new_run, post_json
 
 

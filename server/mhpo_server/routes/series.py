@@ -6,6 +6,8 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
 from mhpo_server.deps import MetricsDep, ReadAccess, SettingsDep, StoreDep
 from mhpo_server.responses import NaNJSONResponse, respond
 from mhpo_server.routes.runs import authorized_run
@@ -19,7 +21,6 @@ from mhpo_server.schemas import (
     Series,
     parse_keys,
 )
-from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(prefix="/api/v1/runs", tags=["series"])
 
