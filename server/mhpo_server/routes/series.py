@@ -85,10 +85,7 @@ async def get_scalars(
     ] = None,
     key: Annotated[
         list[str] | None,
-        Query(
-            max_length=1_000,
-            description="one key per `key=`, taken as it is (a key may hold a comma); repeat it for several",
-        ),
+        Query(description="one key per `key=`, taken as it is (a key may hold a comma); repeat it for several"),
     ] = None,
     start: StepQuery = None,
     end: StepQuery = None,
