@@ -323,8 +323,11 @@ class RecordsIn(InputModel):
         except ValidationError as exc:
             errors = exc.errors()
             spelled = _non_finite_strings(data, errors)
-            if spelled is not None:
-                return cls._refuse_bad_items(spelled, handler)
+            if spelled is not None:  # "NaN" / "Infinity" strings: validate again with them as floats
+                try:
+                    return handler(spelled)
+                except ValidationError as again:
+                    data, errors = spelled, again.errors()
             items = [_item_of(tuple(e["loc"])) for e in errors]
             if any(item is None for item in items) or not isinstance(data, dict):
                 raise
