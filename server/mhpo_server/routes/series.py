@@ -6,6 +6,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from pydantic import StringConstraints
 from starlette.concurrency import run_in_threadpool
 
 from mhpo_server.deps import MetricsDep, ReadAccess, SettingsDep, StoreDep
@@ -84,7 +85,7 @@ async def get_scalars(
         ),
     ] = None,
     key: Annotated[
-        list[str] | None,
+        list[Annotated[str, StringConstraints(min_length=1, max_length=250, pattern=KEY_PATTERN)]] | None,
         Query(description="one key per `key=`, taken as it is (a key may hold a comma); repeat it for several"),
     ] = None,
     start: StepQuery = None,
