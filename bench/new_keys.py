@@ -3,6 +3,8 @@
 A run gets one batch of `--keys` new keys at one step (as one large MLflow or v1 batch makes
 them), after a few steps of the keys the detectors read; the listener is timed on that
 batch alone, in process, on a fresh SQLite file (or `--db`), and the cost per new key printed.
+Then a scalars read of that run without `keys=` is timed: with more keys than
+MHPO_MAX_KEYS_PER_READ it is refused (422) after reading at most that many key names.
 
     python bench/new_keys.py                  # 20,000 new keys
     python bench/new_keys.py --keys 100000 --db postgresql+psycopg://postgres@127.0.0.1/bench
@@ -14,6 +16,8 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+
+from fastapi.testclient import TestClient
 
 import mhpo_migrations
 from mhpo_server.app import create_app
@@ -44,7 +48,11 @@ def main() -> None:
         monitor(store, run.run_id, new)
         seconds = time.perf_counter() - start
         print(f"{args.keys} new keys: listener {seconds:.3f} s, {seconds / args.keys * 1e3:.4f} ms per key")
-        store.close()
+        with TestClient(app) as client:
+            start = time.perf_counter()
+            answer = client.get(f"/api/v1/runs/{run.run_id}/scalars")
+            seconds = time.perf_counter() - start
+        print(f"scalars read without keys= on {args.keys + 2} keys: HTTP {answer.status_code} in {seconds:.3f} s")
 
 
 if __name__ == "__main__":
