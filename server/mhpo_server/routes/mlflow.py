@@ -40,12 +40,14 @@ from pydantic import (
     model_validator,
 )
 from sqlalchemy.exc import DataError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo.integrations.names import product_scalars
 from mhpo_server.config import Settings
-from mhpo_server.deps import Principal, ReadAccess, SettingsDep, StoreDep, WriteAccess, visible_run
+from mhpo_server.deps import MetricsDep, Principal, ReadAccess, SettingsDep, StoreDep, WriteAccess, visible_run
 from mhpo_server.routes.records import RUN_LOCKS
+from mhpo_server.routes.series import CLIENT_GONE, client_gone
 from mhpo_server.schemas import (
     MAX_STEP,
     Key,
@@ -518,10 +520,18 @@ def _run_filter(text: str) -> Callable[[dict[str, Any]], bool]:
     return lambda info: all((str(info.get(n)) == v) == (op == "=") for n, op, v in terms)
 
 
-@router.post("/runs/search")
-def search_runs(body: SearchRuns, store: StoreDep, settings: SettingsDep, principal: ReadAccess) -> dict[str, Any]:
+@router.post("/runs/search", response_model=None)
+async def search_runs(
+    body: SearchRuns,
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    principal: ReadAccess,
+) -> dict[str, Any] | Response:
     """Runs of the experiments, newest first (or `order_by: ["attributes.start_time ASC"]`), each with its
-    latest metrics; at most MHPO_MAX_SEARCH_RUNS a page, `next_page_token` continues."""
+    latest metrics; at most MHPO_MAX_SEARCH_RUNS a page, `next_page_token` continues. The latest metrics
+    are read run by run, and a client that goes away stops the read."""
     projects = [project_of(e) for e in body.experiment_ids]
     for project in projects:
         principal.check_project(project)
@@ -534,14 +544,18 @@ def search_runs(body: SearchRuns, store: StoreDep, settings: SettingsDep, princi
             )
         descending = (found.group(1) or "DESC").upper() == "DESC"
     keep = _run_filter(body.filter)
-    runs = [run_json(r) for project in dict.fromkeys(projects) for r in store.list_runs(project)]
-    runs = [r for r in runs if keep(r["info"])]
+    listed = await run_in_threadpool(
+        lambda: [r for project in dict.fromkeys(projects) for r in store.list_runs(project)]
+    )
+    runs = [r for r in map(run_json, listed) if keep(r["info"])]
     runs.sort(key=lambda r: (r["info"]["start_time"], r["info"]["run_id"]), reverse=descending)
     size = min(body.max_results, settings.max_search_runs)
     offset = _offset(body.page_token, "offset")
     page = runs[offset : offset + size]
     for r in page:
-        r["data"]["metrics"] = latest_metrics(store, settings, r["info"]["run_id"])
+        if await client_gone(request, metrics):
+            return Response(status_code=CLIENT_GONE)
+        r["data"]["metrics"] = await run_in_threadpool(latest_metrics, store, settings, r["info"]["run_id"])
     out: dict[str, Any] = {"runs": page}
     if offset + size < len(runs):
         out["next_page_token"] = _token("offset", offset + size)

@@ -10,6 +10,7 @@ from pydantic import StringConstraints
 from starlette.concurrency import run_in_threadpool
 
 from mhpo_server.deps import MetricsDep, ReadAccess, SettingsDep, StoreDep
+from mhpo_server.metrics import ServiceMetrics
 from mhpo_server.responses import NaNJSONResponse, respond
 from mhpo_server.routes.runs import authorized_run
 from mhpo_server.schemas import (
@@ -28,6 +29,14 @@ router = APIRouter(prefix="/api/v1/runs", tags=["series"])
 StepQuery = Annotated[int | None, Query(ge=0, le=MAX_STEP)]
 KEYS_PER_CHUNK = 50  # keys read per store call; whether the client is still there is checked between calls
 CLIENT_GONE = 499  # nobody reads it: the status logged for a read abandoned because its client left
+
+
+async def client_gone(request: Request, metrics: ServiceMetrics) -> bool:
+    """Whether the client of a long read has gone away (then counted): checked between its steps."""
+    if await request.is_disconnected():
+        metrics.reads_abandoned.inc()
+        return True
+    return False
 
 
 def limit_error(loc: list[str], msg: str) -> HTTPException:
@@ -125,8 +134,7 @@ async def get_scalars(
     series: dict[str, Series] = {}
     downsampled = False
     for i in range(0, len(key_list), KEYS_PER_CHUNK):
-        if await request.is_disconnected():
-            metrics.reads_abandoned.inc()
+        if await client_gone(request, metrics):
             return Response(status_code=CLIENT_GONE)
         part = await run_in_threadpool(
             store.get_scalars, str(run_id), key_list[i : i + KEYS_PER_CHUNK], start, end, max_points
