@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mhpo.losses._registry import HParams, TokenInputs, register_loss, require
-from mhpo.losses.grpo import check_eps, log_bounds, ppo_clip, ppo_multiplier
+from mhpo.losses._registry import HParams, TokenInputs, register_loss
+from mhpo.losses.grpo import ppo_clip, ppo_multiplier
 
 
 def _multiplier(x: Tensor, adv: Tensor, hp: HParams) -> Tensor:
@@ -20,19 +20,7 @@ def _multiplier(x: Tensor, adv: Tensor, hp: HParams) -> Tensor:
     return torch.where((adv < 0) & (torch.exp(x) > float(hp["clip_c"])), 0.0, mult)
 
 
-def _check(hp: HParams) -> None:
-    check_eps("dual_clip", hp, "eps", "eps")
-    require(hp["clip_c"] > 1 + hp["eps"], "dual_clip", "clip_c", hp["clip_c"], "> 1 + eps")
-
-
-@register_loss(
-    "dual_clip",
-    defaults={"eps": 0.2, "clip_c": 3.0},
-    agg="token-mean",
-    multiplier=_multiplier,
-    clip_bounds=lambda hp: log_bounds(hp["eps"], hp["eps"]),
-    check=_check,
-)
+@register_loss("dual_clip", multiplier=_multiplier)
 def dual_clip_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
     """Dual-clip per-token loss: L = -min(r*A, clip(r, 1-eps, 1+eps)*A), and for A < 0
     min(L, -A * clip_c). eps=0.2, clip_c=3, token-mean (verl's default aggregation).
