@@ -19,8 +19,6 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 if TYPE_CHECKING:
     from mhpo.trainer import TrainerConfig
 
@@ -67,6 +65,8 @@ def demo_configs(steps: int, seed: int, task: str, project: str, server: str, pr
 
 def wait_healthy(health_url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     """Block until `health_url` answers 200; raise RuntimeError if `proc` exits first or `timeout` passes."""
+    import httpx  # here, not at the top: `mhpo demo --help` stays quick
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
