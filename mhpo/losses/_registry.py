@@ -2,8 +2,9 @@
 
 Every loss is written as a per-token function of already-checked, float32 (or float64),
 masked-and-sanitised tensors; `PolicyLoss` wraps it with the public signature
-(`loss(logp, old_logp, advantages, mask, agg=..., **hparams)`), the checks, the aggregation and the `LossOutput` packing, so each loss module
-holds only its formula. Nothing here reads a tensor value on the host: a loss call never
+(`loss(logp, old_logp, advantages, mask, agg=..., **hparams)`), the checks, the aggregation and
+the `LossOutput` packing, so each loss module holds only its formula and multiplier; the
+hyper-parameters, their rules and the clip bounds are declared in `mhpo.loss_specs` (torch-free). Nothing here reads a tensor value on the host: a loss call never
 synchronises with the device.
 """
 
