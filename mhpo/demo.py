@@ -116,7 +116,7 @@ def main(command: str = "demo", argv: Sequence[str] | None = None) -> int:
         configs = demo_configs(args.steps, args.seed, args.task, args.project, url, args.progress)
         phases = len(configs) + 1
         say(f"[1/{phases}] preparing the tiny model (built and warmed up on first use, then cached) ...")
-        from mhpo.trainer import Trainer
+        from mhpo.trainer.trainer import Trainer
 
         trainer = Trainer(configs[0])
         say(f"[1/{phases}] tiny model ready in {time.monotonic() - started:.0f} s")

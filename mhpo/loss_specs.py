@@ -92,7 +92,7 @@ def _check_dual_clip(hp: HParams) -> None:
 
 
 def _check_cispo(hp: HParams) -> None:
-    require(hp["eps_high"] is not None and hp["eps_high"] > 0, "cispo", "eps_high", hp["eps_high"], "> 0")  # type: ignore[operator]
+    require(hp["eps_high"] is not None and hp["eps_high"] > 0, "cispo", "eps_high", hp["eps_high"], "> 0")
     if hp["eps_low"] is not None:
         require(0 < hp["eps_low"] < 1, "cispo", "eps_low", hp["eps_low"], "in (0, 1) or None")
 
