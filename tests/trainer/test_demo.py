@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.fixtures.server import REPO_ROOT, LiveServer, free_port
 
@@ -58,3 +59,20 @@ def test_demo_runs_both_losses_and_exits(tmp_path: Path) -> None:
         runs = httpx.get(f"{server.url}/api/v1/runs", params={"project": "demo"}).json()["runs"]
     assert sorted((r["loss"], r["status"]) for r in runs) == [("grpo", "finished"), ("mhpo", "finished")]
     assert len({r["last_step"] for r in runs}) == 1
+
+
+@pytest.mark.postgres
+def test_demo_on_an_unmigrated_postgres_database_refuses_with_the_fix(pg_url: str) -> None:
+    """PostgreSQL is never migrated behind the user's back, by the demo neither."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mhpo", "demo", "--no-serve", "--port", str(free_port()), "--db", pg_url],
+        check=False,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "mhpo db upgrade --db postgresql" in proc.stderr
+    assert "the server exited with code 2" in proc.stdout and "[1/3]" not in proc.stdout
