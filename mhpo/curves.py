@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from mhpo.loss_specs import HParams, get_spec
+from mhpo.loss_specs import HParams, get_spec, num
 
 __all__ = ["MULTIPLIERS", "clip_bounds", "multiplier"]
 
@@ -31,12 +31,12 @@ def _softplus(t: np.ndarray) -> np.ndarray:
 
 def _mhpo(x: np.ndarray, positive: bool, hp: HParams) -> np.ndarray:
     """exp(psi - zeta) * sech^2(x / c), the same for both advantage signs."""
-    c = float(hp["c"])  # type: ignore[arg-type]
+    c = num(hp, "c")
     u = x / c
     psi = c * np.tanh(u)
     sp = _softplus(psi)
-    zeta_pos = (sp / float(hp["lambda_pos"])) ** float(hp["k_pos"])  # type: ignore[arg-type]
-    zeta_neg = ((sp - psi) / float(hp["lambda_neg"])) ** float(hp["k_neg"])  # type: ignore[arg-type]
+    zeta_pos = (sp / num(hp, "lambda_pos")) ** num(hp, "k_pos")
+    zeta_neg = ((sp - psi) / num(hp, "lambda_neg")) ** num(hp, "k_neg")
     return np.exp(psi - zeta_pos - zeta_neg) / np.cosh(u) ** 2
 
 
@@ -48,8 +48,8 @@ def _ppo(x: np.ndarray, positive: bool, eps_low: float, eps_high: float) -> np.n
 
 
 def _dual_clip(x: np.ndarray, positive: bool, hp: HParams) -> np.ndarray:
-    mult = _ppo(x, positive, float(hp["eps"]), float(hp["eps"]))  # type: ignore[arg-type]
-    return mult if positive else np.where(np.exp(x) > float(hp["clip_c"]), 0.0, mult)  # type: ignore[arg-type]
+    mult = _ppo(x, positive, num(hp, "eps"), num(hp, "eps"))
+    return mult if positive else np.where(np.exp(x) > num(hp, "clip_c"), 0.0, mult)
 
 
 def _log_sigmoid(z: np.ndarray) -> np.ndarray:
@@ -58,23 +58,23 @@ def _log_sigmoid(z: np.ndarray) -> np.ndarray:
 
 def _sapo(x: np.ndarray, positive: bool, hp: HParams) -> np.ndarray:
     """4 * sigmoid(z) * sigmoid(-z) * r with z = tau * (r - 1), and its limit 0 at x = +inf."""
-    z = float(hp["tau_pos" if positive else "tau_neg"]) * np.expm1(x)  # type: ignore[arg-type]
+    z = num(hp, "tau_pos" if positive else "tau_neg") * np.expm1(x)
     mult = 4.0 * np.exp(_log_sigmoid(z) + _log_sigmoid(-z) + x)
     return np.where(np.isposinf(x), 0.0, mult)
 
 
 def _cispo(x: np.ndarray, positive: bool, hp: HParams) -> np.ndarray:
     """The truncated IS weight clip(r, 1 - eps_low, 1 + eps_high): every token keeps a gradient."""
-    weight = np.minimum(np.exp(x), 1.0 + float(hp["eps_high"]))  # type: ignore[arg-type]
-    return weight if hp["eps_low"] is None else np.maximum(weight, 1.0 - float(hp["eps_low"]))
+    weight = np.minimum(np.exp(x), 1.0 + num(hp, "eps_high"))
+    return weight if hp["eps_low"] is None else np.maximum(weight, 1.0 - num(hp, "eps_low"))
 
 
 MULTIPLIERS: dict[str, CurveFn] = {
     "mhpo": _mhpo,
-    "grpo": lambda x, pos, hp: _ppo(x, pos, float(hp["eps"]), float(hp["eps"])),  # type: ignore[arg-type]
-    "dapo": lambda x, pos, hp: _ppo(x, pos, float(hp["eps_low"]), float(hp["eps_high"])),  # type: ignore[arg-type]
+    "grpo": lambda x, pos, hp: _ppo(x, pos, num(hp, "eps"), num(hp, "eps")),
+    "dapo": lambda x, pos, hp: _ppo(x, pos, num(hp, "eps_low"), num(hp, "eps_high")),
     "dual_clip": _dual_clip,
-    "gspo": lambda x, pos, hp: _ppo(x, pos, float(hp["eps_low"]), float(hp["eps_high"])),  # type: ignore[arg-type]
+    "gspo": lambda x, pos, hp: _ppo(x, pos, num(hp, "eps_low"), num(hp, "eps_high")),
     "sapo": _sapo,
     "cispo": _cispo,
 }

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["AGGREGATIONS", "SPECS", "HParams", "LossSpec", "get_spec", "require"]
+__all__ = ["AGGREGATIONS", "SPECS", "HParams", "LossSpec", "get_spec", "num", "require"]
 
 HParams = Mapping[str, float | None]
 ClipBounds = Callable[[HParams], tuple[float, float] | None]
@@ -27,6 +27,14 @@ def require(condition: bool, loss: str, key: str, value: object, rule: str) -> N
     """Raise ValueError `loss: key=value must ...` when a hyper-parameter breaks its rule."""
     if not condition:
         raise ValueError(f"{loss}: hyper-parameter {key}={value!r} must be {rule}")
+
+
+def num(hp: HParams, key: str) -> float:
+    """Hyper-parameter `key` as a float: for the ones whose check already refused None."""
+    value = hp[key]
+    if value is None:
+        raise ValueError(f"hyper-parameter {key}=None must be a number; pass {key}=<float>")
+    return float(value)
 
 
 def _no_clip(hp: HParams) -> None:
@@ -69,8 +77,9 @@ class LossSpec:
 
 
 def check_eps(loss: str, hp: HParams, low: str, high: str) -> None:
-    require(hp[low] is not None and 0 < hp[low] < 1, loss, low, hp[low], "in (0, 1)")  # type: ignore[operator]
-    require(hp[high] is not None and hp[high] > 0, loss, high, hp[high], "> 0")  # type: ignore[operator]
+    lo, hi = hp[low], hp[high]
+    require(lo is not None and 0 < lo < 1, loss, low, lo, "in (0, 1)")
+    require(hi is not None and hi > 0, loss, high, hi, "> 0")
 
 
 def log_bounds(eps_low: float, eps_high: float) -> tuple[float, float]:
@@ -81,29 +90,33 @@ def log_bounds(eps_low: float, eps_high: float) -> tuple[float, float]:
 def _positive(loss: str, keys: tuple[str, ...]) -> Check:
     def check(hp: HParams) -> None:
         for key in keys:
-            require(hp[key] is not None and hp[key] > 0, loss, key, hp[key], "> 0")  # type: ignore[operator]
+            value = hp[key]
+            require(value is not None and value > 0, loss, key, value, "> 0")
 
     return check
 
 
 def _check_dual_clip(hp: HParams) -> None:
     check_eps("dual_clip", hp, "eps", "eps")
-    require(hp["clip_c"] > 1 + hp["eps"], "dual_clip", "clip_c", hp["clip_c"], "> 1 + eps")  # type: ignore[operator]
+    clip_c = hp["clip_c"]
+    require(clip_c is not None and clip_c > 1 + num(hp, "eps"), "dual_clip", "clip_c", clip_c, "> 1 + eps")
 
 
 def _check_cispo(hp: HParams) -> None:
-    require(hp["eps_high"] is not None and hp["eps_high"] > 0, "cispo", "eps_high", hp["eps_high"], "> 0")
-    if hp["eps_low"] is not None:
-        require(0 < hp["eps_low"] < 1, "cispo", "eps_low", hp["eps_low"], "in (0, 1) or None")
+    eps_high, eps_low = hp["eps_high"], hp["eps_low"]
+    require(eps_high is not None and eps_high > 0, "cispo", "eps_high", eps_high, "> 0")
+    if eps_low is not None:
+        require(0 < eps_low < 1, "cispo", "eps_low", eps_low, "in (0, 1) or None")
 
 
 def _cispo_bounds(hp: HParams) -> tuple[float, float]:
-    low = -math.inf if hp["eps_low"] is None else math.log(1.0 - hp["eps_low"])
-    return low, math.log(1.0 + hp["eps_high"])  # type: ignore[operator]
+    eps_low = hp["eps_low"]
+    low = -math.inf if eps_low is None else math.log(1.0 - eps_low)
+    return low, math.log(1.0 + num(hp, "eps_high"))
 
 
 def _ppo_bounds(low: str, high: str) -> ClipBounds:
-    return lambda hp: log_bounds(hp[low], hp[high])  # type: ignore[arg-type]
+    return lambda hp: log_bounds(num(hp, low), num(hp, high))
 
 
 # The built-in losses, in the order of `mhpo.losses.LOSSES`.

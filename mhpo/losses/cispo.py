@@ -12,12 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mhpo.loss_specs import num
 from mhpo.losses._registry import HParams, TokenInputs, register_loss
 
 
 def _weight(x: Tensor, hp: HParams) -> Tensor:
-    low = None if hp["eps_low"] is None else 1.0 - float(hp["eps_low"])
-    return torch.exp(x).clamp(min=low, max=1.0 + float(hp["eps_high"]))
+    eps_low = hp["eps_low"]
+    low = None if eps_low is None else 1.0 - eps_low
+    return torch.exp(x).clamp(min=low, max=1.0 + num(hp, "eps_high"))
 
 
 @register_loss("cispo", multiplier=lambda x, adv, hp: _weight(x, hp))

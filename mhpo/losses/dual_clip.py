@@ -10,14 +10,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mhpo.loss_specs import num
 from mhpo.losses._registry import HParams, TokenInputs, register_loss
 from mhpo.losses.grpo import ppo_clip, ppo_multiplier
 
 
 def _multiplier(x: Tensor, adv: Tensor, hp: HParams) -> Tensor:
     """PPO's multiplier, and 0 for A < 0 beyond r > clip_c."""
-    mult = ppo_multiplier(x, adv, float(hp["eps"]), float(hp["eps"]))
-    return torch.where((adv < 0) & (torch.exp(x) > float(hp["clip_c"])), 0.0, mult)
+    mult = ppo_multiplier(x, adv, num(hp, "eps"), num(hp, "eps"))
+    return torch.where((adv < 0) & (torch.exp(x) > num(hp, "clip_c")), 0.0, mult)
 
 
 @register_loss("dual_clip", multiplier=_multiplier)
@@ -26,6 +27,6 @@ def dual_clip_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict
     min(L, -A * clip_c). eps=0.2, clip_c=3, token-mean (verl's default aggregation).
     """
     adv = inputs.adv
-    clipped = ppo_clip(torch.exp(inputs.x), adv, float(hp["eps"]), float(hp["eps"]))
-    capped = torch.minimum(clipped, -adv * float(hp["clip_c"]))
+    clipped = ppo_clip(torch.exp(inputs.x), adv, num(hp, "eps"), num(hp, "eps"))
+    capped = torch.minimum(clipped, -adv * num(hp, "clip_c"))
     return torch.where(adv < 0, capped, clipped), {}

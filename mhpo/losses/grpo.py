@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mhpo.loss_specs import num
 from mhpo.losses._registry import HParams, TokenInputs, register_loss
 
 
@@ -28,12 +29,12 @@ def ppo_multiplier(x: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> T
     return torch.where(inside, ratio, 0.0)
 
 
-@register_loss("grpo", multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, hp["eps"], hp["eps"]))
+@register_loss("grpo", multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, num(hp, "eps"), num(hp, "eps")))
 def grpo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO per-token loss `-min(r*A, clip(r, 1-eps, 1+eps)*A)`, eps=0.2, seq-mean-token-mean.
 
     Source: DeepSeekMath (arXiv 2402.03300); TRL `GRPOTrainer._compute_loss`, verl
     `compute_policy_loss_vanilla`.
     """
-    eps = float(hp["eps"])
+    eps = num(hp, "eps")
     return ppo_clip(torch.exp(inputs.x), inputs.adv, eps, eps), {}

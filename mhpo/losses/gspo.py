@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mhpo.loss_specs import num
 from mhpo.losses._registry import HParams, TokenInputs, register_loss
 from mhpo.losses.grpo import ppo_clip, ppo_multiplier
 
@@ -22,7 +23,7 @@ def sequence_log_ratio(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, 0.0).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
 
 
-@register_loss("gspo", multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, hp["eps_low"], hp["eps_high"]))
+@register_loss("gspo", multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, num(hp, "eps_low"), num(hp, "eps_high")))
 def gspo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO-token per-token loss; eps_low=3e-4, eps_high=4e-4, seq-mean-token-mean.
 
@@ -31,5 +32,5 @@ def gspo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str,
     x = inputs.x
     seq = sequence_log_ratio(x, inputs.mask).detach()
     log_s = x - x.detach() + seq.unsqueeze(-1)
-    per_token = ppo_clip(torch.exp(log_s), inputs.adv, float(hp["eps_low"]), float(hp["eps_high"]))
+    per_token = ppo_clip(torch.exp(log_s), inputs.adv, num(hp, "eps_low"), num(hp, "eps_high"))
     return per_token, {"seq_log_ratio": seq}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from mhpo.loss_specs import MHPO_DEFAULTS
+from mhpo.loss_specs import MHPO_DEFAULTS, num
 from mhpo.losses._registry import HParams, TokenInputs, register_loss
 
 DEFAULTS = MHPO_DEFAULTS  # the paper's values; declared in mhpo.loss_specs with the other losses'
@@ -41,12 +41,12 @@ def hazard(x: Tensor, hp: HParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
     softplus(-psi) is taken as softplus(psi) - psi (exact identity; psi is bounded by c).
     """
-    c = float(hp["c"])
+    c = num(hp, "c")
     u = x / c
     psi = torch.tanh(u).mul_(c)
     sp = F.softplus(psi)
-    zeta_neg = _pow_((sp - psi).div_(float(hp["lambda_neg"])), float(hp["k_neg"]))
-    zeta_pos = _pow_(sp.div_(float(hp["lambda_pos"])), float(hp["k_pos"]))
+    zeta_neg = _pow_((sp - psi).div_(num(hp, "lambda_neg")), num(hp, "k_neg"))
+    zeta_pos = _pow_(sp.div_(num(hp, "lambda_pos")), num(hp, "k_pos"))
     return u, psi, zeta_pos, zeta_neg
 
 
@@ -65,7 +65,7 @@ class _MHPOTokenObjective(torch.autograd.Function):
     """l = -exp(psi - sg[zeta]) * A with the gradient -A * M w.r.t. x (first order only)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx, x: Tensor, adv: Tensor, c: float, k_pos: float, lam_pos: float, k_neg: float, lam_neg: float
     ) -> tuple[Tensor, ...]:
         hp = {"c": c, "k_pos": k_pos, "lambda_pos": lam_pos, "k_neg": k_neg, "lambda_neg": lam_neg}
@@ -80,7 +80,7 @@ class _MHPOTokenObjective(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         adv, mult = ctx.saved_tensors  # type: ignore[attr-defined]
         return (grad * mult).mul_(adv).neg_(), None, None, None, None, None, None
 
@@ -96,11 +96,11 @@ def mhpo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str,
     per_token, psi, zeta, zeta_pos, zeta_neg, mult = _MHPOTokenObjective.apply(
         inputs.x,
         inputs.adv,
-        float(hp["c"]),
-        float(hp["k_pos"]),
-        float(hp["lambda_pos"]),
-        float(hp["k_neg"]),
-        float(hp["lambda_neg"]),
+        num(hp, "c"),
+        num(hp, "k_pos"),
+        num(hp, "lambda_pos"),
+        num(hp, "k_neg"),
+        num(hp, "lambda_neg"),
     )
     stats = {"psi": psi, "zeta": zeta, "zeta_pos": zeta_pos, "zeta_neg": zeta_neg, "multiplier": mult}
     return per_token, stats

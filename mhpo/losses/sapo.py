@@ -19,12 +19,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mhpo.loss_specs import num
 from mhpo.losses._registry import HParams, TokenInputs, register_loss
 
 
 def _tau(adv: Tensor, hp: HParams) -> Tensor:
-    tau_pos = torch.tensor(float(hp["tau_pos"]), dtype=adv.dtype, device=adv.device)
-    tau_neg = torch.tensor(float(hp["tau_neg"]), dtype=adv.dtype, device=adv.device)
+    tau_pos = torch.tensor(num(hp, "tau_pos"), dtype=adv.dtype, device=adv.device)
+    tau_neg = torch.tensor(num(hp, "tau_neg"), dtype=adv.dtype, device=adv.device)
     return torch.where(adv >= 0, tau_pos, tau_neg)
 
 

@@ -104,7 +104,7 @@ def serve(argv: Sequence[str]) -> int:
         "timeout_keep_alive": settings.keep_alive_timeout_s,
     }
     if args.workers == 1:
-        uvicorn.run(app, http=with_header_timeout(settings.header_timeout_s), **common)  # type: ignore[arg-type]
+        uvicorn.run(app, http=with_header_timeout(settings.header_timeout_s), **common)
         return 0
     app.state.store.close()  # each worker process builds its own app from the same settings
     os.environ.update(
@@ -131,8 +131,9 @@ def db(argv: Sequence[str]) -> int:
     upgrade = sub.add_parser("upgrade", help="migrate the database to the newest schema")
     _db_arg(upgrade)
     args = parser.parse_args(argv)
-    import mhpo_migrations
     from sqlalchemy import make_url
+
+    import mhpo_migrations
 
     settings = _settings(args)
     mhpo_migrations.upgrade(settings.db)

@@ -7,15 +7,15 @@ import uuid
 from pathlib import Path
 
 import httpx
-import mhpo_migrations
 import pytest
-from mhpo_server.cli import is_loopback
-from mhpo_server.config import Settings
-from mhpo_server.store import open_store
 from pydantic import ValidationError
 from sqlalchemy import create_engine, make_url, text
 
+import mhpo_migrations
 from mhpo.cli import main as mhpo_main
+from mhpo_server.cli import is_loopback
+from mhpo_server.config import Settings
+from mhpo_server.store import open_store
 from tests.fixtures.server import LiveServer
 from tests.server.conftest import new_run, post_json
 
