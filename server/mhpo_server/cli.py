@@ -79,9 +79,9 @@ def serve(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    import mhpo_migrations
     import uvicorn
 
+    import mhpo_migrations
     from mhpo_server.app import ConfigError, create_app
     from mhpo_server.http import with_header_timeout
     from mhpo_server.store import SchemaError
