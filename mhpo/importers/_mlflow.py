@@ -3,11 +3,14 @@
 Experiment = project (unless `--project` is given), MLflow run = run with its params (the run's
 config), tags (under "mlflow.tags", as the MLflow-compatible endpoint keeps them), status and the
 full history of every metric (`MlflowClient.get_metric_history`, which pages through a server's
-answers). A metric logged twice at one step keeps its latest value.
+answers). A metric logged twice at one step keeps its latest value. MLflow 3 keeps its file store
+(`./mlruns`) in maintenance mode behind `MLFLOW_ALLOW_FILE_STORE=true`; the importer sets it for a
+file store it reads (unless it is set already), since moving old runs out of one is its purpose.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -16,6 +19,7 @@ from mhpo.importers._model import SourceError, SourceRun, build_records, check_k
 TAGS = "mlflow.tags"  # where the MLflow endpoint keeps a run's tags in its config
 STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "failed", "RUNNING": "running", "SCHEDULED": "running"}
 PAGE = 1000
+ALLOW_FILE_STORE = "MLFLOW_ALLOW_FILE_STORE"
 
 
 def _paged(fetch: Any) -> list[Any]:
@@ -37,8 +41,11 @@ def read_tracking(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        # MLflow 3 refuses file stores unless told otherwise; reading an existing one is what an import is for.
+        os.environ.setdefault(ALLOW_FILE_STORE, "true")
     try:
+        client = MlflowClient(tracking_uri=tracking_uri)
         if experiment is None:
             experiments = _paged(lambda token: client.search_experiments(max_results=PAGE, page_token=token))
         else:
