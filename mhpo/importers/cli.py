@@ -21,6 +21,7 @@ from mhpo.importers._model import SourceError, SourceRun
 from mhpo.importers._writer import ImportFailed, RunResult, Writer
 
 DEFAULT_SERVER = "http://127.0.0.1:8765"
+READERS = ("tensorboard", "mlflow")  # the optional packages of `mhpo[import]`
 
 
 def _common(parser: argparse.ArgumentParser, one_run_name: bool = True) -> None:
@@ -99,6 +100,11 @@ def main(command: str, argv: Sequence[str]) -> int:
         runs = read(args)
     except SourceError as exc:
         print(f"mhpo import {args.source}: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in READERS:
+            raise
+        print(f"mhpo import {args.source}: needs the {exc.name} package: pip install 'mhpo[import]'", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
