@@ -13,7 +13,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +87,16 @@ def destination(args: argparse.Namespace) -> Iterator[tuple[str, str | None, str
         url = args.server or os.environ.get("MHPO_SERVER") or DEFAULT_SERVER
         yield url, args.token or os.environ.get("MHPO_TOKEN"), url
         return
-    from mhpo_server.local import serving  # the service's app, only for --db
+    from mhpo_server.app import ConfigError  # the service's app, only for --db
+    from mhpo_server.local import serving
+    from mhpo_server.store import SchemaError
     from sqlalchemy import make_url
 
-    with serving(args.db) as url:
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(serving(args.db))
+        except (SchemaError, ConfigError) as exc:
+            raise ImportFailed(str(exc)) from None
         yield url, None, make_url(args.db).render_as_string(hide_password=True)
 
 

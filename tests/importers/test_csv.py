@@ -132,3 +132,13 @@ def test_reimport_stores_nothing_twice_and_an_interrupted_import_resumes(
         timeout=600,
     )
     assert f"0 items stored (product keys included), {total} already there" in again.stdout, again.stderr
+
+
+@pytest.mark.postgres
+def test_an_unmigrated_postgres_database_is_refused_with_the_fix(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_csv(tmp_path / "run.csv", ["step", "loss"], [[0, 1.0]])
+    code, out, err = run_import("csv", str(path), "--db", pg_url, capsys=capsys)
+    assert code == 1 and out == ""
+    assert "not migrated" in err and "mhpo db upgrade" in err
