@@ -16,6 +16,7 @@ points per second over both, and the importing process's CPU seconds (reading, s
     python bench/importers.py                                 # CSV and TensorBoard, 100k and 500k points
     python bench/importers.py --steps 5000 --mlflow           # MLflow's file store too (slow to write)
     python bench/importers.py --steps 2000 10000 50000 --keys 20
+    python bench/importers.py --tb-runs 4             # a logdir of 4 runs: read by 4 processes
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ def write_csv(path: Path, steps: int, keys: list[str]) -> Path:
     return path
 
 
-def write_tensorboard(logdir: Path, steps: int, keys: list[str]) -> Path:
+def write_tensorboard(logdir: Path, steps: int, keys: list[str], runs: int = 1) -> Path:
+    """`runs` run directories sharing the `steps` between them."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(logdir / "run"), max_queue=10_000, flush_secs=600) as writer:
-        for step in range(steps):
-            for i, key in enumerate(keys):
-                writer.add_scalar(key, 1.0 + 0.001 * step + i, step)
+    for run in range(runs):
+        with SummaryWriter(str(logdir / f"run{run}"), max_queue=10_000, flush_secs=600) as writer:
+            for step in range(steps // runs):
+                for i, key in enumerate(keys):
+                    writer.add_scalar(key, 1.0 + 0.001 * step + i, step)
     return logdir
 
 
@@ -103,6 +106,9 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=20, help="scalars per step")
     parser.add_argument("--mode", choices=["db", "server", "both"], default="both")
     parser.add_argument("--mlflow", action="store_true", help="also an MLflow file store (slow to write)")
+    parser.add_argument(
+        "--tb-runs", type=int, default=1, help="TensorBoard run directories sharing the steps (read in parallel)"
+    )
     args = parser.parse_args()
     keys = [f"bench/k{i:02d}" for i in range(args.keys)]
     modes = ["db", "server"] if args.mode == "both" else [args.mode]
@@ -114,8 +120,10 @@ def main() -> None:
             sources: dict[str, Callable[[], list[SourceRun]]] = {}
             path = write_csv(root / "run.csv", steps, keys)
             sources["csv"] = lambda path=path: read_csv(path, project="bench")
-            logdir = write_tensorboard(root / "tb", steps, keys)
-            sources["tensorboard"] = lambda logdir=logdir: read_logdir(logdir, project="bench")
+            logdir = write_tensorboard(root / "tb", steps, keys, args.tb_runs)
+            sources[f"tensorboard/{args.tb_runs}" if args.tb_runs > 1 else "tensorboard"] = lambda logdir=logdir: (
+                read_logdir(logdir, project="bench")
+            )
             if args.mlflow:
                 uri = write_mlflow(root / "mlruns", steps, keys)
                 sources["mlflow"] = lambda uri=uri: read_tracking(uri, project="bench")

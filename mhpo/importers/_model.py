@@ -21,6 +21,7 @@ from mhpo.integrations.names import product_scalars
 MAX_STEP = 2**53
 # C1's key rule (docs/contracts.md): 1-250 characters, no control characters, valid Unicode.
 KEY_RE = re.compile(r"^[^\x00-\x1f\x7f\ud800-\udfff]{1,250}$")
+NAME_RE = re.compile(r"^[^\x00-\x1f\x7f\ud800-\udfff]{1,200}$")  # a project or run name (C7)
 GENERIC_BINS = 64
 
 
@@ -50,6 +51,16 @@ def check_key(key: str, where: str) -> None:
             f"{where}: metric name {key[:60]!a} cannot be a key (1-250 printable characters, valid Unicode): "
             "rename it in the source"
         )
+
+
+def check_names(run: SourceRun) -> None:
+    """Refuse, before sending anything, a project or run name the server would refuse."""
+    for option, value in (("--project", run.project), ("--name", run.name)):
+        if not NAME_RE.match(value):
+            raise SourceError(
+                f"{run.source}: {option[2:]} {value[:60]!a} cannot name a {option[2:]} (1-200 printable characters): "
+                f"pass {option}"
+            )
 
 
 def check_step(step: int, where: str) -> None:

@@ -11,11 +11,15 @@ creation time), so a step logged again by a resumed run keeps its latest value.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from mhpo.importers._model import (
+    MAX_STEP,
     Bucket,
     SourceError,
     SourceRun,
@@ -27,6 +31,7 @@ from mhpo.importers._model import (
 )
 
 EVENT_GLOB = "*tfevents*"
+PARALLEL_BYTES = 16 * 1024 * 1024  # below this, starting reader processes costs more than it saves
 
 
 def find_runs(logdir: Path) -> list[Path]:
@@ -51,12 +56,18 @@ def read_logdir(logdir: Path, project: str | None = None, name: str | None = Non
             f"{logdir}: --name {name!r} names one run, but the logdir holds {len(dirs)} ({listed}...): "
             "drop --name (each run keeps its directory's name) or pass one run's directory"
         )
-    runs = []
+    jobs = []
     for run_dir in dirs:
         rel = run_dir.relative_to(logdir).as_posix()
-        run_name = name or (logdir.name if rel == "." else rel)
-        runs.append(read_run(run_dir, project or logdir.name, run_name))
-    return runs
+        jobs.append((run_dir, project or logdir.name, name or (logdir.name if rel == "." else rel)))
+    workers = min(len(jobs), os.cpu_count() or 1)
+    size = sum(p.stat().st_size for run_dir in dirs for p in run_dir.glob(EVENT_GLOB) if p.is_file())
+    if workers < 2 or size < PARALLEL_BYTES:
+        return [read_run(*job) for job in jobs]
+    # Reading is CPU-bound (TensorBoard's reader checks each record's CRC in Python): one process per run
+    # directory. Spawned, not forked: the importer may already hold threads (a progress bar, a server).
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(read_run, *zip(*jobs, strict=True)))
 
 
 def read_run(run_dir: Path, project: str, name: str) -> SourceRun:
@@ -73,32 +84,32 @@ def read_run(run_dir: Path, project: str, name: str) -> SourceRun:
         for index, event in _events(path):
             if not event.HasField("summary"):
                 continue
-            where = f"{path}: record {index}"
-            step = int(event.step)
-            check_step(step, where)
+            step = event.step
+            if not 0 <= step <= MAX_STEP:
+                check_step(step, f"{path}: record {index}")
+            seconds = wall_time(event.wall_time)
+            if seconds is not None and seconds > times.get(step, 0.0):
+                times[step] = seconds
             for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name:
-                    plugins[value.tag] = value.metadata.plugin_data.plugin_name
+                tag = value.tag
+                if tag not in keys:
+                    check_key(tag, f"{path}: record {index}")
+                    keys.add(tag)
                 kind = value.WhichOneof("value")
                 if kind == "simple_value":
-                    scalar: float | None = float(value.simple_value)
+                    scalars[step][tag] = value.simple_value
                 elif kind == "histo":
-                    hists[value.tag][step] = _legacy_histogram(value.histo)
-                    scalar = None
-                elif kind == "tensor" and plugins.get(value.tag) in ("scalars", "histograms"):
-                    scalar = _tensor(value, plugins[value.tag], hists, step, where)
+                    hists[tag][step] = _legacy_histogram(value.histo)
                 else:
-                    skipped[plugins.get(value.tag) or kind or "empty"] += 1
-                    continue
-                if value.tag not in keys:
-                    check_key(value.tag, where)
-                    keys.add(value.tag)
-                if scalar is not None:
-                    scalars[step][value.tag] = scalar
+                    if value.HasField("metadata") and value.metadata.plugin_data.plugin_name:
+                        plugins[tag] = value.metadata.plugin_data.plugin_name  # TF2 writes it with a tag's first value
+                    if kind != "tensor" or plugins.get(tag) not in ("scalars", "histograms"):
+                        skipped[plugins.get(tag) or kind or "empty"] += 1
+                        continue
+                    scalar = _tensor(value, plugins[tag], hists, step, f"{path}: record {index}")
+                    if scalar is not None:
+                        scalars[step][tag] = scalar
                 points += 1
-                seconds = wall_time(event.wall_time)
-                if seconds is not None:
-                    times[step] = max(times.get(step, 0.0), seconds)
     histograms: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
     notes = [f"skipped {n} {plugin} summaries (not scalars or histograms)" for plugin, n in sorted(skipped.items())]
     for tag, series in sorted(hists.items()):

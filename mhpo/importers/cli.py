@@ -17,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from mhpo.importers._model import SourceError, SourceRun
+from mhpo.importers._model import SourceError, SourceRun, check_names
 from mhpo.importers._writer import ImportFailed, RunResult, Writer
 
 DEFAULT_SERVER = "http://127.0.0.1:8765"
@@ -104,6 +104,8 @@ def main(command: str, argv: Sequence[str]) -> int:
     args = parser().parse_args(list(argv))
     try:
         runs = read(args)
+        for run in runs:
+            check_names(run)
     except SourceError as exc:
         print(f"mhpo import {args.source}: {exc}", file=sys.stderr)
         return 2

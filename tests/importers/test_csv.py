@@ -76,8 +76,17 @@ def test_run_column_makes_one_run_per_value(
         (["step", "loss"], [[0, 1.0], [-1, 1.0]], [], "line 3: step -1 is outside"),
         (["step", "loss"], [[0, 1.0], [1, 2.0, 3.0]], [], "line 3 has 3 cells, the header 2"),
         (["step", "loss"], [[0, 1.0]], ["--run-column", "who"], "line 1 has no column 'who'"),
+        (["step", "loss"], [[0, 1.0]], ["--project", "tab\there"], "project 'tab\\there' cannot name a project"),
     ],
-    ids=["missing-step-column", "text-cell", "fractional-step", "negative-step", "ragged-row", "missing-run-column"],
+    ids=[
+        "missing-step-column",
+        "text-cell",
+        "fractional-step",
+        "negative-step",
+        "ragged-row",
+        "missing-run-column",
+        "bad-project",
+    ],
 )
 def test_bad_files_are_refused_whole_naming_the_line(
     tmp_path: Path, sqlite_url: str, api_on, capsys: pytest.CaptureFixture[str], header, rows, args, message

@@ -139,3 +139,24 @@ def test_errors_name_the_logdir(tmp_path: Path, sqlite_url: str, capsys: pytest.
     (tmp_path / "empty").mkdir()
     code, _, err = run_import("tensorboard", str(tmp_path / "empty"), "--db", sqlite_url, capsys=capsys)
     assert code == 2 and "holds no TensorBoard event files" in err
+
+
+def test_run_directories_read_in_parallel_give_the_same_runs_and_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mhpo.importers import SourceError, _tensorboard, read_logdir
+
+    logdir = tmp_path / "sweep"
+    for run in range(3):
+        with SummaryWriter(str(logdir / f"lr-{run}")) as writer:
+            for step in range(20):
+                writer.add_scalar("train/entropy", 1.0 / (run + 1), step)
+    serial = read_logdir(logdir)
+    monkeypatch.setattr(_tensorboard, "PARALLEL_BYTES", 0)  # a small logdir through the process pool
+    parallel = read_logdir(logdir)
+    assert [(r.name, r.records) for r in parallel] == [(r.name, r.records) for r in serial]
+    assert [r.name for r in parallel] == ["lr-0", "lr-1", "lr-2"]
+    [path] = (logdir / "lr-1").glob("*tfevents*")
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(SourceError, match="record 20 is damaged"):
+        read_logdir(logdir)
