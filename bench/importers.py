@@ -10,8 +10,9 @@ event per scalar as TRL, transformers and verl write them; the `mlflow` client i
 A point is one (step, key, value) of the source; the server also stores the product key of every
 mapped TRL / verl name, so it stores more items than the source has points (these keys are not
 mapped, so here the two are equal). Printed per cell: points, reading and sending time (wall),
-points per second over both, and the importing process's CPU seconds (reading, sending and, with
-`--db`, the service itself), so a loaded machine's figures can be told from the work done.
+points per second over both, and the CPU seconds of the importing process and its reader processes
+(reading, sending and, with `--db`, the service itself; with `--server` the server's own CPU is not
+counted), so a loaded machine's figures can be told from the work done.
 
     python bench/importers.py                                 # CSV and TensorBoard, 100k and 500k points
     python bench/importers.py --steps 5000 --mlflow           # MLflow's file store too (slow to write)
@@ -85,9 +86,15 @@ def destination(mode: str, workdir: Path) -> Any:
             yield url
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (the reader processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def measure(read: Callable[[], list[SourceRun]], mode: str, workdir: Path) -> dict[str, float]:
     with destination(mode, workdir) as url:
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
         runs = read()
         t1 = time.perf_counter()
         writer = Writer(url)
@@ -95,7 +102,7 @@ def measure(read: Callable[[], list[SourceRun]], mode: str, workdir: Path) -> di
             stored = sum(writer.write(run).accepted for run in runs)
         finally:
             writer.close()
-        t2, cpu1 = time.perf_counter(), time.process_time()
+        t2, cpu1 = time.perf_counter(), cpu_seconds()
     points = sum(run.points for run in runs)
     return {"points": points, "stored": stored, "read": t1 - t0, "send": t2 - t1, "cpu": cpu1 - cpu0}
 
@@ -121,7 +128,7 @@ def main() -> None:
             path = write_csv(root / "run.csv", steps, keys)
             sources["csv"] = lambda path=path: read_csv(path, project="bench")
             logdir = write_tensorboard(root / "tb", steps, keys, args.tb_runs)
-            sources[f"tensorboard/{args.tb_runs}" if args.tb_runs > 1 else "tensorboard"] = lambda logdir=logdir: (
+            sources[f"tb-{args.tb_runs}-runs" if args.tb_runs > 1 else "tensorboard"] = lambda logdir=logdir: (
                 read_logdir(logdir, project="bench")
             )
             if args.mlflow:

@@ -56,7 +56,7 @@ def read_tracking(
                     f"{tracking_uri}: no experiment named {experiment!r}; experiments there: {', '.join(names) or 'none'}"
                 )
             experiments = [found]
-        runs = []
+        runs: list[tuple[Any, Any]] = []
         for exp in experiments:
             found_runs = _paged(
                 lambda token, eid=exp.experiment_id: client.search_runs(
