@@ -17,10 +17,11 @@ import dash
 import flask
 from a2wsgi import WSGIMiddleware
 from dash import dcc, html
-from mhpo_dashboard.api import ApiClient
-from mhpo_dashboard.auth import Sessions, install_login, viewer
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import Scope
+
+from mhpo_dashboard.api import ApiClient
+from mhpo_dashboard.auth import Sessions, install_login, viewer
 
 PAGES_DIR = Path(__file__).resolve().parent / "pages"
 API_CONFIG_KEY = "MHPO_API"
@@ -124,7 +125,7 @@ def create_dash(
         title="MHPO Monitor",
         requests_pathname_prefix=requests_pathname_prefix,
         suppress_callback_exceptions=True,
-        update_title=None,
+        update_title="",  # the tab title stays as it is while callbacks run
         assets_folder=str(Path(__file__).resolve().parent / "assets"),
         assets_ignore=re.escape(PLOTLY_BUNDLE),  # served, but loaded only by the hook below
         hooks={

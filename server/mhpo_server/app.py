@@ -16,6 +16,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DataError, DBAPIError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mhpo import __version__
 from mhpo_server.config import Settings, data_dir
 from mhpo_server.flags.service import install as install_flags
 from mhpo_server.health import ListenerHealth
@@ -25,10 +29,6 @@ from mhpo_server.responses import NaNJSONResponse
 from mhpo_server.routes import auth, events, health, mlflow, projects, records, runs, series
 from mhpo_server.schemas import ERROR_RESPONSES, RecordIn
 from mhpo_server.store import Conflict, Invalid, NotFound, StorageFull, Store, Unavailable, open_store, storage_fault
-from sqlalchemy.exc import DataError, DBAPIError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from mhpo import __version__
 
 IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
 EventSource = Callable[[Store, str], list[dict[str, Any]]]
@@ -71,8 +71,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.store = store
     app.state.metrics = metrics
     app.state.listener_health = ListenerHealth(metrics)
-    app.state.ingest_listeners: list[IngestListener] = []
-    app.state.event_sources: list[EventSource] = []
+    ingest_listeners: list[IngestListener] = []
+    event_sources: list[EventSource] = []
+    app.state.ingest_listeners, app.state.event_sources = ingest_listeners, event_sources
     for module in (health, auth, projects, runs, records, series, events, mlflow):
         app.include_router(module.router)
     install_flags(app)
