@@ -94,7 +94,7 @@ def _read_run(client: Any, uri: str, exp: Any, run: Any, project: str | None, na
             if seconds is not None:
                 times[step] = max(times.get(step, 0.0), seconds)
     config: dict[str, Any] = dict(run.data.params)
-    tags = {k: v for k, v in run.data.tags.items()}
+    tags = dict(run.data.tags)
     if tags:
         config[TAGS] = tags
     return SourceRun(

@@ -106,7 +106,7 @@ def histogram_series(
     bin holding the bucket's centre (totals, min and max are kept; positions move by less than a bin).
     `stats` may hold the exact min, max, sum and sum of squares; missing ones come from the buckets.
     """
-    edges = {tuple(b[0] for b in buckets) + (buckets[-1][1],) for buckets, _ in steps.values() if buckets}
+    edges = {(*(b[0] for b in buckets), buckets[-1][1]) for buckets, _ in steps.values() if buckets}
     exact = len(edges) == 1 and _uniform(next(iter(edges)))
     lefts = [buckets[0][0] for buckets, _ in steps.values() if buckets]
     rights = [buckets[-1][1] for buckets, _ in steps.values() if buckets]

@@ -87,10 +87,11 @@ def destination(args: argparse.Namespace) -> Iterator[tuple[str, str | None, str
         url = args.server or os.environ.get("MHPO_SERVER") or DEFAULT_SERVER
         yield url, args.token or os.environ.get("MHPO_TOKEN"), url
         return
+    from sqlalchemy import make_url
+
     from mhpo_server.app import ConfigError  # the service's app, only for --db
     from mhpo_server.local import serving
     from mhpo_server.store import SchemaError
-    from sqlalchemy import make_url
 
     with ExitStack() as stack:
         try:

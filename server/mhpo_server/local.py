@@ -21,9 +21,9 @@ START_TIMEOUT_S = 60.0
 @contextmanager
 def serving(db: str) -> Iterator[str]:
     """The base URL of the service running on `db` until the block ends."""
-    import mhpo_migrations
     import uvicorn
 
+    import mhpo_migrations
     from mhpo_server.app import create_app
     from mhpo_server.config import Settings
 
