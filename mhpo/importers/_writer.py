@@ -57,16 +57,21 @@ def run_id_for(run: SourceRun) -> str:
     return str(uuid.uuid5(NAMESPACE, f"{run.project}\n{run.name}\n{run.source}"))
 
 
+def items(records: list[dict[str, Any]]) -> int:
+    """Stored items of C1 records: one per scalar and per histogram."""
+    return sum(len(r.get("scalars", ())) + len(r.get("histograms", ())) for r in records)
+
+
 def chunks(records: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
     """The records cut into batches of about BATCH_ITEMS items; the same history always gives the same cuts."""
     batch: list[dict[str, Any]] = []
-    items = 0
+    size = 0
     for record in records:
         batch.append(record)
-        items += len(record.get("scalars", ())) + len(record.get("histograms", ()))
-        if items >= BATCH_ITEMS or len(batch) >= BATCH_RECORDS:
+        size += len(record.get("scalars", ())) + len(record.get("histograms", ()))
+        if size >= BATCH_ITEMS or len(batch) >= BATCH_RECORDS:
             yield batch
-            batch, items = [], 0
+            batch, size = [], 0
     if batch:
         yield batch
 
@@ -87,7 +92,7 @@ class Writer:
     def close(self) -> None:
         self.client.close()
 
-    def write(self, run: SourceRun, progress: Callable[[int], None] = lambda n: None) -> RunResult:
+    def write(self, run: SourceRun, progress: Callable[[int], object] = lambda n: None) -> RunResult:
         run_id = run_id_for(run)
         config = {**run.config, IMPORT_TAG: {"source": run.source, "format": run.format}}
         body = {"project": run.project, "name": run.name, "config": config, "run_id": run_id}
@@ -109,7 +114,7 @@ class Writer:
                 )
             result.accepted += answer["accepted"]
             result.duplicates += answer["duplicates"]
-            progress(sum(len(r.get("scalars", ())) + len(r.get("histograms", ())) for r in batch))
+            progress(items(batch))
         self._send("PATCH", f"/api/v1/runs/{run_id}", {"status": run.status}, f"closing run {run.project}/{run.name}")
         events = self._send("GET", f"/api/v1/runs/{run_id}/events", None, "reading the run's flags")["events"]
         result.flags = Counter(e["kind"] for e in events if e.get("severity") in ("warning", "critical"))

@@ -12,13 +12,12 @@ import argparse
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
 
 from mhpo.importers._model import SourceError, SourceRun, check_names
-from mhpo.importers._writer import ImportFailed, RunResult, Writer
+from mhpo.importers._writer import ImportFailed, RunResult, Writer, items
 
 DEFAULT_SERVER = "http://127.0.0.1:8765"
 READERS = ("tensorboard", "mlflow")  # the optional packages of `mhpo[import]`
@@ -123,14 +122,17 @@ def main(command: str, argv: Sequence[str]) -> int:
         with (
             destination(args) as (url, token, label),
             tqdm(
-                total=sum(_items(run) for run in runs), unit="pt", unit_scale=True, disable=args.no_progress or None
+                total=sum(items(run.records) for run in runs),
+                unit="pt",
+                unit_scale=True,
+                disable=args.no_progress or None,
             ) as bar,
         ):
             writer = Writer(url, token)
             try:
                 for run in runs:
                     bar.set_description(f"{run.project}/{run.name}"[:40])
-                    results.append(writer.write(run, _advance(bar)))
+                    results.append(writer.write(run, bar.update))
             finally:
                 writer.close()
     except ImportFailed as exc:
@@ -138,14 +140,6 @@ def main(command: str, argv: Sequence[str]) -> int:
         return 1
     print(summary(results, total, label))
     return 0
-
-
-def _items(run: SourceRun) -> int:
-    return sum(len(r.get("scalars", ())) + len(r.get("histograms", ())) for r in run.records)
-
-
-def _advance(bar: Any) -> Callable[[int], None]:
-    return lambda n: bar.update(n)
 
 
 def summary(results: list[RunResult], points: int, url: str) -> str:
