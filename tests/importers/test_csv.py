@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import csv
 import math
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,38 @@ def test_an_unmigrated_postgres_database_is_refused_with_the_fix(
     code, out, err = run_import("csv", str(path), "--db", pg_url, capsys=capsys)
     assert code == 1 and out == ""
     assert "not migrated" in err and "mhpo db upgrade" in err
+
+
+def test_an_import_killed_midway_resumes_where_it_stopped(tmp_path: Path, live_server: LiveServer) -> None:
+    """The importer process is killed (SIGKILL) once the server holds its first batch; the same command
+    again stores the rest and nothing twice."""
+    steps = 100_000
+    path = write_csv(tmp_path / "long.csv", ["step", "entropy", "loss"], [[s, 1.0, 0.5] for s in range(steps)])
+    command = [sys.executable, "-m", "mhpo", "import", "csv", str(path), "--project", "kill", "--no-progress"]
+    command += ["--server", live_server.url]
+    api = Api(live_server.url)
+    importer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while importer.poll() is None:
+            runs = api.runs("kill")
+            if runs and runs[0]["last_step"] is not None:
+                importer.kill()
+                break
+            time.sleep(0.01)
+    finally:
+        importer.kill()
+        importer.wait()
+    assert importer.returncode == -signal.SIGKILL, "the import finished before it could be interrupted"
+    [run] = api.runs("kill")
+    assert 0 <= run["last_step"] < steps - 1
+
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    stored, already = (
+        int(n) for n in re.findall(r"(\d+) items stored \(product keys included\), (\d+) already", done.stdout)[0]
+    )
+    assert stored > 0 and already > 0 and stored + already == 4 * steps
+    [run] = api.runs("kill")
+    assert run["last_step"] == steps - 1
+    head = api.get(f"/api/v1/runs/{run['run_id']}/scalars", keys="entropy", end=9_999, max_points=10_000)
+    assert head["series"]["entropy"]["step"] == list(range(10_000))
