@@ -20,7 +20,7 @@ from mhpo.importers._model import SourceError, SourceRun, check_names
 from mhpo.importers._writer import ImportFailed, RunResult, Writer, items
 
 DEFAULT_SERVER = "http://127.0.0.1:8765"
-READERS = ("tensorboard", "mlflow")  # the optional packages of `mhpo[import]`
+IMPORT_EXTRA = ("tensorboard", "mlflow", "tqdm")  # the packages of `mhpo[import]`
 
 
 def _common(parser: argparse.ArgumentParser, one_run_name: bool = True) -> None:
@@ -103,6 +103,8 @@ def destination(args: argparse.Namespace) -> Iterator[tuple[str, str | None, str
 def main(command: str, argv: Sequence[str]) -> int:
     args = parser().parse_args(list(argv))
     try:
+        from tqdm import tqdm
+
         runs = read(args)
         for run in runs:
             check_names(run)
@@ -110,12 +112,10 @@ def main(command: str, argv: Sequence[str]) -> int:
         print(f"mhpo import {args.source}: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
-        if exc.name not in READERS:
+        if exc.name not in IMPORT_EXTRA:
             raise
         print(f"mhpo import {args.source}: needs the {exc.name} package: pip install 'mhpo[import]'", file=sys.stderr)
         return 2
-    from tqdm import tqdm
-
     total = sum(run.points for run in runs)
     results: list[RunResult] = []
     try:
