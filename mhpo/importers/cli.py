@@ -112,9 +112,10 @@ def main(command: str, argv: Sequence[str]) -> int:
         print(f"mhpo import {args.source}: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
-        if exc.name not in IMPORT_EXTRA:
+        package = (exc.name or "").split(".")[0]
+        if package not in IMPORT_EXTRA:
             raise
-        print(f"mhpo import {args.source}: needs the {exc.name} package: pip install 'mhpo[import]'", file=sys.stderr)
+        print(f"mhpo import {args.source}: needs the {package} package: pip install 'mhpo[import]'", file=sys.stderr)
         return 2
     total = sum(run.points for run in runs)
     results: list[RunResult] = []
