@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "token": ("mhpo_server.cli", "API tokens: `mhpo token create|list|revoke`"),
     "train": ("mhpo.trainer.cli", "instrumented GRPO-family training"),
     "demo": ("mhpo.demo", "serve + short MHPO and GRPO runs"),
+    "import": (
+        "mhpo.importers.cli",
+        "import TensorBoard, MLflow or CSV histories: `mhpo import tensorboard|mlflow|csv`",
+    ),
 }
 
 
