@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from mhpo.cli import main as mhpo_main
+from tests.conftest import strict_loads
 from tests.integrations.conftest import count_reward, cpu_threads, grpo_config, prompts, tiny_model_dir
 
 __all__ = ["tiny_model_dir"]
@@ -32,7 +33,7 @@ class Api:
     def get(self, path: str, **params: Any) -> Any:
         response = httpx.get(f"{self.url}{path}", params=params, timeout=60)
         response.raise_for_status()
-        return response.json()
+        return strict_loads(response.text)  # non-finite numbers back as floats
 
     def runs(self, project: str) -> list[dict[str, Any]]:
         return self.get("/api/v1/runs", project=project)["runs"]

@@ -16,6 +16,7 @@ from mhpo.cli import main as mhpo_main
 from mhpo_server.cli import is_loopback
 from mhpo_server.config import Settings
 from mhpo_server.store import open_store
+from tests.conftest import strict_loads
 from tests.fixtures.server import LiveServer
 from tests.server.conftest import new_run, post_json
 
@@ -100,7 +101,8 @@ def test_live_server_survives_sigkill(live_server: LiveServer) -> None:
     assert not live_server.running
     live_server.start()
     with httpx.Client(base_url=live_server.url) as client:
-        series = client.get(f"/api/v1/runs/{run_id}/scalars", params={"keys": "loss"}).json()["series"]["loss"]
+        answer = client.get(f"/api/v1/runs/{run_id}/scalars", params={"keys": "loss"})
+        series = strict_loads(answer.text)["series"]["loss"]
         assert series["step"] == list(range(10)) and math.isnan(series["value"][3])
         assert post_json(client, f"/api/v1/runs/{run_id}/records", records).json() == {
             "accepted": 0,
