@@ -1,5 +1,8 @@
 """`mhpo train`: flags generated from `TrainerConfig`; `--config FILE` (YAML/JSON) first, flags win.
 
+With `--resume`, the checkpoint's options come first and only the options given explicitly (in
+the file or as flags) override them: see `mhpo.trainer.checkpoint`.
+
 Also the entry point under `torchrun --nproc-per-node N -m mhpo train ...`.
 """
 
@@ -16,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mhpo.trainer import distributed
+from mhpo.trainer.checkpoint import resume_config
 from mhpo.trainer.config import TrainerConfig, load_config_file
 
 
@@ -62,16 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: Sequence[str]) -> TrainerConfig:
-    """Config file values, then flags."""
+def parse_options(argv: Sequence[str]) -> dict[str, Any]:
+    """The options given explicitly: the config file's values, then the flags actually passed."""
     args = vars(build_parser().parse_args(list(argv)))
     values: dict[str, Any] = {}
     if "config" in args:
         values |= load_config_file(args.pop("config"))
     if "hparams" in args:
         args["hparams"] = {**values.get("hparams", {}), **dict(args["hparams"])}
-    values |= args
-    return TrainerConfig(**values)
+    return values | args
+
+
+def parse_config(argv: Sequence[str]) -> TrainerConfig:
+    """Config file values, then flags; with `--resume`, the checkpoint's options under both."""
+    values = parse_options(argv)
+    return resume_config(TrainerConfig(**values), set(values))
 
 
 def main(command: str = "train", argv: Sequence[str] | None = None) -> int:
