@@ -178,16 +178,18 @@ def plain(text: Any) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("%", "&#37;")
 
 
-MARKDOWN_PUNCTUATION = re.compile(r"""([!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~])""")
+# What Markdown reads inside a link's text (links, images, emphasis, code, HTML, entities and the
+# tables' inline extensions ~~ ^ == ++); a cell starts with its link, so line-start marks cannot act.
+MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]()!<>&~^=+|])")
 
 
 def markdown_text(text: Any) -> str:
-    """`text` for a Markdown table cell, shown as typed: never a link, an image, emphasis or a heading.
+    """`text` for the text of a Markdown link in a table cell, shown as typed: never a link, image or markup.
 
-    Every ASCII punctuation mark is backslash-escaped (Markdown shows an escaped mark as
+    Every mark Markdown reads inline is backslash-escaped (Markdown shows an escaped mark as
     itself) and line breaks become spaces (a cell is one line).
     """
-    return MARKDOWN_PUNCTUATION.sub(r"\\\1", re.sub(r"[\r\n]+", " ", str(text)))
+    return MARKDOWN_INLINE.sub(r"\\\1", re.sub(r"[\r\n]+", " ", str(text)))
 
 
 def _finite_or_none(values: Iterable[float | None]) -> list[float | None]:

@@ -16,6 +16,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DataError, DBAPIError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mhpo import __version__
 from mhpo_server.config import Settings, data_dir
 from mhpo_server.flags.service import install as install_flags
 from mhpo_server.health import ListenerHealth
@@ -25,10 +29,6 @@ from mhpo_server.responses import NaNJSONResponse
 from mhpo_server.routes import auth, events, health, mlflow, projects, records, runs, series
 from mhpo_server.schemas import ERROR_RESPONSES, RecordIn
 from mhpo_server.store import Conflict, Invalid, NotFound, StorageFull, Store, Unavailable, open_store, storage_fault
-from sqlalchemy.exc import DataError, DBAPIError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from mhpo import __version__
 
 IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
 EventSource = Callable[[Store, str], list[dict[str, Any]]]
@@ -90,7 +90,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                 max_age_s=settings.dashboard_session_hours * 3600,
                 cookie_secure=settings.dashboard_cookie_secure,
             )
-        mount_dashboard(app, self_url(settings.host, settings.port), token=public_token, login=login)
+        mount_dashboard(
+            app,
+            self_url(settings.host, settings.port),
+            token=public_token,
+            login=login,
+            max_compare_runs=settings.dashboard_max_compare_runs,
+        )
     return app
 
 
