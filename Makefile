@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 VERL_SPEC ?= verl>=0.9.1,<0.10
 BIN := $(VENV)/bin
 
-.PHONY: install demo test
+.PHONY: install demo test lint docs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,13 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# ruff (lint and format) and mypy, configured in pyproject.toml; CI runs this before the tests.
+lint: $(BIN)/.installed
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+	$(BIN)/python -m mypy
+
+# The docs site, as CI builds it: a broken link or anchor, or a page left out of the nav, fails.
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet --site-dir site

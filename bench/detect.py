@@ -43,6 +43,8 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from servers import mhpo_server
+
 from mhpo_server.flags import FlagParams, History, detect
 from mhpo_server.flags.synthetic import (
     GOAL_DELAY,
@@ -54,7 +56,6 @@ from mhpo_server.flags.synthetic import (
     pattern_stream,
     score,
 )
-from servers import mhpo_server
 
 ALL_OFF = {name: {"enabled": False} for name in FlagParams.model_fields}
 PATTERN_GOAL = {"collapse": 30, "entropy_surge": 30, "kl_spike": 2}

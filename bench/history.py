@@ -17,8 +17,9 @@ import time
 import uuid
 from pathlib import Path
 
-import mhpo_migrations
 import psycopg
+
+import mhpo_migrations
 from mhpo_server.schemas import RecordIn, RunCreate
 from mhpo_server.store import open_store
 

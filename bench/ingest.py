@@ -102,12 +102,12 @@ class MHPOTarget(Target):
         now = time.time()
         if batched:
             records = [
-                {"step": n * BATCH_STEPS + s, "time": now, "scalars": {k: s * 0.5 for k in BATCH_KEYS}}
+                {"step": n * BATCH_STEPS + s, "time": now, "scalars": dict.fromkeys(BATCH_KEYS, s * 0.5)}
                 for s in range(BATCH_STEPS)
             ]
             points = BATCH_STEPS * len(BATCH_KEYS)
         else:
-            records = [{"step": n, "time": now, "scalars": {k: n * 0.5 for k in STEP_KEYS}}]
+            records = [{"step": n, "time": now, "scalars": dict.fromkeys(STEP_KEYS, n * 0.5)}]
             points = len(STEP_KEYS)
         body = json.dumps({"batch_id": str(uuid.uuid4()), "records": records}).encode()
         return f"/api/v1/runs/{run_id}/records", body, points

@@ -42,7 +42,7 @@ def main() -> None:
     port = free_port()
     server = start_server(f"sqlite:///{tmp / 'bench.db'}", port)
     try:
-        common = dict(steps=args.steps + args.warmup, progress=False, seed=0, project="bench", lr=5e-4)
+        common = {"steps": args.steps + args.warmup, "progress": False, "seed": 0, "project": "bench", "lr": 5e-4}
         on = Trainer(TrainerConfig(stream=True, server=f"http://127.0.0.1:{port}", name="stream-on", **common))
         off = Trainer(TrainerConfig(stream=False, name="stream-off", **common))
         times: dict[str, list[float]] = {"on": [], "off": []}

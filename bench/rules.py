@@ -34,10 +34,10 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mhpo_server.alerts.rules import RuleStates
-from mhpo_server.flags.detectors import History
 from servers import mhpo_server
 
+from mhpo_server.alerts.rules import RuleStates
+from mhpo_server.flags.detectors import History
 from tests.flags.test_rule_state import make_rule, naive_firings
 
 FOR_STEPS = 10_000

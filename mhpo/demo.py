@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -48,18 +48,18 @@ def demo_configs(steps: int, seed: int, task: str, project: str, server: str, pr
     """The two runs: identical except for the loss (MHPO defaults; GRPO eps = 0.2)."""
     from mhpo.trainer import TrainerConfig
 
-    common = dict(
-        task=task,
-        steps=steps,
-        seed=seed,
-        project=project,
-        server=server,
-        progress=progress,
-        prompts_per_step=16,
-        group_size=8,
-        lr=5e-4,
-        model="tiny",
-    )
+    common: dict[str, Any] = {
+        "task": task,
+        "steps": steps,
+        "seed": seed,
+        "project": project,
+        "server": server,
+        "progress": progress,
+        "prompts_per_step": 16,
+        "group_size": 8,
+        "lr": 5e-4,
+        "model": "tiny",
+    }
     return [TrainerConfig(loss=loss, name=f"{loss}-{task}-s{seed}", **common) for loss in ("mhpo", "grpo")]
 
 

@@ -214,7 +214,7 @@ def _x_slots(x_ok: Tensor, offset: Tensor, out: Tensor) -> Tensor:
     float64 copy takes the product and the floor; on the CPU the index is then int16 and the
     offset an int16 add (cheaper passes than float64 ones).
     """
-    p, q, shift = _X_SCALE
+    p, q, _ = _X_SCALE
     w = (_X_SPEC.hi - _X_SPEC.lo) / _X_SPEC.bins
     clamped = torch.clamp(x_ok, _X_SPEC.lo - w / 2, _X_SPEC.hi, out=out)  # < lo: underflow, hi: overflow
     y = clamped.to(torch.float64).mul_(p)
@@ -329,9 +329,9 @@ class DiagnosticsAccumulator:
         """Add one micro-batch: `logp`, `old_logp`, `mask`, `entropy`, `token_ids` (B, T);
         `advantages` (B,) or (B, T); `loss_stats` the `LossOutput.stats` of this micro-batch.
         """
-        for name, t in (("entropy", entropy), ("token_ids", token_ids)):
-            if t is not None and tuple(t.shape) != tuple(logp.shape):
-                raise ValueError(f"{name} has shape {tuple(t.shape)} but logp has shape {tuple(logp.shape)}")
+        for name, given in (("entropy", entropy), ("token_ids", token_ids)):
+            if given is not None and tuple(given.shape) != tuple(logp.shape):
+                raise ValueError(f"{name} has shape {tuple(given.shape)} but logp has shape {tuple(logp.shape)}")
         check_inputs(logp, old_logp, advantages, mask)
         if logp.numel() == 0:  # (0, T) or (B, 0): no token; one masked column keeps B rows counted
             self._update_empty(logp, old_logp, advantages, mask, loss_stats, entropy, token_ids)
@@ -350,7 +350,9 @@ class DiagnosticsAccumulator:
         # CPU: try the fast path first, where masking is a product and NaN needs no handling;
         # the sums it needs anyway tell (one read-back, free there) whether every value was
         # finite, else the micro-batch is redone with the NaN-safe path (always taken on CUDA).
-        clean = x_rows = dots = None
+        clean = False
+        x_rows: Tensor | None = None
+        dots: list[Tensor] | None = None
         if logp_c.device.type == "cpu":
             x = (logp_c - old_logp.detach().to(dtype)).mul_(vf)
             seq, values, zeta_pos, zeta_neg = self._values(x, valid, adv_t, stats)
@@ -366,6 +368,7 @@ class DiagnosticsAccumulator:
         # ok: the tokens the histograms, min/max and percentiles keep (valid, x not NaN); x_ok
         # and the value sources are 0 / finite on the others, so every index below is defined.
         if clean:
+            assert x_rows is not None and dots is not None  # the CPU pass that found every value finite
             ok, ok_f, x_ok, sources = valid, vf, x, values
         else:
             ok = valid & ~torch.isnan(x)
@@ -412,10 +415,10 @@ class DiagnosticsAccumulator:
         if fast_rows:
             masked = t - ok_rows
             if seq is None and lo > -math.inf:
-                low_rows = _n_cmp(x, lo, True, True) - masked * float(0.0 < float(torch.tensor(lo, dtype=dtype)))
+                low_rows = _n_cmp(x, lo, True, True) - masked * float(float(torch.tensor(lo, dtype=dtype)) > 0.0)
                 clip_low = torch.dot(low_rows, (adv < 0).to(dtype))
             if seq is None and hi < math.inf:
-                high_rows = _n_cmp(x, hi, False, True) - masked * float(0.0 > float(torch.tensor(hi, dtype=dtype)))
+                high_rows = _n_cmp(x, hi, False, True) - masked * float(float(torch.tensor(hi, dtype=dtype)) < 0.0)
                 clip_high = torch.dot(high_rows, (adv > 0).to(dtype))
         elif row_adv:
             if seq is None and lo > -math.inf:
@@ -486,6 +489,7 @@ class DiagnosticsAccumulator:
                 if key == "multiplier":
                     vanish = _n_cmp(filled, VANISH, True) - left * float(float(ref_v) < VANISH)
             else:
+                assert dump is not None  # made above for this (not clean) path
                 counts.append(_count(_value_slots(v, i, scratch).add_(dump), 2 * _DUMP)[:size])
                 low = torch.add(v, pen, out=scratch).amin()
                 if key == "multiplier":
@@ -570,8 +574,8 @@ class DiagnosticsAccumulator:
         b = logp.shape[0]
         rows = max(b, 1)
 
-        def pad(t: Tensor | None, fill: float | bool = 0) -> Tensor | None:
-            return None if t is None else torch.full((rows, 1), fill, dtype=t.dtype, device=t.device)
+        def pad(t: Tensor, fill: float | bool = 0) -> Tensor:
+            return torch.full((rows, 1), fill, dtype=t.dtype, device=t.device)
 
         adv = advantages.new_zeros((rows,) if advantages.dim() == 1 else (rows, 1))
         self.update(
@@ -580,8 +584,8 @@ class DiagnosticsAccumulator:
             adv,
             pad(mask, False),
             loss_stats=loss_stats,
-            entropy=pad(entropy),
-            token_ids=pad(token_ids),
+            entropy=None if entropy is None else pad(entropy),
+            token_ids=None if token_ids is None else pad(token_ids),
         )
         if b == 0:
             self._updates[-1].sums[_SUMS.index("n_seq")] -= 1
@@ -765,11 +769,11 @@ class DiagnosticsAccumulator:
             return mean, math.sqrt(max(var, 0.0)) if math.isfinite(var) else math.nan
 
         if n == 0:  # an empty step: token counts, and none of the statistics that need a token
-            scalars = {"tokens/valid": 0.0}
+            scalars: dict[str, float] = {"tokens/valid": 0.0}
             if s["loss_n"] > 0:
                 scalars["train/loss"] = s["loss_sum"] / s["loss_n"]
             return StepStats(scalars=scalars, histograms={}, outliers=[])
-        scalars: dict[str, float] = {"tokens/valid": float(n)}
+        scalars = {"tokens/valid": float(n)}
         sx, sqx = float(x_mom[0, :3].sum()), float(x_mom[1, :3].sum())
         x_mean, x_std = mean_std(sx, sqx, n_ok)
         scalars["ratio/mean"], scalars["ratio/std"] = x_mean, x_std
@@ -804,7 +808,10 @@ class DiagnosticsAccumulator:
             spec_o = HISTOGRAMS[key]
             other[key] = other_counts[offsets[i] : offsets[i] + spec_o.bins + 2]
         z_mean, _ = mean_std(o_mom[1, 0], o_mom[1, 1], n_ok)
-        nan_or = lambda v: math.nan if has_nan else v
+
+        def nan_or(v: float) -> float:
+            return math.nan if has_nan else v
+
         scalars["hazard/zeta_mean"] = z_mean
         scalars["hazard/zeta_p99"] = float(z_q[0])
         scalars["hazard/zeta_pos_mean"] = nan_or(ratio(s["zeta_pos_sum"], n))

@@ -48,7 +48,7 @@ def fresh_pg_database(prefix: str = "mhpo_test", template: str | None = None) ->
         import psycopg
 
         admin = psycopg.connect(_psycopg_dsn(_pg_admin_url()), autocommit=True, connect_timeout=3)
-    except Exception as exc:  # noqa: BLE001 - any connection failure means "not available"
+    except Exception as exc:
         _missing("PostgreSQL", "MHPO_REQUIRE_PG", str(exc))
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with admin:

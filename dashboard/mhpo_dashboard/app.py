@@ -155,7 +155,7 @@ def create_dash(
         title="MHPO Monitor",
         requests_pathname_prefix=requests_pathname_prefix,
         suppress_callback_exceptions=True,
-        update_title=None,
+        update_title="",  # the tab title stays as it is while callbacks run
         on_error=show_callback_error,
         assets_folder=str(Path(__file__).resolve().parent / "assets"),
         assets_ignore=re.escape(PLOTLY_BUNDLE),  # served, but loaded only by the hook below

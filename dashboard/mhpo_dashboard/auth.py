@@ -27,10 +27,13 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 from urllib.parse import quote, urlsplit
 
 import flask
 from cryptography.fernet import Fernet, InvalidToken
+from werkzeug.wrappers import Response
+
 from mhpo_dashboard.api import ApiClient, ApiError
 
 __all__ = ["COOKIE", "SECRET_FILE", "Sessions", "Viewer", "install_login", "load_or_create_secret", "viewer"]
@@ -42,6 +45,15 @@ MAX_TOKEN_CHARS = 512
 PUBLIC_PATHS = ("assets/", "_dash-component-suites/", "_favicon.ico")
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 LOCAL_PATH = re.compile(r"/(?!/)[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*")  # a path, no host, no whitespace or backslash
+
+
+class CookieArgs(TypedDict):
+    """The session cookie's attributes, the same when it is set and when it is deleted."""
+
+    path: str
+    httponly: bool
+    samesite: str
+    secure: bool
 
 
 @dataclass(frozen=True)
@@ -138,7 +150,7 @@ def install_login(
 ) -> None:
     """Add `/login`, `/logout` and the per-request guard (see the module docstring) to the Dash server."""
 
-    def cookie_args() -> dict[str, object]:
+    def cookie_args() -> CookieArgs:
         secure = flask.request.scheme == "https" if cookie_secure is None else cookie_secure
         return {"path": requests_prefix, "httponly": True, "samesite": "Lax", "secure": secure}
 
@@ -156,7 +168,7 @@ def install_login(
         response.headers["Cache-Control"] = "no-store"
         return response
 
-    def login() -> flask.Response:
+    def login() -> Response:
         if flask.request.method == "GET":
             return login_page(target=flask.request.args.get("next"))
         token = flask.request.form.get("token", "").strip()
@@ -175,7 +187,7 @@ def install_login(
         app.logger.info("dashboard login for project %r (%s)", who.get("project"), who.get("scope"))
         return response
 
-    def logout() -> flask.Response:
+    def logout() -> Response:
         response = flask.redirect(requests_prefix + "login", code=303)
         response.delete_cookie(COOKIE, **cookie_args())
         return response
@@ -186,11 +198,11 @@ def install_login(
             return True  # not sent by a browser (browsers send Origin with every POST)
         return urlsplit(source).netloc == flask.request.host
 
-    def refuse(message: str, clear_cookie: bool = False) -> flask.Response:
+    def refuse(message: str, clear_cookie: bool = False) -> Response:
         """Dash's own routes and non-GETs get 401 JSON; a page gets a redirect to the form."""
         relative = flask.request.path[len(routes_prefix) :]
         if relative.startswith("_dash-") or flask.request.method not in SAFE_METHODS:
-            response = flask.jsonify(detail=message)
+            response: Response = flask.jsonify(detail=message)
             response.status_code = 401
         else:
             here = requests_prefix + relative
@@ -201,7 +213,7 @@ def install_login(
             response.delete_cookie(COOKIE, **cookie_args())
         return response
 
-    def guard() -> flask.Response | None:
+    def guard() -> Response | None:
         relative = flask.request.path[len(routes_prefix) :] if flask.request.path.startswith(routes_prefix) else ""
         if relative.startswith(PUBLIC_PATHS):
             return None

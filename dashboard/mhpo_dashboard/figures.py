@@ -349,7 +349,9 @@ def nan_shapes(rows: Sequence[Sequence[str]], series: Mapping[str, Mapping[str, 
             {
                 step
                 for k in keys
-                for step, v in zip((series.get(k) or {}).get("step") or [], (series.get(k) or {}).get("value") or [])
+                for step, v in zip(
+                    (series.get(k) or {}).get("step") or [], (series.get(k) or {}).get("value") or [], strict=True
+                )
                 if v is None or not math.isfinite(v)
             }
         )
@@ -570,7 +572,7 @@ def on_policy_steps(series: Mapping[str, Mapping[str, list]]) -> set[int]:
         if not s:
             return {}
         lows, highs = s.get("min") or s["value"], s.get("max") or s["value"]
-        return {int(st): lo == 0 and hi == 0 for st, lo, hi in zip(s["step"], lows, highs)}
+        return {int(st): lo == 0 and hi == 0 for st, lo, hi in zip(s["step"], lows, highs, strict=True)}
 
     index = zero(series.get("train/update_index"))
     if index:
@@ -819,14 +821,16 @@ def step_histogram_figure(
                     "line": {"dash": dash, "width": 2, "color": "#000" if name == loss else "#9467bd"},
                 }
             )
-    shapes, annotations = [], []
+    shapes: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for name, colour in (("grpo", "#ff7f0e"), ("dapo", "#8c564b")):
         bounds = _clip_bounds(name, hparams if name == loss else {})
         for b in bounds or ():
             if b is not None and math.isfinite(b):
-                shape, label = _vline(b, colour, label=name.upper(), position="top" if name == "grpo" else "bottom")
+                shape, note = _vline(b, colour, label=name.upper(), position="top" if name == "grpo" else "bottom")
                 shapes.append(shape)
-                annotations.append(label)
+                if note is not None:  # always, with a label
+                    annotations.append(note)
     annotations += [
         {"text": plain(n), "showarrow": False, "xref": "paper", "yref": "paper", "x": 0, "y": -0.55, "xanchor": "left"}
         for n in notes
@@ -923,7 +927,9 @@ def condition_text(cond: dict[str, Any] | None) -> str:
         n = cond.get("for_steps") or 1
         return f"{cond.get('key')} {cond.get('op')} {cond.get('value'):g} for {n} step{'s' if n != 1 else ''}"
     if kind == "spike":
-        direction = {"up": "upward", "down": "downward", "both": "upward or downward"}.get(cond.get("direction"), "")
+        direction = {"up": "upward", "down": "downward", "both": "upward or downward"}.get(
+            str(cond.get("direction")), ""
+        )
         return f"{cond.get('key')} {direction} spike (robust z > {cond.get('z'):g})"
     if kind == "flag":
         flag = "any flag" if cond.get("kind") in (None, "*") else f"flag {cond.get('kind')}"
@@ -999,7 +1005,7 @@ def config_diff(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         values = [f.get(key, missing) for f in flats]
         if any(v != values[0] for v in values[1:]):
             row: dict[str, Any] = {"key": key}
-            for run, v in zip(runs, values):
+            for run, v in zip(runs, values, strict=True):
                 row[run_label(run)] = "—" if v is missing else str(v)
             rows.append(row)
     return rows
@@ -1114,7 +1120,7 @@ def _integral_abs_linear(start: np.ndarray, stop: np.ndarray, widths: np.ndarray
 
 def first_parting_step(steps: Sequence[int], distances: Sequence[float], threshold: float) -> int | None:
     """The first step whose distance exceeds `threshold` (None if the runs never part)."""
-    for s, d in zip(steps, distances):
+    for s, d in zip(steps, distances, strict=True):
         if d > threshold:
             return int(s)
     return None

@@ -172,16 +172,17 @@ class Run:
         )
         self.spool = Spool(Path(spool_dir) if spool_dir is not None else default_spool_dir(), self.server, max_bytes)
         self.spool_dir = self.spool.run_dir(self.id)
-        self._lock = self.spool.lock(self.id)
+        lock = self.spool.lock(self.id)
         give_up = _time.monotonic() + LOCK_WAIT_S
-        while self._lock is None and _time.monotonic() < give_up:  # another process may be replaying its leftovers
+        while lock is None and _time.monotonic() < give_up:  # another process may be replaying its leftovers
             _time.sleep(0.1)
-            self._lock = self.spool.lock(self.id)
-        if self._lock is None:
+            lock = self.spool.lock(self.id)
+        if lock is None:
             raise MHPOClientError(
                 f"run_id={self.id!r} is already open in another live process (its spool {self.spool_dir} is locked); "
                 "finish it there or pick another run_id"
             )
+        self._lock = lock
         self.spool.remove_meta(self.id, STATUS_META)  # this process decides the final status now
         self._buffer: deque[Any] = deque()
         self._queue_size = queue_size
@@ -291,7 +292,7 @@ class Run:
             "outliers": list(outliers) if outliers else [],
         }
         if len(self._buffer) >= self._queue_size:
-            self._wait_for_room(record["step"])
+            self._wait_for_room(step)
         self._buffer.append(record)
 
     def _wait_for_room(self, step: int) -> None:

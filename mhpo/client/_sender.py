@@ -265,7 +265,7 @@ class Sender(threading.Thread):
             records = {r["step"]: r for r in json.loads(body)["records"]}
         except (ValueError, KeyError, TypeError):
             records = {}
-        kept: dict[int, dict[str, Any]] = {}
+        kept: dict[int | None, dict[str, Any]] = {}
         for item in rejected:
             step, field_name, key = item.get("step"), item.get("field"), item.get("key")
             source = records.get(step, {})

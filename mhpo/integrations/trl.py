@@ -80,6 +80,11 @@ class GRPOTrainer(trl.GRPOTrainer):
     `top_k_outliers`.
     """
 
+    # What TRL sets in `__init__`, typed as used here (the base classes declare the wider types).
+    args: trl.GRPOConfig
+    model: torch.nn.Module
+    _run_options: dict[str, Any]
+
     def __init__(
         self,
         *args: Any,
@@ -108,7 +113,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                 )
             if self.use_adaptive_entropy:
                 raise ValueError("use_adaptive_entropy=True is not supported with a registry loss; set loss=None")
-            diag_name, diag_hp = loss, self.mhpo_hparams
+            diag_name, diag_hp = self.mhpo_loss.name, self.mhpo_hparams
         else:
             if loss_hparams or agg:
                 raise ValueError("loss_hparams and agg need a registry loss: pass loss='mhpo' (or another name)")
@@ -160,7 +165,7 @@ class GRPOTrainer(trl.GRPOTrainer):
     def _resume_run_from(self, checkpoint: str | bool | None) -> None:
         """Remember the run saved with `checkpoint` and its step, for the run opened on the first record."""
         if isinstance(checkpoint, bool):  # True: transformers' choice (no folder: its own error follows)
-            latest = checkpoint and os.path.isdir(self.args.output_dir)
+            latest = checkpoint and self.args.output_dir is not None and os.path.isdir(self.args.output_dir)
             checkpoint = get_last_checkpoint(self.args.output_dir) if latest else None
         if checkpoint is None or not self._own_run or self._run is not None:
             return
@@ -198,7 +203,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         for o in outliers:
             if decode is not None and not o.get("text") and o.get("token_id") is not None:
                 o["text"] = decode([int(o["token_id"])])
-        per_generation = self.args.steps_per_generation * self.num_iterations
+        steps_per_generation = self.args.steps_per_generation
+        assert steps_per_generation is not None  # GRPOConfig.__post_init__ fills it in
+        per_generation = steps_per_generation * self.num_iterations
         scalars = {
             **stats.scalars,
             "train/update_index": float((self._step % per_generation) // self.current_gradient_accumulation_steps),
@@ -279,6 +286,7 @@ class GRPOTrainer(trl.GRPOTrainer):
 
     def _registry_loss(self, model: Any, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """TRL's `_compute_loss` with the registry loss as the policy term (see the module docstring)."""
+        assert self.mhpo_loss is not None  # called only when a registry loss was given
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)

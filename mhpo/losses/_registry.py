@@ -231,3 +231,11 @@ def require(condition: bool, loss: str, key: str, value: object, rule: str) -> N
     """Raise ValueError `loss: key=value must ...` when a hyper-parameter breaks its rule."""
     if not condition:
         raise ValueError(f"{loss}: hyper-parameter {key}={value!r} must be {rule}")
+
+
+def num(hp: HParams, key: str) -> float:
+    """Hyper-parameter `key` as a float: for the ones whose check already refused None."""
+    value = hp[key]
+    if value is None:
+        raise ValueError(f"hyper-parameter {key}=None must be a number; pass {key}=<float>")
+    return float(value)

@@ -14,23 +14,26 @@ import math
 import torch
 from torch import Tensor
 
-from mhpo.losses._registry import HParams, TokenInputs, register_loss, require
+from mhpo.losses._registry import HParams, TokenInputs, num, register_loss, require
 
 
 def _weight(x: Tensor, hp: HParams) -> Tensor:
-    low = None if hp["eps_low"] is None else 1.0 - float(hp["eps_low"])
-    return torch.exp(x).clamp(min=low, max=1.0 + float(hp["eps_high"]))
+    eps_low = hp["eps_low"]
+    low = None if eps_low is None else 1.0 - eps_low
+    return torch.exp(x).clamp(min=low, max=1.0 + num(hp, "eps_high"))
 
 
 def _check(hp: HParams) -> None:
-    require(hp["eps_high"] is not None and hp["eps_high"] > 0, "cispo", "eps_high", hp["eps_high"], "> 0")
-    if hp["eps_low"] is not None:
-        require(0 < hp["eps_low"] < 1, "cispo", "eps_low", hp["eps_low"], "in (0, 1) or None")
+    eps_high, eps_low = hp["eps_high"], hp["eps_low"]
+    require(eps_high is not None and eps_high > 0, "cispo", "eps_high", eps_high, "> 0")
+    if eps_low is not None:
+        require(0 < eps_low < 1, "cispo", "eps_low", eps_low, "in (0, 1) or None")
 
 
 def _bounds(hp: HParams) -> tuple[float, float]:
-    low = -math.inf if hp["eps_low"] is None else math.log(1.0 - hp["eps_low"])
-    return low, math.log(1.0 + hp["eps_high"])
+    eps_low = hp["eps_low"]
+    low = -math.inf if eps_low is None else math.log(1.0 - eps_low)
+    return low, math.log(1.0 + num(hp, "eps_high"))
 
 
 @register_loss(

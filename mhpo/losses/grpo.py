@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from mhpo.losses._registry import HParams, TokenInputs, register_loss, require
+from mhpo.losses._registry import HParams, TokenInputs, num, register_loss, require
 
 
 def ppo_clip(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Tensor:
@@ -31,8 +31,9 @@ def ppo_multiplier(x: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> T
 
 
 def check_eps(loss: str, hp: HParams, low: str, high: str) -> None:
-    require(hp[low] is not None and 0 < hp[low] < 1, loss, low, hp[low], "in (0, 1)")
-    require(hp[high] is not None and hp[high] > 0, loss, high, hp[high], "> 0")
+    lo, hi = hp[low], hp[high]
+    require(lo is not None and 0 < lo < 1, loss, low, lo, "in (0, 1)")
+    require(hi is not None and hi > 0, loss, high, hi, "> 0")
 
 
 def log_bounds(eps_low: float, eps_high: float) -> tuple[float, float]:
@@ -43,8 +44,8 @@ def log_bounds(eps_low: float, eps_high: float) -> tuple[float, float]:
     "grpo",
     defaults={"eps": 0.2},
     agg="seq-mean-token-mean",
-    multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, hp["eps"], hp["eps"]),
-    clip_bounds=lambda hp: log_bounds(hp["eps"], hp["eps"]),
+    multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, num(hp, "eps"), num(hp, "eps")),
+    clip_bounds=lambda hp: log_bounds(num(hp, "eps"), num(hp, "eps")),
     check=lambda hp: check_eps("grpo", hp, "eps", "eps"),
 )
 def grpo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
@@ -53,5 +54,5 @@ def grpo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str,
     Source: DeepSeekMath (arXiv 2402.03300); TRL `GRPOTrainer._compute_loss`, verl
     `compute_policy_loss_vanilla`.
     """
-    eps = float(hp["eps"])
+    eps = num(hp, "eps")
     return ppo_clip(torch.exp(inputs.x), inputs.adv, eps, eps), {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mhpo.losses._registry import HParams, TokenInputs, register_loss
+from mhpo.losses._registry import HParams, TokenInputs, num, register_loss
 from mhpo.losses.grpo import check_eps, log_bounds, ppo_clip, ppo_multiplier
 
 
@@ -26,8 +26,8 @@ def sequence_log_ratio(x: Tensor, mask: Tensor) -> Tensor:
     "gspo",
     defaults={"eps_low": 3e-4, "eps_high": 4e-4},
     agg="seq-mean-token-mean",
-    multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, hp["eps_low"], hp["eps_high"]),
-    clip_bounds=lambda hp: log_bounds(hp["eps_low"], hp["eps_high"]),
+    multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, num(hp, "eps_low"), num(hp, "eps_high")),
+    clip_bounds=lambda hp: log_bounds(num(hp, "eps_low"), num(hp, "eps_high")),
     check=lambda hp: check_eps("gspo", hp, "eps_low", "eps_high"),
 )
 def gspo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
@@ -38,5 +38,5 @@ def gspo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str,
     x = inputs.x
     seq = sequence_log_ratio(x, inputs.mask).detach()
     log_s = x - x.detach() + seq.unsqueeze(-1)
-    per_token = ppo_clip(torch.exp(log_s), inputs.adv, float(hp["eps_low"]), float(hp["eps_high"]))
+    per_token = ppo_clip(torch.exp(log_s), inputs.adv, num(hp, "eps_low"), num(hp, "eps_high"))
     return per_token, {"seq_log_ratio": seq}

@@ -19,14 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from mhpo.losses._registry import HParams, TokenInputs, register_loss, require
+from mhpo.losses._registry import HParams, TokenInputs, num, register_loss, require
 
 DEFAULTS: dict[str, float | None] = {"c": 1.5, "k_pos": 1.5, "lambda_pos": 1.0, "k_neg": 2.0, "lambda_neg": 0.8}
 
 
 def _check(hp: HParams) -> None:
     for key in DEFAULTS:
-        require(hp[key] is not None and hp[key] > 0, "mhpo", key, hp[key], "> 0")
+        value = hp[key]
+        require(value is not None and value > 0, "mhpo", key, value, "> 0")
 
 
 def _pow_(t: Tensor, k: float) -> Tensor:
@@ -45,12 +46,12 @@ def hazard(x: Tensor, hp: HParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
     softplus(-psi) is taken as softplus(psi) - psi (exact identity; psi is bounded by c).
     """
-    c = float(hp["c"])
+    c = num(hp, "c")
     u = x / c
     psi = torch.tanh(u).mul_(c)
     sp = F.softplus(psi)
-    zeta_neg = _pow_((sp - psi).div_(float(hp["lambda_neg"])), float(hp["k_neg"]))
-    zeta_pos = _pow_(sp.div_(float(hp["lambda_pos"])), float(hp["k_pos"]))
+    zeta_neg = _pow_((sp - psi).div_(num(hp, "lambda_neg")), num(hp, "k_neg"))
+    zeta_pos = _pow_(sp.div_(num(hp, "lambda_pos")), num(hp, "k_pos"))
     return u, psi, zeta_pos, zeta_neg
 
 
@@ -69,7 +70,7 @@ class _MHPOTokenObjective(torch.autograd.Function):
     """l = -exp(psi - sg[zeta]) * A with the gradient -A * M w.r.t. x (first order only)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx, x: Tensor, adv: Tensor, c: float, k_pos: float, lam_pos: float, k_neg: float, lam_neg: float
     ) -> tuple[Tensor, ...]:
         hp = {"c": c, "k_pos": k_pos, "lambda_pos": lam_pos, "k_neg": k_neg, "lambda_neg": lam_neg}
@@ -84,7 +85,7 @@ class _MHPOTokenObjective(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: FunctionCtx, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
         adv, mult = ctx.saved_tensors  # type: ignore[attr-defined]
         return (grad * mult).mul_(adv).neg_(), None, None, None, None, None, None
 
@@ -106,11 +107,11 @@ def mhpo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str,
     per_token, psi, zeta, zeta_pos, zeta_neg, mult = _MHPOTokenObjective.apply(
         inputs.x,
         inputs.adv,
-        float(hp["c"]),
-        float(hp["k_pos"]),
-        float(hp["lambda_pos"]),
-        float(hp["k_neg"]),
-        float(hp["lambda_neg"]),
+        num(hp, "c"),
+        num(hp, "k_pos"),
+        num(hp, "lambda_pos"),
+        num(hp, "k_neg"),
+        num(hp, "lambda_neg"),
     )
     stats = {"psi": psi, "zeta": zeta, "zeta_pos": zeta_pos, "zeta_neg": zeta_neg, "multiplier": mult}
     return per_token, stats

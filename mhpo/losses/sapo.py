@@ -19,12 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mhpo.losses._registry import HParams, TokenInputs, register_loss, require
+from mhpo.losses._registry import HParams, TokenInputs, num, register_loss, require
 
 
 def _tau(adv: Tensor, hp: HParams) -> Tensor:
-    tau_pos = torch.tensor(float(hp["tau_pos"]), dtype=adv.dtype, device=adv.device)
-    tau_neg = torch.tensor(float(hp["tau_neg"]), dtype=adv.dtype, device=adv.device)
+    tau_pos = torch.tensor(num(hp, "tau_pos"), dtype=adv.dtype, device=adv.device)
+    tau_neg = torch.tensor(num(hp, "tau_neg"), dtype=adv.dtype, device=adv.device)
     return torch.where(adv >= 0, tau_pos, tau_neg)
 
 
@@ -44,7 +44,8 @@ def _multiplier(x: Tensor, adv: Tensor, hp: HParams) -> Tensor:
 
 def _check(hp: HParams) -> None:
     for key in ("tau_pos", "tau_neg"):
-        require(hp[key] is not None and hp[key] > 0, "sapo", key, hp[key], "> 0")
+        value = hp[key]
+        require(value is not None and value > 0, "sapo", key, value, "> 0")
 
 
 @register_loss(

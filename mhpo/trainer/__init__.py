@@ -1,7 +1,12 @@
 """The instrumented GRPO-family trainer behind `mhpo train`."""
 
+from typing import TYPE_CHECKING
+
 from mhpo.trainer.config import TrainerConfig
 from mhpo.trainer.tasks import Example, make_task
+
+if TYPE_CHECKING:
+    from mhpo.trainer.trainer import Trainer
 
 __all__ = ["Example", "Trainer", "TrainerConfig", "make_task"]
 

@@ -78,10 +78,10 @@ def supervised_batch(
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     lab = torch.full((len(seqs), width), -100)
-    for i, (s, l) in enumerate(zip(seqs, labels, strict=True)):
+    for i, (s, lab_s) in enumerate(zip(seqs, labels, strict=True)):
         ids[i, width - len(s) :] = torch.tensor(s)
         mask[i, width - len(s) :] = 1
-        lab[i, width - len(s) :] = torch.tensor(l)
+        lab[i, width - len(s) :] = torch.tensor(lab_s)
     return ids, mask, lab
 
 

@@ -112,11 +112,12 @@ class Trainer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = getattr(torch, cfg.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(resume_path or self.base_path, dtype=dtype)
-        self.model.to(self.device).eval()  # eval: no dropout, so old_logp and logp use one function
+        # transformers types PreTrainedModel.to through functools.wraps, which mypy reads as unbound
+        self.model.to(self.device).eval()  # type: ignore[arg-type]  # eval: no dropout, one function for old_logp and logp
         self.ref_model = None
         if cfg.beta > 0:
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=dtype)
-            self.ref_model.to(self.device).eval().requires_grad_(False)
+            self.ref_model.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]  # as above
         self.ddp: Any = DistributedDataParallel(self.model) if self.dist.enabled else self.model
 
         self.lr = cfg.lr if cfg.lr is not None else (5e-4 if cfg.model == "tiny" else 1e-6)
@@ -207,7 +208,7 @@ class Trainer:
             for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
                 group["lr"] = self.cfg.lr * factor(self.scheduler.last_epoch)
             logger.warning("resuming %s with lr %g (the checkpoint was trained with lr %g)", path, self.cfg.lr, saved)
-        self.lr = self.scheduler.base_lrs[0]
+        self.lr = float(self.scheduler.base_lrs[0])
         self.rollout_step, self.opt_step, self.skipped = state["rollout_step"], state["opt_step"], state["skipped"]
         ranks = torch.load(path / f"rng-rank{self.dist.rank}.pt", weights_only=False)
         _set_rng_state(ranks["rng"])
@@ -287,7 +288,7 @@ class Trainer:
                 b_ref_logp, _ = token_logp(self.ref_model, gen.input_ids, gen.attention_mask, gen.prompt_width)
         rollout_scalars = self._rollout_scalars(gen, b_rewards, texts, b_old_logp)
 
-        records = []
+        records: list[dict[str, Any]] = []
         n = b_rewards.numel()
         mb_size = n // cfg.mini_batches
         for _ in range(cfg.ppo_epochs):
@@ -308,7 +309,7 @@ class Trainer:
         degenerate = (grouped == grouped[:, :1]).all(dim=1).float().sum()
         distinct = sum(len(set(texts[i : i + g])) / g for i in range(0, len(texts), g))
         lengths = gen.completion_mask.sum(dim=1).float().cpu()
-        sums = [
+        sums: list[Tensor | float] = [
             rewards.sum(),
             (rewards**2).sum(),
             float(rewards.numel()),
@@ -375,7 +376,9 @@ class Trainer:
                 mu_logp, mu_entropy = token_logp(
                     self.ddp, gen.input_ids[mu_idx], gen.attention_mask[mu_idx], gen.prompt_width, with_entropy=True
                 )
-                out = self.loss_fn(mu_logp, b_old_logp[mu_idx], b_adv[mu_idx], mu_mask, agg=cfg.agg, **self.hparams)
+                out = self.loss_fn(
+                    mu_logp, b_old_logp[mu_idx], b_adv[mu_idx], mu_mask, agg=cfg.agg, max_len=None, **self.hparams
+                )
                 loss = out.loss * weights[i].to(out.loss.dtype)
                 if b_ref_logp is not None:
                     d = torch.where(mu_mask, b_ref_logp[mu_idx] - mu_logp, 0.0)

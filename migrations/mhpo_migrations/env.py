@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import mhpo_server.alerts.models  # noqa: F401  (registers the tables of revision 0002 on Base)
 from alembic import context
-from mhpo_server.store.models import Base
 from sqlalchemy import create_engine, pool
+
+import mhpo_server.alerts.models  # noqa: F401  (registers the tables of revision 0002 on Base)
+from mhpo_server.store.models import Base
 
 cfg = context.config
 url = cfg.attributes.get("url") or cfg.get_main_option("sqlalchemy.url")

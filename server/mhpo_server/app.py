@@ -71,8 +71,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.store = store
     app.state.metrics = metrics
     app.state.listener_health = ListenerHealth(metrics)
-    app.state.ingest_listeners: list[IngestListener] = []
-    app.state.event_sources: list[EventSource] = []
+    ingest_listeners: list[IngestListener] = []
+    event_sources: list[EventSource] = []
+    app.state.ingest_listeners, app.state.event_sources = ingest_listeners, event_sources
     for module in (health, auth, projects, runs, records, series, events, mlflow):
         app.include_router(module.router)
     install_flags(app)

@@ -80,6 +80,7 @@ def serve(argv: Sequence[str]) -> int:
         )
         return 2
     import uvicorn
+
     from mhpo_server.app import ConfigError, create_app
     from mhpo_server.http import with_header_timeout
     from mhpo_server.store import SchemaError
@@ -100,7 +101,7 @@ def serve(argv: Sequence[str]) -> int:
         "timeout_keep_alive": settings.keep_alive_timeout_s,
     }
     if args.workers == 1:
-        uvicorn.run(app, http=with_header_timeout(settings.header_timeout_s), **common)  # type: ignore[arg-type]
+        uvicorn.run(app, http=with_header_timeout(settings.header_timeout_s), **common)
         return 0
     app.state.store.close()  # each worker process builds its own app from the same settings
     os.environ.update(
@@ -127,8 +128,9 @@ def db(argv: Sequence[str]) -> int:
     upgrade = sub.add_parser("upgrade", help="migrate the database to the newest schema")
     _db_arg(upgrade)
     args = parser.parse_args(argv)
-    import mhpo_migrations
     from sqlalchemy import make_url
+
+    import mhpo_migrations
 
     settings = _settings(args)
     mhpo_migrations.upgrade(settings.db)

@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
 from mhpo_server.config import Settings
 from mhpo_server.metrics import ServiceMetrics
 from mhpo_server.store import Store

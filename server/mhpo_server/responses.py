@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mhpo_server.schemas import SURROGATE_RE
 from pydantic import BaseModel
 from starlette.responses import JSONResponse
+
+from mhpo_server.schemas import SURROGATE_RE
 
 
 class NaNJSONResponse(JSONResponse):

@@ -7,6 +7,7 @@ Infinity / -Infinity, as Python's json module reads and writes them.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import uuid
@@ -88,7 +89,7 @@ def _storable(value: str) -> str:
 def _is_secret(key: str) -> bool:
     words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()
     parts = [w for w in re.split(r"[^a-z0-9]+", words) if w]
-    return any(p in SECRET_WORDS for p in parts) or any(pair in SECRET_PAIRS for pair in zip(parts, parts[1:]))
+    return any(p in SECRET_WORDS for p in parts) or any(pair in SECRET_PAIRS for pair in itertools.pairwise(parts))
 
 
 def clean_config(value: Any, path: tuple[str | int, ...] = ()) -> Any:

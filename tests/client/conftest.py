@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from mhpo_server.store import open_store
 
+from mhpo_server.store import open_store
 from tests.client.helpers import Target
 from tests.conftest import fresh_pg_database
 from tests.fixtures.server import LiveServer

@@ -46,7 +46,7 @@ def test_sixteen_clients_at_once_lose_nothing(shared_server: Target, tmp_path: P
                 steps[i] = step + 1
                 time.sleep(0.005)
             reports[i] = run.finish(timeout=90)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=client, args=(i, run)) for i, run in enumerate(runs)]
@@ -56,7 +56,7 @@ def test_sixteen_clients_at_once_lose_nothing(shared_server: Target, tmp_path: P
         thread.join()
 
     assert not errors, errors
-    for i, (run, report) in enumerate(zip(runs, reports)):
+    for i, (run, report) in enumerate(zip(runs, reports, strict=True)):
         assert report is not None and report.complete, report
         assert report.sent_records == steps[i] > 0 and report.dropped_records == report.rejected_records == 0
         assert sorted(shared_server.stored_steps(run.id, "ratio/k8")) == list(range(steps[i]))

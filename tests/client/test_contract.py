@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from mhpo_server.schemas import RecordsIn, RunCreate
 
 import mhpo
+from mhpo_server.schemas import RecordsIn, RunCreate
 from tests.client.helpers import histogram
 from tests.fixtures.server import free_port
 

@@ -40,7 +40,7 @@ def test_sigkill_mid_run_every_step_arrives_exactly_once(sqlite_url: str, tmp_pa
     def restart_server() -> None:
         try:
             server.start()
-        except BaseException as exc:  # noqa: BLE001 - asserted below
+        except BaseException as exc:
             restart_errors.append(exc)
 
     restart = threading.Thread(target=restart_server)
@@ -83,7 +83,7 @@ def test_sigkill_mid_run_every_step_arrives_exactly_once(sqlite_url: str, tmp_pa
             restart.join()
         server.stop()
 
-    own = sorted(wall - queued for wall, queued in zip(outage, preempted))
+    own = sorted(wall - queued for wall, queued in zip(outage, preempted, strict=True))
     outage.sort()
     p99, worst, own_worst = outage[int(len(outage) * 0.99)], outage[-1], own[-1]
     summary = (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from mhpo_dashboard.api import ApiClient, ApiError, NotAvailable, parallel
 
+from mhpo_dashboard.api import ApiClient, ApiError, NotAvailable, parallel
 from tests.fixtures.server import free_port
 
 

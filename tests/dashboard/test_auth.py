@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from mhpo_dashboard.auth import Sessions, load_or_create_secret
 
 SECRET = b"0123456789abcdef-secret"
@@ -44,5 +45,5 @@ def test_processes_starting_together_share_one_generated_secret(tmp_path: Path) 
 
 def test_a_damaged_secret_file_is_named_with_the_fix(tmp_path: Path) -> None:
     (tmp_path / "dashboard-secret").write_text("\n")
-    with pytest.raises(ValueError, match="dashboard-secret holds 0 bytes.*delete the file"):
+    with pytest.raises(ValueError, match=r"dashboard-secret holds 0 bytes.*delete the file"):
         load_or_create_secret(tmp_path)

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+
 from mhpo_dashboard.api import MAX_PARALLEL_READS, parallel
 from mhpo_server.config import Settings
-
 from tests.dashboard.callbacks import call, route
 from tests.dashboard.seeding import seed_run
 from tests.fixtures.server import LiveServer

@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from mhpo_dashboard import figures
 from mhpo_dashboard.api import key_chunks
 
@@ -20,7 +21,7 @@ def test_key_groups_put_prefix_matches_first_then_substring_grouped_by_prefix() 
     keys = ["grad/norm/layer_10", "grad/norm/layer_2", "eval/accuracy", "val/AR@100", "train/loss", "loss"]
     groups, total = figures.key_groups(keys, "")
     assert total == 6 and [g[0] for g in groups] == ["eval/", "grad/", "(no prefix)", "train/", "val/"]
-    assert dict((p, shown) for p, shown, _ in groups)["grad/"] == ["grad/norm/layer_2", "grad/norm/layer_10"]
+    assert {p: shown for p, shown, _ in groups}["grad/"] == ["grad/norm/layer_2", "grad/norm/layer_10"]
     groups, total = figures.key_groups(keys, "LOSS")
     assert total == 2 and [k for _, shown, _ in groups for k in shown] == ["loss", "train/loss"]
     groups, total = figures.key_groups([f"grad/norm/layer_{i}" for i in range(5000)], "layer", limit=60)

@@ -10,9 +10,9 @@ import plotly.graph_objects as go
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mhpo_dashboard import figures
 
 from mhpo import curves
+from mhpo_dashboard import figures
 
 
 def _hist(

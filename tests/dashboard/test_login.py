@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
-from mhpo_server.store import open_store
 
+from mhpo_server.store import open_store
 from tests.dashboard.browsing import PLOT, open_page
 from tests.dashboard.callbacks import route
 from tests.dashboard.seeding import create_run, post_records, records

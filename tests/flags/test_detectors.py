@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
+
 from mhpo_server.flags import DEFAULT_PARAMS, Flag, FlagParams, History, detect
 from mhpo_server.flags.detectors import _row_nanmedian
 from mhpo_server.flags.synthetic import (
@@ -20,7 +22,6 @@ from mhpo_server.flags.synthetic import (
     generate_suite,
     score,
 )
-from pydantic import ValidationError
 
 ALL = frozenset({"info", "warning", "critical"})
 ALARMS = frozenset({"warning", "critical"})
@@ -82,9 +83,9 @@ def test_clean_streams_really_are_noisy_with_trends() -> None:
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nan_and_infinity_fire_non_finite_once_per_onset(bad: float) -> None:
-    loss = {s: 0.1 for s in range(20)}
+    loss = dict.fromkeys(range(20), 0.1)
     loss.update({10: bad, 11: bad, 15: bad})
-    history = History({"train/loss": loss, "grad/norm": {s: 1.0 for s in range(20)}})
+    history = History({"train/loss": loss, "grad/norm": dict.fromkeys(range(20), 1.0)})
     flags = [f for f in detect(history, range(20)) if f.kind == "non_finite"]
     assert [f.step for f in flags] == [10, 15]
     assert all(f.severity == "critical" and "train/loss" in f.evidence["values"] for f in flags)
@@ -188,7 +189,7 @@ def _trust_region_stream(values: dict[str, list[float]]) -> History:
 
 def test_trust_region_needs_no_warm_up_and_fires_once_per_event() -> None:
     clip = [0.25, 0.3, 0.05, 0.05, 0.3] + [0.05] * 300 + [0.3]
-    flags = [f for f in detect(_trust_region_stream({"ratio/clip_frac": clip}), range(len(clip)))]
+    flags = list(detect(_trust_region_stream({"ratio/clip_frac": clip}), range(len(clip))))
     assert [(f.kind, f.step, f.severity) for f in flags] == [
         ("trust_region", 0, "warning"),
         ("trust_region", 305, "warning"),

@@ -8,10 +8,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import mhpo_migrations
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+
+import mhpo_migrations
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.flags import History, detect

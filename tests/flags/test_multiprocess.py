@@ -14,12 +14,12 @@ import uuid
 from typing import Any
 
 import httpx
-import mhpo_migrations
 import pytest
+
+import mhpo_migrations
+from mhpo.demo import wait_healthy
 from mhpo_server.flags.synthetic import Stream, generate_stream
 from mhpo_server.store.sql import SqlStore
-
-from mhpo.demo import wait_healthy
 from tests.conftest import fresh_pg_database
 from tests.fixtures.server import REPO_ROOT, LiveServer, free_port
 
@@ -59,18 +59,23 @@ def flags(url: str, run_id: str) -> list[tuple[Any, ...]]:
 def test_two_processes_ingesting_alternately_give_the_flags_of_one() -> None:
     stream = stream_with_events()
     batches = [(start, min(start + 12, 360)) for start in range(0, 360, 12)]
-    with fresh_pg_database() as shared, fresh_pg_database() as alone:
-        with LiveServer(shared) as a, LiveServer(shared) as b, LiveServer(alone) as single:
-            two, one = new_run(a.url), new_run(single.url)
-            for i, (start, stop) in enumerate(batches):
-                post((a, b)[i % 2].url, two, stream.records(start, stop))
-                post(single.url, one, stream.records(start, stop))
-            got, expected = flags(a.url, two), flags(single.url, one)
-            assert got == expected
-            assert flags(b.url, two) == expected
-            kinds = {(step, kind) for step, kind, *_ in expected}
-            assert {(120, "grad_spike"), (250, "kl_spike"), (300, "non_finite")} <= kinds
-            assert any(kind == "collapse" for _, kind, *_ in expected)
+    with (
+        fresh_pg_database() as shared,
+        fresh_pg_database() as alone,
+        LiveServer(shared) as a,
+        LiveServer(shared) as b,
+        LiveServer(alone) as single,
+    ):
+        two, one = new_run(a.url), new_run(single.url)
+        for i, (start, stop) in enumerate(batches):
+            post((a, b)[i % 2].url, two, stream.records(start, stop))
+            post(single.url, one, stream.records(start, stop))
+        got, expected = flags(a.url, two), flags(single.url, one)
+        assert got == expected
+        assert flags(b.url, two) == expected
+        kinds = {(step, kind) for step, kind, *_ in expected}
+        assert {(120, "grad_spike"), (250, "kl_spike"), (300, "non_finite")} <= kinds
+        assert any(kind == "collapse" for _, kind, *_ in expected)
 
 
 @pytest.mark.postgres

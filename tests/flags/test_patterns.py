@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import math
 
-import mhpo_migrations
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+import mhpo_migrations
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.flags import DEFAULT_PARAMS, Flag, FlagParams, History, detect
 from mhpo_server.flags.synthetic import pattern_stream
-from pydantic import ValidationError
 
 SEEDS = range(10)
 ONSET = 150

@@ -8,24 +8,25 @@ restart (a fresh state rebuilt from the stored points) and across a real server 
 
 from __future__ import annotations
 
+import itertools
 import math
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
-import mhpo_migrations
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import mhpo_migrations
 from mhpo_server.alerts.rules import OPS, RuleStates, _mad, history_points
 from mhpo_server.alerts.schemas import MAX_RULES_PER_PROJECT, AlertRule, SpikeCondition, ThresholdCondition
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.flags.detectors import MAD_TO_SIGMA, History, fast_median
-
 from tests.fixtures.server import LiveServer
 
 
@@ -124,7 +125,7 @@ def test_running_state_matches_the_naive_definition(
     """Batches cut anywhere, some sent out of order and some twice; a restart (fresh state) in between."""
     steps = list(range(0, 3 * len(values), 3))  # gaps between steps, as in a real run
     bounds = sorted({0, len(values), *(c for c in cuts if c < len(values))})
-    batches = [list(range(a, b)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    batches = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
     if len(batches) > 2:
         i = shuffle.randrange(len(batches) - 1)
         batches[i], batches[i + 1] = batches[i + 1], batches[i]  # one out-of-order pair

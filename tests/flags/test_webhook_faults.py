@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-from mhpo_server.alerts.targets import TargetPolicy, TargetRefused, address_kind
 
+from mhpo_server.alerts.targets import TargetPolicy, TargetRefused, address_kind
 from tests.fixtures.server import LiveServer
 
 DEADLINE_S = 3
@@ -262,7 +262,7 @@ def settled(server: LiveServer, run_id: str, count: int = 1) -> list[dict[str, A
 
 def metric(server: LiveServer, name: str) -> float:
     for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -296,7 +296,7 @@ def test_target_table_at_save_time(server: LiveServer) -> None:
 
 
 def test_patch_to_an_internal_target_is_refused(server: LiveServer) -> None:
-    run_id, rule = new_rule(server, "https://hooks.example.com/x")
+    _, rule = new_rule(server, "https://hooks.example.com/x")
     patched = httpx.patch(
         f"{server.url}/api/v1/alert-rules/{rule.json()['id']}", json={"webhook_url": "http://2852039166/"}
     )

@@ -28,7 +28,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _quiet_trl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _quiet_trl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No hub, no telemetry, no stray logger; the client spools under the test's tmp dir."""
     for key, value in {
         "HF_HUB_OFFLINE": "1",
@@ -37,7 +37,6 @@ def _quiet_trl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None
         "TOKENIZERS_PARALLELISM": "false",
     }.items():
         monkeypatch.setenv(key, value)
-    yield
 
 
 def count_reward(completions: list[str], **_: Any) -> list[float]:
@@ -48,24 +47,24 @@ def count_reward(completions: list[str], **_: Any) -> list[float]:
 def grpo_config(tmp_path: Path, **overrides: Any) -> Any:
     from trl import GRPOConfig
 
-    values: dict[str, Any] = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=3,
-        num_iterations=2,
-        learning_rate=5e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        beta=0.0,
-        temperature=1.0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    values: dict[str, Any] = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "max_steps": 3,
+        "num_iterations": 2,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "seed": 0,
+        "beta": 0.0,
+        "temperature": 1.0,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
     values.update(overrides)
     return GRPOConfig(**values)
 

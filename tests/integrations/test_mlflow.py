@@ -7,10 +7,10 @@ from pathlib import Path
 import httpx
 import mlflow
 import pytest
-from mhpo_server.store import open_store
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mhpo_server.store import open_store
 from tests.fixtures.server import LiveServer
 from tests.integrations.conftest import count_reward, cpu_threads, grpo_config, prompts
 

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import mhpo_migrations
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+
+import mhpo_migrations
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.store import Store, open_store
-
 from tests.conftest import fresh_pg_database
 
 

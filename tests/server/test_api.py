@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.schemas import RecordIn
 from mhpo_server.store import Store, open_store
-
 from tests.server.conftest import new_run, post_json
 
 HIST = {
@@ -213,7 +213,10 @@ def test_auth_scopes_and_projects(migrated_url: str) -> None:
     write, read = store.create_token("p", "write"), store.create_token("p", "read")
     other = store.create_token("q", "write")
     store.close()
-    bearer = lambda token: {"Authorization": f"Bearer {token}"}
+
+    def bearer(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
     with TestClient(create_app(Settings(db=migrated_url, dashboard=False, auth=True))) as client:
         body = {"project": "p", "name": "r"}
         assert client.post("/api/v1/runs", json=body).status_code == 401

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.store import open_store
@@ -271,7 +272,7 @@ def test_lists_show_only_the_callers_project(worlds: dict[bool, World]) -> None:
 def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
-    print("\n" + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("\n" + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     print(line)
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))

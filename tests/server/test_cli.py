@@ -8,12 +8,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mhpo_server.cli import is_loopback
-from mhpo_server.config import Settings
-from mhpo_server.store import open_store
 from pydantic import ValidationError
 
 from mhpo.cli import main as mhpo_main
+from mhpo_server.cli import is_loopback
+from mhpo_server.config import Settings
+from mhpo_server.store import open_store
 from tests.fixtures.server import LiveServer
 from tests.server.conftest import new_run, post_json
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.schemas import invalid_key, parse_keys
 from mhpo_server.store import open_store
-from sqlalchemy import create_engine, text
-
 from tests.server.conftest import new_run, post_json
 
 SURROGATE = "\ud800"

@@ -8,13 +8,13 @@ import uuid
 from typing import Any
 
 import httpx
-import mhpo_migrations
 import pytest
 from fastapi.testclient import TestClient
+
+import mhpo_migrations
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.flags.synthetic import generate_stream
-
 from tests.fixtures.server import LiveServer
 
 

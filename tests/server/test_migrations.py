@@ -5,16 +5,17 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-import mhpo_migrations
-import mhpo_server.app  # noqa: F401  (imports every model the app uses, so all tables are compared)
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, text
+
+import mhpo_migrations
+import mhpo_server.app  # noqa: F401  (imports every model the app uses, so all tables are compared)
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.store import SchemaError, open_store
 from mhpo_server.store.models import Base
-from sqlalchemy import create_engine, text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,7 +42,7 @@ def test_server_refuses_stale_and_unknown_revisions(db_url: str) -> None:
     store = open_store(db_url)
     try:
         if mhpo_migrations.head() != "0001":
-            with pytest.raises(SchemaError, match="behind the server's .*mhpo db upgrade"):
+            with pytest.raises(SchemaError, match=r"behind the server's .*mhpo db upgrade"):
                 store.check_schema()
         with store.engine.begin() as conn:  # type: ignore[attr-defined]
             conn.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))

@@ -19,12 +19,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-from mhpo_server.app import create_app
-from mhpo_server.config import Settings
-from mhpo_server.store import open_store
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
+from mhpo_server.store import open_store
 from tests.server.conftest import new_run, post_json
 
 MAX_EXAMPLES = 8

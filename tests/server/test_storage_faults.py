@@ -9,6 +9,7 @@ database outage is a TCP proxy in front of PostgreSQL that the test stops and re
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sqlite3
 import subprocess
@@ -170,26 +171,20 @@ class TcpProxy:
             pass
         finally:
             for s in (source, sink):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def stop(self) -> None:
         if self._listener is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (close alone does not)
-            except OSError:
-                pass
             self._listener.close()
             self._listener = None
         with self._lock:
             sockets, self._sockets = self._sockets, []
         for s in sockets:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
 
@@ -235,8 +230,9 @@ def test_postgres_outage_answers_503_and_recovers_without_restart() -> None:
 def test_postgres_faults_that_cannot_be_caused_here_are_classified(error: str, status: int, reason: str) -> None:
     """The SQLSTATEs of PostgreSQL faults this machine cannot cause for real (its disk, its shutdown)."""
     import psycopg.errors
-    from mhpo_server.store import StorageFull, storage_fault
     from sqlalchemy.exc import DBAPIError
+
+    from mhpo_server.store import StorageFull, storage_fault
 
     wrapped = DBAPIError.instance(
         "INSERT ...", {}, getattr(psycopg.errors, error)("the server said so"), psycopg.errors.Error

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
+
 from mhpo_server.schemas import EventCreate, RecordIn, RunCreate
 from mhpo_server.store import Conflict, NotFound, Store, open_store
 from mhpo_server.store.models import ApiTokenRow, BatchRow, ScalarRow
 from mhpo_server.store.sql import merge_histograms
-from sqlalchemy import select
 
 NONFINITE = {"nan": math.nan, "pinf": math.inf, "ninf": -math.inf, "zero": 0.0, "big": 1.5e308, "tiny": 5e-324}
 
@@ -110,7 +111,7 @@ def test_batch_is_all_or_nothing(store: Store, run_id: str) -> None:
     """A write the database refuses half-way (a step no BIGINT holds, past the schema) leaves nothing behind."""
     unstorable = rec(2, outliers=[{"sample": 0, "position": 1, "x": 1.0, "A": 1.0}]).model_copy(update={"step": 2**70})
     bad = [rec(1, scalars={"a": 1.0}), unstorable]
-    with pytest.raises(Exception):  # noqa: B017 - the driver's own overflow error, different per database
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the driver's own overflow error, different per database
         store.write_records(run_id, "b1", bad)
     assert store.get_scalars(run_id, ["a"], None, None, 10).series == {}
     with store.engine.connect() as conn:  # type: ignore[attr-defined]
@@ -287,8 +288,10 @@ def test_histogram_merge_is_exact_property(counts: list[list[int]], max_steps: i
     merged = merge_histograms("k", rows, max_steps)
     assert len(merged.step) <= max_steps
     assert merged.step[0] == 0 and merged.step_end[-1] == 10 * (len(counts) - 1)
-    assert all(b == e + 10 for e, b in zip(merged.step_end, merged.step[1:])), "columns tile the steps"
-    for first, last, column, under in zip(merged.step, merged.step_end, merged.counts, merged.underflow):
+    assert all(b == e + 10 for e, b in zip(merged.step_end[:-1], merged.step[1:], strict=True)), (
+        "columns tile the steps"
+    )
+    for first, last, column, under in zip(merged.step, merged.step_end, merged.counts, merged.underflow, strict=True):
         members = counts[first // 10 : last // 10 + 1]
         assert column == [sum(c[b] for c in members) for b in range(3)]
         assert under == sum(range(first // 10, last // 10 + 1))

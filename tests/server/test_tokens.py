@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+
+from mhpo.cli import main as mhpo_main
 from mhpo_server.app import ConfigError, create_app
 from mhpo_server.config import Settings
 from mhpo_server.store import Store
-
-from mhpo.cli import main as mhpo_main
 
 SECRET = "s" * 32
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import httpx
 import torch
-from mhpo_server.store import open_store
 
 from mhpo.trainer import Trainer
 from mhpo.trainer.trainer import STATE_FILE
+from mhpo_server.store import open_store
 from tests.fixtures.server import LiveServer
 from tests.trainer.helpers import small_config
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import dash
 from dash import Input, Output, State, callback, ctx, dash_table, dcc, html, no_update
+
 from mhpo_dashboard.api import ApiClient, ApiError, NotAvailable
 from mhpo_dashboard.app import api
 from mhpo_dashboard.figures import alert_rows, rule_rows
@@ -391,12 +392,12 @@ def act(*args: Any) -> tuple[Any, ...]:
 
     Arguments: six click counters, the form fields (FORM_FIELDS order), then the tables' state.
     """
-    form = dict(zip(FORM_FIELDS, args[6 : 6 + len(FORM_FIELDS)]))
+    form = dict(zip(FORM_FIELDS, args[6 : 6 + len(FORM_FIELDS)], strict=True))
     rule_table, rule_sel, alert_table, alert_sel = args[6 + len(FORM_FIELDS) :]
     client = api()
     action = ctx.triggered_id
     rule_id = _selected_id(rule_table, rule_sel)
-    message = no_update
+    message: object = no_update
     try:
         if action == "alerts-create":
             created = client.create_alert_rule(rule_body(form))
@@ -424,5 +425,5 @@ def act(*args: Any) -> tuple[Any, ...]:
         names = {r["run_id"]: r["name"] for r in client.runs()}
     except ApiError as exc:
         return no_update, no_update, no_update, no_update, f"refused by the server: {exc}", no_update, no_update
-    keep = no_update if action == "alerts-refresh" else []
+    keep: object = no_update if action == "alerts-refresh" else []
     return (rule_rows(rules, names), keep, alert_rows(alerts, names), keep, message, *_empty(rules, alerts))

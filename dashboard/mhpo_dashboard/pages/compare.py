@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import dash
 from dash import Input, Output, State, callback, dash_table, dcc, html
+
 from mhpo_dashboard import figures
 from mhpo_dashboard.api import ApiClient, ApiError, parallel
 from mhpo_dashboard.app import api, max_compare_runs
@@ -76,7 +77,7 @@ def metric_figures(client: ApiClient, runs: list[dict[str, Any]], metrics: list[
     filtered = [m for m in metrics if m.startswith(("ratio/", "hazard/"))]
     data = {
         r["run_id"]: figures.off_policy_only(f["series"], filtered, figures.on_policy_steps(f["series"]))
-        for r, f in zip(runs, fetched)
+        for r, f in zip(runs, fetched, strict=True)
     }
     x_range = _x_range(runs)
     return [
@@ -100,10 +101,10 @@ def _histograms(
                 if "log_ratio" in k.get("histograms", [])
                 else None
             )
-            for r, k in zip(runs, keys)
+            for r, k in zip(runs, keys, strict=True)
         ]
     )
-    return {r["run_id"]: h for r, h in zip(runs, fetched)}
+    return {r["run_id"]: h for r, h in zip(runs, fetched, strict=True)}
 
 
 def on_policy(client: ApiClient, runs: list[dict[str, Any]], keys: list[dict[str, list[str]]]) -> dict[str, set[int]]:
@@ -118,10 +119,10 @@ def on_policy(client: ApiClient, runs: list[dict[str, Any]], keys: list[dict[str
                 end=end,
                 max_points=MAX_HEATMAP_STEPS,
             )
-            for r, k in zip(runs, keys)
+            for r, k in zip(runs, keys, strict=True)
         ]
     )
-    return {r["run_id"]: figures.on_policy_steps(f["series"]) for r, f in zip(runs, fetched)}
+    return {r["run_id"]: figures.on_policy_steps(f["series"]) for r, f in zip(runs, fetched, strict=True)}
 
 
 def distance_figure(

@@ -24,6 +24,7 @@ from typing import Any
 
 import dash
 from dash import ALL, Input, Output, Patch, State, callback, ctx, dcc, html, no_update
+
 from mhpo_dashboard import figures
 from mhpo_dashboard.api import ApiClient, ApiError, parallel
 from mhpo_dashboard.app import api, refresh_interval_ms
@@ -117,7 +118,7 @@ def _history_list(events: list[dict[str, Any]]) -> list[Any]:
     for e in found:
         evidence = e.get("evidence") or {}
         other = evidence.get("child_run_id") or evidence.get("parent_run_id")
-        link = (
+        link: list[Any] = (
             [
                 " · ",
                 dcc.Link(
@@ -461,9 +462,7 @@ def extend_custom_charts(
         return [no_update] * len(keys), no_update
     seen = set(drawn["event_ids"])
     new_events = [e for e in events if _event_id(e) not in seen]
-    out = []
-    for key in keys:
-        out.append(_append_patch(drawn["trace_maps"][key], [[key]], data["series"], new_events))
+    out = [_append_patch(drawn["trace_maps"][key], [[key]], data["series"], new_events) for key in keys]
     return out, {**drawn, "last_step": new_last, "event_ids": [_event_id(e) for e in events]}
 
 
@@ -485,7 +484,7 @@ def switch_policy(policy: str, state: dict[str, Any], selected: dict[str, Any]) 
         rows, data = _panel_data(client, run_id, keys.get("scalars", []), end=state.get("last_step"), policy=policy)
     except ApiError:
         return [no_update] * len(names), no_update
-    out = []
+    out: list[Any] = []
     for name in names:
         if name not in figures.POLICY_FILTERED_PANELS:
             out.append(no_update)
@@ -538,7 +537,7 @@ def _events_patch(
     indices = trace_map.get("__events__") or []
     if len(indices) != len(rows):
         return
-    for index, (steps, ys, texts) in zip(indices, figures.event_markers(rows, series, new_events)):
+    for index, (steps, ys, texts) in zip(indices, figures.event_markers(rows, series, new_events), strict=True):
         if steps:
             patch["data"][index]["x"].extend(steps)
             patch["data"][index]["y"].extend(ys)
@@ -569,7 +568,7 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
     last, new_last = state.get("last_step"), run.get("last_step")
     if last is not None and (new_last is None or new_last < last):  # rewound: redraw from the server
         keys, events = parallel(lambda: client.keys(run_id), lambda: client.events(run_id))
-        figs, new_state, _, _ = _charts(client, run, keys, events, new_last, state.get("policy", "off"))
+        figs, new_state = _charts(client, run, keys, events, new_last, state.get("policy", "off"))[:2]
         return (
             [figs[name] for name in names],
             new_state,
@@ -607,6 +606,7 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
         if name == "heatmap":
             out.append(_heatmap_update(state, hist, events, new_events, selected))
         elif name in grown:
+            assert full is not None  # read above whenever a panel grew
             fig, state["trace_maps"][name] = figures.timeseries_figure(
                 figures.PANEL_TITLES[name],
                 rows[name],
@@ -681,7 +681,7 @@ def select_step(_clicks: list[Any], _flags: list[Any], _follow: int, state: dict
     points = value.get("points") or []
     if not points or points[0].get("x") is None:
         return no_update
-    return {"step": int(round(float(points[0]["x"]))), "follow": False}
+    return {"step": round(float(points[0]["x"])), "follow": False}
 
 
 @callback(

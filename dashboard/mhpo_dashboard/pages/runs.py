@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import dash
 from dash import Input, Output, callback, dash_table, dcc, html
+
 from mhpo_dashboard.api import ApiError
 from mhpo_dashboard.app import api
 from mhpo_dashboard.figures import run_rows

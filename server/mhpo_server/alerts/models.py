@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mhpo_server.store.models import NAME_LENGTH, Base, JSONText
 from sqlalchemy import BigInteger, Boolean, Double, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
+
+from mhpo_server.store.models import NAME_LENGTH, Base, JSONText
 
 
 class FlagParamsRow(Base):

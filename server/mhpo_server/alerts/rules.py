@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from mhpo_server.alerts.schemas import SEVERITY_RANK, AlertRule, FlagCondition, SpikeCondition, ThresholdCondition
 from mhpo_server.flags.detectors import MAD_TO_SIGMA, Flag, History, json_number
 
@@ -164,7 +165,7 @@ def _scalar_firings(
             state.last_step = step
             if state.streak != cond.for_steps or step not in fire_at:
                 continue
-            evidence = {
+            evidence: dict[str, Any] = {
                 "key": cond.key,
                 "value": json_number(value),
                 "threshold": {"op": cond.op, "value": cond.value, "for_steps": cond.for_steps},

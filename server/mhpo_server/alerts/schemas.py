@@ -10,10 +10,12 @@ each (rule, run) then stays quiet for `cooldown_s` seconds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from mhpo_server.schemas import KEY_PATTERN, InputModel, Integral, Key, Name, Severity
 from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
+
+from mhpo_server.schemas import KEY_PATTERN, InputModel, Integral, Key, Name, Severity
 
 Channel = Literal["dashboard", "webhook"]
 DeliveryStatus = Literal["none", "pending", "delivered", "failed"]
@@ -99,7 +101,7 @@ class AlertRulePatch(_In):
     enabled: bool | None = None
 
 
-def _check_webhook(channels: list[str], url: Any) -> None:
+def _check_webhook(channels: Sequence[str], url: Any) -> None:
     if "webhook" in channels and url is None:
         raise ValueError("webhook_url: required when channels contains 'webhook' (an http:// or https:// URL)")
 

@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from sqlalchemy import Connection, Engine, delete, func, insert, literal, or_, select, union_all, update
+from sqlalchemy.dialects import postgresql, sqlite
+
 from mhpo_server.alerts.models import AlertRow, AlertRuleRow, FlagParamsRow
 from mhpo_server.alerts.schemas import Alert, AlertRule, AlertRuleCreate, AlertRulePatch
 from mhpo_server.store.models import BatchRow, EventRow, ScalarRow
-from sqlalchemy import Connection, Engine, delete, func, insert, literal, or_, select, union_all, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 NULLABLE_RULE_FIELDS = frozenset({"run_id", "webhook_url"})  # PATCH null clears these; other fields ignore null
 WINDOW_CHUNK = 100  # keys per UNION ALL statement: 2 selects per key, SQLite allows 500 per compound select

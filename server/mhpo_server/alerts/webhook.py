@@ -24,6 +24,7 @@ starts are re-sent.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import http
 import itertools
@@ -40,12 +41,12 @@ from typing import Any
 
 import certifi
 import httpcore
-from mhpo_server.alerts.schemas import Alert
-from mhpo_server.alerts.store import AlertStore
-from mhpo_server.alerts.targets import TargetPolicy, TargetRefused
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mhpo import __version__
+from mhpo_server.alerts.schemas import Alert
+from mhpo_server.alerts.store import AlertStore
+from mhpo_server.alerts.targets import TargetPolicy, TargetRefused
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +129,8 @@ class _Budget:
 
 
 def _shutdown(sock: Any) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class _BoundedStream(httpcore.NetworkStream):

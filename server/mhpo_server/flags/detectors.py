@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from mhpo_server.flags.params import DEFAULT_PARAMS, DriftParams, FlagParams, Signal, SpikeParams, TrustRegionParams
 
 KINDS = (
@@ -576,7 +577,7 @@ def _non_finite_table(history: History, kinds: StepKinds, steps: np.ndarray) -> 
     non-empty step: a value that went non-finite at an empty step, where nothing is flagged, is flagged at the
     next step that has tokens)."""
     table: dict[int, dict[str, float | str]] = {}
-    for key in history.keys():
+    for key in history.keys():  # noqa: SIM118 - a History, not a dict: it has keys() but no __iter__
         key_steps, values = history.series(key) or (np.empty(0, dtype=np.int64), np.empty(0))
         keep = ~kinds.empty(key_steps)
         key_steps, values = key_steps[keep], values[keep]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from mhpo_server.alerts import rules as alert_rules
 from mhpo_server.alerts.schemas import AlertRule, FlagCondition
 from mhpo_server.alerts.store import AlertStore

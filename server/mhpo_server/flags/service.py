@@ -13,14 +13,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from mhpo_server.alerts.store import AlertStore
 from mhpo_server.alerts.targets import TargetPolicy
 from mhpo_server.alerts.webhook import WebhookDispatcher, WebhookMetrics
 from mhpo_server.flags.listener import IngestMonitor
 from mhpo_server.routes import alerts as alert_routes
 from mhpo_server.store import Store
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class WebhookSettings(BaseSettings):

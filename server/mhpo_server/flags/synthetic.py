@@ -194,13 +194,12 @@ def generate_suite(
     seed: int = 0, per_kind: int = 10, n_steps: int = 400, clean: int = 10, clean_steps: int = 2000
 ) -> list[Stream]:
     """`per_kind` streams of each injected kind plus `clean` clean streams of `clean_steps` steps."""
-    streams = []
-    for k, kind in enumerate(INJECTED_KINDS):
-        for i in range(per_kind):
-            streams.append(generate_stream(seed * 1_000_003 + 1000 * (k + 1) + i, n_steps, kind))
-    for i in range(clean):
-        streams.append(generate_stream(seed * 1_000_003 + 100_000 + i, clean_steps, None))
-    return streams
+    injected = [
+        generate_stream(seed * 1_000_003 + 1000 * (k + 1) + i, n_steps, kind)
+        for k, kind in enumerate(INJECTED_KINDS)
+        for i in range(per_kind)
+    ]
+    return injected + [generate_stream(seed * 1_000_003 + 100_000 + i, clean_steps, None) for i in range(clean)]
 
 
 GOAL_DELAY = {"collapse": 30, "erosion": 30, "hazard_spike": 2, "grad_spike": 2, "non_finite": 0, "on_policy": 10}

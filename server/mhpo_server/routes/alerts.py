@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from pydantic import ValidationError
+
 from mhpo_server.alerts.schemas import (
     MAX_RULES_PER_PROJECT,
     Alert,
@@ -26,7 +28,6 @@ from mhpo_server.flags.listener import IngestMonitor
 from mhpo_server.responses import NaNJSONResponse, respond
 from mhpo_server.schemas import KEY_PATTERN
 from mhpo_server.store import Store
-from pydantic import ValidationError
 
 router = APIRouter(prefix="/api/v1", tags=["alerts"])
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from pydantic import BaseModel
+
 from mhpo_server.deps import ReadAccess, SettingsDep
 from mhpo_server.schemas import Scope
-from pydantic import BaseModel
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
+
 from mhpo_server.deps import ReadAccess, StoreDep
 from mhpo_server.responses import NaNJSONResponse
 from mhpo_server.routes.runs import authorized_run

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from mhpo_server.deps import MetricsDep, SettingsDep, StoreDep
-from mhpo_server.store import Unavailable
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
+
+from mhpo_server.deps import MetricsDep, SettingsDep, StoreDep
+from mhpo_server.store import Unavailable
 
 router = APIRouter(tags=["service"])
 

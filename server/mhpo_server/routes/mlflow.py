@@ -25,11 +25,6 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
-from mhpo_server.routes.records import RUN_LOCKS
-from mhpo_server.schemas import MAX_STEP, Key, Name, RecordIn, RunCreate, Text, clean_config, unstorable
-from mhpo_server.schemas import Run as RunOut
-from mhpo_server.store import Conflict, Invalid, NotFound, Store
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -44,6 +39,11 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo.integrations.names import product_scalars
+from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
+from mhpo_server.routes.records import RUN_LOCKS
+from mhpo_server.schemas import MAX_STEP, Key, Name, RecordIn, RunCreate, Text, clean_config, unstorable
+from mhpo_server.schemas import Run as RunOut
+from mhpo_server.store import Conflict, Invalid, NotFound, Store
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +263,11 @@ def as_records(metrics: list[Metric]) -> list[RecordIn]:
     """One record per MLflow step, product keys added; built before anything is stored."""
     by_step: dict[int, dict[str, float]] = defaultdict(dict)
     times: dict[int, float] = {}
-    for m in metrics:
-        by_step[m.step][m.key] = m.value
+    for m in metrics:  # the validators made step and timestamp ints and value a float
+        step = int(m.step)
+        by_step[step][m.key] = float(m.value)
         if m.timestamp is not None:
-            times[m.step] = max(times.get(m.step, 0.0), m.timestamp / 1000.0)
+            times[step] = max(times.get(step, 0.0), int(m.timestamp) / 1000.0)
     return [
         RecordIn(step=step, time=times.get(step, time.time()), scalars=product_scalars(values))
         for step, values in sorted(by_step.items())
@@ -411,7 +412,7 @@ def unknown(path: str, request: Request) -> JSONResponse:
             m
             for r in router.routes
             if isinstance(r, APIRoute) and r.include_in_schema and r.path == full
-            for m in r.methods
+            for m in r.methods or ()
         }
     )
     if allowed:

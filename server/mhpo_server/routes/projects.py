@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+
 from mhpo_server.deps import ReadAccess, StoreDep
 from mhpo_server.responses import NaNJSONResponse, respond
 from mhpo_server.schemas import ProjectList

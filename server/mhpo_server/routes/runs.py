@@ -6,6 +6,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+
 from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
 from mhpo_server.responses import NaNJSONResponse, respond
 from mhpo_server.schemas import KEY_PATTERN, Run, RunCreate, RunList, RunPatch

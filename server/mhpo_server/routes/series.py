@@ -6,6 +6,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query
+
 from mhpo_server.deps import ReadAccess, SettingsDep, StoreDep
 from mhpo_server.responses import NaNJSONResponse, respond
 from mhpo_server.routes.runs import authorized_run

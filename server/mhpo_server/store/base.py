@@ -96,7 +96,7 @@ class WriteHealth:
         with self._lock:
             self.last_failure = {"reason": error.reason, "message": str(error), "at": time.time()}
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"ok": self.last_failure is None, "last_ok_at": self.last_ok_at, "last_failure": self.last_failure}
 

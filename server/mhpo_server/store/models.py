@@ -13,7 +13,7 @@ float64 `[min, max, sum, sumsq]`, NaN included) so that reading 100,000 steps is
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     BigInteger,
@@ -25,6 +25,7 @@ from sqlalchemy import (
     MetaData,
     SmallInteger,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -57,6 +58,8 @@ class JSONText(TypeDecorator[Any]):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    # Every row class maps one Table (SQLAlchemy types it as any FromClause): the store inserts into it.
+    __table__: ClassVar[Table]
 
 
 class ProjectRow(Base):

@@ -21,10 +21,32 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import mhpo_migrations
 import numpy as np
 from alembic.migration import MigrationContext
 from filelock import FileLock, Timeout
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy import column as sql_column
+from sqlalchemy import table as sql_table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.sql.expression import BindParameter
+
+import mhpo_migrations
 from mhpo_server.schemas import (
     MAX_STEP,
     Event,
@@ -63,26 +85,6 @@ from mhpo_server.store.models import (
     RunRow,
     ScalarRow,
 )
-from sqlalchemy import (
-    Connection,
-    Engine,
-    and_,
-    bindparam,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    literal,
-    select,
-    text,
-    update,
-)
-from sqlalchemy import column as sql_column
-from sqlalchemy import table as sql_table
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.exc import DBAPIError, IntegrityError
 
 IN_CHUNK = 500  # values per IN (...) list: far below SQLite's 32,766 and PostgreSQL's 65,535 bind parameters
 OPEN_SEVERITIES = ("warning", "critical")
@@ -218,7 +220,7 @@ class SqlStore(Store):
         self.dialect = engine.dialect.name
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
         # Statements of the hot paths, built once: building one costs more than running it on SQLite.
-        rid = bindparam("rid")
+        rid: BindParameter[str] = bindparam("rid")
         self._run_by_id = self._run_select().where(RunRow.run_id == rid)
         self._run_exists = select(RunRow.run_id).where(RunRow.run_id == rid)
         lock = select(RunRow.last_step).where(RunRow.run_id == rid)
@@ -553,10 +555,12 @@ class SqlStore(Store):
             marks = ", ".join("?" * len(BULK_COLUMNS[table]))
             conn.exec_driver_sql(f"INSERT INTO {table} ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows)
             return
-        with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-            with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+        with (
+            conn.connection.driver_connection.cursor() as cursor,  # type: ignore[union-attr]
+            cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
 
     def _insert_new(self, conn: Connection, name: str, rows: list[tuple[Any, ...]], key: tuple[str, ...]) -> set[Any]:
         """Insert, skipping rows already stored; returns the keys of the rows that were new.
@@ -568,7 +572,7 @@ class SqlStore(Store):
         columns = BULK_COLUMNS[name]
         table = sql_table(name, *(sql_column(c) for c in columns))
         stmt = self._insert(table).on_conflict_do_nothing().returning(*(table.c[k] for k in key))
-        params = [dict(zip(columns, row)) for row in rows]
+        params = [dict(zip(columns, row, strict=True)) for row in rows]
         return {tuple(row) if len(key) > 1 else row[0] for row in conn.execute(stmt, params)}
 
     def _check_binning(
@@ -868,7 +872,7 @@ class SqlStore(Store):
             for key in keys:
                 rows = conn.execute(select(*cols).where(*in_range, ScalarRow.key == key).order_by(ScalarRow.step)).all()
                 if rows:
-                    by_key[key] = rows
+                    by_key[key] = list(rows)
         else:
             for chunk in _chunks(list(keys)):
                 query = select(ScalarRow.key, *cols).where(*in_range, ScalarRow.key.in_(chunk))
