@@ -41,6 +41,7 @@ DEFAULT_MAX_BATCH_BYTES = 8 * 1024 * 1024
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_BACKOFF = 30.0
 DEFAULT_EXIT_TIMEOUT = 10.0
+DEFAULT_PERSIST_TIMEOUT = 120.0  # before a checkpoint: long enough for a slow disk, never an outage
 LOCK_WAIT_S = 5.0
 STATUSES = ("running", "finished", "failed", "crashed")
 
@@ -320,7 +321,7 @@ class Run:
         control.done.wait(timeout + 5.0)
         return not self.spool.batches(self.id)
 
-    def persist(self, timeout: float = 30.0) -> bool:
+    def persist(self, timeout: float = DEFAULT_PERSIST_TIMEOUT) -> bool:
         """Wait until every record logged so far is on the server or in the spool on disk; True if so in time.
 
         A checkpoint written after this never gets ahead of the run's history: a process killed

@@ -40,7 +40,6 @@ from mhpo.trainer.tiny import tiny_model_path
 
 logger = logging.getLogger(__name__)
 
-PERSIST_TIMEOUT_S = 120.0
 PARAM_GROUPS = ("embeddings", "attention", "mlp", "norm", "head", "other")
 
 
@@ -221,11 +220,11 @@ class Trainer:
         Written only once the streamed run holds every step logged so far (on the server, or in
         the client's spool while the server is away), so a process killed after the checkpoint
         and resumed from it never leaves a hole in the run's history; if the client cannot say so
-        within PERSIST_TIMEOUT_S the checkpoint is skipped with a warning (returns None) and the
+        within `mhpo.client.DEFAULT_PERSIST_TIMEOUT` the checkpoint is skipped with a warning (returns None) and the
         previous one stays the latest. Written under `.tmp-step-N` and renamed when complete, so a
         process killed while saving never leaves a partial `step-N` for `--resume latest` to pick.
         """
-        persisted = self.run.persist(PERSIST_TIMEOUT_S) if self.run is not None else True
+        persisted = self.run.persist() if self.run is not None else True
         flag = torch.tensor([0.0 if persisted else 1.0], device=self.device)
         if distributed.all_reduce_sum(flag).item():
             logger.warning(
@@ -233,7 +232,7 @@ class Trainer:
                 "within %gs; the previous checkpoint stays the latest",
                 self.rollout_step,
                 self.opt_step - 1,
-                PERSIST_TIMEOUT_S,
+                mhpo.client.DEFAULT_PERSIST_TIMEOUT,
             )
             return None
         root = Path(directory or self.cfg.checkpoint_dir or "checkpoints")
