@@ -33,6 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from mhpo import curves
+from mhpo.loss_specs import get_spec
+
 Figure = dict[str, Any]
 TITLE_FONT = {"size": 14}
 MARGIN = {"l": 50, "r": 10, "t": 40, "b": 30}
@@ -731,18 +734,14 @@ def loss_hparams(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _valid_hparams(loss: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
     """The subset of `hparams` that `loss` takes (a config may carry other losses' names)."""
-    from mhpo.losses import get_loss
-
-    names = get_loss(loss).defaults
+    names = get_spec(loss).defaults
     return {k: v for k, v in hparams.items() if k in names}
 
 
 def _curves(
     loss: str, hparams: Mapping[str, Any], x: np.ndarray
 ) -> tuple[list[tuple[str, np.ndarray, str]], str | None]:
-    """Multiplier curves of `loss` for A>0 / A<0, labelled for Plotly (mhpo.curves, imported lazily: it loads torch)."""
-    from mhpo import curves
-
+    """Multiplier curves of `loss` for A>0 / A<0, labelled for Plotly (numpy: the server has no torch)."""
     try:
         hp = _valid_hparams(loss, hparams)
         return [
@@ -754,8 +753,6 @@ def _curves(
 
 
 def _clip_bounds(loss: str, hparams: Mapping[str, Any]) -> tuple[float, float] | None:
-    from mhpo import curves
-
     try:
         return curves.clip_bounds(loss, **_valid_hparams(loss, hparams))
     except (ValueError, KeyError):

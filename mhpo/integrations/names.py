@@ -1,8 +1,10 @@
 """TRL, verl and transformers metric names -> the product's scalar keys.
 
 Flags, alerts and dashboard panels read the product's keys (`policy/entropy`, `grad/norm`...);
-a run logged by TRL or verl (directly or through the MLflow-compatible endpoint) gets those
-keys too, next to its original names, which are always kept.
+a run logged by TRL or verl (directly, through the MLflow-compatible endpoint or by `mhpo import`)
+gets those keys too, next to its original names, which are always kept. transformers' TensorBoard
+callback writes the Trainer's logs with a `train/` prefix (`train/entropy`): the prefixed name maps
+as the bare one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ METRIC_NAMES: dict[str, str] = {
     "clip_ratio/low_mean": "ratio/clip_frac_low",
     "clip_ratio/high_mean": "ratio/clip_frac_high",
     "clip_ratio/region_mean": "ratio/clip_frac",
+    "completions/clipped_ratio": "policy/truncated_frac",
     # verl
     "actor/entropy": "policy/entropy",
     "actor/pg_loss": "train/loss",
@@ -33,7 +36,18 @@ METRIC_NAMES: dict[str, str] = {
     "actor/lr": "train/lr",
     "critic/score/mean": "reward/mean",
     "response_length/mean": "policy/length_mean",
+    "response_length/clip_ratio": "policy/truncated_frac",
 }
+# The prefix transformers' TensorBoardCallback puts before the Trainer's log keys.
+TRAINER_PREFIX = "train/"
+
+
+def product_key(name: str) -> str | None:
+    """The product's key for a framework's metric name (bare or `train/`-prefixed), or None."""
+    key = METRIC_NAMES.get(name)
+    if key is None and name.startswith(TRAINER_PREFIX):
+        key = METRIC_NAMES.get(name[len(TRAINER_PREFIX) :])
+    return key
 
 
 def product_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -42,7 +56,7 @@ def product_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
     A product key the metrics already hold (for example from the diagnostics) is not overwritten."""
     out = dict(metrics)
     for name, value in metrics.items():
-        key = METRIC_NAMES.get(name)
+        key = product_key(name)
         if key is not None and key not in metrics:
             out[key] = value
     return out

@@ -43,6 +43,17 @@ logger = logging.getLogger(__name__)
 PARAM_GROUPS = ("embeddings", "attention", "mlp", "norm", "head", "other")
 
 
+def quiet_libraries() -> None:
+    """`--no-progress` means no bar at all: transformers' and huggingface_hub's own bars (loading and
+    saving weights) and their warnings are turned off too, for this process."""
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def param_group(name: str) -> str:
     """Parameter group of a parameter name, for `grad/norm/<group>` (Llama, Qwen, GPT-2 naming)."""
     n = name.lower()
@@ -94,6 +105,8 @@ class Trainer:
     def __init__(self, config: TrainerConfig, run: Any | None = None) -> None:
         config.validate()
         self.cfg = cfg = config
+        if not cfg.progress:
+            quiet_libraries()
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device
         random.seed(cfg.seed)

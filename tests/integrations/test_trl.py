@@ -112,6 +112,37 @@ def test_unknown_registry_loss_is_named(tiny_model_dir: Path, tmp_path: Path) ->
         make_trainer(tiny_model_dir, tmp_path, "grpo", 0.2, 0.2, loss="ppo")
 
 
+@pytest.mark.parametrize(
+    ("loss", "loss_type", "run_name", "expected"),
+    [("mhpo", "grpo", None, "trl-mhpo"), (None, "dapo", None, "trl-dapo"), ("gspo", "grpo", "mine", "mine")],
+)
+def test_runs_are_named_by_their_loss(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    live_server: LiveServer,
+    loss: str | None,
+    loss_type: str,
+    run_name: str | None,
+    expected: str,
+) -> None:
+    """Without a run_name, a run is called after its objective: a registry loss, else TRL's loss_type."""
+    project = f"names-{loss}-{loss_type}"
+    trainer = GRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=count_reward,
+        args=grpo_config(tmp_path, loss_type=loss_type, run_name=run_name),
+        train_dataset=prompts(),
+        loss=loss,
+        mhpo_project=project,
+        mhpo_server=live_server.url,
+    )
+    run = trainer.mhpo_run
+    assert run is not None
+    run.finish()
+    runs = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": project}).json()["runs"]
+    assert [r["name"] for r in runs] == [expected]
+
+
 def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer) -> None:
     """num_iterations=2: the second update of each generation batch is off-policy, so the ratios move."""
     cpu_threads()
