@@ -15,12 +15,15 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ApiClient", "ApiError", "NotAvailable", "key_chunks", "numbers", "parallel"]
+__all__ = ["MAX_PARALLEL_READS", "ApiClient", "ApiError", "NotAvailable", "key_chunks", "numbers", "parallel"]
 
 # One scalars request carries at most this many keys (the API takes 1,000 by default) and this
 # many characters of them (a long query string is refused before the API sees it).
 MAX_KEYS_PER_REQUEST = 500
 MAX_KEY_CHARS_PER_REQUEST = 6_000
+# Reads one `parallel` call runs at once, however many it is given: a page's cost in threads
+# stays bounded whatever its URL asks for.
+MAX_PARALLEL_READS = 8
 
 
 def key_chunks(
@@ -52,11 +55,12 @@ def _series_numbers(answer: dict[str, Any]) -> dict[str, Any]:
 
 
 def parallel(*calls: Callable[[], Any]) -> list[Any]:
-    """Run independent API reads at once (a page needs several); the first error is raised.
+    """Run independent API reads, at most MAX_PARALLEL_READS at once (a page needs several); the first error is raised.
 
     A pool per call (not a shared one) so nested calls can never wait on each other.
     """
-    with ThreadPoolExecutor(max_workers=len(calls) or 1, thread_name_prefix="mhpo-dashboard-api") as pool:
+    workers = max(1, min(len(calls), MAX_PARALLEL_READS))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mhpo-dashboard-api") as pool:
         futures = [pool.submit(call) for call in calls]
         return [f.result() for f in futures]
 

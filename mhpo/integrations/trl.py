@@ -161,7 +161,19 @@ class GRPOTrainer(trl.GRPOTrainer):
         return self._run
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """transformers' checkpoint, plus the run's identity so that a resume continues this run."""
+        """transformers' checkpoint, plus the run's identity so that a resume continues this run.
+
+        Written once the run holds every step up to the checkpoint's (on the server, or in the
+        client's spool), so a process killed after it and resumed from it leaves no hole.
+        """
+        self._flush_pending()
+        if self._run is not None and not self._run.persist():
+            logger.warning(
+                "checkpoint at step %d: the run's records were not sent or spooled within %gs; "
+                "a resume from it may miss the latest steps",
+                self.state.global_step,
+                mhpo.client.DEFAULT_PERSIST_TIMEOUT,
+            )
         super()._save_checkpoint(model, trial)
         if self._run is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")

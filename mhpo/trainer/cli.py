@@ -1,5 +1,8 @@
 """`mhpo train`: flags generated from `TrainerConfig`; `--config FILE` (YAML/JSON) first, flags win.
 
+With `--resume`, the checkpoint's options come first and only the options given explicitly (in
+the file or as flags) override them: see `mhpo.trainer.checkpoint`.
+
 The parser is built from the dataclass itself (`dataclasses.fields`, `typing.get_type_hints`,
 each field's `help` metadata), so a new option is one field. Nothing here imports torch or
 transformers: `mhpo train --help` answers at once. Also the entry point under
@@ -18,6 +21,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+from mhpo.trainer.checkpoint import resume_config
 from mhpo.trainer.config import TrainerConfig, load_config_file
 
 
@@ -81,8 +85,9 @@ def parse_options(argv: Sequence[str]) -> tuple[TrainerConfig, frozenset[str]]:
 
 
 def parse_config(argv: Sequence[str]) -> TrainerConfig:
-    """Config file values, then flags."""
-    return parse_options(argv)[0]
+    """Config file values, then flags; with `--resume`, the checkpoint's options under both."""
+    config, given = parse_options(argv)
+    return resume_config(config, given)
 
 
 def explicit_options(argv: Sequence[str]) -> frozenset[str]:
@@ -91,6 +96,9 @@ def explicit_options(argv: Sequence[str]) -> frozenset[str]:
 
 
 def main(command: str = "train", argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # a resume warns here
+    for chatty in ("httpx", "httpcore"):  # one INFO line per request would break up the progress bar
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         config = parse_config(sys.argv[2:] if argv is None else argv)  # --help exits here, before torch loads
     except (ValueError, FileNotFoundError) as exc:
@@ -100,9 +108,6 @@ def main(command: str = "train", argv: Sequence[str] | None = None) -> int:
     from mhpo.trainer import distributed
     from mhpo.trainer.trainer import Trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for chatty in ("httpx", "httpcore"):  # one INFO line per request would break up the progress bar
-        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         trainer = Trainer(config)
     except (ValueError, FileNotFoundError) as exc:

@@ -104,7 +104,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                 max_age_s=settings.dashboard_session_hours * 3600,
                 cookie_secure=settings.dashboard_cookie_secure,
             )
-        mount_dashboard(app, self_url(settings.host, settings.port), token=public_token, login=login)
+        mount_dashboard(
+            app,
+            self_url(settings.host, settings.port),
+            token=public_token,
+            login=login,
+            max_compare_runs=settings.dashboard_max_compare_runs,
+        )
     return app
 
 

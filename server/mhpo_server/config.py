@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     dashboard_cookie_secure: bool | None = Field(
         None, description="mark the session cookie Secure; unset: when the request came over https"
     )
+    dashboard_max_compare_runs: int = Field(
+        20, ge=2, le=200, description="runs one /compare page may show; a longer list is refused on the page"
+    )
 
     @field_validator("db")
     @classmethod

@@ -292,3 +292,33 @@ def test_resume_from_the_latest_checkpoint(tiny_model_dir: Path, tmp_path: Path,
     assert httpx.get(f"{api}/events").json()["events"] == events
     mine = httpx.get(f"{live_server.url}/api/v1/runs/{own.id}/scalars", params={"keys": "loss"}).json()["series"]
     assert mine["loss"]["step"] == [3, 4]
+
+
+def test_a_checkpoint_is_saved_once_the_run_holds_its_steps(
+    tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer
+) -> None:
+    """transformers saves a checkpoint only after the run has every step up to it, logged or not."""
+    cpu_threads()
+    from transformers import TrainerCallback
+
+    run = mhpo.client.init("trl-it", "persist", server=live_server.url, flush_interval=3600.0)
+    stored_at_save: dict[int, list[int]] = {}
+
+    class AtSave(TrainerCallback):  # type: ignore[misc]
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            scalars = httpx.get(
+                f"{live_server.url}/api/v1/runs/{run.id}/scalars", params={"keys": "grad/multiplier_mean"}
+            ).json()["series"]
+            stored_at_save[state.global_step] = scalars.get("grad/multiplier_mean", {}).get("step", [])
+
+    args = grpo_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, logging_steps=5)
+    GRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=count_reward,
+        args=args,
+        train_dataset=prompts(),
+        mhpo_run=run,
+        callbacks=[AtSave()],
+    ).train()
+    assert stored_at_save == {2: [1, 2]}
+    assert run.finish(timeout=30).complete
