@@ -130,12 +130,26 @@ def read_run(run_dir: Path, project: str, name: str) -> SourceRun:
     )
 
 
+def _use_native_crc32c(pywrap_tensorflow: Any) -> None:
+    """Give TensorBoard's record reader Google's native CRC-32C.
+
+    Without TensorFlow, TensorBoard's reader checks each record's two checksums with a pure-Python
+    CRC-32C (`pywrap_tensorflow.crc32c`), which is most of the reading time (about 20 us a record).
+    `google_crc32c.value` computes the same checksum in C; the reader, its framing and its
+    corruption checks stay TensorBoard's own.
+    """
+    import google_crc32c
+
+    pywrap_tensorflow.crc32c = google_crc32c.value
+
+
 def _events(path: Path) -> Any:
     """(record index, Event) of every record of an event file; a bad record is a SourceError naming it."""
     from google.protobuf.message import DecodeError
     from tensorboard.compat.proto import event_pb2
     from tensorboard.compat.tensorflow_stub import errors, pywrap_tensorflow
 
+    _use_native_crc32c(pywrap_tensorflow)
     reader = pywrap_tensorflow.PyRecordReader_New(str(path).encode())
     index = 0
     while True:

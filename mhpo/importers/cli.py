@@ -20,7 +20,7 @@ from mhpo.importers._model import SourceError, SourceRun, check_names
 from mhpo.importers._writer import ImportFailed, RunResult, Writer, items
 
 DEFAULT_SERVER = "http://127.0.0.1:8765"
-IMPORT_EXTRA = ("tensorboard", "mlflow", "tqdm")  # the packages of `mhpo[import]`
+IMPORT_EXTRA = ("tensorboard", "google_crc32c", "mlflow", "tqdm")  # the packages of `mhpo[import]`
 
 
 def _common(parser: argparse.ArgumentParser, one_run_name: bool = True) -> None:
