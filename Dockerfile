@@ -1,5 +1,6 @@
-# The MHPO server (API + dashboard). Training needs torch; serving does not, so the package
-# is installed without its dependencies and then only with what `mhpo serve` imports.
+# The MHPO server (API + dashboard). The project installs from its own metadata: the default
+# install is exactly what serving needs (no torch, no transformers); training is the `train`
+# extra. tests/server/test_image.py builds this environment in a fresh venv and serves from it.
 FROM python:3.11-slim
 
 WORKDIR /app
@@ -9,11 +10,7 @@ COPY server ./server
 COPY dashboard ./dashboard
 COPY migrations ./migrations
 
-RUN pip install --no-cache-dir --no-deps . \
- && pip install --no-cache-dir \
-      "numpy>=1.26" "pydantic>=2.7" "pydantic-settings>=2.3" "fastapi>=0.115" "uvicorn[standard]>=0.30" \
-      "sqlalchemy>=2.0.30" "alembic>=1.13" "psycopg[binary]>=3.1" "httpx>=0.27" "dash>=2.17" "plotly>=5.22" \
-      "a2wsgi>=1.10" "prometheus-client>=0.20" "platformdirs>=4" "pyyaml>=6" \
+RUN pip install --no-cache-dir . \
  && useradd --create-home mhpo
 
 USER mhpo

@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev,trl,verl]"
+	$(BIN)/python -m pip install -q -e ".[dev,train,trl,verl]"
 	$(BIN)/python -m pip install -q --no-deps "$(VERL_SPEC)"
 	touch $@
 

@@ -146,7 +146,7 @@ def replay_trainer(url: str, lr: float, steps: int, warmup: int) -> None:
         ).json()["series"]["reward/mean"]
         events = client.get(f"/api/v1/runs/{run['run_id']}/events").json()["events"]
     flags = [e for e in events if e["type"] == "flag" and e["severity"] != "info"]
-    drop = reward_drop(series["step"], series["value"])
+    drop = reward_drop(series["step"], [float(v) for v in series["value"]])  # "NaN" strings back to floats
     listed = ", ".join(f"{e['kind']}@{e['step']}" for e in events if e["type"] == "flag") or "none"
     print(f"  {len(series['step'])} optimizer steps; flags: {listed}")
     if drop is None:

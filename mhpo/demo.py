@@ -1,11 +1,13 @@
 """`mhpo demo`: the service plus an MHPO and a GRPO run on the same task and seed.
 
-It migrates the database (`mhpo db upgrade`), starts `mhpo serve` as a subprocess (the
-embedded SQLite default unless `--db` is given), trains the two runs one after the other
-on the warmed-up tiny model (`--model tiny`, built and cached on first use), prints the
-dashboard URL and keeps serving until Ctrl-C. `--no-serve` stops the server when the runs
-are done (for scripts); `--steps` shortens the runs. With `--server URL` it streams to a
-server that is already running instead of starting one.
+It starts `mhpo serve` as a subprocess (the embedded SQLite default unless `--db` is given;
+a SQLite file is created and migrated on first use, PostgreSQL needs `mhpo db upgrade`
+first), prints the dashboard URL as soon as the server answers, then trains the two runs
+one after the other on the warmed-up tiny model (`--model tiny`, built and cached on first
+use), saying one line per phase, and keeps serving until Ctrl-C. `--no-serve` stops the
+server when the runs are done (for scripts); `--steps` shortens the runs; `--no-progress`
+leaves only the phase lines (no progress bars, neither ours nor the libraries'). With
+`--server URL` it streams to a server that is already running instead of starting one.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-
-import httpx
 
 if TYPE_CHECKING:
     from mhpo.trainer import TrainerConfig
@@ -65,6 +65,8 @@ def demo_configs(steps: int, seed: int, task: str, project: str, server: str, pr
 
 def wait_healthy(health_url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     """Block until `health_url` answers 200; raise RuntimeError if `proc` exits first or `timeout` passes."""
+    import httpx  # here, not at the top: `mhpo demo --help` stays quick
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -79,10 +81,10 @@ def wait_healthy(health_url: str, proc: subprocess.Popen[bytes], timeout: float 
 
 
 def start_server(db: str | None, port: int) -> subprocess.Popen[bytes]:
-    """`mhpo db upgrade` then `mhpo serve` in a subprocess on 127.0.0.1:port."""
+    """`mhpo serve` in a subprocess on 127.0.0.1:port, logging only warnings (the demo says what happens)."""
     db_args = ["--db", db] if db else []
-    subprocess.run([sys.executable, "-m", "mhpo", "db", "upgrade", *db_args], check=True)
-    proc = subprocess.Popen([sys.executable, "-m", "mhpo", "serve", *db_args, "--port", str(port)])
+    command = [sys.executable, "-m", "mhpo", "serve", *db_args, "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(command)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/healthz", proc)
     except BaseException:
@@ -92,31 +94,46 @@ def start_server(db: str | None, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
+def say(message: str) -> None:
+    print(f"mhpo demo: {message}", flush=True)
+
+
 def main(command: str = "demo", argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[2:] if argv is None else argv)
-    from mhpo.trainer import Trainer
-
     proc = None
     url = args.server
     if url is None:
         url = f"http://127.0.0.1:{args.port}"
-        proc = start_server(args.db, args.port)
+        say(f"starting the server on {url} ...")
+        try:
+            proc = start_server(args.db, args.port)
+        except RuntimeError as exc:
+            say(f"{exc}; see the server's message above")
+            return 1
+    say(f"dashboard: {url}/ (open it now: the runs appear there as they train)")
     started = time.monotonic()
     try:
-        for config in demo_configs(args.steps, args.seed, args.task, args.project, url, args.progress):
-            trainer = Trainer(config)
-            print(f"training {config.run_name}: {trainer.run_url}", flush=True)
+        configs = demo_configs(args.steps, args.seed, args.task, args.project, url, args.progress)
+        phases = len(configs) + 1
+        say(f"[1/{phases}] preparing the tiny model (built and warmed up on first use, then cached) ...")
+        from mhpo.trainer.trainer import Trainer
+
+        trainer = Trainer(configs[0])
+        say(f"[1/{phases}] tiny model ready in {time.monotonic() - started:.0f} s")
+        for phase, config in enumerate(configs, start=2):
+            if phase > 2:
+                trainer = Trainer(config)
+            say(f"[{phase}/{phases}] training {config.run_name} ({config.steps} rollout steps): {trainer.run_url}")
             trainer.train()
             rewards = trainer.reward_history
             k = max(1, min(5, len(rewards) // 3))
-            print(
-                f"{config.run_name}: reward {sum(rewards[:k]) / k:.3f} (first {k} rollouts) -> "
-                f"{sum(rewards[-k:]) / k:.3f} (last {k})",
-                flush=True,
+            say(
+                f"[{phase}/{phases}] {config.run_name}: reward {sum(rewards[:k]) / k:.3f} (first {k} rollouts) -> "
+                f"{sum(rewards[-k:]) / k:.3f} (last {k})"
             )
-        print(f"demo runs done in {time.monotonic() - started:.0f} s; dashboard: {url}/", flush=True)
+        say(f"runs done in {time.monotonic() - started:.0f} s; dashboard: {url}/")
         if proc is not None and args.serve:
-            print("serving; Ctrl-C to stop", flush=True)
+            say("serving; Ctrl-C to stop")
             proc.wait()
     except KeyboardInterrupt:
         pass

@@ -6,12 +6,15 @@ MHPO_REQUIRE_BROWSER is set (CI sets both): then it fails them.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +37,31 @@ def _pg_admin_url() -> str:
 
 def _psycopg_dsn(sqlalchemy_url: str) -> str:
     return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _bare_token(token: str) -> float:
+    raise AssertionError(
+        f"the answer holds the bare token {token}, which is not JSON: the server writes it as a string"
+    )
+
+
+def _numbers(value: Any) -> Any:
+    if isinstance(value, str):
+        return NON_FINITE.get(value, value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
+def strict_loads(text: str) -> Any:
+    """An answer of the API read as strict JSON (a bare NaN / Infinity token fails the test), with the strings
+    "NaN", "Infinity" and "-Infinity" read back as floats (test data uses them for nothing else)."""
+    return _numbers(json.loads(text, parse_constant=_bare_token))
 
 
 @pytest.fixture

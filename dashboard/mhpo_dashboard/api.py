@@ -15,12 +15,15 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ApiClient", "ApiError", "NotAvailable", "key_chunks", "parallel"]
+__all__ = ["MAX_PARALLEL_READS", "ApiClient", "ApiError", "NotAvailable", "key_chunks", "numbers", "parallel"]
 
-# One scalars request carries at most this many keys (the API takes 1,000) and this many
-# characters of them (a long query string is refused before the API sees it).
+# One scalars request carries at most this many keys (the API takes 1,000 by default) and this
+# many characters of them (a long query string is refused before the API sees it).
 MAX_KEYS_PER_REQUEST = 500
 MAX_KEY_CHARS_PER_REQUEST = 6_000
+# Reads one `parallel` call runs at once, however many it is given: a page's cost in threads
+# stays bounded whatever its URL asks for.
+MAX_PARALLEL_READS = 8
 
 
 def key_chunks(
@@ -30,20 +33,34 @@ def key_chunks(
     chunks: list[list[str]] = [[]]
     chars = 0
     for key in keys:
-        if chunks[-1] and (len(chunks[-1]) >= max_keys or chars + len(key) + 1 > max_chars):
+        if chunks[-1] and (len(chunks[-1]) >= max_keys or chars + len(key) + len("&key=") > max_chars):
             chunks.append([])
             chars = 0
         chunks[-1].append(key)
-        chars += len(key) + 1
+        chars += len(key) + len("&key=")
     return chunks
 
 
+def numbers(values: list[Any]) -> list[Any]:
+    """Numbers of an answer as floats: the API writes NaN and +-Infinity as the strings "NaN",
+    "Infinity", "-Infinity" (strict JSON), which `float` reads back."""
+    return [float(v) if isinstance(v, str) else v for v in values]
+
+
+def _series_numbers(answer: dict[str, Any]) -> dict[str, Any]:
+    for series in answer.get("series", {}).values():
+        for field in ("value", "min", "max"):
+            series[field] = numbers(series[field])
+    return answer
+
+
 def parallel(*calls: Callable[[], Any]) -> list[Any]:
-    """Run independent API reads at once (a page needs several); the first error is raised.
+    """Run independent API reads, at most MAX_PARALLEL_READS at once (a page needs several); the first error is raised.
 
     A pool per call (not a shared one) so nested calls can never wait on each other.
     """
-    with ThreadPoolExecutor(max_workers=len(calls) or 1, thread_name_prefix="mhpo-dashboard-api") as pool:
+    workers = max(1, min(len(calls), MAX_PARALLEL_READS))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mhpo-dashboard-api") as pool:
         futures = [pool.submit(call) for call in calls]
         return [f.result() for f in futures]
 
@@ -160,8 +177,9 @@ class ApiClient:
             return {"run_id": run_id, "downsampled": False, "series": {}}
 
         def read(chunk: list[str]) -> dict[str, Any]:
-            params = {"keys": ",".join(chunk), "start": start, "end": end, "max_points": max_points}
-            return self._request("GET", f"/api/v1/runs/{run_id}/scalars", params=params)
+            # One `key=` per key: a key may hold a comma, which `keys=a,b` would split.
+            params = {"key": chunk, "start": start, "end": end, "max_points": max_points}
+            return _series_numbers(self._request("GET", f"/api/v1/runs/{run_id}/scalars", params=params))
 
         chunks = key_chunks(key_list)
         if len(chunks) == 1:
@@ -177,10 +195,18 @@ class ApiClient:
         self, run_id: str, key: str, start: int | None = None, end: int | None = None, max_steps: int | None = None
     ) -> dict[str, Any]:
         params = {"start": start, "end": end, "max_steps": max_steps}
-        return self._request("GET", f"/api/v1/runs/{run_id}/histograms/{key}", params=params)
+        answer = self._request("GET", f"/api/v1/runs/{run_id}/histograms/{key}", params=params)
+        for field in ("min", "max", "sum", "sumsq"):
+            answer[field] = numbers(answer[field])
+        return answer
 
     def outliers(self, run_id: str, step: int) -> dict[str, Any]:
-        return self._request("GET", f"/api/v1/runs/{run_id}/outliers", params={"step": step})
+        answer = self._request("GET", f"/api/v1/runs/{run_id}/outliers", params={"step": step})
+        for outlier in answer["outliers"]:
+            for field in ("x", "A", "zeta"):
+                if isinstance(outlier.get(field), str):
+                    outlier[field] = float(outlier[field])
+        return answer
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
         return self._request("GET", f"/api/v1/runs/{run_id}/events")["events"]

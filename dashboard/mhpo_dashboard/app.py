@@ -8,6 +8,7 @@ app also runs against a remote server.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +17,24 @@ from typing import Any
 import dash
 import flask
 from a2wsgi import WSGIMiddleware
-from dash import dcc, html
+from dash import Input, Output, dcc, html
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import Scope
 
-from mhpo_dashboard.api import ApiClient
+from mhpo_dashboard.api import ApiClient, ApiError
 from mhpo_dashboard.auth import Sessions, install_login, viewer
+
+logger = logging.getLogger(__name__)
 
 PAGES_DIR = Path(__file__).resolve().parent / "pages"
 API_CONFIG_KEY = "MHPO_API"
 LIVE_CONFIG_KEY = "MHPO_LIVE_INTERVAL_MS"
 LIVE_INTERVAL_MS = 1000
+MAX_COMPARE_CONFIG_KEY = "MHPO_MAX_COMPARE_RUNS"
+MAX_COMPARE_RUNS = 20
+CALLBACK_ERROR_ID = "callback-error"
+# A new page clears the last callback's error; run in the browser, so before any answer of the server.
+CLEAR_ERROR_ON_NAVIGATION = "function (pathname) { return ''; }"
 # plotly.js's cartesian bundle (package plotly.js-cartesian-dist-min, the same plotly.js version
 # as the plotly package's full bundle): scatter, bar, heatmap and the other 2-D trace types,
 # all that the charts draw (a trace type outside it would not draw). A third of the full
@@ -51,10 +59,12 @@ EARLY_GRAPH_SCRIPTS_HOOK = """function () {
 __all__ = [
     "API_CONFIG_KEY",
     "LIVE_INTERVAL_MS",
+    "MAX_COMPARE_RUNS",
     "DashboardMount",
     "Login",
     "api",
     "create_dash",
+    "max_compare_runs",
     "mount_dashboard",
     "refresh_interval_ms",
     "self_url",
@@ -84,6 +94,25 @@ def refresh_interval_ms() -> int:
     return int(flask.current_app.config.get(LIVE_CONFIG_KEY, LIVE_INTERVAL_MS))
 
 
+def max_compare_runs() -> int:
+    """How many runs one comparison may show (`MHPO_DASHBOARD_MAX_COMPARE_RUNS` under `mhpo serve`)."""
+    return int(flask.current_app.config.get(MAX_COMPARE_CONFIG_KEY, MAX_COMPARE_RUNS))
+
+
+def show_callback_error(error: Exception) -> None:
+    """Any callback that raises: its outputs stay as they were and the page says what failed (never a 500).
+
+    An API error's message is the server's answer (status and detail); anything else is logged
+    here with its traceback and shown only as a short notice, since its text may hold internals.
+    """
+    if isinstance(error, ApiError):
+        message = f"could not load this view: {error}"
+    else:
+        logger.error("dashboard callback failed", exc_info=error)
+        message = "could not update this view (an internal error; the server log has the details)"
+    dash.set_props(CALLBACK_ERROR_ID, {"children": message})
+
+
 def _nav(prefix: str) -> html.Nav:
     """The menu, and with a login who is viewing and a log-out (or log-in) link."""
     links: list[Any] = [
@@ -110,13 +139,14 @@ def create_dash(
     requests_pathname_prefix: str = "/",
     live_interval_ms: int = LIVE_INTERVAL_MS,
     login: Login | None = None,
+    max_compare_runs: int = MAX_COMPARE_RUNS,
 ) -> dash.Dash:
     """A Dash app reading the API at `api_base_url`.
 
     Without `login`, every viewer acts with `token` (None: a server with auth off). With
     `login`, each viewer logs in with their own token, and `token`, if given, is a public
     read token for viewers who have not. `live_interval_ms` is how often an open run page
-    asks for new records.
+    asks for new records; `max_compare_runs` how many runs one comparison may show.
     """
     app = dash.Dash(
         "mhpo_dashboard",
@@ -126,6 +156,7 @@ def create_dash(
         requests_pathname_prefix=requests_pathname_prefix,
         suppress_callback_exceptions=True,
         update_title="",  # the tab title stays as it is while callbacks run
+        on_error=show_callback_error,
         assets_folder=str(Path(__file__).resolve().parent / "assets"),
         assets_ignore=re.escape(PLOTLY_BUNDLE),  # served, but loaded only by the hook below
         hooks={
@@ -137,7 +168,19 @@ def create_dash(
     client = ApiClient(api_base_url, token=None if login else token)
     app.server.config[API_CONFIG_KEY] = client
     app.server.config[LIVE_CONFIG_KEY] = live_interval_ms
-    app.layout = lambda: html.Div([_nav(requests_pathname_prefix), html.Main(dash.page_container, className="page")])
+    app.server.config[MAX_COMPARE_CONFIG_KEY] = max_compare_runs
+    app.layout = lambda: html.Div(
+        [
+            _nav(requests_pathname_prefix),
+            html.Main(
+                [html.Div(id=CALLBACK_ERROR_ID, className="error", role="alert"), dash.page_container],
+                className="page",
+            ),
+        ]
+    )
+    app.clientside_callback(
+        CLEAR_ERROR_ON_NAVIGATION, Output(CALLBACK_ERROR_ID, "children"), Input("_pages_location", "pathname")
+    )
     # Dash hands the `@callback`s collected while importing the pages to the first app that
     # serves a request; running that hook now binds them to this app, so several apps in one
     # process (one per `create_app` in tests) each get their own complete set.
@@ -188,13 +231,17 @@ def self_url(host: str, port: int) -> str:
 
 
 def mount_dashboard(
-    fastapi_app: Any, api_base_url: str, token: str | None = None, login: Login | None = None
+    fastapi_app: Any,
+    api_base_url: str,
+    token: str | None = None,
+    login: Login | None = None,
+    max_compare_runs: int = MAX_COMPARE_RUNS,
 ) -> dash.Dash:
     """Serve the dashboard from `fastapi_app` (same process and port), reading the API at `api_base_url`.
 
-    `token` and `login` as in `create_dash`.
+    `token`, `login` and `max_compare_runs` as in `create_dash`.
     """
-    app = create_dash(api_base_url, token=token, login=login)
+    app = create_dash(api_base_url, token=token, login=login, max_compare_runs=max_compare_runs)
     routes = fastapi_app.router.routes
     routes.append(DashboardMount(WSGIMiddleware(app.server), routes))
     return app

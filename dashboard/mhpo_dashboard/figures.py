@@ -15,6 +15,10 @@ Conventions shared by every time-series chart:
 * The log-ratio heat-map colours the *fraction* of a step's tokens in each bin on a log10
   scale; fractions (not counts) keep columns comparable when the server merged several
   steps into one column.
+* Every user string (run names, metric keys, loss names, flag and alert text) goes into a
+  figure through `plain`, so Plotly shows it as typed: its pseudo-HTML (`<a href>`, `<b>`,
+  `<br>`) would otherwise become links and markup in titles, legends and hover text. In the
+  tables' Markdown cells (the links to a run) it goes through `markdown_text`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+
+from mhpo import curves
+from mhpo.loss_specs import get_spec
 
 Figure = dict[str, Any]
 TITLE_FONT = {"size": 14}
@@ -171,6 +178,7 @@ __all__ = [
     "is_live",
     "key_groups",
     "loss_hparams",
+    "markdown_text",
     "nan_shapes",
     "occupied_bins",
     "occupied_range",
@@ -178,6 +186,7 @@ __all__ = [
     "on_policy_steps",
     "outlier_rows",
     "panel_rows",
+    "plain",
     "row_label",
     "rule_rows",
     "run_facts",
@@ -190,6 +199,29 @@ __all__ = [
     "wasserstein_figure",
     "when",
 ]
+
+
+def plain(text: Any) -> str:
+    """`text` as Plotly must be given it to show it literally, in a title, legend, label or hover text.
+
+    Plotly reads its text as pseudo-HTML (tags, entities) and a hovertemplate also reads
+    `%{...}`; `&`, `<`, `>` and `%` become character references, which it shows as the characters.
+    """
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("%", "&#37;")
+
+
+# What Markdown reads inside a link's text (links, images, emphasis, code, HTML, entities and the
+# tables' inline extensions ~~ ^ == ++); a cell starts with its link, so line-start marks cannot act.
+MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]()!<>&~^=+|])")
+
+
+def markdown_text(text: Any) -> str:
+    """`text` for the text of a Markdown link in a table cell, shown as typed: never a link, image or markup.
+
+    Every mark Markdown reads inline is backslash-escaped (Markdown shows an escaped mark as
+    itself) and line breaks become spaces (a cell is one line).
+    """
+    return MARKDOWN_INLINE.sub(r"\\\1", re.sub(r"[\r\n]+", " ", str(text)))
 
 
 def _finite_or_none(values: Iterable[float | None]) -> list[float | None]:
@@ -237,6 +269,7 @@ def event_label(event: Mapping[str, Any]) -> str:
 
 
 def empty_figure(message: str, height: int = 220) -> Figure:
+    """A blank chart saying `message` (shown as plain text)."""
     return {
         "data": [],
         "layout": {
@@ -246,14 +279,14 @@ def empty_figure(message: str, height: int = 220) -> Figure:
             "yaxis": {"visible": False},
             "shapes": [_selection_shape(None)],
             "annotations": [
-                {"text": message, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}
+                {"text": plain(message), "showarrow": False, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}
             ],
         },
     }
 
 
 def _title(text: str) -> dict[str, Any]:
-    return {"text": text, "x": 0.01, "font": TITLE_FONT}
+    return {"text": plain(text), "x": 0.01, "font": TITLE_FONT}
 
 
 def _vline(
@@ -273,7 +306,7 @@ def _vline(
     if label is None:
         return shape, None
     return shape, {
-        "text": label,
+        "text": plain(label),
         "x": x,
         "xref": "x",
         "y": 1.0 if position == "top" else 0.0,
@@ -402,7 +435,7 @@ def timeseries_figure(
         layout["yaxis" if r == 0 else f"yaxis{r + 1}"] = {
             "domain": [max(0.0, top - row_px / plot_px), top],
             "anchor": "x",
-            "title": {"text": unit, "font": {"size": 10}},
+            "title": {"text": plain(unit), "font": {"size": 10}},
             "tickfont": {"size": 10},
             "exponentformat": "SI",
             **_minimum_range(_finite_range(series, keys)),
@@ -423,7 +456,7 @@ def timeseries_figure(
                         "line": {"width": 0, "color": line_colour},
                         "hoverinfo": "skip",
                         "showlegend": False,
-                        "name": f"{key} max",
+                        "name": plain(f"{key} max"),
                     }
                 )
                 data.append(
@@ -438,7 +471,7 @@ def timeseries_figure(
                         "opacity": 0.2,
                         "hoverinfo": "skip",
                         "showlegend": False,
-                        "name": f"{key} min",
+                        "name": plain(f"{key} min"),
                     }
                 )
                 band = [len(data) - 1, len(data) - 2]
@@ -449,14 +482,14 @@ def timeseries_figure(
                 "y": values,
                 "yaxis": axis,
                 "mode": "lines+markers" if _is_sparse(values) else "lines",
-                "name": key,
+                "name": plain(key),
                 "line": {"color": line_colour, "width": 1.5},
                 "marker": {"size": 5, "color": line_colour},
                 "legendgroup": f"row{r}",
-                "hovertemplate": f"step %{{x}}<br>{key} = %{{y:.6g}}<extra></extra>",
+                "hovertemplate": f"step %{{x}}<br>{plain(key)} = %{{y:.6g}}<extra></extra>",
             }
             if i == 0:
-                trace["legendgrouptitle"] = {"text": row_title, "font": {"size": 11}}
+                trace["legendgrouptitle"] = {"text": plain(row_title), "font": {"size": 11}}
             data.append(trace)
             trace_map[key] = [len(data) - 1, *band]
     trace_map["__events__"] = []
@@ -555,7 +588,7 @@ def event_markers(
         steps, ys, texts = out[where[key]]
         steps.append(e["step"])
         ys.append(y)
-        texts.append(f"{event_label(e)}<br>{key} = {y:.6g}")
+        texts.append(f"{plain(event_label(e))}<br>{plain(key)} = {y:.6g}")
     return out
 
 
@@ -733,31 +766,25 @@ def loss_hparams(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _valid_hparams(loss: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
     """The subset of `hparams` that `loss` takes (a config may carry other losses' names)."""
-    from mhpo.losses import get_loss
-
-    names = get_loss(loss).defaults
+    names = get_spec(loss).defaults
     return {k: v for k, v in hparams.items() if k in names}
 
 
 def _curves(
     loss: str, hparams: Mapping[str, Any], x: np.ndarray
 ) -> tuple[list[tuple[str, np.ndarray, str]], str | None]:
-    """Multiplier curves of `loss` for A>0 / A<0 (mhpo.curves, imported lazily: it loads torch)."""
-    from mhpo import curves
-
+    """Multiplier curves of `loss` for A>0 / A<0, labelled for Plotly (numpy: the server has no torch)."""
     try:
         hp = _valid_hparams(loss, hparams)
         return [
-            (f"M(x) {loss} A>0", curves.multiplier(loss, x, 1, **hp), "solid"),
-            (f"M(x) {loss} A<0", curves.multiplier(loss, x, -1, **hp), "dash"),
+            (f"M(x) {plain(loss)} A>0", curves.multiplier(loss, x, 1, **hp), "solid"),
+            (f"M(x) {plain(loss)} A<0", curves.multiplier(loss, x, -1, **hp), "dash"),
         ], None
     except (ValueError, KeyError) as exc:
         return [], f"{loss} curve unavailable: {exc}"
 
 
 def _clip_bounds(loss: str, hparams: Mapping[str, Any]) -> tuple[float, float] | None:
-    from mhpo import curves
-
     try:
         return curves.clip_bounds(loss, **_valid_hparams(loss, hparams))
     except (ValueError, KeyError):
@@ -834,7 +861,7 @@ def step_histogram_figure(
                 if note is not None:  # always, with a label
                     annotations.append(note)
     annotations += [
-        {"text": n, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0, "y": -0.55, "xanchor": "left"}
+        {"text": plain(n), "showarrow": False, "xref": "paper", "yref": "paper", "x": 0, "y": -0.55, "xanchor": "left"}
         for n in notes
     ]
     # The legend goes under the plot: on the right it would cover the multiplier axis and its title.
@@ -902,7 +929,7 @@ def run_rows(runs: list[dict[str, Any]], now: float | None = None) -> list[dict[
             {
                 "id": run["run_id"],
                 "project": run.get("project"),
-                "name": f"[{run.get('name')}](/runs/{run['run_id']})",
+                "name": f"[{markdown_text(run.get('name'))}](/runs/{run['run_id']})",
                 "status": run.get("status"),
                 "loss": run.get("loss") or "",
                 "last_step": run.get("last_step") if run.get("last_step") is not None else "",
@@ -942,7 +969,7 @@ def condition_text(cond: dict[str, Any] | None) -> str:
 def _run_link(run_id: str | None, names: dict[str, str]) -> str:
     if not run_id:
         return "every run"
-    return f"[{names.get(run_id, run_id[:8])}](/runs/{run_id})"
+    return f"[{markdown_text(names.get(run_id, run_id[:8]))}](/runs/{run_id})"
 
 
 def rule_rows(rules: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
@@ -1030,9 +1057,9 @@ def compare_metric_figure(
             "y": _finite_or_none(s["value"]),
             "mode": "lines+markers" if _is_sparse(_finite_or_none(s["value"])) else "lines",
             "marker": {"size": 5},
-            "name": run_label(run),
+            "name": plain(run_label(run)),
             "line": {"color": PALETTE[i % len(PALETTE)]},
-            "hovertemplate": f"step %{{x}}<br>{metric} = %{{y:.6g}}<extra>{run_label(run)}</extra>",
+            "hovertemplate": f"step %{{x}}<br>{plain(metric)} = %{{y:.6g}}<extra>{plain(run_label(run))}</extra>",
         }
         for i, (run, s) in enumerate(per_run)
         if s and s["step"]
@@ -1044,13 +1071,13 @@ def compare_metric_figure(
         "height": 260,
         "margin": {**MARGIN, "l": 70},
         "hovermode": "x",
-        "yaxis": {"title": {"text": unit}, "exponentformat": "SI", **_minimum_range(bounds)},
+        "yaxis": {"title": {"text": plain(unit)}, "exponentformat": "SI", **_minimum_range(bounds)},
         "xaxis": {"title": {"text": "step"}, **({"range": list(x_range)} if x_range else {})},
     }
     if not data:
         layout["annotations"] = [
             {
-                "text": f"no run logged {metric}",
+                "text": plain(f"no run logged {metric}"),
                 "showarrow": False,
                 "xref": "paper",
                 "yref": "paper",
@@ -1131,7 +1158,8 @@ def first_parting_step(steps: Sequence[int], distances: Sequence[float], thresho
 def wasserstein_figure(curves: Sequence[tuple[str, list[int], list[float], int | None]], threshold: float) -> Figure:
     """Per-step W1 of each run against the reference run, the threshold and where each parts."""
     data = [
-        {"type": "scatter", "x": steps, "y": dists, "mode": "lines", "name": label} for label, steps, dists, _ in curves
+        {"type": "scatter", "x": steps, "y": dists, "mode": "lines", "name": plain(label)}
+        for label, steps, dists, _ in curves
     ]
     shapes = [
         {

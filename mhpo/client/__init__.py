@@ -5,6 +5,7 @@ disk while the server is unreachable and replays the spool, also after the train
 """
 
 from mhpo.client._run import (
+    DEFAULT_PERSIST_TIMEOUT,
     DEFAULT_SERVER,
     DEFAULT_SPOOL_MAX_BYTES,
     FinishReport,
@@ -16,6 +17,7 @@ from mhpo.client._run import (
 )
 
 __all__ = [
+    "DEFAULT_PERSIST_TIMEOUT",
     "DEFAULT_SERVER",
     "DEFAULT_SPOOL_MAX_BYTES",
     "FinishReport",

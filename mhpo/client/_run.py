@@ -41,6 +41,7 @@ DEFAULT_MAX_BATCH_BYTES = 8 * 1024 * 1024
 DEFAULT_FLUSH_INTERVAL = 1.0
 DEFAULT_MAX_BACKOFF = 30.0
 DEFAULT_EXIT_TIMEOUT = 10.0
+DEFAULT_PERSIST_TIMEOUT = 120.0  # before a checkpoint: long enough for a slow disk, never an outage
 LOCK_WAIT_S = 5.0
 STATUSES = ("running", "finished", "failed", "crashed")
 
@@ -319,6 +320,23 @@ class Run:
         self._buffer.append(control)
         control.done.wait(timeout + 5.0)
         return not self.spool.batches(self.id)
+
+    def persist(self, timeout: float = DEFAULT_PERSIST_TIMEOUT) -> bool:
+        """Wait until every record logged so far is on the server or in the spool on disk; True if so in time.
+
+        A checkpoint written after this never gets ahead of the run's history: a process killed
+        afterwards loses no step up to it. A server outage does not make it wait (the batch goes to
+        the spool and the next `mhpo.init` against that server replays it); only a sender stuck
+        longer than `timeout` returns False. Records dropped because the spool was full are counted
+        in the `FinishReport`.
+        """
+        if self._closing:
+            return True
+        if not self._sender.is_alive():
+            return False
+        control = Control(deadline=_time.monotonic() + timeout, replay=False)
+        self._buffer.append(control)
+        return control.done.wait(timeout)
 
     def finish(self, status: str = "finished", timeout: float = 30.0) -> FinishReport:
         """Flush for at most `timeout` seconds, set the run's status, and say what is still spooled.

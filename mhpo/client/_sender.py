@@ -100,10 +100,15 @@ def _reason(response: httpx.Response) -> str:
 
 @dataclass
 class Control:
-    """A message from the caller's thread: flush (and, if `status` is set, finish) by `deadline`."""
+    """A message from the caller's thread: flush (and, if `status` is set, finish) by `deadline`.
+
+    With `replay=False` the records queued before it are only sent or spooled: an outage does
+    not make the caller wait for the spool to drain.
+    """
 
     deadline: float
     status: str | None = None
+    replay: bool = True
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -511,6 +516,8 @@ class Sender(threading.Thread):
 
     def _flush(self, control: Control) -> None:
         """Retry until our backlog is delivered or the deadline passes, then deliver the final status."""
+        if not control.replay:
+            return
         self._retry_at = 0.0
         while self._backlog():
             now = time.monotonic()

@@ -3,6 +3,6 @@
 `METRIC_NAMES`, the mapping of TRL / verl / transformers metric names to the product's keys
 (used by the TRL subclass and by the server's MLflow-compatible endpoint)."""
 
-from mhpo.integrations.names import METRIC_NAMES, product_scalars
+from mhpo.integrations.names import METRIC_NAMES, product_key, product_scalars
 
-__all__ = ["METRIC_NAMES", "product_scalars"]
+__all__ = ["METRIC_NAMES", "product_key", "product_scalars"]

@@ -1,8 +1,10 @@
 """TRL, verl and transformers metric names -> the product's scalar keys.
 
 Flags, alerts and dashboard panels read the product's keys (`policy/entropy`, `grad/norm`...);
-a run logged by TRL or verl (directly or through the MLflow-compatible endpoint) gets those
-keys too, next to its original names, which are always kept.
+a run logged by TRL or verl (directly, through the MLflow-compatible endpoint or by `mhpo import`)
+gets those keys too, next to its original names, which are always kept. transformers' TensorBoard
+callback writes the Trainer's logs with a `train/` prefix (`train/entropy`): the prefixed name maps
+as the bare one.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ METRIC_NAMES: dict[str, str] = {
     "sampling/importance_sampling_ratio/min": "mismatch/is_min",
     "sampling/importance_sampling_ratio/mean": "mismatch/is_mean",
     "sampling/importance_sampling_ratio/max": "mismatch/is_max",
+    "completions/clipped_ratio": "policy/truncated_frac",
     # verl
     "actor/entropy": "policy/entropy",
     "actor/pg_loss": "train/loss",
@@ -53,7 +56,18 @@ METRIC_NAMES: dict[str, str] = {
     # verl's debug metrics: despite the name, |exp(old) - exp(rollout)|, a gap in probability
     "training/rollout_probs_diff_mean": "mismatch/prob_abs_mean",
     "training/rollout_probs_diff_max": "mismatch/prob_abs_max",
+    "response_length/clip_ratio": "policy/truncated_frac",
 }
+# The prefix transformers' TensorBoardCallback puts before the Trainer's log keys.
+TRAINER_PREFIX = "train/"
+
+
+def product_key(name: str) -> str | None:
+    """The product's key for a framework's metric name (bare or `train/`-prefixed), or None."""
+    key = METRIC_NAMES.get(name)
+    if key is None and name.startswith(TRAINER_PREFIX):
+        key = METRIC_NAMES.get(name[len(TRAINER_PREFIX) :])
+    return key
 
 
 def product_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -62,7 +76,7 @@ def product_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
     A product key the metrics already hold (for example from the diagnostics) is not overwritten."""
     out = dict(metrics)
     for name, value in metrics.items():
-        key = METRIC_NAMES.get(name)
+        key = product_key(name)
         if key is not None and key not in metrics:
             out[key] = value
     return out

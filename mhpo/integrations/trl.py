@@ -72,12 +72,18 @@ def diagnostics_loss(args: Any) -> tuple[str, dict[str, float | None]]:
     return "dapo", {"eps_low": eps_low, "eps_high": eps_high}
 
 
+def default_run_name(args: Any, loss: str | None) -> str:
+    """`args.run_name` when set, else the run is named by its loss: `trl-<registry loss>`, or
+    `trl-<loss_type>` for TRL's own loss, so runs of different objectives tell apart in the dashboard."""
+    return args.run_name or f"trl-{loss or args.loss_type}"
+
+
 class GRPOTrainer(trl.GRPOTrainer):
     """`trl.GRPOTrainer` plus MHPO Monitor streaming and an optional registry loss (module docstring).
 
     Extra keyword arguments: `loss` (a name in `mhpo.losses.LOSSES`, None = TRL's own),
     `loss_hparams`, `agg` (default: the loss's own aggregation), `mhpo_project`, `mhpo_run_name`
-    (default: `args.run_name`), `mhpo_server` / `mhpo_token` (default: MHPO_SERVER / MHPO_TOKEN),
+    (default: `args.run_name`, else `trl-<loss>`), `mhpo_server` / `mhpo_token` (default: MHPO_SERVER / MHPO_TOKEN),
     `mhpo_run` (an open `mhpo.client.Run` to log into instead), `stream` (False: train only),
     `top_k_outliers`.
     """
@@ -126,7 +132,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._own_run = mhpo_run is None
         self._run_options = {
             "project": mhpo_project,
-            "name": mhpo_run_name or self.args.run_name or "trl-grpo",
+            "name": mhpo_run_name or default_run_name(self.args, loss),
             "server": mhpo_server,
             "token": mhpo_token,
             "loss": loss or diag_name,
@@ -157,7 +163,19 @@ class GRPOTrainer(trl.GRPOTrainer):
         return self._run
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """transformers' checkpoint, plus the run's identity so that a resume continues this run."""
+        """transformers' checkpoint, plus the run's identity so that a resume continues this run.
+
+        Written once the run holds every step up to the checkpoint's (on the server, or in the
+        client's spool), so a process killed after it and resumed from it leaves no hole.
+        """
+        self._flush_pending()
+        if self._run is not None and not self._run.persist():
+            logger.warning(
+                "checkpoint at step %d: the run's records were not sent or spooled within %gs; "
+                "a resume from it may miss the latest steps",
+                self.state.global_step,
+                mhpo.client.DEFAULT_PERSIST_TIMEOUT,
+            )
         super()._save_checkpoint(model, trial)
         if self._run is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")

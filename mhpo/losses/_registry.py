@@ -2,23 +2,22 @@
 
 Every loss is written as a per-token function of already-checked, float32 (or float64),
 masked-and-sanitised tensors; `PolicyLoss` wraps it with the public signature
-(`loss(logp, old_logp, advantages, mask, agg=..., **hparams)`), the checks, the aggregation and the `LossOutput` packing, so each loss module
-holds only its formula. Nothing here reads a tensor value on the host: a loss call never
+(`loss(logp, old_logp, advantages, mask, agg=..., **hparams)`), the checks, the aggregation and
+the `LossOutput` packing, so each loss module holds only its formula and multiplier; the
+hyper-parameters, their rules and the clip bounds are declared in `mhpo.loss_specs` (torch-free). Nothing here reads a tensor value on the host: a loss call never
 synchronises with the device.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from mhpo.losses.aggregation import AGGREGATIONS, aggregate
-
-HParams = Mapping[str, float | None]
+from mhpo.loss_specs import SPECS, Check, ClipBounds, HParams, LossSpec
+from mhpo.losses.aggregation import aggregate
 
 
 class LossOutput(NamedTuple):
@@ -51,8 +50,6 @@ class TokenInputs(NamedTuple):
 
 TokenLoss = Callable[[TokenInputs, HParams], tuple[Tensor, dict[str, Tensor]]]
 Multiplier = Callable[[Tensor, Tensor, HParams], Tensor]
-ClipBounds = Callable[[HParams], tuple[float, float] | None]
-Check = Callable[[HParams], None]
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -102,14 +99,6 @@ def prepare(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) ->
     return TokenInputs(logp=logp_c, x=x, adv=adv, mask=valid)
 
 
-def _check_finite_numbers(loss: str, hp: HParams) -> None:
-    for key, value in hp.items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{loss}: hyper-parameter {key}={value!r} must be a finite number")
-
-
 class PolicyLoss:
     """A registered loss: `loss(logp, old_logp, advantages, mask, agg=None, max_len=None, **hparams)`.
 
@@ -119,26 +108,13 @@ class PolicyLoss:
     `defaults`; an unknown name raises ValueError listing the valid ones.
     """
 
-    def __init__(
-        self,
-        name: str,
-        token_loss: TokenLoss,
-        *,
-        defaults: HParams,
-        agg: str,
-        multiplier: Multiplier,
-        clip_bounds: ClipBounds,
-        check: Check | None,
-    ) -> None:
-        if agg not in AGGREGATIONS:
-            raise ValueError(f"loss {name!r}: default agg {agg!r} is not one of {', '.join(AGGREGATIONS)}")
-        self.name = name
+    def __init__(self, spec: LossSpec, token_loss: TokenLoss, multiplier: Multiplier) -> None:
+        self.spec = spec
+        self.name = spec.name
         self.token_loss = token_loss
-        self.defaults: dict[str, float | None] = dict(defaults)
-        self.default_agg = agg
+        self.defaults: dict[str, float | None] = dict(spec.defaults)
+        self.default_agg = spec.agg
         self._multiplier = multiplier
-        self._clip_bounds = clip_bounds
-        self._check = check
         self.__doc__ = token_loss.__doc__
 
     def __repr__(self) -> str:
@@ -146,15 +122,7 @@ class PolicyLoss:
 
     def resolve(self, **hparams: float | None) -> dict[str, float | None]:
         """Defaults overridden by `hparams`, validated; raises ValueError on unknown names or bad values."""
-        unknown = sorted(set(hparams) - set(self.defaults))
-        if unknown:
-            valid = ", ".join(self.defaults) or "(none)"
-            raise ValueError(f"unknown hyper-parameter {', '.join(unknown)} for loss {self.name!r}; valid: {valid}")
-        hp = {**self.defaults, **hparams}
-        _check_finite_numbers(self.name, hp)
-        if self._check is not None:
-            self._check(hp)
-        return hp
+        return self.spec.resolve(**hparams)
 
     def __call__(
         self,
@@ -185,7 +153,7 @@ class PolicyLoss:
 
     def clip_bounds(self, **hparams: float | None) -> tuple[float, float] | None:
         """Log-ratio bounds (low, high) of the loss's hard clip, None for losses without one."""
-        return self._clip_bounds(self.resolve(**hparams))
+        return self.spec.bounds(**hparams)
 
 
 LOSSES: dict[str, PolicyLoss] = {}
@@ -194,26 +162,29 @@ LOSSES: dict[str, PolicyLoss] = {}
 def register_loss(
     name: str,
     *,
-    defaults: HParams,
-    agg: str,
     multiplier: Multiplier,
+    defaults: HParams | None = None,
+    agg: str | None = None,
     clip_bounds: ClipBounds | None = None,
     check: Check | None = None,
 ) -> Callable[[TokenLoss], TokenLoss]:
-    """Decorator registering a per-token loss under `name`; a second registration is refused."""
+    """Decorator registering a per-token loss under `name`; a second registration is refused.
+
+    A built-in loss passes only its `multiplier`: its defaults, aggregation, rules and clip
+    bounds are those of `mhpo.loss_specs.SPECS`, which the torch-free curves read too. Any
+    other loss gives `defaults` and `agg` (and optionally `clip_bounds`, `check`).
+    """
+    if defaults is None and agg is None and name in SPECS:
+        spec = SPECS[name]
+    elif defaults is None or agg is None:
+        raise ValueError(f"loss {name!r}: give both defaults= and agg= (only the built-in losses may omit them)")
+    else:
+        spec = LossSpec(name, dict(defaults), agg, clip_bounds=clip_bounds or (lambda hp: None), check=check)
 
     def decorate(token_loss: TokenLoss) -> TokenLoss:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered; pick another name")
-        LOSSES[name] = PolicyLoss(
-            name,
-            token_loss,
-            defaults=defaults,
-            agg=agg,
-            multiplier=multiplier,
-            clip_bounds=clip_bounds or (lambda hp: None),
-            check=check,
-        )
+        LOSSES[name] = PolicyLoss(spec, token_loss, multiplier)
         return token_loss
 
     return decorate
@@ -225,17 +196,3 @@ def get_loss(name: str) -> PolicyLoss:
         return LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(sorted(LOSSES))}") from None
-
-
-def require(condition: bool, loss: str, key: str, value: object, rule: str) -> None:
-    """Raise ValueError `loss: key=value must ...` when a hyper-parameter breaks its rule."""
-    if not condition:
-        raise ValueError(f"{loss}: hyper-parameter {key}={value!r} must be {rule}")
-
-
-def num(hp: HParams, key: str) -> float:
-    """Hyper-parameter `key` as a float: for the ones whose check already refused None."""
-    value = hp[key]
-    if value is None:
-        raise ValueError(f"hyper-parameter {key}=None must be a number; pass {key}=<float>")
-    return float(value)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-AGGREGATIONS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+from mhpo.loss_specs import AGGREGATIONS
+
+__all__ = ["AGGREGATIONS", "agg_units", "aggregate"]
 
 
 def aggregate(per_token: Tensor, mask: Tensor, agg: str, *, max_len: int | None = None) -> Tensor:

@@ -9,12 +9,11 @@ truncated weight); no lower clip unless `eps_low` is given. Written in TRL's for
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from mhpo.losses._registry import HParams, TokenInputs, num, register_loss, require
+from mhpo.loss_specs import num
+from mhpo.losses._registry import HParams, TokenInputs, register_loss
 
 
 def _weight(x: Tensor, hp: HParams) -> Tensor:
@@ -23,27 +22,7 @@ def _weight(x: Tensor, hp: HParams) -> Tensor:
     return torch.exp(x).clamp(min=low, max=1.0 + num(hp, "eps_high"))
 
 
-def _check(hp: HParams) -> None:
-    eps_high, eps_low = hp["eps_high"], hp["eps_low"]
-    require(eps_high is not None and eps_high > 0, "cispo", "eps_high", eps_high, "> 0")
-    if eps_low is not None:
-        require(0 < eps_low < 1, "cispo", "eps_low", eps_low, "in (0, 1) or None")
-
-
-def _bounds(hp: HParams) -> tuple[float, float]:
-    eps_low = hp["eps_low"]
-    low = -math.inf if eps_low is None else math.log(1.0 - eps_low)
-    return low, math.log(1.0 + num(hp, "eps_high"))
-
-
-@register_loss(
-    "cispo",
-    defaults={"eps_high": 5.0, "eps_low": None},
-    agg="token-mean",
-    multiplier=lambda x, adv, hp: _weight(x, hp),
-    clip_bounds=_bounds,
-    check=_check,
-)
+@register_loss("cispo", multiplier=lambda x, adv, hp: _weight(x, hp))
 def cispo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
     """CISPO per-token loss; eps_high=5.0, eps_low=None (no lower clip), token-mean.
 

@@ -10,12 +10,11 @@ selects the clipped term: r > 1 + eps_high with A > 0, r < 1 - eps_low with A < 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from mhpo.losses._registry import HParams, TokenInputs, num, register_loss, require
+from mhpo.loss_specs import num
+from mhpo.losses._registry import HParams, TokenInputs, register_loss
 
 
 def ppo_clip(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Tensor:
@@ -30,24 +29,7 @@ def ppo_multiplier(x: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> T
     return torch.where(inside, ratio, 0.0)
 
 
-def check_eps(loss: str, hp: HParams, low: str, high: str) -> None:
-    lo, hi = hp[low], hp[high]
-    require(lo is not None and 0 < lo < 1, loss, low, lo, "in (0, 1)")
-    require(hi is not None and hi > 0, loss, high, hi, "> 0")
-
-
-def log_bounds(eps_low: float, eps_high: float) -> tuple[float, float]:
-    return math.log(1.0 - eps_low), math.log(1.0 + eps_high)
-
-
-@register_loss(
-    "grpo",
-    defaults={"eps": 0.2},
-    agg="seq-mean-token-mean",
-    multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, num(hp, "eps"), num(hp, "eps")),
-    clip_bounds=lambda hp: log_bounds(num(hp, "eps"), num(hp, "eps")),
-    check=lambda hp: check_eps("grpo", hp, "eps", "eps"),
-)
+@register_loss("grpo", multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, num(hp, "eps"), num(hp, "eps")))
 def grpo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO per-token loss `-min(r*A, clip(r, 1-eps, 1+eps)*A)`, eps=0.2, seq-mean-token-mean.
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mhpo.losses._registry import HParams, TokenInputs, num, register_loss
-from mhpo.losses.grpo import check_eps, log_bounds, ppo_clip, ppo_multiplier
+from mhpo.loss_specs import num
+from mhpo.losses._registry import HParams, TokenInputs, register_loss
+from mhpo.losses.grpo import ppo_clip, ppo_multiplier
 
 
 def sequence_log_ratio(x: Tensor, mask: Tensor) -> Tensor:
@@ -22,14 +23,7 @@ def sequence_log_ratio(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, 0.0).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
 
 
-@register_loss(
-    "gspo",
-    defaults={"eps_low": 3e-4, "eps_high": 4e-4},
-    agg="seq-mean-token-mean",
-    multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, num(hp, "eps_low"), num(hp, "eps_high")),
-    clip_bounds=lambda hp: log_bounds(num(hp, "eps_low"), num(hp, "eps_high")),
-    check=lambda hp: check_eps("gspo", hp, "eps_low", "eps_high"),
-)
+@register_loss("gspo", multiplier=lambda x, adv, hp: ppo_multiplier(x, adv, num(hp, "eps_low"), num(hp, "eps_high")))
 def gspo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO-token per-token loss; eps_low=3e-4, eps_high=4e-4, seq-mean-token-mean.
 

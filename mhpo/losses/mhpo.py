@@ -19,15 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from mhpo.losses._registry import HParams, TokenInputs, num, register_loss, require
+from mhpo.loss_specs import MHPO_DEFAULTS, num
+from mhpo.losses._registry import HParams, TokenInputs, register_loss
 
-DEFAULTS: dict[str, float | None] = {"c": 1.5, "k_pos": 1.5, "lambda_pos": 1.0, "k_neg": 2.0, "lambda_neg": 0.8}
-
-
-def _check(hp: HParams) -> None:
-    for key in DEFAULTS:
-        value = hp[key]
-        require(value is not None and value > 0, "mhpo", key, value, "> 0")
+DEFAULTS = MHPO_DEFAULTS  # the paper's values; declared in mhpo.loss_specs with the other losses'
 
 
 def _pow_(t: Tensor, k: float) -> Tensor:
@@ -90,13 +85,7 @@ class _MHPOTokenObjective(torch.autograd.Function):
         return (grad * mult).mul_(adv).neg_(), None, None, None, None, None, None
 
 
-@register_loss(
-    "mhpo",
-    defaults=DEFAULTS,
-    agg="seq-mean-token-mean",
-    multiplier=multiplier,
-    check=_check,
-)
+@register_loss("mhpo", multiplier=multiplier)
 def mhpo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
     """MHPO per-token loss `-exp(psi - sg[zeta]) * A` (arXiv 2603.16929).
 

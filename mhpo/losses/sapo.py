@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mhpo.losses._registry import HParams, TokenInputs, num, register_loss, require
+from mhpo.loss_specs import num
+from mhpo.losses._registry import HParams, TokenInputs, register_loss
 
 
 def _tau(adv: Tensor, hp: HParams) -> Tensor:
@@ -42,19 +43,7 @@ def _multiplier(x: Tensor, adv: Tensor, hp: HParams) -> Tensor:
     return torch.where(torch.isposinf(x), 0.0, mult)
 
 
-def _check(hp: HParams) -> None:
-    for key in ("tau_pos", "tau_neg"):
-        value = hp[key]
-        require(value is not None and value > 0, "sapo", key, value, "> 0")
-
-
-@register_loss(
-    "sapo",
-    defaults={"tau_pos": 1.0, "tau_neg": 1.05},
-    agg="seq-mean-token-mean",
-    multiplier=_multiplier,
-    check=_check,
-)
+@register_loss("sapo", multiplier=_multiplier)
 def sapo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str, Tensor]]:
     """SAPO per-token loss `-(4/tau) * sigmoid(tau * (r - 1)) * A`; tau_pos=1.0, tau_neg=1.05,
     seq-mean-token-mean (SAPO, arXiv 2511.20347).

@@ -1,6 +1,12 @@
 """`mhpo train`: flags generated from `TrainerConfig`; `--config FILE` (YAML/JSON) first, flags win.
 
-Also the entry point under `torchrun --nproc-per-node N -m mhpo train ...`.
+With `--resume`, the checkpoint's options come first and only the options given explicitly (in
+the file or as flags) override them: see `mhpo.trainer.checkpoint`.
+
+The parser is built from the dataclass itself (`dataclasses.fields`, `typing.get_type_hints`,
+each field's `help` metadata), so a new option is one field. Nothing here imports torch or
+transformers: `mhpo train --help` answers at once. Also the entry point under
+`torchrun --nproc-per-node N -m mhpo train ...`.
 """
 
 from __future__ import annotations
@@ -15,13 +21,12 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from mhpo.trainer import distributed
+from mhpo.trainer.checkpoint import resume_config
 from mhpo.trainer.config import TrainerConfig, load_config_file
 
 
-def _base_type(annotation: Any) -> Any:
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing), {})  # annotations are postponed strings
+def _flag_type(annotation: Any) -> Any:
+    """The type a flag converts to: `X | None` -> X."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return args[0]
@@ -42,13 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mhpo train",
         description="Instrumented GRPO-family RL training on a transformers model, streamed to the MHPO service.",
-        argument_default=argparse.SUPPRESS,  # only flags actually given override the config file
+        argument_default=argparse.SUPPRESS,  # only flags actually given appear in the namespace
     )
     parser.add_argument("--config", help="YAML or JSON file of the options below (flags win)")
+    hints = typing.get_type_hints(TrainerConfig)
     for f in dataclasses.fields(TrainerConfig):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
-        kind = _base_type(f.type)
+        kind = _flag_type(hints[f.name])
         if f.name == "hparams":
             parser.add_argument(
                 "--hparam", dest="hparams", action="append", type=_hparam, metavar="NAME=VALUE", help=help_
@@ -62,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: Sequence[str]) -> TrainerConfig:
-    """Config file values, then flags."""
+def parse_options(argv: Sequence[str]) -> tuple[TrainerConfig, frozenset[str]]:
+    """The config (file values, then flags) and the names of the options that were given.
+
+    Given means set by a flag or by the `--config` file; every other field holds its default.
+    Code that must not override a checkpoint with a default (resuming) asks this set.
+    """
     args = vars(build_parser().parse_args(list(argv)))
     values: dict[str, Any] = {}
     if "config" in args:
@@ -71,18 +81,34 @@ def parse_config(argv: Sequence[str]) -> TrainerConfig:
     if "hparams" in args:
         args["hparams"] = {**values.get("hparams", {}), **dict(args["hparams"])}
     values |= args
-    return TrainerConfig(**values)
+    return TrainerConfig(**values), frozenset(values)
+
+
+def parse_config(argv: Sequence[str]) -> TrainerConfig:
+    """Config file values, then flags; with `--resume`, the checkpoint's options under both."""
+    config, given = parse_options(argv)
+    return resume_config(config, given)
+
+
+def explicit_options(argv: Sequence[str]) -> frozenset[str]:
+    """`TrainerConfig` field names given in `argv`, by a flag or by its `--config` file."""
+    return parse_options(argv)[1]
 
 
 def main(command: str = "train", argv: Sequence[str] | None = None) -> int:
-    from mhpo.client import MHPOClientError
-    from mhpo.trainer.trainer import Trainer
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # a resume warns here
     for chatty in ("httpx", "httpcore"):  # one INFO line per request would break up the progress bar
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        config = parse_config(sys.argv[2:] if argv is None else argv)
+        config = parse_config(sys.argv[2:] if argv is None else argv)  # --help exits here, before torch loads
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mhpo {command}: {exc}", file=sys.stderr)
+        return 2
+    from mhpo.client import MHPOClientError
+    from mhpo.trainer import distributed
+    from mhpo.trainer.trainer import Trainer
+
+    try:
         trainer = Trainer(config)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mhpo {command}: {exc}", file=sys.stderr)

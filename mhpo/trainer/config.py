@@ -95,7 +95,11 @@ class TrainerConfig:
     metrics_file: str | None = _help("also append every record as a JSON line here (rank 0)", default=None)
     checkpoint_dir: str | None = _help("where checkpoints go (step-N subdirectories)", default=None)
     checkpoint_every: int = _help("checkpoint every N rollout steps (0: only at the end)", default=0)
-    resume: str | None = _help("checkpoint directory to resume from, or 'latest' in --checkpoint-dir", default=None)
+    resume: str | None = _help(
+        "checkpoint directory to resume from, or 'latest' in --checkpoint-dir; restores the checkpoint's options, "
+        "and options given now override them (with a warning naming each change)",
+        default=None,
+    )
     progress: bool = _help("show the progress bar", default=True)
 
     @property

@@ -35,6 +35,7 @@ import mhpo.client
 from mhpo.diagnostics import HISTOGRAMS, DiagnosticsAccumulator
 from mhpo.losses import agg_units, get_loss
 from mhpo.trainer import distributed
+from mhpo.trainer.checkpoint import CONFIG_FILE, STATE_FILE, checkpoint_path
 from mhpo.trainer.config import TrainerConfig
 from mhpo.trainer.correction import correction_weights
 from mhpo.trainer.rollout import Generation, TransformersRollout, VLLMRollout, token_logp
@@ -43,8 +44,18 @@ from mhpo.trainer.tiny import tiny_model_path
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.pt"
 PARAM_GROUPS = ("embeddings", "attention", "mlp", "norm", "head", "other")
+
+
+def quiet_libraries() -> None:
+    """`--no-progress` means no bar at all: transformers' and huggingface_hub's own bars (loading and
+    saving weights) and their warnings are turned off too, for this process."""
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def param_group(name: str) -> str:
@@ -87,13 +98,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest_checkpoint(directory: str | Path) -> Path:
-    steps = sorted(Path(directory).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not steps:
-        raise FileNotFoundError(f"no step-N checkpoint in checkpoint_dir={directory}; train without --resume first")
-    return steps[-1]
-
-
 class Trainer:
     """A GRPO-family trainer on a `transformers` causal LM; see the module docstring.
 
@@ -105,6 +109,8 @@ class Trainer:
     def __init__(self, config: TrainerConfig, run: Any | None = None) -> None:
         config.validate()
         self.cfg = cfg = config
+        if not cfg.progress:
+            quiet_libraries()
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device
         random.seed(cfg.seed)
@@ -216,16 +222,7 @@ class Trainer:
         return path
 
     def _resume_path(self) -> Path | None:
-        if not self.cfg.resume:
-            return None
-        if self.cfg.resume == "latest":
-            return latest_checkpoint(self.cfg.checkpoint_dir or "")
-        path = Path(self.cfg.resume)
-        if not (path / STATE_FILE).exists():
-            raise FileNotFoundError(
-                f"resume={self.cfg.resume!r} has no {STATE_FILE}; give a step-N checkpoint directory"
-            )
-        return path
+        return checkpoint_path(self.cfg.resume, self.cfg.checkpoint_dir) if self.cfg.resume else None
 
     def _load_state(self, path: Path) -> str | None:
         state = torch.load(path / STATE_FILE, weights_only=False)
@@ -246,12 +243,27 @@ class Trainer:
         self.data_rng.setstate(ranks["data_rng"])
         return state.get("run_id")
 
-    def save_checkpoint(self, directory: str | Path | None = None) -> Path:
-        """Model, tokenizer, optimizer, scheduler, counters and every RNG state, under step-N.
+    def save_checkpoint(self, directory: str | Path | None = None) -> Path | None:
+        """Model, tokenizer, optimizer, scheduler, counters, options and every RNG state, under step-N.
 
-        Written under `.tmp-step-N` and renamed when complete, so a process killed while
-        saving never leaves a partial `step-N` for `--resume latest` to pick.
+        Written only once the streamed run holds every step logged so far (on the server, or in
+        the client's spool while the server is away), so a process killed after the checkpoint
+        and resumed from it never leaves a hole in the run's history; if the client cannot say so
+        within `mhpo.client.DEFAULT_PERSIST_TIMEOUT` the checkpoint is skipped with a warning (returns None) and the
+        previous one stays the latest. Written under `.tmp-step-N` and renamed when complete, so a
+        process killed while saving never leaves a partial `step-N` for `--resume latest` to pick.
         """
+        persisted = self.run.persist() if self.run is not None else True
+        flag = torch.tensor([0.0 if persisted else 1.0], device=self.device)
+        if distributed.all_reduce_sum(flag).item():
+            logger.warning(
+                "checkpoint step-%d skipped: the run's records up to optimizer step %d were not sent or spooled "
+                "within %gs; the previous checkpoint stays the latest",
+                self.rollout_step,
+                self.opt_step - 1,
+                mhpo.client.DEFAULT_PERSIST_TIMEOUT,
+            )
+            return None
         root = Path(directory or self.cfg.checkpoint_dir or "checkpoints")
         path = root / f"step-{self.rollout_step}"
         tmp = root / f".tmp-step-{self.rollout_step}"
@@ -260,6 +272,7 @@ class Trainer:
             tmp.mkdir(parents=True)
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2), encoding="utf-8")
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),

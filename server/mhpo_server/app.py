@@ -10,6 +10,7 @@ dashboard.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,8 +29,20 @@ from mhpo_server.metrics import MetricsMiddleware, ServiceMetrics
 from mhpo_server.responses import NaNJSONResponse
 from mhpo_server.routes import auth, events, health, mlflow, projects, records, runs, series
 from mhpo_server.schemas import ERROR_RESPONSES, RecordIn
-from mhpo_server.store import Conflict, Invalid, NotFound, StorageFull, Store, Unavailable, open_store, storage_fault
+from mhpo_server.store import (
+    DATA_ERROR,
+    Conflict,
+    Invalid,
+    NotFound,
+    OverLimit,
+    StorageFull,
+    Store,
+    Unavailable,
+    open_store,
+    storage_fault,
+)
 
+log = logging.getLogger(__name__)
 IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
 EventSource = Callable[[Store, str], list[dict[str, Any]]]
 
@@ -91,7 +104,13 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
                 max_age_s=settings.dashboard_session_hours * 3600,
                 cookie_secure=settings.dashboard_cookie_secure,
             )
-        mount_dashboard(app, self_url(settings.host, settings.port), token=public_token, login=login)
+        mount_dashboard(
+            app,
+            self_url(settings.host, settings.port),
+            token=public_token,
+            login=login,
+            max_compare_runs=settings.dashboard_max_compare_runs,
+        )
     return app
 
 
@@ -185,11 +204,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _invalid(_request: Request, exc: Invalid) -> NaNJSONResponse:
         return _error(422, [{"loc": ["body", *exc.loc], "msg": exc.message, "type": "value_error"}])
 
+    @app.exception_handler(OverLimit)
+    async def _over_limit(_request: Request, exc: OverLimit) -> NaNJSONResponse:
+        return _error(422, [{"loc": list(exc.loc), "msg": exc.message, "type": "value_error"}])
+
     @app.exception_handler(DataError)
     async def _data(_request: Request, exc: DataError) -> NaNJSONResponse:
         # A value the schema let through but the database cannot hold (a NUL byte in a
-        # PostgreSQL string): the caller's input, so a 4xx, with the driver's reason.
-        return _error(422, f"a value in the request cannot be stored or compared by the database: {exc.orig}")
+        # PostgreSQL string): the caller's input, so a 4xx; the driver's text goes to the log only.
+        log.warning("database refused a value: %s", exc.orig)
+        return _error(422, DATA_ERROR)
 
     @app.exception_handler(Unavailable)
     async def _unavailable(_request: Request, exc: Unavailable) -> NaNJSONResponse:
@@ -205,9 +229,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _fault(exc: Unavailable) -> NaNJSONResponse:
-    """503 (507 for a full disk) with a JSON reason and Retry-After, which clients retry or spool on."""
+    """503 (507 for a full disk) with a JSON reason and Retry-After, which clients retry or spool on.
+
+    The body says what kind of fault it is, never the driver's text (host, port, database
+    name): that goes to the server log.
+    """
+    log.error("storage fault (%s): %s", exc.reason, exc)
     return NaNJSONResponse(
-        {"detail": str(exc), "reason": exc.reason, "retry_after": exc.retry_after},
+        {"detail": exc.public_message, "reason": exc.reason, "retry_after": exc.retry_after},
         status_code=507 if isinstance(exc, StorageFull) else 503,
         headers={"Retry-After": str(exc.retry_after)},
     )

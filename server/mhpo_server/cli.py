@@ -81,11 +81,14 @@ def serve(argv: Sequence[str]) -> int:
         return 2
     import uvicorn
 
+    import mhpo_migrations
     from mhpo_server.app import ConfigError, create_app
     from mhpo_server.http import with_header_timeout
     from mhpo_server.store import SchemaError
 
     try:
+        if mhpo_migrations.upgrade_sqlite(settings.db):
+            print(f"mhpo serve: migrated {settings.db} to revision {mhpo_migrations.head()}", file=sys.stderr)
         app = create_app(settings)
     except (SchemaError, ConfigError) as exc:
         print(f"mhpo serve: {exc}", file=sys.stderr)

@@ -45,6 +45,27 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * MIB, ge=1024, description="largest request body accepted; larger gets 413")
     max_records_per_batch: int = Field(10_000, ge=1, description="records in one POST .../records")
     max_points: int = Field(10_000, ge=10, description="upper bound of `max_points`/`max_steps` on reads")
+    max_keys_per_read: int = Field(
+        1_000, ge=1, description="keys in one scalars read (asked for, or the run's keys when none are named)"
+    )
+    max_points_per_read: int = Field(
+        1_000_000, ge=100, description="keys x max_points of one scalars read: the most points it may return"
+    )
+    max_histogram_cells: int = Field(
+        4_000_000, ge=1_000, description="stored rows x bins one histogram read may load (narrow it with start/end)"
+    )
+    max_history_rows: int = Field(
+        25_000, ge=100, description="points per page of MLflow's get-history (MLflow's own page size)"
+    )
+    max_search_runs: int = Field(
+        1_000, ge=1, description="runs per page of MLflow's runs/search (each with its latest metrics)"
+    )
+    max_config_value_bytes: int = Field(
+        64 * 1024, ge=256, description="UTF-8 bytes of one string in a run's config, MLflow param or tag"
+    )
+    max_config_bytes: int = Field(
+        256 * 1024, ge=1024, description="JSON bytes of a run's whole config (MLflow params and tags included)"
+    )
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0, description="how long a SQLite writer waits for the lock")
     pool_size: int = Field(10, ge=1, description="database connections kept open (as many again may overflow)")
     header_timeout_s: float = Field(
@@ -67,6 +88,9 @@ class Settings(BaseSettings):
     dashboard_session_hours: float = Field(12.0, gt=0, le=24 * 90, description="how long a dashboard login lasts")
     dashboard_cookie_secure: bool | None = Field(
         None, description="mark the session cookie Secure; unset: when the request came over https"
+    )
+    dashboard_max_compare_runs: int = Field(
+        20, ge=2, le=200, description="runs one /compare page may show; a longer list is refused on the page"
     )
 
     @field_validator("db")

@@ -14,7 +14,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from mhpo_server.config import Settings
 from mhpo_server.metrics import ServiceMetrics
-from mhpo_server.store import Store
+from mhpo_server.schemas import Run
+from mhpo_server.store import NotFound, Store
 
 
 def get_settings(request: Request) -> Settings:
@@ -43,6 +44,9 @@ class Principal:
     project: str | None
     scope: str
 
+    def sees(self, project: str) -> bool:
+        return self.project is None or self.project == project
+
     def check_project(self, project: str) -> None:
         if self.project is not None and self.project != project:
             raise HTTPException(
@@ -50,6 +54,15 @@ class Principal:
                 f"this token is for project {self.project!r}, not {project!r}: create one with "
                 f"`mhpo token create --project {project} --scope {self.scope}`",
             )
+
+
+def visible_run(store: Store, principal: Principal, run_id: str) -> Run:
+    """The run if this caller may see it; another project's run answers the very 404 of an unknown id,
+    so a token learns neither that the run exists nor which project holds it."""
+    run = store.get_run(run_id)
+    if not principal.sees(run.project):
+        raise NotFound.run(run_id)
+    return run
 
 
 def get_principal(

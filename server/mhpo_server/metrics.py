@@ -28,6 +28,9 @@ class ServiceMetrics:
             "record batches a client replayed from its on-disk spool (request header X-MHPO-Replay: 1)",
             registry=self.registry,
         )
+        self.reads_abandoned = Counter(
+            "mhpo_reads_abandoned", "long reads stopped because the client went away", registry=self.registry
+        )
         self.listener_errors = Counter(
             "mhpo_ingest_listener_errors", "ingest listeners that raised", ["listener"], registry=self.registry
         )

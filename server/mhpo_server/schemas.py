@@ -1,16 +1,20 @@
 """Pydantic v2 models at the edge of the API (contracts C1 and C7 in docs/contracts.md).
 
 The store returns these too (never ORM rows). Timestamps are unix seconds (float), the
-same unit as a record's `time`. Non-finite floats travel as the JSON tokens NaN /
-Infinity / -Infinity, as Python's json module reads and writes them.
+same unit as a record's `time`. Non-finite floats are read as the strings "NaN",
+"Infinity", "-Infinity" (protobuf's JSON, as MLflow and clients in other languages send
+them) or as the bare tokens Python's json module writes; answers carry the strings
+(`responses.NaNJSONResponse`), so every answer is strict JSON.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -24,6 +28,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     ValidatorFunctionWrapHandler,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -121,6 +126,39 @@ def clean_config(value: Any, path: tuple[str | int, ...] = ()) -> Any:
     return value
 
 
+def _largest_string(value: Any, path: tuple[str | int, ...] = ()) -> tuple[int, tuple[str | int, ...]]:
+    """(UTF-8 bytes, path) of the longest string in a config, keys included."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass")), path
+    best: tuple[int, tuple[str | int, ...]] = (0, path)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str):
+            best = max(best, (len(key.encode("utf-8", "surrogatepass")), (*path, key)), key=lambda b: b[0])
+        best = max(best, _largest_string(item, (*path, key)), key=lambda b: b[0])
+    return best
+
+
+def config_too_large(config: Any, max_value_bytes: int, max_bytes: int | None = None) -> str | None:
+    """Why `config` is over the config limits (a string over MHPO_MAX_CONFIG_VALUE_BYTES, the whole over
+    MHPO_MAX_CONFIG_BYTES), or None: every run listing carries each run's config, so its size is bounded."""
+    size, path = _largest_string(config)
+    if size > max_value_bytes:
+        where = "config" + "".join(f"[{str(p)[:40]!a}]" for p in path)
+        return (
+            f"{where} has {size} bytes, more than the limit of {max_value_bytes} per value "
+            "(MHPO_MAX_CONFIG_VALUE_BYTES): log large values as artifacts or files, not in the config"
+        )
+    if max_bytes is not None:
+        total = len(json.dumps(config, ensure_ascii=False, allow_nan=True).encode("utf-8", "surrogatepass"))
+        if total > max_bytes:
+            return (
+                f"the config has {total} bytes of JSON, more than the limit of {max_bytes} per run "
+                "(MHPO_MAX_CONFIG_BYTES): keep only the settings worth comparing runs by"
+            )
+    return None
+
+
 Text = Annotated[str, AfterValidator(_storable)]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=250, pattern=KEY_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=KEY_PATTERN), AfterValidator(_storable)]
@@ -131,6 +169,11 @@ Integral = BeforeValidator(
 Step = Annotated[int, Field(ge=0, le=MAX_STEP), Integral]
 Count = Annotated[int, Field(ge=0, le=2**62), Integral]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+NON_FINITE = ("NaN", "Infinity", "-Infinity")  # protobuf JSON's (MLflow's, other languages') spelling
+# A float of a record that may also be written "NaN", "Infinity" or "-Infinity" (JSON has no token
+# for them; the bare tokens Python writes are read too). Validation stays one strict pass in Rust:
+# `RecordsIn` turns these strings into floats only when a batch holds some (see `_non_finite_strings`).
+Number = Annotated[float, WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string", "enum": list(NON_FINITE)}]})]
 RunStatus = Literal["running", "finished", "failed", "crashed"]
 Severity = Literal["info", "warning", "critical"]
 Scope = Literal["write", "read"]
@@ -158,10 +201,10 @@ class HistogramIn(InputModel):
     counts: Annotated[list[Count], Field(min_length=1, max_length=MAX_BINS)]
     underflow: Count = 0
     overflow: Count = 0
-    min: float = math.nan
-    max: float = math.nan
-    sum: float = 0.0
-    sumsq: float = 0.0
+    min: Number = math.nan
+    max: Number = math.nan
+    sum: Number = 0.0
+    sumsq: Number = 0.0
 
     @model_validator(mode="after")
     def _bounds(self) -> HistogramIn:
@@ -175,9 +218,9 @@ class OutlierIn(InputModel):
     position: Annotated[int, Field(ge=0, le=2**31), Integral]
     token_id: Annotated[int, Field(ge=0, le=2**31), Integral] | None = None
     text: Annotated[Text, Field(max_length=1000)] = ""
-    x: float
-    A: float
-    zeta: float | None = None
+    x: Number
+    A: Number
+    zeta: Number | None = None
 
 
 ItemField = Literal["scalars", "histograms", "outliers"]
@@ -211,6 +254,34 @@ def _spelled(key: str) -> str:
     return key.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
+def _non_finite_strings(data: Any, errors: list[Any]) -> Any:
+    """`data` with each "NaN" / "Infinity" / "-Infinity" string a float error points at replaced by
+    the float, or None when no error is one of those (the batch is then judged as it is)."""
+    spots = [
+        tuple(e["loc"])
+        for e in errors
+        if e["type"] == "float_type" and e.get("input") in NON_FINITE and e["loc"][:1] == ("records",)
+    ]
+    if not spots:
+        return None
+    if isinstance(data, str | bytes):  # model_validate_json: the strings are in the JSON text
+        data = json.loads(data)
+    if not isinstance(data, dict):
+        return None
+    records = list(data["records"])
+    for loc in spots:
+        node = records[loc[1]] = _copied(records[loc[1]])
+        for part in loc[2:-1]:
+            node[part] = _copied(node[part])
+            node = node[part]
+        node[loc[-1]] = float(node[loc[-1]])
+    return {**data, "records": records}
+
+
+def _copied(node: Any) -> Any:
+    return list(node) if isinstance(node, list) else dict(node)
+
+
 # pydantic states the key pattern as `patternProperties`, which alone lets other keys through in JSON Schema.
 KEYS_ONLY: dict[str, Any] = {"additionalProperties": False}
 
@@ -218,7 +289,7 @@ KEYS_ONLY: dict[str, Any] = {"additionalProperties": False}
 class RecordIn(InputModel):
     step: Step
     time: Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)] | None = None
-    scalars: Annotated[dict[Key, float], Field(max_length=MAX_KEYS_PER_RECORD, json_schema_extra=KEYS_ONLY)] = {}
+    scalars: Annotated[dict[Key, Number], Field(max_length=MAX_KEYS_PER_RECORD, json_schema_extra=KEYS_ONLY)] = {}
     histograms: Annotated[dict[Key, HistogramIn], Field(max_length=1_000, json_schema_extra=KEYS_ONLY)] = {}
     outliers: Annotated[list[OutlierIn], Field(max_length=MAX_OUTLIERS_PER_RECORD)] = []
 
@@ -251,6 +322,12 @@ class RecordsIn(InputModel):
             return handler(data)
         except ValidationError as exc:
             errors = exc.errors()
+            spelled = _non_finite_strings(data, errors)
+            if spelled is not None:  # "NaN" / "Infinity" strings: validate again with them as floats
+                try:
+                    return handler(spelled)
+                except ValidationError as again:
+                    data, errors = spelled, again.errors()
             items = [_item_of(tuple(e["loc"])) for e in errors]
             if any(item is None for item in items) or not isinstance(data, dict):
                 raise
@@ -453,19 +530,18 @@ class TokenInfo(BaseModel):
     scope: Scope
 
 
-MAX_QUERY_KEYS = 1_000
+def parse_keys(raw: str | None, exact: Sequence[str] = (), limit: int = 1_000) -> list[str]:
+    """`keys=a,b` -> ["a", "b"], then each `key=` value as it is (a key may hold a comma); order kept,
+    duplicates removed, empty entries of `keys=` dropped.
 
-
-def parse_keys(raw: str | None) -> list[str]:
-    """`keys=a,b` -> ["a", "b"] (empty entries dropped, order kept, duplicates removed).
-
-    Raises ValueError for more than MAX_QUERY_KEYS keys or a key that no record could carry.
+    Raises ValueError for more than `limit` keys (MHPO_MAX_KEYS_PER_READ) or a key that no record could carry.
     """
-    if not raw:
-        return []
-    keys = list(dict.fromkeys(k for k in (part.strip() for part in raw.split(",")) if k))
-    if len(keys) > MAX_QUERY_KEYS:
-        raise ValueError(f"{len(keys)} keys exceed the limit of {MAX_QUERY_KEYS} per request; ask in several requests")
+    split = (k for k in (part.strip() for part in (raw or "").split(",")) if k)
+    keys = list(dict.fromkeys([*split, *exact]))
+    if len(keys) > limit:
+        raise ValueError(
+            f"{len(keys)} keys exceed the limit of {limit} per read (MHPO_MAX_KEYS_PER_READ): ask in several requests"
+        )
     for key in keys:
         reason = invalid_key(key)
         if reason is not None:

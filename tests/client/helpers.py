@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from tests.conftest import strict_loads
 from tests.fixtures.server import LiveServer
 
 
@@ -26,7 +26,7 @@ class Target:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         response = httpx.get(f"{self.url}{path}", headers=headers, timeout=30.0)
         response.raise_for_status()
-        return json.loads(response.text)  # keeps NaN / Infinity tokens as floats
+        return strict_loads(response.text)  # non-finite numbers back as floats
 
     def stored_steps(self, run_id: str, key: str) -> list[int]:
         """Every step stored for one scalar key, one entry per stored row (no downsampling)."""

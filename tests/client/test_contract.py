@@ -49,3 +49,22 @@ def test_spooled_requests_validate_against_the_server_models(tmp_path: Path) -> 
     assert record.histograms["log_ratio"].counts == list(range(64))
     assert record.outliers[0].position == 9
     assert json.loads(batch.read_bytes())["batch_id"] in batch.name
+
+
+def test_non_finite_numbers_travel_as_strings_or_bare_tokens() -> None:
+    """C1: a record's numbers may be "NaN" / "Infinity" / "-Infinity" (protobuf's JSON, other languages)
+    or the bare tokens Python's json module writes; both validate to the same floats."""
+    strings = {
+        "step": 0,
+        "scalars": {"a": "NaN", "b": "-Infinity"},
+        "histograms": {"h": {**histogram(0), "min": "NaN"}},
+    }
+    bare = {
+        "step": 0,
+        "scalars": {"a": math.nan, "b": -math.inf},
+        "histograms": {"h": {**histogram(0), "min": math.nan}},
+    }
+    for record in (strings, bare):
+        (parsed,) = RecordsIn.model_validate_json(json.dumps({"batch_id": "b", "records": [record]})).records
+        assert math.isnan(parsed.scalars["a"]) and parsed.scalars["b"] == -math.inf
+        assert math.isnan(parsed.histograms["h"].min)

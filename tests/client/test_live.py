@@ -149,3 +149,20 @@ def test_a_damaged_spool_file_is_set_aside_not_retried_forever(shared_sqlite_ser
     assert run.finish(timeout=20).complete
     assert not orphan_dir.exists()
     assert len(list((tmp_path / "rejected" / orphan).glob("*-n5.json"))) == 1
+
+
+def test_persist_delivers_what_was_logged_before_a_batch_is_due(shared_server: Target, tmp_path: Path) -> None:
+    run = mhpo.init(
+        PROJECT,
+        "persist",
+        server=shared_server.url,
+        token=shared_server.token,
+        spool_dir=tmp_path,
+        flush_interval=3600.0,
+    )
+    for step in range(3):
+        run.log(step, scalars(step))
+    assert run.persist(timeout=60.0)
+    assert shared_server.stored_steps(run.id, "train/loss") == [0, 1, 2]
+    assert not run.spool.batches(run.id)
+    run.finish()

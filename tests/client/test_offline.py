@@ -175,3 +175,17 @@ def test_spool_env_and_stale_partial_writes(dead_server: str, tmp_path: Path, mo
 )
 def test_response_classes(status: int, n: int, outcome: Outcome) -> None:
     assert classify(status, n) is outcome
+
+
+def test_persist_puts_every_logged_step_in_the_spool_without_waiting_for_the_server(
+    dead_server: str, tmp_path: Path
+) -> None:
+    """What a checkpoint waits for: the steps are on disk, though the server is down and no batch was due."""
+    run = mhpo.init("p", "persist", server=dead_server, spool_dir=tmp_path, flush_interval=3600.0, max_backoff=3600.0)
+    for step in range(5):
+        run.log(step, {"loss": float(step)})
+    started = time.monotonic()
+    assert run.persist(timeout=60.0)
+    assert time.monotonic() - started < 30.0  # one refused connection, not the timeout or a back-off
+    assert sorted(spooled_steps(run.spool_dir)) == list(range(5))
+    run.finish(timeout=0.1)

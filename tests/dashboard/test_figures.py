@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -235,3 +236,63 @@ def test_compare_and_empty_figures_are_valid_plotly() -> None:
     assert len(fig["data"]) == 1 and fig["layout"]["xaxis"]["range"] == [0, 1]
     valid(figures.empty_figure("nothing yet"))
     valid(figures.step_histogram_figure(None, None, None, "mhpo"))
+
+
+HOSTILE = "<a href='http://evil.example/'>x</a><img src='http://evil.example/i.png'><b>bold</b> &amp; %{y}"
+ESCAPED = "&lt;a href='http://evil.example/'&gt;x&lt;/a&gt;&lt;img src='http://evil.example/i.png'&gt;"
+
+
+def _shows_hostile_text_literally(fig: dict) -> None:
+    """No tag, entity or template of the hostile text reaches Plotly unescaped; its escaped form does."""
+    drawn = {**valid(fig), "layout": {k: v for k, v in fig["layout"].items() if k != "uirevision"}}  # never drawn
+    text = json.dumps(drawn)
+    assert ESCAPED in text
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp;amp; &#37;{y}" in text
+    for raw in ("<a ", "<img", "<b>", "&amp; ", '%{y}"'):
+        assert raw not in text, raw
+
+
+def test_every_figure_builder_shows_user_text_literally() -> None:
+    """Run names, metric keys, loss names and flag text: Plotly's pseudo-HTML in them is shown, never obeyed."""
+    hist = _hist([[1, 2, 3]], steps=[0])
+    run = {"run_id": "a" * 36, "name": HOSTILE}
+    events = [
+        {"type": "alert", "rule_name": HOSTILE, "step": 1, "severity": "warning", "message": HOSTILE, "evidence": {}},
+        {"type": "flag", "kind": "x", "step": 0, "evidence": {"key": HOSTILE, "value": 1.0}},
+    ]
+    built = {
+        "timeseries_figure": [
+            figures.timeseries_figure(HOSTILE, [[HOSTILE]], {HOSTILE: _series([0, 1], [1.0, 2.0])}, events, 0, True)[0],
+            figures.timeseries_figure(HOSTILE, [], {})[0],
+        ],
+        "heatmap_figure": [figures.heatmap_figure(hist, title=HOSTILE), figures.heatmap_figure(None, title=HOSTILE)],
+        "step_histogram_figure": [figures.step_histogram_figure(hist, hist, 0, HOSTILE)],
+        "compare_metric_figure": [
+            figures.compare_metric_figure(HOSTILE, [(run, _series([0, 1], [1.0, 2.0]))]),
+            figures.compare_metric_figure(HOSTILE, [(run, None)]),
+        ],
+        "wasserstein_figure": [figures.wasserstein_figure([(figures.run_label(run), [0], [0.1], 0)], 0.05)],
+        "empty_figure": [figures.empty_figure(HOSTILE)],
+    }
+    assert set(built) == {name for name in figures.__all__ if name.endswith("_figure")}  # a new builder joins here
+    for figs in built.values():
+        for fig in figs:
+            _shows_hostile_text_literally(fig)
+    markers = figures.event_markers([[HOSTILE]], {HOSTILE: _series([0, 1], [1.0, 2.0])}, events)
+    assert all(ESCAPED in t and "<a " not in t for t in markers[0][2])
+
+
+def test_plain_escapes_what_plotly_would_read_as_markup() -> None:
+    assert figures.plain("a<b>&c%{y}") == "a&lt;b&gt;&amp;c&#37;{y}"
+    assert figures.plain("ratio/mean") == "ratio/mean"
+
+
+def test_table_links_show_run_names_as_typed() -> None:
+    """A Markdown link or image in a run name stays text inside the one link to the run."""
+    name = "![x](http://evil.example/i.png) [click](http://evil.example/) <b>*em*</b>\n# h"
+    escaped = r"\!\[x\]\(http://evil.example/i.png\) \[click\]\(http://evil.example/\) \<b\>\*em\*\</b\> # h"
+    run = {"run_id": "r1", "name": name, "project": "p", "status": "running", "created_at": 1.0}
+    assert figures.run_rows([run])[0]["name"] == f"[{escaped}](/runs/r1)"
+    rule = {"id": 1, "name": name, "run_id": "r1", "condition": {"type": "flag"}}
+    assert figures.rule_rows([rule], {"r1": name})[0]["run"] == f"[{escaped}](/runs/r1)"
+    assert figures.alert_rows([{"id": 1, "run_id": "r1"}], {"r1": name})[0]["run"] == f"[{escaped}](/runs/r1)"

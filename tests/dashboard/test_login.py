@@ -19,6 +19,7 @@ import pytest
 
 from mhpo_server.store import open_store
 from tests.dashboard.browsing import PLOT, open_page
+from tests.dashboard.callbacks import route
 from tests.dashboard.seeding import create_run, post_records, records
 from tests.fixtures.server import LiveServer
 
@@ -52,28 +53,6 @@ def _login(server: LiveServer, token: str) -> Iterator[httpx.Client]:
         answer = client.post("/login", data={"token": token, "next": "/"}, headers={"Origin": server.url})
         assert answer.status_code == 303, answer.text
         yield client
-
-
-def _dependencies(client: httpx.Client) -> list[dict[str, Any]]:
-    answer = client.get("/_dash-dependencies")
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def _route(client: httpx.Client, pathname: str) -> httpx.Response:
-    """Dash's page-routing callback for `pathname`: what the browser asks to render a page."""
-    dep = next(d for d in _dependencies(client) if "_pages_content.children" in d["output"])
-    values = {"pathname": pathname, "search": ""}
-    body = {
-        "output": dep["output"],
-        "outputs": [
-            {"id": o.split(".")[0], "property": o.split(".")[1]} for o in dep["output"].strip(".").split("...")
-        ],
-        "inputs": [{**i, "value": values.get(i["property"])} for i in dep["inputs"]],
-        "state": [{**s, "value": None} for s in dep["state"]],
-        "changedPropIds": ["_pages_location.pathname"],
-    }
-    return client.post("/_dash-update-component", json=body)
 
 
 def _refresh_runs(client: httpx.Client) -> httpx.Response:
@@ -136,12 +115,12 @@ def test_a_viewer_of_one_project_cannot_read_another_through_the_callbacks(secur
         runs = _refresh_runs(alpha)
         assert runs.status_code == 200
         assert "alpha-run" in runs.text and "beta-run" not in runs.text and "beta" not in runs.text
-        own = _route(alpha, f"/runs/{run_ids['alpha']}")
+        own = route(alpha, f"/runs/{run_ids['alpha']}")
         assert own.status_code == 200 and "alpha-run" in own.text and "tok" in own.text
-        other = _route(alpha, f"/runs/{run_ids['beta']}")
+        other = route(alpha, f"/runs/{run_ids['beta']}")
         assert other.status_code == 200 and "Run not available" in other.text
         assert "beta-run" not in other.text and "tok1" not in other.text
-        alerts = _route(alpha, "/alerts")
+        alerts = route(alpha, "/alerts")
         assert alerts.status_code == 200 and "beta" not in alerts.text
     with _login(server, tokens["beta-read"]) as beta:
         assert "beta-run" in _refresh_runs(beta).text and "alpha-run" not in _refresh_runs(beta).text
@@ -209,7 +188,7 @@ def test_a_public_dashboard_shows_its_read_tokens_project_without_a_login(secure
         assert anonymous.get("/").status_code == 200
         runs = _refresh_runs(anonymous)
         assert runs.status_code == 200 and "alpha-run" in runs.text and "beta-run" not in runs.text
-        assert "Run not available" in _route(anonymous, f"/runs/{run_ids['beta']}").text
+        assert "Run not available" in route(anonymous, f"/runs/{run_ids['beta']}").text
         layout = json.dumps(anonymous.get("/_dash-layout").json(), ensure_ascii=False)
         assert "public · alpha · read" in layout and "nav-login" in layout
         login = anonymous.post("/login", data={"token": tokens["beta-read"]}, headers={"Origin": public.url})

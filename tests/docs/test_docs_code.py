@@ -81,7 +81,26 @@ def check_client(server: LiveServer) -> None:
     assert [r["status"] for r in runs_of(server, "custom-loop")] == ["finished"]
 
 
-CHECKS: dict[str, Callable[[LiveServer], None]] = {"docs/trl.md": check_trl, "docs/client.md": check_client}
+def check_import(project: str, flagged_step: int | None) -> Callable[[LiveServer], None]:
+    """The page's `mhpo import` made one finished run, with `non_finite` at `flagged_step` (or none)."""
+
+    def check(server: LiveServer) -> None:
+        [run] = runs_of(server, project)
+        assert run["status"] == "finished", run
+        events = httpx.get(f"{server.url}/api/v1/runs/{run['run_id']}/events", timeout=10).json()["events"]
+        flagged = [e["step"] for e in events if e["kind"] == "non_finite"]
+        assert flagged == ([] if flagged_step is None else [flagged_step]), events
+
+    return check
+
+
+CHECKS: dict[str, Callable[[LiveServer], None]] = {
+    "docs/trl.md": check_trl,
+    "docs/client.md": check_client,
+    "docs/import-tensorboard.md": check_import("tb-demo", 30),
+    "docs/import-mlflow.md": check_import("grpo-demo", None),
+    "docs/import-csv.md": check_import("csv-demo", 30),
+}
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=page_id)

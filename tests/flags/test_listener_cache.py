@@ -128,3 +128,22 @@ def test_rule_and_parameter_changes_apply_to_the_next_batch(app: FastAPI) -> Non
     assert off.status_code == 200, off.text
     post(client, run_id, [{"step": 13, "scalars": {"kl": math.nan}}])
     assert not [f for f in flags(client, run_id) if f[1] == "non_finite"]
+
+
+def test_keys_no_detector_reads_cost_no_window_and_still_flag_when_they_turn_non_finite(app: FastAPI) -> None:
+    """A batch of many new custom keys, finite at every step, is neither read back nor held in the
+    windows; a key that turns NaN later is flagged as before, also right after a quiet batch."""
+    client = TestClient(app)
+    run_id = new_run(client)
+    wide = {f"custom/k{i:04d}": 1.0 for i in range(2000)}
+    post(client, run_id, [{"step": s, "scalars": {**wide, "train/loss": 1.0}} for s in range(3)])
+    windows = app.state.flag_monitor.cache.get(run_id)
+    assert windows is not None and not [k for k in windows.series if k.startswith("custom/")]
+    post(client, run_id, [{"step": 3, "scalars": {"custom/k0007": math.nan}}])
+    post(client, run_id, [{"step": 4, "scalars": {"custom/k0007": 2.0}}])
+    post(client, run_id, [{"step": 5, "scalars": {"custom/k0007": -math.inf}}])
+    found = [(step, kind, evidence) for step, kind, _s, _m, evidence in flags(client, run_id) if kind == "non_finite"]
+    assert [(step, json.loads(evidence)["values"]) for step, _k, evidence in found] == [
+        (3, {"custom/k0007": "NaN"}),
+        (5, {"custom/k0007": "-Infinity"}),
+    ]

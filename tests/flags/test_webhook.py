@@ -190,3 +190,32 @@ def test_pending_delivery_survives_a_server_crash(server: LiveServer, receiver: 
     (alert,) = wait_for("delivery after the restart", lambda: settled(server, run_id))
     assert alert["delivery_status"] == "delivered" and alert["delivery_attempts"] >= 1
     assert {b["alert"]["id"] for b in receiver.bodies} == {alert["id"]}
+
+
+def test_rule_names_keys_and_projects_arrive_in_slack_text_as_typed(server: LiveServer, receiver: Receiver) -> None:
+    """Slack mrkdwn in user text (a mention, a disguised link, an entity) is escaped, never obeyed."""
+    project, name, key = "p<!everyone>", "<!channel> <http://evil.example|click here> &amp;", "loss<!here>"
+    run_id = httpx.post(f"{server.url}/api/v1/runs", json={"project": project, "name": "r"}).json()["run_id"]
+    rule = httpx.post(
+        f"{server.url}/api/v1/alert-rules",
+        json={
+            "name": name,
+            "project": project,
+            "run_id": run_id,
+            "cooldown_s": 0,
+            "condition": {"type": "threshold", "key": key, "op": ">", "value": 1.0},
+            "channels": ["webhook"],
+            "webhook_url": receiver.url,
+        },
+    )
+    assert rule.status_code == 201, rule.text
+    body = {"batch_id": uuid.uuid4().hex, "records": [{"step": 0, "time": 1.7e9, "scalars": {key: 2.0}}]}
+    assert httpx.post(f"{server.url}/api/v1/runs/{run_id}/records", json=body, timeout=30).status_code == 200
+    wait_for("delivery", lambda: settled(server, run_id))
+    (delivered,) = receiver.bodies
+    text = delivered["text"]
+    assert "&lt;!channel&gt; &lt;http://evil.example|click here&gt; &amp;amp;" in text
+    assert "loss&lt;!here&gt;" in text and "p&lt;!everyone&gt;" in text
+    for raw in ("<!channel>", "<!here>", "<!everyone>", "<http://evil.example", "&amp; "):
+        assert raw not in text, raw
+    assert delivered["alert"]["rule_name"] == name and delivered["alert"]["project"] == project  # data, as given

@@ -13,6 +13,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import strict_loads
 from tests.fixtures.server import LiveServer
 
 API = "/api/2.0/mlflow"
@@ -114,7 +115,7 @@ def test_numbers_as_the_mlflow_client_sends_them(live_server_db: LiveServer, tra
         assert post(url, "runs/log-metric", {"run_id": run_id, **metric}).status_code == 200
     tracking(url)
     MlflowClient().log_metric(run_id, "m", math.inf, step=4)
-    series = httpx.get(f"{url}/api/v1/runs/{run_id}/scalars", params={"keys": "m"}).json()["series"]["m"]
+    series = strict_loads(httpx.get(f"{url}/api/v1/runs/{run_id}/scalars", params={"keys": "m"}).text)["series"]["m"]
     assert series["step"] == [1, 2, 3, 4]
     assert series["value"][0] == 0.5 and math.isnan(series["value"][1]) and series["value"][2:] == [-math.inf, math.inf]
     history = httpx.get(f"{url}{API}/metrics/get-history", params={"run_id": run_id, "metric_key": "m"}).json()

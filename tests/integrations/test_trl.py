@@ -112,6 +112,37 @@ def test_unknown_registry_loss_is_named(tiny_model_dir: Path, tmp_path: Path) ->
         make_trainer(tiny_model_dir, tmp_path, "grpo", 0.2, 0.2, loss="ppo")
 
 
+@pytest.mark.parametrize(
+    ("loss", "loss_type", "run_name", "expected"),
+    [("mhpo", "grpo", None, "trl-mhpo"), (None, "dapo", None, "trl-dapo"), ("gspo", "grpo", "mine", "mine")],
+)
+def test_runs_are_named_by_their_loss(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    live_server: LiveServer,
+    loss: str | None,
+    loss_type: str,
+    run_name: str | None,
+    expected: str,
+) -> None:
+    """Without a run_name, a run is called after its objective: a registry loss, else TRL's loss_type."""
+    project = f"names-{loss}-{loss_type}"
+    trainer = GRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=count_reward,
+        args=grpo_config(tmp_path, loss_type=loss_type, run_name=run_name),
+        train_dataset=prompts(),
+        loss=loss,
+        mhpo_project=project,
+        mhpo_server=live_server.url,
+    )
+    run = trainer.mhpo_run
+    assert run is not None
+    run.finish()
+    runs = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": project}).json()["runs"]
+    assert [r["name"] for r in runs] == [expected]
+
+
 def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer) -> None:
     """num_iterations=2: the second update of each generation batch is off-policy, so the ratios move."""
     cpu_threads()
@@ -288,3 +319,33 @@ def test_vllm_sampling_log_probs_give_the_mismatch_statistics(tiny_model_dir: Pa
         assert scalars[key] == pytest.approx(expected[key], rel=1e-6), key
     assert scalars["mismatch/unscored_frac"] == pytest.approx(1 / mask.sum().item())
     assert "mismatch" in trainer._pending[1]["histograms"]
+
+
+def test_a_checkpoint_is_saved_once_the_run_holds_its_steps(
+    tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer
+) -> None:
+    """transformers saves a checkpoint only after the run has every step up to it, logged or not."""
+    cpu_threads()
+    from transformers import TrainerCallback
+
+    run = mhpo.client.init("trl-it", "persist", server=live_server.url, flush_interval=3600.0)
+    stored_at_save: dict[int, list[int]] = {}
+
+    class AtSave(TrainerCallback):  # type: ignore[misc]
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            scalars = httpx.get(
+                f"{live_server.url}/api/v1/runs/{run.id}/scalars", params={"keys": "grad/multiplier_mean"}
+            ).json()["series"]
+            stored_at_save[state.global_step] = scalars.get("grad/multiplier_mean", {}).get("step", [])
+
+    args = grpo_config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, logging_steps=5)
+    GRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=count_reward,
+        args=args,
+        train_dataset=prompts(),
+        mhpo_run=run,
+        callbacks=[AtSave()],
+    ).train()
+    assert stored_at_save == {2: [1, 2]}
+    assert run.finish(timeout=30).complete

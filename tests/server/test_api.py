@@ -16,6 +16,7 @@ from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.schemas import RecordIn
 from mhpo_server.store import Store, open_store
+from tests.conftest import strict_loads
 from tests.server.conftest import new_run, post_json
 
 HIST = {
@@ -51,8 +52,8 @@ def test_records_round_trip_with_nonfinite_tokens(client: TestClient) -> None:
     again = post_json(client, f"/api/v1/runs/{run_id}/records", body)
     assert again.json() == {"accepted": 0, "duplicates": 5, "rejected": []}
     raw = client.get(f"/api/v1/runs/{run_id}/scalars", params={"keys": "a,b,c"}).text
-    assert '"value":[NaN]' in raw and '"value":[Infinity]' in raw and '"value":[-Infinity]' in raw
-    scalars = json.loads(raw)
+    assert '"value":["NaN"]' in raw and '"value":["Infinity"]' in raw and '"value":["-Infinity"]' in raw
+    scalars = strict_loads(raw)
     assert scalars["downsampled"] is False and set(scalars["series"]) == {"a", "b", "c"}
     assert client.get(f"/api/v1/runs/{run_id}/histograms/log_ratio").json()["counts"] == [[0, 3, 1, 0]]
     assert client.get(f"/api/v1/runs/{run_id}/outliers", params={"step": 0}).json()["outliers"][0]["text"] == "x"
@@ -228,11 +229,12 @@ def test_auth_scopes_and_projects(migrated_url: str) -> None:
         run_id = created.json()["run_id"]
         records = batch({"step": 0, "scalars": {"a": 1.0}})
         assert post_json(client, f"/api/v1/runs/{run_id}/records", records, headers=bearer(read)).status_code == 403
-        assert post_json(client, f"/api/v1/runs/{run_id}/records", records, headers=bearer(other)).status_code == 403
+        # another project's run answers as an unknown one would: 404, not a 403 that proves it exists
+        assert post_json(client, f"/api/v1/runs/{run_id}/records", records, headers=bearer(other)).status_code == 404
         assert post_json(client, f"/api/v1/runs/{run_id}/records", records, headers=bearer(write)).status_code == 200
         assert client.get(f"/api/v1/runs/{run_id}/scalars").status_code == 401
         assert client.get(f"/api/v1/runs/{run_id}/scalars", headers=bearer(read)).status_code == 200
-        assert client.get(f"/api/v1/runs/{run_id}", headers=bearer(other)).status_code == 403
+        assert client.get(f"/api/v1/runs/{run_id}", headers=bearer(other)).status_code == 404
         assert client.get("/api/v1/runs", headers=bearer(other)).json() == {"runs": []}
         assert client.get("/api/v1/projects", headers=bearer(read)).json()["projects"][0]["name"] == "p"
         assert client.get("/healthz").status_code == 200
@@ -285,7 +287,7 @@ def test_event_sources_and_flags(app: FastAPI, store: Store) -> None:
         assert [e["type"] for e in events] == ["alert", "flag"]
         flag = events[1]
         assert set(flag) == {"id", "type", "kind", "step", "severity", "detector", "message", "evidence", "created_at"}
-        assert flag["evidence"] == {"slope": -math.inf}
+        assert flag["evidence"] == {"slope": "-Infinity"}  # strict JSON: non-finite numbers as strings
         assert client.get(f"/api/v1/runs/{run_id}").json()["open_flags"] == 1
 
 

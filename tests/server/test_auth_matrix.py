@@ -134,6 +134,10 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Request]] = {
         WRITE,
         lambda w: ("POST", f"{MLFLOW}/runs/update", {"json": {"run_id": w.run_id, "status": "RUNNING"}}),
     ),
+    ("POST", f"{MLFLOW}/runs/search"): (
+        READ,
+        lambda w: ("POST", f"{MLFLOW}/runs/search", {"json": {"experiment_ids": ["A"]}}),
+    ),
     ("GET", f"{MLFLOW}/runs/get"): (READ, lambda w: ("GET", f"{MLFLOW}/runs/get", {"params": {"run_id": w.run_id}})),
     ("POST", f"{MLFLOW}/runs/log-batch"): (
         WRITE,
@@ -173,14 +177,26 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Request]] = {
 }
 
 
-def expected(need: str, caller: str) -> str:
-    """ "2xx", or the exact refusal: 401 without a valid token, 403 for the wrong scope or project."""
+def by_id(path: str) -> bool:
+    """The operation names one of project A's resources by its id (a run, rule or alert), not by its project."""
+    by_project = (f"{MLFLOW}/experiments", f"{MLFLOW}/runs/create", f"{MLFLOW}/runs/search")
+    mlflow_run = path.startswith(MLFLOW) and not path.startswith(by_project)
+    return mlflow_run or any(part in path for part in ("{run_id}", "{rule_id}", "{alert_id}"))
+
+
+def expected(need: str, caller: str, path: str) -> str:
+    """ "2xx", or the exact refusal: 401 without a valid token, 403 for the wrong scope or a project named by
+    the caller, 404 for another project's resource named by id (the answer of an unknown id: no existence leak)."""
     if need == PUBLIC or caller == "auth off":
         return "2xx"
     if caller in ("no token", "bad token"):
         return "401"
     if caller.endswith("B"):
-        return "2xx" if need == LIST else "403"
+        if need == LIST:
+            return "2xx"
+        if need == WRITE and caller == "read B":
+            return "403"
+        return "404" if by_id(path) else "403"
     return "403" if need == WRITE and caller == "read A" else "2xx"
 
 
@@ -252,7 +268,7 @@ def test_auth_matrix(worlds: dict[bool, World]) -> None:
             headers = {**kwargs.pop("headers", {}), **world.as_(caller)}
             response: httpx.Response = world.client.request(verb, url, headers=headers, **kwargs)
             cells.append(str(response.status_code))
-            if outcome(response.status_code) != expected(need, caller):
+            if outcome(response.status_code) != expected(need, caller, path):
                 wrong.append(f"{method} {path} as {caller}: {response.status_code} {response.text[:200]}")
         rows.append((f"{method} {path}", need, *cells))
     print_table(("operation", "needs", *CALLERS), rows)

@@ -9,11 +9,14 @@ from pathlib import Path
 import httpx
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import create_engine, make_url, text
 
+import mhpo_migrations
 from mhpo.cli import main as mhpo_main
 from mhpo_server.cli import is_loopback
 from mhpo_server.config import Settings
 from mhpo_server.store import open_store
+from tests.conftest import strict_loads
 from tests.fixtures.server import LiveServer
 from tests.server.conftest import new_run, post_json
 
@@ -50,9 +53,35 @@ def test_serve_refuses_public_host_without_auth(sqlite_url: str, capsys: pytest.
     assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
 
 
-def test_serve_refuses_unmigrated_database(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_creates_and_migrates_a_new_sqlite_file(tmp_path: Path) -> None:
+    """First use: no file, not even its directory; `mhpo serve` alone makes a working store."""
+    url = f"sqlite:///{tmp_path / 'not' / 'yet' / 'mhpo.db'}"
+    with LiveServer(url, migrate=False) as server, httpx.Client(base_url=server.url) as client:
+        run_id = new_run(client)
+        assert client.get(f"/api/v1/runs/{run_id}").status_code == 200
+        assert f"migrated {url} to revision {mhpo_migrations.head()}" in server.log()
+    assert mhpo_migrations.current(url) == mhpo_migrations.head()
+
+
+def test_serve_refuses_a_sqlite_file_newer_than_the_package(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mhpo_migrations.upgrade(sqlite_url)
+    engine = create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed'"))
+    engine.dispose()
     assert mhpo_main(["serve", "--db", sqlite_url, "--port", "1"]) == 2
-    assert f"mhpo db upgrade --db {sqlite_url}" in capsys.readouterr().err
+    assert "newer than this server knows" in capsys.readouterr().err
+    assert mhpo_migrations.current(sqlite_url) == "f00dfeed"
+
+
+@pytest.mark.postgres
+def test_serve_refuses_unmigrated_postgres(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """PostgreSQL is shared: its schema changes only through an explicit `mhpo db upgrade`."""
+    assert mhpo_main(["serve", "--db", pg_url, "--port", "1"]) == 2
+    assert f"mhpo db upgrade --db {make_url(pg_url).render_as_string(hide_password=True)}" in capsys.readouterr().err
+    assert mhpo_migrations.current(pg_url) is None
 
 
 def test_live_server_survives_sigkill(live_server: LiveServer) -> None:
@@ -72,7 +101,8 @@ def test_live_server_survives_sigkill(live_server: LiveServer) -> None:
     assert not live_server.running
     live_server.start()
     with httpx.Client(base_url=live_server.url) as client:
-        series = client.get(f"/api/v1/runs/{run_id}/scalars", params={"keys": "loss"}).json()["series"]["loss"]
+        answer = client.get(f"/api/v1/runs/{run_id}/scalars", params={"keys": "loss"})
+        series = strict_loads(answer.text)["series"]["loss"]
         assert series["step"] == list(range(10)) and math.isnan(series["value"][3])
         assert post_json(client, f"/api/v1/runs/{run_id}/records", records).json() == {
             "accepted": 0,

@@ -15,11 +15,12 @@ import mhpo_migrations
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
 from mhpo_server.flags.synthetic import generate_stream
+from tests.conftest import strict_loads
 from tests.fixtures.server import LiveServer
 
 
 class Api:
-    """A thin JSON client of one live server (NaN / Infinity tokens kept as floats)."""
+    """A thin JSON client of one live server (non-finite numbers read back as floats)."""
 
     def __init__(self, server: LiveServer) -> None:
         self.http = httpx.Client(base_url=server.url, timeout=30.0)
@@ -28,7 +29,7 @@ class Api:
         content = None if body is None else json.dumps(body)
         response = self.http.request(method, path, content=content, headers={"content-type": "application/json"})
         assert response.status_code == status, response.text
-        return json.loads(response.text)
+        return strict_loads(response.text)
 
     def new_run(self, name: str = "run") -> str:
         return self.call("POST", "/api/v1/runs", {"project": "p", "name": name}, 201)["run_id"]

@@ -80,14 +80,14 @@ def test_no_server_errors(fuzz_target: tuple[FastAPI, str]) -> None:
 
 
 # Refusals of schema-valid requests that the schema cannot express (each is documented in
-# the README, "Input limits, storage faults and secrets"): a rule across fields or a rule
-# on stored data, and text no database can store (a NUL character, a lone surrogate)
+# docs/security.md, "Input limits, storage faults and secrets"): a rule across fields or a rule
+# on stored data, a server limit (named by its MHPO_MAX_* setting), and text no database can store (a NUL character, a lone surrogate)
 # anywhere in a free-form config. PUT .../flag-params takes a partial, nested set of
 # detector parameters that the schema states only as an object.
 DOCUMENTED_REFUSALS = re.compile(
-    r"lo must be < hi|is after end|webhook_url: required|binning .* differs|is not in project"
+    r"lo must be < hi|is after end|webhook_url: required|binning .* differs|is not a run of project"
     r"|contains a NUL character|contains a lone surrogate|nested deeper than|keys exceed the limit|must be 1-250 characters"
-    r"|is past the run's last logged step"
+    r"|is past the run's last logged step|\(MHPO_MAX_[A-Z_]+\)"
 )
 PARTIAL_BODIES = {"PUT /api/v1/projects/{project}/flag-params"}
 EVERY_CHECK = [check for check in schemathesis.checks.CHECKS.get_all() if check is not positive_data_acceptance]

@@ -31,8 +31,13 @@ def run_body(name: str) -> dict[str, str]:
     return {"project": "p", "name": name}
 
 
+# Words of driver texts (SQLite's and psycopg's) that no caller may read: they name the database.
+DRIVER_WORDS = ("127.0.0.1", "port", "mhpo_test", "mhpo.db", "sqlite", "psycopg", "connection to server", "readonly")
+
+
 def assert_fault(response: httpx.Response, status: int, reason: str) -> None:
     assert response.status_code == status, response.text
+    assert not [w for w in DRIVER_WORDS if w in response.text.lower()], response.text
     assert response.headers["content-type"].startswith("application/json")
     assert int(response.headers["retry-after"]) >= 1
     body = response.json()

@@ -48,6 +48,8 @@ def test_two_process_torchrun_sends_one_merged_record_per_step(live_server: Live
             "--no-progress",
             "--metrics-file",
             str(metrics),
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
         ],
         cwd=REPO_ROOT,
         env=env,
@@ -56,6 +58,7 @@ def test_two_process_torchrun_sends_one_merged_record_per_step(live_server: Live
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "ckpt" / "step-2" / "rng-rank1.pt").exists()  # every rank agreed the run held its steps
     merged = [json.loads(line) for line in metrics.read_text().splitlines()]
     ranks = [[json.loads(line) for line in Path(f"{metrics}.rank{r}").read_text().splitlines()] for r in (0, 1)]
     assert [r["step"] for r in merged] == [0, 1, 2, 3]

@@ -7,6 +7,10 @@ values differ. Histograms are fetched with the same step range and bucket budget
 run, so the server's bucketing lines up and the distances compare like with like. Steps
 where either run was on-policy (all log-ratios exactly 0) are left out of the distance: both
 distributions are then the same point mass and the distance says nothing.
+
+Its cost is bounded whatever the URL holds: at most `max_compare_runs()` runs (a longer list
+is refused on the page before anything is read) and the per-run reads go through
+`parallel`'s small pool.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dash import Input, Output, State, callback, dash_table, dcc, html
 
 from mhpo_dashboard import figures
 from mhpo_dashboard.api import ApiClient, ApiError, parallel
-from mhpo_dashboard.app import api
+from mhpo_dashboard.app import api, max_compare_runs
 
 dash.register_page(__name__, path="/compare", title="Compare · MHPO Monitor", name="Compare", order=1)
 
@@ -30,6 +34,19 @@ DEFAULT_THRESHOLD = 0.02
 
 def _run_ids(runs: str | None) -> list[str]:
     return list(dict.fromkeys(r.strip() for r in (runs or "").split(",") if r.strip()))
+
+
+def refusal(ids: list[str] | None) -> str | None:
+    """Why these run ids cannot be compared (None when they can)."""
+    limit = max_compare_runs()
+    if not ids or len(ids) < 2:
+        return "pick two or more runs to compare"
+    if len(ids) > limit:
+        return (
+            f"{len(ids)} runs asked for; a comparison shows at most {limit} "
+            "(the server's MHPO_DASHBOARD_MAX_COMPARE_RUNS): pick fewer runs"
+        )
+    return None
 
 
 def _picker(client: ApiClient, chosen: list[str]) -> Any:
@@ -131,23 +148,27 @@ def distance_figure(
 def layout(runs: str | None = None, **_: Any) -> Any:
     client = api()
     ids = _run_ids(runs)
+    refused = refusal(ids)
+    if refused is not None:
+        chosen = ids if len(ids) <= max_compare_runs() else []
+        return html.Div(
+            [html.H2("Compare runs"), _picker(client, chosen), html.P(refused, id="compare-refused", className="error")]
+        )
     picker = _picker(client, ids)
-    if len(ids) < 2:
-        return html.Div([html.H2("Compare runs"), picker, html.P("pick two or more runs to compare")])
     try:
         infos = parallel(*[lambda i=i: client.run(i) for i in ids])
         keys = parallel(*[lambda i=i: client.keys(i) for i in ids])
+        scalar_keys = sorted(set().union(*(k.get("scalars", []) for k in keys)))
+        metrics = [m for m in figures.COMPARE_DEFAULT_METRICS if m in scalar_keys] or scalar_keys[:3]
+        mm_key = figures.MISMATCH_HEATMAP_KEY
+        hists, mm_hists, metric_graphs, skip = parallel(
+            lambda: _histograms(client, infos, keys),
+            lambda: _histograms(client, infos, keys, mm_key),
+            lambda: metric_figures(client, infos, metrics),
+            lambda: on_policy(client, infos, keys),
+        )
     except ApiError as exc:
         return html.Div([html.H2("Compare runs"), picker, html.P(str(exc), className="error")])
-    scalar_keys = sorted(set().union(*(k.get("scalars", []) for k in keys)))
-    metrics = [m for m in figures.COMPARE_DEFAULT_METRICS if m in scalar_keys] or scalar_keys[:3]
-    mm_key = figures.MISMATCH_HEATMAP_KEY
-    hists, mm_hists, metric_graphs, skip = parallel(
-        lambda: _histograms(client, infos, keys),
-        lambda: _histograms(client, infos, keys, mm_key),
-        lambda: metric_figures(client, infos, metrics),
-        lambda: on_policy(client, infos, keys),
-    )
     x_range = _x_range(infos)
     heatmaps = [
         dcc.Graph(
@@ -257,9 +278,15 @@ def pick_link(chosen: list[str] | None) -> str:
     State("compare-runs", "data"),
     prevent_initial_call=True,
 )
-def change_metrics(metrics: list[str] | None, ids: list[str]) -> list[Any]:
+def change_metrics(metrics: list[str] | None, ids: list[str] | None) -> list[Any]:
+    refused = refusal(ids)
+    if refused is not None:
+        return [html.P(refused, className="error")]
     client = api()
-    return metric_figures(client, parallel(*[lambda i=i: client.run(i) for i in ids]), metrics or [])
+    try:
+        return metric_figures(client, parallel(*[lambda i=i: client.run(i) for i in ids or []]), metrics or [])
+    except ApiError as exc:
+        return [html.P(str(exc), className="error")]
 
 
 @callback(
@@ -269,10 +296,16 @@ def change_metrics(metrics: list[str] | None, ids: list[str]) -> list[Any]:
     State("compare-runs", "data"),
     prevent_initial_call=True,
 )
-def change_threshold(threshold: float | None, ids: list[str]) -> tuple[Any, list[Any]]:
+def change_threshold(threshold: float | None, ids: list[str] | None) -> tuple[Any, list[Any]]:
+    refused = refusal(ids)
+    if refused is not None:
+        return figures.empty_figure(refused), [html.Li(refused, className="error")]
     client = api()
-    infos = parallel(*[lambda i=i: client.run(i) for i in ids])
-    keys = parallel(*[lambda i=i: client.keys(i) for i in ids])
-    hists, skip = parallel(lambda: _histograms(client, infos, keys), lambda: on_policy(client, infos, keys))
+    try:
+        infos = parallel(*[lambda i=i: client.run(i) for i in ids or []])
+        keys = parallel(*[lambda i=i: client.keys(i) for i in ids or []])
+        hists, skip = parallel(lambda: _histograms(client, infos, keys), lambda: on_policy(client, infos, keys))
+    except ApiError as exc:
+        return figures.empty_figure(str(exc)), [html.Li(str(exc), className="error")]
     fig, curves = distance_figure(hists, infos, float(threshold or 0.0), skip)
     return fig, _parting_text(curves)

@@ -97,11 +97,19 @@ class AlertStore:
         self._changed()
         return self.get_rule(rule_id)
 
+    @staticmethod
+    def missing_rule(rule_id: int) -> str:
+        return f"alert rule id {rule_id} does not exist: list rules with GET /api/v1/alert-rules"
+
+    @staticmethod
+    def missing_alert(alert_id: int) -> str:
+        return f"alert id {alert_id} does not exist: list alerts with GET /api/v1/alerts"
+
     def get_rule(self, rule_id: int) -> AlertRule:
         with self._tx() as conn:
             row = conn.execute(select(AlertRuleRow.__table__).where(AlertRuleRow.id == rule_id)).first()
         if row is None:
-            raise LookupError(f"alert rule id {rule_id} does not exist: list rules with GET /api/v1/alert-rules")
+            raise LookupError(self.missing_rule(rule_id))
         return self._rule(row)
 
     def list_rules(self, project: str | None = None, run_id: str | None = None) -> list[AlertRule]:
@@ -171,7 +179,7 @@ class AlertStore:
         with self._tx() as conn:
             row = conn.execute(select(AlertRow.__table__).where(AlertRow.id == alert_id)).first()
         if row is None:
-            raise LookupError(f"alert id {alert_id} does not exist: list alerts with GET /api/v1/alerts")
+            raise LookupError(self.missing_alert(alert_id))
         return Alert.model_validate(dict(row._mapping))
 
     def list_alerts(

@@ -4,8 +4,10 @@ A webhook URL is chosen by whoever holds a write token, and the server POSTs to 
 inside its own network, so an unchecked URL reaches the cloud metadata service
 (169.254.169.254, `[fd00:ec2::254]`, metadata.google.internal), databases on loopback or
 anything on the private network. The policy refuses loopback, link-local, private,
-shared (CGNAT), multicast, unspecified and other reserved addresses, including IPv4
-embedded in IPv6 (`::ffff:127.0.0.1`, NAT64 `64:ff9b::/96`) and URLs with credentials.
+shared (CGNAT), multicast, unspecified, site-local (`fec0::/10`) and other reserved
+addresses, including IPv4 embedded in IPv6 (`::ffff:127.0.0.1`, NAT64 `64:ff9b::/96`, 6to4
+`2002::/16`), hosts spelled with trailing dots (`127.0.0.1..`), URLs with credentials and
+URLs longer than `max_url_length` (MHPO_WEBHOOK_MAX_URL_LENGTH).
 
 It is applied twice: `check_url` when a rule is saved (literal addresses and well-known
 internal names, so the mistake is a 422), and `resolve` at every delivery on the addresses
@@ -33,6 +35,7 @@ INTERNAL_NAMES = frozenset(
     {"localhost", "metadata", "metadata.google.internal", "instance-data", "instance-data.ec2.internal"}
 )
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+DEFAULT_MAX_URL_LENGTH = 2048
 ALLOW_HINT = "to deliver to an internal receiver, allow it with MHPO_WEBHOOK_ALLOW_HOSTS or MHPO_WEBHOOK_ALLOW_CIDRS"
 
 
@@ -41,10 +44,12 @@ class TargetRefused(ValueError):
 
 
 def embedded_ipv4(ip: IPAddress) -> IPAddress:
-    """The IPv4 address an IPv6 address carries (mapped, compatible, NAT64), else `ip` itself."""
+    """The IPv4 address an IPv6 address carries (mapped, 6to4, compatible, NAT64), else `ip` itself."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return ip.ipv4_mapped
+        if ip.sixtofour is not None:
+            return ip.sixtofour
         if ip in NAT64:
             return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if int(ip) >> 32 == 0 and int(ip) > 1:  # deprecated IPv4-compatible ::a.b.c.d
@@ -54,6 +59,8 @@ def embedded_ipv4(ip: IPAddress) -> IPAddress:
 
 def address_kind(ip: IPAddress) -> str | None:
     """Why `ip` is internal ("loopback", "private", ...), or None for a public unicast address."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "site-local"
     ip = embedded_ipv4(ip)
     for kind, test in (
         ("unspecified", ip.is_unspecified),
@@ -71,7 +78,7 @@ def address_kind(ip: IPAddress) -> str | None:
 def _host_literal(host: str) -> IPAddress | None:
     """The address a literal host stands for, in every spelling the system resolver accepts
     (`2852039166`, `0x7f000001`, `0177.0.0.1`, `127.1` are all IPv4 addresses to it)."""
-    bare = host.strip("[]").split("%", 1)[0]
+    bare = host.strip("[]").split("%", 1)[0].rstrip(".")
     try:
         return ipaddress.ip_address(bare)
     except ValueError:
@@ -91,13 +98,21 @@ class TargetPolicy:
     allow_hosts: frozenset[str] = frozenset()
     allow_cidrs: tuple[IPNetwork, ...] = ()
     dns_timeout_s: float = 5.0
+    max_url_length: int = DEFAULT_MAX_URL_LENGTH
 
     @classmethod
-    def from_settings(cls, hosts: Iterable[str], cidrs: Iterable[str], dns_timeout_s: float = 5.0) -> TargetPolicy:
+    def from_settings(
+        cls,
+        hosts: Iterable[str],
+        cidrs: Iterable[str],
+        dns_timeout_s: float = 5.0,
+        max_url_length: int = DEFAULT_MAX_URL_LENGTH,
+    ) -> TargetPolicy:
         return cls(
             allow_hosts=frozenset(_normal_host(h) for h in hosts if h.strip()),
             allow_cidrs=tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip()),
             dns_timeout_s=dns_timeout_s,
+            max_url_length=max_url_length,
         )
 
     def _allowed(self, host: str, ip: IPAddress | None) -> bool:
@@ -118,7 +133,12 @@ class TargetPolicy:
             raise TargetRefused(f"{what}; {ALLOW_HINT}")
 
     def check_url(self, url: str) -> None:
-        """What can be refused without DNS: scheme, credentials, literal addresses, internal names."""
+        """What can be refused without DNS: length, scheme, credentials, literal addresses, internal names."""
+        if len(url) > self.max_url_length:
+            raise TargetRefused(
+                f"the URL has {len(url)} characters, more than the limit of {self.max_url_length} "
+                "(MHPO_WEBHOOK_MAX_URL_LENGTH): use a shorter URL"
+            )
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise TargetRefused(f"scheme {parts.scheme!r} is not allowed: use http:// or https://")

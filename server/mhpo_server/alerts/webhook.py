@@ -1,7 +1,8 @@
 """Webhook delivery on background workers, so ingestion never waits for a receiver.
 
 `submit` only enqueues. Each of `workers` threads POSTs a Slack-compatible JSON body
-(`{"text": ...}` plus the structured alert under `"alert"`) and keeps only what it needs
+(`{"text": ...}`, its user text escaped for Slack's mrkdwn, plus the structured alert under
+`"alert"`) and keeps only what it needs
 of the reply: the status line and headers, at most `read_limit` bytes read from the
 socket, never the body. A receiver cannot hold a worker beyond `deadline_s` seconds in
 all (name lookup, connect, TLS, send, reply), however slowly it trickles bytes.
@@ -52,12 +53,21 @@ log = logging.getLogger(__name__)
 SEVERITY_ICON = {"info": ":information_source:", "warning": ":warning:", "critical": ":rotating_light:"}
 
 
+def slack_text(text: str) -> str:
+    """`text` as Slack's mrkdwn shows it literally: its control characters `&`, `<`, `>` escaped.
+
+    A rule name, key or project holding `<!channel>` or `<http://x|click>` then arrives as that
+    text, never as a mention or a disguised link.
+    """
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def payload(alert: Alert, base_url: str | None = None) -> dict[str, Any]:
-    """The POST body: Slack reads `text`; other receivers read the structured `alert`."""
+    """The POST body: Slack reads `text` (user text escaped; the run link is ours); other receivers read `alert`."""
     run = alert.run_id
     where = f" <{base_url.rstrip('/')}/runs/{run}|run {run[:8]}>" if base_url else f" run {run}"
     icon = SEVERITY_ICON.get(alert.severity, "")
-    text = f"{icon} [{alert.severity}] {alert.message} ({alert.project},{where})".strip()
+    text = f"{icon} [{alert.severity}] {slack_text(alert.message)} ({slack_text(alert.project)},{where})".strip()
     delivery = {"delivery_status", "delivery_attempts", "delivery_error", "delivered_at"}
     return {"text": text, "alert": alert.model_dump(mode="json", exclude=delivery)}
 

@@ -113,6 +113,18 @@ def _new_points(records: Sequence[RecordIn]) -> dict[str, Points]:
     return out
 
 
+def _quiet_keys(new: dict[str, Points], watched: set[str], batch_steps: int) -> set[str]:
+    """Keys of the batch that cannot raise anything: no detector or rule reads them by name, and they
+    hold a finite value at every step of the batch, so the non-finite check (the only one that reads
+    every key) has nothing to find. Their windows are neither read nor judged, which keeps a batch of
+    thousands of new keys (one MLflow batch can make them) cheap."""
+    return {
+        key
+        for key, (steps, values) in new.items()
+        if len(steps) == batch_steps and key not in watched and bool(np.isfinite(values).all())
+    }
+
+
 def _from_rows(rows: Sequence[tuple[str, int, float]]) -> dict[str, Points]:
     by_key: dict[str, dict[int, float]] = {}
     for key, step, value in rows:
@@ -172,10 +184,13 @@ class IngestMonitor:
         params = self.params_for(project)
         rules = self.alerts.active_rules(project, run_id)
         rule_keys = {r.condition.key for r in rules if not isinstance(r.condition, FlagCondition)}
-        keys = params.keys() | set(new) | rule_keys
+        quiet = _quiet_keys(new, params.keys() | rule_keys, len(steps))
+        keys = params.keys() | (set(new) - quiet) | rule_keys
         depth = max([params.history_steps(), *(alert_rules.history_points(r) for r in rules)])
         if cached is None or cached.depth < depth:
             cached = RunWindows(project=project, depth=depth)
+        for key in quiet & cached.series.keys():
+            del cached.series[key]  # its window misses this batch now: read again when the key next matters
         series: dict[str, Points] = {}
         missing = []
         for key in keys:

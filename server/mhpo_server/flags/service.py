@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mhpo_server.alerts.store import AlertStore
-from mhpo_server.alerts.targets import TargetPolicy
+from mhpo_server.alerts.targets import DEFAULT_MAX_URL_LENGTH, TargetPolicy
 from mhpo_server.alerts.webhook import WebhookDispatcher, WebhookMetrics
 from mhpo_server.flags.listener import IngestMonitor
 from mhpo_server.routes import alerts as alert_routes
@@ -48,6 +48,9 @@ class WebhookSettings(BaseSettings):
     allow_cidrs: str = Field(
         "", description="comma-separated address ranges allowed as targets, e.g. 10.0.5.0/24,127.0.0.1/32"
     )
+    max_url_length: int = Field(
+        DEFAULT_MAX_URL_LENGTH, ge=64, le=65536, description="longest webhook URL a rule may save; longer gets 422"
+    )
     ca_bundle: str | None = Field(
         None, description="PEM file of the CAs that sign HTTPS receivers' certificates (default: certifi's public CAs)"
     )
@@ -75,7 +78,9 @@ class WebhookSettings(BaseSettings):
         return value
 
     def policy(self) -> TargetPolicy:
-        return TargetPolicy.from_settings(self.allow_hosts.split(","), self.allow_cidrs.split(","), self.timeout_s)
+        return TargetPolicy.from_settings(
+            self.allow_hosts.split(","), self.allow_cidrs.split(","), self.timeout_s, self.max_url_length
+        )
 
 
 def alert_events(alerts: AlertStore) -> Callable[[Store, str], list[dict[str, Any]]]:

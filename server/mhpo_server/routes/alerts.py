@@ -27,7 +27,7 @@ from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
 from mhpo_server.flags.listener import IngestMonitor
 from mhpo_server.responses import NaNJSONResponse, respond
 from mhpo_server.schemas import KEY_PATTERN
-from mhpo_server.store import Store
+from mhpo_server.store import NotFound, Store
 
 router = APIRouter(prefix="/api/v1", tags=["alerts"])
 
@@ -59,18 +59,26 @@ def _for(principal: Principal, rule: AlertRule) -> AlertRule:
     return rule.model_copy(update={"webhook_url": mask_webhook(rule.webhook_url)})
 
 
-def _rule(alerts: AlertStore, rule_id: int) -> AlertRule:
+def _rule(alerts: AlertStore, rule_id: int, principal: Principal) -> AlertRule:
+    """The rule if this caller may see it; another project's rule answers the 404 of an unknown id."""
     try:
-        return alerts.get_rule(rule_id)
+        rule = alerts.get_rule(rule_id)
     except LookupError as exc:
         raise HTTPException(404, str(exc)) from exc
+    if not principal.sees(rule.project):
+        raise HTTPException(404, alerts.missing_rule(rule_id))
+    return rule
 
 
-def _alert(alerts: AlertStore, alert_id: int) -> Alert:
+def _alert(alerts: AlertStore, alert_id: int, principal: Principal) -> Alert:
+    """The alert if this caller may see it; another project's alert answers the 404 of an unknown id."""
     try:
-        return alerts.get_alert(alert_id)
+        alert = alerts.get_alert(alert_id)
     except LookupError as exc:
         raise HTTPException(404, str(exc)) from exc
+    if not principal.sees(alert.project):
+        raise HTTPException(404, alerts.missing_alert(alert_id))
+    return alert
 
 
 @router.post("/alert-rules", response_model=AlertRule, status_code=201)
@@ -103,20 +111,29 @@ def _check_target(policy: TargetPolicy, url: object) -> None:
         policy.check_url(str(url))
     except TargetRefused as exc:
         raise HTTPException(
-            422, [{"loc": ["body", "webhook_url"], "type": "value_error", "msg": f"webhook_url {str(url)!r}: {exc}"}]
+            422,
+            [{"loc": ["body", "webhook_url"], "type": "value_error", "msg": f"webhook_url {str(url)[:100]!r}: {exc}"}],
         ) from exc
 
 
 def _check_run_scope(store: Store, project: str, run_id: str | None) -> None:
-    """A rule scoped to a run must name an existing run of its project (404 / 422 otherwise)."""
-    if run_id is not None and store.get_run(run_id).project != project:
+    """A rule scoped to a run must name an existing run of its project (422 otherwise, the same for
+    an unknown run and another project's, so the answer tells nothing of other projects)."""
+    if run_id is None:
+        return
+    try:
+        found = store.get_run(run_id).project == project
+    except NotFound:
+        found = False
+    if not found:
         raise HTTPException(
             422,
             [
                 {
                     "loc": ["body", "run_id"],
                     "type": "value_error",
-                    "msg": f"run {run_id} is not in project {project!r}: use that run's project or leave run_id null",
+                    "msg": f"run_id {run_id!r} is not a run of project {project!r}: "
+                    "name one of its runs (GET /api/v1/runs?project=...) or leave run_id null",
                 }
             ],
         )
@@ -135,17 +152,24 @@ def list_rules(
 
 @router.get("/alert-rules/{rule_id}", response_model=AlertRule)
 def get_rule(rule_id: RowId, alerts: AlertStoreDep, principal: ReadAccess) -> NaNJSONResponse:
-    rule = _rule(alerts, rule_id)
-    principal.check_project(rule.project)
-    return respond(_for(principal, rule))
+    return respond(_for(principal, _rule(alerts, rule_id, principal)))
 
 
 @router.patch("/alert-rules/{rule_id}", response_model=AlertRule)
 def update_rule(
-    rule_id: RowId, body: AlertRulePatch, request: Request, alerts: AlertStoreDep, principal: WriteAccess
+    rule_id: RowId,
+    body: AlertRulePatch,
+    request: Request,
+    alerts: AlertStoreDep,
+    store: StoreDep,
+    principal: WriteAccess,
 ) -> NaNJSONResponse:
-    """Change any field but the project; `{"enabled": false}` disables a rule without losing it."""
-    principal.check_project(_rule(alerts, rule_id).project)
+    """Change any field but the project; `{"enabled": false}` disables a rule without losing it.
+
+    A new `run_id` is checked as on create: a run of the rule's project.
+    """
+    rule = _rule(alerts, rule_id, principal)
+    _check_run_scope(store, rule.project, body.run_id)
     _check_target(request.app.state.webhook_policy, body.webhook_url)
     try:
         return respond(alerts.update_rule(rule_id, body))
@@ -157,7 +181,7 @@ def update_rule(
 @router.delete("/alert-rules/{rule_id}", status_code=204)
 def delete_rule(rule_id: RowId, alerts: AlertStoreDep, principal: WriteAccess) -> Response:
     """Fired alerts of the rule stay (with its name) so the history is kept."""
-    principal.check_project(_rule(alerts, rule_id).project)
+    _rule(alerts, rule_id, principal)
     alerts.delete_rule(rule_id)
     return Response(status_code=204)
 
@@ -180,15 +204,13 @@ def list_alerts(
 
 @router.get("/alerts/{alert_id}", response_model=Alert)
 def get_alert(alert_id: RowId, alerts: AlertStoreDep, principal: ReadAccess) -> NaNJSONResponse:
-    alert = _alert(alerts, alert_id)
-    principal.check_project(alert.project)
-    return respond(alert)
+    return respond(_alert(alerts, alert_id, principal))
 
 
 @router.post("/alerts/{alert_id}/ack", response_model=Alert)
 def acknowledge(alert_id: RowId, alerts: AlertStoreDep, principal: WriteAccess) -> NaNJSONResponse:
     """Idempotent: acknowledging twice keeps the first time."""
-    principal.check_project(_alert(alerts, alert_id).project)
+    _alert(alerts, alert_id, principal)
     return respond(alerts.acknowledge(alert_id))
 
 

@@ -13,8 +13,12 @@ Errors answer in MLflow's shape, `{"error_code": ..., "message": ...}`; auth is 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -36,14 +40,27 @@ from pydantic import (
     model_validator,
 )
 from sqlalchemy.exc import DataError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo.integrations.names import product_scalars
-from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
+from mhpo_server.config import Settings
+from mhpo_server.deps import MetricsDep, Principal, ReadAccess, SettingsDep, StoreDep, WriteAccess, visible_run
 from mhpo_server.routes.records import RUN_LOCKS
-from mhpo_server.schemas import MAX_STEP, Key, Name, RecordIn, RunCreate, Text, clean_config, unstorable
+from mhpo_server.routes.series import CLIENT_GONE, client_gone
+from mhpo_server.schemas import (
+    MAX_STEP,
+    Key,
+    Name,
+    RecordIn,
+    RunCreate,
+    Text,
+    clean_config,
+    config_too_large,
+    unstorable,
+)
 from mhpo_server.schemas import Run as RunOut
-from mhpo_server.store import Conflict, Invalid, NotFound, Store
+from mhpo_server.store import DATA_ERROR, Conflict, Invalid, NotFound, OverLimit, Store
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +68,7 @@ DEFAULT_EXPERIMENT = ("0", "Default")
 STATUS = {"RUNNING": "running", "SCHEDULED": "running", "FINISHED": "finished", "FAILED": "failed", "KILLED": "failed"}
 MLFLOW_STATUS = {"running": "RUNNING", "finished": "FINISHED", "failed": "FAILED", "crashed": "FAILED"}
 TAGS = "mlflow.tags"
+IGNORED_HEADER = "MHPO-Ignored-Metrics"
 
 
 class MLflowError(Exception):
@@ -94,8 +112,11 @@ class MLflowRoute(APIRoute):
                 return error(400, "INVALID_PARAMETER_VALUE", invalid(list(e.errors())))
             except Invalid as e:
                 return error(400, "INVALID_PARAMETER_VALUE", f"{'.'.join(map(str, e.loc))}: {e.message}")
+            except OverLimit as e:
+                return error(400, "INVALID_PARAMETER_VALUE", e.message)
             except DataError as e:
-                return error(400, "INVALID_PARAMETER_VALUE", f"a value cannot be stored by the database: {e.orig}")
+                log.warning("database refused a value: %s", e.orig)
+                return error(400, "INVALID_PARAMETER_VALUE", DATA_ERROR)
             except NotFound as e:
                 return error(404, "RESOURCE_DOES_NOT_EXIST", str(e))
             except Conflict as e:
@@ -225,7 +246,8 @@ def experiment(name: str, created: float | None = None) -> dict[str, Any]:
     }
 
 
-def run_json(run: RunOut) -> dict[str, Any]:
+def run_json(run: RunOut, metrics: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """MLflow's Run; `metrics` are its latest metric values (runs/get, runs/search), empty when not asked for."""
     config = dict(run.config or {})
     tags = config.pop(TAGS, {}) or {}
     experiment_id = DEFAULT_EXPERIMENT[0] if run.project == DEFAULT_EXPERIMENT[1] else run.project
@@ -245,7 +267,11 @@ def run_json(run: RunOut) -> dict[str, Any]:
     params = [{"key": k, "value": v if isinstance(v, str) else str(v)} for k, v in config.items()]
     return {
         "info": info,
-        "data": {"metrics": [], "params": params, "tags": [{"key": k, "value": str(v)} for k, v in tags.items()]},
+        "data": {
+            "metrics": metrics or [],
+            "params": params,
+            "tags": [{"key": k, "value": str(v)} for k, v in tags.items()],
+        },
     }
 
 
@@ -253,10 +279,8 @@ def run_for(store: Store, principal: Principal, run_id: str) -> RunOut:
     try:
         uuid.UUID(run_id)
     except ValueError:
-        raise MLflowError(404, "RESOURCE_DOES_NOT_EXIST", f"run_id {run_id!r} does not exist") from None
-    run = store.get_run(run_id)
-    principal.check_project(run.project)
-    return run
+        raise MLflowError(404, "RESOURCE_DOES_NOT_EXIST", str(NotFound.run(run_id))) from None
+    return visible_run(store, principal, run_id)
 
 
 def as_records(metrics: list[Metric]) -> list[RecordIn]:
@@ -274,12 +298,24 @@ def as_records(metrics: list[Metric]) -> list[RecordIn]:
     ]
 
 
-def write_metrics(request: Request, store: Store, run_id: str, records: list[RecordIn]) -> None:
-    """Store the records and pass them to the ingest listeners."""
+def write_metrics(request: Request, response: Response, store: Store, run_id: str, records: list[RecordIn]) -> None:
+    """Store the records and pass them to the ingest listeners.
+
+    A (key, step) already stored keeps its first value (MLflow would keep both and read the
+    later one as latest): the answer says how many were kept unchanged in the
+    `MHPO-Ignored-Metrics` header, and the server logs a warning.
+    """
     if not records:
         return
     with RUN_LOCKS[uuid.UUID(run_id).int % len(RUN_LOCKS)]:
         result = store.write_records(run_id, uuid.uuid4().hex, records)
+        if result.duplicates:
+            response.headers[IGNORED_HEADER] = str(result.duplicates)
+            log.warning(
+                "run %s: %d metric values at a (key, step) already stored were ignored (the first value is kept)",
+                run_id,
+                result.duplicates,
+            )
         for listener in request.app.state.ingest_listeners if result.new_records else ():
             try:
                 listener(store, run_id, result.new_records)
@@ -287,13 +323,22 @@ def write_metrics(request: Request, store: Store, run_id: str, records: list[Rec
                 log.exception("ingest listener failed on run %s (the MLflow metrics are stored)", run_id)
 
 
-def merge(store: Store, run: RunOut, params: list[KeyValue], tags: list[KeyValue]) -> None:
-    """Params and tags into the run's config, secrets redacted as in a run's config."""
+def merge(store: Store, settings: Settings, run: RunOut, params: list[KeyValue], tags: list[KeyValue]) -> None:
+    """Params and tags into the run's config, secrets redacted as in a run's config.
+
+    Each key is merged inside the store's transaction (tags one level down, under "mlflow.tags"),
+    so concurrent set-tag calls each keep their tag; sizes are checked against the config limits.
+    """
     values: dict[str, Any] = {p.key: p.value for p in params}
     if tags:
-        values[TAGS] = {**((run.config or {}).get(TAGS) or {}), **{t.key: t.value for t in tags}}
-    if values:
-        store.merge_config(run.run_id, clean_config(values))
+        values[TAGS] = {t.key: t.value for t in tags}
+    if not values:
+        return
+    values = clean_config(values)
+    too_large = config_too_large(values, settings.max_config_value_bytes)
+    if too_large is not None:
+        raise MLflowError(400, "INVALID_PARAMETER_VALUE", too_large)
+    store.merge_config(run.run_id, values, max_bytes=settings.max_config_bytes)
 
 
 @router.get("/experiments/get-by-name")
@@ -322,10 +367,13 @@ def create_experiment(body: ExperimentCreate, principal: WriteAccess) -> dict[st
 
 
 @router.post("/runs/create")
-def create_run(body: RunCreateBody, store: StoreDep, principal: WriteAccess) -> dict[str, Any]:
+def create_run(body: RunCreateBody, store: StoreDep, settings: SettingsDep, principal: WriteAccess) -> dict[str, Any]:
     project = project_of(body.experiment_id)
     principal.check_project(project)
     tags = {t.key: t.value for t in body.tags}
+    too_large = config_too_large({TAGS: tags}, settings.max_config_value_bytes, settings.max_config_bytes)
+    if too_large is not None:
+        raise MLflowError(400, "INVALID_PARAMETER_VALUE", too_large)
     name = body.run_name or tags.get("mlflow.runName") or f"mlflow-{uuid.uuid4().hex[:8]}"
     run = store.create_run(RunCreate(project=project, name=name, config={TAGS: tags} if tags else None))
     return {"run": run_json(run)}
@@ -344,56 +392,174 @@ def update_run(body: RunUpdate, store: StoreDep, principal: WriteAccess) -> dict
 @router.get("/runs/get")
 def get_run(
     store: StoreDep,
+    settings: SettingsDep,
     principal: ReadAccess,
     run_id: Annotated[str | None, Query()] = None,
     run_uuid: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
-    return {"run": run_json(run_for(store, principal, run_id or run_uuid or ""))}
+    """The run with the latest value of each of its metrics (largest step), as MLflow's runs/get."""
+    run = run_for(store, principal, run_id or run_uuid or "")
+    return {"run": run_json(run, latest_metrics(store, settings, run.run_id))}
+
+
+def latest_metrics(store: Store, settings: Settings, run_id: str) -> list[dict[str, Any]]:
+    """MLflow's Metric of each key at its largest step (at most MHPO_MAX_KEYS_PER_READ keys)."""
+    return [
+        {"key": key, "value": _double(value), "timestamp": round(at * 1000), "step": step}
+        for key, step, value, at in store.latest_scalars(run_id, settings.max_keys_per_read)
+    ]
 
 
 @router.post("/runs/log-batch")
-def log_batch(body: LogBatch, request: Request, store: StoreDep, principal: WriteAccess) -> dict[str, Any]:
+def log_batch(
+    body: LogBatch, request: Request, response: Response, store: StoreDep, settings: SettingsDep, principal: WriteAccess
+) -> dict[str, Any]:
     run = run_for(store, principal, body.run_id)
     records = as_records(body.metrics)
-    merge(store, run, body.params, body.tags)
-    write_metrics(request, store, run.run_id, records)
+    merge(store, settings, run, body.params, body.tags)
+    write_metrics(request, response, store, run.run_id, records)
     return {}
 
 
 @router.post("/runs/log-metric")
-def log_metric(body: LogMetric, request: Request, store: StoreDep, principal: WriteAccess) -> dict[str, Any]:
+def log_metric(
+    body: LogMetric, request: Request, response: Response, store: StoreDep, principal: WriteAccess
+) -> dict[str, Any]:
     run = run_for(store, principal, body.run_id)
-    write_metrics(request, store, run.run_id, as_records([body]))
+    write_metrics(request, response, store, run.run_id, as_records([body]))
     return {}
 
 
 @router.post("/runs/log-parameter")
-def log_parameter(body: LogParam, store: StoreDep, principal: WriteAccess) -> dict[str, Any]:
-    merge(store, run_for(store, principal, body.run_id), [body], [])
+def log_parameter(body: LogParam, store: StoreDep, settings: SettingsDep, principal: WriteAccess) -> dict[str, Any]:
+    merge(store, settings, run_for(store, principal, body.run_id), [body], [])
     return {}
 
 
 @router.post("/runs/set-tag")
-def set_tag(body: LogParam, store: StoreDep, principal: WriteAccess) -> dict[str, Any]:
-    merge(store, run_for(store, principal, body.run_id), [], [body])
+def set_tag(body: LogParam, store: StoreDep, settings: SettingsDep, principal: WriteAccess) -> dict[str, Any]:
+    merge(store, settings, run_for(store, principal, body.run_id), [], [body])
     return {}
 
 
 @router.get("/metrics/get-history")
 def get_metric_history(
     store: StoreDep,
+    settings: SettingsDep,
     principal: ReadAccess,
     metric_key: Annotated[Key, Query()],
     run_id: Annotated[str | None, Query()] = None,
     run_uuid: Annotated[str | None, Query()] = None,
+    max_results: Annotated[int | None, Query(ge=1)] = None,
+    page_token: Annotated[str | None, Query(max_length=200)] = None,
 ) -> dict[str, Any]:
+    """One page of the history: at most `max_results` points, never more than MHPO_MAX_HISTORY_ROWS
+    (MLflow's own page size, 25,000); `next_page_token` continues it, as the mlflow client does."""
     run = run_for(store, principal, run_id or run_uuid or "")
-    return {
+    size = min(max_results or settings.max_history_rows, settings.max_history_rows)
+    start = _offset(page_token, "from_step")
+    rows = store.scalar_history(run.run_id, metric_key, start, size + 1)
+    out: dict[str, Any] = {
         "metrics": [
             {"key": metric_key, "value": _double(value), "step": step, "timestamp": round(time * 1000)}
-            for step, value, time in store.scalar_history(run.run_id, metric_key)
+            for step, value, time in rows[:size]
         ]
     }
+    if len(rows) > size:
+        out["next_page_token"] = _token("from_step", rows[size][0])
+    return out
+
+
+def _token(name: str, value: int) -> str:
+    """An opaque page token, as MLflow's (base64 of a small JSON object)."""
+    return base64.urlsafe_b64encode(json.dumps({name: value}).encode()).decode()
+
+
+def _offset(token: str | None, name: str) -> int:
+    if not token:
+        return 0
+    try:
+        value = json.loads(base64.urlsafe_b64decode(token.encode()))[name]
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        value = None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MLflowError(400, "INVALID_PARAMETER_VALUE", "page_token is not one this server gave: start without it")
+    return value
+
+
+class SearchRuns(_Body):
+    experiment_ids: list[Name] = []
+    filter: Annotated[str, StringConstraints(max_length=1000)] = ""
+    run_view_type: str | int | None = None
+    max_results: Annotated[int, Strict(), Field(ge=1, le=50_000)] = 1000
+    order_by: list[Annotated[str, StringConstraints(max_length=200)]] = []
+    page_token: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+
+# `attribute.name = 'value'` terms joined by AND: the filters the mlflow client's users write most.
+FILTER_TERM = re.compile(
+    r"""^\s*(?:(?:attributes?|run)\.)?(status|run_name|run_id)\s*(=|!=)\s*(?:'([^']*)'|"([^"]*)")\s*$""", re.IGNORECASE
+)
+ORDER = re.compile(r"^\s*(?:(?:attributes?)\.)?start_time(?:\s+(ASC|DESC))?\s*$", re.IGNORECASE)
+
+
+def _run_filter(text: str) -> Callable[[dict[str, Any]], bool]:
+    """The predicate of a filter of `status`, `run_name` and `run_id` terms joined by AND (400 for others)."""
+    terms = []
+    for part in re.split(r"\s+and\s+", text.strip(), flags=re.IGNORECASE) if text.strip() else []:
+        found = FILTER_TERM.match(part)
+        if found is None:
+            raise MLflowError(
+                400,
+                "INVALID_PARAMETER_VALUE",
+                f"filter term {part[:100]!r} is not supported: use attributes.status, attributes.run_name or "
+                "attributes.run_id with = or != and a quoted value, joined by AND",
+            )
+        name, op, single, double = found.groups()
+        terms.append((name.lower(), op, single if single is not None else double))
+    return lambda info: all((str(info.get(n)) == v) == (op == "=") for n, op, v in terms)
+
+
+@router.post("/runs/search", response_model=None)
+async def search_runs(
+    body: SearchRuns,
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    principal: ReadAccess,
+) -> dict[str, Any] | Response:
+    """Runs of the experiments, newest first (or `order_by: ["attributes.start_time ASC"]`), each with its
+    latest metrics; at most MHPO_MAX_SEARCH_RUNS a page, `next_page_token` continues. The latest metrics
+    are read run by run, and a client that goes away stops the read."""
+    projects = [project_of(e) for e in body.experiment_ids]
+    for project in projects:
+        principal.check_project(project)
+    descending = True
+    for order in body.order_by:
+        found = ORDER.match(order)
+        if found is None:
+            raise MLflowError(
+                400, "INVALID_PARAMETER_VALUE", f"order_by {order[:100]!r} is not supported: use attributes.start_time"
+            )
+        descending = (found.group(1) or "DESC").upper() == "DESC"
+    keep = _run_filter(body.filter)
+    listed = await run_in_threadpool(
+        lambda: [r for project in dict.fromkeys(projects) for r in store.list_runs(project)]
+    )
+    runs = [r for r in map(run_json, listed) if keep(r["info"])]
+    runs.sort(key=lambda r: (r["info"]["start_time"], r["info"]["run_id"]), reverse=descending)
+    size = min(body.max_results, settings.max_search_runs)
+    offset = _offset(body.page_token, "offset")
+    page = runs[offset : offset + size]
+    for r in page:
+        if await client_gone(request, metrics):
+            return Response(status_code=CLIENT_GONE)
+        r["data"]["metrics"] = await run_in_threadpool(latest_metrics, store, settings, r["info"]["run_id"])
+    out: dict[str, Any] = {"runs": page}
+    if offset + size < len(runs):
+        out["next_page_token"] = _token("offset", offset + size)
+    return out
 
 
 def _double(value: float) -> float | str:

@@ -1,9 +1,11 @@
 """Storage: the `Store` interface and its SQL implementation, chosen by URL."""
 
 from mhpo_server.store.base import (
+    DATA_ERROR,
     Conflict,
     Invalid,
     NotFound,
+    OverLimit,
     SchemaError,
     StorageFull,
     Store,
@@ -21,9 +23,11 @@ def open_store(url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> 
 
 
 __all__ = [
+    "DATA_ERROR",
     "Conflict",
     "Invalid",
     "NotFound",
+    "OverLimit",
     "SchemaError",
     "SqlStore",
     "StorageFull",

@@ -5,6 +5,7 @@ Errors the routes turn into HTTP answers:
     ├── NotFound       -> 404 (unknown run)
     ├── Conflict       -> 409 (run id taken by another run, histogram binning changed)
     ├── Invalid        -> 422 (input the schema cannot catch, naming the field)
+    ├── OverLimit      -> 422 (a read over a server limit, naming the limit and the fix)
     ├── Unavailable    -> 503 + Retry-After (busy, read-only or unreachable database, I/O error)
     │   └── StorageFull -> 507 + Retry-After (the disk holding the database is full)
     └── SchemaError    -> the server refuses to start; the message says which command fixes it
@@ -42,7 +43,10 @@ class StoreError(Exception):
 
 
 class NotFound(StoreError, LookupError):
-    pass
+    @classmethod
+    def run(cls, run_id: str) -> NotFound:
+        """The one answer for a run the caller cannot see: unknown, or another project's (no existence leak)."""
+        return cls(f"run_id {run_id!r} does not exist: create it with POST /api/v1/runs")
 
 
 class Conflict(StoreError):
@@ -58,17 +62,46 @@ class Invalid(StoreError, ValueError):
         self.message = message
 
 
+class OverLimit(StoreError):
+    """A read larger than a server limit (422): `message` names the limit, its setting and the fix."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
 class SchemaError(StoreError, RuntimeError):
     pass
 
 
+DATA_ERROR = "a value in the request cannot be stored or compared by the database (e.g. a NUL character): remove it"
+PUBLIC_FAULTS = {
+    "busy": "the database is busy",
+    "read_only": "the database is read-only; the operator has been told (server log)",
+    "disk_full": "the disk holding the database is full; the operator has been told (server log)",
+    "unreachable": "the database is unreachable",
+    "storage_error": "the database cannot be used right now",
+}
+
+
 class Unavailable(StoreError):
-    """A storage fault the caller cannot fix but may retry: `reason` is a short slug, `retry_after` seconds."""
+    """A storage fault the caller cannot fix but may retry: `reason` is a short slug, `retry_after` seconds.
+
+    The message may hold the driver's text (host, port, database name): it is for the
+    server log; callers get `public_message`.
+    """
 
     def __init__(self, message: str, reason: str, retry_after: int) -> None:
         super().__init__(message)
         self.reason = reason
         self.retry_after = retry_after
+
+    @property
+    def public_message(self) -> str:
+        """What any caller may read: the kind of fault and when to retry, nothing of the database's identity."""
+        what = PUBLIC_FAULTS.get(self.reason, PUBLIC_FAULTS["storage_error"])
+        return f"{what}: retry after {self.retry_after} s"
 
 
 class StorageFull(Unavailable):
@@ -130,8 +163,13 @@ class Store(abc.ABC):
     def update_run(self, run_id: str, status: str) -> Run: ...
 
     @abc.abstractmethod
-    def merge_config(self, run_id: str, values: Mapping[str, Any]) -> Run:
-        """Add `values` to the run's config (a key given again is overwritten); MLflow params and tags."""
+    def merge_config(self, run_id: str, values: Mapping[str, Any], max_bytes: int | None = None) -> Run:
+        """Add `values` to the run's config in one transaction that holds the run (MLflow params and tags).
+
+        A key given again is overwritten, except that a dict merges into the dict stored under
+        its key (tags under "mlflow.tags"); so concurrent calls each keep their keys. OverLimit
+        when the merged config's JSON would exceed `max_bytes`.
+        """
 
     @abc.abstractmethod
     def get_run(self, run_id: str) -> Run: ...
@@ -168,18 +206,29 @@ class Store(abc.ABC):
     def list_keys(self, run_id: str) -> Keys: ...
 
     @abc.abstractmethod
+    def latest_scalars(self, run_id: str, max_keys: int) -> list[tuple[str, int, float, float]]:
+        """(key, step, value, time) of each scalar key at its largest step; OverLimit beyond `max_keys` keys."""
+
+    @abc.abstractmethod
+    def scalar_keys(self, run_id: str, limit: int) -> list[str]:
+        """The run's first `limit` scalar keys in key order (a bounded `list_keys`)."""
+
+    @abc.abstractmethod
     def get_scalars(
         self, run_id: str, keys: Sequence[str], start: int | None, end: int | None, max_points: int
     ) -> ScalarsOut: ...
 
     @abc.abstractmethod
-    def scalar_history(self, run_id: str, key: str) -> list[tuple[int, float, float]]:
-        """Every (step, value, time) of one key, by step (MLflow's metric history)."""
+    def scalar_history(
+        self, run_id: str, key: str, from_step: int = 0, limit: int | None = None
+    ) -> list[tuple[int, float, float]]:
+        """(step, value, time) of one key from `from_step` on, by step, at most `limit` (MLflow's metric history)."""
 
     @abc.abstractmethod
     def get_histograms(
-        self, run_id: str, key: str, start: int | None, end: int | None, max_steps: int
-    ) -> HistogramsOut: ...
+        self, run_id: str, key: str, start: int | None, end: int | None, max_steps: int, max_cells: int | None = None
+    ) -> HistogramsOut:
+        """Merged columns; OverLimit when the stored rows in range x bins exceed `max_cells`."""
 
     @abc.abstractmethod
     def get_outliers(self, run_id: str, step: int | None) -> OutliersOut: ...

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import secrets
 import time
@@ -37,6 +38,7 @@ from sqlalchemy import (
     literal,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy import column as sql_column
@@ -68,6 +70,7 @@ from mhpo_server.store.base import (
     Conflict,
     Invalid,
     NotFound,
+    OverLimit,
     SchemaError,
     StorageFull,
     Store,
@@ -86,6 +89,7 @@ from mhpo_server.store.models import (
     ScalarRow,
 )
 
+log = logging.getLogger(__name__)
 IN_CHUNK = 500  # values per IN (...) list: far below SQLite's 32,766 and PostgreSQL's 65,535 bind parameters
 OPEN_SEVERITIES = ("warning", "critical")
 HISTORY_KINDS = ("rewind", "fork")  # events about the run's history, not flags: kept by a rewind, not copied by a fork
@@ -353,7 +357,8 @@ class SqlStore(Store):
                 with conn.begin():
                     yield conn
         except IntegrityError as exc:
-            raise Conflict(f"the write conflicts with stored data: {exc.orig}") from exc
+            log.warning("integrity error: %s", exc.orig)
+            raise Conflict("the write conflicts with stored data (an id or key already taken)") from exc
         except DBAPIError as exc:
             fault = storage_fault(exc)
             if fault is None:
@@ -415,7 +420,7 @@ class SqlStore(Store):
     def _fetch_run(self, conn: Connection, run_id: str) -> Run:
         row = conn.execute(self._run_by_id, {"rid": run_id}).first()
         if row is None:
-            raise NotFound(f"run_id {run_id!r} does not exist: create it with POST /api/v1/runs")
+            raise NotFound.run(run_id)
         return self._to_run(row)
 
     def create_run(self, run: RunCreate) -> Run:
@@ -458,18 +463,25 @@ class SqlStore(Store):
                 .returning(RunRow.run_id)
             ).first()
             if done is None:
-                raise NotFound(f"run_id {run_id!r} does not exist")
+                raise NotFound.run(run_id)
             return self._fetch_run(conn, run_id)
 
-    def merge_config(self, run_id: str, values: Mapping[str, Any]) -> Run:
+    def merge_config(self, run_id: str, values: Mapping[str, Any], max_bytes: int | None = None) -> Run:
         with self._tx(write=True) as conn:
-            self._lock_run(conn, run_id)
-            config = conn.execute(select(RunRow.config).where(RunRow.run_id == run_id)).scalar_one()
-            conn.execute(
-                update(RunRow)
-                .where(RunRow.run_id == run_id)
-                .values(config={**(config or {}), **values}, updated_at=time.time())
-            )
+            self._lock_run(conn, run_id)  # the row stays held until commit: no other merge reads it meanwhile
+            config = dict(conn.execute(select(RunRow.config).where(RunRow.run_id == run_id)).scalar_one() or {})
+            for key, value in values.items():
+                stored = config.get(key)
+                config[key] = {**stored, **value} if isinstance(stored, dict) and isinstance(value, dict) else value
+            if max_bytes is not None:
+                size = len(_dumps(config).encode("utf-8", "surrogatepass"))
+                if size > max_bytes:
+                    raise OverLimit(
+                        ("config",),
+                        f"the run's config would have {size} bytes of JSON, more than the limit of {max_bytes} "
+                        "(MHPO_MAX_CONFIG_BYTES): log fewer or shorter params and tags",
+                    )
+            conn.execute(update(RunRow).where(RunRow.run_id == run_id).values(config=config, updated_at=time.time()))
             return self._fetch_run(conn, run_id)
 
     def get_run(self, run_id: str) -> Run:
@@ -543,7 +555,7 @@ class SqlStore(Store):
         """
         row = conn.execute(self._lock, {"rid": run_id}).first()
         if row is None:
-            raise NotFound(f"run_id {run_id!r} does not exist: create it with POST /api/v1/runs")
+            raise NotFound.run(run_id)
         return row[0]
 
     def _bulk_insert(self, conn: Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
@@ -737,7 +749,7 @@ class SqlStore(Store):
 
     def _require_run(self, conn: Connection, run_id: str) -> None:
         if conn.execute(self._run_exists, {"rid": run_id}).first() is None:
-            raise NotFound(f"run_id {run_id!r} does not exist")
+            raise NotFound.run(run_id)
 
     def list_keys(self, run_id: str) -> Keys:
         with self._tx() as conn:
@@ -747,17 +759,47 @@ class SqlStore(Store):
                 histograms=self._distinct_keys(conn, "histograms", run_id),
             )
 
+    def latest_scalars(self, run_id: str, max_keys: int) -> list[tuple[str, int, float, float]]:
+        with self._tx() as conn:
+            self._require_run(conn, run_id)
+            keys = self._distinct_keys(conn, "scalars", run_id, max_keys + 1)
+            if len(keys) > max_keys:
+                raise OverLimit(
+                    ("run_id",),
+                    f"the run has more than {max_keys} metric keys, the most one read returns "
+                    "(MHPO_MAX_KEYS_PER_READ): read single metrics with metrics/get-history",
+                )
+            last = {key: hi for key, (_lo, hi) in self._extents(conn, run_id, keys, None, None).items()}
+            out = []
+            for chunk in _chunks(list(last), 200):
+                query = select(ScalarRow.key, ScalarRow.step, ScalarRow.value, ScalarRow.is_nan, ScalarRow.time).where(
+                    ScalarRow.run_id == run_id, tuple_(ScalarRow.key, ScalarRow.step).in_([(k, last[k]) for k in chunk])
+                )
+                out += [(k, int(st), self._point(v, n), float(t)) for k, st, v, n, t in conn.execute(query)]
+            return sorted(out)
+
+    def scalar_keys(self, run_id: str, limit: int) -> list[str]:
+        with self._tx() as conn:
+            self._require_run(conn, run_id)
+            return self._distinct_keys(conn, "scalars", run_id, limit)
+
     @staticmethod
-    def _distinct_keys(conn: Connection, table: str, run_id: str) -> list[str]:
-        """DISTINCT key as a skip scan over the primary key: one index seek per key, not one row read per point."""
+    def _distinct_keys(conn: Connection, table: str, run_id: str, limit: int | None = None) -> list[str]:
+        """DISTINCT key as a skip scan over the primary key: one index seek per key, not one row read per point.
+
+        With `limit`, the recursion stops after that many keys (its cost is bounded, not the run's key count).
+        """
+        # PostgreSQL stops a recursion when the outer LIMIT is met; SQLite needs it on the recursive term.
+        inner = " LIMIT :n" if limit is not None and conn.dialect.name == "sqlite" else ""
+        outer = " LIMIT :n" if limit is not None else ""
         sql = text(
             f"WITH RECURSIVE k(key) AS ("
             f" SELECT (SELECT MIN(key) FROM {table} WHERE run_id = :r)"
             f" UNION ALL"
             f" SELECT (SELECT MIN(key) FROM {table} WHERE run_id = :r AND key > k.key) FROM k WHERE k.key IS NOT NULL"
-            f") SELECT key FROM k WHERE key IS NOT NULL"
+            f"{inner}) SELECT key FROM k WHERE key IS NOT NULL{outer}"
         )
-        return [row[0] for row in conn.execute(sql, {"r": run_id})]
+        return [row[0] for row in conn.execute(sql, {"r": run_id, "n": limit})]
 
     def get_scalars(
         self, run_id: str, keys: Sequence[str], start: int | None, end: int | None, max_points: int
@@ -846,11 +888,14 @@ class SqlStore(Store):
                     out[key] = (int(row[2 * i]), int(row[2 * i + 1]))
         return out
 
-    def scalar_history(self, run_id: str, key: str) -> list[tuple[int, float, float]]:
+    def scalar_history(
+        self, run_id: str, key: str, from_step: int = 0, limit: int | None = None
+    ) -> list[tuple[int, float, float]]:
         query = (
             select(ScalarRow.step, ScalarRow.value, ScalarRow.is_nan, ScalarRow.time)
-            .where(ScalarRow.run_id == run_id, ScalarRow.key == key)
+            .where(ScalarRow.run_id == run_id, ScalarRow.key == key, ScalarRow.step >= from_step)
             .order_by(ScalarRow.step)
+            .limit(limit)
         )
         with self._tx() as conn:
             self._require_run(conn, run_id)
@@ -930,8 +975,14 @@ class SqlStore(Store):
         return points, merged
 
     def get_histograms(
-        self, run_id: str, key: str, start: int | None, end: int | None, max_steps: int
+        self, run_id: str, key: str, start: int | None, end: int | None, max_steps: int, max_cells: int | None = None
     ) -> HistogramsOut:
+        """Rows in range merged into at most `max_steps` columns.
+
+        With `max_cells`, the rows are counted first (at most the limit's worth, so the count is
+        bounded too) and a read that would load more than `max_cells` counts is refused before
+        any blob is read.
+        """
         query = select(
             HistogramRow.step,
             HistogramRow.lo,
@@ -946,6 +997,8 @@ class SqlStore(Store):
             query = query.where(HistogramRow.step <= end)
         with self._tx() as conn:
             self._require_run(conn, run_id)
+            if max_cells is not None:
+                self._check_histogram_cells(conn, query, max_cells)
             rows = conn.execute(query.order_by(HistogramRow.step)).all()
         if not rows:
             return HistogramsOut(
@@ -964,6 +1017,22 @@ class SqlStore(Store):
                 sumsq=[],
             )
         return merge_histograms(key, rows, max_steps)
+
+    @staticmethod
+    def _check_histogram_cells(conn: Connection, query: Any, max_cells: int) -> None:
+        where = query.whereclause
+        bins = conn.execute(select(HistogramRow.bins).where(where).limit(1)).scalar()
+        if bins is None:
+            return
+        most = max(1, max_cells // (bins + 2))
+        counted = select(HistogramRow.step).where(where).limit(most + 1).subquery()
+        rows = conn.execute(select(func.count()).select_from(counted)).scalar_one()
+        if rows > most:
+            raise OverLimit(
+                ("query", "start"),
+                f"more than {most} stored steps of {bins} bins in range exceed the limit of {max_cells} "
+                "histogram cells per read (MHPO_MAX_HISTOGRAM_CELLS): narrow the range with start= and end=",
+            )
 
     def get_outliers(self, run_id: str, step: int | None) -> OutliersOut:
         query = select(OutlierRow.step, OutlierRow.data).where(OutlierRow.run_id == run_id)
