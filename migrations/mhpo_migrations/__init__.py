@@ -28,7 +28,15 @@ def config(url: str) -> Config:
     return cfg
 
 
+def sqlite_directory(url: str) -> None:
+    """Create the folder of a SQLite file URL (SQLite creates the file, not its folder); other URLs pass."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
 def upgrade(url: str, revision: str = "head") -> None:
+    sqlite_directory(url)
     command.upgrade(config(url), revision)
 
 
@@ -63,7 +71,7 @@ def upgrade_sqlite(url: str) -> bool:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return False
-    Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    sqlite_directory(url)
     revision = current(url)
     if revision == head() or (revision is not None and revision not in known_revisions()):
         return False

@@ -33,6 +33,28 @@ def test_db_upgrade_and_token_create(sqlite_url: str, capsys: pytest.CaptureFixt
     assert info is not None and (info.project, info.scope) == ("p", "read")
 
 
+def test_commands_on_a_sqlite_file_in_a_missing_folder_create_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every command that takes --db treats a SQLite file in a folder that does not exist yet as `mhpo serve`
+    does: the folder is made; a command that needs a migrated database still says which command migrates it."""
+    token_db = f"sqlite:///{tmp_path / 'a' / 'b' / 'tokens.db'}"
+    assert mhpo_main(["token", "create", "--project", "p", "--scope", "write", "--db", token_db]) == 2
+    assert "mhpo db upgrade --db" in capsys.readouterr().err
+    upgraded = f"sqlite:///{tmp_path / 'c' / 'd' / 'mhpo.db'}"
+    assert mhpo_main(["db", "upgrade", "--db", upgraded]) == 0
+    assert mhpo_migrations.current(upgraded) == mhpo_migrations.head()
+    csv_file = tmp_path / "run.csv"
+    csv_file.write_text("step,loss\n0,1.0\n1,0.5\n")
+    imported = f"sqlite:///{tmp_path / 'e' / 'f' / 'import.db'}"
+    assert mhpo_main(["import", "csv", str(csv_file), "--project", "p", "--db", imported]) == 0
+    store = open_store(imported)
+    try:
+        assert [run.name for run in store.list_runs(project="p")] == ["run"]
+    finally:
+        store.close()
+
+
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MHPO_DB", "postgres://u@h/d")
     monkeypatch.setenv("MHPO_AUTH", "true")

@@ -116,6 +116,7 @@ STAT_DTYPE = np.dtype("<f8")  # [min, max, sum, sumsq]
 def make_engine(url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> Engine:
     """An engine with SQLite in WAL mode and a busy timeout, or a pooled PostgreSQL engine."""
     if url.startswith("sqlite"):
+        mhpo_migrations.sqlite_directory(url)
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
