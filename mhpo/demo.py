@@ -13,6 +13,7 @@ leaves only the phase lines (no progress bars, neither ours nor the libraries').
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
 import time
@@ -70,7 +71,9 @@ def wait_healthy(health_url: str, proc: subprocess.Popen[bytes], timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode} before {health_url} answered")
+            raise RuntimeError(
+                f"the server exited with code {proc.returncode} before {health_url} answered; see its message above"
+            )
         try:
             if httpx.get(health_url, timeout=1.0).status_code == 200:
                 return
@@ -80,8 +83,27 @@ def wait_healthy(health_url: str, proc: subprocess.Popen[bytes], timeout: float 
     raise RuntimeError(f"{health_url} did not answer within {timeout:.0f} s")
 
 
+def port_in_use(port: int) -> bool:
+    """True when something already listens on 127.0.0.1:port: its /healthz would pass for the demo's own server."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def start_server(db: str | None, port: int) -> subprocess.Popen[bytes]:
-    """`mhpo serve` in a subprocess on 127.0.0.1:port, logging only warnings (the demo says what happens)."""
+    """`mhpo serve` in a subprocess on 127.0.0.1:port, logging only warnings (the demo says what happens).
+
+    Refuses a port that is already taken: the server there would answer the health check, and the runs
+    would go into its database instead of the one asked for.
+    """
+    if port_in_use(port):
+        raise RuntimeError(
+            f"port {port} on 127.0.0.1 is already in use (another server?): pass --port with a free port, "
+            "or --server URL to train into the server that is running there"
+        )
     db_args = ["--db", db] if db else []
     command = [sys.executable, "-m", "mhpo", "serve", *db_args, "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen(command)
@@ -108,7 +130,7 @@ def main(command: str = "demo", argv: Sequence[str] | None = None) -> int:
         try:
             proc = start_server(args.db, args.port)
         except RuntimeError as exc:
-            say(f"{exc}; see the server's message above")
+            say(str(exc))
             return 1
     say(f"dashboard: {url}/ (open it now: the runs appear there as they train)")
     started = time.monotonic()

@@ -76,3 +76,23 @@ def test_demo_on_an_unmigrated_postgres_database_refuses_with_the_fix(pg_url: st
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "mhpo db upgrade --db postgresql" in proc.stderr
     assert "the server exited with code 2" in proc.stdout and "[1/3]" not in proc.stdout
+
+
+def test_demo_refuses_a_port_another_server_holds(live_server: LiveServer, tmp_path: Path) -> None:
+    """A taken port would answer the demo's health check: the runs would land in that server's database."""
+    port = int(live_server.url.rsplit(":", 1)[1])
+    runs_before = httpx.get(f"{live_server.url}/api/v1/runs").json()["runs"]
+    command = ["demo", "--steps", "1", "--no-serve", "--no-progress", "--port", str(port)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mhpo", *command, "--db", f"sqlite:///{tmp_path / 'mine.db'}"],
+        check=False,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in proc.stdout and "--port" in proc.stdout
+    assert "[1/3]" not in proc.stdout
+    assert httpx.get(f"{live_server.url}/api/v1/runs").json()["runs"] == runs_before
