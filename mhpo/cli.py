@@ -50,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"mhpo: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    missing = missing_train_modules() if command in NEEDS_TRAIN_EXTRA else []
+    # `--help` is built without torch, so a serving install can read what the training commands take.
+    wants_help = "-h" in rest or "--help" in rest
+    missing = missing_train_modules() if command in NEEDS_TRAIN_EXTRA and not wants_help else []
     if missing:
         print(
             f"mhpo {command}: needs the training extra ({', '.join(missing)} not installed); "

@@ -159,15 +159,15 @@ def test_log_batch_keeps_mlflows_limits(live_server_db: LiveServer) -> None:
     def pairs(n: int, prefix: str) -> list[dict[str, str]]:
         return [{"key": f"{prefix}{i}", "value": "v"} for i in range(n)]
 
-    for body, field in (
-        ({"metrics": metrics(1001)}, "metrics"),
-        ({"params": pairs(101, "p")}, "params"),
-        ({"tags": pairs(101, "t")}, "tags"),
+    for body, message in (
+        ({"metrics": metrics(1001)}, "metrics: 1001 items exceed MLflow's limit of 1000 per request; split the batch"),
+        ({"params": pairs(101, "p")}, "params: 101 items exceed MLflow's limit of 100 per request; split the batch"),
+        ({"tags": pairs(101, "t")}, "tags: 101 items exceed MLflow's limit of 100 per request; split the batch"),
         ({"metrics": metrics(950), "params": pairs(60, "p")}, "1010 metrics, params and tags"),
     ):
         r = post(url, "runs/log-batch", {"run_id": run_id, **body})
         assert r.status_code == 400 and r.json()["error_code"] == "INVALID_PARAMETER_VALUE", r.text
-        assert field in r.json()["message"], r.text
+        assert message in r.json()["message"], r.text
     assert httpx.get(f"{url}/api/v1/runs/{run_id}/keys").json()["scalars"] == []
     r = post(url, "runs/log-batch", {"run_id": run_id, "metrics": metrics(1000)})
     assert r.status_code == 200, r.text

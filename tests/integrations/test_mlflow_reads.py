@@ -34,6 +34,25 @@ def test_get_run_returns_the_latest_value_of_each_metric(live_server_db: LiveSer
     assert (loss["step"], loss["value"]) == (5, 2.0)
 
 
+def test_a_run_with_more_keys_than_a_read_returns_ends_and_reads_its_first_keys(
+    live_server_db: LiveServer, tracking
+) -> None:
+    """The mlflow client reads the run when it ends it: more metric keys than MHPO_MAX_KEYS_PER_READ
+    (1,000) must not make `with mlflow.start_run()` raise and leave the run running."""
+    tracking(live_server_db.url)
+    mlflow.set_experiment("wide")
+    with mlflow.start_run() as active:
+        mlflow.log_metrics({f"m{i:04d}": float(i) for i in range(1_500)}, step=0)
+        run_id = active.info.run_id
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(run.data.metrics) == [f"m{i:04d}" for i in range(1_000)]
+    raw = httpx.get(f"{live_server_db.url}{MLFLOW}/runs/get", params={"run_id": run_id})
+    assert raw.headers["MHPO-Truncated-Metrics"] == run_id
+    found = MlflowClient().search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in found] == [run_id] and len(found[0].data.metrics) == 1_000
+
+
 def test_search_runs_pages_newest_first(live_server_db: LiveServer, tracking) -> None:
     tracking(live_server_db.url)
     experiment = mlflow.set_experiment("searched").experiment_id

@@ -72,3 +72,17 @@ def test_a_torch_only_command_without_the_training_extra_names_it(command: str) 
     assert result.returncode == 2, result.stderr
     assert f"mhpo {command}: needs the training extra (torch not installed)" in result.stderr
     assert "pip install 'mhpo[train]'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_help_of_a_torch_only_command_works_without_the_training_extra(command: str) -> None:
+    """A default (serving) install still shows what `mhpo train` and `mhpo demo` take."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # as if it were not installed\n"
+        "from mhpo.cli import main\n"
+        f"raise SystemExit(main([{command!r}, '--help']))\n"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert f"usage: mhpo {command}" in result.stdout and "--steps" in result.stdout

@@ -69,6 +69,8 @@ STATUS = {"RUNNING": "running", "SCHEDULED": "running", "FINISHED": "finished", 
 MLFLOW_STATUS = {"running": "RUNNING", "finished": "FINISHED", "failed": "FAILED", "crashed": "FAILED"}
 TAGS = "mlflow.tags"
 IGNORED_HEADER = "MHPO-Ignored-Metrics"
+# Runs whose `data.metrics` hold only their first MHPO_MAX_KEYS_PER_READ keys (runs/get, runs/search).
+TRUNCATED_HEADER = "MHPO-Truncated-Metrics"
 
 
 class MLflowError(Exception):
@@ -88,7 +90,12 @@ def invalid(errors: list[Any]) -> str:
     parts = []
     for e in errors:
         loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query")]
-        parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', '')}")
+        ctx = e.get("ctx") or {}
+        if e.get("type") == "too_long" and "actual_length" in ctx:  # a list over MLflow's per-request limit
+            why = f"{ctx['actual_length']} items exceed MLflow's limit of {ctx['max_length']} per request; split the batch"
+        else:
+            why = e.get("msg", "")
+        parts.append(f"{'.'.join(loc) or 'body'}: {why}")
     return "; ".join(parts)
 
 
@@ -394,20 +401,37 @@ def get_run(
     store: StoreDep,
     settings: SettingsDep,
     principal: ReadAccess,
+    response: Response,
     run_id: Annotated[str | None, Query()] = None,
     run_uuid: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
     """The run with the latest value of each of its metrics (largest step), as MLflow's runs/get."""
     run = run_for(store, principal, run_id or run_uuid or "")
-    return {"run": run_json(run, latest_metrics(store, settings, run.run_id))}
+    metrics, truncated = latest_metrics(store, settings, run.run_id)
+    if truncated:
+        response.headers[TRUNCATED_HEADER] = run.run_id
+    return {"run": run_json(run, metrics)}
 
 
-def latest_metrics(store: Store, settings: Settings, run_id: str) -> list[dict[str, Any]]:
-    """MLflow's Metric of each key at its largest step (at most MHPO_MAX_KEYS_PER_READ keys)."""
-    return [
+def latest_metrics(store: Store, settings: Settings, run_id: str) -> tuple[list[dict[str, Any]], bool]:
+    """MLflow's Metric of each key at its largest step, and whether the run has more keys than the
+    MHPO_MAX_KEYS_PER_READ (in key order) that a read returns.
+
+    MLflow's client reads the run when it ends it (`mlflow.start_run()` as a context manager), so a
+    run with more keys gets its first keys and the `MHPO-Truncated-Metrics` header, not an error.
+    """
+    latest, truncated = store.latest_scalars(run_id, settings.max_keys_per_read)
+    if truncated:
+        log.warning(
+            "MLflow read of run %s: its metrics cut to the first %d keys (MHPO_MAX_KEYS_PER_READ)",
+            run_id,
+            settings.max_keys_per_read,
+        )
+    metrics = [
         {"key": key, "value": _double(value), "timestamp": round(at * 1000), "step": step}
-        for key, step, value, at in store.latest_scalars(run_id, settings.max_keys_per_read)
+        for key, step, value, at in latest
     ]
+    return metrics, truncated
 
 
 @router.post("/runs/log-batch")
@@ -524,6 +548,7 @@ def _run_filter(text: str) -> Callable[[dict[str, Any]], bool]:
 async def search_runs(
     body: SearchRuns,
     request: Request,
+    response: Response,
     store: StoreDep,
     settings: SettingsDep,
     metrics: MetricsDep,
@@ -552,13 +577,18 @@ async def search_runs(
     size = min(body.max_results, settings.max_search_runs)
     offset = _offset(body.page_token, "offset")
     page = runs[offset : offset + size]
+    truncated = []
     for r in page:
         if await client_gone(request, metrics):
             return Response(status_code=CLIENT_GONE)
-        r["data"]["metrics"] = await run_in_threadpool(latest_metrics, store, settings, r["info"]["run_id"])
+        r["data"]["metrics"], cut = await run_in_threadpool(latest_metrics, store, settings, r["info"]["run_id"])
+        if cut:
+            truncated.append(r["info"]["run_id"])
     out: dict[str, Any] = {"runs": page}
     if offset + size < len(runs):
         out["next_page_token"] = _token("offset", offset + size)
+    if truncated:
+        response.headers[TRUNCATED_HEADER] = ",".join(truncated)
     return out
 
 

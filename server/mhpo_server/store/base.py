@@ -206,8 +206,9 @@ class Store(abc.ABC):
     def list_keys(self, run_id: str) -> Keys: ...
 
     @abc.abstractmethod
-    def latest_scalars(self, run_id: str, max_keys: int) -> list[tuple[str, int, float, float]]:
-        """(key, step, value, time) of each scalar key at its largest step; OverLimit beyond `max_keys` keys."""
+    def latest_scalars(self, run_id: str, max_keys: int) -> tuple[list[tuple[str, int, float, float]], bool]:
+        """(key, step, value, time) of the first `max_keys` scalar keys (in key order) at their largest step,
+        and whether the run has more keys than that."""
 
     @abc.abstractmethod
     def scalar_keys(self, run_id: str, limit: int) -> list[str]:

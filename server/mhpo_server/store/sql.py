@@ -760,24 +760,19 @@ class SqlStore(Store):
                 histograms=self._distinct_keys(conn, "histograms", run_id),
             )
 
-    def latest_scalars(self, run_id: str, max_keys: int) -> list[tuple[str, int, float, float]]:
+    def latest_scalars(self, run_id: str, max_keys: int) -> tuple[list[tuple[str, int, float, float]], bool]:
         with self._tx() as conn:
             self._require_run(conn, run_id)
             keys = self._distinct_keys(conn, "scalars", run_id, max_keys + 1)
-            if len(keys) > max_keys:
-                raise OverLimit(
-                    ("run_id",),
-                    f"the run has more than {max_keys} metric keys, the most one read returns "
-                    "(MHPO_MAX_KEYS_PER_READ): read single metrics with metrics/get-history",
-                )
-            last = {key: hi for key, (_lo, hi) in self._extents(conn, run_id, keys, None, None).items()}
+            more = len(keys) > max_keys
+            last = {key: hi for key, (_lo, hi) in self._extents(conn, run_id, keys[:max_keys], None, None).items()}
             out = []
             for chunk in _chunks(list(last), 200):
                 query = select(ScalarRow.key, ScalarRow.step, ScalarRow.value, ScalarRow.is_nan, ScalarRow.time).where(
                     ScalarRow.run_id == run_id, tuple_(ScalarRow.key, ScalarRow.step).in_([(k, last[k]) for k in chunk])
                 )
                 out += [(k, int(st), self._point(v, n), float(t)) for k, st, v, n, t in conn.execute(query)]
-            return sorted(out)
+            return sorted(out), more
 
     def scalar_keys(self, run_id: str, limit: int) -> list[str]:
         with self._tx() as conn:
