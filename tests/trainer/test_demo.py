@@ -17,31 +17,23 @@ import pytest
 from tests.fixtures.server import REPO_ROOT, LiveServer, free_port
 
 
-def test_demo_runs_both_losses_and_exits(tmp_path: Path) -> None:
-    port = free_port()
-    db = f"sqlite:///{tmp_path / 'new' / 'demo.db'}"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mhpo",
-            "demo",
-            "--steps",
-            "1",
-            "--no-serve",
-            "--no-progress",
-            "--port",
-            str(port),
-            "--db",
-            db,
-        ],
+def demo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`mhpo demo ARGS` in a subprocess of this repository's code."""
+    return subprocess.run(
+        [sys.executable, "-m", "mhpo", "demo", *args],
         check=False,
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
     )
+
+
+def test_demo_runs_both_losses_and_exits(tmp_path: Path) -> None:
+    port = free_port()
+    db = f"sqlite:///{tmp_path / 'new' / 'demo.db'}"
+    proc = demo("--steps", "1", "--no-serve", "--no-progress", "--port", str(port), "--db", db, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
     assert all(line.startswith("mhpo demo: ") for line in lines), proc.stdout
@@ -64,15 +56,7 @@ def test_demo_runs_both_losses_and_exits(tmp_path: Path) -> None:
 @pytest.mark.postgres
 def test_demo_on_an_unmigrated_postgres_database_refuses_with_the_fix(pg_url: str) -> None:
     """PostgreSQL is never migrated behind the user's back, by the demo neither."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "mhpo", "demo", "--no-serve", "--port", str(free_port()), "--db", pg_url],
-        check=False,
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = demo("--no-serve", "--port", str(free_port()), "--db", pg_url)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "mhpo db upgrade --db postgresql" in proc.stderr
     assert "the server exited with code 2" in proc.stdout and "[1/3]" not in proc.stdout
@@ -82,15 +66,8 @@ def test_demo_refuses_a_port_another_server_holds(live_server: LiveServer, tmp_p
     """A taken port would answer the demo's health check: the runs would land in that server's database."""
     port = int(live_server.url.rsplit(":", 1)[1])
     runs_before = httpx.get(f"{live_server.url}/api/v1/runs").json()["runs"]
-    command = ["demo", "--steps", "1", "--no-serve", "--no-progress", "--port", str(port)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "mhpo", *command, "--db", f"sqlite:///{tmp_path / 'mine.db'}"],
-        check=False,
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = demo(
+        "--steps", "1", "--no-serve", "--no-progress", "--port", str(port), "--db", f"sqlite:///{tmp_path / 'mine.db'}"
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"port {port} on 127.0.0.1 is already in use" in proc.stdout and "--port" in proc.stdout
