@@ -23,21 +23,36 @@ CASES = {
 }
 
 
-def log_stream(rows: list[dict[str, float]], run_name: str) -> str:
+def log_stream(rows: list[dict[str, float]], run_name: str, steps_per_request: int = 10) -> str:
     """The metrics of steps 1..n, ten steps per `log_batch` call (as MLflow's async logging batches them)."""
     mlflow.set_experiment("mismatch")
     client = MlflowClient()
     with mlflow.start_run(run_name=run_name) as active:
         run_id = active.info.run_id
         now = int(time.time() * 1000)
-        for start in range(0, len(rows), 10):
+        for start in range(0, len(rows), steps_per_request):
             metrics = [
                 Metric(key, value, now + step, step)
-                for step, row in enumerate(rows[start : start + 10], start + 1)
+                for step, row in enumerate(rows[start : start + steps_per_request], start + 1)
                 for key, value in row.items()
             ]
             client.log_batch(run_id, metrics=metrics)
     return run_id
+
+
+@pytest.mark.parametrize("case", ["trl-5312-unsynced-jump", "trl-6789-top-k-is-mean"])
+def test_one_flag_per_event_when_every_step_is_its_own_request(live_server_db: LiveServer, tracking, case: str) -> None:
+    """A logger that sends each step alone (MLflow's synchronous `log_metrics`) gets one flag per event and
+    severity, as a batched one does: the refractory period holds across requests."""
+    build, _ = CASES[case]
+    rows, onset = build()
+    tracking(live_server_db.url)
+    run_id = log_stream(rows, case, steps_per_request=1)
+    events = httpx.get(f"{live_server_db.url}/api/v1/runs/{run_id}/events").json()["events"]
+    flags = [(e["step"], e["severity"]) for e in events if e["kind"] == "mismatch"]
+    assert flags and flags[0][0] >= onset, flags
+    severities = [severity for _, severity in flags]
+    assert len(severities) == len(set(severities)) <= 2, flags  # a warning, at most escalated once
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -774,6 +774,12 @@ def _on_policy(history: History, step: int, keys: tuple[str, ...], min_steps: in
     )
 
 
+def refractory_kinds(params: FlagParams) -> tuple[str, ...]:
+    """The kinds `detect` holds for a refractory period: the caller loads their last flagged steps
+    (`last_flagged`), so the period holds across batches and server restarts, not only within one call."""
+    return (*params.drifts(), "trust_region", "mismatch")
+
+
 def detect(
     history: History,
     steps: Iterable[int],

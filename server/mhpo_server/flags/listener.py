@@ -38,7 +38,7 @@ from mhpo_server.alerts import rules as alert_rules
 from mhpo_server.alerts.schemas import AlertRule, FlagCondition
 from mhpo_server.alerts.store import AlertStore
 from mhpo_server.alerts.webhook import WebhookDispatcher
-from mhpo_server.flags.detectors import Flag, History, detect, refractory_state
+from mhpo_server.flags.detectors import Flag, History, detect, refractory_kinds, refractory_state
 from mhpo_server.flags.params import DEFAULT_PARAMS, FlagParams
 from mhpo_server.schemas import RecordIn
 from mhpo_server.store import Store
@@ -218,8 +218,7 @@ class IngestMonitor:
         cached.batches = batches
         self.cache.put(run_id, cached)
         history = History.from_arrays(series)
-        held = (*params.drifts(), "trust_region")  # the kinds with a refractory period
-        refractory = refractory_state(self.alerts.last_flag_steps(run_id, held, steps[0]))
+        refractory = refractory_state(self.alerts.last_flag_steps(run_id, refractory_kinds(params), steps[0]))
         flags = detect(history, steps, params, refractory)
         if flags:
             store.add_events(run_id, [f.as_event() for f in flags])
