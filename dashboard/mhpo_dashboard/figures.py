@@ -88,7 +88,7 @@ PANELS: dict[str, list[list[str]]] = {
         ["reward/mean", "reward/std"],
     ],
     # Sampler vs trainer (d = old_logp - rollout_logp): the gap, overall and by the token's probability; the
-    # IS ratio w = exp(d) (mean inside its min-max band); the effective sample size; the divergences.
+    # IS ratio w = exp(d) (its mean, min and max); the effective sample size; the divergences.
     "mismatch": [
         [
             "mismatch/abs_mean",
@@ -138,7 +138,7 @@ KEY_LABELS: list[tuple[str, str, str]] = [
     ("train/skipped", "Skipped steps (non-finite loss)", "count"),
     ("train/", "Trainer", "value"),
     ("mismatch/abs_mean", "Sampler-trainer gap, mean |d|", "|log-prob difference|"),
-    ("mismatch/is_", "IS ratio w = exp(d): mean, min, max", "trainer / sampler"),
+    ("mismatch/is_", "IS ratio w = exp(d)", "trainer / sampler"),
     ("mismatch/ess", "Effective sample size of w", "ESS (0..1)"),
     ("mismatch/", "KL(sampler || trainer), chi2 of w", "nats / chi2"),
 ]
