@@ -4,7 +4,10 @@ With `--resume`, the checkpoint's options come first and only the options given 
 the file or as flags) override them: see `mhpo.trainer.checkpoint`.
 
 The parser is built from the dataclass itself (`dataclasses.fields`, `typing.get_type_hints`,
-each field's `help` metadata), so a new option is one field. Nothing here imports torch or
+each field's `help` metadata) with the standard library's argparse, so a new option is one field.
+Not transformers' `HfArgumentParser`, which does the same: importing it takes 0.6 s and needs the
+training extra (so `--help` would be slow, and missing on a serving install), and it fills every
+default in, where a resume must know which options were given. Nothing here imports torch or
 transformers: `mhpo train --help` answers at once. Also the entry point under
 `torchrun --nproc-per-node N -m mhpo train ...`.
 """
