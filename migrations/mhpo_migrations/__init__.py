@@ -28,11 +28,19 @@ def config(url: str) -> Config:
     return cfg
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite file URL; None for other databases and in-memory SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
+
+
 def sqlite_directory(url: str) -> None:
     """Create the folder of a SQLite file URL (SQLite creates the file, not its folder); other URLs pass."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def upgrade(url: str, revision: str = "head") -> None:
@@ -68,8 +76,7 @@ def upgrade_sqlite(url: str) -> bool:
     Other databases, in-memory SQLite and a file newer than this package are left alone: the
     server's schema check then refuses them with the command that fixes them.
     """
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    if sqlite_file(url) is None:
         return False
     sqlite_directory(url)
     revision = current(url)
