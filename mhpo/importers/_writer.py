@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from mhpo.client._sender import Outcome, classify
 from mhpo.importers._model import SourceRun
 
 NAMESPACE = uuid.UUID("6f1d2b3e-8c1a-5d0e-9b7f-4a2c1e0d9b31")
@@ -131,9 +132,10 @@ class Writer:
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             else:
-                if response.is_success:
+                outcome = classify(response.status_code)
+                if outcome is Outcome.OK:
                     return response.json()
-                if response.status_code not in (408, 429) and response.status_code < 500:
+                if outcome is not Outcome.RETRY:  # the client's rule: 408, 429 and 5xx are worth a retry
                     raise ImportFailed(
                         f"{self.server} refused {what}: {response.status_code} {response.text[:500]}"
                         + (
