@@ -48,10 +48,15 @@ EARLY_GRAPH_SCRIPTS_HOOK = """function () {
   window._dashPlotlyJSURL = "{prefix}assets/{bundle}";
   if (window.Plotly || window._mhpoGraphScripts || !/\\/(runs\\/|compare)/.test(location.pathname)) { return; }
   window._mhpoGraphScripts = true;
-  [window._dashPlotlyJSURL, "{prefix}_dash-component-suites/dash/dcc/async-graph.js"].forEach(function (src) {
+  var settle = {};
+  // A graph that mounts before the bundle has run would fetch a second copy (dcc.Graph loads it unless
+  // window.Plotly is set): until the bundle defines the real window.Plotly, a promise of it makes dcc wait.
+  window.Plotly = new Promise(function (resolve, reject) { settle = {resolve: resolve, reject: reject}; });
+  [window._dashPlotlyJSURL, "{prefix}_dash-component-suites/dash/dcc/async-graph.js"].forEach(function (src, i) {
     var script = document.createElement("script");
     script.src = src;
     script.async = true;
+    if (i === 0) { script.onload = settle.resolve; script.onerror = settle.reject; }
     document.head.appendChild(script);
   });
 }"""
