@@ -2,7 +2,7 @@
 
 Generates `--per-kind` streams of each injected kind (collapse, erosion, hazard_spike,
 grad_spike, non_finite, on_policy) at random onsets plus `--clean` clean streams
-(`mhpo_server.flags.synthetic`), posts each as a run to `mhpo serve` (started here on a fresh
+(`tests.flags.synthetic`), posts each as a run to `mhpo serve` (started here on a fresh
 SQLite file unless `--server` is given), reads the flags back from
 `GET /api/v1/runs/{id}/events` and prints per kind: detected/total within the goal
 delay, the delay in steps (median, max) and false warning/critical flags per 1,000 clean
@@ -45,8 +45,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from servers import mhpo_server
 
-from mhpo_server.flags import FlagParams, History, detect
-from mhpo_server.flags.synthetic import (
+from mhpo_server.monitoring import FlagParams, History, detect
+from tests.flags.synthetic import (
     GOAL_DELAY,
     INJECTED_KINDS,
     PATTERN_KIND,

@@ -2,7 +2,7 @@
 
 Trains real runs of the built-in tiny model on CPU, one after the other (`mhpo train
 --no-stream --metrics-file`: the records exactly as they would be streamed), then runs the
-service's detectors (`mhpo_server.flags.detect`, the code the ingest listener runs; batching
+service's detectors (`mhpo_server.monitoring.detect`, the code the ingest listener runs; batching
 does not change its flags) on each run's records:
 
 - healthy: the `mhpo demo` configuration (16 prompts x 8 completions, lr 5e-4, 2
@@ -44,7 +44,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from mhpo_server.flags import History, detect
+from mhpo_server.monitoring import History, detect
 
 DEMO = ["--prompts-per-step", "16", "--group-size", "8", "--lr", "5e-4"]
 REGIMES: dict[str, tuple[list[str], int]] = {  # name -> (train flags, rollouts)

@@ -2,7 +2,7 @@
 
 Trains real runs of the built-in tiny model on CPU (`mhpo train --no-stream --metrics-file`,
 the records exactly as they would be streamed; see `bench/early_warning.py`), then runs the
-service's detectors (`mhpo_server.flags.detect`, what the ingest listener runs) on them:
+service's detectors (`mhpo_server.monitoring.detect`, what the ingest listener runs) on them:
 
 - `synced_fp32`: the sampler is the trained float32 policy itself (the healthy reference);
 - `bf16_sampler`: samples with a bfloat16 copy of the policy, refreshed every rollout (`--rollout-dtype bfloat16`);
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from early_warning import Run, by_rollout, label, train
 
-from mhpo_server.flags import History, detect
+from mhpo_server.monitoring import History, detect
 
 BASE = ["--loss", "grpo", "--prompts-per-step", "4", "--group-size", "8"]
 STALE = [*BASE, "--rollout-sync-every", "4", "--lr", "1e-3"]

@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from servers import mhpo_server
 
-from mhpo_server.alerts.rules import RuleStates
-from mhpo_server.flags.detectors import History
+from mhpo_server.monitoring.detectors import History
+from mhpo_server.monitoring.rules import RuleStates
 from tests.flags.test_rule_state import make_rule, naive_firings
 
 FOR_STEPS = 10_000

@@ -22,10 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo import __version__
 from mhpo_server.config import Settings, data_dir
-from mhpo_server.flags.service import install as install_flags
 from mhpo_server.health import ListenerHealth
 from mhpo_server.limits import BodySizeLimitMiddleware
 from mhpo_server.metrics import MetricsMiddleware, ServiceMetrics
+from mhpo_server.monitoring.service import install as install_flags
 from mhpo_server.responses import NaNJSONResponse
 from mhpo_server.routes import auth, events, health, mlflow, projects, records, runs, series
 from mhpo_server.schemas import ERROR_RESPONSES, RecordIn

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from mhpo_server.flags import DEFAULT_PARAMS, Flag, FlagParams, History, detect
-from mhpo_server.flags.detectors import _row_nanmedian
-from mhpo_server.flags.synthetic import (
+from mhpo_server.monitoring import DEFAULT_PARAMS, Flag, FlagParams, History, detect
+from mhpo_server.monitoring.detectors import _row_nanmedian
+from tests.flags.synthetic import (
     GOAL_DELAY,
     INJECTED_KINDS,
     Score,

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 import mhpo_migrations
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
-from mhpo_server.flags import History, detect
-from mhpo_server.flags.synthetic import Stream, generate_stream
+from mhpo_server.monitoring import History, detect
+from tests.flags.synthetic import Stream, generate_stream
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from mhpo.integrations.names import product_scalars
-from mhpo_server.flags import DEFAULT_PARAMS, FlagParams, History, detect
+from mhpo_server.monitoring import DEFAULT_PARAMS, FlagParams, History, detect
 from tests.flags.mismatch_cases import trl_healthy, trl_jump, trl_top_k, verl_drift
 
 

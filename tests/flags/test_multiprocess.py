@@ -18,10 +18,10 @@ import pytest
 
 import mhpo_migrations
 from mhpo.demo import wait_healthy
-from mhpo_server.flags.synthetic import Stream, generate_stream
 from mhpo_server.store.sql import SqlStore
 from tests.conftest import fresh_pg_database
 from tests.fixtures.server import REPO_ROOT, LiveServer, free_port
+from tests.flags.synthetic import Stream, generate_stream
 
 
 def stream_with_events() -> Stream:

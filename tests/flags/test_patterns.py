@@ -13,8 +13,8 @@ from pydantic import ValidationError
 import mhpo_migrations
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
-from mhpo_server.flags import DEFAULT_PARAMS, Flag, FlagParams, History, detect
-from mhpo_server.flags.synthetic import pattern_stream
+from mhpo_server.monitoring import DEFAULT_PARAMS, Flag, FlagParams, History, detect
+from tests.flags.synthetic import pattern_stream
 
 SEEDS = range(10)
 ONSET = 150
@@ -206,7 +206,7 @@ def test_every_numeric_parameter_declares_bounds() -> None:
                     missing.append(path + name)
         return missing
 
-    from mhpo_server.flags.params import DriftParams, OnPolicyParams, Signal, SpikeParams
+    from mhpo_server.monitoring.params import DriftParams, OnPolicyParams, Signal, SpikeParams
 
     missing = [n for m in (DriftParams, SpikeParams, Signal, OnPolicyParams) for n in walk(m, f"{m.__name__}.")]
     assert not missing, missing

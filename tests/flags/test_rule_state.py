@@ -22,11 +22,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mhpo_migrations
-from mhpo_server.alerts.rules import OPS, RuleStates, _mad, history_points
-from mhpo_server.alerts.schemas import MAX_RULES_PER_PROJECT, AlertRule, SpikeCondition, ThresholdCondition
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
-from mhpo_server.flags.detectors import MAD_TO_SIGMA, History, fast_median
+from mhpo_server.monitoring.detectors import MAD_TO_SIGMA, History, fast_median
+from mhpo_server.monitoring.rules import OPS, RuleStates, _mad, history_points
+from mhpo_server.monitoring.schemas import MAX_RULES_PER_PROJECT, AlertRule, SpikeCondition, ThresholdCondition
 from tests.fixtures.server import LiveServer
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mhpo_server.alerts.targets import TargetPolicy, TargetRefused, address_kind
+from mhpo_server.monitoring.targets import TargetPolicy, TargetRefused, address_kind
 from tests.fixtures.server import LiveServer
 
 DEADLINE_S = 3

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
-from mhpo_server.flags.service import WebhookSettings
+from mhpo_server.monitoring.service import WebhookSettings
 from tests.fixtures.server import LiveServer
 from tests.flags.test_webhook_faults import ENV, RECEIVER_HOST, hooked_run, post_loss, settled, wait_for
 

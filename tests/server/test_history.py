@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 import mhpo_migrations
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
-from mhpo_server.flags.synthetic import generate_stream
 from tests.conftest import strict_loads
 from tests.fixtures.server import LiveServer
+from tests.flags.synthetic import generate_stream
 
 
 class Api:

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from mhpo_server.schemas import EventCreate, RecordIn, RunCreate
 from mhpo_server.store import Conflict, NotFound, Store, open_store
 from mhpo_server.store.models import ApiTokenRow, BatchRow, ScalarRow
-from mhpo_server.store.sql import merge_histograms
+from mhpo_server.store.series import merge_histograms
 
 NONFINITE = {"nan": math.nan, "pinf": math.inf, "ninf": -math.inf, "zero": 0.0, "big": 1.5e308, "tiny": 5e-324}
 

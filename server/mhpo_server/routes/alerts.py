@@ -11,7 +11,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from pydantic import ValidationError
 
-from mhpo_server.alerts.schemas import (
+from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
+from mhpo_server.monitoring.listener import IngestMonitor
+from mhpo_server.monitoring.schemas import (
     MAX_RULES_PER_PROJECT,
     Alert,
     AlertList,
@@ -21,13 +23,10 @@ from mhpo_server.alerts.schemas import (
     AlertRulePatch,
     FlagParamsOut,
 )
-from mhpo_server.alerts.store import AlertStore
-from mhpo_server.alerts.targets import TargetPolicy, TargetRefused
-from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
-from mhpo_server.flags.listener import IngestMonitor
+from mhpo_server.monitoring.targets import TargetPolicy, TargetRefused
 from mhpo_server.responses import NaNJSONResponse, respond
 from mhpo_server.schemas import KEY_PATTERN
-from mhpo_server.store import NotFound, Store
+from mhpo_server.store import AlertStore, NotFound, Store
 
 router = APIRouter(prefix="/api/v1", tags=["alerts"])
 

@@ -1,5 +1,6 @@
-"""Storage: the `Store` interface and its SQL implementation, chosen by URL."""
+"""Storage: the `Store` interface and its SQL implementation, chosen by URL; the only package that names a table."""
 
+from mhpo_server.store.alerts import AlertStore
 from mhpo_server.store.base import (
     DATA_ERROR,
     Conflict,
@@ -14,7 +15,8 @@ from mhpo_server.store.base import (
     WriteHealth,
     WriteResult,
 )
-from mhpo_server.store.sql import SqlStore, make_engine, storage_fault
+from mhpo_server.store.engine import make_engine, storage_fault
+from mhpo_server.store.sql import SqlStore
 
 
 def open_store(url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> Store:
@@ -24,6 +26,7 @@ def open_store(url: str, busy_timeout_ms: int = 30_000, pool_size: int = 10) -> 
 
 __all__ = [
     "DATA_ERROR",
+    "AlertStore",
     "Conflict",
     "Invalid",
     "NotFound",

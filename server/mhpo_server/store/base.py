@@ -1,5 +1,7 @@
 """The store interface the routes call; `mhpo_server.store.sql.SqlStore` implements it on SQLAlchemy.
 
+Only the store names tables: callers get pydantic models or plain tuples.
+
 Errors the routes turn into HTTP answers:
     StoreError
     ├── NotFound       -> 404 (unknown run)
@@ -19,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mhpo_server.schemas import (
     Event,
@@ -36,6 +38,9 @@ from mhpo_server.schemas import (
     ScalarsOut,
     TokenInfo,
 )
+
+if TYPE_CHECKING:
+    from mhpo_server.store.alerts import AlertStore
 
 
 class StoreError(Exception):
@@ -147,6 +152,7 @@ class WriteResult:
 
 class Store(abc.ABC):
     write_health: WriteHealth
+    alerts: AlertStore  # alert rules, fired alerts, detector overrides
 
     @abc.abstractmethod
     def ping(self) -> None:
@@ -240,6 +246,21 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_events(self, run_id: str) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def batch_count(self, run_id: str) -> int:
+        """How many batches the run has stored (the flags listener's check that no other process wrote one)."""
+
+    @abc.abstractmethod
+    def scalar_windows(
+        self, run_id: str, keys: Sequence[str], first: int, last: int, points: int
+    ) -> tuple[list[tuple[str, int, float]], dict[str, int]]:
+        """Per key: the last `points` points before step `first` and every point in [first, last]
+        (key, step, value); and each key's latest stored step (keys never logged are absent)."""
+
+    @abc.abstractmethod
+    def last_flag_steps(self, run_id: str, kinds: Sequence[str], before_step: int) -> dict[tuple[str, str], int]:
+        """(kind, severity) -> the latest flagged step below `before_step` (for the refractory period)."""
 
     @abc.abstractmethod
     def create_token(self, project: str, scope: str) -> str:

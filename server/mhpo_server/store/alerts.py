@@ -1,7 +1,7 @@
-"""SQL access for flags and alerts: rules, fired alerts, detector overrides, bounded history reads.
+"""Alerts and rules: rules, fired alerts, per-project detector overrides.
 
-It shares the `SqlStore`'s engine (so its pool and SQLite pragmas), and returns pydantic
-models or plain tuples, never ORM rows. Every method is one short transaction, so the
+A part of the `SqlStore` (`store.alerts`) on its `Database`, so its pool and SQLite pragmas;
+it returns pydantic models, never ORM rows. Every method is one short transaction, so the
 webhook worker thread can call it beside the request threads.
 
 The ingest listener asks for a project's detector overrides and enabled rules on every
@@ -14,25 +14,23 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, literal, or_, select, union_all, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import delete, func, insert, or_, select, update
 
-from mhpo_server.alerts.models import AlertRow, AlertRuleRow, FlagParamsRow
-from mhpo_server.alerts.schemas import Alert, AlertRule, AlertRuleCreate, AlertRulePatch
-from mhpo_server.store.models import BatchRow, EventRow, ScalarRow
+from mhpo_server.monitoring.schemas import Alert, AlertRule, AlertRuleCreate, AlertRulePatch
+from mhpo_server.store.engine import Database
+from mhpo_server.store.models import AlertRow, AlertRuleRow, FlagParamsRow
 
 NULLABLE_RULE_FIELDS = frozenset({"run_id", "webhook_url"})  # PATCH null clears these; other fields ignore null
-WINDOW_CHUNK = 100  # keys per UNION ALL statement: 2 selects per key, SQLite allows 500 per compound select
 
 
 class AlertStore:
-    def __init__(self, engine: Engine, config_ttl_s: float = 2.0) -> None:
-        self.engine = engine
-        self._insert = sqlite.insert if engine.dialect.name == "sqlite" else postgresql.insert
+    def __init__(self, db: Database, config_ttl_s: float = 2.0) -> None:
+        self.db = db
+        self._insert = db.insert
+        self._tx = db.plain_tx  # rule evaluation and the webhook workers report their own failures
         self.config_ttl_s = config_ttl_s
         self._config: dict[tuple[str, str], tuple[float, Any]] = {}
         self._config_lock = threading.Lock()
@@ -56,11 +54,6 @@ class AlertStore:
         with self._config_lock:
             self._config = {}
             self._generation += 1
-
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
 
     # detector parameters ----------------------------------------------------------------
 
@@ -227,65 +220,3 @@ class AlertStore:
         with self._tx() as conn:
             rows = conn.execute(select(AlertRow.__table__).where(AlertRow.delivery_status == "pending"))
             return [Alert.model_validate(dict(row._mapping)) for row in rows]
-
-    # bounded history for the detectors ------------------------------------------------
-
-    def scalar_windows(
-        self, run_id: str, keys: Sequence[str], first: int, last: int, points: int
-    ) -> tuple[list[tuple[str, int, float]], dict[str, int]]:
-        """Per key: the last `points` points before step `first` and every point in [first, last].
-
-        Also returns each key's latest stored step (keys never logged are absent), so the
-        caller knows whether these rows are the key's newest. One index seek per key and
-        window: the cost does not grow with the length of the run.
-        """
-        cols = (ScalarRow.key, ScalarRow.step, ScalarRow.value, ScalarRow.is_nan)
-        rows: list[tuple[str, int, float]] = []
-        latest: dict[str, int] = {}
-        keys = sorted(set(keys))
-        with self._tx() as conn:
-            for i in range(0, len(keys), WINDOW_CHUNK):
-                chunk = keys[i : i + WINDOW_CHUNK]
-                parts = []
-                for key in chunk:
-                    of_key = (ScalarRow.run_id == run_id, ScalarRow.key == key)
-                    before = (
-                        select(literal(0).label("part"), *cols)
-                        .where(*of_key, ScalarRow.step < first)
-                        .order_by(ScalarRow.step.desc())
-                        .limit(points)
-                        .subquery()
-                    )
-                    top = (
-                        select(literal(1).label("part"), *cols).where(*of_key).order_by(ScalarRow.step.desc()).limit(1)
-                    )
-                    parts += [select(before), select(top.subquery())]
-                parts.append(
-                    select(literal(0).label("part"), *cols).where(
-                        ScalarRow.run_id == run_id,
-                        ScalarRow.key.in_(chunk),
-                        ScalarRow.step >= first,
-                        ScalarRow.step <= last,
-                    )
-                )
-                for part, k, s, v, n in conn.execute(union_all(*parts)):
-                    if part:
-                        latest[k] = int(s)
-                    else:
-                        rows.append((k, int(s), float("nan") if n or v is None else float(v)))
-        return rows, latest
-
-    def batch_count(self, run_id: str) -> int:
-        """How many batches the run has stored (the flags listener's check that no other process wrote one)."""
-        with self._tx() as conn:
-            return int(conn.execute(select(func.count()).where(BatchRow.run_id == run_id)).scalar_one())
-
-    def last_flag_steps(self, run_id: str, kinds: Sequence[str], before_step: int) -> dict[tuple[str, str], int]:
-        """(kind, severity) -> the latest flagged step below `before_step` (for the refractory period)."""
-        query = (
-            select(EventRow.kind, EventRow.severity, func.max(EventRow.step))
-            .where(EventRow.run_id == run_id, EventRow.kind.in_(list(kinds)), EventRow.step < before_step)
-            .group_by(EventRow.kind, EventRow.severity)
-        )
-        with self._tx() as conn:
-            return {(kind, severity): int(step) for kind, severity, step in conn.execute(query)}

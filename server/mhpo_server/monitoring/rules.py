@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from mhpo_server.alerts.schemas import SEVERITY_RANK, AlertRule, FlagCondition, SpikeCondition, ThresholdCondition
-from mhpo_server.flags.detectors import MAD_TO_SIGMA, Flag, History, json_number
+from mhpo_server.monitoring.detectors import MAD_TO_SIGMA, Flag, History, json_number
+from mhpo_server.monitoring.schemas import SEVERITY_RANK, AlertRule, FlagCondition, SpikeCondition, ThresholdCondition
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,

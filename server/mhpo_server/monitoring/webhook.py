@@ -44,9 +44,9 @@ import httpcore
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mhpo import __version__
-from mhpo_server.alerts.schemas import Alert
-from mhpo_server.alerts.store import AlertStore
-from mhpo_server.alerts.targets import TargetPolicy, TargetRefused
+from mhpo_server.monitoring.schemas import Alert
+from mhpo_server.monitoring.targets import TargetPolicy, TargetRefused
+from mhpo_server.store import AlertStore
 
 log = logging.getLogger(__name__)
 

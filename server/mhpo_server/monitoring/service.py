@@ -16,12 +16,11 @@ from fastapi import FastAPI
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mhpo_server.alerts.store import AlertStore
-from mhpo_server.alerts.targets import DEFAULT_MAX_URL_LENGTH, TargetPolicy
-from mhpo_server.alerts.webhook import WebhookDispatcher, WebhookMetrics
-from mhpo_server.flags.listener import IngestMonitor
+from mhpo_server.monitoring.listener import IngestMonitor
+from mhpo_server.monitoring.targets import DEFAULT_MAX_URL_LENGTH, TargetPolicy
+from mhpo_server.monitoring.webhook import WebhookDispatcher, WebhookMetrics
 from mhpo_server.routes import alerts as alert_routes
-from mhpo_server.store import Store
+from mhpo_server.store import AlertStore, Store
 
 
 class WebhookSettings(BaseSettings):
@@ -97,7 +96,7 @@ def alert_events(alerts: AlertStore) -> Callable[[Store, str], list[dict[str, An
 
 def install(app: FastAPI, webhook_settings: WebhookSettings | None = None) -> IngestMonitor:
     cfg = webhook_settings or WebhookSettings()
-    alerts = AlertStore(app.state.store.engine)
+    alerts = app.state.store.alerts
     policy = cfg.policy()
     dispatcher = WebhookDispatcher(
         alerts,

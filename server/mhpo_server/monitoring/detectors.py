@@ -14,7 +14,7 @@ Rules every detector keeps:
 - Empty steps (`tokens/valid` = 0) are data, not a signal: they enter no window and
   nothing is flagged at them.
 - Minimum meaningful changes. Each signal's move must exceed a floor in its own units and
-  relative to its reference (`mhpo_server.flags.params`), besides a noise z-score, so a
+  relative to its reference (`mhpo_server.monitoring.params`), besides a noise z-score, so a
   constant baseline cannot turn an ordinary value into z = 10^4.
 
 Detectors (kind: detector name):
@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from mhpo_server.flags.params import (
+from mhpo_server.monitoring.params import (
     DEFAULT_PARAMS,
     DriftParams,
     FlagParams,

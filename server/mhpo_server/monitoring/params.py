@@ -51,7 +51,7 @@ class DriftParams(_Strict):
     """A drift detector (collapse, erosion, entropy_surge, the drift half of kl_spike).
 
     Two tests per signal, on the points of the signal's own kind of step (see
-    `mhpo_server.flags.detectors`): the *level* test compares the median of the last
+    `mhpo_server.monitoring.detectors`): the *level* test compares the median of the last
     `recent_steps` points with the median of the `baseline_steps` points before them;
     the *trend* test takes the Theil-Sen slope over the last `trend_steps` points (a
     steady linear or geometric decline that a sliding baseline would follow). A signal
@@ -275,7 +275,7 @@ def _kl_drift() -> DriftParams:
 
 
 class FlagParams(_Strict):
-    """Every detector's parameters; the defaults are set on `mhpo_server.flags.synthetic` streams and real runs."""
+    """Every detector's parameters; the defaults are set on `tests.flags.synthetic` streams and real runs."""
 
     collapse: DriftParams = Field(default_factory=_collapse)
     erosion: DriftParams = Field(default_factory=_erosion)

@@ -34,14 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from mhpo_server.alerts import rules as alert_rules
-from mhpo_server.alerts.schemas import AlertRule, FlagCondition
-from mhpo_server.alerts.store import AlertStore
-from mhpo_server.alerts.webhook import WebhookDispatcher
-from mhpo_server.flags.detectors import Flag, History, detect, refractory_kinds, refractory_state
-from mhpo_server.flags.params import DEFAULT_PARAMS, FlagParams
+from mhpo_server.monitoring import rules as alert_rules
+from mhpo_server.monitoring.detectors import Flag, History, detect, refractory_kinds, refractory_state
+from mhpo_server.monitoring.params import DEFAULT_PARAMS, FlagParams
+from mhpo_server.monitoring.schemas import AlertRule, FlagCondition
+from mhpo_server.monitoring.webhook import WebhookDispatcher
 from mhpo_server.schemas import RecordIn
-from mhpo_server.store import Store
+from mhpo_server.store import AlertStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +175,7 @@ class IngestMonitor:
         if not new:
             return []
         steps = sorted({int(s) for steps, _ in new.values() for s in steps.tolist()})
-        batches = self.alerts.batch_count(run_id)
+        batches = store.batch_count(run_id)
         cached = self.cache.get(run_id)
         if cached is not None and cached.batches != batches - 1:
             cached = None  # another process stored a batch of this run since: its points are not in the cache
@@ -203,7 +202,7 @@ class IngestMonitor:
             else:
                 series[key] = (np.concatenate([window[0], added[0]]), np.concatenate([window[1], added[1]]))
         if missing:
-            rows, latest = self.alerts.scalar_windows(run_id, missing, steps[0], steps[-1], cached.depth)
+            rows, latest = store.scalar_windows(run_id, missing, steps[0], steps[-1], cached.depth)
             read = _from_rows(rows)
             for key in missing:
                 series[key] = read.get(key, EMPTY)
@@ -218,7 +217,7 @@ class IngestMonitor:
         cached.batches = batches
         self.cache.put(run_id, cached)
         history = History.from_arrays(series)
-        refractory = refractory_state(self.alerts.last_flag_steps(run_id, refractory_kinds(params), steps[0]))
+        refractory = refractory_state(store.last_flag_steps(run_id, refractory_kinds(params), steps[0]))
         flags = detect(history, steps, params, refractory)
         if flags:
             store.add_events(run_id, [f.as_event() for f in flags])

@@ -1,1 +1,0 @@
-"""Alert rules on scalars and flags, fired alerts, and webhook delivery."""

@@ -1,0 +1,134 @@
+"""Events (flags, rewinds, forks) and the reads the flag evaluator needs: batch count, scalar windows,
+the last flagged steps. The evaluator's reads run in plain transactions (`Database.plain_tx`): it reports
+its own failures."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import func, literal, select, union_all
+
+from mhpo_server.schemas import Event, EventCreate
+from mhpo_server.store.engine import Database, Part
+from mhpo_server.store.models import BatchRow, EventRow, ScalarRow
+from mhpo_server.store.runs import Runs
+
+HISTORY_KINDS = ("rewind", "fork")  # events about the run's history, not flags: kept by a rewind, not copied by a fork
+WINDOW_CHUNK = 100  # keys per UNION ALL statement: 2 selects per key, SQLite allows 500 per compound select
+
+
+class Events(Part):
+    def __init__(self, db: Database, runs: Runs) -> None:
+        super().__init__(db)
+        self.runs = runs
+
+    def add_events(self, run_id: str, events: Sequence[EventCreate | Mapping[str, Any]]) -> int:
+        now = time.time()
+        parsed = [e if isinstance(e, EventCreate) else EventCreate.model_validate(e) for e in events]
+        if not parsed:
+            return 0
+        rows = [
+            {
+                "run_id": run_id,
+                "step": e.step,
+                "kind": e.kind,
+                "severity": e.severity,
+                "detector": e.detector,
+                "message": e.message,
+                "evidence": e.evidence,
+                "created_at": now if e.created_at is None else e.created_at,
+            }
+            for e in parsed
+        ]
+        stmt = (
+            self._insert(EventRow.__table__)
+            .on_conflict_do_nothing(index_elements=["run_id", "kind", "detector", "step"])
+            .returning(EventRow.id)
+        )
+        with self._tx(write=True) as conn:
+            self.runs.require(conn, run_id)
+            return len(conn.execute(stmt, rows).all())
+
+    def list_events(self, run_id: str) -> list[Event]:
+        query = (
+            select(
+                EventRow.id,
+                EventRow.kind,
+                EventRow.step,
+                EventRow.severity,
+                EventRow.detector,
+                EventRow.message,
+                EventRow.evidence,
+                EventRow.created_at,
+            )
+            .where(EventRow.run_id == run_id)
+            .order_by(EventRow.step, EventRow.id)
+        )
+        with self._tx() as conn:
+            self.runs.require(conn, run_id)
+            return [
+                Event(**row._mapping, type=row.kind if row.kind in HISTORY_KINDS else "flag")
+                for row in conn.execute(query)
+            ]
+
+    def scalar_windows(
+        self, run_id: str, keys: Sequence[str], first: int, last: int, points: int
+    ) -> tuple[list[tuple[str, int, float]], dict[str, int]]:
+        """Per key: the last `points` points before step `first` and every point in [first, last].
+
+        Also returns each key's latest stored step (keys never logged are absent), so the
+        caller knows whether these rows are the key's newest. One index seek per key and
+        window: the cost does not grow with the length of the run.
+        """
+        cols = (ScalarRow.key, ScalarRow.step, ScalarRow.value, ScalarRow.is_nan)
+        rows: list[tuple[str, int, float]] = []
+        latest: dict[str, int] = {}
+        keys = sorted(set(keys))
+        with self.db.plain_tx() as conn:
+            for i in range(0, len(keys), WINDOW_CHUNK):
+                chunk = keys[i : i + WINDOW_CHUNK]
+                parts = []
+                for key in chunk:
+                    of_key = (ScalarRow.run_id == run_id, ScalarRow.key == key)
+                    before = (
+                        select(literal(0).label("part"), *cols)
+                        .where(*of_key, ScalarRow.step < first)
+                        .order_by(ScalarRow.step.desc())
+                        .limit(points)
+                        .subquery()
+                    )
+                    top = (
+                        select(literal(1).label("part"), *cols).where(*of_key).order_by(ScalarRow.step.desc()).limit(1)
+                    )
+                    parts += [select(before), select(top.subquery())]
+                parts.append(
+                    select(literal(0).label("part"), *cols).where(
+                        ScalarRow.run_id == run_id,
+                        ScalarRow.key.in_(chunk),
+                        ScalarRow.step >= first,
+                        ScalarRow.step <= last,
+                    )
+                )
+                for part, k, s, v, n in conn.execute(union_all(*parts)):
+                    if part:
+                        latest[k] = int(s)
+                    else:
+                        rows.append((k, int(s), float("nan") if n or v is None else float(v)))
+        return rows, latest
+
+    def batch_count(self, run_id: str) -> int:
+        """How many batches the run has stored (the flags listener's check that no other process wrote one)."""
+        with self.db.plain_tx() as conn:
+            return int(conn.execute(select(func.count()).where(BatchRow.run_id == run_id)).scalar_one())
+
+    def last_flag_steps(self, run_id: str, kinds: Sequence[str], before_step: int) -> dict[tuple[str, str], int]:
+        """(kind, severity) -> the latest flagged step below `before_step` (for the refractory period)."""
+        query = (
+            select(EventRow.kind, EventRow.severity, func.max(EventRow.step))
+            .where(EventRow.run_id == run_id, EventRow.kind.in_(list(kinds)), EventRow.step < before_step)
+            .group_by(EventRow.kind, EventRow.severity)
+        )
+        with self.db.plain_tx() as conn:
+            return {(kind, severity): int(step) for kind, severity, step in conn.execute(query)}
