@@ -11,8 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from mhpo_server.monitoring import DEFAULT_PARAMS, Flag, FlagParams, History, detect
-from mhpo_server.monitoring.detectors import _row_nanmedian
+from mhpo_server.monitoring import (
+    DEFAULT_PARAMS,
+    DETECTORS,
+    KINDS,
+    Flag,
+    FlagParams,
+    History,
+    detect,
+    register_detector,
+)
+from mhpo_server.monitoring.stats import row_nanmedian
 from tests.flags.synthetic import (
     GOAL_DELAY,
     INJECTED_KINDS,
@@ -176,7 +185,7 @@ def test_row_median_ignores_nan_like_numpy(rows: list[list[float]]) -> None:
     """The vectorised windows' median equals np.median over each row's non-NaN entries."""
     a = np.array(rows)
     expected = [np.median(r[~np.isnan(r)]) if (~np.isnan(r)).any() else math.nan for r in a]
-    np.testing.assert_array_equal(_row_nanmedian(a), np.array(expected))
+    np.testing.assert_array_equal(row_nanmedian(a), np.array(expected))
 
 
 def _trust_region_stream(values: dict[str, list[float]]) -> History:
@@ -245,3 +254,10 @@ def test_a_value_that_turns_non_finite_at_an_empty_step_is_flagged_at_the_next_s
     history = History({"grad/update_ratio": {0: nan, 1: nan, 2: nan}, "tokens/valid": {0: 0.0, 1: 10.0, 2: 10.0}})
     flags = detect(history, range(3))
     assert [(f.kind, f.step, f.severity) for f in flags] == [("non_finite", 1, "critical")]
+
+
+def test_every_kind_comes_from_a_registered_detector() -> None:
+    assert {kind for d in DETECTORS.values() for kind in d.instances(DEFAULT_PARAMS)} == set(KINDS)
+    with pytest.raises(ValueError, match="already registered"):
+        register_detector("drift", instances=lambda fp: {}, judge=lambda *a: None)(lambda s, k, p: None)
+    assert DETECTORS["drift"].prepare.__name__ == "_prepare_drift"

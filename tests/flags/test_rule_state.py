@@ -24,9 +24,10 @@ from hypothesis import strategies as st
 import mhpo_migrations
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
-from mhpo_server.monitoring.detectors import MAD_TO_SIGMA, History, fast_median
-from mhpo_server.monitoring.rules import OPS, RuleStates, _mad, history_points
+from mhpo_server.monitoring.detectors import History
+from mhpo_server.monitoring.rules import OPS, RuleStates, history_points
 from mhpo_server.monitoring.schemas import MAX_RULES_PER_PROJECT, AlertRule, SpikeCondition, ThresholdCondition
+from mhpo_server.monitoring.stats import MAD_TO_SIGMA, median, sorted_mad
 from tests.fixtures.server import LiveServer
 
 
@@ -43,8 +44,8 @@ def _spike_at(values: np.ndarray, end: int, cond: SpikeCondition) -> bool:
     window = window[np.isfinite(window)]
     if len(window) < cond.min_baseline:
         return False
-    centre = fast_median(window)
-    scale = max(MAD_TO_SIGMA * fast_median(np.abs(window - centre)), 1e-9 + 1e-4 * abs(centre))
+    centre = median(window)
+    scale = max(MAD_TO_SIGMA * median(np.abs(window - centre)), 1e-9 + 1e-4 * abs(centre))
     z = (float(values[end - 1]) - centre) / scale
     return {"up": z > cond.z, "down": z < -cond.z, "both": abs(z) > cond.z}[cond.direction]
 
@@ -161,8 +162,8 @@ def test_a_streak_spans_batches_and_fires_once() -> None:
 @given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=40))
 def test_mad_of_two_sorted_runs_equals_numpy(xs: list[float]) -> None:
     ordered = sorted(xs)
-    centre = fast_median(np.array(xs))
-    assert _mad(ordered, centre) == fast_median(np.abs(np.array(xs) - centre))
+    centre = median(np.array(xs))
+    assert sorted_mad(ordered, centre) == median(np.abs(np.array(xs) - centre))
 
 
 def test_states_are_bounded_and_evaluation_stays_correct_when_evicted() -> None:

@@ -1,6 +1,7 @@
-"""Flags computed by the service on ingest: detectors, their parameters, the listener."""
+"""Monitoring on ingest: flags (detectors in a registry, their parameters, robust statistics),
+alert rules, the ingest listener that runs both, and webhook delivery."""
 
-from mhpo_server.monitoring.detectors import DETECTORS, KINDS, Flag, History, detect
+from mhpo_server.monitoring.detectors import DETECTORS, KINDS, Flag, History, detect, register_detector
 from mhpo_server.monitoring.params import DEFAULT_PARAMS, FlagParams
 
-__all__ = ["DEFAULT_PARAMS", "DETECTORS", "KINDS", "Flag", "FlagParams", "History", "detect"]
+__all__ = ["DEFAULT_PARAMS", "DETECTORS", "KINDS", "Flag", "FlagParams", "History", "detect", "register_detector"]

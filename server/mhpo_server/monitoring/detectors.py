@@ -17,7 +17,8 @@ Rules every detector keeps:
   relative to its reference (`mhpo_server.monitoring.params`), besides a noise z-score, so a
   constant baseline cannot turn an ordinary value into z = 10^4.
 
-Detectors (kind: detector name):
+Each detector is registered (`register_detector`, as the losses are) in `DETECTORS`, which
+`detect` runs in order. Detectors (kind: detector name):
 - `collapse`, `erosion`, `entropy_surge`, and the drift half of `kl_spike`: `drift`, a
   vote among independent signals. Each signal is judged by two tests: a level test
   (median of the last few points vs the median of the window before them) and a trend
@@ -52,7 +53,7 @@ reproducible from the stored points.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,10 +64,13 @@ from mhpo_server.monitoring.params import (
     DriftParams,
     FlagParams,
     MismatchParams,
+    NonFiniteParams,
+    OnPolicyParams,
     Signal,
     SpikeParams,
     TrustRegionParams,
 )
+from mhpo_server.monitoring.stats import row_nanmedian, row_robust_z, row_sigma
 
 KINDS = (
     "collapse",
@@ -80,7 +84,7 @@ KINDS = (
     "non_finite",
     "on_policy",
 )
-DETECTORS: dict[str, tuple[str, ...]] = {
+KIND_DETECTORS: dict[str, tuple[str, ...]] = {  # kind -> the detector names its flags carry
     "collapse": ("drift",),
     "erosion": ("drift",),
     "entropy_surge": ("drift",),
@@ -93,7 +97,6 @@ DETECTORS: dict[str, tuple[str, ...]] = {
     "on_policy": ("exact_ratio",),
 }
 SAME_KIND_PREFIXES = ("ratio/", "hazard/", "grad/", "policy/kl_k")
-MAD_TO_SIGMA = 1.4826
 AGREE = 0.8  # both tests meaningful and at >= 0.8 of the z threshold: two tests agreeing are one vote
 
 
@@ -172,29 +175,11 @@ class History:
         return None if found is None else float(found[1][-1])
 
 
-def fast_median(values: np.ndarray) -> float:
-    """Median of a small 1-d array (np.median's overhead dominates at window sizes)."""
-    ordered = np.sort(values)
-    n = len(ordered)
-    mid = n // 2
-    return float(ordered[mid]) if n % 2 else 0.5 * float(ordered[mid - 1] + ordered[mid])
-
-
 def json_number(x: float) -> float | str:
     """A JSON-safe number: non-finite values become the strings "NaN", "Infinity", "-Infinity"."""
     if math.isfinite(x):
         return round(x, 9)
     return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
-
-
-def _row_nanmedian(rows: np.ndarray) -> np.ndarray:
-    """Median of the non-NaN entries of each row (NaN for an all-NaN row); np.nanmedian is slow on small rows."""
-    ordered = np.sort(rows, axis=1)  # NaN sorts last
-    count = np.sum(~np.isnan(rows), axis=1)
-    index = np.arange(len(rows))
-    lo, hi = np.maximum((count - 1) // 2, 0), np.maximum(count // 2, 0)
-    with np.errstate(invalid="ignore"):
-        return np.where(count > 0, 0.5 * (ordered[index, lo] + ordered[index, hi]), np.nan)
 
 
 def _take(values: np.ndarray, ends: np.ndarray, length: int, offset: int = 0) -> np.ndarray:
@@ -292,8 +277,7 @@ def _noise(values: np.ndarray, ends: np.ndarray, length: int, lag: int) -> np.nd
     diffs = np.concatenate([np.full(lag, np.nan), values[lag:] - values[:-lag]])
     diffs[diffs == 0.0] = np.nan
     rows = _take(diffs, ends, length - 1)
-    centre = _row_nanmedian(rows)
-    return MAD_TO_SIGMA * _row_nanmedian(np.abs(rows - centre[:, None])) / math.sqrt(2.0)
+    return row_sigma(rows)[1] / math.sqrt(2.0)
 
 
 _PAIRS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -335,9 +319,9 @@ def _drift_rows(
     if not len(ends):
         return {}
     r, b, t = p.recent_steps, p.baseline_steps, p.trend_steps
-    level = _row_nanmedian(_take(values, ends, r))
+    level = row_nanmedian(_take(values, ends, r))
     base_rows = _take(values, ends, b, offset=r)
-    baseline = _row_nanmedian(base_rows)
+    baseline = row_nanmedian(base_rows)
     count = np.sum(~np.isnan(base_rows), axis=1)
     noise = _noise(values, ends, max(b + r, t), max(r, t // 2))
     full = ends >= t
@@ -471,7 +455,7 @@ def _drift(
         step=step,
         kind=kind,
         severity=severity,
-        detector=DETECTORS[kind][0],
+        detector=KIND_DETECTORS[kind][0],
         message=f"{kind}: {parts} ({len(votes)} of the {len(judged)} signals judged at this step"
         f"{'; reward rising: informational' if vetoed else ''})",
         evidence={
@@ -504,13 +488,10 @@ def _spike_table(
                 f = np.where(values > 0, np.log(np.where(values > 0, values, 1.0)), np.nan)
         both = np.concatenate([ends, ends - 1])
         rows = _take(f, both, p.window_steps, offset=1)
-        centre = _row_nanmedian(rows)
-        scale = np.maximum(MAD_TO_SIGMA * _row_nanmedian(np.abs(rows - centre[:, None])), p.min_scale)
         enough = np.sum(~np.isnan(rows), axis=1) >= p.min_baseline
-        now = _take(f, both, 1)[:, 0]
+        z, centre, _scale = row_robust_z(_take(f, both, 1)[:, 0], rows, p.min_scale)
         raw = _take(values, both, 1)[:, 0]
         baseline = np.exp(centre) if p.log_scale else centre
-        z = (now - centre) / scale
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(baseline > 0, raw / baseline, np.inf)
         fired = enough & (z > p.z) & (ratio >= p.min_ratio) & (raw - baseline >= p.min_abs) & (both > 0)
@@ -549,7 +530,7 @@ def _spike(kind: str, p: SpikeParams, tables: list[dict[int, dict[str, Any]]], s
         step=step,
         kind=kind,
         severity=severity,
-        detector=DETECTORS[kind][-1],
+        detector=KIND_DETECTORS[kind][-1],
         message=f"{kind}: {parts}",
         evidence={"signals": hits, "window_steps": p.window_steps},
     )
@@ -580,7 +561,7 @@ def _trust_region(table: dict[int, list[dict[str, Any]]], step: int) -> Flag | N
         step=step,
         kind="trust_region",
         severity="critical" if len({h["key"] for h in hits}) >= 2 else "warning",
-        detector=DETECTORS["trust_region"][0],
+        detector=KIND_DETECTORS["trust_region"][0],
         message=f"trust_region: {parts} (the update left the loss's trust region)",
         evidence={"signals": [{**h, "value": json_number(h["value"])} for h in hits]},
     )
@@ -632,8 +613,8 @@ def _growth_table(
             if not len(ends):
                 continue
             logs = np.log(values)
-            rolling = _row_nanmedian(_take(logs, np.arange(k, len(logs) + 1), k))  # rolling[j]: points j..j+k-1
-            level = _row_nanmedian(_take(logs, ends, r))
+            rolling = row_nanmedian(_take(logs, np.arange(k, len(logs) + 1), k))  # rolling[j]: points j..j+k-1
+            level = row_nanmedian(_take(logs, ends, r))
             for step, end, lvl in zip(judged_at.tolist(), ends.tolist(), level.tolist(), strict=True):
                 first = max(0, end - r - look)
                 last = end - r - k  # the last window that ends before the recent points
@@ -703,7 +684,7 @@ def _mismatch(
         step=step,
         kind="mismatch",
         severity=severity,
-        detector=DETECTORS["mismatch"][0 if band_hits else 1],
+        detector=KIND_DETECTORS["mismatch"][0 if band_hits else 1],
         message="mismatch: sampler and trainer disagree on the sampled tokens: " + "; ".join(parts),
         evidence={
             "bands": band_hits,
@@ -742,7 +723,7 @@ def _non_finite(table: dict[int, dict[str, float | str]], step: int) -> Flag | N
         step=step,
         kind="non_finite",
         severity="critical",
-        detector=DETECTORS["non_finite"][0],
+        detector=KIND_DETECTORS["non_finite"][0],
         message=f"non_finite: {listed}",
         evidence={"values": dict(sorted(newly.items()))},
     )
@@ -765,7 +746,7 @@ def _on_policy(history: History, step: int, keys: tuple[str, ...], min_steps: in
         step=step,
         kind="on_policy",
         severity="info",
-        detector=DETECTORS["on_policy"][0],
+        detector=KIND_DETECTORS["on_policy"][0],
         message=(
             f"on_policy: {' and '.join(keys)} exactly 0 for {min_steps} steps: every importance ratio is 1 "
             "(one update per rollout), so the ratio and hazard diagnostics carry no information"
@@ -774,10 +755,125 @@ def _on_policy(history: History, step: int, keys: tuple[str, ...], min_steps: in
     )
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What every detector judges from: the history, the kind of each step, the evaluated steps."""
+
+    history: History
+    kinds: StepKinds
+    at: np.ndarray
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A detector: `prepare` computes its statistics for every evaluated step at once (vectorised),
+    `judge` turns them into the flag of one step, or None.
+
+    `instances` gives the flag kinds it raises with their parameters; `active` says whether
+    a kind's parameters switch it on; `hold` is the refractory period of its flags in steps
+    (None: every flag stands alone).
+    """
+
+    name: str
+    instances: Callable[[FlagParams], Mapping[str, Any]]
+    prepare: Callable[[Scope, str, Any], Any]
+    judge: Callable[[Scope, str, Any, Any, int], Flag | None]
+    active: Callable[[Any], bool]
+    hold: Callable[[Any], int] | None
+
+
+DETECTORS: dict[str, Detector] = {}
+
+
+def register_detector(
+    name: str,
+    *,
+    instances: Callable[[FlagParams], Mapping[str, Any]],
+    judge: Callable[[Scope, str, Any, Any, int], Flag | None],
+    active: Callable[[Any], bool] = lambda p: bool(p.enabled),
+    hold: Callable[[Any], int] | None = None,
+) -> Callable[[Callable[[Scope, str, Any], Any]], Callable[[Scope, str, Any], Any]]:
+    """Decorator registering a detector's `prepare` under `name`; a second registration is refused.
+
+    `detect` runs the detectors in registration order, so a step's flags come in that order.
+    """
+
+    def decorate(prepare: Callable[[Scope, str, Any], Any]) -> Callable[[Scope, str, Any], Any]:
+        if name in DETECTORS:
+            raise ValueError(f"detector {name!r} is already registered; pick another name")
+        DETECTORS[name] = Detector(name, instances, prepare, judge, active, hold)
+        return prepare
+
+    return decorate
+
+
+@register_detector(
+    "drift",
+    instances=lambda fp: fp.drifts(),
+    judge=lambda _s, kind, p, tables, step: _drift(kind, p, tables[0], tables[1], step),
+    hold=lambda p: p.refractory_steps,
+)
+def _prepare_drift(s: Scope, _kind: str, p: DriftParams) -> tuple[list[dict[int, _Judged]], list[dict[int, _Judged]]]:
+    return (
+        _drift_tables(s.history, s.kinds, p.signals, p, s.at, False),
+        _drift_tables(s.history, s.kinds, p.unless, p, s.at, True),
+    )
+
+
+@register_detector(
+    "bound",
+    instances=lambda fp: {"trust_region": fp.trust_region},
+    judge=lambda _s, _kind, _p, table, step: _trust_region(table, step),
+    hold=lambda p: p.refractory_steps,
+)
+def _prepare_bound(s: Scope, _kind: str, p: TrustRegionParams) -> dict[int, list[dict[str, Any]]]:
+    return _bound_table(s.history, p, s.at)
+
+
+@register_detector(
+    "mismatch",
+    instances=lambda fp: {"mismatch": fp.mismatch},
+    judge=lambda s, _kind, p, tables, step: _mismatch(s.history, p, tables[0], tables[1], step),
+    hold=lambda p: p.refractory_steps,
+)
+def _prepare_mismatch(
+    s: Scope, _kind: str, p: MismatchParams
+) -> tuple[dict[int, list[dict[str, Any]]], dict[int, list[dict[str, Any]]]]:
+    return _band_hits(s.history, p, s.at), _growth_table(s.history, s.kinds, p, s.at)
+
+
+@register_detector(
+    "robust_z",
+    instances=lambda fp: fp.spikes(),
+    judge=lambda _s, kind, p, tables, step: _spike(kind, p, tables, step),
+)
+def _prepare_spike(s: Scope, _kind: str, p: SpikeParams) -> list[dict[int, dict[str, Any]]]:
+    return [_spike_table(s.history, s.kinds, key, p, s.at) for key in p.keys]
+
+
+@register_detector(
+    "non_finite_scan",
+    instances=lambda fp: {"non_finite": fp.non_finite},
+    judge=lambda _s, _kind, _p, table, step: _non_finite(table, step),
+)
+def _prepare_non_finite(s: Scope, _kind: str, _p: NonFiniteParams) -> dict[int, dict[str, float | str]]:
+    return _non_finite_table(s.history, s.kinds, s.at)
+
+
+@register_detector(
+    "exact_ratio",
+    instances=lambda fp: {"on_policy": fp.on_policy},
+    judge=lambda s, _kind, p, _table, step: _on_policy(s.history, step, p.keys, p.min_steps),
+    active=lambda p: bool(p.enabled and p.keys),
+)
+def _prepare_on_policy(_s: Scope, _kind: str, _p: OnPolicyParams) -> None:
+    return None
+
+
 def refractory_kinds(params: FlagParams) -> tuple[str, ...]:
     """The kinds `detect` holds for a refractory period: the caller loads their last flagged steps
     (`last_flagged`), so the period holds across batches and server restarts, not only within one call."""
-    return (*params.drifts(), "trust_region", "mismatch")
+    return tuple(kind for d in DETECTORS.values() if d.hold is not None for kind in d.instances(params))
 
 
 def detect(
@@ -786,62 +882,36 @@ def detect(
     params: FlagParams = DEFAULT_PARAMS,
     last_flagged: MutableMapping[str, int] | None = None,
 ) -> list[Flag]:
-    """Flags at each of `steps` (ascending), judged on `history` up to that step.
+    """Flags at each of `steps` (ascending), judged on `history` up to that step, by every registered detector.
 
     `last_flagged` maps `refractory_key(kind, severity)` -> the latest step already flagged
     with that kind at that severity or above (from the store); it is updated in place and
-    enforces the refractory period of the drift and trust-region detectors. The window
-    statistics are computed for all steps at once (vectorised); the result is the same as
-    evaluating step by step. Empty steps (`tokens/valid` = 0) are never flagged.
+    enforces the refractory period of the detectors that have one. The window statistics
+    are computed for all steps at once (vectorised); the result is the same as evaluating
+    step by step. Empty steps (`tokens/valid` = 0) are never flagged.
     """
     last = last_flagged if last_flagged is not None else {}
     kinds = StepKinds(history)
     at = np.array(sorted(set(steps)), dtype=np.int64)
-    at = at[~kinds.empty(at)]
-    drifts = {
-        kind: (
-            p,
-            _drift_tables(history, kinds, p.signals, p, at, False),
-            _drift_tables(history, kinds, p.unless, p, at, True),
-        )
-        for kind, p in params.drifts().items()
-        if p.enabled
-    }
-    spikes = {
-        kind: (p, [_spike_table(history, kinds, key, p, at) for key in p.keys])
-        for kind, p in params.spikes().items()
-        if p.enabled
-    }
-    bounds = _bound_table(history, params.trust_region, at) if params.trust_region.enabled else {}
-    mm = params.mismatch
-    mm_bands = _band_hits(history, mm, at) if mm.enabled else {}
-    mm_growth = _growth_table(history, kinds, mm, at) if mm.enabled else {}
-    non_finite = _non_finite_table(history, kinds, at) if params.non_finite.enabled else {}
-    on_policy = params.on_policy if params.on_policy.enabled and params.on_policy.keys else None
+    scope = Scope(history, kinds, at[~kinds.empty(at)])
+    prepared = [
+        (d, kind, p, d.prepare(scope, kind, p))
+        for d in DETECTORS.values()
+        for kind, p in d.instances(params).items()
+        if d.active(p)
+    ]
     flags: list[Flag] = []
-    for step in at.tolist():
-        found: list[Flag | None] = []
-        for kind, (p, tables, unless) in drifts.items():
-            flag = _drift(kind, p, tables, unless, step)
-            if flag is not None and _outside_refractory(last, kind, flag.severity, p.refractory_steps, step):
+    for step in scope.at.tolist():
+        found = []
+        for d, kind, p, table in prepared:
+            flag = d.judge(scope, kind, p, table, step)
+            if flag is not None and (
+                d.hold is None or _outside_refractory(last, flag.kind, flag.severity, d.hold(p), step)
+            ):
                 found.append(flag)
-        flag = _trust_region(bounds, step)
-        if flag is not None and _outside_refractory(
-            last, flag.kind, flag.severity, params.trust_region.refractory_steps, step
-        ):
-            found.append(flag)
-        flag = _mismatch(history, mm, mm_bands, mm_growth, step) if mm.enabled else None
-        if flag is not None and _outside_refractory(last, flag.kind, flag.severity, mm.refractory_steps, step):
-            found.append(flag)
-        for kind, (sp, spike_tables) in spikes.items():
-            found.append(_spike(kind, sp, spike_tables, step))
-        found.append(_non_finite(non_finite, step))
-        if on_policy is not None:
-            found.append(_on_policy(history, step, on_policy.keys, on_policy.min_steps))
         for flag in found:
-            if flag is not None:
-                flags.append(flag)
-                _held(last, flag.kind, flag.severity, step)
+            flags.append(flag)
+            _held(last, flag.kind, flag.severity, step)
     return flags
 
 

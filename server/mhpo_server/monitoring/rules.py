@@ -7,8 +7,8 @@ The caller applies the cooldown (per rule and run, in wall-clock seconds).
 
 `RuleStates` keeps, per (run, rule), what the next point needs: for a threshold the length
 of the current streak of matching points (capped at `for_steps + 1`), for a spike the last
-`window_steps` values with their finite ones kept sorted (median in O(1), MAD as a k-th
-smallest of two sorted runs in O(log w)) and whether the previous point spiked. A state
+`window_steps` values with their finite ones kept sorted (`stats.robust_z`: median in O(1),
+MAD in O(log w)) and whether the previous point spiked. A state
 is used only when it summarises exactly the points before the batch (its last step is
 the key's previous logged point); otherwise (first batch, a restart, an eviction, an
 out-of-order batch, another writer) it is rebuilt once from the bounded history the
@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from mhpo_server.monitoring.detectors import MAD_TO_SIGMA, Flag, History, json_number
+from mhpo_server.monitoring.detectors import Flag, History, json_number
 from mhpo_server.monitoring.schemas import SEVERITY_RANK, AlertRule, FlagCondition, SpikeCondition, ThresholdCondition
+from mhpo_server.monitoring.stats import robust_z
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -85,44 +86,11 @@ class SpikeState:
                 del self.ordered[bisect.bisect_left(self.ordered, old)]
 
 
-def _median(ordered: Sequence[float]) -> float:
-    n = len(ordered)
-    mid = n // 2
-    return float(ordered[mid]) if n % 2 else 0.5 * float(ordered[mid - 1] + ordered[mid])
-
-
-def _mad(ordered: list[float], centre: float) -> float:
-    """Median of |x - centre| over sorted `ordered`: the distances left and right of `centre` are two sorted runs."""
-    split = bisect.bisect_left(ordered, centre)
-    n_left, n_right = split, len(ordered) - split
-
-    def kth(k: int) -> float:  # k-th smallest (0-based) distance, by bisection over how many come from the left
-        lo, hi = max(0, k + 1 - n_right), min(k + 1, n_left)
-        while True:
-            i = (lo + hi) // 2
-            j = k + 1 - i
-            left_in = centre - ordered[split - i] if i > 0 else -math.inf
-            left_out = centre - ordered[split - i - 1] if i < n_left else math.inf
-            right_in = ordered[split + j - 1] - centre if j > 0 else -math.inf
-            right_out = ordered[split + j] - centre if j < n_right else math.inf
-            if left_in > right_out:
-                hi = i - 1
-            elif right_in > left_out:
-                lo = i + 1
-            else:
-                return max(left_in, right_in)
-
-    n = len(ordered)
-    return kth(n // 2) if n % 2 else 0.5 * (kth(n // 2 - 1) + kth(n // 2))
-
-
 def _spike_score(value: float, ordered: list[float], cond: SpikeCondition) -> tuple[bool, dict[str, Any]]:
     """Whether `value` spikes against the finite window values `ordered`, with the evidence."""
     if not math.isfinite(value) or len(ordered) < cond.min_baseline:
         return False, {}
-    centre = _median(ordered)
-    scale = max(MAD_TO_SIGMA * _mad(ordered, centre), 1e-9 + 1e-4 * abs(centre))
-    z = (value - centre) / scale
+    z, centre, scale = robust_z(value, ordered, 1e-9, 1e-4)
     fired = {"up": z > cond.z, "down": z < -cond.z, "both": abs(z) > cond.z}[cond.direction]
     evidence = {"value": value, "baseline": centre, "scale": scale, "z": z}
     return fired, {name: json_number(x) for name, x in evidence.items()}
