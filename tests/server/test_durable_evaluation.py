@@ -14,7 +14,6 @@ import uuid
 from typing import Any
 
 import httpx
-import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
@@ -153,7 +152,7 @@ def test_the_clients_retry_of_a_batch_stored_but_not_evaluated_evaluates_it(app:
         rule = {"name": "x", "project": "p", "condition": {"type": "threshold", "key": KEY, "op": ">", "value": 0.5}}
         assert client.post("/api/v1/alert-rules", json={**rule, "cooldown_s": 0}).status_code == 201
         run_id = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()["run_id"]
-        assert post(client, run_id, "a", range(0, 10))["accepted"] == 10
+        assert post(client, run_id, "a", range(10))["accepted"] == 10
         crash_after_commit(store, run_id, "b", range(10, 20))
         assert client.get("/healthz").json()["evaluation"] == {"runs_behind": 1, "max_steps_behind": 10}
         # The retry is a duplicate: nothing is stored again, but the missed steps are evaluated.
@@ -164,7 +163,7 @@ def test_the_clients_retry_of_a_batch_stored_but_not_evaluated_evaluates_it(app:
         crash_after_commit(store, run_id, "c", range(20, 30))
         assert post(client, run_id, "d", range(30, 35))["accepted"] == 5  # the next batch catches up first
         assert alert_steps(client, run_id) == [s for s in range(35) if x_at(s) > 0.5]
-        assert post(client, run_id, "a", range(0, 10))["duplicates"] == 10
+        assert post(client, run_id, "a", range(10))["duplicates"] == 10
         assert alert_steps(client, run_id) == [s for s in range(35) if x_at(s) > 0.5]  # none twice
 
 
@@ -174,7 +173,7 @@ def test_an_out_of_order_batch_is_judged_with_the_steps_after_it(app: FastAPI) -
         assert client.post("/api/v1/alert-rules", json={**rule, "cooldown_s": 0}).status_code == 201
         run_id = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()["run_id"]
         post(client, run_id, "late", range(10, 20))
-        post(client, run_id, "early", range(0, 10))
+        post(client, run_id, "early", range(10))
         assert alert_steps(client, run_id) == [s for s in range(20) if x_at(s) > 0.5]
         assert client.get("/healthz").json()["evaluation"]["runs_behind"] == 0
 
