@@ -148,6 +148,11 @@ class WriteResult:
     new_records: list[RecordIn] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
     rejected: list[RejectedItem] = field(default_factory=list)
+    last_step: int | None = None  # the run's last step after the batch
+    # The run's evaluation position after the batch: steps after it are stored but not yet evaluated.
+    evaluated_step: int | None = None
+    # No stored step after `evaluated_step` but this batch's new ones: evaluating the batch alone is exact.
+    caught_up: bool = True
 
 
 class Store(abc.ABC):
@@ -261,6 +266,29 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def last_flag_steps(self, run_id: str, kinds: Sequence[str], before_step: int) -> dict[tuple[str, str], int]:
         """(kind, severity) -> the latest flagged step below `before_step` (for the refractory period)."""
+
+    @abc.abstractmethod
+    def scalar_keys_between(self, run_id: str, first: int, last: int) -> list[str]:
+        """The keys with a point in steps [first, last]."""
+
+    @abc.abstractmethod
+    def scalar_steps_between(self, run_id: str, after: int | None, last: int, limit: int) -> list[int]:
+        """The first `limit` steps with a stored scalar in (after, last], ascending."""
+
+    @abc.abstractmethod
+    def commit_evaluation(
+        self, run_id: str, through_step: int, events: Sequence[EventCreate], alerts: Sequence[Mapping[str, Any]]
+    ) -> list[int | None]:
+        """Store a batch's flags and fired alerts and move the run's evaluation position to
+        `through_step`, in one transaction; returns each alert's id, None where it was stored before."""
+
+    @abc.abstractmethod
+    def evaluation_position(self, run_id: str) -> tuple[int | None, int | None]:
+        """(evaluated step, last step) of the run."""
+
+    @abc.abstractmethod
+    def behind(self, limit: int = 1000) -> list[tuple[str, int | None, int]]:
+        """Runs whose stored steps are ahead of their evaluation: (run id, evaluated step, last step)."""
 
     @abc.abstractmethod
     def create_token(self, project: str, scope: str) -> str:

@@ -8,21 +8,31 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import func, literal, select, union_all
+from sqlalchemy import func, literal, select, text, union_all, update
 
 from mhpo_server.schemas import Event, EventCreate
 from mhpo_server.store.engine import Database, Part
-from mhpo_server.store.models import BatchRow, EventRow, ScalarRow
+from mhpo_server.store.models import AlertRow, BatchRow, EventRow, RunRow, ScalarRow
 from mhpo_server.store.runs import Runs
 
 HISTORY_KINDS = ("rewind", "fork")  # events about the run's history, not flags: kept by a rewind, not copied by a fork
 WINDOW_CHUNK = 100  # keys per UNION ALL statement: 2 selects per key, SQLite allows 500 per compound select
 
 
+ALERT_DEFAULTS = {"acknowledged_at": None, "delivery_attempts": 0, "delivery_error": None, "delivered_at": None}
+
+
 class Events(Part):
     def __init__(self, db: Database, runs: Runs) -> None:
         super().__init__(db)
         self.runs = runs
+        self._add_alert = (
+            self._insert(AlertRow.__table__)
+            .on_conflict_do_nothing(
+                index_elements=["rule_id", "run_id", "step"], index_where=text("rewound_at IS NULL")
+            )
+            .returning(AlertRow.id)
+        )
 
     def add_events(self, run_id: str, events: Sequence[EventCreate | Mapping[str, Any]]) -> int:
         now = time.time()
@@ -50,6 +60,41 @@ class Events(Part):
         with self._tx(write=True) as conn:
             self.runs.require(conn, run_id)
             return len(conn.execute(stmt, rows).all())
+
+    def commit_evaluation(
+        self, run_id: str, through_step: int, events: Sequence[EventCreate], alerts: Sequence[Mapping[str, Any]]
+    ) -> list[int | None]:
+        now = time.time()
+        with self._tx(write=True) as conn:
+            if events:
+                conn.execute(
+                    self._insert(EventRow.__table__).on_conflict_do_nothing(
+                        index_elements=["run_id", "kind", "detector", "step"]
+                    ),
+                    [
+                        {
+                            "run_id": run_id,
+                            "step": e.step,
+                            "kind": e.kind,
+                            "severity": e.severity,
+                            "detector": e.detector,
+                            "message": e.message,
+                            "evidence": e.evidence,
+                            "created_at": now if e.created_at is None else e.created_at,
+                        }
+                        for e in events
+                    ],
+                )
+            fired: list[int | None] = []
+            for alert in alerts:  # one statement each: RETURNING says which were new
+                found = conn.execute(self._add_alert, {**ALERT_DEFAULTS, **alert}).first()
+                fired.append(None if found is None else int(found[0]))
+            conn.execute(
+                update(RunRow)
+                .where(RunRow.run_id == run_id, func.coalesce(RunRow.evaluated_step, -1) < through_step)
+                .values(evaluated_step=through_step)
+            )
+        return fired
 
     def list_events(self, run_id: str) -> list[Event]:
         query = (
@@ -117,6 +162,25 @@ class Events(Part):
                     else:
                         rows.append((k, int(s), float("nan") if n or v is None else float(v)))
         return rows, latest
+
+    def scalar_keys_between(self, run_id: str, first: int, last: int) -> list[str]:
+        """The keys with a point in steps [first, last]."""
+        query = (
+            select(ScalarRow.key)
+            .where(ScalarRow.run_id == run_id, ScalarRow.step >= first, ScalarRow.step <= last)
+            .distinct()
+        )
+        with self.db.plain_tx() as conn:
+            return list(conn.execute(query).scalars())
+
+    def scalar_steps_between(self, run_id: str, after: int | None, last: int, limit: int) -> list[int]:
+        """The first `limit` steps with a stored scalar in (after, last], ascending."""
+        query = select(ScalarRow.step).where(ScalarRow.run_id == run_id, ScalarRow.step <= last)
+        if after is not None:
+            query = query.where(ScalarRow.step > after)
+        query = query.distinct().order_by(ScalarRow.step).limit(limit)
+        with self.db.plain_tx() as conn:
+            return [int(step) for step in conn.execute(query).scalars()]
 
     def batch_count(self, run_id: str) -> int:
         """How many batches the run has stored (the flags listener's check that no other process wrote one)."""

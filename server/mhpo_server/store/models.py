@@ -86,6 +86,9 @@ class RunRow(Base):
     updated_at: Mapped[float] = mapped_column(Double)
     last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_seen_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    # The last step whose flags and alert rules are stored (None: none yet); behind `last_step`
+    # only between a batch's commit and its evaluation, or after a crash in between.
+    evaluated_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     parent_run_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     fork_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
@@ -155,7 +158,7 @@ class EventRow(Base):
     created_at: Mapped[float] = mapped_column(Double)
 
 
-# Revision 0002: alert rules, fired alerts, per-project detector parameters.
+# Alert rules, fired alerts, per-project detector parameters (revision 0002).
 class FlagParamsRow(Base):
     """A project's overrides of the detector parameters (a partial `FlagParams` dict)."""
 

@@ -58,15 +58,23 @@ class Records(Part):
         now = time.time()
         rejected = list(rejected)
         with self._tx(write=True) as conn:
-            last_step = self.runs.lock(conn, run_id)
+            last_step, evaluated = self.runs.lock(conn, run_id)
+            caught_up = last_step is None or (evaluated is not None and evaluated >= last_step)
+            position: dict[str, Any] = {"last_step": last_step, "evaluated_step": evaluated}
             fresh_batch = conn.execute(
                 self._add_batch,
                 {"run_id": run_id, "batch_id": batch_id, "items": sum(r.items() for r in records), "created_at": now},
             ).first()
             if fresh_batch is None:
-                return WriteResult(accepted=0, duplicates=sum(r.items() for r in records), rejected=rejected)
+                return WriteResult(
+                    accepted=0,
+                    duplicates=sum(r.items() for r in records),
+                    rejected=rejected,
+                    caught_up=caught_up,
+                    **position,
+                )
             if not records:
-                return WriteResult(accepted=0, duplicates=0)
+                return WriteResult(accepted=0, duplicates=0, caught_up=caught_up, **position)
             records = self._check_binning(conn, run_id, records, rejected)
             total = sum(record.items() for record in records)
             scalar_rows, hist_rows, outlier_rows = _rows(run_id, records, now)
@@ -86,10 +94,25 @@ class Records(Part):
                 new_records = _only_new(records, new_scalars, new_hists, new_outliers)
                 counts = {"scalars": len(new_scalars), "histograms": len(new_hists), "outliers": len(new_outliers)}
             last = top if last_step is None else max(top, last_step)
-            conn.execute(self.runs.touch, {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now})
+            values = {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now}
+            if new_records and evaluated is not None and min(r.step for r in new_records) <= evaluated:
+                # New steps at or before the evaluation position (an out-of-order batch): the steps
+                # after them are judged again with them, so the position moves back before them.
+                evaluated = min(r.step for r in new_records) - 1
+                conn.execute(self.runs.touch, {**values, "evaluated_step": evaluated})
+                caught_up = False
+            else:
+                conn.execute(self.runs.touch, values)
         accepted = sum(counts.values())
         return WriteResult(
-            accepted=accepted, duplicates=total - accepted, new_records=new_records, rows=counts, rejected=rejected
+            accepted=accepted,
+            duplicates=total - accepted,
+            new_records=new_records,
+            rows=counts,
+            rejected=rejected,
+            last_step=last,
+            evaluated_step=evaluated,
+            caught_up=caught_up,
         )
 
     def _bulk_insert(self, conn: Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
@@ -167,7 +190,7 @@ class Records(Part):
         now = time.time()
         removed: dict[str, int] = {}
         with self._tx(write=True) as conn:
-            last_step = self.runs.lock(conn, run_id)
+            last_step, evaluated = self.runs.lock(conn, run_id)
             for name, table in (("scalars", ScalarRow), ("histograms", HistogramRow), ("outliers", OutlierRow)):
                 removed[name] = conn.execute(delete(table).where(table.run_id == run_id, table.step > step)).rowcount
             removed["flags"] = conn.execute(
@@ -183,7 +206,12 @@ class Records(Part):
             moved = last_step is not None and last_step > step
             if moved or any(removed.values()):
                 new_last = None if step < 0 or last_step is None else min(last_step, step)
-                conn.execute(update(RunRow).where(RunRow.run_id == run_id).values(last_step=new_last, updated_at=now))
+                new_evaluated = None if step < 0 or evaluated is None else min(evaluated, step)
+                conn.execute(
+                    update(RunRow)
+                    .where(RunRow.run_id == run_id)
+                    .values(last_step=new_last, evaluated_step=new_evaluated, updated_at=now)
+                )
                 summary = ", ".join(f"{n} {name}" for name, n in removed.items() if n) or "nothing stored"
                 values = {
                     "message": f"history rewound to step {step}: removed {summary} after it",
@@ -213,7 +241,7 @@ class Records(Part):
         now = time.time()
         child = str(uuid.uuid4())
         with self._tx(write=True) as conn:
-            parent_last = self.runs.lock(conn, run_id)
+            parent_last, parent_evaluated = self.runs.lock(conn, run_id)
             if parent_last is None or step > parent_last:
                 raise Invalid(
                     ("step",),
@@ -232,7 +260,8 @@ class Records(Part):
                     created_at=now,
                     updated_at=now,
                     last_seen_at=None,
-                    last_step=None if parent_last is None else min(parent_last, step),
+                    last_step=min(parent_last, step),
+                    evaluated_step=None if parent_evaluated is None else min(parent_evaluated, step),
                     parent_run_id=run_id,
                     fork_step=step,
                 )

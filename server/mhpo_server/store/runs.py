@@ -25,7 +25,7 @@ class Runs(Part):
         rid: BindParameter[str] = bindparam("rid")
         self._run_by_id = self._run_select().where(RunRow.run_id == rid)
         self._run_exists = select(RunRow.run_id).where(RunRow.run_id == rid)
-        lock = select(RunRow.last_step).where(RunRow.run_id == rid)
+        lock = select(RunRow.last_step, RunRow.evaluated_step).where(RunRow.run_id == rid)
         self._lock = lock.with_for_update() if self.dialect == "postgresql" else lock
         self.touch = update(RunRow).where(RunRow.run_id == rid)
 
@@ -143,8 +143,8 @@ class Runs(Part):
         with self._tx() as conn:
             return [Project(**row._mapping) for row in conn.execute(query)]
 
-    def lock(self, conn: Connection, run_id: str) -> int | None:
-        """The run's last step, locking its row on PostgreSQL so writers to one run take turns.
+    def lock(self, conn: Connection, run_id: str) -> tuple[int | None, int | None]:
+        """The run's last step and evaluation position, locking its row on PostgreSQL so writers to one run take turns.
 
         (SQLite's BEGIN IMMEDIATE already serialises writers.) Taking turns keeps the
         "newer than last_step" fast path of `write_records` exact under concurrency.
@@ -152,7 +152,26 @@ class Runs(Part):
         row = conn.execute(self._lock, {"rid": run_id}).first()
         if row is None:
             raise NotFound.run(run_id)
-        return row[0]
+        return row[0], row[1]
+
+    def evaluation_position(self, run_id: str) -> tuple[int | None, int | None]:
+        with self._tx() as conn:
+            row = conn.execute(self._lock, {"rid": run_id}).first()
+        if row is None:
+            raise NotFound.run(run_id)
+        return row[1], row[0]
+
+    def behind(self, limit: int = 1000) -> list[tuple[str, int | None, int]]:
+        query = (
+            select(RunRow.run_id, RunRow.evaluated_step, RunRow.last_step)
+            .where(RunRow.last_step.is_not(None), func.coalesce(RunRow.evaluated_step, -1) < RunRow.last_step)
+            .order_by(RunRow.last_seen_at)
+            .limit(limit)
+        )
+        with self._tx() as conn:
+            return [
+                (run_id, evaluated, int(last)) for run_id, evaluated, last in conn.execute(query) if last is not None
+            ]
 
     def require(self, conn: Connection, run_id: str) -> None:
         if conn.execute(self._run_exists, {"rid": run_id}).first() is None:

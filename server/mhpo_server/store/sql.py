@@ -131,6 +131,23 @@ class SqlStore(Store):
     def list_events(self, run_id: str) -> list[Event]:
         return self.events.list_events(run_id)
 
+    def commit_evaluation(
+        self, run_id: str, through_step: int, events: Sequence[EventCreate], alerts: Sequence[Mapping[str, Any]]
+    ) -> list[int | None]:
+        return self.events.commit_evaluation(run_id, through_step, events, alerts)
+
+    def evaluation_position(self, run_id: str) -> tuple[int | None, int | None]:
+        return self.runs.evaluation_position(run_id)
+
+    def behind(self, limit: int = 1000) -> list[tuple[str, int | None, int]]:
+        return self.runs.behind(limit)
+
+    def scalar_keys_between(self, run_id: str, first: int, last: int) -> list[str]:
+        return self.events.scalar_keys_between(run_id, first, last)
+
+    def scalar_steps_between(self, run_id: str, after: int | None, last: int, limit: int) -> list[int]:
+        return self.events.scalar_steps_between(run_id, after, last, limit)
+
     def batch_count(self, run_id: str) -> int:
         return self.events.batch_count(run_id)
 
