@@ -25,7 +25,7 @@ from typing import Any
 
 from mhpo_server.health import ListenerHealth
 from mhpo_server.metrics import ServiceMetrics
-from mhpo_server.monitoring.listener import Evaluation, IngestMonitor
+from mhpo_server.monitoring.listener import Evaluation, IngestMonitor, Pending
 from mhpo_server.schemas import RecordIn, RejectedItem, RewindOut, Run
 from mhpo_server.store import Store, StoreError, WriteResult
 
@@ -67,8 +67,12 @@ class Ingest:
     ) -> WriteResult:
         """Store a batch (idempotent by `batch_id`), then judge the steps it added and any the run missed."""
         with self.turn(run_id):
-            result = self.store.write_records(run_id, batch_id, records, rejected)
-            self._evaluate(run_id, result)
+            pending = self._prejudge(run_id, records)
+            result = self.store.write_records(
+                run_id, batch_id, records, rejected, None if pending is None else pending.prejudged
+            )
+            if pending is None or not self._written(run_id, pending, result):
+                self._evaluate(run_id, result)
             if result.new_records:
                 for listener in self.listeners:
                     self._call(listener, run_id, result.new_records)
@@ -109,6 +113,27 @@ class Ingest:
                 log.error("run %s: catching up its evaluation failed: %s", run_id, exc)
         return done
 
+    def _prejudge(self, run_id: str, records: Sequence[RecordIn]) -> Pending | None:
+        """The common case in one transaction: the batch judged on the cached view and stored with its flags."""
+        if self.monitor is None:
+            return None
+        try:
+            return self.monitor.prejudge(self.store, run_id, records)
+        except Exception:
+            log.exception("run %s: judging a batch before its write failed; it is judged after", run_id)
+            return None
+
+    def _written(self, run_id: str, pending: Pending, result: WriteResult) -> bool:
+        assert self.monitor is not None
+        try:
+            done = self.monitor.written(run_id, pending, result)
+        except Exception as exc:
+            self.health.failed(self.monitor, self.store, run_id, result.new_records, exc)
+            return True  # stored with the batch; only the webhook hand-off failed
+        if done:
+            self.health.succeeded(self.monitor)
+        return done
+
     def _evaluate(self, run_id: str, result: WriteResult) -> None:
         if self.monitor is None or result.last_step is None:
             return
@@ -116,7 +141,8 @@ class Ingest:
             if not result.caught_up:
                 self._catch_up(run_id, result.evaluated_step, result.last_step)
             elif result.new_records:
-                self._store(run_id, result.last_step, self.monitor.evaluate(self.store, run_id, result.new_records))
+                evaluation = self.monitor.evaluate(self.store, run_id, result.new_records, result.write_seq)
+                self._store(run_id, result.last_step, evaluation)
         except Exception as exc:
             self.health.failed(self.monitor, self.store, run_id, result.new_records, exc)
         else:

@@ -153,6 +153,23 @@ class WriteResult:
     evaluated_step: int | None = None
     # No stored step after `evaluated_step` but this batch's new ones: evaluating the batch alone is exact.
     caught_up: bool = True
+    write_seq: int = 0  # the run's count of history changes after the batch
+    prejudged: bool = False  # the `Prejudged` evaluation was stored with the batch
+    alert_ids: list[int | None] = field(default_factory=list)  # of the prejudged alerts; None: stored before
+
+
+@dataclass
+class Prejudged:
+    """A batch's flags and alerts judged before its write, from a server process's cached view of the run.
+
+    The store keeps them, with the evaluation position, in the batch's own transaction when the
+    run is as that view saw it (`write_seq` unchanged) and every step of the batch is new; then a
+    batch costs one transaction. Otherwise it drops them and the batch is evaluated after its commit.
+    """
+
+    write_seq: int
+    events: list[EventCreate] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Store(abc.ABC):
@@ -193,7 +210,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def write_records(
-        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem] = ()
+        self,
+        run_id: str,
+        batch_id: str,
+        records: Sequence[RecordIn],
+        rejected: Sequence[RejectedItem] = (),
+        prejudged: Prejudged | None = None,
     ) -> WriteResult:
         """One transaction, idempotent by (run, batch_id) and by (run, key, step).
 
@@ -251,10 +273,6 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_events(self, run_id: str) -> list[Event]: ...
-
-    @abc.abstractmethod
-    def batch_count(self, run_id: str) -> int:
-        """How many batches the run has stored (the flags listener's check that no other process wrote one)."""
 
     @abc.abstractmethod
     def scalar_windows(

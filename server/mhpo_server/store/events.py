@@ -1,6 +1,7 @@
-"""Events (flags, rewinds, forks) and the reads the flag evaluator needs: batch count, scalar windows,
-the last flagged steps. The evaluator's reads run in plain transactions (`Database.plain_tx`): it reports
-its own failures."""
+"""Events (flags, rewinds, forks), an evaluation's commit (its flags, fired alerts and the run's
+evaluation position in one transaction), and the reads the flag evaluator needs:
+scalar windows, the last flagged steps, the steps and keys to catch up on. The evaluator's reads
+run in plain transactions (`Database.plain_tx`): it reports its own failures."""
 
 from __future__ import annotations
 
@@ -8,17 +9,15 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import func, literal, select, text, union_all, update
+from sqlalchemy import Connection, func, literal, select, text, union_all, update
 
 from mhpo_server.schemas import Event, EventCreate
 from mhpo_server.store.engine import Database, Part
-from mhpo_server.store.models import AlertRow, BatchRow, EventRow, RunRow, ScalarRow
+from mhpo_server.store.models import AlertRow, EventRow, RunRow, ScalarRow
 from mhpo_server.store.runs import Runs
 
 HISTORY_KINDS = ("rewind", "fork")  # events about the run's history, not flags: kept by a rewind, not copied by a fork
 WINDOW_CHUNK = 100  # keys per UNION ALL statement: 2 selects per key, SQLite allows 500 per compound select
-
-
 ALERT_DEFAULTS = {"acknowledged_at": None, "delivery_attempts": 0, "delivery_error": None, "delivered_at": None}
 
 
@@ -26,6 +25,9 @@ class Events(Part):
     def __init__(self, db: Database, runs: Runs) -> None:
         super().__init__(db)
         self.runs = runs
+        self._add_flags = self._insert(EventRow.__table__).on_conflict_do_nothing(
+            index_elements=["run_id", "kind", "detector", "step"]
+        )
         self._add_alert = (
             self._insert(AlertRow.__table__)
             .on_conflict_do_nothing(
@@ -64,36 +66,45 @@ class Events(Part):
     def commit_evaluation(
         self, run_id: str, through_step: int, events: Sequence[EventCreate], alerts: Sequence[Mapping[str, Any]]
     ) -> list[int | None]:
-        now = time.time()
         with self._tx(write=True) as conn:
-            if events:
-                conn.execute(
-                    self._insert(EventRow.__table__).on_conflict_do_nothing(
-                        index_elements=["run_id", "kind", "detector", "step"]
-                    ),
-                    [
-                        {
-                            "run_id": run_id,
-                            "step": e.step,
-                            "kind": e.kind,
-                            "severity": e.severity,
-                            "detector": e.detector,
-                            "message": e.message,
-                            "evidence": e.evidence,
-                            "created_at": now if e.created_at is None else e.created_at,
-                        }
-                        for e in events
-                    ],
-                )
-            fired: list[int | None] = []
-            for alert in alerts:  # one statement each: RETURNING says which were new
-                found = conn.execute(self._add_alert, {**ALERT_DEFAULTS, **alert}).first()
-                fired.append(None if found is None else int(found[0]))
+            fired = self.add_evaluation(conn, run_id, events, alerts, time.time())
             conn.execute(
                 update(RunRow)
                 .where(RunRow.run_id == run_id, func.coalesce(RunRow.evaluated_step, -1) < through_step)
                 .values(evaluated_step=through_step)
             )
+        return fired
+
+    def add_evaluation(
+        self,
+        conn: Connection,
+        run_id: str,
+        events: Sequence[EventCreate],
+        alerts: Sequence[Mapping[str, Any]],
+        now: float,
+    ) -> list[int | None]:
+        """Insert flags and alerts (each ignored when stored before); returns the alerts' ids, None for those."""
+        if events:
+            conn.execute(
+                self._add_flags,
+                [
+                    {
+                        "run_id": run_id,
+                        "step": e.step,
+                        "kind": e.kind,
+                        "severity": e.severity,
+                        "detector": e.detector,
+                        "message": e.message,
+                        "evidence": e.evidence,
+                        "created_at": now if e.created_at is None else e.created_at,
+                    }
+                    for e in events
+                ],
+            )
+        fired: list[int | None] = []
+        for alert in alerts:  # one statement each: RETURNING says which were new
+            found = conn.execute(self._add_alert, {**ALERT_DEFAULTS, **alert}).first()
+            fired.append(None if found is None else int(found[0]))
         return fired
 
     def list_events(self, run_id: str) -> list[Event]:
@@ -181,11 +192,6 @@ class Events(Part):
         query = query.distinct().order_by(ScalarRow.step).limit(limit)
         with self.db.plain_tx() as conn:
             return [int(step) for step in conn.execute(query).scalars()]
-
-    def batch_count(self, run_id: str) -> int:
-        """How many batches the run has stored (the flags listener's check that no other process wrote one)."""
-        with self.db.plain_tx() as conn:
-            return int(conn.execute(select(func.count()).where(BatchRow.run_id == run_id)).scalar_one())
 
     def last_flag_steps(self, run_id: str, kinds: Sequence[str], before_step: int) -> dict[tuple[str, str], int]:
         """(kind, severity) -> the latest flagged step below `before_step` (for the refractory period)."""

@@ -19,9 +19,9 @@ from sqlalchemy import column as sql_column
 from sqlalchemy import table as sql_table
 
 from mhpo_server.schemas import RecordIn, RejectedItem, RewindOut, Run
-from mhpo_server.store.base import Invalid, WriteResult
+from mhpo_server.store.base import Invalid, Prejudged, WriteResult
 from mhpo_server.store.engine import Database, Part, dumps
-from mhpo_server.store.events import HISTORY_KINDS
+from mhpo_server.store.events import HISTORY_KINDS, Events
 from mhpo_server.store.models import (
     COUNT_DTYPE,
     STAT_DTYPE,
@@ -43,9 +43,10 @@ BULK_COLUMNS = {
 
 
 class Records(Part):
-    def __init__(self, db: Database, runs: Runs) -> None:
+    def __init__(self, db: Database, runs: Runs, events: Events) -> None:
         super().__init__(db)
         self.runs = runs
+        self.events = events
         self._add_batch = (
             self._insert(BatchRow.__table__)
             .on_conflict_do_nothing(index_elements=["run_id", "batch_id"])
@@ -53,14 +54,19 @@ class Records(Part):
         )
 
     def write_records(
-        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem] = ()
+        self,
+        run_id: str,
+        batch_id: str,
+        records: Sequence[RecordIn],
+        rejected: Sequence[RejectedItem] = (),
+        prejudged: Prejudged | None = None,
     ) -> WriteResult:
         now = time.time()
         rejected = list(rejected)
         with self._tx(write=True) as conn:
-            last_step, evaluated = self.runs.lock(conn, run_id)
+            last_step, evaluated, write_seq = self.runs.lock(conn, run_id)
             caught_up = last_step is None or (evaluated is not None and evaluated >= last_step)
-            position: dict[str, Any] = {"last_step": last_step, "evaluated_step": evaluated}
+            position: dict[str, Any] = {"last_step": last_step, "evaluated_step": evaluated, "write_seq": write_seq}
             fresh_batch = conn.execute(
                 self._add_batch,
                 {"run_id": run_id, "batch_id": batch_id, "items": sum(r.items() for r in records), "created_at": now},
@@ -80,7 +86,8 @@ class Records(Part):
             scalar_rows, hist_rows, outlier_rows = _rows(run_id, records, now)
             steps = [r.step for r in records]
             first, top = min(steps), max(steps)
-            if (last_step is None or first > last_step) and len(set(steps)) == len(steps):
+            all_new = (last_step is None or first > last_step) and len(set(steps)) == len(steps)
+            if all_new:
                 # Every step is new to the run and appears once in the batch, so nothing can
                 # collide: a plain bulk insert (executemany, COPY) is exact and several times faster.
                 for table, rows in (("scalars", scalar_rows), ("histograms", hist_rows), ("outliers", outlier_rows)):
@@ -94,8 +101,16 @@ class Records(Part):
                 new_records = _only_new(records, new_scalars, new_hists, new_outliers)
                 counts = {"scalars": len(new_scalars), "histograms": len(new_hists), "outliers": len(new_outliers)}
             last = top if last_step is None else max(top, last_step)
-            values = {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now}
-            if new_records and evaluated is not None and min(r.step for r in new_records) <= evaluated:
+            write_seq += 1
+            values = {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now, "write_seq": write_seq}
+            alert_ids: list[int | None] = []
+            judged = prejudged is not None and all_new and caught_up and prejudged.write_seq == write_seq - 1
+            if judged:
+                assert prejudged is not None
+                alert_ids = self.events.add_evaluation(conn, run_id, prejudged.events, prejudged.alerts, now)
+                evaluated = last
+                conn.execute(self.runs.touch, {**values, "evaluated_step": evaluated})
+            elif new_records and evaluated is not None and min(r.step for r in new_records) <= evaluated:
                 # New steps at or before the evaluation position (an out-of-order batch): the steps
                 # after them are judged again with them, so the position moves back before them.
                 evaluated = min(r.step for r in new_records) - 1
@@ -113,6 +128,9 @@ class Records(Part):
             last_step=last,
             evaluated_step=evaluated,
             caught_up=caught_up,
+            write_seq=write_seq,
+            prejudged=judged,
+            alert_ids=alert_ids,
         )
 
     def _bulk_insert(self, conn: Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
@@ -190,7 +208,7 @@ class Records(Part):
         now = time.time()
         removed: dict[str, int] = {}
         with self._tx(write=True) as conn:
-            last_step, evaluated = self.runs.lock(conn, run_id)
+            last_step, evaluated, write_seq = self.runs.lock(conn, run_id)
             for name, table in (("scalars", ScalarRow), ("histograms", HistogramRow), ("outliers", OutlierRow)):
                 removed[name] = conn.execute(delete(table).where(table.run_id == run_id, table.step > step)).rowcount
             removed["flags"] = conn.execute(
@@ -210,7 +228,7 @@ class Records(Part):
                 conn.execute(
                     update(RunRow)
                     .where(RunRow.run_id == run_id)
-                    .values(last_step=new_last, evaluated_step=new_evaluated, updated_at=now)
+                    .values(last_step=new_last, evaluated_step=new_evaluated, write_seq=write_seq + 1, updated_at=now)
                 )
                 summary = ", ".join(f"{n} {name}" for name, n in removed.items() if n) or "nothing stored"
                 values = {
@@ -241,7 +259,7 @@ class Records(Part):
         now = time.time()
         child = str(uuid.uuid4())
         with self._tx(write=True) as conn:
-            parent_last, parent_evaluated = self.runs.lock(conn, run_id)
+            parent_last, parent_evaluated, _ = self.runs.lock(conn, run_id)
             if parent_last is None or step > parent_last:
                 raise Invalid(
                     ("step",),

@@ -25,7 +25,7 @@ class Runs(Part):
         rid: BindParameter[str] = bindparam("rid")
         self._run_by_id = self._run_select().where(RunRow.run_id == rid)
         self._run_exists = select(RunRow.run_id).where(RunRow.run_id == rid)
-        lock = select(RunRow.last_step, RunRow.evaluated_step).where(RunRow.run_id == rid)
+        lock = select(RunRow.last_step, RunRow.evaluated_step, RunRow.write_seq).where(RunRow.run_id == rid)
         self._lock = lock.with_for_update() if self.dialect == "postgresql" else lock
         self.touch = update(RunRow).where(RunRow.run_id == rid)
 
@@ -143,8 +143,9 @@ class Runs(Part):
         with self._tx() as conn:
             return [Project(**row._mapping) for row in conn.execute(query)]
 
-    def lock(self, conn: Connection, run_id: str) -> tuple[int | None, int | None]:
-        """The run's last step and evaluation position, locking its row on PostgreSQL so writers to one run take turns.
+    def lock(self, conn: Connection, run_id: str) -> tuple[int | None, int | None, int]:
+        """The run's last step, evaluation position and history change count (`write_seq`), locking its
+        row on PostgreSQL so writers to one run take turns.
 
         (SQLite's BEGIN IMMEDIATE already serialises writers.) Taking turns keeps the
         "newer than last_step" fast path of `write_records` exact under concurrency.
@@ -152,7 +153,7 @@ class Runs(Part):
         row = conn.execute(self._lock, {"rid": run_id}).first()
         if row is None:
             raise NotFound.run(run_id)
-        return row[0], row[1]
+        return row[0], row[1], int(row[2])
 
     def evaluation_position(self, run_id: str) -> tuple[int | None, int | None]:
         with self._tx() as conn:

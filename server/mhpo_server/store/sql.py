@@ -32,7 +32,7 @@ from mhpo_server.schemas import (
     TokenInfo,
 )
 from mhpo_server.store.alerts import AlertStore
-from mhpo_server.store.base import Store, WriteResult
+from mhpo_server.store.base import Prejudged, Store, WriteResult
 from mhpo_server.store.engine import Database, make_engine
 from mhpo_server.store.events import Events
 from mhpo_server.store.records import Records
@@ -47,9 +47,9 @@ class SqlStore(Store):
         self.engine = engine
         self.write_health = self.db.write_health
         self.runs = Runs(self.db)
-        self.records = Records(self.db, self.runs)
-        self.series = SeriesReads(self.db, self.runs)
         self.events = Events(self.db, self.runs)
+        self.records = Records(self.db, self.runs, self.events)
+        self.series = SeriesReads(self.db, self.runs)
         self.tokens = Tokens(self.db)
         self.alerts = AlertStore(self.db)
 
@@ -88,9 +88,14 @@ class SqlStore(Store):
         return self.runs.list_projects()
 
     def write_records(
-        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem] = ()
+        self,
+        run_id: str,
+        batch_id: str,
+        records: Sequence[RecordIn],
+        rejected: Sequence[RejectedItem] = (),
+        prejudged: Prejudged | None = None,
     ) -> WriteResult:
-        return self.records.write_records(run_id, batch_id, records, rejected)
+        return self.records.write_records(run_id, batch_id, records, rejected, prejudged)
 
     def rewind(self, run_id: str, step: int) -> RewindOut:
         return self.records.rewind(run_id, step)
@@ -147,9 +152,6 @@ class SqlStore(Store):
 
     def scalar_steps_between(self, run_id: str, after: int | None, last: int, limit: int) -> list[int]:
         return self.events.scalar_steps_between(run_id, after, last, limit)
-
-    def batch_count(self, run_id: str) -> int:
-        return self.events.batch_count(run_id)
 
     def scalar_windows(
         self, run_id: str, keys: Sequence[str], first: int, last: int, points: int
