@@ -3,8 +3,8 @@
 `create_app(settings)` opens the store, refuses a database that is not at the migrations'
 head, and wires routers, error handlers and middleware. Extension points for other parts
 of the product: `app.state.ingest_listeners` (called after each committed batch with
-`(store, run_id, new_records)`), `app.state.event_sources` (extra items for
-`GET .../events`), and plain `app.include_router` / `app.mount` for more routes or the
+`(store, run_id, new_records)`), `app.state.event_sources` (`EventSource`s: extra
+items for `GET .../events`), and plain `app.include_router` / `app.mount` for more routes or the
 dashboard.
 """
 
@@ -28,6 +28,7 @@ from mhpo_server.limits import BodySizeLimitMiddleware
 from mhpo_server.metrics import MetricsMiddleware, ServiceMetrics
 from mhpo_server.responses import NaNJSONResponse
 from mhpo_server.routes import auth, events, health, mlflow, projects, records, runs, series
+from mhpo_server.routes.events import EventSource
 from mhpo_server.schemas import ERROR_RESPONSES, RecordIn
 from mhpo_server.store import (
     DATA_ERROR,
@@ -44,7 +45,6 @@ from mhpo_server.store import (
 
 log = logging.getLogger(__name__)
 IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
-EventSource = Callable[[Store, str], list[dict[str, Any]]]
 
 
 class ConfigError(ValueError):

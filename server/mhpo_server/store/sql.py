@@ -36,6 +36,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     tuple_,
@@ -1068,7 +1069,7 @@ class SqlStore(Store):
             self._require_run(conn, run_id)
             return len(conn.execute(stmt, rows).all())
 
-    def list_events(self, run_id: str) -> list[Event]:
+    def list_events(self, run_id: str, after_id: int | None = None, since: float | None = None) -> list[Event]:
         query = (
             select(
                 EventRow.id,
@@ -1083,6 +1084,13 @@ class SqlStore(Store):
             .where(EventRow.run_id == run_id)
             .order_by(EventRow.step, EventRow.id)
         )
+        if after_id is not None:
+            wanted = [
+                EventRow.id > after_id,
+                EventRow.kind == "rewind",
+                *([EventRow.created_at >= since] if since else []),
+            ]
+            query = query.where(or_(*wanted))
         with self._tx() as conn:
             self._require_run(conn, run_id)
             return [
