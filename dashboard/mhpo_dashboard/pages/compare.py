@@ -365,13 +365,15 @@ def pick_link(chosen: list[str] | None) -> str:
     State("compare-live", "data"),
     prevent_initial_call=True,
 )
-def change_metrics(metrics: list[str] | None, ids: list[str] | None, live: dict[str, Any]) -> tuple[list[Any], Any]:
+def change_metrics(
+    metrics: list[str] | None, ids: list[str] | None, live: dict[str, Any] | None
+) -> tuple[list[Any], Any]:
     """The metric charts drawn again up to the steps the page holds, so the live appends continue from there."""
     refused = refusal(ids)
     if refused is not None:
         return [html.P(refused, className="error")], no_update
     client = api()
-    held = {r["run_id"]: r["last_step"] for r in live["runs"]}
+    held = {r["run_id"]: r["last_step"] for r in (live or {}).get("runs", [])}
     try:
         infos = parallel(*[lambda i=i: client.run(i) for i in ids or []])
         graphs, traces = metric_figures(
@@ -379,7 +381,7 @@ def change_metrics(metrics: list[str] | None, ids: list[str] | None, live: dict[
         )
     except ApiError as exc:
         return [html.P(str(exc), className="error")], no_update
-    return graphs, {**live, "traces": traces}
+    return graphs, no_update if live is None else {**live, "traces": traces}
 
 
 @callback(
@@ -392,11 +394,13 @@ def change_metrics(metrics: list[str] | None, ids: list[str] | None, live: dict[
     State({"type": "compare-metric", "metric": ALL}, "relayoutData"),
     prevent_initial_call=True,
 )
-def poll(_: int, live: dict[str, Any], zooms: list[dict[str, Any] | None]) -> tuple[Any, ...]:
+def poll(_: int, live: dict[str, Any] | None, zooms: list[dict[str, Any] | None]) -> tuple[Any, ...]:
     """Per run, the steps after the last one drawn and the events after its cursor, appended (`Patch`);
     a rewind of any run redraws the charts and the list; polling stops once no run is live."""
     metrics = [o["id"]["metric"] for o in next(o for o in ctx.outputs_list if isinstance(o, list))]
     unchanged = [no_update] * len(metrics)
+    if not live:
+        return unchanged, no_update, no_update, True
     client = api()
     try:
         infos = parallel(*[lambda r=r: client.run(r["run_id"]) for r in live["runs"]])
