@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, func, literal, select, text, union_all, update
+from sqlalchemy import Connection, func, literal, or_, select, text, union_all, update
 
 from mhpo_server.schemas import Event, EventCreate
 from mhpo_server.store.engine import Database, Part
@@ -107,7 +107,7 @@ class Events(Part):
             fired.append(None if found is None else int(found[0]))
         return fired
 
-    def list_events(self, run_id: str) -> list[Event]:
+    def list_events(self, run_id: str, after_id: int | None = None, since: float | None = None) -> list[Event]:
         query = (
             select(
                 EventRow.id,
@@ -122,6 +122,13 @@ class Events(Part):
             .where(EventRow.run_id == run_id)
             .order_by(EventRow.step, EventRow.id)
         )
+        if after_id is not None:
+            wanted = [
+                EventRow.id > after_id,
+                EventRow.kind == "rewind",
+                *([EventRow.created_at >= since] if since else []),
+            ]
+            query = query.where(or_(*wanted))
         with self._tx() as conn:
             self.runs.require(conn, run_id)
             return [

@@ -133,8 +133,8 @@ class SqlStore(Store):
     def add_events(self, run_id: str, events: Sequence[EventCreate | Mapping[str, Any]]) -> int:
         return self.events.add_events(run_id, events)
 
-    def list_events(self, run_id: str) -> list[Event]:
-        return self.events.list_events(run_id)
+    def list_events(self, run_id: str, after_id: int | None = None, since: float | None = None) -> list[Event]:
+        return self.events.list_events(run_id, after_id, since)
 
     def commit_evaluation(
         self, run_id: str, through_step: int, events: Sequence[EventCreate], alerts: Sequence[Mapping[str, Any]]
