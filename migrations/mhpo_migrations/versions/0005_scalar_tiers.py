@@ -1,4 +1,4 @@
-"""Scalar tiers: per-bucket aggregates of every scalar key at widths 16 x 4**k steps, for downsampled reads.
+"""Scalar tiers: per-bucket aggregates of every scalar key at widths 64 x 16**k steps, for downsampled reads.
 
 The upgrade builds the tiers of the stored data: every bucket a run's last step is past (a
 sealed bucket), the finest width from the points, each coarser one from the width below.
@@ -19,7 +19,7 @@ down_revision = "0003"
 branch_labels = None
 depends_on = None
 
-WIDTHS = tuple(16 * 4**k for k in range(8))  # as mhpo_server.store.tiers.WIDTHS when this revision was written
+WIDTHS = tuple(64 * 16**k for k in range(5))  # as mhpo_server.store.tiers.WIDTHS when this revision was written
 COLUMNS = "run_id, key, width, bucket, n, nans, first_step, vsum, vcount, vmin, vmax"
 
 
@@ -40,6 +40,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("run_id", "key", "width", "bucket", name="pk_scalar_tiers"),
         sqlite_with_rowid=False,
     )
+    op.create_index("ix_scalar_tiers_run_id_width_bucket", "scalar_tiers", ["run_id", "width", "bucket"])
     op.execute(
         f"INSERT INTO scalar_tiers ({COLUMNS}) "
         f"SELECT p.run_id, p.key, {WIDTHS[0]}, p.bucket, COUNT(*), SUM(p.is_nan), MIN(p.step), SUM(p.value), "

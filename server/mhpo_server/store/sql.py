@@ -223,6 +223,7 @@ class SqlStore(Store):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.write_health = WriteHealth()
+        self._tiers = tiers.TierUpkeep()
         self.dialect = engine.dialect.name
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
         # Statements of the hot paths, built once: building one costs more than running it on SQLite.
@@ -536,16 +537,24 @@ class SqlStore(Store):
                     self._bulk_insert(conn, table, rows)
                 new_records = list(records)
                 counts = {"scalars": len(scalar_rows), "histograms": len(hist_rows), "outliers": len(outlier_rows)}
-                new_scalars = set()
+                new_scalars, fresh = set(), scalar_rows
             else:
                 new_scalars = self._insert_new(conn, "scalars", scalar_rows, ("key", "step"))
                 new_hists = self._insert_new(conn, "histograms", hist_rows, ("key", "step"))
                 new_outliers = self._insert_new(conn, "outliers", outlier_rows, ("step",))
                 new_records = _only_new(records, new_scalars, new_hists, new_outliers)
+                fresh = []
                 counts = {"scalars": len(new_scalars), "histograms": len(new_hists), "outliers": len(new_outliers)}
             last = top if last_step is None else max(top, last_step)
-            tiers.after_write(
-                conn, run_id, last_step, last, new_scalars, lambda: self._distinct_keys(conn, "scalars", run_id)
+            self._tiers.after_write(
+                conn,
+                run_id,
+                last_step,
+                last,
+                now,
+                new_scalars,
+                lambda: self._distinct_keys(conn, "scalars", run_id),
+                fresh,
             )
             conn.execute(self._touch_run, {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now})
         accepted = sum(counts.values())
@@ -652,7 +661,7 @@ class SqlStore(Store):
                 .where(ALERTS.c.run_id == run_id, ALERTS.c.step > step, ALERTS.c.rewound_at.is_(None))
                 .values(rewound_at=now)
             ).rowcount
-            tiers.after_rewind(conn, run_id, step)
+            self._tiers.after_rewind(conn, run_id, step)
             moved = last_step is not None and last_step > step
             if moved or any(removed.values()):
                 new_last = None if step < 0 or last_step is None else min(last_step, step)
@@ -716,7 +725,7 @@ class SqlStore(Store):
                     table.run_id == run_id, table.step <= step
                 )
                 conn.execute(insert(table).from_select(["run_id", *columns], source))
-            tiers.after_fork(conn, run_id, child, step)
+            self._tiers.after_fork(conn, run_id, child, step)
             flag_columns = ["step", "kind", "severity", "detector", "message", "evidence", "created_at"]
             conn.execute(
                 insert(EventRow).from_select(

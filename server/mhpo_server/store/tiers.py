@@ -1,15 +1,16 @@
 """Stored tiers of scalar series: a downsampled read of a long series merges a few thousand stored
 aggregates instead of aggregating every point of the range.
 
-A tier of width W (`WIDTHS`: 16 x 4**k steps) holds, per run, key and bucket `step // W`, the
+A tier of width W (`WIDTHS`: 64 x 16**k steps) holds, per run, key and bucket `step // W`, the
 bucket's point count, NaN count, first step, sum, min and max (`ScalarTierRow`). A bucket's row
 is written once the run has moved past it (the bucket is *sealed*: bucket < last_step // W), in
-the transaction of the write that moved the run's last step. So a write inside open buckets
-(one step per request, the common case) costs one comparison here; a write that seals buckets
-aggregates them in SQL, the finest tier from the points and each coarser one from the tier
-below, and each point is aggregated once per tier over the run's life. A write that lands
-points in sealed buckets (a batch reaching back) rebuilds those buckets, a rewind drops the
-buckets it reopens, and a fork copies the parent's buckets sealed at its fork step.
+the transaction of the write that moved the run's last step. The finest tier of an append is
+aggregated in memory from the write's own rows (numpy), with the bucket the previous append
+left open remembered rather than read back (`TierUpkeep`); a coarser tier is aggregated in
+SQL from the tier below, once per bucket. A write inside open buckets (one step per request)
+costs a comparison and, once per 64 steps, one aggregate of the last 64 steps read back. A
+write that lands points in sealed buckets (a batch reaching back) rebuilds those buckets, a
+rewind drops the buckets it reopens, and a fork copies the parent's buckets sealed at its step.
 
 The invariant reads rely on: for every width, a key's bucket holding points has a row if and
 only if it is sealed, and the row aggregates exactly the bucket's points. A read takes sealed
@@ -21,17 +22,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from operator import itemgetter
+from typing import Any
 
+import numpy as np
 from sqlalchemy import Connection, TextClause, bindparam, text
 
-WIDTHS = tuple(16 * 4**k for k in range(8))  # 16 .. 262,144 steps
+WIDTHS = tuple(64 * 16**k for k in range(5))  # 64 .. 4,194,304 steps: a row per 64 points, and a few per 1,024
 TIER_SPAN = (
-    4  # a response bucket spans >= 4 tier buckets: rounding its width up to the tier's costs <= 1/4 of the points
+    2  # a response bucket spans >= 2 tier buckets: rounding its width up to the tier's costs <= 1/3 of the points
 )
 TIERED_MIN_STEPS = 50_000  # shorter ranges are aggregated from their points: as fast, with the exact bucket width
 KEYS_PER_STATEMENT = 500  # keys per IN (...) list
+NUMPY_ROWS = 256  # rows of a write from which its buckets are aggregated with numpy
 NAN = math.nan
-COLUMNS = "run_id, key, width, bucket, n, nans, first_step, vsum, vcount, vmin, vmax"
+AGG_FIELDS = ("run_id", "key", "width", "bucket", "n", "nans", "first_step", "vsum", "vcount", "vmin", "vmax")
+COLUMNS = ", ".join(AGG_FIELDS)
 # A tier row's sum is NULL (SQLite turns NaN into NULL) or NaN when +Infinity and -Infinity met in it.
 BAD_SUM = "CASE WHEN vsum IS NULL AND vcount > 0 THEN 1 ELSE 0 END"
 
@@ -50,12 +56,12 @@ FROM_POINTS = _keys(
     "WHERE run_id = :rid AND key IN :keys AND step >= :lo AND step < :hi) AS points "
     "GROUP BY run_id, key, bucket"
 )
-FROM_TIER = _keys(
+FROM_TIER = text(
     f"INSERT INTO scalar_tiers ({COLUMNS}) "
     "SELECT run_id, key, :width, up, SUM(n), SUM(nans), MIN(first_step), "
     f"CASE WHEN MAX({BAD_SUM}) = 1 THEN NULL ELSE SUM(vsum) END, SUM(vcount), MIN(vmin), MAX(vmax) "
     "FROM (SELECT run_id, key, n, nans, first_step, vsum, vcount, vmin, vmax, bucket / :ratio AS up "
-    "FROM scalar_tiers WHERE run_id = :rid AND key IN :keys AND width = :lower "
+    "FROM scalar_tiers WHERE run_id = :rid AND width = :lower "
     "AND bucket >= :lo AND bucket < :hi) AS tier "
     "GROUP BY run_id, key, up"
 )
@@ -63,11 +69,17 @@ DROP = _keys(
     "DELETE FROM scalar_tiers WHERE run_id = :rid AND key IN :keys AND width = :width "
     "AND bucket >= :b0 AND bucket < :b1"
 )
+DROP_ALL = text("DELETE FROM scalar_tiers WHERE run_id = :rid AND width = :width AND bucket >= :b0 AND bucket < :b1")
+UPDATED_AT = text("SELECT updated_at FROM runs WHERE run_id = :rid")
 REOPEN = text("DELETE FROM scalar_tiers WHERE run_id = :rid AND bucket >= :step / width")
 COPY = text(
     f"INSERT INTO scalar_tiers ({COLUMNS}) "
     "SELECT :child, key, width, bucket, n, nans, first_step, vsum, vcount, vmin, vmax FROM scalar_tiers "
     "WHERE run_id = :rid AND bucket < :step / width"
+)
+INSERT_ROWS = text(
+    f"INSERT INTO scalar_tiers ({COLUMNS}) "
+    "VALUES (:run_id, :key, :width, :bucket, :n, :nans, :first_step, :vsum, :vcount, :vmin, :vmax)"
 )
 LAST_STEP = text("SELECT last_step FROM runs WHERE run_id = :rid")
 _POINT_PARTS = (
@@ -154,56 +166,185 @@ def _chunks(keys: Sequence[str]) -> Iterable[list[str]]:
 
 
 def _build(conn: Connection, run_id: str, keys: Sequence[str], level: int, b0: int, b1: int) -> None:
-    """Write the rows of buckets [b0, b1) of tier `level` for `keys`, from the points or the tier below."""
+    """Write the rows of buckets [b0, b1) of tier `level`: the finest for `keys` from their points, a
+    coarser one (every key) from the tier below."""
     width = WIDTHS[level]
-    # The bounds in the source's units are computed here: PostgreSQL types a small parameter as smallint.
-    ratio = width if level == 0 else width // WIDTHS[level - 1]
+    if level:
+        ratio = width // WIDTHS[level - 1]
+        # Bounds in the source's units are computed here: PostgreSQL types a small parameter as smallint.
+        params = {"rid": run_id, "width": width, "lower": WIDTHS[level - 1], "ratio": ratio}
+        conn.execute(FROM_TIER, {**params, "lo": b0 * ratio, "hi": b1 * ratio})
+        return
     for chunk in _chunks(keys):
-        params = {"rid": run_id, "keys": chunk, "width": width, "lo": b0 * ratio, "hi": b1 * ratio}
-        if level == 0:
-            conn.execute(FROM_POINTS, params)
-        else:
-            conn.execute(FROM_TIER, {**params, "lower": WIDTHS[level - 1], "ratio": ratio})
+        conn.execute(FROM_POINTS, {"rid": run_id, "keys": chunk, "width": width, "lo": b0 * width, "hi": b1 * width})
 
 
-def after_write(
-    conn: Connection,
-    run_id: str,
-    old_last: int | None,
-    new_last: int,
-    back: Iterable[tuple[str, int]],
-    run_keys: Callable[[], list[str]],
-) -> None:
-    """Keep the tiers true after a write that moved the run's last step from `old_last` to `new_last`.
+# A bucket's aggregate: (n, nans, first step, sum, count, min, max); sum, min and max over the points
+# that are not NaN (None when there are none).
+Agg = tuple[int, int, int, float | None, int, float | None, float | None]
 
-    `back`: the (key, step) of the new points at or before `old_last` (only a write reaching back
-    has any); `run_keys` lists the run's keys, asked only when buckets seal.
+
+def _merge(a: Agg, b: Agg) -> Agg:
+    def pick(x: float | None, y: float | None, f: Callable[[float, float], float]) -> float | None:
+        return y if x is None else x if y is None else f(x, y)
+
+    return (
+        a[0] + b[0],
+        a[1] + b[1],
+        min(a[2], b[2]),
+        pick(a[3], b[3], float.__add__),
+        a[4] + b[4],
+        pick(a[5], b[5], min),
+        pick(a[6], b[6], max),
+    )
+
+
+def aggregate(rows: Sequence[tuple[Any, ...]], width: int) -> dict[tuple[str, int], Agg]:
+    """(key, bucket) -> aggregate of scalar rows (run_id, key, step, value or None for NaN, is_nan, time):
+    a few vectorised numpy passes for a large write, plain Python for a small one (numpy's calls cost more)."""
+    if len(rows) < NUMPY_ROWS:
+        out: dict[tuple[str, int], Agg] = {}
+        for _, key, step, value, is_nan, _ in rows:
+            agg = (1, 1, step, None, 0, None, None) if is_nan else (1, 0, step, value, 1, value, value)
+            cell = (key, step // width)
+            out[cell] = _merge(out[cell], agg) if cell in out else agg
+        return out
+    names = list(map(itemgetter(1), rows))
+    codes = {name: i for i, name in enumerate(dict.fromkeys(names))}
+    code = np.fromiter(map(codes.__getitem__, names), np.int64, len(rows))
+    steps = np.fromiter(map(itemgetter(2), rows), np.int64, len(rows))
+    values = np.array(list(map(itemgetter(3), rows)), dtype=np.float64)  # None -> NaN
+    order = np.lexsort((steps, code))
+    code, steps, values = code[order], steps[order], values[order]
+    buckets = steps // width
+    starts = np.flatnonzero(np.r_[True, (code[1:] != code[:-1]) | (buckets[1:] != buckets[:-1])])
+    nan = np.isnan(values)
+    with np.errstate(invalid="ignore"):
+        sums = np.add.reduceat(np.where(nan, 0.0, values), starts)
+    n = np.diff(np.r_[starts, len(values)])
+    nans = np.add.reduceat(nan.astype(np.int64), starts)
+    firsts = np.minimum.reduceat(steps, starts)
+    mins = np.fmin.reduceat(values, starts)
+    maxs = np.fmax.reduceat(values, starts)
+    keys = list(codes)
+    out = {}
+    columns = (code[starts], buckets[starts], n, nans, firsts, sums, mins, maxs)
+    for c, bucket, count, nan_count, first, total, low, high in zip(*(a.tolist() for a in columns), strict=True):
+        finite = count - nan_count
+        out[(keys[c], bucket)] = (
+            count,
+            nan_count,
+            first,
+            total if finite else None,
+            finite,
+            low if finite else None,
+            high if finite else None,
+        )
+    return out
+
+
+class TierUpkeep:
+    """Keeps a database's tiers true on writes, rewinds and forks.
+
+    It remembers, per run, the aggregates of the finest bucket its last append left open (with
+    the run's last step and update time then, checked against the run's row before use), so the
+    next append seals that bucket without reading its points back: an append of many steps then
+    costs a numpy pass over its rows and one insert. Any other change to the run (another
+    process's write, a rewind) changes the run's update time, and the bucket is read back instead.
     """
-    old = -1 if old_last is None else old_last
-    reopened = [(k, s) for k, s in back if s // WIDTHS[0] < old // WIDTHS[0]]
-    back_keys = sorted({k for k, _ in reopened})
-    back_lo = min((s for _, s in reopened), default=0)
-    back_hi = max((s for _, s in reopened), default=0)
-    keys: list[str] | None = None
-    for level, width in enumerate(WIDTHS):
-        seal0, seal1 = max(old // width, 0), new_last // width
-        back0, back1 = back_lo // width, min(back_hi // width + 1, old // width)
-        if back_keys and back1 > back0:
-            for chunk in _chunks(back_keys):
-                conn.execute(DROP, {"rid": run_id, "keys": chunk, "width": width, "b0": back0, "b1": back1})
-            _build(conn, run_id, back_keys, level, back0, back1)
-        elif seal1 <= seal0:
-            return  # nothing sealed or reopened at this width, so none at the coarser ones
-        if seal1 > seal0:
-            keys = run_keys() if keys is None else keys
-            _build(conn, run_id, keys, level, seal0, seal1)
 
+    MAX_RUNS = 4096  # runs whose open bucket is remembered; the oldest is forgotten first
 
-def after_rewind(conn: Connection, run_id: str, step: int) -> None:
-    """Drop the buckets a rewind to `step` reopens (all of them when `step` < 0)."""
-    conn.execute(REOPEN, {"rid": run_id, "step": max(step, -1)})
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[tuple[int, float], int, dict[str, Agg]]] = {}
 
+    def after_write(
+        self,
+        conn: Connection,
+        run_id: str,
+        old_last: int | None,
+        new_last: int,
+        now: float,
+        back: Iterable[tuple[str, int]],
+        run_keys: Callable[[], list[str]],
+        fresh: Sequence[tuple[Any, ...]] = (),
+    ) -> None:
+        """Keep the tiers true after a write that moved the run's last step from `old_last` to `new_last`
+        (and its update time to `now`).
 
-def after_fork(conn: Connection, parent: str, child: str, step: int) -> None:
-    """Give a run forked at `step` the parent's buckets sealed at that step (all of their points are <= step)."""
-    conn.execute(COPY, {"rid": parent, "child": child, "step": step})
+        `back`: the (key, step) of the new points at or before `old_last` (only a write reaching back
+        has any); `run_keys` lists the run's keys, asked only when stored points are aggregated;
+        `fresh`: the scalar rows of an append (every step after `old_last`), aggregated in memory.
+        """
+        remembered = self._open.pop(run_id, None)
+        old = -1 if old_last is None else old_last
+        reopened = [(k, s) for k, s in back if s // WIDTHS[0] < old // WIDTHS[0]]
+        back_keys = sorted({k for k, _ in reopened})
+        back_lo = min((s for _, s in reopened), default=0)
+        back_hi = max((s for _, s in reopened), default=0)
+        keys: list[str] | None = None
+        for level, width in enumerate(WIDTHS):
+            seal0, seal1 = max(old // width, 0), new_last // width
+            back0, back1 = back_lo // width, min(back_hi // width + 1, old // width)
+            if back_keys and back1 > back0:
+                span = {"rid": run_id, "width": width, "b0": back0, "b1": back1}
+                if level:
+                    conn.execute(DROP_ALL, span)  # a coarser tier is rebuilt for every key
+                for chunk in _chunks(back_keys) if not level else ():
+                    conn.execute(DROP, {**span, "keys": chunk})
+                _build(conn, run_id, back_keys, level, back0, back1)
+            elif seal1 <= seal0 and (level or not fresh):
+                return  # nothing sealed or reopened at this width, so none at the coarser ones
+            if level == 0 and fresh:
+                self._append(conn, run_id, old, new_last, now, fresh, remembered, run_keys)
+            elif seal1 > seal0:
+                keys = run_keys() if keys is None and not level else keys
+                _build(conn, run_id, keys or [], level, seal0, seal1)
+
+    def _append(
+        self,
+        conn: Connection,
+        run_id: str,
+        old: int,
+        new_last: int,
+        now: float,
+        fresh: Sequence[tuple[Any, ...]],
+        remembered: tuple[tuple[int, float], int, dict[str, Agg]] | None,
+        run_keys: Callable[[], list[str]],
+    ) -> None:
+        """The finest tier after an append: its sealed buckets written, its open one remembered."""
+        width = WIDTHS[0]
+        straddled, seal1 = old // width, new_last // width  # the bucket holding `old` may hold stored points
+        seal0 = max(straddled, 0)
+        found = aggregate(fresh, width)
+        stored = None
+        if old >= 0 and remembered is not None and remembered[1] == straddled:
+            token = conn.execute(UPDATED_AT, {"rid": run_id}).scalar()
+            stored = remembered[2] if (old, token) == remembered[0] else None
+        if stored is not None:
+            for key, agg in stored.items():
+                cell = (key, straddled)
+                found[cell] = _merge(agg, found[cell]) if cell in found else agg
+        elif old >= 0 and seal1 > straddled:
+            _build(conn, run_id, run_keys(), 0, straddled, straddled + 1)  # read back: not remembered
+            seal0 = straddled + 1
+        rows = [
+            dict(zip(AGG_FIELDS, (run_id, key, width, bucket, *agg), strict=True))
+            for (key, bucket), agg in found.items()
+            if seal0 <= bucket < seal1
+        ]
+        if rows:
+            conn.execute(INSERT_ROWS, rows)
+        if seal1 > straddled or stored is not None:  # the open bucket's stored points are all known here
+            self._open[run_id] = ((new_last, now), seal1, {k: a for (k, b), a in found.items() if b == seal1})
+            if len(self._open) > self.MAX_RUNS:
+                self._open.pop(next(iter(self._open)))
+
+    def after_rewind(self, conn: Connection, run_id: str, step: int) -> None:
+        """Drop the buckets a rewind to `step` reopens (all of them when `step` < 0)."""
+        self._open.pop(run_id, None)
+        conn.execute(REOPEN, {"rid": run_id, "step": max(step, -1)})
+
+    def after_fork(self, conn: Connection, parent: str, child: str, step: int) -> None:
+        """Give a run forked at `step` the parent's buckets sealed at that step (all of their points are <= step)."""
+        conn.execute(COPY, {"rid": parent, "child": child, "step": step})
