@@ -4,7 +4,7 @@ The upgrade builds the tiers of the stored data: every bucket a run's last step 
 sealed bucket), the finest width from the points, each coarser one from the width below.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

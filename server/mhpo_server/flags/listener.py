@@ -40,7 +40,7 @@ from mhpo_server.alerts.store import AlertStore
 from mhpo_server.alerts.webhook import WebhookDispatcher
 from mhpo_server.flags.detectors import Flag, History, detect, refractory_kinds, refractory_state
 from mhpo_server.flags.params import DEFAULT_PARAMS, FlagParams
-from mhpo_server.schemas import RecordIn
+from mhpo_server.schemas import EventCreate, RecordIn
 from mhpo_server.store import Store
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,27 @@ def _from_rows(rows: Sequence[tuple[str, int, float]]) -> dict[str, Points]:
     return out
 
 
+@dataclass
+class Evaluation:
+    """What judging some steps of a run produced, before it is stored: flags and alerts that fired."""
+
+    flags: list[Flag] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    webhooks: dict[int, str] = field(default_factory=dict)  # index in `alerts` -> webhook URL
+
+    @property
+    def events(self) -> list[EventCreate]:
+        return [EventCreate.model_validate(f.as_event()) for f in self.flags]
+
+
 class IngestMonitor:
+    """Judges a run's new steps: the detectors' flags and the project's alert rules.
+
+    It reads and caches history but writes nothing: the ingest service stores an
+    `Evaluation` with the run's evaluation position in one transaction, then calls
+    `delivered` so webhooks go out only for alerts that were stored.
+    """
+
     def __init__(
         self,
         alerts: AlertStore,
@@ -160,21 +180,36 @@ class IngestMonitor:
         return found[1]
 
     def forget(self, run_id: str) -> None:
-        """Drop the run's cached windows (its history was rewound): the next batch reads them from the store."""
+        """Drop what is held about the run (its history was rewound, or an evaluation failed half way)."""
         self.cache.drop(run_id)
+        self.rule_states.drop_run(run_id)
 
-    def __call__(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> list[Flag]:
+    def evaluate(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> Evaluation:
+        """Judge the steps of a batch just stored, the run's earlier steps being already judged."""
         try:
             return self._evaluate(store, run_id, new_records)
         except BaseException:
-            self.cache.drop(run_id)  # the window may be half updated; the next batch reads it again
-            self.rule_states.drop_run(run_id)
+            self.forget(run_id)  # the window may be half updated; the next batch reads it again
             raise
 
-    def _evaluate(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> list[Flag]:
+    def evaluate_stored(self, store: Store, run_id: str, steps: Sequence[int]) -> Evaluation:
+        """Judge stored steps (ascending) from a cold read: a run that fell behind catches up."""
+        self.forget(run_id)
+        project = store.get_run(run_id).project
+        params = self.params_for(project)
+        rules = self.alerts.active_rules(project, run_id)
+        keys = params.keys() | {r.condition.key for r in rules if not isinstance(r.condition, FlagCondition)}
+        keys |= set(self.alerts.scalar_keys_between(run_id, steps[0], steps[-1]))
+        depth = max([params.history_steps(), *(alert_rules.history_points(r) for r in rules)])
+        rows, _ = self.alerts.scalar_windows(run_id, sorted(keys), steps[0], steps[-1], depth)
+        series = _from_rows(rows)
+        history = History.from_arrays({key: series.get(key, EMPTY) for key in keys})
+        return self._judge(project, run_id, params, rules, history, list(steps))
+
+    def _evaluate(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> Evaluation:
         new = _new_points(new_records)
         if not new:
-            return []
+            return Evaluation()
         steps = sorted({int(s) for steps, _ in new.values() for s in steps.tolist()})
         batches = self.alerts.batch_count(run_id)
         cached = self.cache.get(run_id)
@@ -218,15 +253,26 @@ class IngestMonitor:
         cached.batches = batches
         self.cache.put(run_id, cached)
         history = History.from_arrays(series)
+        return self._judge(project, run_id, params, rules, history, steps)
+
+    def _judge(
+        self,
+        project: str,
+        run_id: str,
+        params: FlagParams,
+        rules: Sequence[AlertRule],
+        history: History,
+        steps: list[int],
+    ) -> Evaluation:
         refractory = refractory_state(self.alerts.last_flag_steps(run_id, refractory_kinds(params), steps[0]))
         flags = detect(history, steps, params, refractory)
-        if flags:
-            store.add_events(run_id, [f.as_event() for f in flags])
+        out = Evaluation(flags=flags)
         if rules:
-            self._fire(project, run_id, self.rule_states.evaluate(run_id, rules, history, steps, flags))
-        return flags
+            self._fire(project, run_id, self.rule_states.evaluate(run_id, rules, history, steps, flags), out)
+        return out
 
-    def _fire(self, project: str, run_id: str, firings: Sequence[alert_rules.Firing]) -> None:
+    def _fire(self, project: str, run_id: str, firings: Sequence[alert_rules.Firing], out: Evaluation) -> None:
+        """Alerts of the firings outside their rule's cooldown (the ones stored before, and those of this batch)."""
         now = time.time()
         last: dict[int, float | None] = {}
         for firing in firings:
@@ -237,7 +283,9 @@ class IngestMonitor:
             if previous is not None and now - previous < rule.cooldown_s:
                 continue
             webhook = "webhook" in rule.channels and rule.webhook_url is not None
-            alert_id = self.alerts.add_alert(
+            if webhook:
+                out.webhooks[len(out.alerts)] = str(rule.webhook_url)
+            out.alerts.append(
                 {
                     "rule_id": rule.id,
                     "rule_name": rule.name,
@@ -251,8 +299,13 @@ class IngestMonitor:
                     "delivery_status": "pending" if webhook else "none",
                 }
             )
-            if alert_id is None:
-                continue
             last[rule.id] = now
-            if webhook and self.dispatcher is not None:
-                self.dispatcher.submit(self.alerts.get_alert(alert_id), str(rule.webhook_url))
+
+    def stored(self, evaluation: Evaluation, alert_ids: Sequence[int | None]) -> None:
+        """Hand the webhooks of the alerts just stored (not those stored before) to the dispatcher."""
+        if self.dispatcher is None:
+            return
+        for index, url in evaluation.webhooks.items():
+            alert_id = alert_ids[index]
+            if alert_id is not None:
+                self.dispatcher.submit(self.alerts.get_alert(alert_id), url)

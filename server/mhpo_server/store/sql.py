@@ -80,6 +80,7 @@ from mhpo_server.store.base import (
     WriteResult,
 )
 from mhpo_server.store.models import (
+    AlertRow,
     ApiTokenRow,
     BatchRow,
     EventRow,
@@ -100,8 +101,8 @@ BULK_COLUMNS = {
     "outliers": ("run_id", "step", "data", "time"),
 }
 NAN = math.nan
-# The alerts table belongs to server.alerts (which imports this package): named here by its columns only.
-ALERTS = sql_table("alerts", sql_column("run_id"), sql_column("step"), sql_column("rewound_at"))
+ALERTS = AlertRow.__table__
+ALERT_DEFAULTS = {"acknowledged_at": None, "delivery_attempts": 0, "delivery_error": None, "delivered_at": None}
 # SQLite result codes (by name prefix) after which a pooled connection is not to be trusted: a
 # connection opened while the file was read-only stays read-only after the file is writable again.
 SQLITE_RECONNECT = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_CORRUPT", "SQLITE_NOTADB")
@@ -230,7 +231,7 @@ class SqlStore(Store):
         rid: BindParameter[str] = bindparam("rid")
         self._run_by_id = self._run_select().where(RunRow.run_id == rid)
         self._run_exists = select(RunRow.run_id).where(RunRow.run_id == rid)
-        lock = select(RunRow.last_step).where(RunRow.run_id == rid)
+        lock = select(RunRow.last_step, RunRow.evaluated_step, RunRow.updated_at).where(RunRow.run_id == rid)
         self._lock = lock.with_for_update() if self.dialect == "postgresql" else lock
         self._add_batch = (
             self._insert(BatchRow.__table__)
@@ -238,6 +239,13 @@ class SqlStore(Store):
             .returning(BatchRow.batch_id)
         )
         self._touch_run = update(RunRow).where(RunRow.run_id == rid)
+        self._add_alert = (
+            self._insert(ALERTS)
+            .on_conflict_do_nothing(
+                index_elements=["rule_id", "run_id", "step"], index_where=text("rewound_at IS NULL")
+            )
+            .returning(ALERTS.c.id)
+        )
         in_key = and_(
             ScalarRow.run_id == rid,
             ScalarRow.key == bindparam("key"),
@@ -516,15 +524,23 @@ class SqlStore(Store):
         now = time.time()
         rejected = list(rejected)
         with self._tx(write=True) as conn:
-            last_step = self._lock_run(conn, run_id)
+            last_step, evaluated, updated_at = self._lock_run(conn, run_id)
+            caught_up = last_step is None or (evaluated is not None and evaluated >= last_step)
+            position: dict[str, Any] = {"last_step": last_step, "evaluated_step": evaluated}
             fresh_batch = conn.execute(
                 self._add_batch,
                 {"run_id": run_id, "batch_id": batch_id, "items": sum(r.items() for r in records), "created_at": now},
             ).first()
             if fresh_batch is None:
-                return WriteResult(accepted=0, duplicates=sum(r.items() for r in records), rejected=rejected)
+                return WriteResult(
+                    accepted=0,
+                    duplicates=sum(r.items() for r in records),
+                    rejected=rejected,
+                    caught_up=caught_up,
+                    **position,
+                )
             if not records:
-                return WriteResult(accepted=0, duplicates=0)
+                return WriteResult(accepted=0, duplicates=0, caught_up=caught_up, **position)
             records = self._check_binning(conn, run_id, records, rejected)
             total = sum(record.items() for record in records)
             scalar_rows, hist_rows, outlier_rows = _rows(run_id, records, now)
@@ -549,21 +565,37 @@ class SqlStore(Store):
             self._tiers.after_write(
                 conn,
                 run_id,
-                last_step,
+                (last_step, updated_at),
                 last,
                 now,
                 new_scalars,
                 lambda: self._distinct_keys(conn, "scalars", run_id),
                 fresh,
             )
-            conn.execute(self._touch_run, {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now})
+            values = {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now}
+            if new_records and evaluated is not None and min(r.step for r in new_records) <= evaluated:
+                # New steps at or before the evaluation position (an out-of-order batch): the steps
+                # after them are judged again with them, so the position moves back before them.
+                evaluated = min(r.step for r in new_records) - 1
+                conn.execute(self._touch_run, {**values, "evaluated_step": evaluated})
+                caught_up = False
+            else:
+                conn.execute(self._touch_run, values)
         accepted = sum(counts.values())
         return WriteResult(
-            accepted=accepted, duplicates=total - accepted, new_records=new_records, rows=counts, rejected=rejected
+            accepted=accepted,
+            duplicates=total - accepted,
+            new_records=new_records,
+            rows=counts,
+            rejected=rejected,
+            last_step=last,
+            evaluated_step=evaluated,
+            caught_up=caught_up,
         )
 
-    def _lock_run(self, conn: Connection, run_id: str) -> int | None:
-        """The run's last step, locking its row on PostgreSQL so writers to one run take turns.
+    def _lock_run(self, conn: Connection, run_id: str) -> tuple[int | None, int | None, float]:
+        """The run's last step, evaluation position and update time, locking its row on PostgreSQL so writers
+        to one run take turns.
 
         (SQLite's BEGIN IMMEDIATE already serialises writers.) Taking turns keeps the
         "newer than last_step" fast path of `write_records` exact under concurrency.
@@ -571,7 +603,7 @@ class SqlStore(Store):
         row = conn.execute(self._lock, {"rid": run_id}).first()
         if row is None:
             raise NotFound.run(run_id)
-        return row[0]
+        return row[0], row[1], row[2]
 
     def _bulk_insert(self, conn: Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
         """SQLite: the driver's executemany. PostgreSQL: COPY (only called when no row can collide)."""
@@ -648,7 +680,7 @@ class SqlStore(Store):
         now = time.time()
         removed: dict[str, int] = {}
         with self._tx(write=True) as conn:
-            last_step = self._lock_run(conn, run_id)
+            last_step, evaluated, _ = self._lock_run(conn, run_id)
             for name, table in (("scalars", ScalarRow), ("histograms", HistogramRow), ("outliers", OutlierRow)):
                 removed[name] = conn.execute(delete(table).where(table.run_id == run_id, table.step > step)).rowcount
             removed["flags"] = conn.execute(
@@ -665,7 +697,12 @@ class SqlStore(Store):
             moved = last_step is not None and last_step > step
             if moved or any(removed.values()):
                 new_last = None if step < 0 or last_step is None else min(last_step, step)
-                conn.execute(update(RunRow).where(RunRow.run_id == run_id).values(last_step=new_last, updated_at=now))
+                new_evaluated = None if step < 0 or evaluated is None else min(evaluated, step)
+                conn.execute(
+                    update(RunRow)
+                    .where(RunRow.run_id == run_id)
+                    .values(last_step=new_last, evaluated_step=new_evaluated, updated_at=now)
+                )
                 summary = ", ".join(f"{n} {name}" for name, n in removed.items() if n) or "nothing stored"
                 values = {
                     "message": f"history rewound to step {step}: removed {summary} after it",
@@ -695,7 +732,7 @@ class SqlStore(Store):
         now = time.time()
         child = str(uuid.uuid4())
         with self._tx(write=True) as conn:
-            parent_last = self._lock_run(conn, run_id)
+            parent_last, parent_evaluated, _ = self._lock_run(conn, run_id)
             if parent_last is None or step > parent_last:
                 raise Invalid(
                     ("step",),
@@ -714,7 +751,8 @@ class SqlStore(Store):
                     created_at=now,
                     updated_at=now,
                     last_seen_at=None,
-                    last_step=None if parent_last is None else min(parent_last, step),
+                    last_step=min(parent_last, step),
+                    evaluated_step=None if parent_evaluated is None else min(parent_evaluated, step),
                     parent_run_id=run_id,
                     fork_step=step,
                 )
@@ -1090,6 +1128,60 @@ class SqlStore(Store):
         with self._tx(write=True) as conn:
             self._require_run(conn, run_id)
             return len(conn.execute(stmt, rows).all())
+
+    def commit_evaluation(
+        self, run_id: str, through_step: int, events: Sequence[EventCreate], alerts: Sequence[Mapping[str, Any]]
+    ) -> list[int | None]:
+        now = time.time()
+        with self._tx(write=True) as conn:
+            if events:
+                conn.execute(
+                    self._insert(EventRow.__table__).on_conflict_do_nothing(
+                        index_elements=["run_id", "kind", "detector", "step"]
+                    ),
+                    [
+                        {
+                            "run_id": run_id,
+                            "step": e.step,
+                            "kind": e.kind,
+                            "severity": e.severity,
+                            "detector": e.detector,
+                            "message": e.message,
+                            "evidence": e.evidence,
+                            "created_at": now if e.created_at is None else e.created_at,
+                        }
+                        for e in events
+                    ],
+                )
+            fired: list[int | None] = []
+            for alert in alerts:  # one statement each: RETURNING says which were new
+                found = conn.execute(self._add_alert, {**ALERT_DEFAULTS, **alert}).first()
+                fired.append(None if found is None else int(found[0]))
+            conn.execute(
+                update(RunRow)
+                .where(RunRow.run_id == run_id, func.coalesce(RunRow.evaluated_step, -1) < through_step)
+                .values(evaluated_step=through_step)
+            )
+        return fired
+
+    def evaluation_position(self, run_id: str) -> tuple[int | None, int | None]:
+        with self._tx() as conn:
+            row = conn.execute(self._lock, {"rid": run_id}).first()
+        if row is None:
+            raise NotFound.run(run_id)
+        return row[1], row[0]
+
+    def behind(self, limit: int = 1000) -> list[tuple[str, int | None, int]]:
+        query = (
+            select(RunRow.run_id, RunRow.evaluated_step, RunRow.last_step)
+            .where(RunRow.last_step.is_not(None), func.coalesce(RunRow.evaluated_step, -1) < RunRow.last_step)
+            .order_by(RunRow.last_seen_at)
+            .limit(limit)
+        )
+        with self._tx() as conn:
+            return [
+                (run_id, evaluated, int(last)) for run_id, evaluated, last in conn.execute(query) if last is not None
+            ]
 
     def list_events(self, run_id: str) -> list[Event]:
         query = (

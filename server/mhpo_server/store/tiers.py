@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
@@ -34,7 +35,8 @@ TIER_SPAN = (
 )
 TIERED_MIN_STEPS = 50_000  # shorter ranges are aggregated from their points: as fast, with the exact bucket width
 KEYS_PER_STATEMENT = 500  # keys per IN (...) list
-NUMPY_ROWS = 256  # rows of a write from which its buckets are aggregated with numpy
+NUMPY_ROWS = 256  # rows from which buckets are aggregated with numpy
+OPEN_ROWS = 1024  # rows of an open bucket kept as they are before being merged into its aggregates
 NAN = math.nan
 AGG_FIELDS = ("run_id", "key", "width", "bucket", "n", "nans", "first_step", "vsum", "vcount", "vmin", "vmax")
 COLUMNS = ", ".join(AGG_FIELDS)
@@ -70,7 +72,6 @@ DROP = _keys(
     "AND bucket >= :b0 AND bucket < :b1"
 )
 DROP_ALL = text("DELETE FROM scalar_tiers WHERE run_id = :rid AND width = :width AND bucket >= :b0 AND bucket < :b1")
-UPDATED_AT = text("SELECT updated_at FROM runs WHERE run_id = :rid")
 REOPEN = text("DELETE FROM scalar_tiers WHERE run_id = :rid AND bucket >= :step / width")
 COPY = text(
     f"INSERT INTO scalar_tiers ({COLUMNS}) "
@@ -243,46 +244,65 @@ def aggregate(rows: Sequence[tuple[Any, ...]], width: int) -> dict[tuple[str, in
     return out
 
 
+@dataclass
+class OpenBucket:
+    """What a run's finest open bucket holds, as of the run's (last step, update time) `stamp`:
+    aggregates per key (`merged`) plus rows not merged yet (`rows`, merged when they grow)."""
+
+    stamp: tuple[int, float]
+    bucket: int
+    merged: dict[str, Agg] = field(default_factory=dict)
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def add(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        self.rows.extend(rows)
+        if len(self.rows) > OPEN_ROWS:
+            for (key, _), agg in aggregate(self.rows, WIDTHS[0]).items():
+                self.merged[key] = _merge(self.merged[key], agg) if key in self.merged else agg
+            self.rows = []
+
+
 class TierUpkeep:
     """Keeps a database's tiers true on writes, rewinds and forks.
 
-    It remembers, per run, the aggregates of the finest bucket its last append left open (with
-    the run's last step and update time then, checked against the run's row before use), so the
-    next append seals that bucket without reading its points back: an append of many steps then
-    costs a numpy pass over its rows and one insert. Any other change to the run (another
-    process's write, a rewind) changes the run's update time, and the bucket is read back instead.
+    It remembers, per run, what the finest bucket its last append left open holds, stamped with
+    the run's last step and update time after that append. The next append, finding the run's
+    row still so stamped (no other process wrote, nothing was rewound in between), seals that
+    bucket without reading its points back: an append then costs a list extend, and once per
+    bucket a numpy pass over the bucket's rows and one insert. Otherwise the points are read back.
     """
 
-    MAX_RUNS = 4096  # runs whose open bucket is remembered; the oldest is forgotten first
+    MAX_RUNS = 1024  # runs whose open bucket is remembered; the oldest is forgotten first
 
     def __init__(self) -> None:
-        self._open: dict[str, tuple[tuple[int, float], int, dict[str, Agg]]] = {}
+        self._open: dict[str, OpenBucket] = {}
 
     def after_write(
         self,
         conn: Connection,
         run_id: str,
-        old_last: int | None,
+        before: tuple[int | None, float],
         new_last: int,
         now: float,
         back: Iterable[tuple[str, int]],
         run_keys: Callable[[], list[str]],
         fresh: Sequence[tuple[Any, ...]] = (),
     ) -> None:
-        """Keep the tiers true after a write that moved the run's last step from `old_last` to `new_last`
-        (and its update time to `now`).
+        """Keep the tiers true after a write that moved the run's (last step, update time) from
+        `before` to (`new_last`, `now`).
 
-        `back`: the (key, step) of the new points at or before `old_last` (only a write reaching back
-        has any); `run_keys` lists the run's keys, asked only when stored points are aggregated;
-        `fresh`: the scalar rows of an append (every step after `old_last`), aggregated in memory.
+        `back`: the (key, step) of the new points at or before the old last step (only a write
+        reaching back has any); `run_keys` lists the run's keys, asked only when stored points are
+        aggregated; `fresh`: the scalar rows of an append (every step after the old last step).
         """
         remembered = self._open.pop(run_id, None)
-        old = -1 if old_last is None else old_last
+        old = -1 if before[0] is None else before[0]
+        if remembered is not None and remembered.stamp != (old, before[1]):
+            remembered = None
         reopened = [(k, s) for k, s in back if s // WIDTHS[0] < old // WIDTHS[0]]
         back_keys = sorted({k for k, _ in reopened})
         back_lo = min((s for _, s in reopened), default=0)
         back_hi = max((s for _, s in reopened), default=0)
-        keys: list[str] | None = None
         for level, width in enumerate(WIDTHS):
             seal0, seal1 = max(old // width, 0), new_last // width
             back0, back1 = back_lo // width, min(back_hi // width + 1, old // width)
@@ -296,38 +316,43 @@ class TierUpkeep:
             elif seal1 <= seal0 and (level or not fresh):
                 return  # nothing sealed or reopened at this width, so none at the coarser ones
             if level == 0 and fresh:
-                self._append(conn, run_id, old, new_last, now, fresh, remembered, run_keys)
+                self._append(conn, run_id, old, (new_last, now), fresh, remembered, run_keys)
             elif seal1 > seal0:
-                keys = run_keys() if keys is None and not level else keys
-                _build(conn, run_id, keys or [], level, seal0, seal1)
+                _build(conn, run_id, run_keys() if not level else [], level, seal0, seal1)
 
     def _append(
         self,
         conn: Connection,
         run_id: str,
         old: int,
-        new_last: int,
-        now: float,
+        stamp: tuple[int, float],
         fresh: Sequence[tuple[Any, ...]],
-        remembered: tuple[tuple[int, float], int, dict[str, Agg]] | None,
+        remembered: OpenBucket | None,
         run_keys: Callable[[], list[str]],
     ) -> None:
         """The finest tier after an append: its sealed buckets written, its open one remembered."""
         width = WIDTHS[0]
-        straddled, seal1 = old // width, new_last // width  # the bucket holding `old` may hold stored points
+        straddled, seal1 = old // width, stamp[0] // width  # the bucket holding `old` may hold stored points
+        if old < 0:
+            remembered = OpenBucket(stamp, straddled)
+        elif remembered is not None and remembered.bucket != straddled:
+            remembered = None
+        if seal1 == straddled:  # nothing seals: the open bucket grows
+            if remembered is not None:
+                remembered.stamp = stamp
+                remembered.add(fresh)
+                self._remember(run_id, remembered)
+            return
         seal0 = max(straddled, 0)
-        found = aggregate(fresh, width)
-        stored = None
-        if old >= 0 and remembered is not None and remembered[1] == straddled:
-            token = conn.execute(UPDATED_AT, {"rid": run_id}).scalar()
-            stored = remembered[2] if (old, token) == remembered[0] else None
-        if stored is not None:
-            for key, agg in stored.items():
+        if remembered is None:
+            _build(conn, run_id, run_keys(), 0, straddled, straddled + 1)  # its stored points read back
+            seal0 = straddled + 1
+            found = aggregate(fresh, width)
+        else:
+            found = aggregate([*remembered.rows, *fresh], width)
+            for key, agg in remembered.merged.items():
                 cell = (key, straddled)
                 found[cell] = _merge(agg, found[cell]) if cell in found else agg
-        elif old >= 0 and seal1 > straddled:
-            _build(conn, run_id, run_keys(), 0, straddled, straddled + 1)  # read back: not remembered
-            seal0 = straddled + 1
         rows = [
             dict(zip(AGG_FIELDS, (run_id, key, width, bucket, *agg), strict=True))
             for (key, bucket), agg in found.items()
@@ -335,10 +360,14 @@ class TierUpkeep:
         ]
         if rows:
             conn.execute(INSERT_ROWS, rows)
-        if seal1 > straddled or stored is not None:  # the open bucket's stored points are all known here
-            self._open[run_id] = ((new_last, now), seal1, {k: a for (k, b), a in found.items() if b == seal1})
-            if len(self._open) > self.MAX_RUNS:
-                self._open.pop(next(iter(self._open)))
+        opened = OpenBucket(stamp, seal1)  # it holds only this write's points
+        opened.add(row for row in fresh if row[2] // width == seal1)
+        self._remember(run_id, opened)
+
+    def _remember(self, run_id: str, bucket: OpenBucket) -> None:
+        self._open[run_id] = bucket
+        if len(self._open) > self.MAX_RUNS:
+            self._open.pop(next(iter(self._open)))
 
     def after_rewind(self, conn: Connection, run_id: str, step: int) -> None:
         """Drop the buckets a rewind to `step` reopens (all of them when `step` < 0)."""
