@@ -40,7 +40,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("run_id", "key", "width", "bucket", name="pk_scalar_tiers"),
         sqlite_with_rowid=False,
     )
-    op.create_index("ix_scalar_tiers_run_id_width_bucket", "scalar_tiers", ["run_id", "width", "bucket"])
     op.execute(
         f"INSERT INTO scalar_tiers ({COLUMNS}) "
         f"SELECT p.run_id, p.key, {WIDTHS[0]}, p.bucket, COUNT(*), SUM(p.is_nan), MIN(p.step), SUM(p.value), "

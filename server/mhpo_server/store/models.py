@@ -111,8 +111,7 @@ class ScalarTierRow(Base):
     """
 
     __tablename__ = "scalar_tiers"
-    # (run, width, bucket): sealing a coarser tier reads a span of the finer one for every key.
-    __table_args__ = (Index(None, "run_id", "width", "bucket"), {"sqlite_with_rowid": False})
+    __table_args__ = {"sqlite_with_rowid": False}
     run_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     key: Mapped[str] = mapped_column(String(KEY_LENGTH), primary_key=True)
     width: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)

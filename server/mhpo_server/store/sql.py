@@ -935,9 +935,11 @@ class SqlStore(Store):
                     ScalarRow.step >= lo_step,
                     ScalarRow.step <= hi_step,
                 )
+                # ORDER BY ... LIMIT 1, not MIN/MAX: PostgreSQL without statistics yet (a table just
+                # filled) plans MIN as an aggregate over every point of the key.
                 columns += [
-                    select(func.min(ScalarRow.step)).where(where).scalar_subquery(),
-                    select(func.max(ScalarRow.step)).where(where).scalar_subquery(),
+                    select(ScalarRow.step).where(where).order_by(ScalarRow.step).limit(1).scalar_subquery(),
+                    select(ScalarRow.step).where(where).order_by(ScalarRow.step.desc()).limit(1).scalar_subquery(),
                 ]
             row = conn.execute(select(*columns)).one()
             for i, key in enumerate(chunk):

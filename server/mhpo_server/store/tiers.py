@@ -7,7 +7,7 @@ is written once the run has moved past it (the bucket is *sealed*: bucket < last
 the transaction of the write that moved the run's last step. The finest tier of an append is
 aggregated in memory from the write's own rows (numpy), with the bucket the previous append
 left open remembered rather than read back (`TierUpkeep`); a coarser tier is aggregated in
-SQL from the tier below, once per bucket. A write inside open buckets (one step per request)
+SQL from the tier below, once per bucket (every 1,024 steps at most). A write inside open buckets (one step per request)
 costs a comparison and, once per 64 steps, one aggregate of the last 64 steps read back. A
 write that lands points in sealed buckets (a batch reaching back) rebuilds those buckets, a
 rewind drops the buckets it reopens, and a fork copies the parent's buckets sealed at its step.
@@ -58,12 +58,12 @@ FROM_POINTS = _keys(
     "WHERE run_id = :rid AND key IN :keys AND step >= :lo AND step < :hi) AS points "
     "GROUP BY run_id, key, bucket"
 )
-FROM_TIER = text(
+FROM_TIER = _keys(
     f"INSERT INTO scalar_tiers ({COLUMNS}) "
     "SELECT run_id, key, :width, up, SUM(n), SUM(nans), MIN(first_step), "
     f"CASE WHEN MAX({BAD_SUM}) = 1 THEN NULL ELSE SUM(vsum) END, SUM(vcount), MIN(vmin), MAX(vmax) "
     "FROM (SELECT run_id, key, n, nans, first_step, vsum, vcount, vmin, vmax, bucket / :ratio AS up "
-    "FROM scalar_tiers WHERE run_id = :rid AND width = :lower "
+    "FROM scalar_tiers WHERE run_id = :rid AND key IN :keys AND width = :lower "
     "AND bucket >= :lo AND bucket < :hi) AS tier "
     "GROUP BY run_id, key, up"
 )
@@ -71,7 +71,6 @@ DROP = _keys(
     "DELETE FROM scalar_tiers WHERE run_id = :rid AND key IN :keys AND width = :width "
     "AND bucket >= :b0 AND bucket < :b1"
 )
-DROP_ALL = text("DELETE FROM scalar_tiers WHERE run_id = :rid AND width = :width AND bucket >= :b0 AND bucket < :b1")
 REOPEN = text("DELETE FROM scalar_tiers WHERE run_id = :rid AND bucket >= :step / width")
 COPY = text(
     f"INSERT INTO scalar_tiers ({COLUMNS}) "
@@ -167,17 +166,16 @@ def _chunks(keys: Sequence[str]) -> Iterable[list[str]]:
 
 
 def _build(conn: Connection, run_id: str, keys: Sequence[str], level: int, b0: int, b1: int) -> None:
-    """Write the rows of buckets [b0, b1) of tier `level`: the finest for `keys` from their points, a
-    coarser one (every key) from the tier below."""
+    """Write the rows of buckets [b0, b1) of tier `level` for `keys`, from the points or the tier below."""
     width = WIDTHS[level]
-    if level:
-        ratio = width // WIDTHS[level - 1]
-        # Bounds in the source's units are computed here: PostgreSQL types a small parameter as smallint.
-        params = {"rid": run_id, "width": width, "lower": WIDTHS[level - 1], "ratio": ratio}
-        conn.execute(FROM_TIER, {**params, "lo": b0 * ratio, "hi": b1 * ratio})
-        return
+    ratio = width // WIDTHS[level - 1] if level else width
+    # Bounds in the source's units are computed here: PostgreSQL types a small parameter as smallint.
+    params = {"rid": run_id, "width": width, "lo": b0 * ratio, "hi": b1 * ratio}
     for chunk in _chunks(keys):
-        conn.execute(FROM_POINTS, {"rid": run_id, "keys": chunk, "width": width, "lo": b0 * width, "hi": b1 * width})
+        if level:
+            conn.execute(FROM_TIER, {**params, "keys": chunk, "lower": WIDTHS[level - 1], "ratio": ratio})
+        else:
+            conn.execute(FROM_POINTS, {**params, "keys": chunk})
 
 
 # A bucket's aggregate: (n, nans, first step, sum, count, min, max); sum, min and max over the points
@@ -303,22 +301,21 @@ class TierUpkeep:
         back_keys = sorted({k for k, _ in reopened})
         back_lo = min((s for _, s in reopened), default=0)
         back_hi = max((s for _, s in reopened), default=0)
+        keys: list[str] | None = None
         for level, width in enumerate(WIDTHS):
             seal0, seal1 = max(old // width, 0), new_last // width
             back0, back1 = back_lo // width, min(back_hi // width + 1, old // width)
             if back_keys and back1 > back0:
-                span = {"rid": run_id, "width": width, "b0": back0, "b1": back1}
-                if level:
-                    conn.execute(DROP_ALL, span)  # a coarser tier is rebuilt for every key
-                for chunk in _chunks(back_keys) if not level else ():
-                    conn.execute(DROP, {**span, "keys": chunk})
+                for chunk in _chunks(back_keys):
+                    conn.execute(DROP, {"rid": run_id, "keys": chunk, "width": width, "b0": back0, "b1": back1})
                 _build(conn, run_id, back_keys, level, back0, back1)
             elif seal1 <= seal0 and (level or not fresh):
                 return  # nothing sealed or reopened at this width, so none at the coarser ones
             if level == 0 and fresh:
                 self._append(conn, run_id, old, (new_last, now), fresh, remembered, run_keys)
             elif seal1 > seal0:
-                _build(conn, run_id, run_keys() if not level else [], level, seal0, seal1)
+                keys = run_keys() if keys is None else keys
+                _build(conn, run_id, keys, level, seal0, seal1)
 
     def _append(
         self,
