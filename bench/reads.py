@@ -10,8 +10,9 @@ key, written with the store's bulk write (batches of 10,000 steps); then the med
   database (the tiers), what a dashboard waits for.
 
 Ingest: `store.write_records` of 1 step x 30 keys and of 50 steps x 20 keys per batch (the
-shapes of bench/ingest.py), with the tier upkeep on and off (the store's
-`TierUpkeep.after_write` replaced by a no-op), in alternating rounds on one database; median points/s of the rounds.
+shapes of bench/ingest.py) to two runs in turn, batch for batch, one with the tier upkeep and
+one without (the store's `TierUpkeep.after_write` replaced by a no-op); median points/s of
+the rounds.
 
     python bench/reads.py                                   # SQLite and PostgreSQL (MHPO_TEST_PG_URL)
     python bench/reads.py --no-pg --sizes 10000 100000      # quicker
@@ -109,7 +110,11 @@ def reads(name: str, url: str, sizes: list[int], repeat: int, workdir: Path) -> 
 
 
 def ingest(name: str, url: str, rounds: int, batches: int) -> list[tuple[Any, ...]]:
-    """Points/s of write_records per batch shape, the tier upkeep on and off in alternating rounds."""
+    """Points/s of write_records per batch shape, the tier upkeep on and off.
+
+    Two runs written batch for batch in turn, one with the upkeep and one without, so both see
+    the same load at the same moment; `rounds` pairs of fresh runs, the median of their rates.
+    """
     mhpo_migrations.upgrade(url)
     store = open_store(url)
     assert isinstance(store, SqlStore)
@@ -118,22 +123,21 @@ def ingest(name: str, url: str, rounds: int, batches: int) -> list[tuple[Any, ..
     rates: dict[tuple[str, bool], list[float]] = {}
     try:
         for shape, steps, keys in (("1 step x 30 keys", 1, STEP_KEYS), ("50 steps x 20 keys", BATCH_STEPS, BATCH_KEYS)):
-            for n in range(2 * rounds):
-                on = n % 2 == 0
-                store._tiers = upkeep if on else off
-                run_id = store.create_run(RunCreate(project="bench", name="ingest")).run_id
-                batch_list = [
-                    [
+            for _ in range(rounds):
+                runs = {on: store.create_run(RunCreate(project="bench", name="ingest")).run_id for on in (True, False)}
+                spent = dict.fromkeys(runs, 0.0)
+                for b in range(batches):
+                    records = [
                         RecordIn(step=b * steps + s, time=1.7e9, scalars=dict.fromkeys(keys, s * 0.5))
                         for s in range(steps)
                     ]
-                    for b in range(batches)
-                ]
-                start = time.perf_counter()
-                for records in batch_list:
-                    store.write_records(run_id, uuid.uuid4().hex, records)
-                elapsed = time.perf_counter() - start
-                rates.setdefault((shape, on), []).append(batches * steps * len(keys) / elapsed)
+                    for on, run_id in runs.items():
+                        store._tiers = upkeep if on else off
+                        start = time.perf_counter()
+                        store.write_records(run_id, uuid.uuid4().hex, records)
+                        spent[on] += time.perf_counter() - start
+                for on in runs:
+                    rates.setdefault((shape, on), []).append(batches * steps * len(keys) / spent[on])
     finally:
         store._tiers = upkeep
         store.close()

@@ -30,9 +30,7 @@ import numpy as np
 from sqlalchemy import Connection, TextClause, bindparam, text
 
 WIDTHS = tuple(64 * 16**k for k in range(5))  # 64 .. 4,194,304 steps: a row per 64 points, and a few per 1,024
-TIER_SPAN = (
-    2  # a response bucket spans >= 2 tier buckets: rounding its width up to the tier's costs <= 1/3 of the points
-)
+ROUNDING = 1.5  # a tiered read's bucket width is at most this times the ideal one (>= 2/3 of the points)
 TIERED_MIN_STEPS = 50_000  # shorter ranges are aggregated from their points: as fast, with the exact bucket width
 KEYS_PER_STATEMENT = 500  # keys per IN (...) list
 NUMPY_ROWS = 256  # rows from which buckets are aggregated with numpy
@@ -114,12 +112,14 @@ def _ceil(a: int, b: int) -> int:
 
 
 def tier_for(lo: int, hi: int, max_points: int) -> int | None:
-    """The tier width to read steps [lo, hi] at `max_points` from: the coarsest one that a response
-    bucket spans `TIER_SPAN` times; None when the range is read from its points."""
+    """The tier width to read steps [lo, hi] at `max_points` from: the coarsest one whose multiple
+    nearest above the ideal bucket width stays within `ROUNDING` of it; None when the range is read
+    from its points."""
     steps = hi - lo + 1
     if steps < TIERED_MIN_STEPS:
         return None
-    fitting = [w for w in WIDTHS if w * TIER_SPAN <= _ceil(steps, max_points)]
+    ideal = _ceil(steps, max_points)
+    fitting = [w for w in WIDTHS if _ceil(ideal, w) * w <= ideal * ROUNDING]
     return fitting[-1] if fitting else None
 
 
