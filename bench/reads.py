@@ -131,7 +131,8 @@ def ingest(name: str, url: str, rounds: int, batches: int) -> list[tuple[Any, ..
                         RecordIn(step=b * steps + s, time=1.7e9, scalars=dict.fromkeys(keys, s * 0.5))
                         for s in range(steps)
                     ]
-                    for on, run_id in runs.items():
+                    for on in (True, False) if b % 2 else (False, True):  # who goes first alternates
+                        run_id = runs[on]
                         store._tiers = upkeep if on else off
                         start = time.perf_counter()
                         store.write_records(run_id, uuid.uuid4().hex, records)

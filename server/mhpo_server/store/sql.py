@@ -99,6 +99,7 @@ BULK_COLUMNS = {
     "scalars": ("run_id", "key", "step", "value", "is_nan", "time"),
     "histograms": ("run_id", "key", "step", "lo", "hi", "bins", "counts", "stats", "time"),
     "outliers": ("run_id", "step", "data", "time"),
+    "scalar_tiers": tiers.AGG_FIELDS,
 }
 NAN = math.nan
 ALERTS = AlertRow.__table__
@@ -224,7 +225,7 @@ class SqlStore(Store):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.write_health = WriteHealth()
-        self._tiers = tiers.TierUpkeep()
+        self._tiers = tiers.TierUpkeep(lambda conn, rows: self._bulk_insert(conn, "scalar_tiers", rows))
         self.dialect = engine.dialect.name
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
         # Statements of the hot paths, built once: building one costs more than running it on SQLite.

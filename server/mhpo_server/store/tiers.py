@@ -34,7 +34,7 @@ ROUNDING = 1.5  # a tiered read's bucket width is at most this times the ideal o
 TIERED_MIN_STEPS = 50_000  # shorter ranges are aggregated from their points: as fast, with the exact bucket width
 KEYS_PER_STATEMENT = 500  # keys per IN (...) list
 NUMPY_ROWS = 256  # rows from which buckets are aggregated with numpy
-OPEN_ROWS = 1024  # rows of an open bucket kept as they are before being merged into its aggregates
+OPEN_ROWS = 2048  # rows of an open bucket kept as they are before being merged into its aggregates (~300 kB)
 NAN = math.nan
 AGG_FIELDS = ("run_id", "key", "width", "bucket", "n", "nans", "first_step", "vsum", "vcount", "vmin", "vmax")
 COLUMNS = ", ".join(AGG_FIELDS)
@@ -74,10 +74,6 @@ COPY = text(
     f"INSERT INTO scalar_tiers ({COLUMNS}) "
     "SELECT :child, key, width, bucket, n, nans, first_step, vsum, vcount, vmin, vmax FROM scalar_tiers "
     "WHERE run_id = :rid AND bucket < :step / width"
-)
-INSERT_ROWS = text(
-    f"INSERT INTO scalar_tiers ({COLUMNS}) "
-    "VALUES (:run_id, :key, :width, :bucket, :n, :nans, :first_step, :vsum, :vcount, :vmin, :vmax)"
 )
 LAST_STEP = text("SELECT last_step FROM runs WHERE run_id = :rid")
 _POINT_PARTS = (
@@ -210,8 +206,8 @@ def aggregate(rows: Sequence[tuple[Any, ...]], width: int) -> dict[tuple[str, in
         return out
     names = list(map(itemgetter(1), rows))
     codes = {name: i for i, name in enumerate(dict.fromkeys(names))}
-    code = np.fromiter(map(codes.__getitem__, names), np.int64, len(rows))
-    steps = np.fromiter(map(itemgetter(2), rows), np.int64, len(rows))
+    code = np.array(list(map(codes.__getitem__, names)), dtype=np.int64)
+    steps = np.array(list(map(itemgetter(2), rows)), dtype=np.int64)
     values = np.array(list(map(itemgetter(3), rows)), dtype=np.float64)  # None -> NaN
     order = np.lexsort((steps, code))
     code, steps, values = code[order], steps[order], values[order]
@@ -270,9 +266,11 @@ class TierUpkeep:
     bucket a numpy pass over the bucket's rows and one insert. Otherwise the points are read back.
     """
 
-    MAX_RUNS = 1024  # runs whose open bucket is remembered; the oldest is forgotten first
+    MAX_RUNS = 256  # runs whose open bucket is remembered (<= ~80 MB); the oldest is forgotten first
 
-    def __init__(self) -> None:
+    def __init__(self, insert: Callable[[Connection, list[tuple[Any, ...]]], None]) -> None:
+        """`insert` writes new tier rows (tuples in `AGG_FIELDS` order) in bulk."""
+        self._insert = insert
         self._open: dict[str, OpenBucket] = {}
 
     def after_write(
@@ -341,24 +339,23 @@ class TierUpkeep:
                 self._remember(run_id, remembered)
             return
         seal0 = max(straddled, 0)
+        start = seal1 * width  # the new open bucket's first step
+        sealed = [row for row in fresh if row[2] < start]
         if remembered is None:
             _build(conn, run_id, run_keys(), 0, straddled, straddled + 1)  # its stored points read back
             seal0 = straddled + 1
-            found = aggregate(fresh, width)
+            found = aggregate(sealed, width)
         else:
-            found = aggregate([*remembered.rows, *fresh], width)
+            found = aggregate(remembered.rows + sealed, width)
             for key, agg in remembered.merged.items():
                 cell = (key, straddled)
                 found[cell] = _merge(agg, found[cell]) if cell in found else agg
-        rows = [
-            dict(zip(AGG_FIELDS, (run_id, key, width, bucket, *agg), strict=True))
-            for (key, bucket), agg in found.items()
-            if seal0 <= bucket < seal1
-        ]
-        if rows:
-            conn.execute(INSERT_ROWS, rows)
+        self._insert(
+            conn,
+            [(run_id, key, width, bucket, *agg) for (key, bucket), agg in found.items() if seal0 <= bucket < seal1],
+        )
         opened = OpenBucket(stamp, seal1)  # it holds only this write's points
-        opened.add(row for row in fresh if row[2] // width == seal1)
+        opened.add([row for row in fresh if row[2] >= start])
         self._remember(run_id, opened)
 
     def _remember(self, run_id: str, bucket: OpenBucket) -> None:
