@@ -4,7 +4,8 @@ The ingest service moves `evaluated_step` in the transaction that stores the fla
 alerts it produced, so a server that dies between storing a batch and evaluating it leaves
 the run "behind" (`evaluated_step < last_step`) and the next batch, or the server's start,
 evaluates what was missed. Existing runs were evaluated as they were written: they start
-caught up.
+caught up. `write_seq` counts the changes to a run's history (batches stored, rewinds), so a
+server process knows whether its cached view of the run is still the stored one.
 
 Revision ID: 0004
 Revises: 0003
@@ -24,9 +25,11 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("runs") as batch:
         batch.add_column(sa.Column("evaluated_step", sa.BigInteger(), nullable=True))
+        batch.add_column(sa.Column("write_seq", sa.BigInteger(), nullable=False, server_default="0"))
     op.execute("UPDATE runs SET evaluated_step = last_step")
 
 
 def downgrade() -> None:
     with op.batch_alter_table("runs") as batch:
+        batch.drop_column("write_seq")
         batch.drop_column("evaluated_step")

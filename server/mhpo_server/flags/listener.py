@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ from mhpo_server.alerts.webhook import WebhookDispatcher
 from mhpo_server.flags.detectors import Flag, History, detect, refractory_kinds, refractory_state
 from mhpo_server.flags.params import DEFAULT_PARAMS, FlagParams
 from mhpo_server.schemas import EventCreate, RecordIn
-from mhpo_server.store import Store
+from mhpo_server.store import Prejudged, Store, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,24 @@ class RunWindows:
     project: str
     depth: int
     series: dict[str, Points] = field(default_factory=dict)
-    batches: int = -1  # the run's stored batch count after the last batch evaluated here
+    write_seq: int = -1  # the run's count of history changes after the last batch judged here
+    # Latest flagged step per refractory key (`detect`'s `last_flagged`), read for `params`.
+    refractory: dict[str, int] | None = None
+    params: FlagParams | None = None
+
+    def copy(self) -> RunWindows:
+        """A view to judge a batch on before it is written: the cache keeps the original until the write succeeds."""
+        refractory = None if self.refractory is None else dict(self.refractory)
+        return replace(self, series=dict(self.series), refractory=refractory)
+
+
+@dataclass
+class Pending:
+    """A batch judged before its write: what the store keeps with it, and the view to cache if it does."""
+
+    prejudged: Prejudged
+    evaluation: Evaluation
+    view: RunWindows
 
 
 class WindowCache:
@@ -184,13 +201,46 @@ class IngestMonitor:
         self.cache.drop(run_id)
         self.rule_states.drop_run(run_id)
 
-    def evaluate(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> Evaluation:
-        """Judge the steps of a batch just stored, the run's earlier steps being already judged."""
+    def prejudge(self, store: Store, run_id: str, records: Sequence[RecordIn]) -> Pending | None:
+        """Judge a batch before it is written, from this process's cached view of the run (None without one).
+
+        Valid only if the batch is stored whole as the run's newest steps with nothing written in
+        between, which the store checks in the batch's transaction (`Prejudged`, else `Stale`).
+        Call `written` after the write, or `forget` if it did not happen.
+        """
+        cached = self.cache.get(run_id)
+        if cached is None or cached.refractory is None:
+            return None
         try:
-            return self._evaluate(store, run_id, new_records)
+            evaluation, view = self._evaluate(store, run_id, records, cached.copy(), written=False)
+        except BaseException:
+            self.forget(run_id)
+            raise
+        if view is None:
+            return None
+        prejudged = Prejudged(write_seq=cached.write_seq, events=evaluation.events, alerts=evaluation.alerts)
+        return Pending(prejudged, evaluation, view)
+
+    def written(self, run_id: str, pending: Pending, result: WriteResult) -> None:
+        """The store kept the batch with its prejudged evaluation: the view becomes the cache, webhooks go out."""
+        pending.view.write_seq = result.write_seq
+        self.cache.put(run_id, pending.view)
+        self.stored(pending.evaluation, result.alert_ids)
+
+    def evaluate(self, store: Store, run_id: str, new_records: Sequence[RecordIn], write_seq: int) -> Evaluation:
+        """Judge the new records of a batch just stored (the run's `write_seq` after it), earlier steps being judged."""
+        cached = self.cache.get(run_id)
+        if cached is not None and cached.write_seq != write_seq - 1:
+            cached = None  # another process changed the run since: its points are not in the cache
+        try:
+            evaluation, view = self._evaluate(store, run_id, new_records, cached, written=True)
         except BaseException:
             self.forget(run_id)  # the window may be half updated; the next batch reads it again
             raise
+        if view is not None:
+            view.write_seq = write_seq
+            self.cache.put(run_id, view)
+        return evaluation
 
     def evaluate_stored(self, store: Store, run_id: str, steps: Sequence[int]) -> Evaluation:
         """Judge stored steps (ascending) from a cold read: a run that fell behind catches up."""
@@ -204,17 +254,20 @@ class IngestMonitor:
         rows, _ = self.alerts.scalar_windows(run_id, sorted(keys), steps[0], steps[-1], depth)
         series = _from_rows(rows)
         history = History.from_arrays({key: series.get(key, EMPTY) for key in keys})
-        return self._judge(project, run_id, params, rules, history, list(steps))
+        refractory = refractory_state(self.alerts.last_flag_steps(run_id, refractory_kinds(params), steps[0]))
+        return self._judge(project, run_id, params, rules, history, list(steps), refractory)
 
-    def _evaluate(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> Evaluation:
+    def _evaluate(
+        self, store: Store, run_id: str, new_records: Sequence[RecordIn], cached: RunWindows | None, written: bool
+    ) -> tuple[Evaluation, RunWindows | None]:
+        """Judge the batch on `cached` extended with its points (updated in place, or a new view if None).
+
+        `written`: whether the batch is stored already (a key read from the store then has its points).
+        """
         new = _new_points(new_records)
         if not new:
-            return Evaluation()
+            return Evaluation(), cached
         steps = sorted({int(s) for steps, _ in new.values() for s in steps.tolist()})
-        batches = self.alerts.batch_count(run_id)
-        cached = self.cache.get(run_id)
-        if cached is not None and cached.batches != batches - 1:
-            cached = None  # another process stored a batch of this run since: its points are not in the cache
         project = cached.project if cached is not None else store.get_run(run_id).project
         params = self.params_for(project)
         rules = self.alerts.active_rules(project, run_id)
@@ -224,6 +277,10 @@ class IngestMonitor:
         depth = max([params.history_steps(), *(alert_rules.history_points(r) for r in rules)])
         if cached is None or cached.depth < depth:
             cached = RunWindows(project=project, depth=depth)
+        if cached.params is not params:  # first batch here, or the project's detector parameters changed
+            kinds = refractory_kinds(params)
+            cached.refractory = refractory_state(self.alerts.last_flag_steps(run_id, kinds, steps[0]))
+            cached.params = params
         for key in quiet & cached.series.keys():
             del cached.series[key]  # its window misses this batch now: read again when the key next matters
         series: dict[str, Points] = {}
@@ -242,6 +299,12 @@ class IngestMonitor:
             read = _from_rows(rows)
             for key in missing:
                 series[key] = read.get(key, EMPTY)
+                added = new.get(key)
+                if not written and added is not None:  # the batch's steps all follow the stored ones
+                    series[key] = (
+                        np.concatenate([series[key][0], added[0]]),
+                        np.concatenate([series[key][1], added[1]]),
+                    )
                 if latest.get(key, -1) > steps[-1]:
                     cached.series.pop(key, None)  # stored points after this batch: not the newest window
                     continue
@@ -250,10 +313,9 @@ class IngestMonitor:
             if key in cached.series:
                 s, v = series[key]
                 cached.series[key] = (s[-cached.depth :], v[-cached.depth :])
-        cached.batches = batches
-        self.cache.put(run_id, cached)
         history = History.from_arrays(series)
-        return self._judge(project, run_id, params, rules, history, steps)
+        assert cached.refractory is not None
+        return self._judge(project, run_id, params, rules, history, steps, cached.refractory), cached
 
     def _judge(
         self,
@@ -263,8 +325,9 @@ class IngestMonitor:
         rules: Sequence[AlertRule],
         history: History,
         steps: list[int],
+        refractory: dict[str, int],
     ) -> Evaluation:
-        refractory = refractory_state(self.alerts.last_flag_steps(run_id, refractory_kinds(params), steps[0]))
+        """Flags and alerts at `steps`; `refractory` (the latest flagged steps) moves on with the flags."""
         flags = detect(history, steps, params, refractory)
         out = Evaluation(flags=flags)
         if rules:

@@ -104,6 +104,13 @@ class Unavailable(StoreError):
         return f"{what}: retry after {self.retry_after} s"
 
 
+class Stale(StoreError):
+    """A batch judged before its write met a run changed since (or steps it already has): nothing was written."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} changed since its batch was judged")
+
+
 class StorageFull(Unavailable):
     pass
 
@@ -148,6 +155,23 @@ class WriteResult:
     evaluated_step: int | None = None
     # No stored step after `evaluated_step` but this batch's new ones: evaluating the batch alone is exact.
     caught_up: bool = True
+    write_seq: int = 0  # the run's count of history changes after the batch
+    alert_ids: list[int | None] = field(default_factory=list)  # of the prejudged alerts; None: stored before
+
+
+@dataclass
+class Prejudged:
+    """A batch's flags and alerts judged before its write, from a server process's cached view of the run.
+
+    The store keeps them, with the evaluation position, in the batch's own transaction when the
+    run is as that view saw it (`write_seq` unchanged, evaluated through its last step) and every
+    step of the batch is new; then a batch costs one transaction and needs no cross-process turn
+    (the transaction itself checks the view). Otherwise it raises `Stale` and writes nothing.
+    """
+
+    write_seq: int
+    events: list[EventCreate] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Store(abc.ABC):
@@ -187,7 +211,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def write_records(
-        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem] = ()
+        self,
+        run_id: str,
+        batch_id: str,
+        records: Sequence[RecordIn],
+        rejected: Sequence[RejectedItem] = (),
+        prejudged: Prejudged | None = None,
     ) -> WriteResult:
         """One transaction, idempotent by (run, batch_id) and by (run, key, step).
 

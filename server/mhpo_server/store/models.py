@@ -88,6 +88,9 @@ class RunRow(Base):
     # The last step whose flags and alert rules are stored (None: none yet); behind `last_step`
     # only between a batch's commit and its evaluation, or after a crash in between.
     evaluated_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Changes to the run's history (batches stored, rewinds): a process's cached view of the run is
+    # current when the count is the one it saw after its own last change.
+    write_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
     parent_run_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     fork_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 

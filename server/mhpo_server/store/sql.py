@@ -72,7 +72,9 @@ from mhpo_server.store.base import (
     Invalid,
     NotFound,
     OverLimit,
+    Prejudged,
     SchemaError,
+    Stale,
     StorageFull,
     Store,
     Unavailable,
@@ -232,7 +234,7 @@ class SqlStore(Store):
         rid: BindParameter[str] = bindparam("rid")
         self._run_by_id = self._run_select().where(RunRow.run_id == rid)
         self._run_exists = select(RunRow.run_id).where(RunRow.run_id == rid)
-        lock = select(RunRow.last_step, RunRow.evaluated_step, RunRow.updated_at).where(RunRow.run_id == rid)
+        lock = select(RunRow.last_step, RunRow.evaluated_step, RunRow.write_seq).where(RunRow.run_id == rid)
         self._lock = lock.with_for_update() if self.dialect == "postgresql" else lock
         self._add_batch = (
             self._insert(BatchRow.__table__)
@@ -240,6 +242,9 @@ class SqlStore(Store):
             .returning(BatchRow.batch_id)
         )
         self._touch_run = update(RunRow).where(RunRow.run_id == rid)
+        self._add_flags = self._insert(EventRow.__table__).on_conflict_do_nothing(
+            index_elements=["run_id", "kind", "detector", "step"]
+        )
         self._add_alert = (
             self._insert(ALERTS)
             .on_conflict_do_nothing(
@@ -520,19 +525,34 @@ class SqlStore(Store):
     # records ----------------------------------------------------------------------------
 
     def write_records(
-        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem] = ()
+        self,
+        run_id: str,
+        batch_id: str,
+        records: Sequence[RecordIn],
+        rejected: Sequence[RejectedItem] = (),
+        prejudged: Prejudged | None = None,
     ) -> WriteResult:
         now = time.time()
         rejected = list(rejected)
         with self._tx(write=True) as conn:
-            last_step, evaluated, updated_at = self._lock_run(conn, run_id)
+            last_step, evaluated, write_seq = self._lock_run(conn, run_id)
             caught_up = last_step is None or (evaluated is not None and evaluated >= last_step)
-            position: dict[str, Any] = {"last_step": last_step, "evaluated_step": evaluated}
+            position: dict[str, Any] = {"last_step": last_step, "evaluated_step": evaluated, "write_seq": write_seq}
+            if prejudged is not None and not (
+                records
+                and prejudged.write_seq == write_seq
+                and caught_up
+                and (last_step is None or min(r.step for r in records) > last_step)
+                and len({r.step for r in records}) == len(records)
+            ):
+                raise Stale(run_id)  # rolls back: nothing of the batch is written
             fresh_batch = conn.execute(
                 self._add_batch,
                 {"run_id": run_id, "batch_id": batch_id, "items": sum(r.items() for r in records), "created_at": now},
             ).first()
             if fresh_batch is None:
+                if prejudged is not None:
+                    raise Stale(run_id)
                 return WriteResult(
                     accepted=0,
                     duplicates=sum(r.items() for r in records),
@@ -547,7 +567,8 @@ class SqlStore(Store):
             scalar_rows, hist_rows, outlier_rows = _rows(run_id, records, now)
             steps = [r.step for r in records]
             first, top = min(steps), max(steps)
-            if (last_step is None or first > last_step) and len(set(steps)) == len(steps):
+            all_new = (last_step is None or first > last_step) and len(set(steps)) == len(steps)
+            if all_new:
                 # Every step is new to the run and appears once in the batch, so nothing can
                 # collide: a plain bulk insert (executemany, COPY) is exact and several times faster.
                 for table, rows in (("scalars", scalar_rows), ("histograms", hist_rows), ("outliers", outlier_rows)):
@@ -566,15 +587,20 @@ class SqlStore(Store):
             self._tiers.after_write(
                 conn,
                 run_id,
-                (last_step, updated_at),
+                (last_step, write_seq),
                 last,
-                now,
                 new_scalars,
                 lambda: self._distinct_keys(conn, "scalars", run_id),
                 fresh,
             )
-            values = {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now}
-            if new_records and evaluated is not None and min(r.step for r in new_records) <= evaluated:
+            write_seq += 1
+            values = {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now, "write_seq": write_seq}
+            alert_ids: list[int | None] = []
+            if prejudged is not None:
+                alert_ids = self._add_evaluation(conn, run_id, prejudged.events, prejudged.alerts, now)
+                evaluated = last
+                conn.execute(self._touch_run, {**values, "evaluated_step": evaluated})
+            elif new_records and evaluated is not None and min(r.step for r in new_records) <= evaluated:
                 # New steps at or before the evaluation position (an out-of-order batch): the steps
                 # after them are judged again with them, so the position moves back before them.
                 evaluated = min(r.step for r in new_records) - 1
@@ -592,11 +618,12 @@ class SqlStore(Store):
             last_step=last,
             evaluated_step=evaluated,
             caught_up=caught_up,
+            write_seq=write_seq,
+            alert_ids=alert_ids,
         )
 
-    def _lock_run(self, conn: Connection, run_id: str) -> tuple[int | None, int | None, float]:
-        """The run's last step, evaluation position and update time, locking its row on PostgreSQL so writers
-        to one run take turns.
+    def _lock_run(self, conn: Connection, run_id: str) -> tuple[int | None, int | None, int]:
+        """The run's last step and evaluation position, locking its row on PostgreSQL so writers to one run take turns.
 
         (SQLite's BEGIN IMMEDIATE already serialises writers.) Taking turns keeps the
         "newer than last_step" fast path of `write_records` exact under concurrency.
@@ -604,7 +631,7 @@ class SqlStore(Store):
         row = conn.execute(self._lock, {"rid": run_id}).first()
         if row is None:
             raise NotFound.run(run_id)
-        return row[0], row[1], row[2]
+        return row[0], row[1], int(row[2])
 
     def _bulk_insert(self, conn: Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
         """SQLite: the driver's executemany. PostgreSQL: COPY (only called when no row can collide)."""
@@ -681,7 +708,7 @@ class SqlStore(Store):
         now = time.time()
         removed: dict[str, int] = {}
         with self._tx(write=True) as conn:
-            last_step, evaluated, _ = self._lock_run(conn, run_id)
+            last_step, evaluated, write_seq = self._lock_run(conn, run_id)
             for name, table in (("scalars", ScalarRow), ("histograms", HistogramRow), ("outliers", OutlierRow)):
                 removed[name] = conn.execute(delete(table).where(table.run_id == run_id, table.step > step)).rowcount
             removed["flags"] = conn.execute(
@@ -702,7 +729,7 @@ class SqlStore(Store):
                 conn.execute(
                     update(RunRow)
                     .where(RunRow.run_id == run_id)
-                    .values(last_step=new_last, evaluated_step=new_evaluated, updated_at=now)
+                    .values(last_step=new_last, evaluated_step=new_evaluated, write_seq=write_seq + 1, updated_at=now)
                 )
                 summary = ", ".join(f"{n} {name}" for name, n in removed.items() if n) or "nothing stored"
                 values = {
@@ -1135,36 +1162,45 @@ class SqlStore(Store):
     def commit_evaluation(
         self, run_id: str, through_step: int, events: Sequence[EventCreate], alerts: Sequence[Mapping[str, Any]]
     ) -> list[int | None]:
-        now = time.time()
         with self._tx(write=True) as conn:
-            if events:
-                conn.execute(
-                    self._insert(EventRow.__table__).on_conflict_do_nothing(
-                        index_elements=["run_id", "kind", "detector", "step"]
-                    ),
-                    [
-                        {
-                            "run_id": run_id,
-                            "step": e.step,
-                            "kind": e.kind,
-                            "severity": e.severity,
-                            "detector": e.detector,
-                            "message": e.message,
-                            "evidence": e.evidence,
-                            "created_at": now if e.created_at is None else e.created_at,
-                        }
-                        for e in events
-                    ],
-                )
-            fired: list[int | None] = []
-            for alert in alerts:  # one statement each: RETURNING says which were new
-                found = conn.execute(self._add_alert, {**ALERT_DEFAULTS, **alert}).first()
-                fired.append(None if found is None else int(found[0]))
+            fired = self._add_evaluation(conn, run_id, events, alerts, time.time())
             conn.execute(
                 update(RunRow)
                 .where(RunRow.run_id == run_id, func.coalesce(RunRow.evaluated_step, -1) < through_step)
                 .values(evaluated_step=through_step)
             )
+        return fired
+
+    def _add_evaluation(
+        self,
+        conn: Connection,
+        run_id: str,
+        events: Sequence[EventCreate],
+        alerts: Sequence[Mapping[str, Any]],
+        now: float,
+    ) -> list[int | None]:
+        """Insert flags and alerts (each ignored when stored before); returns the alerts' ids, None for those."""
+        if events:
+            conn.execute(
+                self._add_flags,
+                [
+                    {
+                        "run_id": run_id,
+                        "step": e.step,
+                        "kind": e.kind,
+                        "severity": e.severity,
+                        "detector": e.detector,
+                        "message": e.message,
+                        "evidence": e.evidence,
+                        "created_at": now if e.created_at is None else e.created_at,
+                    }
+                    for e in events
+                ],
+            )
+        fired: list[int | None] = []
+        for alert in alerts:  # one statement each: RETURNING says which were new
+            found = conn.execute(self._add_alert, {**ALERT_DEFAULTS, **alert}).first()
+            fired.append(None if found is None else int(found[0]))
         return fired
 
     def evaluation_position(self, run_id: str) -> tuple[int | None, int | None]:

@@ -240,10 +240,10 @@ def aggregate(rows: Sequence[tuple[Any, ...]], width: int) -> dict[tuple[str, in
 
 @dataclass
 class OpenBucket:
-    """What a run's finest open bucket holds, as of the run's (last step, update time) `stamp`:
+    """What a run's finest open bucket holds, as of the run's (last step, write_seq) `stamp`:
     aggregates per key (`merged`) plus rows not merged yet (`rows`, merged when they grow)."""
 
-    stamp: tuple[int, float]
+    stamp: tuple[int, int]
     bucket: int
     merged: dict[str, Agg] = field(default_factory=dict)
     rows: list[tuple[Any, ...]] = field(default_factory=list)
@@ -260,10 +260,11 @@ class TierUpkeep:
     """Keeps a database's tiers true on writes, rewinds and forks.
 
     It remembers, per run, what the finest bucket its last append left open holds, stamped with
-    the run's last step and update time after that append. The next append, finding the run's
-    row still so stamped (no other process wrote, nothing was rewound in between), seals that
-    bucket without reading its points back: an append then costs a list extend, and once per
-    bucket a numpy pass over the bucket's rows and one insert. Otherwise the points are read back.
+    the run's last step and `write_seq` (its count of history changes) after that append. The
+    next append, finding the run's row still so stamped (no other process wrote, nothing was
+    rewound in between), seals that bucket without reading its points back: an append then
+    costs a list extend, and once per bucket a numpy pass over the bucket's rows and one
+    insert. Otherwise the points are read back.
     """
 
     MAX_RUNS = 256  # runs whose open bucket is remembered (<= ~80 MB); the oldest is forgotten first
@@ -277,15 +278,14 @@ class TierUpkeep:
         self,
         conn: Connection,
         run_id: str,
-        before: tuple[int | None, float],
+        before: tuple[int | None, int],
         new_last: int,
-        now: float,
         back: Iterable[tuple[str, int]],
         run_keys: Callable[[], list[str]],
         fresh: Sequence[tuple[Any, ...]] = (),
     ) -> None:
-        """Keep the tiers true after a write that moved the run's (last step, update time) from
-        `before` to (`new_last`, `now`).
+        """Keep the tiers true after a write that moves the run's (last step, write_seq) from `before`
+        to (`new_last`, write_seq + 1).
 
         `back`: the (key, step) of the new points at or before the old last step (only a write
         reaching back has any); `run_keys` lists the run's keys, asked only when stored points are
@@ -310,7 +310,7 @@ class TierUpkeep:
             elif seal1 <= seal0 and (level or not fresh):
                 return  # nothing sealed or reopened at this width, so none at the coarser ones
             if level == 0 and fresh:
-                self._append(conn, run_id, old, (new_last, now), fresh, remembered, run_keys)
+                self._append(conn, run_id, old, (new_last, before[1] + 1), fresh, remembered, run_keys)
             elif seal1 > seal0:
                 keys = run_keys() if keys is None else keys
                 _build(conn, run_id, keys, level, seal0, seal1)
@@ -320,7 +320,7 @@ class TierUpkeep:
         conn: Connection,
         run_id: str,
         old: int,
-        stamp: tuple[int, float],
+        stamp: tuple[int, int],
         fresh: Sequence[tuple[Any, ...]],
         remembered: OpenBucket | None,
         run_keys: Callable[[], list[str]],
