@@ -8,6 +8,8 @@ JSON payloads are text written by Python's json module so that NaN/Infinity surv
 A histogram's bins are packed binary (little-endian int64 `[underflow, overflow, *counts]`,
 float64 `[min, max, sum, sumsq]`, NaN included) so that reading 100,000 steps is one
 `numpy.frombuffer`, not 100,000 JSON parses.
+`scalar_tiers` holds per-bucket aggregates of `scalars` (see `mhpo_server.store.tiers`), so a
+downsampled read of a long series reads a few thousand rows instead of every point.
 """
 
 from __future__ import annotations
@@ -105,6 +107,28 @@ class ScalarRow(Base):
     value: Mapped[float | None] = mapped_column(Double, nullable=True)
     is_nan: Mapped[int] = mapped_column(SmallInteger)
     time: Mapped[float] = mapped_column(Double)
+
+
+class ScalarTierRow(Base):
+    """One key's points in steps [bucket * width, (bucket + 1) * width), aggregated; NaN points counted in `nans`.
+
+    `vsum`/`vcount`/`vmin`/`vmax` are over the points that are not NaN; `vsum` is NULL (SQLite) or NaN
+    (PostgreSQL) when +Infinity and -Infinity meet in it.
+    """
+
+    __tablename__ = "scalar_tiers"
+    __table_args__ = {"sqlite_with_rowid": False}
+    run_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key: Mapped[str] = mapped_column(String(KEY_LENGTH), primary_key=True)
+    width: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    n: Mapped[int] = mapped_column(Integer)
+    nans: Mapped[int] = mapped_column(Integer)
+    first_step: Mapped[int] = mapped_column(BigInteger)
+    vsum: Mapped[float | None] = mapped_column(Double, nullable=True)
+    vcount: Mapped[int] = mapped_column(Integer)
+    vmin: Mapped[float | None] = mapped_column(Double, nullable=True)
+    vmax: Mapped[float | None] = mapped_column(Double, nullable=True)
 
 
 class HistogramRow(Base):

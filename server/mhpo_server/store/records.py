@@ -19,6 +19,7 @@ from sqlalchemy import column as sql_column
 from sqlalchemy import table as sql_table
 
 from mhpo_server.schemas import RecordIn, RejectedItem, RewindOut, Run
+from mhpo_server.store import tiers
 from mhpo_server.store.base import Invalid, Prejudged, Stale, WriteResult
 from mhpo_server.store.engine import Database, Part, dumps
 from mhpo_server.store.events import HISTORY_KINDS, Events
@@ -34,11 +35,13 @@ from mhpo_server.store.models import (
     ScalarRow,
 )
 from mhpo_server.store.runs import Runs
+from mhpo_server.store.series import SeriesReads
 
 BULK_COLUMNS = {
     "scalars": ("run_id", "key", "step", "value", "is_nan", "time"),
     "histograms": ("run_id", "key", "step", "lo", "hi", "bins", "counts", "stats", "time"),
     "outliers": ("run_id", "step", "data", "time"),
+    "scalar_tiers": tiers.AGG_FIELDS,
 }
 
 
@@ -47,6 +50,7 @@ class Records(Part):
         super().__init__(db)
         self.runs = runs
         self.events = events
+        self._tiers = tiers.TierUpkeep(lambda conn, rows: self._bulk_insert(conn, "scalar_tiers", rows))
         self._add_batch = (
             self._insert(BatchRow.__table__)
             .on_conflict_do_nothing(index_elements=["run_id", "batch_id"])
@@ -104,13 +108,24 @@ class Records(Part):
                     self._bulk_insert(conn, table, rows)
                 new_records = list(records)
                 counts = {"scalars": len(scalar_rows), "histograms": len(hist_rows), "outliers": len(outlier_rows)}
+                new_scalars, fresh = set(), scalar_rows
             else:
                 new_scalars = self._insert_new(conn, "scalars", scalar_rows, ("key", "step"))
                 new_hists = self._insert_new(conn, "histograms", hist_rows, ("key", "step"))
                 new_outliers = self._insert_new(conn, "outliers", outlier_rows, ("step",))
                 new_records = _only_new(records, new_scalars, new_hists, new_outliers)
+                fresh = []
                 counts = {"scalars": len(new_scalars), "histograms": len(new_hists), "outliers": len(new_outliers)}
             last = top if last_step is None else max(top, last_step)
+            self._tiers.after_write(
+                conn,
+                run_id,
+                (last_step, write_seq),
+                last,
+                new_scalars,
+                lambda: SeriesReads.distinct_keys(conn, "scalars", run_id),
+                fresh,
+            )
             write_seq += 1
             values = {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now, "write_seq": write_seq}
             alert_ids: list[int | None] = []
@@ -228,6 +243,7 @@ class Records(Part):
                 .where(AlertRow.run_id == run_id, AlertRow.step > step, AlertRow.rewound_at.is_(None))
                 .values(rewound_at=now)
             ).rowcount
+            self._tiers.after_rewind(conn, run_id, step)
             moved = last_step is not None and last_step > step
             if moved or any(removed.values()):
                 new_last = None if step < 0 or last_step is None else min(last_step, step)
@@ -297,6 +313,7 @@ class Records(Part):
                     table.run_id == run_id, table.step <= step
                 )
                 conn.execute(insert(table).from_select(["run_id", *columns], source))
+            self._tiers.after_fork(conn, run_id, child, step)
             flag_columns = ["step", "kind", "severity", "detector", "message", "evidence", "created_at"]
             conn.execute(
                 insert(EventRow).from_select(
