@@ -92,7 +92,20 @@ class Target:
         raise NotImplementedError
 
 
+# Alert rules of the bench's project: the server evaluates them, with the flags, on every batch.
+BENCH_RULES = [
+    {"name": "k00 high", "condition": {"type": "threshold", "key": "bench/k00", "op": ">", "value": 1e12}},
+    {"name": "k01 spike", "condition": {"type": "spike", "key": "bench/k01", "direction": "both"}},
+    {"name": "any warning flag", "condition": {"type": "flag", "min_severity": "warning"}},
+]
+
+
 class MHPOTarget(Target):
+    def __init__(self, base_url: str, rules: bool = True) -> None:
+        with httpx.Client(base_url=base_url) as client:
+            for rule in BENCH_RULES if rules else ():
+                client.post("/api/v1/alert-rules", json={"project": "bench", **rule}).raise_for_status()
+
     def new_run(self, client: httpx.Client) -> str:
         response = client.post("/api/v1/runs", json={"project": "bench", "name": f"ingest-{uuid.uuid4().hex[:6]}"})
         response.raise_for_status()
@@ -218,7 +231,7 @@ def timed(fn: Callable[[], object], repeat: int) -> list[float]:
 def mhpo_read(base_url: str, steps: int) -> tuple[float, int]:
     """Median latency of a downsampled read of a `steps`-long series, and the points it returned."""
     with httpx.Client(base_url=base_url, timeout=120.0) as client:
-        run_id = MHPOTarget().new_run(client)
+        run_id = MHPOTarget(base_url, rules=False).new_run(client)
         for start in range(0, steps, 10_000):
             records = [
                 {"step": s, "scalars": {"loss": 1.0 / (s + 1)}} for s in range(start, min(start + 10_000, steps))
@@ -292,21 +305,23 @@ def main(argv: list[str] | None = None) -> int:
                 (
                     "mhpo",
                     "sqlite",
-                    MHPOTarget(),
                     stack.enter_context(mhpo_server(f"sqlite:///{workdir / 'mhpo.db'}", workdir)),
                 )
             ]
             if not args.no_pg:
                 db_url = stack.enter_context(pg_database(args.pg))
-                servers.append(("mhpo", "postgresql", MHPOTarget(), stack.enter_context(mhpo_server(db_url, workdir))))
+                servers.append(("mhpo", "postgresql", stack.enter_context(mhpo_server(db_url, workdir))))
             if not args.no_mlflow:
                 base_url = stack.enter_context(mlflow_server(workdir))
-                servers.insert(0, ("mlflow", "sqlite", MLflowTarget(base_url), base_url))
-            for _name, _db, target, base_url in servers:  # warm-up: first requests pay for imports and caches
+                servers.insert(0, ("mlflow", "sqlite", base_url))
+            targets: list[tuple[str, str, Target, str]] = [
+                (name, db, MLflowTarget(url) if name == "mlflow" else MHPOTarget(url), url) for name, db, url in servers
+            ]
+            for _name, _db, target, base_url in targets:  # warm-up: first requests pay for imports and caches
                 ingest(target, base_url, batched=True, clients=1, seconds=1.0)
             for _ in range(args.repeat):
-                run_round(servers, args.seconds, cells)
-            for name, db, _target, base_url in servers:
+                run_round(targets, args.seconds, cells)
+            for name, db, base_url in servers:
                 read = mlflow_read if name == "mlflow" else mhpo_read
                 reads[f"{name}/{db}"] = read(base_url, args.read_steps)
                 print(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-import mhpo_server.alerts.models  # noqa: F401  (registers the tables of revision 0002 on Base)
 from mhpo_server.store.models import Base
 
 cfg = context.config

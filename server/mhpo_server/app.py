@@ -2,7 +2,7 @@
 
 `create_app(settings)` opens the store, refuses a database that is not at the migrations'
 head, and wires routers, error handlers and middleware. Extension points for other parts
-of the product: `app.state.ingest_listeners` (called after each committed batch with
+of the product: `app.state.ingest.listeners` (called after each committed batch with
 `(store, run_id, new_records)`), `app.state.event_sources` (extra items for
 `GET .../events`), and plain `app.include_router` / `app.mount` for more routes or the
 dashboard.
@@ -11,7 +11,8 @@ dashboard.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -24,11 +25,12 @@ from mhpo import __version__
 from mhpo_server.config import Settings, data_dir
 from mhpo_server.flags.service import install as install_flags
 from mhpo_server.health import ListenerHealth
+from mhpo_server.ingest import Ingest
 from mhpo_server.limits import BodySizeLimitMiddleware
 from mhpo_server.metrics import MetricsMiddleware, ServiceMetrics
 from mhpo_server.responses import NaNJSONResponse
 from mhpo_server.routes import auth, events, health, mlflow, projects, records, runs, series
-from mhpo_server.schemas import ERROR_RESPONSES, RecordIn
+from mhpo_server.schemas import ERROR_RESPONSES
 from mhpo_server.store import (
     DATA_ERROR,
     Conflict,
@@ -43,7 +45,6 @@ from mhpo_server.store import (
 )
 
 log = logging.getLogger(__name__)
-IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
 EventSource = Callable[[Store, str], list[dict[str, Any]]]
 
 
@@ -67,7 +68,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         raise
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Runs a crash left behind their stored steps are evaluated while the server already answers.
+        threading.Thread(target=app.state.ingest.catch_up, name="mhpo-catch-up", daemon=True).start()
         yield
         store.close()
 
@@ -84,9 +87,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.store = store
     app.state.metrics = metrics
     app.state.listener_health = ListenerHealth(metrics)
-    ingest_listeners: list[IngestListener] = []
+    app.state.ingest = Ingest(store, metrics, app.state.listener_health)
     event_sources: list[EventSource] = []
-    app.state.ingest_listeners, app.state.event_sources = ingest_listeners, event_sources
+    app.state.event_sources = event_sources
     for module in (health, auth, projects, runs, records, series, events, mlflow):
         app.include_router(module.router)
     install_flags(app)

@@ -1,4 +1,4 @@
-"""Typed dependencies: settings, store, metrics and the caller's access, all reached per request.
+"""Typed dependencies: settings, store, the ingest service, metrics and the caller's access, all reached per request.
 
 Tests build an app with their own `Settings` (`create_app(settings)`); nothing here reads
 the environment or opens a database at import time.
@@ -13,6 +13,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from mhpo_server.config import Settings
+from mhpo_server.ingest import Ingest
 from mhpo_server.metrics import ServiceMetrics
 from mhpo_server.schemas import Run
 from mhpo_server.store import NotFound, Store
@@ -26,6 +27,10 @@ def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
+def get_ingest(request: Request) -> Ingest:
+    return request.app.state.ingest
+
+
 def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
@@ -33,6 +38,7 @@ def get_metrics(request: Request) -> ServiceMetrics:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+IngestDep = Annotated[Ingest, Depends(get_ingest)]
 
 bearer = HTTPBearer(auto_error=False, description="API token from `mhpo token create` (needed when MHPO_AUTH is on)")
 

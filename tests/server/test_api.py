@@ -249,7 +249,7 @@ def test_ingest_listeners_get_only_new_records(app: FastAPI) -> None:
     def broken(store: Store, run_id: str, records: list[RecordIn]) -> None:
         raise RuntimeError("detector bug")
 
-    app.state.ingest_listeners.extend([broken, listener])
+    app.state.ingest.listeners.extend([broken, listener])
     with TestClient(app) as client:
         run_id = new_run(client)
         url = f"/api/v1/runs/{run_id}/records"

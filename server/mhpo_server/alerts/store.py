@@ -21,9 +21,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, func, insert, literal, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from mhpo_server.alerts.models import AlertRow, AlertRuleRow, FlagParamsRow
 from mhpo_server.alerts.schemas import Alert, AlertRule, AlertRuleCreate, AlertRulePatch
-from mhpo_server.store.models import BatchRow, EventRow, ScalarRow
+from mhpo_server.store.models import AlertRow, AlertRuleRow, BatchRow, EventRow, FlagParamsRow, ScalarRow
 
 NULLABLE_RULE_FIELDS = frozenset({"run_id", "webhook_url"})  # PATCH null clears these; other fields ignore null
 WINDOW_CHUNK = 100  # keys per UNION ALL statement: 2 selects per key, SQLite allows 500 per compound select
@@ -274,6 +273,25 @@ class AlertStore:
                     else:
                         rows.append((k, int(s), float("nan") if n or v is None else float(v)))
         return rows, latest
+
+    def scalar_keys_between(self, run_id: str, first: int, last: int) -> list[str]:
+        """The keys with a point in steps [first, last]."""
+        query = (
+            select(ScalarRow.key)
+            .where(ScalarRow.run_id == run_id, ScalarRow.step >= first, ScalarRow.step <= last)
+            .distinct()
+        )
+        with self._tx() as conn:
+            return list(conn.execute(query).scalars())
+
+    def scalar_steps_between(self, run_id: str, after: int | None, last: int, limit: int) -> list[int]:
+        """The first `limit` steps with a stored scalar in (after, last], ascending."""
+        query = select(ScalarRow.step).where(ScalarRow.run_id == run_id, ScalarRow.step <= last)
+        if after is not None:
+            query = query.where(ScalarRow.step > after)
+        query = query.distinct().order_by(ScalarRow.step).limit(limit)
+        with self._tx() as conn:
+            return [int(step) for step in conn.execute(query).scalars()]
 
     def batch_count(self, run_id: str) -> int:
         """How many batches the run has stored (the flags listener's check that no other process wrote one)."""

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -40,8 +40,8 @@ from mhpo_server.alerts.store import AlertStore
 from mhpo_server.alerts.webhook import WebhookDispatcher
 from mhpo_server.flags.detectors import Flag, History, detect, refractory_kinds, refractory_state
 from mhpo_server.flags.params import DEFAULT_PARAMS, FlagParams
-from mhpo_server.schemas import RecordIn
-from mhpo_server.store import Store
+from mhpo_server.schemas import EventCreate, RecordIn
+from mhpo_server.store import Prejudged, Store, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,24 @@ class RunWindows:
     project: str
     depth: int
     series: dict[str, Points] = field(default_factory=dict)
-    batches: int = -1  # the run's stored batch count after the last batch evaluated here
+    write_seq: int = -1  # the run's count of history changes after the last batch judged here
+    # Latest flagged step per refractory key (`detect`'s `last_flagged`), read for `params`.
+    refractory: dict[str, int] | None = None
+    params: FlagParams | None = None
+
+    def copy(self) -> RunWindows:
+        """A view to judge a batch on before it is written: the cache keeps the original until the write succeeds."""
+        refractory = None if self.refractory is None else dict(self.refractory)
+        return replace(self, series=dict(self.series), refractory=refractory)
+
+
+@dataclass
+class Pending:
+    """A batch judged before its write: what the store keeps with it, and the view to cache if it does."""
+
+    prejudged: Prejudged
+    evaluation: Evaluation
+    view: RunWindows
 
 
 class WindowCache:
@@ -136,7 +153,27 @@ def _from_rows(rows: Sequence[tuple[str, int, float]]) -> dict[str, Points]:
     return out
 
 
+@dataclass
+class Evaluation:
+    """What judging some steps of a run produced, before it is stored: flags and alerts that fired."""
+
+    flags: list[Flag] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    webhooks: dict[int, str] = field(default_factory=dict)  # index in `alerts` -> webhook URL
+
+    @property
+    def events(self) -> list[EventCreate]:
+        return [EventCreate.model_validate(f.as_event()) for f in self.flags]
+
+
 class IngestMonitor:
+    """Judges a run's new steps: the detectors' flags and the project's alert rules.
+
+    It reads and caches history but writes nothing: the ingest service stores an
+    `Evaluation` with the run's evaluation position in one transaction, then calls
+    `delivered` so webhooks go out only for alerts that were stored.
+    """
+
     def __init__(
         self,
         alerts: AlertStore,
@@ -160,26 +197,78 @@ class IngestMonitor:
         return found[1]
 
     def forget(self, run_id: str) -> None:
-        """Drop the run's cached windows (its history was rewound): the next batch reads them from the store."""
+        """Drop what is held about the run (its history was rewound, or an evaluation failed half way)."""
         self.cache.drop(run_id)
+        self.rule_states.drop_run(run_id)
 
-    def __call__(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> list[Flag]:
+    def prejudge(self, store: Store, run_id: str, records: Sequence[RecordIn]) -> Pending | None:
+        """Judge a batch before it is written, from this process's cached view of the run (None without one).
+
+        Valid only if the batch is stored whole as the run's newest steps with nothing written in
+        between, which the store checks in the batch's transaction (`Prejudged`). Call `written`
+        with the write's result either way.
+        """
+        cached = self.cache.get(run_id)
+        if cached is None or cached.refractory is None:
+            return None
         try:
-            return self._evaluate(store, run_id, new_records)
+            evaluation, view = self._evaluate(store, run_id, records, cached.copy())
         except BaseException:
-            self.cache.drop(run_id)  # the window may be half updated; the next batch reads it again
-            self.rule_states.drop_run(run_id)
+            self.forget(run_id)
             raise
+        if view is None:
+            return None
+        prejudged = Prejudged(write_seq=cached.write_seq, events=evaluation.events, alerts=evaluation.alerts)
+        return Pending(prejudged, evaluation, view)
 
-    def _evaluate(self, store: Store, run_id: str, new_records: Sequence[RecordIn]) -> list[Flag]:
+    def written(self, run_id: str, pending: Pending, result: WriteResult) -> bool:
+        """Whether the store kept the prejudged evaluation; if so the view becomes the cache and webhooks go out."""
+        if not result.prejudged:
+            self.forget(run_id)  # rule states moved on with a batch that was not judged this way
+            return False
+        pending.view.write_seq = result.write_seq
+        self.cache.put(run_id, pending.view)
+        self.stored(pending.evaluation, result.alert_ids)
+        return True
+
+    def evaluate(self, store: Store, run_id: str, new_records: Sequence[RecordIn], write_seq: int) -> Evaluation:
+        """Judge the new records of a batch just stored (the run's `write_seq` after it), earlier steps being judged."""
+        cached = self.cache.get(run_id)
+        if cached is not None and cached.write_seq != write_seq - 1:
+            cached = None  # another process changed the run since: its points are not in the cache
+        try:
+            evaluation, view = self._evaluate(store, run_id, new_records, cached)
+        except BaseException:
+            self.forget(run_id)  # the window may be half updated; the next batch reads it again
+            raise
+        if view is not None:
+            view.write_seq = write_seq
+            self.cache.put(run_id, view)
+        return evaluation
+
+    def evaluate_stored(self, store: Store, run_id: str, steps: Sequence[int]) -> Evaluation:
+        """Judge stored steps (ascending) from a cold read: a run that fell behind catches up."""
+        self.forget(run_id)
+        project = store.get_run(run_id).project
+        params = self.params_for(project)
+        rules = self.alerts.active_rules(project, run_id)
+        keys = params.keys() | {r.condition.key for r in rules if not isinstance(r.condition, FlagCondition)}
+        keys |= set(self.alerts.scalar_keys_between(run_id, steps[0], steps[-1]))
+        depth = max([params.history_steps(), *(alert_rules.history_points(r) for r in rules)])
+        rows, _ = self.alerts.scalar_windows(run_id, sorted(keys), steps[0], steps[-1], depth)
+        series = _from_rows(rows)
+        history = History.from_arrays({key: series.get(key, EMPTY) for key in keys})
+        refractory = refractory_state(self.alerts.last_flag_steps(run_id, refractory_kinds(params), steps[0]))
+        return self._judge(project, run_id, params, rules, history, list(steps), refractory)
+
+    def _evaluate(
+        self, store: Store, run_id: str, new_records: Sequence[RecordIn], cached: RunWindows | None
+    ) -> tuple[Evaluation, RunWindows | None]:
+        """Judge the batch on `cached` extended with its points (updated in place, or a new view if None)."""
         new = _new_points(new_records)
         if not new:
-            return []
+            return Evaluation(), cached
         steps = sorted({int(s) for steps, _ in new.values() for s in steps.tolist()})
-        batches = self.alerts.batch_count(run_id)
-        cached = self.cache.get(run_id)
-        if cached is not None and cached.batches != batches - 1:
-            cached = None  # another process stored a batch of this run since: its points are not in the cache
         project = cached.project if cached is not None else store.get_run(run_id).project
         params = self.params_for(project)
         rules = self.alerts.active_rules(project, run_id)
@@ -189,6 +278,10 @@ class IngestMonitor:
         depth = max([params.history_steps(), *(alert_rules.history_points(r) for r in rules)])
         if cached is None or cached.depth < depth:
             cached = RunWindows(project=project, depth=depth)
+        if cached.params is not params:  # first batch here, or the project's detector parameters changed
+            kinds = refractory_kinds(params)
+            cached.refractory = refractory_state(self.alerts.last_flag_steps(run_id, kinds, steps[0]))
+            cached.params = params
         for key in quiet & cached.series.keys():
             del cached.series[key]  # its window misses this batch now: read again when the key next matters
         series: dict[str, Points] = {}
@@ -215,18 +308,29 @@ class IngestMonitor:
             if key in cached.series:
                 s, v = series[key]
                 cached.series[key] = (s[-cached.depth :], v[-cached.depth :])
-        cached.batches = batches
-        self.cache.put(run_id, cached)
         history = History.from_arrays(series)
-        refractory = refractory_state(self.alerts.last_flag_steps(run_id, refractory_kinds(params), steps[0]))
-        flags = detect(history, steps, params, refractory)
-        if flags:
-            store.add_events(run_id, [f.as_event() for f in flags])
-        if rules:
-            self._fire(project, run_id, self.rule_states.evaluate(run_id, rules, history, steps, flags))
-        return flags
+        assert cached.refractory is not None
+        return self._judge(project, run_id, params, rules, history, steps, cached.refractory), cached
 
-    def _fire(self, project: str, run_id: str, firings: Sequence[alert_rules.Firing]) -> None:
+    def _judge(
+        self,
+        project: str,
+        run_id: str,
+        params: FlagParams,
+        rules: Sequence[AlertRule],
+        history: History,
+        steps: list[int],
+        refractory: dict[str, int],
+    ) -> Evaluation:
+        """Flags and alerts at `steps`; `refractory` (the latest flagged steps) moves on with the flags."""
+        flags = detect(history, steps, params, refractory)
+        out = Evaluation(flags=flags)
+        if rules:
+            self._fire(project, run_id, self.rule_states.evaluate(run_id, rules, history, steps, flags), out)
+        return out
+
+    def _fire(self, project: str, run_id: str, firings: Sequence[alert_rules.Firing], out: Evaluation) -> None:
+        """Alerts of the firings outside their rule's cooldown (the ones stored before, and those of this batch)."""
         now = time.time()
         last: dict[int, float | None] = {}
         for firing in firings:
@@ -237,7 +341,9 @@ class IngestMonitor:
             if previous is not None and now - previous < rule.cooldown_s:
                 continue
             webhook = "webhook" in rule.channels and rule.webhook_url is not None
-            alert_id = self.alerts.add_alert(
+            if webhook:
+                out.webhooks[len(out.alerts)] = str(rule.webhook_url)
+            out.alerts.append(
                 {
                     "rule_id": rule.id,
                     "rule_name": rule.name,
@@ -251,8 +357,13 @@ class IngestMonitor:
                     "delivery_status": "pending" if webhook else "none",
                 }
             )
-            if alert_id is None:
-                continue
             last[rule.id] = now
-            if webhook and self.dispatcher is not None:
-                self.dispatcher.submit(self.alerts.get_alert(alert_id), str(rule.webhook_url))
+
+    def stored(self, evaluation: Evaluation, alert_ids: Sequence[int | None]) -> None:
+        """Hand the webhooks of the alerts just stored (not those stored before) to the dispatcher."""
+        if self.dispatcher is None:
+            return
+        for index, url in evaluation.webhooks.items():
+            alert_id = alert_ids[index]
+            if alert_id is not None:
+                self.dispatcher.submit(self.alerts.get_alert(alert_id), url)

@@ -1,6 +1,6 @@
 """Wiring of flags and alerts into the app: `install(app)` is the one call `create_app` makes.
 
-It adds the ingest listener, the fired alerts as a source of `GET /api/v1/runs/{id}/events`
+It gives the ingest service its evaluator (flags and alert rules), the fired alerts as a source of `GET /api/v1/runs/{id}/events`
 (with `"type": "alert"`), the alert routes, and the webhook worker (started on the first
 delivery, stopped with the app). Webhook settings come from `MHPO_WEBHOOK_*` variables.
 """
@@ -117,7 +117,7 @@ def install(app: FastAPI, webhook_settings: WebhookSettings | None = None) -> In
     app.state.webhooks = dispatcher
     app.state.webhook_policy = policy
     app.state.flag_monitor = monitor
-    app.state.ingest_listeners.append(monitor)
+    app.state.ingest.monitor = monitor
     app.state.event_sources.append(alert_events(alerts))
     app.include_router(alert_routes.router)
     dispatcher.resume_pending({r.id: str(r.webhook_url) for r in alerts.list_rules() if r.webhook_url is not None})

@@ -18,6 +18,8 @@ router = APIRouter(tags=["service"])
 def healthz(request: Request, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
     """Always 200 while the process answers; `status` is "degraded" when the database does not answer,
     the latest write failed (read-only file, full disk, database down) or an ingest listener's latest call failed.
+    `evaluation` counts the runs whose stored steps are ahead of their flags and alert rules (for a moment
+    after each batch; for longer after a crash, until they are caught up) and the largest gap in steps.
 
     It needs no token, so with auth on it gives the states and reasons but not the error
     texts or run ids (those are in the server log and in the run's events).
@@ -42,6 +44,7 @@ def healthz(request: Request, store: StoreDep, settings: SettingsDep) -> dict[st
         "database": database,
         "writes": writes,
         "ingest_listeners": listeners,
+        "evaluation": request.app.state.ingest.lag() if database["ok"] else None,
     }
 
 

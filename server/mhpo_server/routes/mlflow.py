@@ -45,8 +45,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mhpo.integrations.names import product_scalars
 from mhpo_server.config import Settings
-from mhpo_server.deps import MetricsDep, Principal, ReadAccess, SettingsDep, StoreDep, WriteAccess, visible_run
-from mhpo_server.routes.records import RUN_LOCKS
+from mhpo_server.deps import (
+    IngestDep,
+    MetricsDep,
+    Principal,
+    ReadAccess,
+    SettingsDep,
+    StoreDep,
+    WriteAccess,
+    visible_run,
+)
+from mhpo_server.ingest import Ingest
 from mhpo_server.routes.series import CLIENT_GONE, client_gone
 from mhpo_server.schemas import (
     MAX_STEP,
@@ -305,8 +314,8 @@ def as_records(metrics: list[Metric]) -> list[RecordIn]:
     ]
 
 
-def write_metrics(request: Request, response: Response, store: Store, run_id: str, records: list[RecordIn]) -> None:
-    """Store the records and pass them to the ingest listeners.
+def write_metrics(response: Response, ingest: Ingest, run_id: str, records: list[RecordIn]) -> None:
+    """Store and evaluate the records through the ingest service, as a v1 records batch is.
 
     A (key, step) already stored keeps its first value (MLflow would keep both and read the
     later one as latest): the answer says how many were kept unchanged in the
@@ -314,23 +323,17 @@ def write_metrics(request: Request, response: Response, store: Store, run_id: st
     """
     if not records:
         return
-    with RUN_LOCKS[uuid.UUID(run_id).int % len(RUN_LOCKS)]:
-        result = store.write_records(run_id, uuid.uuid4().hex, records)
-        if result.duplicates:
-            response.headers[IGNORED_HEADER] = str(result.duplicates)
-            log.warning(
-                "run %s: %d metric values at a (key, step) already stored were ignored (the first value is kept)",
-                run_id,
-                result.duplicates,
-            )
-        for listener in request.app.state.ingest_listeners if result.new_records else ():
-            try:
-                listener(store, run_id, result.new_records)
-            except Exception:
-                log.exception("ingest listener failed on run %s (the MLflow metrics are stored)", run_id)
+    result = ingest.write(run_id, uuid.uuid4().hex, records)
+    if result.duplicates:
+        response.headers[IGNORED_HEADER] = str(result.duplicates)
+        log.warning(
+            "run %s: %d metric values at a (key, step) already stored were ignored (the first value is kept)",
+            run_id,
+            result.duplicates,
+        )
 
 
-def merge(store: Store, settings: Settings, run: RunOut, params: list[KeyValue], tags: list[KeyValue]) -> None:
+def merge(ingest: Ingest, settings: Settings, run: RunOut, params: list[KeyValue], tags: list[KeyValue]) -> None:
     """Params and tags into the run's config, secrets redacted as in a run's config.
 
     Each key is merged inside the store's transaction (tags one level down, under "mlflow.tags"),
@@ -345,7 +348,7 @@ def merge(store: Store, settings: Settings, run: RunOut, params: list[KeyValue],
     too_large = config_too_large(values, settings.max_config_value_bytes)
     if too_large is not None:
         raise MLflowError(400, "INVALID_PARAMETER_VALUE", too_large)
-    store.merge_config(run.run_id, values, max_bytes=settings.max_config_bytes)
+    ingest.merge_config(run.run_id, values, max_bytes=settings.max_config_bytes)
 
 
 @router.get("/experiments/get-by-name")
@@ -436,33 +439,42 @@ def latest_metrics(store: Store, settings: Settings, run_id: str) -> tuple[list[
 
 @router.post("/runs/log-batch")
 def log_batch(
-    body: LogBatch, request: Request, response: Response, store: StoreDep, settings: SettingsDep, principal: WriteAccess
+    body: LogBatch,
+    response: Response,
+    store: StoreDep,
+    ingest: IngestDep,
+    settings: SettingsDep,
+    principal: WriteAccess,
 ) -> dict[str, Any]:
     run = run_for(store, principal, body.run_id)
     records = as_records(body.metrics)
-    merge(store, settings, run, body.params, body.tags)
-    write_metrics(request, response, store, run.run_id, records)
+    merge(ingest, settings, run, body.params, body.tags)
+    write_metrics(response, ingest, run.run_id, records)
     return {}
 
 
 @router.post("/runs/log-metric")
 def log_metric(
-    body: LogMetric, request: Request, response: Response, store: StoreDep, principal: WriteAccess
+    body: LogMetric, response: Response, store: StoreDep, ingest: IngestDep, principal: WriteAccess
 ) -> dict[str, Any]:
     run = run_for(store, principal, body.run_id)
-    write_metrics(request, response, store, run.run_id, as_records([body]))
+    write_metrics(response, ingest, run.run_id, as_records([body]))
     return {}
 
 
 @router.post("/runs/log-parameter")
-def log_parameter(body: LogParam, store: StoreDep, settings: SettingsDep, principal: WriteAccess) -> dict[str, Any]:
-    merge(store, settings, run_for(store, principal, body.run_id), [body], [])
+def log_parameter(
+    body: LogParam, store: StoreDep, ingest: IngestDep, settings: SettingsDep, principal: WriteAccess
+) -> dict[str, Any]:
+    merge(ingest, settings, run_for(store, principal, body.run_id), [body], [])
     return {}
 
 
 @router.post("/runs/set-tag")
-def set_tag(body: LogParam, store: StoreDep, settings: SettingsDep, principal: WriteAccess) -> dict[str, Any]:
-    merge(store, settings, run_for(store, principal, body.run_id), [], [body])
+def set_tag(
+    body: LogParam, store: StoreDep, ingest: IngestDep, settings: SettingsDep, principal: WriteAccess
+) -> dict[str, Any]:
+    merge(ingest, settings, run_for(store, principal, body.run_id), [], [body])
     return {}
 
 

@@ -3,22 +3,16 @@ POST .../rewind (the history ends at a step) and POST .../fork (a new run sharin
 
 from __future__ import annotations
 
-import threading
 import uuid
 
 from fastapi import APIRouter, HTTPException, Request
 
-from mhpo_server.deps import MetricsDep, SettingsDep, StoreDep, WriteAccess
+from mhpo_server.deps import IngestDep, SettingsDep, StoreDep, WriteAccess
 from mhpo_server.responses import NaNJSONResponse, respond
 from mhpo_server.routes.runs import authorized_run
 from mhpo_server.schemas import ForkIn, RecordsIn, RecordsOut, RewindIn, RewindOut, Run
 
 router = APIRouter(prefix="/api/v1/runs", tags=["records"])
-# Writes and listeners of one run take turns (striped by run id in a process, the store's
-# run turn across processes), so listeners see a run's batches in commit order. Writers of
-# one run queue on the database anyway (SQLite's write lock, PostgreSQL's lock on the run
-# row), so this costs no concurrency.
-RUN_LOCKS = tuple(threading.Lock() for _ in range(64))
 
 
 @router.post("/{run_id}/records", response_model=RecordsOut)
@@ -28,10 +22,10 @@ def post_records(
     request: Request,
     store: StoreDep,
     settings: SettingsDep,
-    metrics: MetricsDep,
+    ingest: IngestDep,
     principal: WriteAccess,
 ) -> NaNJSONResponse:
-    """Stores the batch in one transaction, committed before answering; then runs the ingest listeners.
+    """Stores the batch in one transaction, committed before answering; then evaluates flags and alert rules.
 
     A batch id seen before for this run stores nothing (all items count as duplicates); items
     already stored under (run, key, step) by another batch are skipped and counted too. An
@@ -52,28 +46,19 @@ def post_records(
         )
     if principal.project is not None:
         authorized_run(store, principal, run_id)
-    with RUN_LOCKS[run_id.int % len(RUN_LOCKS)], store.run_turn(str(run_id)):
-        result = store.write_records(str(run_id), body.batch_id, body.records, body.rejected_items)
-        if result.new_records:
-            health = request.app.state.listener_health
-            for listener in request.app.state.ingest_listeners:
-                try:
-                    listener(store, str(run_id), result.new_records)
-                except Exception as exc:
-                    health.failed(listener, store, str(run_id), result.new_records, exc)
-                else:
-                    health.succeeded(listener)
-    metrics.batches.labels("duplicate" if not result.accepted and result.duplicates else "stored").inc()
-    for table, count in result.rows.items():
-        metrics.rows.labels(table).inc(count)
-    if request.headers.get("x-mhpo-replay") == "1":
-        metrics.spool_replays.inc()
+    result = ingest.write(
+        str(run_id),
+        body.batch_id,
+        body.records,
+        body.rejected_items,
+        replay=request.headers.get("x-mhpo-replay") == "1",
+    )
     return respond(RecordsOut(accepted=result.accepted, duplicates=result.duplicates, rejected=result.rejected))
 
 
 @router.post("/{run_id}/rewind", response_model=RewindOut, tags=["runs"])
 def rewind_run(
-    run_id: uuid.UUID, body: RewindIn, request: Request, store: StoreDep, principal: WriteAccess
+    run_id: uuid.UUID, body: RewindIn, store: StoreDep, ingest: IngestDep, principal: WriteAccess
 ) -> NaNJSONResponse:
     """The run's history ends at `step`: later scalars, histograms, outliers and flags are deleted,
     later fired alerts are marked rewound, and later steps may be logged again as new.
@@ -81,18 +66,15 @@ def rewind_run(
     Idempotent. Batch ids sent before stay known, so a pre-rewind batch re-sent later stores nothing.
     """
     authorized_run(store, principal, run_id)
-    with RUN_LOCKS[run_id.int % len(RUN_LOCKS)], store.run_turn(str(run_id)):
-        result = store.rewind(str(run_id), body.step)
-        for listener in request.app.state.ingest_listeners:
-            forget = getattr(listener, "forget", None)
-            if forget is not None:
-                forget(str(run_id))  # cached windows may hold rewound points
+    result = ingest.rewind(str(run_id), body.step)
     return respond(result)
 
 
 @router.post("/{run_id}/fork", response_model=Run, status_code=201, tags=["runs"])
-def fork_run(run_id: uuid.UUID, body: ForkIn, store: StoreDep, principal: WriteAccess) -> NaNJSONResponse:
+def fork_run(
+    run_id: uuid.UUID, body: ForkIn, store: StoreDep, ingest: IngestDep, principal: WriteAccess
+) -> NaNJSONResponse:
     """A new run in the parent's project with a copy of its history up to `step` (flags included);
     it carries `parent_run_id` and `fork_step` and continues on its own."""
     authorized_run(store, principal, run_id)
-    return respond(store.fork(str(run_id), body.step, body.name), status_code=201)
+    return respond(ingest.fork(str(run_id), body.step, body.name), status_code=201)

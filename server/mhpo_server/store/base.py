@@ -143,6 +143,28 @@ class WriteResult:
     new_records: list[RecordIn] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
     rejected: list[RejectedItem] = field(default_factory=list)
+    last_step: int | None = None  # the run's last step after the batch
+    # The run's evaluation position after the batch: steps after it are stored but not yet evaluated.
+    evaluated_step: int | None = None
+    # No stored step after `evaluated_step` but this batch's new ones: evaluating the batch alone is exact.
+    caught_up: bool = True
+    write_seq: int = 0  # the run's count of history changes after the batch
+    prejudged: bool = False  # the `Prejudged` evaluation was stored with the batch
+    alert_ids: list[int | None] = field(default_factory=list)  # of the prejudged alerts; None: stored before
+
+
+@dataclass
+class Prejudged:
+    """A batch's flags and alerts judged before its write, from a server process's cached view of the run.
+
+    The store keeps them, with the evaluation position, in the batch's own transaction when the
+    run is as that view saw it (`write_seq` unchanged) and every step of the batch is new; then a
+    batch costs one transaction. Otherwise it drops them and the batch is evaluated after its commit.
+    """
+
+    write_seq: int
+    events: list[EventCreate] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Store(abc.ABC):
@@ -182,7 +204,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def write_records(
-        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem] = ()
+        self,
+        run_id: str,
+        batch_id: str,
+        records: Sequence[RecordIn],
+        rejected: Sequence[RejectedItem] = (),
+        prejudged: Prejudged | None = None,
     ) -> WriteResult:
         """One transaction, idempotent by (run, batch_id) and by (run, key, step).
 
@@ -240,6 +267,21 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list_events(self, run_id: str) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def commit_evaluation(
+        self, run_id: str, through_step: int, events: Sequence[EventCreate], alerts: Sequence[Mapping[str, Any]]
+    ) -> list[int | None]:
+        """Store a batch's flags and fired alerts and move the run's evaluation position to
+        `through_step`, in one transaction; returns each alert's id, None where it was stored before."""
+
+    @abc.abstractmethod
+    def evaluation_position(self, run_id: str) -> tuple[int | None, int | None]:
+        """(evaluated step, last step) of the run."""
+
+    @abc.abstractmethod
+    def behind(self, limit: int = 1000) -> list[tuple[str, int | None, int]]:
+        """Runs whose stored steps are ahead of their evaluation: (run id, evaluated step, last step)."""
 
     @abc.abstractmethod
     def create_token(self, project: str, scope: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Double,
     ForeignKey,
     Index,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -81,6 +83,12 @@ class RunRow(Base):
     updated_at: Mapped[float] = mapped_column(Double)
     last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_seen_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    # The last step whose flags and alert rules are stored (None: none yet); behind `last_step`
+    # only between a batch's commit and its evaluation, or after a crash in between.
+    evaluated_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Changes to the run's history (batches stored, rewinds): a process's cached view of the run is
+    # current when the count is the one it saw after its own last change.
+    write_seq: Mapped[int] = mapped_column(BigInteger, server_default="0")
     parent_run_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     fork_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
@@ -148,3 +156,65 @@ class EventRow(Base):
     message: Mapped[str] = mapped_column(Text)
     evidence: Mapped[Any] = mapped_column(JSONText, nullable=True)
     created_at: Mapped[float] = mapped_column(Double)
+
+
+# Alert rules, fired alerts, per-project detector parameters (revision 0002).
+class FlagParamsRow(Base):
+    """A project's overrides of the detector parameters (a partial `FlagParams` dict)."""
+
+    __tablename__ = "flag_params"
+    project: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    params: Mapped[Any] = mapped_column(JSONText)
+    updated_at: Mapped[float] = mapped_column(Double)
+
+
+class AlertRuleRow(Base):
+    __tablename__ = "alert_rules"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    project: Mapped[str] = mapped_column(String(NAME_LENGTH), index=True)
+    run_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    condition: Mapped[Any] = mapped_column(JSONText)
+    severity: Mapped[str] = mapped_column(String(16))
+    cooldown_s: Mapped[float] = mapped_column(Double)
+    channels: Mapped[Any] = mapped_column(JSONText)
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[float] = mapped_column(Double)
+    updated_at: Mapped[float] = mapped_column(Double)
+
+
+class AlertRow(Base):
+    """A fired alert; `rule_name` is copied so the history survives the rule's deletion."""
+
+    __tablename__ = "alerts"
+    # One alert per (rule, run, step) of the run's current history: a rewound alert stays for the
+    # record and the same step may fire again on the new trajectory.
+    __table_args__ = (
+        Index(
+            "uq_alerts_rule_id_run_id_step",
+            "rule_id",
+            "run_id",
+            "step",
+            unique=True,
+            sqlite_where=text("rewound_at IS NULL"),
+            postgresql_where=text("rewound_at IS NULL"),
+        ),
+        Index(None, "run_id", "step"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rule_id: Mapped[int | None] = mapped_column(ForeignKey("alert_rules.id", ondelete="SET NULL"), nullable=True)
+    rule_name: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    project: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    run_id: Mapped[str] = mapped_column(String(36))
+    step: Mapped[int] = mapped_column(BigInteger)
+    severity: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[Any] = mapped_column(JSONText, nullable=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    acknowledged_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    delivery_status: Mapped[str] = mapped_column(String(16))
+    delivery_attempts: Mapped[int] = mapped_column(Integer)
+    delivery_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    rewound_at: Mapped[float | None] = mapped_column(Double, nullable=True)

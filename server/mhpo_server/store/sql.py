@@ -71,6 +71,7 @@ from mhpo_server.store.base import (
     Invalid,
     NotFound,
     OverLimit,
+    Prejudged,
     SchemaError,
     StorageFull,
     Store,
@@ -79,6 +80,7 @@ from mhpo_server.store.base import (
     WriteResult,
 )
 from mhpo_server.store.models import (
+    AlertRow,
     ApiTokenRow,
     BatchRow,
     EventRow,
@@ -99,8 +101,8 @@ BULK_COLUMNS = {
     "outliers": ("run_id", "step", "data", "time"),
 }
 NAN = math.nan
-# The alerts table belongs to server.alerts (which imports this package): named here by its columns only.
-ALERTS = sql_table("alerts", sql_column("run_id"), sql_column("step"), sql_column("rewound_at"))
+ALERTS = AlertRow.__table__
+ALERT_DEFAULTS = {"acknowledged_at": None, "delivery_attempts": 0, "delivery_error": None, "delivered_at": None}
 # SQLite result codes (by name prefix) after which a pooled connection is not to be trusted: a
 # connection opened while the file was read-only stays read-only after the file is writable again.
 SQLITE_RECONNECT = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_CORRUPT", "SQLITE_NOTADB")
@@ -228,7 +230,7 @@ class SqlStore(Store):
         rid: BindParameter[str] = bindparam("rid")
         self._run_by_id = self._run_select().where(RunRow.run_id == rid)
         self._run_exists = select(RunRow.run_id).where(RunRow.run_id == rid)
-        lock = select(RunRow.last_step).where(RunRow.run_id == rid)
+        lock = select(RunRow.last_step, RunRow.evaluated_step, RunRow.write_seq).where(RunRow.run_id == rid)
         self._lock = lock.with_for_update() if self.dialect == "postgresql" else lock
         self._add_batch = (
             self._insert(BatchRow.__table__)
@@ -236,6 +238,16 @@ class SqlStore(Store):
             .returning(BatchRow.batch_id)
         )
         self._touch_run = update(RunRow).where(RunRow.run_id == rid)
+        self._add_flags = self._insert(EventRow.__table__).on_conflict_do_nothing(
+            index_elements=["run_id", "kind", "detector", "step"]
+        )
+        self._add_alert = (
+            self._insert(ALERTS)
+            .on_conflict_do_nothing(
+                index_elements=["rule_id", "run_id", "step"], index_where=text("rewound_at IS NULL")
+            )
+            .returning(ALERTS.c.id)
+        )
         in_key = and_(
             ScalarRow.run_id == rid,
             ScalarRow.key == bindparam("key"),
@@ -509,26 +521,40 @@ class SqlStore(Store):
     # records ----------------------------------------------------------------------------
 
     def write_records(
-        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem] = ()
+        self,
+        run_id: str,
+        batch_id: str,
+        records: Sequence[RecordIn],
+        rejected: Sequence[RejectedItem] = (),
+        prejudged: Prejudged | None = None,
     ) -> WriteResult:
         now = time.time()
         rejected = list(rejected)
         with self._tx(write=True) as conn:
-            last_step = self._lock_run(conn, run_id)
+            last_step, evaluated, write_seq = self._lock_run(conn, run_id)
+            caught_up = last_step is None or (evaluated is not None and evaluated >= last_step)
+            position: dict[str, Any] = {"last_step": last_step, "evaluated_step": evaluated, "write_seq": write_seq}
             fresh_batch = conn.execute(
                 self._add_batch,
                 {"run_id": run_id, "batch_id": batch_id, "items": sum(r.items() for r in records), "created_at": now},
             ).first()
             if fresh_batch is None:
-                return WriteResult(accepted=0, duplicates=sum(r.items() for r in records), rejected=rejected)
+                return WriteResult(
+                    accepted=0,
+                    duplicates=sum(r.items() for r in records),
+                    rejected=rejected,
+                    caught_up=caught_up,
+                    **position,
+                )
             if not records:
-                return WriteResult(accepted=0, duplicates=0)
+                return WriteResult(accepted=0, duplicates=0, caught_up=caught_up, **position)
             records = self._check_binning(conn, run_id, records, rejected)
             total = sum(record.items() for record in records)
             scalar_rows, hist_rows, outlier_rows = _rows(run_id, records, now)
             steps = [r.step for r in records]
             first, top = min(steps), max(steps)
-            if (last_step is None or first > last_step) and len(set(steps)) == len(steps):
+            all_new = (last_step is None or first > last_step) and len(set(steps)) == len(steps)
+            if all_new:
                 # Every step is new to the run and appears once in the batch, so nothing can
                 # collide: a plain bulk insert (executemany, COPY) is exact and several times faster.
                 for table, rows in (("scalars", scalar_rows), ("histograms", hist_rows), ("outliers", outlier_rows)):
@@ -542,14 +568,40 @@ class SqlStore(Store):
                 new_records = _only_new(records, new_scalars, new_hists, new_outliers)
                 counts = {"scalars": len(new_scalars), "histograms": len(new_hists), "outliers": len(new_outliers)}
             last = top if last_step is None else max(top, last_step)
-            conn.execute(self._touch_run, {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now})
+            write_seq += 1
+            values = {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now, "write_seq": write_seq}
+            alert_ids: list[int | None] = []
+            judged = prejudged is not None and all_new and caught_up and prejudged.write_seq == write_seq - 1
+            if judged:
+                assert prejudged is not None
+                alert_ids = self._add_evaluation(conn, run_id, prejudged.events, prejudged.alerts, now)
+                evaluated = last
+                conn.execute(self._touch_run, {**values, "evaluated_step": evaluated})
+            elif new_records and evaluated is not None and min(r.step for r in new_records) <= evaluated:
+                # New steps at or before the evaluation position (an out-of-order batch): the steps
+                # after them are judged again with them, so the position moves back before them.
+                evaluated = min(r.step for r in new_records) - 1
+                conn.execute(self._touch_run, {**values, "evaluated_step": evaluated})
+                caught_up = False
+            else:
+                conn.execute(self._touch_run, values)
         accepted = sum(counts.values())
         return WriteResult(
-            accepted=accepted, duplicates=total - accepted, new_records=new_records, rows=counts, rejected=rejected
+            accepted=accepted,
+            duplicates=total - accepted,
+            new_records=new_records,
+            rows=counts,
+            rejected=rejected,
+            last_step=last,
+            evaluated_step=evaluated,
+            caught_up=caught_up,
+            write_seq=write_seq,
+            prejudged=judged,
+            alert_ids=alert_ids,
         )
 
-    def _lock_run(self, conn: Connection, run_id: str) -> int | None:
-        """The run's last step, locking its row on PostgreSQL so writers to one run take turns.
+    def _lock_run(self, conn: Connection, run_id: str) -> tuple[int | None, int | None, int]:
+        """The run's last step and evaluation position, locking its row on PostgreSQL so writers to one run take turns.
 
         (SQLite's BEGIN IMMEDIATE already serialises writers.) Taking turns keeps the
         "newer than last_step" fast path of `write_records` exact under concurrency.
@@ -557,7 +609,7 @@ class SqlStore(Store):
         row = conn.execute(self._lock, {"rid": run_id}).first()
         if row is None:
             raise NotFound.run(run_id)
-        return row[0]
+        return row[0], row[1], int(row[2])
 
     def _bulk_insert(self, conn: Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
         """SQLite: the driver's executemany. PostgreSQL: COPY (only called when no row can collide)."""
@@ -634,7 +686,7 @@ class SqlStore(Store):
         now = time.time()
         removed: dict[str, int] = {}
         with self._tx(write=True) as conn:
-            last_step = self._lock_run(conn, run_id)
+            last_step, evaluated, write_seq = self._lock_run(conn, run_id)
             for name, table in (("scalars", ScalarRow), ("histograms", HistogramRow), ("outliers", OutlierRow)):
                 removed[name] = conn.execute(delete(table).where(table.run_id == run_id, table.step > step)).rowcount
             removed["flags"] = conn.execute(
@@ -650,7 +702,12 @@ class SqlStore(Store):
             moved = last_step is not None and last_step > step
             if moved or any(removed.values()):
                 new_last = None if step < 0 or last_step is None else min(last_step, step)
-                conn.execute(update(RunRow).where(RunRow.run_id == run_id).values(last_step=new_last, updated_at=now))
+                new_evaluated = None if step < 0 or evaluated is None else min(evaluated, step)
+                conn.execute(
+                    update(RunRow)
+                    .where(RunRow.run_id == run_id)
+                    .values(last_step=new_last, evaluated_step=new_evaluated, write_seq=write_seq + 1, updated_at=now)
+                )
                 summary = ", ".join(f"{n} {name}" for name, n in removed.items() if n) or "nothing stored"
                 values = {
                     "message": f"history rewound to step {step}: removed {summary} after it",
@@ -680,7 +737,7 @@ class SqlStore(Store):
         now = time.time()
         child = str(uuid.uuid4())
         with self._tx(write=True) as conn:
-            parent_last = self._lock_run(conn, run_id)
+            parent_last, parent_evaluated, _ = self._lock_run(conn, run_id)
             if parent_last is None or step > parent_last:
                 raise Invalid(
                     ("step",),
@@ -699,7 +756,8 @@ class SqlStore(Store):
                     created_at=now,
                     updated_at=now,
                     last_seen_at=None,
-                    last_step=None if parent_last is None else min(parent_last, step),
+                    last_step=min(parent_last, step),
+                    evaluated_step=None if parent_evaluated is None else min(parent_evaluated, step),
                     parent_run_id=run_id,
                     fork_step=step,
                 )
@@ -1067,6 +1125,69 @@ class SqlStore(Store):
         with self._tx(write=True) as conn:
             self._require_run(conn, run_id)
             return len(conn.execute(stmt, rows).all())
+
+    def commit_evaluation(
+        self, run_id: str, through_step: int, events: Sequence[EventCreate], alerts: Sequence[Mapping[str, Any]]
+    ) -> list[int | None]:
+        with self._tx(write=True) as conn:
+            fired = self._add_evaluation(conn, run_id, events, alerts, time.time())
+            conn.execute(
+                update(RunRow)
+                .where(RunRow.run_id == run_id, func.coalesce(RunRow.evaluated_step, -1) < through_step)
+                .values(evaluated_step=through_step)
+            )
+        return fired
+
+    def _add_evaluation(
+        self,
+        conn: Connection,
+        run_id: str,
+        events: Sequence[EventCreate],
+        alerts: Sequence[Mapping[str, Any]],
+        now: float,
+    ) -> list[int | None]:
+        """Insert flags and alerts (each ignored when stored before); returns the alerts' ids, None for those."""
+        if events:
+            conn.execute(
+                self._add_flags,
+                [
+                    {
+                        "run_id": run_id,
+                        "step": e.step,
+                        "kind": e.kind,
+                        "severity": e.severity,
+                        "detector": e.detector,
+                        "message": e.message,
+                        "evidence": e.evidence,
+                        "created_at": now if e.created_at is None else e.created_at,
+                    }
+                    for e in events
+                ],
+            )
+        fired: list[int | None] = []
+        for alert in alerts:  # one statement each: RETURNING says which were new
+            found = conn.execute(self._add_alert, {**ALERT_DEFAULTS, **alert}).first()
+            fired.append(None if found is None else int(found[0]))
+        return fired
+
+    def evaluation_position(self, run_id: str) -> tuple[int | None, int | None]:
+        with self._tx() as conn:
+            row = conn.execute(self._lock, {"rid": run_id}).first()
+        if row is None:
+            raise NotFound.run(run_id)
+        return row[1], row[0]
+
+    def behind(self, limit: int = 1000) -> list[tuple[str, int | None, int]]:
+        query = (
+            select(RunRow.run_id, RunRow.evaluated_step, RunRow.last_step)
+            .where(RunRow.last_step.is_not(None), func.coalesce(RunRow.evaluated_step, -1) < RunRow.last_step)
+            .order_by(RunRow.last_seen_at)
+            .limit(limit)
+        )
+        with self._tx() as conn:
+            return [
+                (run_id, evaluated, int(last)) for run_id, evaluated, last in conn.execute(query) if last is not None
+            ]
 
     def list_events(self, run_id: str) -> list[Event]:
         query = (
