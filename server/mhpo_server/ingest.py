@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from mhpo_server.flags.listener import Evaluation, IngestMonitor, Pending
+from mhpo_server.flags.listener import Evaluation, IngestMonitor
 from mhpo_server.health import ListenerHealth
 from mhpo_server.metrics import ServiceMetrics
 from mhpo_server.schemas import RecordIn, RejectedItem, RewindOut, Run
-from mhpo_server.store import Store, StoreError, WriteResult
+from mhpo_server.store import Stale, Store, StoreError, WriteResult
 
 log = logging.getLogger(__name__)
 IngestListener = Callable[[Store, str, Sequence[RecordIn]], Any]
@@ -65,14 +65,18 @@ class Ingest:
         rejected: Sequence[RejectedItem] = (),
         replay: bool = False,
     ) -> WriteResult:
-        """Store a batch (idempotent by `batch_id`), then judge the steps it added and any the run missed."""
-        with self.turn(run_id):
-            pending = self._prejudge(run_id, records)
-            result = self.store.write_records(
-                run_id, batch_id, records, rejected, None if pending is None else pending.prejudged
-            )
-            if pending is None or not self._written(run_id, pending, result):
-                self._evaluate(run_id, result)
+        """Store a batch (idempotent by `batch_id`), then judge the steps it added and any the run missed.
+
+        The common case, a batch judged on this process's current view of the run, is one
+        transaction that checks the view itself, so it takes only the in-process lock. Any other
+        batch is written and judged under the run's turn across processes.
+        """
+        with RUN_LOCKS[uuid.UUID(run_id).int % len(RUN_LOCKS)]:
+            result = self._write_prejudged(run_id, batch_id, records, rejected)
+            if result is None:
+                with self.store.run_turn(run_id):
+                    result = self.store.write_records(run_id, batch_id, records, rejected)
+                    self._evaluate(run_id, result)
             if result.new_records:
                 for listener in self.listeners:
                     self._call(listener, run_id, result.new_records)
@@ -113,26 +117,34 @@ class Ingest:
                 log.error("run %s: catching up its evaluation failed: %s", run_id, exc)
         return done
 
-    def _prejudge(self, run_id: str, records: Sequence[RecordIn]) -> Pending | None:
-        """The common case in one transaction: the batch judged on the cached view and stored with its flags."""
+    def _write_prejudged(
+        self, run_id: str, batch_id: str, records: Sequence[RecordIn], rejected: Sequence[RejectedItem]
+    ) -> WriteResult | None:
+        """The batch judged on the cached view and stored with its flags in one transaction; None if it cannot be."""
         if self.monitor is None:
             return None
         try:
-            return self.monitor.prejudge(self.store, run_id, records)
+            pending = self.monitor.prejudge(self.store, run_id, records)
         except Exception:
             log.exception("run %s: judging a batch before its write failed; it is judged after", run_id)
             return None
-
-    def _written(self, run_id: str, pending: Pending, result: WriteResult) -> bool:
-        assert self.monitor is not None
+        if pending is None:
+            return None
         try:
-            done = self.monitor.written(run_id, pending, result)
-        except Exception as exc:
+            result = self.store.write_records(run_id, batch_id, records, rejected, pending.prejudged)
+        except Stale:
+            self.monitor.forget(run_id)  # rule states moved on with a batch that was not stored
+            return None
+        except BaseException:
+            self.monitor.forget(run_id)
+            raise
+        try:
+            self.monitor.written(run_id, pending, result)
+        except Exception as exc:  # the flags and alerts are stored; only the webhook hand-off failed
             self.health.failed(self.monitor, self.store, run_id, result.new_records, exc)
-            return True  # stored with the batch; only the webhook hand-off failed
-        if done:
+        else:
             self.health.succeeded(self.monitor)
-        return done
+        return result
 
     def _evaluate(self, run_id: str, result: WriteResult) -> None:
         if self.monitor is None or result.last_step is None:

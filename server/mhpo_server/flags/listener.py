@@ -205,14 +205,14 @@ class IngestMonitor:
         """Judge a batch before it is written, from this process's cached view of the run (None without one).
 
         Valid only if the batch is stored whole as the run's newest steps with nothing written in
-        between, which the store checks in the batch's transaction (`Prejudged`). Call `written`
-        with the write's result either way.
+        between, which the store checks in the batch's transaction (`Prejudged`, else `Stale`).
+        Call `written` after the write, or `forget` if it did not happen.
         """
         cached = self.cache.get(run_id)
         if cached is None or cached.refractory is None:
             return None
         try:
-            evaluation, view = self._evaluate(store, run_id, records, cached.copy())
+            evaluation, view = self._evaluate(store, run_id, records, cached.copy(), written=False)
         except BaseException:
             self.forget(run_id)
             raise
@@ -221,15 +221,11 @@ class IngestMonitor:
         prejudged = Prejudged(write_seq=cached.write_seq, events=evaluation.events, alerts=evaluation.alerts)
         return Pending(prejudged, evaluation, view)
 
-    def written(self, run_id: str, pending: Pending, result: WriteResult) -> bool:
-        """Whether the store kept the prejudged evaluation; if so the view becomes the cache and webhooks go out."""
-        if not result.prejudged:
-            self.forget(run_id)  # rule states moved on with a batch that was not judged this way
-            return False
+    def written(self, run_id: str, pending: Pending, result: WriteResult) -> None:
+        """The store kept the batch with its prejudged evaluation: the view becomes the cache, webhooks go out."""
         pending.view.write_seq = result.write_seq
         self.cache.put(run_id, pending.view)
         self.stored(pending.evaluation, result.alert_ids)
-        return True
 
     def evaluate(self, store: Store, run_id: str, new_records: Sequence[RecordIn], write_seq: int) -> Evaluation:
         """Judge the new records of a batch just stored (the run's `write_seq` after it), earlier steps being judged."""
@@ -237,7 +233,7 @@ class IngestMonitor:
         if cached is not None and cached.write_seq != write_seq - 1:
             cached = None  # another process changed the run since: its points are not in the cache
         try:
-            evaluation, view = self._evaluate(store, run_id, new_records, cached)
+            evaluation, view = self._evaluate(store, run_id, new_records, cached, written=True)
         except BaseException:
             self.forget(run_id)  # the window may be half updated; the next batch reads it again
             raise
@@ -262,9 +258,12 @@ class IngestMonitor:
         return self._judge(project, run_id, params, rules, history, list(steps), refractory)
 
     def _evaluate(
-        self, store: Store, run_id: str, new_records: Sequence[RecordIn], cached: RunWindows | None
+        self, store: Store, run_id: str, new_records: Sequence[RecordIn], cached: RunWindows | None, written: bool
     ) -> tuple[Evaluation, RunWindows | None]:
-        """Judge the batch on `cached` extended with its points (updated in place, or a new view if None)."""
+        """Judge the batch on `cached` extended with its points (updated in place, or a new view if None).
+
+        `written`: whether the batch is stored already (a key read from the store then has its points).
+        """
         new = _new_points(new_records)
         if not new:
             return Evaluation(), cached
@@ -300,6 +299,12 @@ class IngestMonitor:
             read = _from_rows(rows)
             for key in missing:
                 series[key] = read.get(key, EMPTY)
+                added = new.get(key)
+                if not written and added is not None:  # the batch's steps all follow the stored ones
+                    series[key] = (
+                        np.concatenate([series[key][0], added[0]]),
+                        np.concatenate([series[key][1], added[1]]),
+                    )
                 if latest.get(key, -1) > steps[-1]:
                     cached.series.pop(key, None)  # stored points after this batch: not the newest window
                     continue

@@ -104,6 +104,13 @@ class Unavailable(StoreError):
         return f"{what}: retry after {self.retry_after} s"
 
 
+class Stale(StoreError):
+    """A batch judged before its write met a run changed since (or steps it already has): nothing was written."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} changed since its batch was judged")
+
+
 class StorageFull(Unavailable):
     pass
 
@@ -149,7 +156,6 @@ class WriteResult:
     # No stored step after `evaluated_step` but this batch's new ones: evaluating the batch alone is exact.
     caught_up: bool = True
     write_seq: int = 0  # the run's count of history changes after the batch
-    prejudged: bool = False  # the `Prejudged` evaluation was stored with the batch
     alert_ids: list[int | None] = field(default_factory=list)  # of the prejudged alerts; None: stored before
 
 
@@ -158,8 +164,9 @@ class Prejudged:
     """A batch's flags and alerts judged before its write, from a server process's cached view of the run.
 
     The store keeps them, with the evaluation position, in the batch's own transaction when the
-    run is as that view saw it (`write_seq` unchanged) and every step of the batch is new; then a
-    batch costs one transaction. Otherwise it drops them and the batch is evaluated after its commit.
+    run is as that view saw it (`write_seq` unchanged, evaluated through its last step) and every
+    step of the batch is new; then a batch costs one transaction and needs no cross-process turn
+    (the transaction itself checks the view). Otherwise it raises `Stale` and writes nothing.
     """
 
     write_seq: int

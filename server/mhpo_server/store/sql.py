@@ -73,6 +73,7 @@ from mhpo_server.store.base import (
     OverLimit,
     Prejudged,
     SchemaError,
+    Stale,
     StorageFull,
     Store,
     Unavailable,
@@ -534,11 +535,21 @@ class SqlStore(Store):
             last_step, evaluated, write_seq = self._lock_run(conn, run_id)
             caught_up = last_step is None or (evaluated is not None and evaluated >= last_step)
             position: dict[str, Any] = {"last_step": last_step, "evaluated_step": evaluated, "write_seq": write_seq}
+            if prejudged is not None and not (
+                records
+                and prejudged.write_seq == write_seq
+                and caught_up
+                and (last_step is None or min(r.step for r in records) > last_step)
+                and len({r.step for r in records}) == len(records)
+            ):
+                raise Stale(run_id)  # rolls back: nothing of the batch is written
             fresh_batch = conn.execute(
                 self._add_batch,
                 {"run_id": run_id, "batch_id": batch_id, "items": sum(r.items() for r in records), "created_at": now},
             ).first()
             if fresh_batch is None:
+                if prejudged is not None:
+                    raise Stale(run_id)
                 return WriteResult(
                     accepted=0,
                     duplicates=sum(r.items() for r in records),
@@ -571,9 +582,7 @@ class SqlStore(Store):
             write_seq += 1
             values = {"rid": run_id, "last_step": last, "last_seen_at": now, "updated_at": now, "write_seq": write_seq}
             alert_ids: list[int | None] = []
-            judged = prejudged is not None and all_new and caught_up and prejudged.write_seq == write_seq - 1
-            if judged:
-                assert prejudged is not None
+            if prejudged is not None:
                 alert_ids = self._add_evaluation(conn, run_id, prejudged.events, prejudged.alerts, now)
                 evaluated = last
                 conn.execute(self._touch_run, {**values, "evaluated_step": evaluated})
@@ -596,7 +605,6 @@ class SqlStore(Store):
             evaluated_step=evaluated,
             caught_up=caught_up,
             write_seq=write_seq,
-            prejudged=judged,
             alert_ids=alert_ids,
         )
 
