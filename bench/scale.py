@@ -3,8 +3,8 @@
 For each N, a fresh PostgreSQL database, N server processes on it (each `mhpo serve`, as
 replicas behind a load balancer would be), and `--clients-per-server` client threads per
 server, each on its own keep-alive connection and its own run, the clients spread evenly over
-the servers. Flags are on (the server's default) and two alert rules watch the project (a
-threshold and a spike on keys every request logs), so every batch is judged. Every cell runs
+the servers. Flags are on (the server's default) and bench/ingest.py's alert rules watch the
+project (on keys every request logs), so every batch is judged. Every cell runs
 for `--seconds` and counts the points the servers acknowledged (2xx); the request bodies are
 bench/ingest.py's: "1 step/req" is one step of 30 scalars, "1000 pts/req" 50 steps x 20 scalars.
 
@@ -31,10 +31,6 @@ import httpx
 from ingest import DEFAULT_PG_URL, MHPOTarget, pg_database
 from servers import mhpo_server
 
-RULES = (
-    {"type": "threshold", "key": "bench/k00", "op": ">", "value": 1e12, "for_steps": 3},
-    {"type": "spike", "key": "bench/k01", "direction": "up", "z": 8.0, "window_steps": 50, "min_baseline": 20},
-)
 MODES = {"1 step/req": False, "1000 pts/req": True}
 
 
@@ -53,15 +49,10 @@ class Cell:
         return self.points / self.seconds
 
 
-def add_rules(base_url: str) -> None:
-    for condition in RULES:
-        body = {"name": f"bench-{condition['type']}", "project": "bench", "condition": condition, "cooldown_s": 0}
-        httpx.post(f"{base_url}/api/v1/alert-rules", json=body, timeout=30).raise_for_status()
-
-
-def ingest(urls: list[str], batched: bool, per_server: int, seconds: float) -> tuple[int, int, int, float]:
+def ingest(
+    target: MHPOTarget, urls: list[str], batched: bool, per_server: int, seconds: float
+) -> tuple[int, int, int, float]:
     """`per_server` client threads on each server, each its own connection and run, sending for `seconds`."""
-    target = MHPOTarget()
     clients = [urls[i % len(urls)] for i in range(per_server * len(urls))]
     totals = [[0, 0, 0] for _ in clients]
     stop_at = [0.0]
@@ -99,9 +90,9 @@ def measure(n: int, admin_url: str, per_server: int, seconds: float) -> list[Cel
     with ExitStack() as stack:
         db_url = stack.enter_context(pg_database(admin_url))
         urls = [stack.enter_context(mhpo_server(db_url)) for _ in range(n)]
-        add_rules(urls[0])
+        target = MHPOTarget(urls[0])  # adds bench/ingest.py's alert rules to the project
         for mode, batched in MODES.items():
-            points, requests, errors, elapsed = ingest(urls, batched, per_server, seconds)
+            points, requests, errors, elapsed = ingest(target, urls, batched, per_server, seconds)
             cell = Cell(n, mode, per_server * n, points, requests, errors, elapsed)
             cells.append(cell)
             print(

@@ -274,15 +274,18 @@ def stored_steps(url: str, run_id: str) -> set[int]:
     return {int(m["step"]) for m in r.json()["metrics"]}
 
 
-def race_rewind(a: str, b: str, path: WritePath, run_id: str, stream: Stream, batches: list[Batch]) -> None:
+def race_rewind(a: str, b: str, path: WritePath, run_id: str, stream: Stream, batches: list[Batch]) -> int:
     """Stream the batches to `a` in order; once step 34 is stored (its evaluation likely running), rewind
-    the run to step 25 on `b`; the stream stops when the rewind is answered (the batch in flight ends)."""
+    the run to step 25 on `b`; the stream stops when the rewind is answered (the batch in flight ends).
+    Returns how many flags the rewind removed."""
     rewound = threading.Event()
+    removed: list[int] = []
 
     def rewind() -> None:
         wait_stored(b, run_id, 34)
         r = httpx.post(f"{b}/api/v1/runs/{run_id}/rewind", json={"step": REWIND_TO}, timeout=60)
         assert r.status_code == 200, r.text
+        removed.append(int(r.json()["removed"]["flags"]))
         rewound.set()
 
     rewinder = threading.Thread(target=rewind)
@@ -295,6 +298,7 @@ def race_rewind(a: str, b: str, path: WritePath, run_id: str, stream: Stream, ba
     finally:
         rewinder.join(60)
     assert rewound.is_set(), "the rewind did not complete"
+    return removed[0]
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -310,10 +314,9 @@ def test_a_rewind_racing_a_batch_on_another_process_leaves_no_flag_of_rewound_da
     batches = batches_of(60, 5)
     runs = [new_run(a.url, path, project) for _ in streams]
     with ThreadPoolExecutor(len(runs)) as pool:
-        for done in [
-            pool.submit(race_rewind, a.url, b.url, path, r, s, batches) for r, s in zip(runs, streams, strict=True)
-        ]:
-            done.result()
+        jobs = [pool.submit(race_rewind, a.url, b.url, path, r, s, batches) for r, s in zip(runs, streams, strict=True)]
+        removed = [job.result() for job in jobs]
+    assert any(removed), "no rewind found flags of the steps it removed: nothing was raced"
     for run_id, stream in zip(runs, streams, strict=True):
         kept = stored_steps(a.url, run_id)
         later = sorted(s for s in kept if s > REWIND_TO)
@@ -329,6 +332,5 @@ def test_a_rewind_racing_a_batch_on_another_process_leaves_no_flag_of_rewound_da
         ]
         assert left == [], f"flags and alerts of rewound steps outlived the rewind to step {REWIND_TO}"
         expected = reference(cluster.single.url, path, project, stream, history)
-        assert alert_set(cluster.single.url, expected)
         assert_same_monitoring(a.url, run_id, cluster.single.url, expected)
         assert_same_monitoring(b.url, run_id, cluster.single.url, expected)
