@@ -211,6 +211,15 @@ class ApiClient:
     def events(self, run_id: str) -> list[dict[str, Any]]:
         return self._request("GET", f"/api/v1/runs/{run_id}/events")["events"]
 
+    def events_after(self, run_id: str, cursor: str | None) -> dict[str, Any]:
+        """`{"events", "cursor", "reset"}`: the events newer than `cursor` ("" or None: all of them).
+
+        `reset` means the run was rewound meanwhile and `events` is its whole list. A server
+        without cursors answers every event and no cursor; the caller de-duplicates by id.
+        """
+        body = self._request("GET", f"/api/v1/runs/{run_id}/events", params={"after": cursor or ""})
+        return {"events": body["events"], "cursor": body.get("cursor"), "reset": bool(body.get("reset"))}
+
     # alerts (absent on older servers) --------------------------------------------------------
     def alert_rules(self) -> list[dict[str, Any]]:
         body = self._request("GET", "/api/v1/alert-rules", missing_is_unavailable=True)

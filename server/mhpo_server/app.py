@@ -3,7 +3,7 @@
 `create_app(settings)` opens the store, refuses a database that is not at the migrations'
 head, and wires routers, error handlers and middleware. Extension points for other parts
 of the product: `app.state.ingest.listeners` (called after each committed batch with
-`(store, run_id, new_records)`), `app.state.event_sources` (extra items for
+`(store, run_id, new_records)`), `app.state.event_sources` (`EventSource`s: extra items for
 `GET .../events`), and plain `app.include_router` / `app.mount` for more routes or the
 dashboard.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +30,7 @@ from mhpo_server.limits import BodySizeLimitMiddleware
 from mhpo_server.metrics import MetricsMiddleware, ServiceMetrics
 from mhpo_server.responses import NaNJSONResponse
 from mhpo_server.routes import auth, events, health, mlflow, projects, records, runs, series
+from mhpo_server.routes.events import EventSource
 from mhpo_server.schemas import ERROR_RESPONSES
 from mhpo_server.store import (
     DATA_ERROR,
@@ -45,7 +46,6 @@ from mhpo_server.store import (
 )
 
 log = logging.getLogger(__name__)
-EventSource = Callable[[Store, str], list[dict[str, Any]]]
 
 
 class ConfigError(ValueError):

@@ -497,6 +497,12 @@ class Event(BaseModel):
 
 class EventList(BaseModel):
     events: list[Event]
+    cursor: str | None = Field(
+        None, description="only with `?after=`: pass it as `after` next time to get only newer events"
+    )
+    reset: bool | None = Field(
+        None, description="only with `?after=`: the run was rewound since, so this is the whole list; replace yours"
+    )
 
 
 class ErrorOut(BaseModel):

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from mhpo_server.app import create_app
 from mhpo_server.config import Settings
+from mhpo_server.routes.events import EventSource
 from mhpo_server.schemas import RecordIn
 from mhpo_server.store import Store, open_store
 from tests.conftest import strict_loads
@@ -267,7 +268,9 @@ def test_ingest_listeners_get_only_new_records(app: FastAPI) -> None:
 
 
 def test_event_sources_and_flags(app: FastAPI, store: Store) -> None:
-    app.state.event_sources.append(lambda s, run_id: [{"type": "alert", "step": 1, "rule": "r"}])
+    app.state.event_sources.append(
+        EventSource("extra", lambda s, run_id, after_id, since: [{"type": "alert", "step": 1, "rule": "r"}])
+    )
     with TestClient(app) as client:
         run_id = new_run(client)
         store.add_events(

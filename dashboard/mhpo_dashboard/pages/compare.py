@@ -8,6 +8,12 @@ run, so the server's bucketing lines up and the distances compare like with like
 where either run was on-policy (all log-ratios exactly 0) are left out of the distance: both
 distributions are then the same point mass and the distance says nothing.
 
+While any of the runs is live the page polls like the run page: per run, the steps after the
+last one drawn (`start=last_step+1`) and the events after its events cursor, appended to the
+metric charts and the flag list with `Patch`; it stops polling once none is live. A rewind of
+any run redraws the charts and the list. The heat-maps, the distance chart and the config
+differences are drawn when the page loads (the threshold box redraws the distance).
+
 Its cost is bounded whatever the URL holds: at most `max_compare_runs()` runs (a longer list
 is refused on the page before anything is read) and the per-run reads go through
 `parallel`'s small pool.
@@ -19,11 +25,11 @@ from typing import Any
 from urllib.parse import quote
 
 import dash
-from dash import Input, Output, State, callback, dash_table, dcc, html
+from dash import ALL, Input, Output, Patch, State, callback, ctx, dash_table, dcc, html, no_update
 
 from mhpo_dashboard import figures
 from mhpo_dashboard.api import ApiClient, ApiError, parallel
-from mhpo_dashboard.app import api, max_compare_runs
+from mhpo_dashboard.app import api, max_compare_runs, refresh_interval_ms
 
 dash.register_page(__name__, path="/compare", title="Compare · MHPO Monitor", name="Compare", order=1)
 
@@ -70,23 +76,90 @@ def _x_range(runs: list[dict[str, Any]]) -> list[float]:
     return [-0.5, last + 0.5]
 
 
-def metric_figures(client: ApiClient, runs: list[dict[str, Any]], metrics: list[str]) -> list[Any]:
-    """One chart per metric; ratio and hazard metrics without each run's on-policy steps (as on the run page)."""
+def _metric_series(
+    client: ApiClient, runs: list[dict[str, Any]], metrics: list[str], starts: dict[str, int | None] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each run's series of `metrics` up to its last step (from `starts[run_id]` when given); ratio and
+    hazard metrics without the run's on-policy steps (as on the run page)."""
     wanted = list(dict.fromkeys([*metrics, *figures.POLICY_KEYS]))
-    fetched = parallel(*[lambda r=r: client.scalars(r["run_id"], wanted, max_points=MAX_POINTS) for r in runs])
+    starts = starts or {}
+    fetched = parallel(
+        *[
+            lambda r=r: client.scalars(
+                r["run_id"], wanted, start=starts.get(r["run_id"]), end=r.get("last_step"), max_points=MAX_POINTS
+            )
+            for r in runs
+        ]
+    )
     filtered = [m for m in metrics if m.startswith(("ratio/", "hazard/"))]
-    data = {
+    return {
         r["run_id"]: figures.off_policy_only(f["series"], filtered, figures.on_policy_steps(f["series"]))
         for r, f in zip(runs, fetched, strict=True)
     }
+
+
+def metric_figures(
+    client: ApiClient, runs: list[dict[str, Any]], metrics: list[str]
+) -> tuple[list[Any], dict[str, dict[str, int]]]:
+    """One chart per metric, and per metric the trace index of each run drawn in it (for the live appends)."""
+    data = _metric_series(client, runs, metrics)
     x_range = _x_range(runs)
-    return [
-        dcc.Graph(
-            figure=figures.compare_metric_figure(m, [(r, data[r["run_id"]].get(m)) for r in runs], x_range),
-            className="graph compare-metric",
+    graphs, traces = [], {}
+    for m in metrics:
+        per_run = [(r, data[r["run_id"]].get(m)) for r in runs]
+        drawn = [r["run_id"] for r, series in per_run if series and series["step"]]
+        traces[m] = {run_id: i for i, run_id in enumerate(drawn)}
+        graphs.append(
+            dcc.Graph(
+                id={"type": "compare-metric", "metric": m},
+                figure=figures.compare_metric_figure(m, per_run, x_range),
+                className="graph compare-metric",
+            )
         )
-        for m in metrics
+    return graphs, traces
+
+
+def _live_state(
+    runs: list[dict[str, Any]], traces: dict[str, dict[str, int]], answers: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What the poll needs: per run its last step drawn, events cursor and the events shown."""
+    return {
+        "runs": [
+            {
+                "run_id": r["run_id"],
+                "last_step": r.get("last_step"),
+                "cursor": a["cursor"],
+                "event_ids": [_event_id(e) for e in a["events"]],
+            }
+            for r, a in zip(runs, answers, strict=True)
+        ],
+        "traces": traces,
+        "events_shown": sum(len(a["events"]) for a in answers),
+    }
+
+
+def _event_id(event: dict[str, Any]) -> str:
+    return f"{event.get('type', 'flag')}-{event.get('id')}"
+
+
+def _event_items(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Any]:
+    """One line per flag, alert, rewind or fork of one run, in step order."""
+    label = figures.run_label(run)
+    return [
+        html.Li(
+            [
+                html.Strong(f"{label} · step {e.get('step')} · {e.get('type', 'flag')} "),
+                html.Span(f"{e.get('rule_name') or e.get('kind') or ''} ({e.get('severity', '')}): "),
+                html.Span(str(e.get("message", ""))),
+            ],
+            className=f"compare-event severity-{e.get('severity', 'warning')}",
+        )
+        for e in sorted(events, key=lambda e: (e.get("step") or 0, str(e.get("id"))))
     ]
+
+
+def _event_list(items: list[Any]) -> list[Any]:
+    return [html.Ul(items, className="compare-events")] if items else [html.P("no flags or alerts")]
 
 
 def _histograms(
@@ -161,11 +234,12 @@ def layout(runs: str | None = None, **_: Any) -> Any:
         scalar_keys = sorted(set().union(*(k.get("scalars", []) for k in keys)))
         metrics = [m for m in figures.COMPARE_DEFAULT_METRICS if m in scalar_keys] or scalar_keys[:3]
         mm_key = figures.MISMATCH_HEATMAP_KEY
-        hists, mm_hists, metric_graphs, skip = parallel(
+        hists, mm_hists, (metric_graphs, traces), skip, answers = parallel(
             lambda: _histograms(client, infos, keys),
             lambda: _histograms(client, infos, keys, mm_key),
             lambda: metric_figures(client, infos, metrics),
             lambda: on_policy(client, infos, keys),
+            lambda: parallel(*[lambda i=i: client.events_after(i, "") for i in ids]),
         )
     except ApiError as exc:
         return html.Div([html.H2("Compare runs"), picker, html.P(str(exc), className="error")])
@@ -209,6 +283,12 @@ def layout(runs: str | None = None, **_: Any) -> Any:
             html.H2("Compare runs"),
             picker,
             dcc.Store(id="compare-runs", data=ids),
+            dcc.Store(id="compare-live", data=_live_state(infos, traces, answers)),
+            dcc.Interval(
+                id="compare-tick",
+                interval=refresh_interval_ms(),
+                disabled=not any(figures.is_live(r) for r in infos),
+            ),
             html.Div(
                 [
                     html.Label("metrics "),
@@ -217,6 +297,11 @@ def layout(runs: str | None = None, **_: Any) -> Any:
                 className="toolbar",
             ),
             html.Div(metric_graphs, id="compare-metric-graphs", className="grid"),
+            html.H3("flags and alerts"),
+            html.Div(
+                _event_list([i for r, a in zip(infos, answers, strict=True) for i in _event_items(r, a["events"])]),
+                id="compare-events",
+            ),
             html.H3("log-ratio heat-maps"),
             html.Div(
                 heatmaps, className="row side-by-side", style={"gridTemplateColumns": f"repeat({len(infos)}, 1fr)"}
@@ -274,19 +359,152 @@ def pick_link(chosen: list[str] | None) -> str:
 
 @callback(
     Output("compare-metric-graphs", "children"),
+    Output("compare-live", "data", allow_duplicate=True),
     Input("compare-metrics", "value"),
     State("compare-runs", "data"),
+    State("compare-live", "data"),
     prevent_initial_call=True,
 )
-def change_metrics(metrics: list[str] | None, ids: list[str] | None) -> list[Any]:
+def change_metrics(
+    metrics: list[str] | None, ids: list[str] | None, live: dict[str, Any] | None
+) -> tuple[list[Any], Any]:
+    """The metric charts drawn again up to the steps the page holds, so the live appends continue from there."""
     refused = refusal(ids)
     if refused is not None:
-        return [html.P(refused, className="error")]
+        return [html.P(refused, className="error")], no_update
+    client = api()
+    held = {r["run_id"]: r["last_step"] for r in (live or {}).get("runs", [])}
+    try:
+        infos = parallel(*[lambda i=i: client.run(i) for i in ids or []])
+        graphs, traces = metric_figures(
+            client, [{**r, "last_step": held.get(r["run_id"], r.get("last_step"))} for r in infos], metrics or []
+        )
+    except ApiError as exc:
+        return [html.P(str(exc), className="error")], no_update
+    return graphs, no_update if live is None else {**live, "traces": traces}
+
+
+@callback(
+    Output({"type": "compare-metric", "metric": ALL}, "figure"),
+    Output("compare-live", "data", allow_duplicate=True),
+    Output("compare-events", "children"),
+    Output("compare-tick", "disabled"),
+    Input("compare-tick", "n_intervals"),
+    State("compare-live", "data"),
+    State({"type": "compare-metric", "metric": ALL}, "relayoutData"),
+    prevent_initial_call=True,
+)
+def poll(_: int, live: dict[str, Any] | None, zooms: list[dict[str, Any] | None]) -> tuple[Any, ...]:
+    """Per run, the steps after the last one drawn and the events after its cursor, appended (`Patch`);
+    a rewind of any run redraws the charts and the list; polling stops once no run is live."""
+    metrics = [o["id"]["metric"] for o in next(o for o in ctx.outputs_list if isinstance(o, list))]
+    unchanged = [no_update] * len(metrics)
+    if not live:
+        return unchanged, no_update, no_update, True
     client = api()
     try:
-        return metric_figures(client, parallel(*[lambda i=i: client.run(i) for i in ids or []]), metrics or [])
-    except ApiError as exc:
-        return [html.P(str(exc), className="error")]
+        infos = parallel(*[lambda r=r: client.run(r["run_id"]) for r in live["runs"]])
+    except ApiError:
+        return unchanged, no_update, no_update, no_update
+    stop = not any(figures.is_live(r) for r in infos)
+    held = {r["run_id"]: r for r in live["runs"]}
+    moved = [r for r in infos if _advanced(held[r["run_id"]]["last_step"], r.get("last_step"))]
+    rewound = any(_rewound(held[r["run_id"]]["last_step"], r.get("last_step")) for r in infos)
+    if not moved and not rewound:
+        return unchanged, no_update, no_update, stop
+    try:
+        if rewound:
+            return (*_redrawn(client, infos, metrics), stop)
+        starts = {r["run_id"]: _next_step(held[r["run_id"]]["last_step"]) for r in moved}
+        data, answers = parallel(
+            lambda: _metric_series(client, moved, metrics, starts),
+            lambda: parallel(
+                *[lambda r=r: client.events_after(r["run_id"], held[r["run_id"]]["cursor"]) for r in moved]
+            ),
+        )
+        if any(a["reset"] for a in answers):
+            return (*_redrawn(client, infos, metrics), stop)
+    except ApiError:
+        return unchanged, no_update, no_update, no_update
+    figs = [
+        _metric_patch(m, infos, moved, data, live["traces"].setdefault(m, {}), _zoomed(zoom))
+        for m, zoom in zip(metrics, zooms, strict=True)
+    ]
+    items: list[Any] = []
+    for run, answer in zip(moved, answers, strict=True):
+        state = held[run["run_id"]]
+        new = [e for e in answer["events"] if _event_id(e) not in set(state["event_ids"])]
+        items.extend(_event_items(run, new))
+        state.update(
+            last_step=run.get("last_step"),
+            cursor=answer["cursor"],
+            event_ids=state["event_ids"] + [_event_id(e) for e in new],
+        )
+    events: Any = no_update
+    if items:
+        events = _event_list(items) if not live["events_shown"] else Patch()
+        if live["events_shown"]:
+            events[0]["props"]["children"].extend(items)
+        live["events_shown"] += len(items)
+    return figs, live, events, stop
+
+
+def _zoomed(relayout: dict[str, Any] | None) -> bool:
+    """Whether the user zoomed the step axis (then a live update leaves it where they put it)."""
+    keys = set(relayout or {})
+    return bool(keys & {"xaxis.range", "xaxis.range[0]", "xaxis.range[1]"}) and "xaxis.autorange" not in keys
+
+
+def _advanced(held: int | None, now: int | None) -> bool:
+    return now is not None and (held is None or now > held)
+
+
+def _rewound(held: int | None, now: int | None) -> bool:
+    return held is not None and (now is None or now < held)
+
+
+def _next_step(held: int | None) -> int | None:
+    return None if held is None else held + 1
+
+
+def _metric_patch(
+    metric: str,
+    runs: list[dict[str, Any]],
+    moved: list[dict[str, Any]],
+    data: dict[str, dict[str, Any]],
+    traces: dict[str, int],
+    zoomed: bool,
+) -> Patch:
+    """One metric chart's live update: each moved run's new points appended to its line (a line of its own
+    the first time it logs the metric), and the step axis widened to the latest step."""
+    patch = Patch()
+    for run in moved:
+        series = data[run["run_id"]].get(metric)
+        if not series or not series["step"]:
+            continue
+        index = traces.get(run["run_id"])
+        if index is None:
+            only = [(r, series if r["run_id"] == run["run_id"] else None) for r in runs]
+            patch["data"].append(figures.compare_metric_figure(metric, only)["data"][0])
+            patch["layout"]["annotations"] = []
+            traces[run["run_id"]] = len(traces)
+            continue
+        new = figures.compare_metric_figure(metric, [(run, series)])["data"][0]
+        patch["data"][index]["x"].extend(new["x"])
+        patch["data"][index]["y"].extend(new["y"])
+    if not zoomed:
+        patch["layout"]["xaxis"]["range"] = _x_range(runs)
+    return patch
+
+
+def _redrawn(client: ApiClient, runs: list[dict[str, Any]], metrics: list[str]) -> tuple[list[Any], Any, list[Any]]:
+    """The metric charts, the live state and the flag list, all read again (after a rewind)."""
+    (graphs, traces), answers = parallel(
+        lambda: metric_figures(client, runs, metrics),
+        lambda: parallel(*[lambda r=r: client.events_after(r["run_id"], "") for r in runs]),
+    )
+    items = [i for r, a in zip(runs, answers, strict=True) for i in _event_items(r, a["events"])]
+    return [g.figure for g in graphs], _live_state(runs, traces, answers), _event_list(items)
 
 
 @callback(

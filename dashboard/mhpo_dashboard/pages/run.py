@@ -115,9 +115,12 @@ HISTORY_TYPES = ("rewind", "fork")
 
 def _history_list(events: list[dict[str, Any]]) -> list[Any]:
     """Rewinds and forks of the run, oldest first, each fork linking the other run."""
+    items = _history_items(events)
+    return [html.Ul(items, className="history-list")] if items else [html.P("no rewinds or forks")]
+
+
+def _history_items(events: list[dict[str, Any]]) -> list[Any]:
     found = sorted((e for e in events if e.get("type") in HISTORY_TYPES), key=lambda e: e.get("created_at") or 0.0)
-    if not found:
-        return [html.P("no rewinds or forks")]
     items = []
     for e in found:
         evidence = e.get("evidence") or {}
@@ -140,13 +143,27 @@ def _history_list(events: list[dict[str, Any]]) -> list[Any]:
                 className=f"history {e.get('type')}",
             )
         )
-    return [html.Ul(items, className="history-list")]
+    return items
 
 
 def _flag_list(events: list[dict[str, Any]]) -> list[Any]:
+    items = _flag_items(events)
+    return [html.Ul(items, className="flags")] if items else [html.P("no flags or alerts")]
+
+
+def _appended(shown: int, items: list[Any], whole: list[Any]) -> Any:
+    """A list's live update: `whole` replaces the empty-list hint, else the new items are appended (`Patch`)."""
+    if not items:
+        return no_update
+    if not shown:
+        return whole
+    patch = Patch()
+    patch[0]["props"]["children"].extend(items)
+    return patch
+
+
+def _flag_items(events: list[dict[str, Any]]) -> list[Any]:
     events = [e for e in events if e.get("type") not in HISTORY_TYPES]
-    if not events:
-        return [html.P("no flags or alerts")]
     items = []
     for e in sorted(events, key=lambda e: (e.get("step") or 0, str(e.get("id")))):
         kind = e.get("rule_name") if e.get("type") == "alert" else e.get("kind")
@@ -169,7 +186,7 @@ def _flag_list(events: list[dict[str, Any]]) -> list[Any]:
                 className="flag",
             )
         )
-    return [html.Ul(items, className="flags")]
+    return items
 
 
 def _summary(run: dict[str, Any]) -> list[Any]:
@@ -225,6 +242,8 @@ def _charts(
         "heatmap": has_heatmap,
         "heatmap_bins": figures.occupied_bins(hist) if has_heatmap else None,
         "event_ids": [_event_id(e) for e in events],
+        "flags_shown": len(_flag_items(events)),
+        "history_shown": len(_history_items(events)),
     }
     return figs, state, step_fig, outlier_table
 
@@ -234,13 +253,14 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
         return html.P("no run id in the address; pick a run on the runs page")
     client = api()
     try:
-        run, keys, events = parallel(
-            lambda: client.run(run_id), lambda: client.keys(run_id), lambda: client.events(run_id)
+        run, keys, answer = parallel(
+            lambda: client.run(run_id), lambda: client.keys(run_id), lambda: client.events_after(run_id, "")
         )
     except ApiError as exc:
         return html.Div([html.H2("Run not available"), html.P(str(exc), className="error")])
-    last_step = run.get("last_step")
+    last_step, events = run.get("last_step"), answer["events"]
     figs, state, step_fig, outlier_table = _charts(client, run, keys, events, last_step)
+    state["event_cursor"] = answer["cursor"]
     graphs = {name: _graph(name, fig) for name, fig in figs.items() if name != "heatmap"}
     live_ms = refresh_interval_ms()
     scalar_keys = keys.get("scalars", [])
@@ -460,16 +480,18 @@ def custom_charts(chosen: dict[str, list[str]] | None, state: dict[str, Any]) ->
 
 def _custom_figures(client: ApiClient, state: dict[str, Any], keys: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The custom charts' figures up to the run's last step, and what was drawn (for the live appends)."""
-    data, events = parallel(
+    data, answer = parallel(
         lambda: client.scalars(state["run_id"], keys, end=state.get("last_step"), max_points=MAX_POINTS),
-        lambda: client.events(state["run_id"]),
+        lambda: client.events_after(state["run_id"], ""),
     )
+    events = answer["events"]
     figs, maps = {}, {}
     for key in keys:
         figs[key], maps[key] = figures.timeseries_figure(
             key, [[key]], data["series"], events, None, data.get("downsampled", False)
         )
-    return figs, {"last_step": state.get("last_step"), "trace_maps": maps, "event_ids": [_event_id(e) for e in events]}
+    drawn = {"last_step": state.get("last_step"), "trace_maps": maps, "event_ids": [_event_id(e) for e in events]}
+    return figs, {**drawn, "event_cursor": answer["cursor"]}
 
 
 @callback(
@@ -483,8 +505,8 @@ def _custom_figures(client: ApiClient, state: dict[str, Any], keys: list[str]) -
 def extend_custom_charts(
     state: dict[str, Any], drawn: dict[str, Any] | None, ids: list[dict[str, str]]
 ) -> tuple[list[Any], Any]:
-    """New points of a live run appended to the custom charts (`Patch`), so they keep their zoom;
-    redrawn whole only after a rewind."""
+    """New points and events of a live run appended to the custom charts (`Patch`), so they keep their
+    zoom; redrawn whole only after a rewind."""
     keys = [i["key"] for i in ids]
     last, new_last = (drawn or {}).get("last_step"), state.get("last_step")
     if not keys or drawn is None or new_last is None or new_last == last:
@@ -494,16 +516,25 @@ def extend_custom_charts(
         if last is None or new_last < last or set(keys) != set(drawn["trace_maps"]):
             figs, new_drawn = _custom_figures(client, state, keys)
             return [figs[k] for k in keys], new_drawn
-        data, events = parallel(
+        data, answer = parallel(
             lambda: client.scalars(state["run_id"], keys, start=last + 1, end=new_last, max_points=MAX_POINTS),
-            lambda: client.events(state["run_id"]),
+            lambda: client.events_after(state["run_id"], drawn.get("event_cursor")),
         )
+        if answer["reset"]:
+            figs, new_drawn = _custom_figures(client, state, keys)
+            return [figs[k] for k in keys], new_drawn
     except ApiError:
         return [no_update] * len(keys), no_update
-    seen = set(drawn["event_ids"])
-    new_events = [e for e in events if _event_id(e) not in seen]
+    new_events = _unseen(answer["events"], drawn["event_ids"])
     out = [_append_patch(drawn["trace_maps"][key], [[key]], data["series"], new_events) for key in keys]
-    return out, {**drawn, "last_step": new_last, "event_ids": [_event_id(e) for e in events]}
+    seen = drawn["event_ids"] + [_event_id(e) for e in new_events]
+    return out, {**drawn, "last_step": new_last, "event_ids": seen, "event_cursor": answer["cursor"]}
+
+
+def _unseen(events: list[dict[str, Any]], seen: list[str]) -> list[dict[str, Any]]:
+    """Events not shown yet (an incremental read may repeat a recent one)."""
+    held = set(seen)
+    return [e for e in events if _event_id(e) not in held]
 
 
 @callback(
@@ -597,7 +628,8 @@ def _events_patch(
     prevent_initial_call=True,
 )
 def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[Any, ...]:
-    """Append what arrived since `state["last_step"]`; nothing is sent back when nothing changed."""
+    """Append what arrived since `state["last_step"]` and the events newer than `state["event_cursor"]`;
+    nothing is sent back when nothing changed, and a rewind redraws everything."""
     names = _graph_names()
     client = api()
     run_id = state["run_id"]
@@ -607,23 +639,15 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
         return [no_update] * len(names), no_update, no_update, no_update, no_update, no_update
     last, new_last = state.get("last_step"), run.get("last_step")
     if last is not None and (new_last is None or new_last < last):  # rewound: redraw from the server
-        keys, events = parallel(lambda: client.keys(run_id), lambda: client.events(run_id))
-        figs, new_state = _charts(client, run, keys, events, new_last, state.get("policy", "off"))[:2]
-        return (
-            [figs[name] for name in names],
-            new_state,
-            _flag_list(events),
-            _history_list(events),
-            _summary(run),
-            {"step": new_last, "follow": True},
-        )
+        return _redraw(client, run, state, names, client.events_after(run_id, ""))
     if new_last is None or (last is not None and new_last <= last):
         return [no_update] * len(names), no_update, no_update, no_update, _summary(run), no_update
     start = None if last is None else last + 1
     policy = state.get("policy", "off")
-    keys, events = parallel(lambda: client.keys(run_id), lambda: client.events(run_id))
-    seen = set(state["event_ids"])
-    new_events = [e for e in events if _event_id(e) not in seen]
+    keys, answer = parallel(lambda: client.keys(run_id), lambda: client.events_after(run_id, state.get("event_cursor")))
+    if answer["reset"]:  # rewound, then logged past the old last step
+        return _redraw(client, run, state, names, answer)
+    new_events = _unseen(answer["events"], state["event_ids"])
     has_heatmap = HEATMAP_KEY in keys.get("histograms", [])
     (rows, data), hist = parallel(
         lambda: _panel_data(client, run_id, keys.get("scalars", []), start=start, end=new_last, policy=policy),
@@ -640,18 +664,20 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
         ),
     )
     grown = [n for n in rows if [k for r in rows[n] for k in r] != state["panel_keys"].get(n)]
+    redrawn = bool(grown) or (hist is not None and not state["heatmap"])
+    everything: list[dict[str, Any]] = client.events(run_id) if redrawn else []  # a chart drawn whole shows them all
     full = _panel_data(client, run_id, keys.get("scalars", []), end=new_last, policy=policy)[1] if grown else None
     out = []
     for name in names:
         if name == "heatmap":
-            out.append(_heatmap_update(state, hist, events, new_events, selected))
+            out.append(_heatmap_update(state, hist, everything, new_events, selected))
         elif name in grown:
             assert full is not None  # read above whenever a panel grew
             fig, state["trace_maps"][name] = figures.timeseries_figure(
                 figures.PANEL_TITLES[name],
                 rows[name],
                 full["series"],
-                events,
+                everything,
                 selected.get("step"),
                 full.get("downsampled", False),
             )
@@ -659,16 +685,33 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
             out.append(fig)
         else:
             out.append(_append_patch(state["trace_maps"][name], rows[name], data["series"], new_events))
+    flags, history = _flag_items(new_events), _history_items(new_events)
+    flag_update = _appended(state.get("flags_shown", 0), flags, _flag_list(new_events))
+    history_update = _appended(state.get("history_shown", 0), history, _history_list(new_events))
+    state["flags_shown"] = state.get("flags_shown", 0) + len(flags)
+    state["history_shown"] = state.get("history_shown", 0) + len(history)
     state["last_step"] = new_last
-    state["event_ids"] = [_event_id(e) for e in events]
+    state["event_ids"] = state["event_ids"] + [_event_id(e) for e in new_events]
+    state["event_cursor"] = answer["cursor"]
     follow = selected if not selected.get("follow") else {"step": new_last, "follow": True}
+    return out, state, flag_update, history_update, _summary(run), follow
+
+
+def _redraw(
+    client: ApiClient, run: dict[str, Any], state: dict[str, Any], names: list[str], answer: dict[str, Any]
+) -> tuple[Any, ...]:
+    """Every chart and list drawn again from the server (after a rewind), following the latest step."""
+    keys = client.keys(run["run_id"])
+    events, new_last = answer["events"], run.get("last_step")
+    figs, new_state = _charts(client, run, keys, events, new_last, state.get("policy", "off"))[:2]
+    new_state["event_cursor"] = answer["cursor"]
     return (
-        out,
-        state,
-        _flag_list(events) if new_events else no_update,
-        _history_list(events) if new_events else no_update,
+        [figs[name] for name in names],
+        new_state,
+        _flag_list(events),
+        _history_list(events),
         _summary(run),
-        follow,
+        {"step": new_last, "follow": True},
     )
 
 

@@ -187,8 +187,14 @@ class AlertStore:
         run_id: str | None = None,
         acknowledged: bool | None = None,
         limit: int = 1000,
+        after_id: int | None = None,
+        since: float | None = None,
     ) -> list[Alert]:
+        """Newest first; `after_id` and `since` as in `Store.list_events` (an incremental read of a run's alerts)."""
         query = select(AlertRow.__table__).order_by(AlertRow.created_at.desc(), AlertRow.id.desc()).limit(limit)
+        if after_id is not None:
+            newer = AlertRow.id > after_id
+            query = query.where(newer if since is None else or_(newer, AlertRow.created_at >= since))
         if project is not None:
             query = query.where(AlertRow.project == project)
         if run_id is not None:

@@ -8,7 +8,7 @@ delivery, stopped with the app). Webhook settings come from `MHPO_WEBHOOK_*` var
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +21,7 @@ from mhpo_server.alerts.targets import DEFAULT_MAX_URL_LENGTH, TargetPolicy
 from mhpo_server.alerts.webhook import WebhookDispatcher, WebhookMetrics
 from mhpo_server.flags.listener import IngestMonitor
 from mhpo_server.routes import alerts as alert_routes
+from mhpo_server.routes.events import EventSource
 from mhpo_server.store import Store
 
 
@@ -83,16 +84,16 @@ class WebhookSettings(BaseSettings):
         )
 
 
-def alert_events(alerts: AlertStore) -> Callable[[Store, str], list[dict[str, Any]]]:
+def alert_events(alerts: AlertStore) -> EventSource:
     """The event source: a run's fired alerts in the shape of its flags, plus the alert fields."""
 
-    def source(_store: Store, run_id: str) -> list[dict[str, Any]]:
+    def read(_store: Store, run_id: str, after_id: int | None, since: float | None) -> list[dict[str, Any]]:
         return [
             {**a.model_dump(), "kind": "alert", "detector": "alert_rule"}
-            for a in alerts.list_alerts(run_id=run_id, limit=100_000)
+            for a in alerts.list_alerts(run_id=run_id, limit=100_000, after_id=after_id, since=since)
         ]
 
-    return source
+    return EventSource("alert", read)
 
 
 def install(app: FastAPI, webhook_settings: WebhookSettings | None = None) -> IngestMonitor:

@@ -273,7 +273,10 @@ class Store(abc.ABC):
         """Insert flags, ignoring ones already stored for (run, kind, detector, step); returns how many were new."""
 
     @abc.abstractmethod
-    def list_events(self, run_id: str) -> list[Event]: ...
+    def list_events(self, run_id: str, after_id: int | None = None, since: float | None = None) -> list[Event]:
+        """Every event of the run. With `after_id`, an incremental read: those with a larger id, those created at
+        or after `since` (catching a row committed after a larger id), and every rewind (a rewind deletes
+        flags, and SQLite may give their ids again, so a reader counts rewinds to know when to read it all)."""
 
     @abc.abstractmethod
     def commit_evaluation(

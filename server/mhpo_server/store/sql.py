@@ -36,6 +36,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     tuple_,
@@ -1197,7 +1198,7 @@ class SqlStore(Store):
                 (run_id, evaluated, int(last)) for run_id, evaluated, last in conn.execute(query) if last is not None
             ]
 
-    def list_events(self, run_id: str) -> list[Event]:
+    def list_events(self, run_id: str, after_id: int | None = None, since: float | None = None) -> list[Event]:
         query = (
             select(
                 EventRow.id,
@@ -1212,6 +1213,13 @@ class SqlStore(Store):
             .where(EventRow.run_id == run_id)
             .order_by(EventRow.step, EventRow.id)
         )
+        if after_id is not None:
+            wanted = [
+                EventRow.id > after_id,
+                EventRow.kind == "rewind",
+                *([EventRow.created_at >= since] if since else []),
+            ]
+            query = query.where(or_(*wanted))
         with self._tx() as conn:
             self._require_run(conn, run_id)
             return [
