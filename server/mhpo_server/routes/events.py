@@ -35,6 +35,7 @@ FLAGS = "flag"  # the cursor's name for the store's own events (flags, rewinds, 
 REWINDS = "rewinds"  # the cursor's count of the run's rewinds
 OVERLAP_S = 10.0  # longer than a write transaction takes from taking its row's id to committing
 MAX_RECENT_IDS = 100  # per source in a cursor; beyond it the oldest recent rows may come back twice
+MAX_CURSOR_LENGTH = 8192  # a few sources of MAX_RECENT_IDS ids each
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def parse_cursor(after: str) -> dict[str, Position]:
     for part in filter(None, after.split(",")):
         name, _, ids = part.partition(":")
         numbers = ids.split(".")
-        if not name or not all(n.isdigit() for n in numbers):
+        if not name or not all(n.isdigit() and len(n) <= 18 for n in numbers):  # ids fit a 64-bit integer
             raise Invalid(
                 ("after",),
                 f"{after!r} is not an events cursor; pass the `cursor` of the previous answer, or nothing to start",
@@ -93,7 +94,10 @@ def list_events(
     principal: ReadAccess,
     after: Annotated[
         str | None,
-        Query(description="the `cursor` of the previous answer: only newer events (and a new cursor) come back"),
+        Query(
+            description="the `cursor` of the previous answer: only newer events (and a new cursor) come back",
+            max_length=MAX_CURSOR_LENGTH,
+        ),
     ] = None,
 ) -> NaNJSONResponse:
     """Sorted by step; without `after`, every event and no cursor."""
