@@ -171,14 +171,19 @@ class Cell:
         return self.points / self.seconds
 
 
-def ingest(target: Target, base_url: str, batched: bool, clients: int, seconds: float) -> tuple[int, int, int, float]:
-    """`clients` threads, each its own keep-alive connection and run, sending for `seconds`."""
+def ingest(
+    target: Target, base_url: str | list[str], batched: bool, clients: int, seconds: float
+) -> tuple[int, int, int, float]:
+    """`clients` threads, each its own keep-alive connection and run, sending for `seconds`
+    (to one server, or spread evenly over several); (points, requests, errors, seconds)."""
+    urls = [base_url] if isinstance(base_url, str) else base_url
     totals = [[0, 0, 0] for _ in range(clients)]
     stop_at = [0.0]
     barrier = threading.Barrier(clients + 1, action=lambda: stop_at.__setitem__(0, time.monotonic() + seconds))
 
     def worker(i: int) -> None:
-        with httpx.Client(base_url=base_url, timeout=60.0, headers={"Content-Type": "application/json"}) as client:
+        url = urls[i % len(urls)]
+        with httpx.Client(base_url=url, timeout=60.0, headers={"Content-Type": "application/json"}) as client:
             run_id = target.new_run(client)
             barrier.wait()
             n = 0

@@ -22,13 +22,10 @@ import argparse
 import json
 import os
 import sys
-import threading
-import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
-import httpx
-from ingest import DEFAULT_PG_URL, MHPOTarget, pg_database
+from ingest import DEFAULT_PG_URL, MHPOTarget, ingest, pg_database
 from servers import mhpo_server
 
 MODES = {"1 step/req": False, "1000 pts/req": True}
@@ -49,41 +46,6 @@ class Cell:
         return self.points / self.seconds
 
 
-def ingest(
-    target: MHPOTarget, urls: list[str], batched: bool, per_server: int, seconds: float
-) -> tuple[int, int, int, float]:
-    """`per_server` client threads on each server, each its own connection and run, sending for `seconds`."""
-    clients = [urls[i % len(urls)] for i in range(per_server * len(urls))]
-    totals = [[0, 0, 0] for _ in clients]
-    stop_at = [0.0]
-    barrier = threading.Barrier(len(clients) + 1, action=lambda: stop_at.__setitem__(0, time.monotonic() + seconds))
-
-    def worker(i: int) -> None:
-        with httpx.Client(base_url=clients[i], timeout=60.0, headers={"Content-Type": "application/json"}) as client:
-            run_id = target.new_run(client)
-            barrier.wait()
-            n = 0
-            while time.monotonic() < stop_at[0]:
-                path, body, points = target.request(run_id, n, batched)
-                response = client.post(path, content=body)
-                totals[i][1] += 1
-                if response.status_code == 200:
-                    totals[i][0] += points
-                else:
-                    totals[i][2] += 1
-                n += 1
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(clients))]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    start = time.monotonic()
-    for thread in threads:
-        thread.join()
-    elapsed = time.monotonic() - start
-    return sum(t[0] for t in totals), sum(t[1] for t in totals), sum(t[2] for t in totals), elapsed
-
-
 def measure(n: int, admin_url: str, per_server: int, seconds: float) -> list[Cell]:
     """N servers on a fresh database; both request shapes, each on runs of its own."""
     cells = []
@@ -92,7 +54,7 @@ def measure(n: int, admin_url: str, per_server: int, seconds: float) -> list[Cel
         urls = [stack.enter_context(mhpo_server(db_url)) for _ in range(n)]
         target = MHPOTarget(urls[0])  # adds bench/ingest.py's alert rules to the project
         for mode, batched in MODES.items():
-            points, requests, errors, elapsed = ingest(target, urls, batched, per_server, seconds)
+            points, requests, errors, elapsed = ingest(target, urls, batched, per_server * n, seconds)
             cell = Cell(n, mode, per_server * n, points, requests, errors, elapsed)
             cells.append(cell)
             print(

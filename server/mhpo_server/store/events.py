@@ -41,19 +41,7 @@ class Events(Part):
         parsed = [e if isinstance(e, EventCreate) else EventCreate.model_validate(e) for e in events]
         if not parsed:
             return 0
-        rows = [
-            {
-                "run_id": run_id,
-                "step": e.step,
-                "kind": e.kind,
-                "severity": e.severity,
-                "detector": e.detector,
-                "message": e.message,
-                "evidence": e.evidence,
-                "created_at": now if e.created_at is None else e.created_at,
-            }
-            for e in parsed
-        ]
+        rows = [_event_row(run_id, e, now) for e in parsed]
         stmt = (
             self._insert(EventRow.__table__)
             .on_conflict_do_nothing(index_elements=["run_id", "kind", "detector", "step"])
@@ -85,22 +73,7 @@ class Events(Part):
     ) -> list[int | None]:
         """Insert flags and alerts (each ignored when stored before); returns the alerts' ids, None for those."""
         if events:
-            conn.execute(
-                self._add_flags,
-                [
-                    {
-                        "run_id": run_id,
-                        "step": e.step,
-                        "kind": e.kind,
-                        "severity": e.severity,
-                        "detector": e.detector,
-                        "message": e.message,
-                        "evidence": e.evidence,
-                        "created_at": now if e.created_at is None else e.created_at,
-                    }
-                    for e in events
-                ],
-            )
+            conn.execute(self._add_flags, [_event_row(run_id, e, now) for e in events])
         fired: list[int | None] = []
         for alert in alerts:  # one statement each: RETURNING says which were new
             found = conn.execute(self._add_alert, {**ALERT_DEFAULTS, **alert}).first()
@@ -209,3 +182,16 @@ class Events(Part):
         )
         with self.db.plain_tx() as conn:
             return {(kind, severity): int(step) for kind, severity, step in conn.execute(query)}
+
+
+def _event_row(run_id: str, event: EventCreate, now: float) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "step": event.step,
+        "kind": event.kind,
+        "severity": event.severity,
+        "detector": event.detector,
+        "message": event.message,
+        "evidence": event.evidence,
+        "created_at": now if event.created_at is None else event.created_at,
+    }
