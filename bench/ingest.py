@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlflow", action="store_true", help="skip the MLflow baseline")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of all cells; the table shows each cell's median")
     parser.add_argument("--read-steps", type=int, default=READ_STEPS, help="length of the series read back")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="`mhpo serve --workers N` (MLflow's server runs its default 4)"
+    )
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="mhpo-bench-"))
@@ -310,12 +313,14 @@ def main(argv: list[str] | None = None) -> int:
                 (
                     "mhpo",
                     "sqlite",
-                    stack.enter_context(mhpo_server(f"sqlite:///{workdir / 'mhpo.db'}", workdir)),
+                    stack.enter_context(mhpo_server(f"sqlite:///{workdir / 'mhpo.db'}", workdir, workers=args.workers)),
                 )
             ]
             if not args.no_pg:
                 db_url = stack.enter_context(pg_database(args.pg))
-                servers.append(("mhpo", "postgresql", stack.enter_context(mhpo_server(db_url, workdir))))
+                servers.append(
+                    ("mhpo", "postgresql", stack.enter_context(mhpo_server(db_url, workdir, workers=args.workers)))
+                )
             if not args.no_mlflow:
                 base_url = stack.enter_context(mlflow_server(workdir))
                 servers.insert(0, ("mlflow", "sqlite", base_url))

@@ -45,9 +45,11 @@ def serve(
 
 
 @contextmanager
-def mhpo_server(db_url: str | None = None, workdir: Path | None = None, code_dir: Path = REPO_ROOT) -> Iterator[str]:
-    """`mhpo db upgrade` then `mhpo serve` of the checkout `code_dir` on `db_url` (default: a fresh SQLite
-    file in `workdir`, itself a new temporary directory by default); yields the base URL."""
+def mhpo_server(
+    db_url: str | None = None, workdir: Path | None = None, code_dir: Path = REPO_ROOT, workers: int = 1
+) -> Iterator[str]:
+    """`mhpo db upgrade` then `mhpo serve --workers N` of the checkout `code_dir` on `db_url` (default: a
+    fresh SQLite file in `workdir`, itself a new temporary directory by default); yields the base URL."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="mhpo-bench-"))
     db_url = db_url or f"sqlite:///{workdir / 'mhpo.db'}"
     env = {"PYTHONPATH": str(code_dir)}
@@ -60,5 +62,6 @@ def mhpo_server(db_url: str | None = None, workdir: Path | None = None, code_dir
     )
     port = free_port()
     cmd = [sys.executable, "-m", "mhpo", "serve", "--db", db_url, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", str(workers)]
     with serve(cmd, f"http://127.0.0.1:{port}/healthz", workdir / "mhpo-serve.log", env, code_dir):
         yield f"http://127.0.0.1:{port}"

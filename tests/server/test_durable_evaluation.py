@@ -220,3 +220,27 @@ def test_a_fork_during_ingest_has_every_flag_of_the_history_it_copied(live_serve
     for child, step in forks:
         assert flags(url, child, step) == flags(url, run_id, step), f"fork at step {step}"
     assert any(flags(url, child, step) for child, step in forks)
+
+
+def test_a_rule_without_cooldown_fires_after_an_alert_stamped_later_by_another_process(
+    app: FastAPI, store: SqlStore
+) -> None:
+    """Another server process may store an alert with a `created_at` a moment after this process's clock read."""
+    with TestClient(app) as client:
+        rule = {"name": "x", "project": "p", "condition": {"type": "threshold", "key": KEY, "op": ">", "value": 0.5}}
+        rule_id = client.post("/api/v1/alert-rules", json={**rule, "cooldown_s": 0}).json()["id"]
+        run_id = client.post("/api/v1/runs", json={"project": "p", "name": "r"}).json()["run_id"]
+        post(client, run_id, "a", range(3))
+        later = {"rule_id": rule_id, "rule_name": "x", "project": "p", "run_id": run_id, "severity": "warning"}
+        store.alerts.add_alert(
+            {
+                **later,
+                "step": 1,
+                "message": "m",
+                "evidence": {},
+                "created_at": time.time() + 5,
+                "delivery_status": "none",
+            }
+        )
+        post(client, run_id, "b", range(3, 7))
+        assert alert_steps(client, run_id) == [0, 1, 3, 6]

@@ -342,7 +342,8 @@ class IngestMonitor:
             if rule.id not in last:
                 last[rule.id] = self.alerts.last_fired(rule.id, run_id)
             previous = last[rule.id]
-            if previous is not None and now - previous < rule.cooldown_s:
+            # No cooldown: every firing, also after an alert another process stamped a moment after `now`.
+            if previous is not None and rule.cooldown_s > 0 and now - previous < rule.cooldown_s:
                 continue
             webhook = "webhook" in rule.channels and rule.webhook_url is not None
             if webhook:
