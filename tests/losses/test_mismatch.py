@@ -52,7 +52,10 @@ def reference(old: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> t
         if sel.any():
             out[f"abs_mean_{suffix}"] = np.abs(d[sel]).mean()
     spec = HISTOGRAMS["mismatch"]
-    slots = np.clip(np.floor((d - spec.lo) * spec.bins / (spec.hi - spec.lo)), -1, spec.bins).astype(int) + 1
+    # floor(d * bins / (hi - lo)) then the integer shift: exact for a float32 d (d - lo first would round
+    # a tiny negative d up to the edge of the bin above).
+    per_unit = spec.bins / (spec.hi - spec.lo)
+    slots = np.clip(np.floor(d * per_unit) + round(-spec.lo * per_unit), -1, spec.bins).astype(int) + 1
     return out, np.bincount(slots, minlength=spec.bins + 2).tolist()
 
 
