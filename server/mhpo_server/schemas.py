@@ -434,10 +434,12 @@ class Keys(BaseModel):
 
 
 class Series(BaseModel):
+    """Values may be NaN or +-Infinity, written "NaN", "Infinity", "-Infinity"."""
+
     step: list[int]
-    value: list[float]
-    min: list[float]
-    max: list[float]
+    value: list[Number]
+    min: list[Number]
+    max: list[Number]
 
 
 class ScalarsOut(BaseModel):
@@ -456,10 +458,10 @@ class HistogramsOut(BaseModel):
     counts: list[list[int]]
     underflow: list[int]
     overflow: list[int]
-    min: list[float]
-    max: list[float]
-    sum: list[float]
-    sumsq: list[float]
+    min: list[Number]
+    max: list[Number]
+    sum: list[Number]
+    sumsq: list[Number]
 
 
 class OutliersOut(BaseModel):
