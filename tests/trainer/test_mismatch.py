@@ -60,7 +60,9 @@ def test_a_stale_sampler_drifts_until_its_weights_are_refreshed() -> None:
     trainer = Trainer(small_config(rollout_sync_every=3, steps=4, lr=2e-3))
     per_rollout = [max(mismatch_of(trainer.step())) for _ in range(4)]
     assert per_rollout[0] < 1e-4 and per_rollout[3] < 1e-4, per_rollout  # rollouts 0 and 3 sample synced
-    assert per_rollout[1] > 1e-3 and per_rollout[2] > per_rollout[1], per_rollout
+    # Both stale rollouts drift. Whether the second drifts further than the first depends on where the
+    # second update moved the policy (back towards the sampler's weights, or away), not on the sampler.
+    assert min(per_rollout[1:3]) > 1e-3, per_rollout
 
 
 @pytest.mark.parametrize("cap", [1.5, 2.0, 3.0])
@@ -85,7 +87,12 @@ def test_tis_and_mis_weights_are_verl_s_and_trl_s(cap: float) -> None:
 def test_a_corrected_run_reweights_its_loss_and_says_how_much(mode: str) -> None:
     plain = Trainer(small_config(rollout_sync_every=3, steps=3, lr=2e-3))
     a = [plain.step() for _ in range(2)][-1]
-    fixed = Trainer(small_config(rollout_sync_every=3, steps=3, lr=2e-3, is_correction=mode, is_cap=1.2))
+    # A cap between 1 and the largest weight the uncorrected run saw binds, whichever way the first
+    # update moved the policy (the weights' spread above 1 depends on it, not on the correction).
+    top = max(r["scalars"]["mismatch/is_max"] for r in a)
+    assert top > 1.0, top
+    cap = (1.0 + top) / 2
+    fixed = Trainer(small_config(rollout_sync_every=3, steps=3, lr=2e-3, is_correction=mode, is_cap=cap))
     b = [fixed.step() for _ in range(2)][-1]  # built after: the global RNG starts from the same seed
     assert "mismatch/corrected_frac" not in a[0]["scalars"]
     frac = [r["scalars"]["mismatch/corrected_frac"] for r in b]
