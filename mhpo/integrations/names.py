@@ -14,7 +14,7 @@ from collections.abc import Mapping
 METRIC_NAMES: dict[str, str] = {
     # TRL GRPOTrainer (and transformers' Trainer)
     "loss": "train/loss",
-    "grad_norm": "grad/norm",
+    "grad_norm": "grad/norm",  # before clipping: what clip_grad_norm_ returns
     "learning_rate": "train/lr",
     "entropy": "policy/entropy",
     "kl": "policy/kl_ref",
@@ -39,7 +39,7 @@ METRIC_NAMES: dict[str, str] = {
     "actor/pg_clipfrac": "ratio/clip_frac",
     "actor/ppo_kl": "policy/kl_k1",
     "actor/kl_loss": "policy/kl_ref",
-    "actor/grad_norm": "grad/norm",
+    "actor/grad_norm": "grad/norm",  # before clipping, as TRL's
     "actor/lr": "train/lr",
     "critic/score/mean": "reward/mean",
     "response_length/mean": "policy/length_mean",

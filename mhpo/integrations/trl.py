@@ -9,8 +9,11 @@ Per optimizer step, in train mode only, it streams every diagnostic of `mhpo.dia
 (scalars, the six histograms, the outlier tokens decoded), computed from the very tensors
 TRL's `_compute_loss` uses (log-probs, old log-probs, advantages, completion mask times tool
 mask, entropies), with TRL's own logged metrics (their product names added, see
-`mhpo.integrations.names`) and `train/update_index` (0 for the first, on-policy update of a
-generation batch; `num_iterations` and `steps_per_generation` make later ones off-policy).
+`mhpo.integrations.names`: `completions/clipped_ratio` as `policy/truncated_frac`,
+`frac_reward_zero_std` as `group/degenerate_frac`, `grad_norm`, the norm before clipping, as
+`grad/norm`), `grad/norm_after_clip` (what clipping at `max_grad_norm` left of `grad_norm`) and
+`train/update_index` (0 for the first, on-policy update of a generation batch; `num_iterations`
+and `steps_per_generation` make later ones off-policy).
 The statistics are reduced across processes; the main process alone sends them. When TRL samples
 with vLLM, its per-token sampling log-probs (`sampling_per_token_logps` in the inputs, NaN where
 vLLM gave none) add the sampler-vs-trainer statistics (`mismatch/*`, against `old_per_token_logps`).
@@ -47,7 +50,7 @@ from torch import Tensor
 from transformers.trainer_utils import get_last_checkpoint
 
 import mhpo.client
-from mhpo.diagnostics import DiagnosticsAccumulator
+from mhpo.diagnostics import DiagnosticsAccumulator, grad_norm_after_clip
 from mhpo.integrations.names import product_scalars
 from mhpo.losses import aggregate, get_loss
 from mhpo.losses._registry import prepare
@@ -241,6 +244,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         if not train or not self._stream:
             return
         numbers = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "grad_norm" in numbers:  # transformers logs the norm clip_grad_norm_ returned: before clipping
+            numbers["grad/norm_after_clip"] = grad_norm_after_clip(numbers["grad_norm"], self.args.max_grad_norm)
         step = self.state.global_step
         if self._pending is not None and self._pending[0] == step:
             record = self._pending[1]

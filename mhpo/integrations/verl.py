@@ -27,6 +27,14 @@ back exactly, log w = old - rollout, and the record gets the `mismatch/*` statis
 or zeroed token's is unknown and counts in `mismatch/unscored_frac`. verl's own `rollout_corr/*`
 metrics (its logger, through the MLflow endpoint) cover every token.
 
+Each record carries the log-prob/advantage covariance (`policy/cov_logp_adv`, `policy/corr_logp_adv`)
+of the diagnostics, but no grad-norm: verl computes it in its engine's `optimizer_step`
+(`clip_grad_norm_` at `config.optim.clip_grad`, returning the norm before clipping) after the
+policy loss, this module's only hook, has returned, and reports it only to its own logger as
+`actor/grad_norm`. The threshold reaches the policy loss, the norm does not, so there is no
+`grad/norm_after_clip` here; through the MLflow endpoint, verl's `actor/grad_norm` and
+`response_length/clip_ratio` become `grad/norm` and `policy/truncated_frac`.
+
 verl's policy loss does not see where its optimizer step sits in the rollout; with
 MHPO_UPDATES_PER_ROLLOUT set (= train_batch_size / ppo_mini_batch_size x ppo_epochs) each
 record also carries `train/rollout` and `train/update_index` (0 = the first, on-policy

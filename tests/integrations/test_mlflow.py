@@ -46,6 +46,32 @@ def test_the_mlflow_client_logs_a_run(live_server_db: LiveServer, tracking) -> N
     assert series["reward/mean"]["step"] == [2] and series["custom"]["value"] == [7.0]
 
 
+def test_truncation_and_degenerate_groups_logged_through_mlflow_get_the_product_keys(
+    live_server: LiveServer, tracking
+) -> None:
+    """TRL's and verl's names, sent by the MLflow client (`log-batch`), are stored under the product's keys too."""
+    from mlflow.entities import Metric
+
+    url = live_server.url
+    tracking(url)
+    mlflow.set_experiment("mlf-signals")
+    with mlflow.start_run(run_name="trl-names") as trl_run:
+        mlflow.log_metrics({"frac_reward_zero_std": 0.25, "completions/clipped_ratio": 0.5}, step=1)
+        mlflow.log_metrics({"frac_reward_zero_std": 1.0, "completions/clipped_ratio": 1.0}, step=2)
+    with mlflow.start_run(run_name="verl-names") as verl_run:
+        client, now = MlflowClient(), 1_700_000_000_000
+        metrics = [Metric("response_length/clip_ratio", v, now, step) for step, v in ((1, 0.125), (2, 0.875))]
+        client.log_batch(verl_run.info.run_id, metrics=metrics)
+    expected = {
+        trl_run.info.run_id: {"group/degenerate_frac": [0.25, 1.0], "policy/truncated_frac": [0.5, 1.0]},
+        verl_run.info.run_id: {"policy/truncated_frac": [0.125, 0.875]},
+    }
+    for run_id, keys in expected.items():
+        series = httpx.get(f"{url}/api/v1/runs/{run_id}/scalars", params={"keys": ",".join(keys)}).json()["series"]
+        for key, values in keys.items():
+            assert (series[key]["step"], series[key]["value"]) == ([1, 2], values), (run_id, key)
+
+
 def test_unknown_routes_and_runs_answer_mlflow_errors(live_server: LiveServer, tracking) -> None:
     url = live_server.url
     r = httpx.post(f"{url}/api/2.0/mlflow/registered-models/create", json={"name": "m"})

@@ -143,20 +143,26 @@ def test_runs_are_named_by_their_loss(
     assert [r["name"] for r in runs] == [expected]
 
 
-def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer) -> None:
-    """num_iterations=2: the second update of each generation batch is off-policy, so the ratios move."""
+def train_streamed(model_dir: Path, tmp_path: Path, server: LiveServer, project: str, **config: Any) -> list[dict]:
+    """A real TRL run on the tiny model streamed into `server`'s `project`; that project's runs."""
     cpu_threads()
-    args = grpo_config(tmp_path, max_steps=4, num_iterations=2, run_name="trl-real")
     trainer = GRPOTrainer(
-        model=str(tiny_model_dir),
+        model=str(model_dir),
         reward_funcs=count_reward,
-        args=args,
+        args=grpo_config(tmp_path, **config),
         train_dataset=prompts(),
-        mhpo_project="trl-it",
-        mhpo_server=live_server.url,
+        mhpo_project=project,
+        mhpo_server=server.url,
     )
     trainer.train()
-    runs = httpx.get(f"{live_server.url}/api/v1/runs", params={"project": "trl-it"}).json()["runs"]
+    return httpx.get(f"{server.url}/api/v1/runs", params={"project": project}).json()["runs"]
+
+
+def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer) -> None:
+    """num_iterations=2: the second update of each generation batch is off-policy, so the ratios move."""
+    runs = train_streamed(
+        tiny_model_dir, tmp_path, live_server, "trl-it", max_steps=4, num_iterations=2, run_name="trl-real"
+    )
     assert [r["name"] for r in runs] == ["trl-real"] and runs[0]["status"] == "finished"
     api = f"{live_server.url}/api/v1/runs/{runs[0]['run_id']}"
     keys = httpx.get(f"{api}/keys").json()
@@ -186,6 +192,33 @@ def test_real_run_streams_into_a_live_server(tiny_model_dir: Path, tmp_path: Pat
     assert off_zero > 0, "the off-policy step's log-ratio histogram is all in the x = 0 bin"
     outliers = httpx.get(f"{api}/outliers", params={"step": 2}).json()["outliers"]
     assert outliers and all(o["text"] for o in outliers if o["token_id"] is not None)
+
+
+def test_truncation_degenerate_groups_covariance_and_the_clipped_norm_arrive(
+    tiny_model_dir: Path, tmp_path: Path, live_server: LiveServer
+) -> None:
+    """TRL's `completions/clipped_ratio` and `frac_reward_zero_std` under the product's keys, the
+    accumulator's log-prob/advantage covariance, and the grad-norm before and after clipping at 0.05."""
+    [run] = train_streamed(tiny_model_dir, tmp_path, live_server, "trl-signals", max_steps=3, max_grad_norm=0.05)
+    keys = [
+        "completions/clipped_ratio", "policy/truncated_frac", "frac_reward_zero_std", "group/degenerate_frac",
+        "grad_norm", "grad/norm", "grad/norm_after_clip", "policy/cov_logp_adv", "policy/corr_logp_adv",
+    ]  # fmt: skip
+    api = f"{live_server.url}/api/v1/runs/{run['run_id']}/scalars"
+    series = httpx.get(api, params={"keys": ",".join(keys)}).json()["series"]
+    values = {k: dict(zip(series[k]["step"], series[k]["value"], strict=True)) for k in keys}
+    generated = {"completions/clipped_ratio", "policy/truncated_frac", "frac_reward_zero_std", "group/degenerate_frac"}
+    for key, v in values.items():  # num_iterations=2: a generation batch at steps 1 and 3 only
+        assert sorted(v) == ([1, 3] if key in generated else [1, 2, 3]), key
+    assert values["policy/truncated_frac"] == values["completions/clipped_ratio"]
+    assert values["group/degenerate_frac"] == values["frac_reward_zero_std"]
+    assert values["grad/norm"] == values["grad_norm"]
+    for step, before in values["grad_norm"].items():
+        assert values["grad/norm_after_clip"][step] == pytest.approx(min(before, 0.05), rel=1e-4)
+    assert any(before > 0.05 for before in values["grad_norm"].values()), "clipping at 0.05 never bound"
+    for step in (1, 2, 3):
+        assert -1.0 <= values["policy/corr_logp_adv"][step] <= 1.0
+    assert any(v != 0.0 for v in values["policy/cov_logp_adv"].values())
 
 
 def test_resume_from_checkpoint_continues_the_run_rewound(

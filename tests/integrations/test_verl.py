@@ -137,6 +137,16 @@ def test_rank0_streams_one_record_per_optimizer_step(live_server: LiveServer, mo
         f"{live_server.url}/api/v1/runs/{run['run_id']}/scalars", params={"keys": "train/update_index,train/rollout"}
     ).json()["series"]
     assert kinds["train/update_index"]["value"] == [0.0, 1.0] and kinds["train/rollout"]["value"] == [0.0, 0.0]
+    cov = httpx.get(
+        f"{live_server.url}/api/v1/runs/{run['run_id']}/scalars",
+        params={"keys": "policy/cov_logp_adv,policy/corr_logp_adv"},
+    ).json()["series"]
+    for step in range(2):  # over both micro-batches of the step, verl's per-token advantages
+        old, logp, adv, mask = batch(step)
+        a, lp = adv[mask.bool()], logp.detach()[mask.bool()]
+        expected = ((a - a.mean()) * (lp - lp.mean())).mean().item()
+        assert cov["policy/cov_logp_adv"]["value"][step] == pytest.approx(expected, rel=1e-9)
+        assert cov["policy/corr_logp_adv"]["value"][step] == pytest.approx(torch.corrcoef(torch.stack([a, lp]))[0, 1])
 
 
 def test_verl_imports_it_as_an_external_module() -> None:
