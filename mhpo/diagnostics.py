@@ -41,6 +41,15 @@ Conventions (decisions made here):
   a negative advantage) are left out of `StepStats.histograms`.
 - `train/loss` is the mean of `loss_stats["loss"]` over the updates (and ranks);
   `policy/length_mean` counts valid tokens per sequence.
+- `policy/cov_logp_adv` = mean over the step's valid tokens of (A - mean A)(logp - mean logp),
+  logp the current policy's log-prob of the sampled token, and `policy/corr_logp_adv` the same
+  divided by std A * std logp (Pearson, clamped to [-1, 1]): Cui et al. 2025 (arXiv 2505.22617,
+  "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models") show that
+  the entropy change of a policy-gradient step follows this covariance, so a positive value
+  (confident tokens rewarded) means entropy is being spent. Both come from float64 sums of A,
+  A^2, A logp, logp and logp^2 merged over micro-batches and ranks; both are 0.0 (not NaN) when
+  A or logp is constant over the step (a std under 1e-6 of its root mean square), as in a step
+  whose groups are all degenerate.
 - Sampler vs trainer (only with `rollout_logp`, the sampling engine's log-prob of each sampled
   token; without it nothing below is computed): d = old_logp - rollout_logp and w = exp(d) with
   d clamped to +-20, over the valid tokens whose d is not NaN (an engine may give no log-prob
@@ -98,6 +107,7 @@ __all__ = [
     "HistSpec",
     "StepStats",
     "compute_step_stats",
+    "grad_norm_after_clip",
 ]
 
 
@@ -174,7 +184,9 @@ assert _JOINT < 2**24, "joint bin indices must be exact integers in float32"
 _SUMS = (
     "n_valid", "n_ok", "n_tokens", "n_seq", "entropy_sum", "entropy_n", "k3_sum", "logp_sum", "loss_sum",
     "loss_n", "zeta_pos_sum", "zeta_neg_sum", "survival_sum", "vanish_n", "clip_low_n", "clip_high_n", "inf_n",
+    "adv_sum", "adv_sq_sum", "adv_logp_sum", "logp_sq_sum",
 )  # fmt: skip
+COV_ZERO_VAR = 1e-12  # a variance under this share of the mean square is rounding: its std counts as 0
 _X_CLASSES = 4  # advantage > 0, < 0, == 0, and a dump group for masked / NaN tokens
 
 # Sampler vs trainer (`rollout_logp` given): sums and maxima per update, packed in these orders.
@@ -547,6 +559,7 @@ class DiagnosticsAccumulator:
 
         ent_sum, ent_n = zero, zero
         n_valid = n_ok if clean else vf.sum()
+        logp_sum, *cov_sums = _cov_sums(logp_c, adv, valid)
         if ent is not None:
             ent_sum, ent_n = masked_sum(ent), n_valid
         loss_sum, loss_n = zero, zero
@@ -566,7 +579,7 @@ class DiagnosticsAccumulator:
             ent_sum,
             ent_n,
             k3,
-            masked_sum(logp_c),
+            logp_sum,
             loss_sum,
             loss_n,
             torch.dot(zeta_pos.to(dtype).reshape(-1), flat_vf),
@@ -576,8 +589,9 @@ class DiagnosticsAccumulator:
             clip_low,
             clip_high,
             zero if clean else torch.isinf(x_ok).sum(),
+            *cov_sums,
         ]
-        sums = torch.stack([p if p.dtype == dtype else p.to(dtype) for p in parts]).double()
+        sums = torch.stack([p.double() for p in parts])
         nan_rows = None if clean else (vf.sum(1) - ok_rows) > 0
         outliers = self._outliers(x, valid, adv_t, values[1], token_ids, torch.maximum(row_max, -row_min), nan_rows)
         self._samples += b
@@ -888,6 +902,7 @@ class DiagnosticsAccumulator:
         scalars["policy/kl_k1"] = -x_mean
         scalars["policy/kl_k3"] = ratio(s["k3_sum"], n)
         scalars["policy/logp_mean"] = ratio(s["logp_sum"], n)
+        scalars["policy/cov_logp_adv"], scalars["policy/corr_logp_adv"] = _cov_corr(s, n)
         scalars["policy/length_mean"] = ratio(n, s["n_seq"])
         if s["loss_n"] > 0:
             scalars["train/loss"] = s["loss_sum"] / s["loss_n"]
@@ -922,6 +937,42 @@ class DiagnosticsAccumulator:
             if not r[0] < 0  # NaN scores (NaN log-ratios) are kept, padding (-1) is not
         ]
         return StepStats(scalars=scalars, histograms=histograms, outliers=outliers)
+
+
+def _cov_sums(logp: Tensor, adv: Tensor, valid: Tensor) -> list[Tensor]:
+    """float64 sums over the valid tokens of logp, A, A^2, A * logp and logp^2: the moments of
+    `policy/cov_logp_adv` and `policy/corr_logp_adv`. `adv` is (B,) or (B, T). A product of two
+    float32 values is exact in float64, so only the summation rounds (pairwise, ~1e-16 relative)."""
+    lp = torch.where(valid, logp, 0.0).double()
+    l_rows = lp.sum(1)
+    if adv.dim() == 1:  # per-sequence advantages: a row's A times its token count and its logp sum
+        n_rows = valid.sum(1).double()
+        a = torch.where(n_rows > 0, adv.double(), 0.0)
+        a_n = a * n_rows
+        a_sums = [a_n.sum(), (a * a_n).sum(), (a * l_rows).sum()]
+    else:
+        a_t = torch.where(valid, adv, 0.0).double()
+        a_sums = [a_t.sum(), (a_t * a_t).sum(), (a_t * lp).sum()]
+    return [l_rows.sum(), *a_sums, (lp * lp).sum()]
+
+
+def _cov_corr(s: Mapping[str, float], n: float) -> tuple[float, float]:
+    """(cov, Pearson corr) of A and logp over the `n` valid tokens from `_cov_sums`' merged sums.
+
+    A variance under `COV_ZERO_VAR` of its mean square (a std under 1e-6 of the root mean
+    square: float64 rounding of the sums, not spread) counts as 0, and then both are 0.0: a
+    constant advantage (every group degenerate) or log-prob gives no correlation, not NaN.
+    A NaN or infinite logp or A on a valid token makes both NaN.
+    """
+    mean_a, mean_l = s["adv_sum"] / n, s["logp_sum"] / n
+    sq_a, sq_l = s["adv_sq_sum"] / n, s["logp_sq_sum"] / n
+    var_a, var_l = sq_a - mean_a * mean_a, sq_l - mean_l * mean_l
+    cov = s["adv_logp_sum"] / n - mean_a * mean_l
+    if not all(math.isfinite(v) for v in (cov, var_a, var_l)):
+        return math.nan, math.nan
+    if var_a <= COV_ZERO_VAR * sq_a or var_l <= COV_ZERO_VAR * sq_l:
+        return 0.0, 0.0
+    return cov, min(max(cov / math.sqrt(var_a * var_l), -1.0), 1.0)
 
 
 def _mismatch_partials(
@@ -1130,6 +1181,21 @@ def _quantiles_from_hist(counts: Tensor, spec: HistSpec, vmin: Tensor, vmax: Ten
     lo_v, hi_v = order_stat(lo_r), order_stat(hi_r)
     out = torch.where(lo_v == hi_v, lo_v, lo_v + (hi_v - lo_v) * (pos - lo_r))
     return torch.where(n > 0, out, math.nan)
+
+
+def grad_norm_after_clip(norm: float, max_norm: float | None) -> float:
+    """The global grad-norm that clipping at `max_norm` leaves, from the norm before it.
+
+    As torch's `clip_grad_norm_` (which TRL, verl and the trainer use): the gradients are scaled by
+    min(1, max_norm / (norm + 1e-6)), so this is min(norm, max_norm) to within 1e-6. `max_norm`
+    None or <= 0 means no clipping (transformers' convention): the norm itself. A NaN or infinite
+    norm gives NaN, which is what the scaled gradients hold then.
+    """
+    if not math.isfinite(norm):
+        return math.nan
+    if max_norm is None or max_norm <= 0:
+        return norm
+    return norm * min(1.0, max_norm / (norm + 1e-6))
 
 
 def compute_step_stats(

@@ -134,6 +134,8 @@ class TrainerConfig:
             raise ValueError(f"is_correction={self.is_correction!r} is unknown; use none, tis or mis")
         if not self.is_cap > 0:
             raise ValueError(f"is_cap={self.is_cap} must be > 0, e.g. 2.0")
+        if not self.max_grad_norm > 0:  # clip_grad_norm_ with 0 zeroes the gradients, with < 0 flips them
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be > 0, e.g. 1.0 (inf: no clipping)")
         batch = self.prompts_per_step * self.group_size
         if batch % self.mini_batches:
             raise ValueError(

@@ -10,7 +10,8 @@ rollouts (`--rollout-sync-every`): the bf16 and stale samplers of real runs, on 
 trainer's weights at each sync.
 
 Sequences are laid out as [left-padded prompt | completion right-padded]; the completion
-mask covers tokens up to and including the first end-of-sequence token.
+mask covers tokens up to and including the first end-of-sequence token. A completion without
+one was cut at the length limit (`Generation.truncated`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Generation:
     prompt_width: int  # P
     completion_mask: Tensor  # (N, T) bool
     rollout_logp: Tensor | None  # (N, T) float32: the sampler's log-probs of the sampled tokens, if it reports them
+    truncated: Tensor  # (N,) bool: cut at the length limit, no end-of-sequence token among the completion's tokens
 
 
 class Rollout(Protocol):
@@ -53,6 +55,12 @@ def completion_mask(completion: Tensor, eos_ids: list[int]) -> Tensor:
     is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))
     after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first eos
     return ~after
+
+
+def truncated(completion: Tensor, mask: Tensor, eos_ids: list[int]) -> Tensor:
+    """(N,) bool: the completions with no end-of-sequence token among their valid (`mask`) tokens."""
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))
+    return ~(is_eos & mask).any(dim=-1)
 
 
 def left_pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -185,10 +193,11 @@ class TransformersRollout:
         completion = out[:, width:]
         rollout_logp = recorder.finish(completion[:, -1])  # (N, T)
         cmask = completion_mask(completion, self.eos_ids)
+        cut = truncated(completion, cmask, self.eos_ids)
         completion = torch.where(cmask, completion, self.pad_id)
         full = torch.cat([ids, completion], dim=1)
         attn = torch.cat([mask, cmask.long()], dim=1)
-        return Generation(full, attn, width, cmask, rollout_logp)
+        return Generation(full, attn, width, cmask, rollout_logp, cut)
 
 
 class VLLMRollout:
@@ -263,7 +272,9 @@ class VLLMRollout:
             torch.arange(width, device=device)
             < torch.tensor([len(o.outputs[0].token_ids) for o in outputs], device=device).unsqueeze(1)
         )
+        # vLLM says why a completion ended: "length" at max_tokens, "stop" at an end-of-sequence token
+        cut = torch.tensor([o.outputs[0].finish_reason == "length" for o in outputs], device=device)
         comp = torch.where(cmask, comp, self.pad_id)
         full = torch.cat([ids, comp], dim=1)
         attn = torch.cat([mask, cmask.long()], dim=1)
-        return Generation(full, attn, ids.shape[1], cmask, elogp.to(device))
+        return Generation(full, attn, ids.shape[1], cmask, elogp.to(device), cut)

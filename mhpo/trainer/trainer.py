@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mhpo.client
-from mhpo.diagnostics import HISTOGRAMS, DiagnosticsAccumulator
+from mhpo.diagnostics import HISTOGRAMS, DiagnosticsAccumulator, grad_norm_after_clip
 from mhpo.losses import agg_units, get_loss
 from mhpo.trainer import distributed
 from mhpo.trainer.checkpoint import CONFIG_FILE, STATE_FILE, checkpoint_path
@@ -342,7 +342,8 @@ class Trainer:
         return records
 
     def _rollout_scalars(self, gen: Generation, rewards: Tensor, texts: list[str]) -> dict[str, float]:
-        """Rewards, group and length statistics, summed across ranks."""
+        """Rewards, group and length statistics, summed across ranks; `policy/truncated_frac` is the
+        share of completions cut at `max_new_tokens` (no end-of-sequence token)."""
         g = self.cfg.group_size
         grouped = rewards.view(-1, g)
         degenerate = (grouped == grouped[:, :1]).all(dim=1).float().sum()
@@ -356,6 +357,7 @@ class Trainer:
             float(grouped.shape[0]),
             distinct,
             lengths.sum(),
+            gen.truncated.sum(),
         ]
         t = distributed.all_reduce_sum(torch.tensor([float(s) for s in sums], dtype=torch.float64, device=self.device))
         v = t.cpu().tolist()
@@ -367,6 +369,7 @@ class Trainer:
             "group/degenerate_frac": v[3] / v[4],
             "group/distinct_frac": v[5] / v[4],
             "policy/length_mean": v[6] / count,
+            "policy/truncated_frac": v[7] / count,
             "train/rollout": float(self.rollout_step),
         }
         return out
@@ -483,6 +486,7 @@ class Trainer:
         )
         scalars: dict[str, float] = {**rollout_scalars, **stats.scalars}
         scalars["grad/norm"] = host[0]
+        scalars["grad/norm_after_clip"] = grad_norm_after_clip(host[0], cfg.max_grad_norm)
         scalars["grad/update_ratio"] = host[1]
         for g, value in zip(PARAM_GROUPS, host[2 : 2 + len(PARAM_GROUPS)], strict=True):
             if g in self.groups:

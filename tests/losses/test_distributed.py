@@ -61,6 +61,11 @@ def test_two_rank_reduction_sums_the_bins(tmp_path: Path) -> None:
     assert s["ratio/std"] == pytest.approx(merged.double().std(unbiased=False).item(), abs=1e-6)
     for key, q in (("p05", 0.05), ("p50", 0.5), ("p95", 0.95)):
         assert s[f"ratio/{key}"] == pytest.approx(torch.quantile(merged.double(), q).item(), abs=2 * 4 / 4096)
+    lp = torch.cat([b["logp"][b["mask"]] for b in map(rank_batch, range(2))]).double()
+    adv = torch.cat([b["advantages"][:, None].expand_as(b["mask"])[b["mask"]] for b in map(rank_batch, range(2))])
+    cov = ((adv.double() - adv.double().mean()) * (lp - lp.mean())).mean().item()
+    assert s["policy/cov_logp_adv"] == pytest.approx(cov, rel=1e-9)
+    assert s["policy/corr_logp_adv"] == pytest.approx(torch.corrcoef(torch.stack([adv.double(), lp]))[0, 1].item())
     n = [b["mask"].sum().item() for b in map(rank_batch, range(2))]
     assert s["policy/length_mean"] == pytest.approx(sum(n) / (4 + 5))
     assert s["train/loss"] == pytest.approx((singles[0].scalars["train/loss"] + singles[1].scalars["train/loss"]) / 2)

@@ -42,3 +42,17 @@ def test_vllm_rollout_reports_the_engine_mismatch() -> None:
     # the engine samples from the weights the trainer just pushed: its log-probs agree closely
     assert s["mismatch/abs_mean"] < 0.05, s
     assert s["ratio/std"] == 0.0  # the policy-update ratio is separate from the engine mismatch
+
+
+@needs_cuda
+@needs_vllm
+def test_vllm_rollout_marks_the_completions_cut_at_the_limit() -> None:
+    """vLLM's finish reason "length" is a completion of the full width whose last token is no eos."""
+    trainer = Trainer(small_config(device="cuda", rollout="vllm", max_new_tokens=2, prompts_per_step=8))
+    examples = trainer.task.sample(trainer.data_rng, 8)
+    prompt_ids = [trainer.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
+    gen = trainer.engine.generate(trainer.model, prompt_ids, 4)
+    lengths = gen.completion_mask.sum(1)
+    last = gen.input_ids[:, gen.prompt_width :].gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+    for cut, n, tok in zip(gen.truncated.tolist(), lengths.tolist(), last.tolist(), strict=True):
+        assert cut == (n == 2 and tok not in trainer.eos_ids), (cut, n, tok)

@@ -27,7 +27,7 @@ DOCUMENTED_SCALARS = {
     "grad/norm/attention", "grad/norm/mlp", "grad/norm/norm", "grad/norm/head", "grad/update_ratio",
     "policy/entropy", "policy/kl_k1", "policy/kl_k3", "policy/logp_mean", "policy/length_mean",
     "reward/mean", "reward/std", "group/degenerate_frac", "group/distinct_frac", "train/loss", "train/lr",
-    "train/skipped",
+    "train/skipped", "policy/truncated_frac", "policy/cov_logp_adv", "policy/corr_logp_adv", "grad/norm_after_clip",
 }  # fmt: skip
 
 
