@@ -19,15 +19,15 @@ Rules every detector keeps:
 
 Each detector is registered (`register_detector`, as the losses are) in `DETECTORS`, which
 `detect` runs in order. Detectors (kind: detector name):
-- `collapse`, `erosion`, `entropy_surge`, and the drift half of `kl_spike`: `drift`, a
-  vote among independent signals. Each signal is judged by two tests: a level test
-  (median of the last few points vs the median of the window before them) and a trend
-  test (Theil-Sen slope over a window, i.e. the decline a sliding baseline would follow:
-  linear or geometric entropy decay over hundreds of steps). The z of both uses the
+- `collapse`, `entropy_surge`, `no_signal`, `truncation`: state detectors
+  (`mhpo_server.monitoring.states`), each announcing a state of the run in its own units
+  against the run's early reference, once per episode.
+- `erosion` and the drift half of `kl_spike`: `drift`, a vote among independent signals.
+  Each signal is judged by two tests: a level test (median of the last few points vs the median of the window before them) and a trend
+  test (Theil-Sen slope over a window, i.e. the decline a sliding baseline would follow). The z of both uses the
   noise of the step-to-step differences, which a steady trend does not inflate. A signal
   votes when one test passes, or both are meaningful and at `AGREE` of the z threshold.
-  One flag per event and severity (refractory period). While the reward clearly rises,
-  `collapse` is informational and `entropy_surge` is not raised.
+  One flag per event and severity (refractory period).
 - `trust_region`: `bound`, absolute bounds (clip fraction, update-to-weight ratio) that
   need no baseline, so a run that breaks down in its first rollouts is flagged there.
 - `hazard_spike`, `grad_spike`, `kl_spike`: `robust_z`, a one-step robust z-score (log
@@ -76,6 +76,8 @@ KINDS = (
     "collapse",
     "erosion",
     "entropy_surge",
+    "no_signal",
+    "truncation",
     "trust_region",
     "mismatch",
     "hazard_spike",
@@ -85,9 +87,11 @@ KINDS = (
     "on_policy",
 )
 KIND_DETECTORS: dict[str, tuple[str, ...]] = {  # kind -> the detector names its flags carry
-    "collapse": ("drift",),
+    "collapse": ("entropy_state",),
     "erosion": ("drift",),
-    "entropy_surge": ("drift",),
+    "entropy_surge": ("entropy_level",),
+    "no_signal": ("learning_signal",),
+    "truncation": ("length_limit",),
     "trust_region": ("bound",),
     "mismatch": ("band", "log_drift"),
     "hazard_spike": ("robust_z",),
@@ -189,7 +193,7 @@ def _take(values: np.ndarray, ends: np.ndarray, length: int, offset: int = 0) ->
     return padded[(ends + pad - offset - length)[:, None] + np.arange(length)]
 
 
-def _lookup(history: History, key: str, steps: np.ndarray) -> np.ndarray:
+def lookup(history: History, key: str, steps: np.ndarray) -> np.ndarray:
     """The value of `key` at each of `steps`, NaN where it is not logged."""
     found = history.series(key)
     out = np.full(len(steps), np.nan)
@@ -215,13 +219,13 @@ class StepKinds:
         self.history = history
 
     def on_policy(self, steps: np.ndarray) -> np.ndarray:
-        index = _lookup(self.history, "train/update_index", steps)
-        low = _lookup(self.history, "ratio/min", steps)
-        high = _lookup(self.history, "ratio/max", steps)
+        index = lookup(self.history, "train/update_index", steps)
+        low = lookup(self.history, "ratio/min", steps)
+        high = lookup(self.history, "ratio/max", steps)
         return np.where(np.isnan(index), (low == 0.0) & (high == 0.0), index == 0.0)
 
     def empty(self, steps: np.ndarray) -> np.ndarray:
-        return _lookup(self.history, "tokens/valid", steps) == 0.0
+        return lookup(self.history, "tokens/valid", steps) == 0.0
 
 
 def same_kind_only(key: str) -> bool:
@@ -234,7 +238,7 @@ def same_kind_only(key: str) -> bool:
     return key.startswith(SAME_KIND_PREFIXES)
 
 
-def _subseries(history: History, kinds: StepKinds, key: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def subseries(history: History, kinds: StepKinds, key: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (steps, values) series a signal is judged on: finite points of non-empty steps, split by kind when needed."""
     found = history.series(key)
     if found is None:
@@ -244,7 +248,7 @@ def _subseries(history: History, kinds: StepKinds, key: str) -> list[tuple[np.nd
     steps, values = steps[keep], values[keep]
     # A value repeated exactly within a rollout (a rollout-level scalar such as the reward,
     # streamed with every update of the rollout) is one observation: keep its first step.
-    rollout = _lookup(history, "train/rollout", steps)
+    rollout = lookup(history, "train/rollout", steps)
     first = np.concatenate([[True], (values[1:] != values[:-1]) | ~(rollout[1:] == rollout[:-1])])
     steps, values = steps[first], values[first]
     if not same_kind_only(key):
@@ -409,7 +413,7 @@ def _drift_tables(
     tables = []
     for sig in signals:
         table: dict[int, _Judged] = {}
-        for steps, values in _subseries(history, kinds, sig.key):
+        for steps, values in subseries(history, kinds, sig.key):
             if not guard:
                 table.update(_drift_rows(steps, values, at, p, p.min_baseline))
                 continue
@@ -478,7 +482,7 @@ def _spike_table(
 ) -> dict[int, dict[str, Any]]:
     """step -> evidence for the steps where `key` starts an excursion (fires now, not at its previous point)."""
     table = {}
-    for steps, values in _subseries(history, kinds, key):
+    for steps, values in subseries(history, kinds, key):
         judged_at, ends = _evaluated(steps, at)
         if not len(ends):
             continue
@@ -541,7 +545,7 @@ def _bound_table(history: History, p: TrustRegionParams, at: np.ndarray) -> dict
     table: dict[int, list[dict[str, Any]]] = {}
     for key in dict.fromkeys(b.key for b in p.bounds):
         bound = min(b.max for b in p.bounds if b.key == key)
-        values = _lookup(history, key, at)
+        values = lookup(history, key, at)
         for i in np.flatnonzero(values > bound).tolist():
             table.setdefault(int(at[i]), []).append({"key": key, "value": float(values[i]), "max": bound})
     return table
@@ -571,7 +575,7 @@ def _band_hits(history: History, p: MismatchParams, at: np.ndarray) -> dict[int,
     """step -> the `mismatch` bands a logged value is outside of at that step."""
     table: dict[int, list[dict[str, Any]]] = {}
     for band in p.bands:
-        values = _lookup(history, band.key, at)
+        values = lookup(history, band.key, at)
         judged = np.abs(values) if band.absolute else values
         with np.errstate(invalid="ignore"):
             out = np.zeros(len(at), dtype=bool)
@@ -604,7 +608,7 @@ def _growth_table(
     table: dict[int, list[dict[str, Any]]] = {}
     r, k, look = p.recent_steps, p.reference_steps, p.lookback_steps
     for sig in p.growth:
-        for steps, values in _subseries(history, kinds, sig.key):
+        for steps, values in subseries(history, kinds, sig.key):
             positive = values > 0
             steps, values = steps[positive], values[positive]
             judged_at, ends = _evaluated(steps, at)

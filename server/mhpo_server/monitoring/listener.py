@@ -55,6 +55,8 @@ class RunWindows:
     project: str
     depth: int
     series: dict[str, Points] = field(default_factory=dict)
+    # The first points of the keys the state detectors take an early reference from (complete once full).
+    heads: dict[str, Points] = field(default_factory=dict)
     write_seq: int = -1  # the run's count of history changes after the last batch judged here
     # Latest flagged step per refractory key (`detect`'s `last_flagged`), read for `params`.
     refractory: dict[str, int] | None = None
@@ -63,7 +65,7 @@ class RunWindows:
     def copy(self) -> RunWindows:
         """A view to judge a batch on before it is written: the cache keeps the original until the write succeeds."""
         refractory = None if self.refractory is None else dict(self.refractory)
-        return replace(self, series=dict(self.series), refractory=refractory)
+        return replace(self, series=dict(self.series), heads=dict(self.heads), refractory=refractory)
 
 
 @dataclass
@@ -149,6 +151,20 @@ def _from_rows(rows: Sequence[tuple[str, int, float]]) -> dict[str, Points]:
     for key, by_step in by_key.items():
         steps = sorted(by_step)
         out[key] = (np.array(steps, dtype=np.int64), np.array([by_step[s] for s in steps], dtype=np.float64))
+    return out
+
+
+def _union(first: Points, second: Points) -> Points:
+    """The points of both, ascending by step; `first`'s value wins at a step both hold."""
+    steps, index = np.unique(np.concatenate([first[0], second[0]]), return_index=True)
+    return steps, np.concatenate([first[1], second[1]])[index]
+
+
+def _with_heads(series: dict[str, Points], heads: dict[str, Points]) -> dict[str, Points]:
+    """`series` with each key's first points put before its window (the gap between them is never judged)."""
+    out = dict(series)
+    for key, head in heads.items():
+        out[key] = _union(head, out.get(key, EMPTY))
     return out
 
 
@@ -252,7 +268,8 @@ class IngestMonitor:
         depth = max([params.history_steps(), *(alert_rules.history_points(r) for r in rules)])
         rows, _ = store.scalar_windows(run_id, sorted(keys), steps[0], steps[-1], depth)
         series = _from_rows(rows)
-        history = History.from_arrays({key: series.get(key, EMPTY) for key in keys})
+        heads = _from_rows(store.scalar_heads(run_id, sorted(params.head_keys()), params.head_points()))
+        history = History.from_arrays(_with_heads({key: series.get(key, EMPTY) for key in keys}, heads))
         refractory = refractory_state(store.last_flag_steps(run_id, refractory_kinds(params), steps[0]))
         return self._judge(project, run_id, params, rules, history, list(steps), refractory)
 
@@ -280,6 +297,7 @@ class IngestMonitor:
             kinds = refractory_kinds(params)
             cached.refractory = refractory_state(store.last_flag_steps(run_id, kinds, steps[0]))
             cached.params = params
+            cached.heads.clear()  # their size and keys follow the parameters
         for key in quiet & cached.series.keys():
             del cached.series[key]  # its window misses this batch now: read again when the key next matters
         series: dict[str, Points] = {}
@@ -312,9 +330,29 @@ class IngestMonitor:
             if key in cached.series:
                 s, v = series[key]
                 cached.series[key] = (s[-cached.depth :], v[-cached.depth :])
-        history = History.from_arrays(series)
+        self._update_heads(store, run_id, params, cached, new, written)
+        history = History.from_arrays(_with_heads(series, cached.heads))
         assert cached.refractory is not None
         return self._judge(project, run_id, params, rules, history, steps, cached.refractory), cached
+
+    @staticmethod
+    def _update_heads(
+        store: Store, run_id: str, params: FlagParams, cached: RunWindows, new: dict[str, Points], written: bool
+    ) -> None:
+        """Keep the first `head_points` points of each head key: read once, then filled from new batches."""
+        size = params.head_points()
+        wanted = params.head_keys()
+        missing = sorted(key for key in wanted if key not in cached.heads)
+        if missing:
+            read = _from_rows(store.scalar_heads(run_id, missing, size))
+            for key in missing:
+                cached.heads[key] = read.get(key, EMPTY)
+        for key in wanted:
+            head = cached.heads[key]
+            added = new.get(key)
+            if len(head[0]) < size and added is not None and (key not in missing or not written):
+                steps, values = _union(head, added)
+                cached.heads[key] = (steps[:size], values[:size])
 
     def _judge(
         self,

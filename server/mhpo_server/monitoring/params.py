@@ -225,21 +225,109 @@ class OnPolicyParams(_Strict):
     keys: Annotated[tuple[Key, ...], Field(max_length=16)] = ("ratio/min", "ratio/max")
 
 
-# Entropy spent on a rising reward is learning (sharpening), not collapse or over-exploration.
-_REWARD_RISING = Signal(key="reward/mean", direction="up", min_abs=0.05, min_rel=0.0, z=3.0)
+class ForecastParams(_Strict):
+    """The entropy forecast (`mhpo_server.monitoring.forecast`), in points of the entropy series (one per
+    rollout where the run logs `train/update_index`, else every logged point).
+
+    The reference is the median of the first `reference_points` points; the level the median of
+    the last `recent_points`; the trend the Theil-Sen slope over the last `trend_points`, confident
+    when its Mann-Kendall z is at most -`z`, the level has lost `min_drop` of the reference and
+    the crossing of `floor` x reference lies at most `horizon_steps` optimizer steps ahead.
+    """
+
+    reference_points: Annotated[int, Field(ge=1, le=200)] = 5
+    recent_points: Annotated[int, Field(ge=1, le=200)] = 3
+    trend_points: Annotated[int, Field(ge=5, le=500)] = 30
+    floor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
+    z: Z = 3.0
+    min_drop: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    horizon_steps: Annotated[int, Field(ge=1, le=100_000)] = 150
 
 
-def _collapse() -> DriftParams:
-    return DriftParams(
-        signals=(
-            Signal(key="policy/entropy", direction="down", min_abs=0.05, min_rel=0.07, family="spread"),
-            Signal(key="ratio/frac_above_0.2", direction="up", min_abs=0.02, min_rel=1.0),
-            Signal(key="group/distinct_frac", direction="down", min_abs=0.1, min_rel=0.2, family="spread"),
-        ),
-        unless=(_REWARD_RISING,),
-        recent_steps=10,
-        vetoed="info",  # entropy spent on a rising reward is sharpening: worth seeing, not an alarm
-    )
+class RewardRise(_Strict):
+    """The reward counts as rising when the median of its last `recent_points` points exceeds the median
+    of the `window_points` points before them by at least `min_abs` (reward units)."""
+
+    key: Key = "reward/mean"
+    recent_points: Annotated[int, Field(ge=1, le=200)] = 5
+    window_points: Annotated[int, Field(ge=1, le=500)] = 20
+    min_abs: Units = 0.05
+
+
+class CollapseParams(_Strict):
+    """`collapse`: the policy entropy under `warning_fraction` of its early reference for the last
+    `recent_points` points (their median), `critical_fraction` for a critical; or, ahead of that state,
+    a confident forecast of the crossing (`forecast`, when `forecast_warning`).
+
+    A rising reward (`reward_rise`) softens the message (the entropy may be spent on intended
+    sharpening) and holds back the forecast warning; it never hides the state. One flag per
+    episode: at the point where the state begins, then quiet for `refractory_steps`.
+    """
+
+    enabled: bool = True
+    key: Key = "policy/entropy"
+    warning_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
+    critical_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    forecast_warning: bool = True
+    forecast: ForecastParams = ForecastParams()
+    reward_rise: RewardRise = RewardRise()
+    refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
+
+
+class SurgeParams(_Strict):
+    """`entropy_surge`: the entropy's recent level (median of the last `recent_points` points) at least
+    `ratio` x its early reference and `min_abs` above it, while the reward does not rise.
+
+    The reference is the run's early level (`reference_points`), so a rebound after a dip back to
+    where the run started is not a surge."""
+
+    enabled: bool = True
+    key: Key = "policy/entropy"
+    reference_points: Annotated[int, Field(ge=1, le=200)] = 5
+    recent_points: Annotated[int, Field(ge=1, le=200)] = 5
+    ratio: Annotated[float, Field(gt=1.0, le=1_000.0)] = 1.5
+    min_abs: Units = 0.1
+    reward_rise: RewardRise = RewardRise()
+    refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
+
+
+class NoSignalParams(_Strict):
+    """`no_signal`: the run stopped learning.
+
+    Either `degenerate_key` (the fraction of groups whose completions all got the same reward,
+    TRL's `frac_reward_zero_std`: their group-relative advantages are 0) at least
+    `degenerate_frac` at each of the last `degenerate_points` rollouts; or every key of
+    `zero_keys` (gradient norm, loss) exactly 0 at each of the last `zero_points` steps.
+    """
+
+    enabled: bool = True
+    degenerate_key: Key = "group/degenerate_frac"
+    degenerate_frac: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    degenerate_points: Annotated[int, Field(ge=1, le=1_000)] = 5
+    zero_keys: Annotated[tuple[Key, ...], Field(min_length=1, max_length=8)] = ("grad/norm", "train/loss")
+    zero_points: Annotated[int, Field(ge=1, le=1_000)] = 5
+    refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
+
+
+class TruncationParams(_Strict):
+    """`truncation`: most completions cut at the length limit, or the cut fraction climbing to it.
+
+    Warning when the median of `key` (the fraction of completions without an end-of-sequence
+    token) over the last `recent_points` rollouts exceeds `max_frac`; also when it has climbed to
+    at least `climb_frac` and `climb_abs` above its early reference (median of the first
+    `reference_points` rollouts) with a Mann-Kendall z of at least `z` over `trend_points`.
+    """
+
+    enabled: bool = True
+    key: Key = "policy/truncated_frac"
+    max_frac: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    recent_points: Annotated[int, Field(ge=1, le=200)] = 3
+    reference_points: Annotated[int, Field(ge=1, le=200)] = 5
+    climb_frac: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25
+    climb_abs: Annotated[float, Field(gt=0.0, le=1.0)] = 0.15
+    trend_points: Annotated[int, Field(ge=5, le=500)] = 20
+    z: Z = 3.0
+    refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
 
 
 def _erosion() -> DriftParams:
@@ -250,15 +338,6 @@ def _erosion() -> DriftParams:
             Signal(key="policy/length_mean", direction="down", min_abs=1.0, min_rel=0.25),
         ),
         min_votes=2,
-    )
-
-
-def _entropy_surge() -> DriftParams:
-    return DriftParams(
-        signals=(Signal(key="policy/entropy", direction="up", min_abs=0.1, min_rel=0.5),),
-        unless=(_REWARD_RISING,),
-        recent_steps=10,
-        warning_votes=1,
     )
 
 
@@ -277,9 +356,11 @@ def _kl_drift() -> DriftParams:
 class FlagParams(_Strict):
     """Every detector's parameters; the defaults are set on `tests.flags.synthetic` streams and real runs."""
 
-    collapse: DriftParams = Field(default_factory=_collapse)
+    collapse: CollapseParams = CollapseParams()
     erosion: DriftParams = Field(default_factory=_erosion)
-    entropy_surge: DriftParams = Field(default_factory=_entropy_surge)
+    entropy_surge: SurgeParams = SurgeParams()
+    no_signal: NoSignalParams = NoSignalParams()
+    truncation: TruncationParams = TruncationParams()
     # zeta is bounded (4.61 with the paper's defaults, at x -> -inf) and MHPO attenuates the
     # gradient of the tokens out there: a p99 at that ceiling alone (1 % of the tokens far off,
     # the bulk unmoved) is the loss doing its job, seen in healthy runs; the mean moving is not.
@@ -306,12 +387,7 @@ class FlagParams(_Strict):
 
     def drifts(self) -> dict[str, DriftParams]:
         """Drift detectors by the flag kind they raise."""
-        return {
-            "collapse": self.collapse,
-            "erosion": self.erosion,
-            "entropy_surge": self.entropy_surge,
-            "kl_spike": self.kl_drift,
-        }
+        return {"erosion": self.erosion, "kl_spike": self.kl_drift}
 
     def spikes(self) -> dict[str, SpikeParams]:
         """Spike detectors by the flag kind they raise."""
@@ -321,13 +397,43 @@ class FlagParams(_Strict):
         """How many points of a key the detectors read before the first new step.
 
         Twice the longest window: a signal judged on one kind of step (on- or off-policy)
-        sees about half of a run's points when updates alternate.
+        sees about half of a run's points when updates alternate; and the per-rollout windows
+        of the state detectors times `UPDATES_PER_ROLLOUT`.
         """
         drift = max(max(p.baseline_steps + p.recent_steps, p.trend_steps) for p in self.drifts().values())
         spike = max(p.window_steps + 1 for p in self.spikes().values())
         m = self.mismatch
         mismatch = m.lookback_steps + m.recent_steps
-        return 2 * max(drift, spike, mismatch, self.on_policy.min_steps) + 2
+        on_off = 2 * max(drift, spike, mismatch, self.on_policy.min_steps) + 2
+        return max(on_off, UPDATES_PER_ROLLOUT * self._state_points())
+
+    def _state_points(self) -> int:
+        """The longest window of the state detectors, in points (rollouts)."""
+        c, s, n, t = self.collapse, self.entropy_surge, self.no_signal, self.truncation
+        r = max(
+            c.reward_rise.recent_points + c.reward_rise.window_points,
+            s.reward_rise.recent_points + s.reward_rise.window_points,
+        )
+        return max(
+            c.forecast.trend_points + 1,
+            c.forecast.recent_points + 1,
+            s.recent_points + 1,
+            r,
+            n.degenerate_points + 1,
+            n.zero_points + 1,
+            t.trend_points + 1,
+            t.recent_points + 1,
+        )
+
+    def head_keys(self) -> set[str]:
+        """The keys whose first points the state detectors' early reference is taken from."""
+        return {self.collapse.key, self.entropy_surge.key, self.truncation.key, *STEP_KIND_KEYS}
+
+    def head_points(self) -> int:
+        """How many of a key's first points the detectors read for its early reference (raw points: up to
+        `UPDATES_PER_ROLLOUT` optimizer steps of each reference rollout)."""
+        c, s, t = self.collapse, self.entropy_surge, self.truncation
+        return UPDATES_PER_ROLLOUT * max(c.forecast.reference_points, s.reference_points, t.reference_points)
 
     def keys(self) -> set[str]:
         """The scalar keys any detector reads."""
@@ -338,12 +444,19 @@ class FlagParams(_Strict):
         found.update(b.key for b in self.mismatch.bands)
         found.update(g.key for g in self.mismatch.growth)
         found.update(self.mismatch.clip_keys)
-        found.update(self.on_policy.keys, STEP_KIND_KEYS)
+        found.update(self.on_policy.keys, STEP_KIND_KEYS, self.head_keys(), self.no_signal.zero_keys)
+        found.update({self.collapse.reward_rise.key, self.entropy_surge.reward_rise.key, COV_KEY})
+        found.add(self.no_signal.degenerate_key)
         return found
 
 
 # Keys that say what kind of step a record is: its rollout and place in it, its valid tokens.
 STEP_KIND_KEYS = ("train/rollout", "train/update_index", "tokens/valid", "ratio/min", "ratio/max")
+# The log-prob/advantage covariance (Cui et al. 2025) the entropy forecast reads.
+COV_KEY = "policy/cov_logp_adv"
+# Optimizer steps per rollout the windows of the per-rollout detectors are sized for (e.g. 2 epochs x 4
+# mini-batches); a run with more updates per rollout sees fewer rollouts in a window.
+UPDATES_PER_ROLLOUT = 8
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

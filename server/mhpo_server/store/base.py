@@ -292,6 +292,11 @@ class Store(abc.ABC):
         (key, step, value); and each key's latest stored step (keys never logged are absent)."""
 
     @abc.abstractmethod
+    def scalar_heads(self, run_id: str, keys: Sequence[str], points: int) -> list[tuple[str, int, float]]:
+        """Per key: its first `points` points (key, step, value), the run's early level that the state
+        detectors compare with."""
+
+    @abc.abstractmethod
     def last_flag_steps(self, run_id: str, kinds: Sequence[str], before_step: int) -> dict[tuple[str, str], int]:
         """(kind, severity) -> the latest flagged step below `before_step` (for the refractory period)."""
 

@@ -154,6 +154,27 @@ class Events(Part):
                         rows.append((k, int(s), float("nan") if n or v is None else float(v)))
         return rows, latest
 
+    def scalar_heads(self, run_id: str, keys: Sequence[str], points: int) -> list[tuple[str, int, float]]:
+        """Per key: its first `points` points (key, step, value); one index seek per key."""
+        cols = (ScalarRow.key, ScalarRow.step, ScalarRow.value, ScalarRow.is_nan)
+        rows: list[tuple[str, int, float]] = []
+        keys = sorted(set(keys))
+        with self.db.plain_tx() as conn:
+            for i in range(0, len(keys), WINDOW_CHUNK):
+                parts = [
+                    select(
+                        select(*cols)
+                        .where(ScalarRow.run_id == run_id, ScalarRow.key == key)
+                        .order_by(ScalarRow.step)
+                        .limit(points)
+                        .subquery()
+                    )
+                    for key in keys[i : i + WINDOW_CHUNK]
+                ]
+                for k, s, v, n in conn.execute(union_all(*parts)):
+                    rows.append((k, int(s), float("nan") if n or v is None else float(v)))
+        return rows
+
     def scalar_keys_between(self, run_id: str, first: int, last: int) -> list[str]:
         """The keys with a point in steps [first, last]."""
         query = (

@@ -158,6 +158,9 @@ class SqlStore(Store):
     ) -> tuple[list[tuple[str, int, float]], dict[str, int]]:
         return self.events.scalar_windows(run_id, keys, first, last, points)
 
+    def scalar_heads(self, run_id: str, keys: Sequence[str], points: int) -> list[tuple[str, int, float]]:
+        return self.events.scalar_heads(run_id, keys, points)
+
     def last_flag_steps(self, run_id: str, kinds: Sequence[str], before_step: int) -> dict[tuple[str, str], int]:
         return self.events.last_flag_steps(run_id, kinds, before_step)
 

@@ -1,0 +1,163 @@
+"""The entropy forecast: where a run's policy entropy is heading, and when it would collapse.
+
+Policy entropy is a run's exploration budget. Cui et al. 2025 ("The Entropy Mechanism of
+Reinforcement Learning for Reasoning Language Models", arXiv 2505.22617) show that under
+policy-gradient updates the entropy changes by about -eta * Cov(log pi(y), A) per step: it
+falls while high-probability tokens get positive advantages, i.e. while the covariance
+(`policy/cov_logp_adv`) is positive. The forecast combines the two views a run logs:
+
+- the trend: the Theil-Sen slope of the entropy over its last `trend_points` points, in
+  entropy units per optimizer step, with the Mann-Kendall z of the window saying whether the
+  decline is systematic (z <= -`z` ) or noise;
+- the mechanism: where the covariance is logged, its median over the same window must be
+  positive (the updates are spending entropy) for the forecast to count as confident.
+
+From the current level (the median of the last `recent_points` points) and the slope it
+extrapolates the step at which the entropy would cross `floor` x its early reference (the
+median of the run's first `reference_points` points: the run's own early level, which a
+decline does not drag down). The run page shows it as "entropy budget: about N steps"; the
+`collapse` detector warns ahead of the state when the forecast is confident and the crossing
+is near.
+
+Points are judged one per rollout where the run logs `train/update_index` (the rollout's
+first, on-policy update), otherwise every logged point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mhpo_server.monitoring.params import ForecastParams
+
+
+@dataclass(frozen=True)
+class EntropyForecast:
+    """The forecast at one point of the entropy series.
+
+    `steps_left`: optimizer steps until the trend crosses `floor` x `reference` (0 when the level
+    is already under it; None when the entropy is not falling); `spacing`: optimizer steps per
+    point. `confident`: the decline is systematic (Mann-Kendall z at or under minus the
+    threshold), meaningful (the level has lost at least `min_drop` of the reference), the
+    crossing is at most `horizon_steps` optimizer steps ahead and, where logged, the log-prob/advantage
+    covariance agrees (positive).
+    """
+
+    step: int
+    reference: float
+    level: float
+    slope: float
+    z: float
+    cov: float | None
+    steps_left: int | None
+    crossing_step: int | None
+    spacing: float
+    confident: bool
+
+    @property
+    def points_left(self) -> float | None:
+        """`steps_left` in points of the series (rollouts where one point is logged per rollout)."""
+        return None if self.steps_left is None else self.steps_left / self.spacing
+
+    @property
+    def fraction(self) -> float:
+        """The level as a fraction of the early reference."""
+        return self.level / self.reference if self.reference > 0 else math.nan
+
+    def as_dict(self) -> dict[str, float | int | bool | None]:
+        return {
+            "step": self.step,
+            "reference": self.reference,
+            "level": self.level,
+            "fraction": self.fraction,
+            "slope": self.slope,
+            "z": self.z,
+            "cov": self.cov,
+            "steps_left": self.steps_left,
+            "crossing_step": self.crossing_step,
+            "confident": self.confident,
+        }
+
+
+def reference_level(values: np.ndarray, p: ForecastParams) -> float | None:
+    """The early reference: median of the first `reference_points` finite points (None with fewer)."""
+    first = values[: p.reference_points]
+    if len(first) < p.reference_points:
+        return None
+    return float(np.median(first))
+
+
+def mann_kendall_z(window: np.ndarray) -> float:
+    """Mann-Kendall trend statistic of a 1-d window (ties counted as 0), continuity-corrected; 0 for n < 3."""
+    n = len(window)
+    if n < 3:
+        return 0.0
+    i, j = np.triu_indices(n, k=1)
+    s = float(np.sign(window[j] - window[i]).sum())
+    var = n * (n - 1) * (2 * n + 5) / 18.0
+    return (s - math.copysign(1.0, s)) / math.sqrt(var) if s else 0.0
+
+
+def theil_sen_slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Median of the pairwise slopes (y_j - y_i) / (x_j - x_i), i < j, x strictly ascending."""
+    i, j = np.triu_indices(len(x), k=1)
+    return float(np.median((y[j] - y[i]) / (x[j] - x[i])))
+
+
+def entropy_forecast(
+    steps: np.ndarray,
+    values: np.ndarray,
+    end: int,
+    reference: float,
+    p: ForecastParams,
+    cov: tuple[np.ndarray, np.ndarray] | None = None,
+) -> EntropyForecast | None:
+    """The forecast from the points `[:end]` of the entropy series (steps ascending), or None before the
+    window holds `trend_points` points after the reference points.
+
+    `cov`: the (steps, values) of `policy/cov_logp_adv`, if logged; its median over the trend
+    window's steps enters the confidence.
+    """
+    if end < p.reference_points + p.trend_points or reference <= 0:
+        return None
+    x = steps[end - p.trend_points : end].astype(np.float64)
+    y = values[end - p.trend_points : end]
+    level = float(np.median(values[max(0, end - p.recent_points) : end]))
+    slope = theil_sen_slope(x, y)
+    z = mann_kendall_z(y)
+    cov_median = None
+    if cov is not None:
+        in_window = (cov[0] >= x[0]) & (cov[0] <= x[-1]) & np.isfinite(cov[1])
+        if in_window.any():
+            cov_median = float(np.median(cov[1][in_window]))
+    floor = p.floor * reference
+    now = int(steps[end - 1])
+    steps_left: int | None
+    if level <= floor:
+        steps_left = 0
+    elif slope < 0:
+        steps_left = math.ceil((floor - level) / slope)
+    else:
+        steps_left = None
+    spacing = max(float(np.median(np.diff(x))), 1.0)
+    confident = (
+        z <= -p.z
+        and level <= (1.0 - p.min_drop) * reference
+        and (cov_median is None or cov_median > 0)
+        and steps_left is not None
+        and steps_left <= p.horizon_steps
+    )
+    return EntropyForecast(
+        step=now,
+        reference=reference,
+        level=level,
+        slope=slope,
+        z=z,
+        cov=cov_median,
+        steps_left=steps_left,
+        crossing_step=None if steps_left is None else now + steps_left,
+        spacing=spacing,
+        confident=confident,
+    )

@@ -1,0 +1,356 @@
+"""State detectors: each warning announces a state of the run, defined in the run's own units.
+
+- `collapse`: the policy entropy under a quarter of its early reference (the median of its
+  first points) for the last few rollouts, critical under a tenth; or, ahead of that, a
+  confident entropy forecast (`mhpo_server.monitoring.forecast`) of the crossing. A rising
+  reward softens the message (sharpening may be intended) and holds back the forecast
+  warning; it never hides the state.
+- `entropy_surge`: the entropy well above its early reference while the reward does not rise
+  (informational while it does). A rebound after a dip, back to where the run started, is not
+  a surge: the reference is the run's early level, not a window that follows the dip.
+- `no_signal`: the run stopped learning: nearly every group's completions got the same reward
+  for several rollouts (their group-relative advantages are 0), or the gradient norm and the
+  loss are exactly 0 step after step.
+- `truncation`: most completions cut at the length limit, or the cut fraction climbing to it.
+
+Each is judged one point per rollout (the rollout's first, on-policy update, where the run logs
+`train/update_index`) and announced once per episode: at the point where its state begins or
+worsens (warning -> critical), then quiet for the kind's refractory period.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mhpo_server.monitoring.detectors import (
+    Flag,
+    History,
+    Scope,
+    StepKinds,
+    json_number,
+    lookup,
+    register_detector,
+    subseries,
+)
+from mhpo_server.monitoring.forecast import EntropyForecast, entropy_forecast, mann_kendall_z, reference_level
+from mhpo_server.monitoring.params import (
+    COV_KEY,
+    CollapseParams,
+    NoSignalParams,
+    RewardRise,
+    SurgeParams,
+    TruncationParams,
+)
+
+SEVERITY_LEVEL = {"info": 1, "warning": 2, "critical": 3}
+LEVEL_SEVERITY = {level: name for name, level in SEVERITY_LEVEL.items()}
+
+
+def rollout_series(history: History, kinds: StepKinds, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One point per rollout of `key`: its finite points of non-empty steps, a rollout-level value
+    repeated at every update counted once, and only the first (on-policy) update of each rollout
+    where `train/update_index` is logged."""
+    parts = subseries(history, kinds, key)
+    if not parts:
+        return np.empty(0, dtype=np.int64), np.empty(0)
+    steps = np.concatenate([s for s, _ in parts])
+    values = np.concatenate([v for _, v in parts])
+    order = np.argsort(steps, kind="stable")
+    steps, values = steps[order], values[order]
+    index = lookup(history, "train/update_index", steps)
+    keep = ~(index > 0)
+    return steps[keep], values[keep]
+
+
+@dataclass(frozen=True)
+class State:
+    """A state detector's judgement at one point: severity level (0 = none) and what it rests on."""
+
+    level: int
+    message: str = ""
+    evidence: dict[str, Any] | None = None
+
+
+def _onsets(steps: np.ndarray, at: np.ndarray, judge: Callable[[int], State], first: int) -> dict[int, State]:
+    """step -> state, at the evaluated steps that are points of the series where the state begins or worsens.
+
+    `judge(end)` judges the series' first `end` points; `first` is the smallest `end` it can judge.
+    """
+    out = {}
+    idx = np.searchsorted(steps, at)
+    for step, i in zip(at.tolist(), idx.tolist(), strict=True):
+        if i >= len(steps) or steps[i] != step or i + 1 < first:
+            continue
+        now = judge(i + 1)
+        if now.level and (i < first or now.level > judge(i).level):
+            out[step] = now
+    return out
+
+
+def _reward_change(history: History, kinds: StepKinds, p: RewardRise, step: int) -> tuple[float, float] | None:
+    """(earlier, recent) reward medians at `step`: the last `recent_points` rollouts and the window before."""
+    steps, values = rollout_series(history, kinds, p.key)
+    end = int(np.searchsorted(steps, step, side="right"))
+    if end < p.recent_points + 1:
+        return None
+    recent = values[end - p.recent_points : end]
+    before = values[max(0, end - p.recent_points - p.window_points) : end - p.recent_points]
+    return float(np.median(before)), float(np.median(recent))
+
+
+def _rising(change: tuple[float, float] | None, p: RewardRise) -> bool:
+    return change is not None and change[1] - change[0] >= p.min_abs
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _collapse_state(
+    history: History, kinds: StepKinds, p: CollapseParams, steps: np.ndarray, values: np.ndarray, end: int
+) -> State:
+    f = p.forecast
+    if end < f.reference_points + f.recent_points:
+        return State(0)
+    reference = reference_level(values, f)
+    if reference is None or reference <= 0:
+        return State(0)
+    level = float(np.median(values[end - f.recent_points : end]))
+    fraction = level / reference
+    step = int(steps[end - 1])
+    cov = history.series(COV_KEY)
+    forecast = entropy_forecast(steps, values, end, reference, f, cov)
+    reward = _reward_change(history, kinds, p.reward_rise, step)
+    rising = _rising(reward, p.reward_rise)
+    evidence: dict[str, Any] = {
+        "key": p.key,
+        "reference": json_number(reference),
+        "reference_steps": [int(steps[0]), int(steps[f.reference_points - 1])],
+        "level": json_number(level),
+        "fraction": json_number(fraction),
+        "thresholds": {"warning": p.warning_fraction, "critical": p.critical_fraction},
+        "forecast": None if forecast is None else _forecast_evidence(forecast),
+        "reward": None if reward is None else {"before": json_number(reward[0]), "recent": json_number(reward[1])},
+        "reward_rising": rising,
+    }
+    soften = (
+        f" The reward rose from {_num(reward[0])} to {_num(reward[1])} meanwhile: the policy may be sharpening on"
+        " purpose, but it has little left to explore."
+        if rising and reward is not None
+        else ""
+    )
+    if fraction < p.warning_fraction:
+        level_no = SEVERITY_LEVEL["critical" if fraction < p.critical_fraction else "warning"]
+        bound = "a tenth" if fraction < p.critical_fraction else "a quarter"
+        message = (
+            f"Entropy collapse: policy entropy is {_num(level)}, {100 * fraction:.0f}% of its early level"
+            f" {_num(reference)} (under {bound}) over the last {f.recent_points} rollouts; the policy is"
+            f" converging on few answers.{soften}"
+        )
+        return State(level_no, message, {**evidence, "state": "below"})
+    if p.forecast_warning and forecast is not None and forecast.confident:
+        assert forecast.steps_left is not None
+        message = (
+            f"Entropy on course to collapse: {_num(level)}, {100 * fraction:.0f}% of its early level"
+            f" {_num(reference)}, falling {_num(-forecast.slope)} per step; at this pace it is under a quarter"
+            f" of that level in about {forecast.steps_left} steps (step {forecast.crossing_step})."
+        )
+        if rising:
+            return State(SEVERITY_LEVEL["info"], message + soften, {**evidence, "state": "forecast"})
+        return State(SEVERITY_LEVEL["warning"], message, {**evidence, "state": "forecast"})
+    return State(0)
+
+
+def _forecast_evidence(forecast: EntropyForecast) -> dict[str, Any]:
+    return {
+        "slope": json_number(forecast.slope),
+        "z": json_number(forecast.z),
+        "cov": None if forecast.cov is None else json_number(forecast.cov),
+        "steps_left": forecast.steps_left,
+        "crossing_step": forecast.crossing_step,
+        "confident": forecast.confident,
+    }
+
+
+def _surge_state(
+    history: History, kinds: StepKinds, p: SurgeParams, steps: np.ndarray, values: np.ndarray, end: int
+) -> State:
+    if end < p.reference_points + p.recent_points:
+        return State(0)
+    reference = float(np.median(values[: p.reference_points]))
+    level = float(np.median(values[end - p.recent_points : end]))
+    if level < p.ratio * reference or level - reference < p.min_abs:
+        return State(0)
+    reward = _reward_change(history, kinds, p.reward_rise, int(steps[end - 1]))
+    rising = _rising(reward, p.reward_rise)
+    evidence = {
+        "key": p.key,
+        "reference": json_number(reference),
+        "level": json_number(level),
+        "ratio": json_number(level / reference if reference > 0 else math.inf),
+        "thresholds": {"ratio": p.ratio, "min_abs": p.min_abs},
+        "reward": None if reward is None else {"before": json_number(reward[0]), "recent": json_number(reward[1])},
+        "reward_rising": rising,
+    }
+    times = f"{level / reference:.1f}x" if reference > 0 else "far above"
+    reward_text = "" if reward is None else f" (reward {_num(reward[0])} -> {_num(reward[1])})"
+    if rising:
+        message = (
+            f"Entropy rising with the reward: {_num(level)}, {times} its early level {_num(reference)},"
+            f" while the reward rises{reward_text}: more exploration that pays, not yet a surge."
+        )
+        return State(SEVERITY_LEVEL["info"], message, evidence)
+    message = (
+        f"Entropy surge: policy entropy is {_num(level)}, {times} its early level {_num(reference)}, while the"
+        f" reward does not rise{reward_text}: the policy is drifting towards random text."
+    )
+    return State(SEVERITY_LEVEL["warning"], message, evidence)
+
+
+def _degenerate_state(p: NoSignalParams, values: np.ndarray, end: int) -> State:
+    window = values[end - p.degenerate_points : end]
+    if end < p.degenerate_points or not bool(np.all(window >= p.degenerate_frac)):
+        return State(0)
+    message = (
+        f"No learning signal: {100 * float(np.min(window)):.0f}% or more of the groups gave every completion the same"
+        f" reward in each of the last {p.degenerate_points} rollouts, so their advantages are 0 and the update"
+        " learns nothing from them (the task is too hard or already solved for this policy; a larger group or"
+        " another temperature may bring variance back)."
+    )
+    evidence = {
+        "key": p.degenerate_key,
+        "values": [json_number(float(v)) for v in window],
+        "threshold": p.degenerate_frac,
+        "points": p.degenerate_points,
+    }
+    return State(SEVERITY_LEVEL["warning"], message, evidence)
+
+
+def _zero_state(p: NoSignalParams, series: list[tuple[np.ndarray, np.ndarray]], step: int) -> State:
+    """Every zero key exactly 0 at each of its last `zero_points` points at or before `step`, logged at `step`."""
+    for steps, values in series:
+        end = int(np.searchsorted(steps, step, side="right"))
+        if end < p.zero_points or steps[end - 1] != step or bool(np.any(values[end - p.zero_points : end] != 0.0)):
+            return State(0)
+    message = (
+        f"No learning signal: {' and '.join(p.zero_keys)} exactly 0 at each of the last {p.zero_points} steps: the"
+        " updates are no-ops (e.g. every completion truncated with reward 0, or every advantage 0)."
+    )
+    return State(SEVERITY_LEVEL["warning"], message, {"keys": list(p.zero_keys), "points": p.zero_points})
+
+
+def _truncation_state(p: TruncationParams, values: np.ndarray, end: int) -> State:
+    if end < p.recent_points:
+        return State(0)
+    level = float(np.median(values[end - p.recent_points : end]))
+    evidence: dict[str, Any] = {"key": p.key, "level": json_number(level), "max_frac": p.max_frac}
+    if level > p.max_frac:
+        message = (
+            f"Truncation: {100 * level:.0f}% of the completions were cut at the length limit over the last"
+            f" {p.recent_points} rollouts; their rewards judge unfinished answers (raise the completion length"
+            " limit, or penalise length)."
+        )
+        return State(SEVERITY_LEVEL["warning"], message, {**evidence, "state": "most"})
+    if end < p.reference_points + p.trend_points:
+        return State(0)
+    reference = float(np.median(values[: p.reference_points]))
+    z = mann_kendall_z(values[end - p.trend_points : end])
+    if level >= p.climb_frac and level - reference >= p.climb_abs and z >= p.z:
+        message = (
+            f"Truncation climbing: {100 * level:.0f}% of the completions now hit the length limit, up from"
+            f" {100 * reference:.0f}% early in the run; the completions are growing into the limit."
+        )
+        return State(SEVERITY_LEVEL["warning"], message, {**evidence, "reference": json_number(reference), "z": z})
+    return State(0)
+
+
+def _flag(kind: str, step: int, state: State | None, detector: str) -> Flag | None:
+    if state is None:
+        return None
+    return Flag(
+        step=step,
+        kind=kind,
+        severity=LEVEL_SEVERITY[state.level],
+        detector=detector,
+        message=state.message,
+        evidence=state.evidence or {},
+    )
+
+
+@register_detector(
+    "entropy_state",
+    instances=lambda fp: {"collapse": fp.collapse},
+    judge=lambda _s, kind, _p, table, step: _flag(kind, step, table.get(step), "entropy_state"),
+    hold=lambda p: p.refractory_steps,
+)
+def _prepare_collapse(s: Scope, _kind: str, p: CollapseParams) -> dict[int, State]:
+    steps, values = rollout_series(s.history, s.kinds, p.key)
+    first = p.forecast.reference_points + p.forecast.recent_points
+    return _onsets(steps, s.at, lambda end: _collapse_state(s.history, s.kinds, p, steps, values, end), first)
+
+
+@register_detector(
+    "entropy_level",
+    instances=lambda fp: {"entropy_surge": fp.entropy_surge},
+    judge=lambda _s, kind, _p, table, step: _flag(kind, step, table.get(step), "entropy_level"),
+    hold=lambda p: p.refractory_steps,
+)
+def _prepare_surge(s: Scope, _kind: str, p: SurgeParams) -> dict[int, State]:
+    steps, values = rollout_series(s.history, s.kinds, p.key)
+    first = p.reference_points + p.recent_points
+    return _onsets(steps, s.at, lambda end: _surge_state(s.history, s.kinds, p, steps, values, end), first)
+
+
+@register_detector(
+    "learning_signal",
+    instances=lambda fp: {"no_signal": fp.no_signal},
+    judge=lambda _s, kind, _p, table, step: _flag(kind, step, table.get(step), "learning_signal"),
+    hold=lambda p: p.refractory_steps,
+)
+def _prepare_no_signal(s: Scope, _kind: str, p: NoSignalParams) -> dict[int, State]:
+    steps, values = rollout_series(s.history, s.kinds, p.degenerate_key)
+    table = _onsets(steps, s.at, lambda end: _degenerate_state(p, values, end), p.degenerate_points)
+    zero = []
+    for key in p.zero_keys:
+        found = s.history.series(key)
+        if found is None:
+            return table
+        keep = np.isfinite(found[1]) & ~s.kinds.empty(found[0])
+        zero.append((found[0][keep], found[1][keep]))
+    base_steps = zero[0][0]
+    judged = _onsets(
+        base_steps,
+        s.at,
+        lambda end: _zero_state(p, zero, int(base_steps[end - 1])),
+        p.zero_points,
+    )
+    for step, state in judged.items():
+        table.setdefault(step, state)
+    return table
+
+
+@register_detector(
+    "length_limit",
+    instances=lambda fp: {"truncation": fp.truncation},
+    judge=lambda _s, kind, _p, table, step: _flag(kind, step, table.get(step), "length_limit"),
+    hold=lambda p: p.refractory_steps,
+)
+def _prepare_truncation(s: Scope, _kind: str, p: TruncationParams) -> dict[int, State]:
+    steps, values = rollout_series(s.history, s.kinds, p.key)
+    return _onsets(steps, s.at, lambda end: _truncation_state(p, values, end), p.recent_points)
+
+
+def latest_forecast(history: History, p: CollapseParams) -> EntropyForecast | None:
+    """The entropy forecast at the run's latest rollout point (what the run page shows as its entropy
+    budget), or None before the run has `reference_points + trend_points` rollouts of entropy."""
+    kinds = StepKinds(history)
+    steps, values = rollout_series(history, kinds, p.key)
+    reference = reference_level(values, p.forecast)
+    if reference is None:
+        return None
+    return entropy_forecast(steps, values, len(steps), reference, p.forecast, history.series(COV_KEY))
