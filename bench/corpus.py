@@ -8,10 +8,16 @@ the records exactly as they would be streamed), one thread per run:
     python bench/corpus.py --out DIR --only lr_ramp low_temp --quick   # 1 seed, half-length runs
     python bench/corpus.py --out DIR --only unlearnable --seeds 0 1
 
+One run takes 10-35 s of one core (measured: `add_mhpo`, 128x2, 100 rollouts: 28 CPU seconds;
+`big_lr_ramp`, 192x3, 90 rollouts: 32), the whole corpus about 20 CPU-minutes: about 10
+minutes with `--jobs 2` on two free cores, more on a busy machine (the progress line gives
+each run's wall-clock and CPU seconds).
+
 A finished run's records file (`DIR/runs/<regime>-s<seed>-r<rollouts>-<hash of the flags>.jsonl`)
-is reused; a run is written to `.part` and renamed when it ends. `DIR/manifest.json` lists per
-run its regime, seed, split, the train command, the records file, rollouts, optimizer steps,
-seconds and labels. `load_corpus(DIR)` returns the runs with their records and labels
+is reused, whatever code made it (start a new DIR after changing the trainer); a run is
+written to `.part` and renamed when it ends. `DIR/manifest.json` lists per run its regime,
+seed, split, the train command, the records file, rollouts, optimizer steps, wall-clock and
+CPU seconds, the commit that trained it, and its labels. `load_corpus(DIR)` returns the runs with their records and labels
 (`bench/early_warning.py` scores the flags on them). The JSONL tasks are written into
 `DIR/data/`. The runs are deterministic on one machine, not across machines (CPU kernels
 differ): another machine gives other trajectories and so other labels.
@@ -397,6 +403,20 @@ def describe(labels: Labels, rollouts: Sequence[Rollout]) -> str:
     return ", ".join(parts) or "healthy"
 
 
+def code_version() -> str:
+    """The checkout's commit, `+dirty` when tracked files differ from it ("unknown" outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def manifest_entry(run: Planned, out: Path, trained: Trained) -> dict[str, Any]:
     records = read_records(trained.path)
     rollouts = rollouts_of(records)
@@ -433,6 +453,8 @@ def generate(
     old = {e["path"]: e for e in previous}
     entries: dict[tuple[str, int], dict[str, Any]] = {}
     failed = []
+    version = code_version()
+    cpu = 0.0  # CPU seconds of the runs trained now
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {pool.submit(train, run, out): run for run in runs}
@@ -445,8 +467,10 @@ def generate(
                 print(f"[{done}/{len(runs)}] {run.regime.name} s{run.seed}: FAILED {exc}", file=sys.stderr, flush=True)
                 continue
             entry = manifest_entry(run, out, trained)
-            if trained.seconds is None:  # reused: keep the times of the run that made it
-                for key in ("seconds", "cpu_seconds"):
+            entry["code"] = version
+            cpu += trained.cpu_seconds or 0.0
+            if trained.seconds is None:  # reused: keep the times and code version of the run that made it
+                for key in ("seconds", "cpu_seconds", "code"):
                     entry[key] = old.get(entry["path"], {}).get(key)
             entries[(run.regime.name, run.seed)] = entry
             took = (
@@ -466,7 +490,8 @@ def generate(
     tmp.rename(manifest_path)
     counts = Counter((e["split"], e["label"]) for e in all_entries)
     print(
-        f"{len(entries)} runs in {time.monotonic() - t0:.0f} s ({len(all_entries)} in {manifest_path}): "
+        f"{len(entries)} runs in {time.monotonic() - t0:.0f} s ({cpu:.0f} CPU seconds of the runs trained now); "
+        f"{len(all_entries)} in {manifest_path}: "
         + ", ".join(f"{split} {kind} {n}" for (split, kind), n in sorted(counts.items()))
     )
     if failed:

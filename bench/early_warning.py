@@ -25,7 +25,9 @@ Per split (`tune`, `held`), per row (the MHPO flags, each flag kind, each thresh
 - median lead: label step - the first qualifying alarm's step, over the runs flagged in
   time, in optimizer steps and in rollouts (> 0: before the label).
 A run labelled both collapse and stopped counts in both recalls; alarms in runs that are not
-healthy are never counted as false.
+healthy are never counted as false. A healthy run whose completions were mostly truncated
+(the informational truncation label) stays healthy: its flags count as false; the header
+says how many such runs there are.
 
 The threshold alarms a TRL/verl user sets (each crossing from the safe side counts once;
 every one of them is a false alarm on a healthy run): entropy under 50 % of its start (the
@@ -47,6 +49,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -100,10 +104,12 @@ def flag_alarms(run: CorpusRun, params: FlagParams) -> list[Alarm]:
 
 def threshold_alarms(run: CorpusRun) -> list[Alarm]:
     """Each threshold's crossings from the safe side, in step order (records lacking the key keep the state)."""
-    start = statistics.fmean(r.entropy for r in run.rollouts[:3] if r.entropy is not None)
+    early = [r.entropy for r in run.rollouts[:3] if r.entropy is not None]
     out = []
     for t in THRESHOLDS:
-        level = t.level * start if t.relative else t.level
+        if t.relative and not early:
+            continue
+        level = t.level * statistics.fmean(early) if t.relative else t.level
         unsafe = False
         for record in sorted(run.records, key=lambda r: r["step"]):
             value = record["scalars"].get(t.key)
@@ -338,15 +344,17 @@ def report(judged: Sequence[Judged], splits: Sequence[str], verbose: bool = Fals
         both = sum(1 for j in part if j.run.labels.collapse is not None and j.run.labels.stopped is not None)
         scores = [(row, score(row, part)) for row in rows]
         healthy_steps = scores[0][1].healthy_steps
+        truncated = sum(1 for j in part if j.run.labels.kind == "healthy" and j.run.labels.truncation is not None)
         print(
-            f"\n## {split}: {len(part)} runs: {labels['healthy']} healthy ({healthy_steps:,} optimizer steps), "
-            f"{sum(1 for j in part if j.run.labels.collapse is not None)} collapse, "
+            f"\n## {split}: {len(part)} runs: {labels['healthy']} healthy ({healthy_steps:,} optimizer steps; "
+            f"{truncated} of them truncated), {sum(1 for j in part if j.run.labels.collapse is not None)} collapse, "
             f"{sum(1 for j in part if j.run.labels.stopped is not None)} stopped ({both} both)\n"
         )
         print(table(scores))
         figures[split] = {
             "runs": len(part),
             "labels": dict(labels),
+            "healthy_truncated": truncated,
             "rows": {row.name.strip(): s.figures() for row, s in scores},
         }
     if verbose:
@@ -359,7 +367,11 @@ def report(judged: Sequence[Judged], splits: Sequence[str], verbose: bool = Fals
             "split": j.run.split,
             "optimizer_steps": len(j.run.records),
             "label": j.run.labels.kind,
-            "labels": {"collapse": j.run.labels.collapse, "stopped": j.run.labels.stopped},
+            "labels": {
+                "collapse": j.run.labels.collapse,
+                "stopped": j.run.labels.stopped,
+                "truncation": j.run.labels.truncation,
+            },
             "alarms": [{"step": a.step, "source": a.source, "family": a.family} for a in j.alarms],
         }
         for j in judged
@@ -382,7 +394,10 @@ def main() -> None:
     if not (args.corpus / "manifest.json").exists():
         generate(args.corpus, jobs=args.jobs)
     overrides = json.loads(args.params.read_text()) if args.params else None
-    params = FlagParams().merged(overrides)
+    try:
+        params = FlagParams().merged(overrides)
+    except ValidationError as exc:
+        raise SystemExit(f"--params {args.params}: not valid FlagParams overrides; fix these fields:\n{exc}") from exc
     splits = ("tune", "held") if args.split == "all" else (args.split,)
     t0 = time.monotonic()
     runs = load_corpus(args.corpus, splits)

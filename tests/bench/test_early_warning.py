@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.corpus import BY_NAME, REGIMES, CorpusRun, Labels, label, plan, rollouts_of, split_of
+from bench.corpus import BY_NAME, REGIMES, CorpusRun, Labels, label, load_corpus, plan, rollouts_of, split_of
 from bench.early_warning import (
     FLAG,
     THRESHOLD,
@@ -135,6 +136,28 @@ def test_the_split_is_fixed_by_regime_and_seed():
         ("lr_ramp", 0, BY_NAME["lr_ramp"].rollouts // 2),
         ("unlearnable", 0, BY_NAME["unlearnable"].rollouts // 2),
     ]
+
+
+def test_load_corpus_reads_the_manifest_s_runs_of_the_splits_asked(tmp_path: Path):
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    entries = []
+    for name, split, entropy in (("a", "tune", [1.0] * 3 + [0.1] * 5), ("b", "held", [1.0] * 8)):
+        lines = [json.dumps({**r, "time": 0.0, "histograms": {"psi": {}}}) for r in make_records(entropy)]
+        (runs_dir / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        entries.append(
+            {"regime": name, "seed": 1, "split": split, "command": ["mhpo", "train"], "path": f"runs/{name}.jsonl"}
+        )
+    (tmp_path / "manifest.json").write_text(json.dumps({"runs": entries}))
+    tune = load_corpus(tmp_path, ["tune"])
+    assert [(r.name, r.labels.kind, r.labels.collapse) for r in tune] == [("a s1", "collapse", 3)]
+    assert set(tune[0].records[0]) == {"step", "scalars"}
+    assert [r.name for r in load_corpus(tmp_path)] == ["a s1", "b s1"]
+    with pytest.raises(FileNotFoundError, match=r"bench/corpus\.py --out"):
+        load_corpus(tmp_path / "missing")
+    command = plan(["mul_cispo"], [2], quick=False)[0].command(tmp_path / "data", tmp_path / "m.jsonl")
+    assert command[command.index("--data") + 1] == str(tmp_path / "data" / "multiply.jsonl")
+    assert command[command.index("--seed") + 1] == "2"
 
 
 # ---- report arithmetic --------------------------------------------------------------------
