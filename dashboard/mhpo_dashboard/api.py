@@ -220,6 +220,14 @@ class ApiClient:
         body = self._request("GET", f"/api/v1/runs/{run_id}/events", params={"after": cursor or ""})
         return {"events": body["events"], "cursor": body.get("cursor"), "reset": bool(body.get("reset"))}
 
+    def forecast(self, run_id: str) -> dict[str, Any]:
+        """The entropy forecast at the run's latest rollout (`steps_left`, `fraction`, ...; `reason` when none)."""
+        return self._request("GET", f"/api/v1/runs/{run_id}/forecast")
+
+    def flag_kinds(self) -> list[str]:
+        """The kinds a flag may have, as the server's detectors name them."""
+        return self._request("GET", "/api/v1/flag-kinds", missing_is_unavailable=True)["kinds"]
+
     # alerts (absent on older servers) --------------------------------------------------------
     def alert_rules(self) -> list[dict[str, Any]]:
         body = self._request("GET", "/api/v1/alert-rules", missing_is_unavailable=True)

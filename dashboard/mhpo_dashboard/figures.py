@@ -9,7 +9,10 @@ Conventions shared by every time-series chart:
 
 * x is the optimizer step; flags and fired alerts are vertical lines (colour = severity)
   plus hoverable, clickable markers, and the selected step is the first layout shape
-  (`SELECTION_SHAPE`) so a callback can move it with one `Patch` assignment.
+  (`SELECTION_SHAPE`) so a callback can move it with one `Patch` assignment. Warnings and
+  criticals are alarms (solid lines, crosses); informational flags are not: faint dotted grey
+  lines and small open circles in a legend group of their own ("info flags"), which a click
+  on the legend hides.
 * Downsampled series (the server keeps min and max per bucket) draw the min..max band
   under the line, so a one-step spike stays visible however long the run.
 * The log-ratio heat-map colours the *fraction* of a step's tokens in each bin on a log10
@@ -53,7 +56,11 @@ PALETTE = [
     "#393b79",
     "#ad494a",
 ]
-SEVERITY_COLOURS = {"info": "#1f77b4", "warning": "#ff7f0e", "critical": "#d62728"}
+SEVERITY_COLOURS = {"info": "#8c96a8", "warning": "#ff7f0e", "critical": "#d62728"}
+# How the pages name a severity: an informational flag says outright that it is not an alarm.
+SEVERITY_WORDS = {"info": "info (not an alarm)", "warning": "WARNING", "critical": "CRITICAL"}
+ALARM_MARKER = {"symbol": "x", "size": 11}
+INFO_MARKER = {"symbol": "circle-open", "size": 6, "color": SEVERITY_COLOURS["info"]}
 SELECTION_SHAPE = 0
 HEATMAP_LOG_FLOOR = -5.0
 
@@ -167,6 +174,7 @@ __all__ = [
     "condition_text",
     "config_diff",
     "empty_figure",
+    "entropy_budget_text",
     "event_label",
     "event_markers",
     "event_shapes",
@@ -175,10 +183,12 @@ __all__ = [
     "flatten_config",
     "heatmap_columns",
     "heatmap_figure",
+    "is_alarm",
     "is_live",
     "key_groups",
     "loss_hparams",
     "markdown_text",
+    "marker_extension",
     "nan_shapes",
     "occupied_bins",
     "occupied_range",
@@ -193,6 +203,7 @@ __all__ = [
     "run_label",
     "run_rows",
     "series_extension",
+    "severity_text",
     "step_histogram_figure",
     "timeseries_figure",
     "wasserstein_by_step",
@@ -244,8 +255,22 @@ def _selection_shape(step: int | None) -> dict[str, Any]:
     }
 
 
+def is_alarm(event: Mapping[str, Any]) -> bool:
+    """Whether a flag or alert is drawn as an alarm: every severity but "info" (none given counts as a warning)."""
+    return event.get("severity", "warning") != "info"
+
+
+def severity_text(severity: Any) -> str:
+    """A severity in the pages' words (`SEVERITY_WORDS`); an unknown one as it is."""
+    return SEVERITY_WORDS.get(str(severity), str(severity))
+
+
+def severity_colour(event: Mapping[str, Any]) -> str:
+    return SEVERITY_COLOURS.get(event.get("severity", "warning"), SEVERITY_COLOURS["warning"])
+
+
 def event_shapes(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One vertical line per flag/alert, coloured by severity."""
+    """One vertical line per flag/alert: an alarm's solid in its severity's colour, an informational one faint and dotted."""
     return [
         {
             "type": "line",
@@ -255,8 +280,8 @@ def event_shapes(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "x1": e["step"],
             "y0": 0,
             "y1": 1,
-            "opacity": 0.5,
-            "line": {"color": SEVERITY_COLOURS.get(e.get("severity", "warning"), "#ff7f0e"), "width": 1},
+            "opacity": 0.5 if is_alarm(e) else 0.35,
+            "line": {"color": severity_colour(e), "width": 1, "dash": "solid" if is_alarm(e) else "dot"},
         }
         for e in events
         if e.get("step") is not None
@@ -265,7 +290,30 @@ def event_shapes(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def event_label(event: Mapping[str, Any]) -> str:
     kind = event.get("kind") or event.get("rule_name") or event.get("type", "event")
-    return f"{event.get('type', 'flag')} {kind} ({event.get('severity', '?')}) @ {event['step']}: {event.get('message', '')}"
+    severity = severity_text(event.get("severity", "?"))
+    return f"{event.get('type', 'flag')} {kind} ({severity}) @ {event['step']}: {event.get('message', '')}"
+
+
+def entropy_budget_text(forecast: Mapping[str, Any] | None) -> str:
+    """The run page's line from `GET /api/v1/runs/{id}/forecast`: "entropy budget: about N steps", the
+    entropy's level as a share of its early reference, or why there is no number ("" without an answer)."""
+    if not forecast:
+        return ""
+    if forecast.get("step") is None:
+        return f"entropy budget: {forecast.get('reason') or 'not enough rollouts yet'}"
+    fraction = forecast.get("fraction")
+    level = f"entropy at {fraction:.0%} of its early level" if isinstance(fraction, (int, float)) else ""
+    left = forecast.get("steps_left")
+    if left is None:
+        return f"entropy budget: entropy not falling ({level})" if level else "entropy budget: entropy not falling"
+    floor = forecast.get("floor") or 0.25
+    if left == 0:
+        return f"entropy budget: spent, the entropy is under {floor:.0%} of its early level ({level})"
+    steady = ", falling steadily" if forecast.get("confident") else ""
+    return (
+        f"entropy budget: about {left} steps until it falls under {floor:.0%} of its early level "
+        f"(step {forecast.get('crossing_step')}; {level}{steady})"
+    )
 
 
 def empty_figure(message: str, height: int = 220) -> Figure:
@@ -417,7 +465,8 @@ def timeseries_figure(
     """Stacked rows sharing one step axis; returns the figure and {key: [line, band-lo, band-hi]} trace indices.
 
     Each row has its own title (its legend group) and y-axis label with the unit; colours
-    differ across the whole chart. `"__events__"` maps to the flag-marker trace of each row.
+    differ across the whole chart. `"__events__"` maps to the alarm markers' trace of each row (warnings and
+    criticals: crosses in the severity's colour), `"__info__"` to the informational flags' (small open circles).
     The trace map lets the live callback append new points to the right traces with a Patch.
     """
     if not rows:
@@ -492,23 +541,14 @@ def timeseries_figure(
                 trace["legendgrouptitle"] = {"text": plain(row_title), "font": {"size": 11}}
             data.append(trace)
             trace_map[key] = [len(data) - 1, *band]
-    trace_map["__events__"] = []
-    for r, (steps, ys, texts) in enumerate(event_markers(rows, series, events)):
-        data.append(
-            {
-                "type": "scatter",
-                "x": steps,
-                "y": ys,
-                "yaxis": "y" if r == 0 else f"y{r + 1}",
-                "mode": "markers",
-                "name": "flags",
-                "legendgroup": "flags",
-                "showlegend": r == 0,
-                "marker": {"symbol": "x", "size": 11, "color": "#d62728"},
-                "hovertext": texts,
-                "hoverinfo": "text",
-            }
-        )
+    trace_map["__info__"], trace_map["__events__"] = [], []
+    infos = [e for e in events if not is_alarm(e)]
+    for r, (steps, ys, texts, _) in enumerate(event_markers(rows, series, infos)):
+        data.append(_marker_trace(r, steps, ys, texts, "info flags", "info", INFO_MARKER))
+        trace_map["__info__"].append(len(data) - 1)
+    alarms = [e for e in events if is_alarm(e)]
+    for r, (steps, ys, texts, colours) in enumerate(event_markers(rows, series, alarms)):
+        data.append(_marker_trace(r, steps, ys, texts, "flags", "flags", {**ALARM_MARKER, "color": colours}))
         trace_map["__events__"].append(len(data) - 1)
     layout.update(
         {
@@ -523,6 +563,25 @@ def timeseries_figure(
         }
     )
     return {"data": data, "layout": layout}, trace_map
+
+
+def _marker_trace(
+    row: int, steps: list[int], ys: list[float], texts: list[str], name: str, group: str, marker: dict[str, Any]
+) -> dict[str, Any]:
+    """The flag markers of one row; one legend entry per group (its first row's) shows or hides them all."""
+    return {
+        "type": "scatter",
+        "x": steps,
+        "y": ys,
+        "yaxis": "y" if row == 0 else f"y{row + 1}",
+        "mode": "markers",
+        "name": name,
+        "legendgroup": group,
+        "showlegend": row == 0,
+        "marker": marker,
+        "hovertext": texts,
+        "hoverinfo": "text",
+    }
 
 
 def run_facts(run: Mapping[str, Any]) -> str:
@@ -567,11 +626,11 @@ def _value_at(s: Mapping[str, list] | None, step: int) -> float | None:
 
 def event_markers(
     rows: Sequence[Sequence[str]], series: Mapping[str, Mapping[str, list]], events: Sequence[Mapping[str, Any]]
-) -> list[tuple[list[int], list[float], list[str]]]:
+) -> list[tuple[list[int], list[float], list[str], list[str]]]:
     """Per row: flag markers on the flagged key at its value (on the first key of the first row when the
-    evidence names no key). A flag about a key this chart does not draw, or with no finite value
-    there, keeps only its vertical line."""
-    out: list[tuple[list[int], list[float], list[str]]] = [([], [], []) for _ in rows]
+    evidence names no key), as (steps, values, hover texts, severity colours). A flag about a key this
+    chart does not draw, or with no finite value there, keeps only its vertical line."""
+    out: list[tuple[list[int], list[float], list[str], list[str]]] = [([], [], [], []) for _ in rows]
     where = {k: r for r, keys in enumerate(rows) for k in keys}
     for e in events:
         if e.get("step") is None or not rows:
@@ -585,10 +644,11 @@ def event_markers(
             y = float(evidence_value)
         if y is None:
             continue
-        steps, ys, texts = out[where[key]]
+        steps, ys, texts, colours = out[where[key]]
         steps.append(e["step"])
         ys.append(y)
         texts.append(f"{plain(event_label(e))}<br>{plain(key)} = {y:.6g}")
+        colours.append(severity_colour(e))
     return out
 
 
@@ -634,12 +694,33 @@ def series_extension(
     out: dict[int, tuple[list[int], list[float | None]]] = {}
     for key, indices in trace_map.items():
         s = series.get(key)
-        if key == "__events__" or not s or not s["step"]:
+        if key in ("__events__", "__info__") or not s or not s["step"]:
             continue
         out[indices[0]] = (list(s["step"]), _finite_or_none(s["value"]))
         if len(indices) == 3:
             out[indices[1]] = (list(s["step"]), _finite_or_none(s.get("min", s["value"])))
             out[indices[2]] = (list(s["step"]), _finite_or_none(s.get("max", s["value"])))
+    return out
+
+
+def marker_extension(
+    trace_map: Mapping[str, list[int]],
+    rows: Sequence[Sequence[str]],
+    series: Mapping[str, Mapping[str, list]],
+    new_events: Sequence[Mapping[str, Any]],
+) -> dict[int, tuple[list[int], list[float], list[str], list[str] | None]]:
+    """{trace index: (steps, values, hover texts, colours or None)}: the flag markers `new_events` add to a
+    chart `timeseries_figure` drew, each on its row's alarm or informational trace (the alarms' colours
+    extend their per-point list). A chart drawn without those traces gets none."""
+    out: dict[int, tuple[list[int], list[float], list[str], list[str] | None]] = {}
+    for name, alarm in (("__events__", True), ("__info__", False)):
+        indices = trace_map.get(name) or []
+        if len(indices) != len(rows):
+            continue
+        chosen = [e for e in new_events if is_alarm(e) == alarm]
+        for index, (steps, ys, texts, colours) in zip(indices, event_markers(rows, series, chosen), strict=True):
+            if steps:
+                out[index] = (steps, ys, texts, colours if alarm else None)
     return out
 
 
@@ -981,7 +1062,7 @@ def rule_rows(rules: list[dict[str, Any]], names: dict[str, str]) -> list[dict[s
             "project": r.get("project"),
             "run": _run_link(r.get("run_id"), names),
             "condition": condition_text(r.get("condition")),
-            "severity": r.get("severity"),
+            "severity": severity_text(r.get("severity")),
             "cooldown": f"{r.get('cooldown_s') or 0:g} s",
             "channels": ", ".join(r.get("channels") or []),
             "enabled": "yes" if r.get("enabled") else "no",
@@ -998,7 +1079,7 @@ def alert_rows(alerts: list[dict[str, Any]], names: dict[str, str]) -> list[dict
             "rule_name": a.get("rule_name"),
             "run": _run_link(a.get("run_id"), names),
             "step": a.get("step"),
-            "severity": a.get("severity"),
+            "severity": severity_text(a.get("severity")),
             "message": a.get("message"),
             "acknowledged": when(a.get("acknowledged_at")) or "no",
             "delivery_status": a.get("delivery_status"),

@@ -98,7 +98,7 @@ def test_extending_a_panel_equals_building_it_from_all_points(downsampled: bool)
         grown["data"][index]["x"] += xs
         grown["data"][index]["y"] += ys
     assert grown == expected
-    assert len(trace_map) == len(keys) + 1 and all(len(trace_map[k]) == (3 if downsampled else 1) for k in keys)
+    assert len(trace_map) == len(keys) + 2 and all(len(trace_map[k]) == (3 if downsampled else 1) for k in keys)
 
 
 def test_timeseries_figure_marks_flags_and_keeps_nan_as_gaps() -> None:

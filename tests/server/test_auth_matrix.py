@@ -94,6 +94,8 @@ OPERATIONS: dict[tuple[str, str], tuple[str, Request]] = {
     ),
     ("GET", "/api/v1/runs/{run_id}/outliers"): (READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}/outliers", {})),
     ("GET", "/api/v1/runs/{run_id}/events"): (READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}/events", {})),
+    ("GET", "/api/v1/runs/{run_id}/forecast"): (READ, lambda w: ("GET", f"/api/v1/runs/{w.run_id}/forecast", {})),
+    ("GET", "/api/v1/flag-kinds"): (LIST, lambda w: ("GET", "/api/v1/flag-kinds", {})),  # any valid token
     ("POST", "/api/v1/alert-rules"): (WRITE, lambda w: ("POST", "/api/v1/alert-rules", {"json": RULE})),
     ("GET", "/api/v1/alert-rules"): (READ, lambda w: ("GET", "/api/v1/alert-rules", {"params": {"project": "A"}})),
     ("GET", "/api/v1/alert-rules/{rule_id}"): (READ, lambda w: ("GET", f"/api/v1/alert-rules/{w.rule_id}", {})),

@@ -3,10 +3,11 @@
 The form mirrors the alert API's rule (`POST /api/v1/alert-rules`): a name, a project, an
 optional run, one condition (`threshold` on a scalar for N steps in a row, robust `spike`
 of a scalar, or a `flag` of a kind at a severity), severity, cooldown and delivery
-channels. Only the fields of the chosen condition type are shown. The server validates;
-its 4xx message (which names the field) is shown as is. The tables say conditions in words,
-times in UTC and link runs by name. A server without the alert routes (404) gets a notice
-instead of the page.
+channels. Only the fields of the chosen condition type are shown; the flag kinds are the
+server's (`GET /api/v1/flag-kinds`). The server validates; its 4xx message (which names the
+field) is shown as is. The tables say conditions and severities in words ("info (not an
+alarm)", "WARNING", "CRITICAL", coloured as the charts colour flags), times in UTC and link
+runs by name. A server without the alert routes (404) gets a notice instead of the page.
 """
 
 from __future__ import annotations
@@ -18,24 +19,21 @@ from dash import Input, Output, State, callback, ctx, dash_table, dcc, html, no_
 
 from mhpo_dashboard.api import ApiClient, ApiError, NotAvailable
 from mhpo_dashboard.app import api
-from mhpo_dashboard.figures import alert_rows, rule_rows
+from mhpo_dashboard.figures import SEVERITY_COLOURS, alert_rows, rule_rows, severity_text
 
 dash.register_page(__name__, path="/alerts", title="Alerts · MHPO Monitor", name="Alerts", order=2)
 
-FLAG_KINDS = [
-    "*",
-    "collapse",
-    "erosion",
-    "entropy_surge",
-    "trust_region",
-    "mismatch",
-    "hazard_spike",
-    "grad_spike",
-    "kl_spike",
-    "non_finite",
-    "on_policy",
-]
+ANY_KIND = "*"
 SEVERITIES = ["info", "warning", "critical"]
+SEVERITY_OPTIONS = [{"label": severity_text(s), "value": s} for s in SEVERITIES]
+# The severity column of both tables, coloured as the charts colour flags.
+SEVERITY_STYLES = [
+    {"if": {"filter_query": f'{{severity}} = "{severity_text(s)}"', "column_id": "severity"}, "color": colour}
+    for s, colour in SEVERITY_COLOURS.items()
+] + [
+    {"if": {"filter_query": f'{{severity}} = "{severity_text(s)}"', "column_id": "severity"}, "fontWeight": "bold"}
+    for s in ("warning", "critical")
+]
 RULE_COLUMNS = [
     ("name", "name"),
     ("project", "project"),
@@ -147,7 +145,7 @@ def _field(label: str, component: Any) -> html.Label:
     return html.Label([html.Span(label), component], className="field")
 
 
-def _form(projects: list[str], keys: list[str]) -> html.Div:
+def _form(projects: list[str], keys: list[str], kinds: list[str]) -> html.Div:
     d = DEFAULTS
     return html.Div(
         [
@@ -204,12 +202,12 @@ def _form(projects: list[str], keys: list[str]) -> html.Div:
                 [
                     _field(
                         "flag kind (* = any)",
-                        dcc.Dropdown(id="rule-kind", options=FLAG_KINDS, value=d["kind"], clearable=False),
+                        dcc.Dropdown(id="rule-kind", options=[ANY_KIND, *kinds], value=d["kind"], clearable=False),
                     ),
                     _field(
                         "flag min severity",
                         dcc.Dropdown(
-                            id="rule-min_severity", options=SEVERITIES, value=d["min_severity"], clearable=False
+                            id="rule-min_severity", options=SEVERITY_OPTIONS, value=d["min_severity"], clearable=False
                         ),
                     ),
                 ],
@@ -219,7 +217,7 @@ def _form(projects: list[str], keys: list[str]) -> html.Div:
             ),
             _field(
                 "alert severity",
-                dcc.Dropdown(id="rule-severity", options=SEVERITIES, value=d["severity"], clearable=False),
+                dcc.Dropdown(id="rule-severity", options=SEVERITY_OPTIONS, value=d["severity"], clearable=False),
             ),
             _field("cooldown (s)", dcc.Input(id="rule-cooldown_s", type="number", min=0, value=d["cooldown_s"])),
             _field(
@@ -274,6 +272,14 @@ TABLE_STYLE: dict[str, Any] = {
 }
 
 
+def _flag_kinds(client: ApiClient) -> list[str]:
+    """The server's flag kinds; none from a server that does not list them (the form then offers "*" only)."""
+    try:
+        return client.flag_kinds()
+    except NotAvailable:
+        return []
+
+
 def _load(client: ApiClient) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return client.alert_rules(), client.alerts()
 
@@ -283,6 +289,7 @@ def layout(**_: Any) -> Any:
     try:
         rules, alerts = _load(client)
         runs = client.runs()
+        kinds = _flag_kinds(client)
     except NotAvailable:
         return html.Div(
             [
@@ -312,10 +319,11 @@ def layout(**_: Any) -> Any:
                 row_selectable="single",
                 selected_rows=[],
                 page_size=20,
+                style_data_conditional=SEVERITY_STYLES,
                 **TABLE_STYLE,
             ),
             html.H3("Rule (select a rule above to edit it)"),
-            _form(projects, keys),
+            _form(projects, keys, kinds),
             html.Div(
                 [
                     html.Button("create rule", id="alerts-create", n_clicks=0),
@@ -335,7 +343,10 @@ def layout(**_: Any) -> Any:
                 row_selectable="multi",
                 selected_rows=[],
                 page_size=20,
-                style_data_conditional=[{"if": {"filter_query": '{acknowledged} = "no"'}, "fontWeight": "bold"}],
+                style_data_conditional=[
+                    {"if": {"filter_query": '{acknowledged} = "no"'}, "fontWeight": "bold"},
+                    *SEVERITY_STYLES,
+                ],
                 **TABLE_STYLE,
             ),
             html.Button("acknowledge selected", id="alerts-ack", n_clicks=0),

@@ -149,7 +149,9 @@ def _event_items(run: dict[str, Any], events: list[dict[str, Any]]) -> list[Any]
         html.Li(
             [
                 html.Strong(f"{label} · step {e.get('step')} · {e.get('type', 'flag')} "),
-                html.Span(f"{e.get('rule_name') or e.get('kind') or ''} ({e.get('severity', '')}): "),
+                html.Span(
+                    f"{e.get('rule_name') or e.get('kind') or ''} ({figures.severity_text(e.get('severity', ''))}): "
+                ),
                 html.Span(str(e.get("message", ""))),
             ],
             className=f"compare-event severity-{e.get('severity', 'warning')}",

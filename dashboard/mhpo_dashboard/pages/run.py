@@ -9,6 +9,10 @@ the outlier tokens and the dotted marker drawn on every chart. When the run's hi
 rewound (`last_step` moved back) the charts are rebuilt from the server. Rewinds and forks
 are listed under "History", and a fork links its parent.
 
+Under the title, the entropy budget: how many optimizer steps until the policy entropy would fall
+under a quarter of its early level at its present trend (`GET /api/v1/runs/{id}/forecast`, read
+once when the page loads and once per refresh that brought new steps).
+
 A run that logs sampler-vs-trainer statistics (`mismatch/*`) also gets the "Sampler vs trainer"
 panel (gap, IS ratio band, ESS, divergences; live like the others) and, when it logs the
 `mismatch` histogram, its step x bin heat-map (drawn when the page loads).
@@ -163,15 +167,18 @@ def _appended(shown: int, items: list[Any], whole: list[Any]) -> Any:
 
 
 def _flag_items(events: list[dict[str, Any]]) -> list[Any]:
+    """One line per flag or alert, its severity in words (an informational flag says it is not an alarm);
+    the message is the server's."""
     events = [e for e in events if e.get("type") not in HISTORY_TYPES]
     items = []
     for e in sorted(events, key=lambda e: (e.get("step") or 0, str(e.get("id")))):
         kind = e.get("rule_name") if e.get("type") == "alert" else e.get("kind")
+        severity = figures.severity_text(e.get("severity", ""))
         items.append(
             html.Li(
                 [
                     html.Button(
-                        f"step {e.get('step')} · {e.get('type', 'flag')} {kind or ''} · {e.get('severity', '')}",
+                        f"step {e.get('step')} · {e.get('type', 'flag')} {kind or ''} · {severity}",
                         id={"type": "flag-item", "key": _event_id(e), "step": e.get("step") or 0},
                         className=f"flag-button severity-{e.get('severity', 'warning')}",
                         n_clicks=0,
@@ -183,10 +190,18 @@ def _flag_items(events: list[dict[str, Any]]) -> list[Any]:
                         [html.Summary("evidence"), html.Pre(json.dumps(e.get("evidence"), indent=1, default=str))]
                     ),
                 ],
-                className="flag",
+                className=f"flag severity-{e.get('severity', 'warning')}",
             )
         )
     return items
+
+
+def _forecast(client: ApiClient, run_id: str) -> dict[str, Any] | None:
+    """The run's entropy forecast; None when the server gives none (an older server, a failed read)."""
+    try:
+        return client.forecast(run_id)
+    except ApiError:
+        return None
 
 
 def _summary(run: dict[str, Any]) -> list[Any]:
@@ -253,8 +268,11 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
         return html.P("no run id in the address; pick a run on the runs page")
     client = api()
     try:
-        run, keys, answer = parallel(
-            lambda: client.run(run_id), lambda: client.keys(run_id), lambda: client.events_after(run_id, "")
+        run, keys, answer, forecast = parallel(
+            lambda: client.run(run_id),
+            lambda: client.keys(run_id),
+            lambda: client.events_after(run_id, ""),
+            lambda: _forecast(client, run_id),
         )
     except ApiError as exc:
         return html.Div([html.H2("Run not available"), html.P(str(exc), className="error")])
@@ -268,6 +286,7 @@ def layout(run_id: str | None = None, **_: Any) -> Any:
     return html.Div(
         [
             html.Div(_summary(run), id="run-summary", className="summary"),
+            html.P(figures.entropy_budget_text(forecast), id="run-entropy-budget", className="entropy-budget"),
             html.Div(
                 [
                     html.Button("follow latest step", id="run-follow-button", n_clicks=0),
@@ -603,16 +622,15 @@ def _events_patch(
     rows: list[list[str]],
     series: dict[str, Any],
 ) -> None:
-    """Flag lines for new events, and markers on the flagged curves (placed as in the full figure)."""
+    """Flag lines for new events, and markers on the flagged curves (placed as in the full figure: alarms
+    and informational flags each on their own traces)."""
     patch["layout"]["shapes"].extend(figures.event_shapes(new_events))
-    indices = trace_map.get("__events__") or []
-    if len(indices) != len(rows):
-        return
-    for index, (steps, ys, texts) in zip(indices, figures.event_markers(rows, series, new_events), strict=True):
-        if steps:
-            patch["data"][index]["x"].extend(steps)
-            patch["data"][index]["y"].extend(ys)
-            patch["data"][index]["hovertext"].extend(texts)
+    for index, (steps, ys, texts, colours) in figures.marker_extension(trace_map, rows, series, new_events).items():
+        patch["data"][index]["x"].extend(steps)
+        patch["data"][index]["y"].extend(ys)
+        patch["data"][index]["hovertext"].extend(texts)
+        if colours is not None:
+            patch["data"][index]["marker"]["color"].extend(colours)
 
 
 @callback(
@@ -622,29 +640,34 @@ def _events_patch(
     Output("run-history", "children"),
     Output("run-summary", "children"),
     Output("run-selected", "data", allow_duplicate=True),
+    Output("run-entropy-budget", "children"),
     Input("run-live", "n_intervals"),
     State("run-state", "data"),
     State("run-selected", "data"),
     prevent_initial_call=True,
 )
 def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[Any, ...]:
-    """Append what arrived since `state["last_step"]` and the events newer than `state["event_cursor"]`;
-    nothing is sent back when nothing changed, and a rewind redraws everything."""
+    """Append what arrived since `state["last_step"]` and the events newer than `state["event_cursor"]`, and
+    read the entropy budget again; nothing is sent back when nothing changed, and a rewind redraws everything."""
     names = _graph_names()
     client = api()
     run_id = state["run_id"]
     try:
         run = client.run(run_id)
     except ApiError:
-        return [no_update] * len(names), no_update, no_update, no_update, no_update, no_update
+        return [no_update] * len(names), no_update, no_update, no_update, no_update, no_update, no_update
     last, new_last = state.get("last_step"), run.get("last_step")
     if last is not None and (new_last is None or new_last < last):  # rewound: redraw from the server
         return _redraw(client, run, state, names, client.events_after(run_id, ""))
     if new_last is None or (last is not None and new_last <= last):
-        return [no_update] * len(names), no_update, no_update, no_update, _summary(run), no_update
+        return [no_update] * len(names), no_update, no_update, no_update, _summary(run), no_update, no_update
     start = None if last is None else last + 1
     policy = state.get("policy", "off")
-    keys, answer = parallel(lambda: client.keys(run_id), lambda: client.events_after(run_id, state.get("event_cursor")))
+    keys, answer, forecast = parallel(
+        lambda: client.keys(run_id),
+        lambda: client.events_after(run_id, state.get("event_cursor")),
+        lambda: _forecast(client, run_id),
+    )
     if answer["reset"]:  # rewound, then logged past the old last step
         return _redraw(client, run, state, names, answer)
     new_events = _unseen(answer["events"], state["event_ids"])
@@ -694,14 +717,14 @@ def refresh(_: int, state: dict[str, Any], selected: dict[str, Any]) -> tuple[An
     state["event_ids"] = state["event_ids"] + [_event_id(e) for e in new_events]
     state["event_cursor"] = answer["cursor"]
     follow = selected if not selected.get("follow") else {"step": new_last, "follow": True}
-    return out, state, flag_update, history_update, _summary(run), follow
+    return out, state, flag_update, history_update, _summary(run), follow, figures.entropy_budget_text(forecast)
 
 
 def _redraw(
     client: ApiClient, run: dict[str, Any], state: dict[str, Any], names: list[str], answer: dict[str, Any]
 ) -> tuple[Any, ...]:
     """Every chart and list drawn again from the server (after a rewind), following the latest step."""
-    keys = client.keys(run["run_id"])
+    keys, forecast = parallel(lambda: client.keys(run["run_id"]), lambda: _forecast(client, run["run_id"]))
     events, new_last = answer["events"], run.get("last_step")
     figs, new_state = _charts(client, run, keys, events, new_last, state.get("policy", "off"))[:2]
     new_state["event_cursor"] = answer["cursor"]
@@ -712,6 +735,7 @@ def _redraw(
         _history_list(events),
         _summary(run),
         {"step": new_last, "follow": True},
+        figures.entropy_budget_text(forecast),
     )
 
 

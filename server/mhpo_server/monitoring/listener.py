@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -168,6 +168,18 @@ def _with_heads(series: dict[str, Points], heads: dict[str, Points]) -> dict[str
     return out
 
 
+def stored_history(
+    store: Store, run_id: str, params: FlagParams, keys: Iterable[str], first: int, last: int, depth: int
+) -> History:
+    """The detectors' view of a run's stored steps [first, last], read cold: per key its `depth` points before
+    `first` and its points in the range, after the first points of `params`' head keys (the early reference)."""
+    wanted = sorted(set(keys))
+    rows, _ = store.scalar_windows(run_id, wanted, first, last, depth)
+    series = _from_rows(rows)
+    heads = _from_rows(store.scalar_heads(run_id, sorted(params.head_keys()), params.head_points()))
+    return History.from_arrays(_with_heads({key: series.get(key, EMPTY) for key in wanted}, heads))
+
+
 @dataclass
 class Evaluation:
     """What judging some steps of a run produced, before it is stored: flags and alerts that fired."""
@@ -266,10 +278,7 @@ class IngestMonitor:
         keys = params.keys() | {r.condition.key for r in rules if not isinstance(r.condition, FlagCondition)}
         keys |= set(store.scalar_keys_between(run_id, steps[0], steps[-1]))
         depth = max([params.history_steps(), *(alert_rules.history_points(r) for r in rules)])
-        rows, _ = store.scalar_windows(run_id, sorted(keys), steps[0], steps[-1], depth)
-        series = _from_rows(rows)
-        heads = _from_rows(store.scalar_heads(run_id, sorted(params.head_keys()), params.head_points()))
-        history = History.from_arrays(_with_heads({key: series.get(key, EMPTY) for key in keys}, heads))
+        history = stored_history(store, run_id, params, keys, steps[0], steps[-1], depth)
         refractory = refractory_state(store.last_flag_steps(run_id, refractory_kinds(params), steps[0]))
         return self._judge(project, run_id, params, rules, history, list(steps), refractory)
 

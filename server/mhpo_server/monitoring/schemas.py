@@ -1,4 +1,5 @@
-"""Pydantic models of the alert API (`/api/v1/alert-rules`, `/api/v1/alerts`).
+"""Pydantic models of the alert API (`/api/v1/alert-rules`, `/api/v1/alerts`), the flag kinds and a run's
+entropy forecast (`/api/v1/flag-kinds`, `/api/v1/runs/{run_id}/forecast`).
 
 A rule watches one condition in a project (every run) or in one run:
 - `threshold`: a scalar compared with a value for `for_steps` logged steps in a row;
@@ -13,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
+from pydantic import AfterValidator, AnyHttpUrl, BaseModel, Field, WithJsonSchema, model_validator
 
+from mhpo_server.monitoring.detectors import KINDS
 from mhpo_server.schemas import KEY_PATTERN, InputModel, Integral, Key, Name, Severity
 
 Channel = Literal["dashboard", "webhook"]
@@ -51,21 +53,25 @@ class SpikeCondition(_In):
     min_baseline: Annotated[int, Field(ge=3, le=10_000), Integral] = 20
 
 
+ANY_KIND = "*"
+CONDITION_KINDS = (*KINDS, ANY_KIND)
+
+
+def _known_kind(kind: str) -> str:
+    if kind not in CONDITION_KINDS:
+        raise ValueError(f"kind {kind!r} is not a flag kind: give one of {', '.join(KINDS)}, or '*' for any kind")
+    return kind
+
+
+# A flag kind of the detectors' registry (`KINDS`) or "*"; the OpenAPI schema lists them as an enum.
+FlagKind = Annotated[
+    str, AfterValidator(_known_kind), WithJsonSchema({"type": "string", "enum": list(CONDITION_KINDS)})
+]
+
+
 class FlagCondition(_In):
     type: Literal["flag"]
-    kind: Literal[
-        "collapse",
-        "erosion",
-        "entropy_surge",
-        "trust_region",
-        "mismatch",
-        "hazard_spike",
-        "grad_spike",
-        "kl_spike",
-        "non_finite",
-        "on_policy",
-        "*",
-    ] = "*"
+    kind: FlagKind = ANY_KIND
     min_severity: Severity = "warning"
 
 
@@ -158,3 +164,40 @@ class FlagParamsOut(BaseModel):
     project: str
     overrides: dict[str, Any]
     params: dict[str, Any]
+
+
+class FlagKinds(BaseModel):
+    """The kinds a flag may have, in the detectors' order; a flag condition also takes "*" (any kind)."""
+
+    kinds: list[str]
+
+
+class EntropyForecastOut(BaseModel):
+    """The entropy forecast at a run's latest rollout (`mhpo_server.monitoring.forecast.EntropyForecast`).
+
+    Every forecast field is null, and `reason` says why, while the run has too few rollouts of
+    `key` (the early reference plus the trend window) or logs no `key` at all.
+    """
+
+    run_id: str
+    key: str = Field(description="the entropy scalar forecast, e.g. policy/entropy")
+    unit: Literal["optimizer steps"] = Field(
+        "optimizer steps", description="the unit of `step`, `steps_left`, `crossing_step` and `spacing`"
+    )
+    floor: float = Field(description="the level whose crossing is forecast, as a fraction of `reference`")
+    step: int | None = Field(None, description="the latest rollout's step, where the forecast is made")
+    reference: float | None = Field(None, description="the early reference: median of the run's first points")
+    level: float | None = Field(None, description="the entropy now: median of the last few points")
+    fraction: float | None = Field(None, description="`level` / `reference`")
+    slope: float | None = Field(None, description="Theil-Sen slope of the trend window, entropy per optimizer step")
+    z: float | None = Field(None, description="Mann-Kendall z of the trend window (negative: falling)")
+    cov: float | None = Field(None, description="median `policy/cov_logp_adv` over the window, where logged")
+    steps_left: int | None = Field(
+        None, description="steps until the trend crosses `floor` x `reference`; 0 under it; null when not falling"
+    )
+    crossing_step: int | None = Field(None, description="`step` + `steps_left`")
+    spacing: float | None = Field(None, description="optimizer steps per point of the series (per rollout)")
+    confident: bool | None = Field(
+        None, description="the decline is systematic and meaningful, near, and the covariance agrees"
+    )
+    reason: str | None = Field(None, description="why there is no forecast (null when there is one)")

@@ -1,8 +1,8 @@
 """Wiring of flags and alerts into the app: `install(app)` is the one call `create_app` makes.
 
 It gives the ingest service its evaluator (flags and alert rules), the fired alerts as a source of `GET /api/v1/runs/{id}/events`
-(with `"type": "alert"`), the alert routes, and the webhook worker (started on the first
-delivery, stopped with the app). Webhook settings come from `MHPO_WEBHOOK_*` variables.
+(with `"type": "alert"`), the alert routes, the flag kinds and entropy forecast routes, and the webhook
+worker (started on the first delivery, stopped with the app). Webhook settings come from `MHPO_WEBHOOK_*` variables.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from mhpo_server.monitoring.listener import IngestMonitor
 from mhpo_server.monitoring.targets import DEFAULT_MAX_URL_LENGTH, TargetPolicy
 from mhpo_server.monitoring.webhook import WebhookDispatcher, WebhookMetrics
 from mhpo_server.routes import alerts as alert_routes
+from mhpo_server.routes import monitoring as monitoring_routes
 from mhpo_server.routes.events import EventSource
 from mhpo_server.store import AlertStore, Store
 
@@ -120,6 +121,7 @@ def install(app: FastAPI, webhook_settings: WebhookSettings | None = None) -> In
     app.state.ingest.monitor = monitor
     app.state.event_sources.append(alert_events(alerts))
     app.include_router(alert_routes.router)
+    app.include_router(monitoring_routes.router)
     dispatcher.resume_pending({r.id: str(r.webhook_url) for r in alerts.list_rules() if r.webhook_url is not None})
 
     inner = app.router.lifespan_context
