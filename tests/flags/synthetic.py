@@ -6,7 +6,8 @@ slow trends (entropy decays, rewards rise, the ratio spread widens), AR(1) drift
 per-step noise (multiplicative log-normal for scale metrics such as the grad-norm), and
 optionally one injected event at a random onset:
 
-- `collapse`: entropy decays to 10-40 % of its level with a time constant of 8-30 steps,
+- `collapse`: entropy decays to 5-20 % of its level (a collapse: under a quarter of its early
+  level) with a time constant of 8-30 steps,
   the mass of x > 0.2 grows 5-20x, group diversity falls;
 - `erosion`: the mass of x < -0.2 and the low clip fraction grow 5-20x, the sampled-token
   log-prob falls 1.6-3x, completion length shrinks to 30-60 %;
@@ -117,7 +118,7 @@ def generate_stream(seed: int, n_steps: int = 400, kind: str | None = None, onse
     if kind == "collapse":
         assert onset is not None
         ramp = _ramp(n, onset, rng.uniform(8, 30))
-        entropy = entropy * (1 - ramp * (1 - rng.uniform(0.1, 0.4)))
+        entropy = entropy * (1 - ramp * (1 - rng.uniform(0.05, 0.2)))
         logp = logp * (1 - 0.8 * ramp)
         frac_above = frac_above * (1 + ramp * rng.uniform(4, 19)) + 0.03 * ramp
         distinct = distinct * (1 - ramp * rng.uniform(0.4, 0.8))

@@ -121,10 +121,9 @@ def test_flags_carry_step_severity_detector_and_evidence() -> None:
     assert signal["threshold"]["z"] == DEFAULT_PARAMS.grad_spike.z
 
 
-@pytest.mark.parametrize("kind", ["collapse", "erosion"])
-def test_drift_evidence_lists_the_votes(kind: str) -> None:
-    stream = generate_stream(21, 400, kind, onset=200)
-    flags = [f for f in detect(History(stream.points()), range(400)) if f.kind == kind]
+def test_drift_evidence_lists_the_votes() -> None:
+    stream = generate_stream(21, 400, "erosion", onset=200)
+    flags = [f for f in detect(History(stream.points()), range(400)) if f.kind == "erosion"]
     severities = [f.severity for f in flags]
     assert severities in (["warning"], ["critical"], ["warning", "critical"]), (
         "one event gives one flag per severity it reaches (refractory period; a critical after a warning "
@@ -135,6 +134,24 @@ def test_drift_evidence_lists_the_votes(kind: str) -> None:
     assert evidence["votes"] >= max(evidence["needed"], 2), "a warning takes two independent signals"
     keys = {"key", "test", "value", "baseline", "change", "noise", "z", "threshold", "vote"}
     assert all(keys <= set(s) for s in evidence["signals"])
+    assert "signals judged" not in flags[0].message
+
+
+def test_collapse_evidence_gives_the_early_reference_and_the_state() -> None:
+    stream = generate_stream(21, 400, "collapse", onset=200)
+    flags = [f for f in detect(History(stream.points()), range(400)) if f.kind == "collapse"]
+    assert [f.severity for f in flags if f.severity != "info"][:1] == ["warning"], [(f.step, f.severity) for f in flags]
+    first = next(f for f in flags if f.severity == "warning")
+    assert first.detector == "entropy_state"
+    evidence = first.evidence
+    entropy = stream.scalars["policy/entropy"]
+    assert evidence["reference"] == pytest.approx(float(np.median(entropy[:5])), rel=1e-6)
+    assert evidence["state"] in {"below", "forecast"}
+    if evidence["state"] == "forecast":
+        assert evidence["forecast"]["confident"] and evidence["corroborated_by"]
+        assert f"about {evidence['forecast']['steps_left']} steps" in first.message
+    else:
+        assert evidence["fraction"] < DEFAULT_PARAMS.collapse.warning_fraction
 
 
 def test_batching_does_not_change_the_flags() -> None:

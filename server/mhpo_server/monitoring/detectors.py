@@ -100,6 +100,11 @@ KIND_DETECTORS: dict[str, tuple[str, ...]] = {  # kind -> the detector names its
     "non_finite": ("non_finite_scan",),
     "on_policy": ("exact_ratio",),
 }
+# What a drift flag announces, in the words its message opens with.
+DRIFT_MEANING = {
+    "erosion": "Policy erosion (the sampled tokens' probabilities contracting)",
+    "kl_spike": "Policy KL drifting up",
+}
 SAME_KIND_PREFIXES = ("ratio/", "hazard/", "grad/", "policy/kl_k")
 AGREE = 0.8  # both tests meaningful and at >= 0.8 of the z threshold: two tests agreeing are one vote
 
@@ -451,17 +456,20 @@ def _drift(
         severity = "warning"
     else:
         severity = "info"
-    parts = ", ".join(
-        f"{e['key']} {'+' if e['direction'] == 'up' else '-'}{100 * abs(float(e['change_rel'])):.0f}% ({e['test']})"
+    how = {"level": "its recent level against the window before", "trend": f"over its last {p.trend_steps} points"}
+    parts = "; ".join(
+        f"{e['key']} {'rose' if e['direction'] == 'up' else 'fell'} {100 * abs(float(e['change_rel'])):.0f}%"
+        f" ({how[e['test']]})"
         for e in votes
     )
+    agree = "one signal alone" if independent == 1 else f"{independent} independent signals agree"
     return Flag(
         step=step,
         kind=kind,
         severity=severity,
         detector=KIND_DETECTORS[kind][0],
-        message=f"{kind}: {parts} ({len(votes)} of the {len(judged)} signals judged at this step"
-        f"{'; reward rising: informational' if vetoed else ''})",
+        message=f"{DRIFT_MEANING.get(kind, kind)}: {parts}; {agree}"
+        f"{'; the reward is rising, so this is informational' if vetoed else ''}.",
         evidence={
             "signals": [_evidence(sig, row, p) for sig, row in judged],
             "unless": [_evidence(sig, row, p) for sig, row in guards],

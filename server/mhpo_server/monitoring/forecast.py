@@ -9,8 +9,8 @@ falls while high-probability tokens get positive advantages, i.e. while the cova
 - the trend: the Theil-Sen slope of the entropy over its last `trend_points` points, in
   entropy units per optimizer step, with the Mann-Kendall z of the window saying whether the
   decline is systematic (z <= -`z` ) or noise;
-- the mechanism: where the covariance is logged, its median over the same window must be
-  positive (the updates are spending entropy) for the forecast to count as confident.
+- the mechanism: where the covariance is logged, a negative median over the same window (the
+  updates are adding entropy) rules a confident forecast out; a positive one corroborates it.
 
 From the current level (the median of the last `recent_points` points) and the slope it
 extrapolates the step at which the entropy would cross `floor` x its early reference (the
@@ -42,7 +42,7 @@ class EntropyForecast:
     point. `confident`: the decline is systematic (Mann-Kendall z at or under minus the
     threshold), meaningful (the level has lost at least `min_drop` of the reference), the
     crossing is at most `horizon_steps` optimizer steps ahead and, where logged, the log-prob/advantage
-    covariance agrees (positive).
+    covariance is not negative.
     """
 
     step: int
@@ -145,7 +145,7 @@ def entropy_forecast(
     confident = (
         z <= -p.z
         and level <= (1.0 - p.min_drop) * reference
-        and (cov_median is None or cov_median > 0)
+        and not (cov_median is not None and cov_median < 0)
         and steps_left is not None
         and steps_left <= p.horizon_steps
     )

@@ -239,25 +239,37 @@ class ForecastParams(_Strict):
     recent_points: Annotated[int, Field(ge=1, le=200)] = 3
     trend_points: Annotated[int, Field(ge=5, le=500)] = 30
     floor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
-    z: Z = 3.0
+    z: Z = 3.5
     min_drop: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     horizon_steps: Annotated[int, Field(ge=1, le=100_000)] = 150
 
 
+class Corroboration(_Strict):
+    """A second view of a collapse: `key` moving in `direction` over the forecast's trend window with a
+    Mann-Kendall |z| of at least the forecast's `z`."""
+
+    key: Key
+    direction: Literal["up", "down"]
+
+
 class RewardRise(_Strict):
-    """The reward counts as rising when the median of its last `recent_points` points exceeds the median
-    of the `window_points` points before them by at least `min_abs` (reward units)."""
+    """The reward counts as rising when its Theil-Sen line over the last `window_points` rollouts climbs by
+    at least `min_abs` (reward units). For `entropy_surge`: its recent median (`recent_points`) against
+    its median when the climb of the entropy began."""
 
     key: Key = "reward/mean"
     recent_points: Annotated[int, Field(ge=1, le=200)] = 5
-    window_points: Annotated[int, Field(ge=1, le=500)] = 20
+    window_points: Annotated[int, Field(ge=1, le=500)] = 30
     min_abs: Units = 0.05
 
 
 class CollapseParams(_Strict):
     """`collapse`: the policy entropy under `warning_fraction` of its early reference for the last
     `recent_points` points (their median), `critical_fraction` for a critical; or, ahead of that state,
-    a confident forecast of the crossing (`forecast`, when `forecast_warning`).
+    a confident forecast of the crossing (`forecast`, when `forecast_warning`) that a second view
+    corroborates: the log-prob/advantage covariance positive, or one of `corroborate` (group
+    diversity falling) trending with it. An uncorroborated forecast is
+    informational: entropy alone wanders by tens of percent in healthy runs.
 
     A rising reward (`reward_rise`) softens the message (the entropy may be spent on intended
     sharpening) and holds back the forecast warning; it never hides the state. One flag per
@@ -270,13 +282,19 @@ class CollapseParams(_Strict):
     critical_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     forecast_warning: bool = True
     forecast: ForecastParams = ForecastParams()
+    # The mass of x > 0.2 is left out by default: the log-ratio spread widens in healthy runs too.
+    corroborate: Annotated[tuple[Corroboration, ...], Field(max_length=8)] = (
+        Corroboration(key="group/distinct_frac", direction="down"),
+    )
     reward_rise: RewardRise = RewardRise()
     refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
 
 
 class SurgeParams(_Strict):
     """`entropy_surge`: the entropy's recent level (median of the last `recent_points` points) at least
-    `ratio` x its early reference and `min_abs` above it, while the reward does not rise.
+    `ratio` x its early reference and `min_abs` above it, while the reward has not risen (`reward_rise`:
+    its recent median against its median when the entropy was last at or under its reference, i.e.
+    when the climb began).
 
     The reference is the run's early level (`reference_points`), so a rebound after a dip back to
     where the run started is not a surge."""
@@ -284,8 +302,8 @@ class SurgeParams(_Strict):
     enabled: bool = True
     key: Key = "policy/entropy"
     reference_points: Annotated[int, Field(ge=1, le=200)] = 5
-    recent_points: Annotated[int, Field(ge=1, le=200)] = 5
-    ratio: Annotated[float, Field(gt=1.0, le=1_000.0)] = 1.5
+    recent_points: Annotated[int, Field(ge=1, le=200)] = 3
+    ratio: Annotated[float, Field(gt=1.0, le=1_000.0)] = 1.4
     min_abs: Units = 0.1
     reward_rise: RewardRise = RewardRise()
     refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
@@ -446,7 +464,7 @@ class FlagParams(_Strict):
         found.update(self.mismatch.clip_keys)
         found.update(self.on_policy.keys, STEP_KIND_KEYS, self.head_keys(), self.no_signal.zero_keys)
         found.update({self.collapse.reward_rise.key, self.entropy_surge.reward_rise.key, COV_KEY})
-        found.add(self.no_signal.degenerate_key)
+        found.update({self.no_signal.degenerate_key, *(c.key for c in self.collapse.corroborate)})
         return found
 
 

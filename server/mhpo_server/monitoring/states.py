@@ -37,7 +37,13 @@ from mhpo_server.monitoring.detectors import (
     register_detector,
     subseries,
 )
-from mhpo_server.monitoring.forecast import EntropyForecast, entropy_forecast, mann_kendall_z, reference_level
+from mhpo_server.monitoring.forecast import (
+    EntropyForecast,
+    entropy_forecast,
+    mann_kendall_z,
+    reference_level,
+    theil_sen_slope,
+)
 from mhpo_server.monitoring.params import (
     COV_KEY,
     CollapseParams,
@@ -54,7 +60,7 @@ LEVEL_SEVERITY = {level: name for name, level in SEVERITY_LEVEL.items()}
 def rollout_series(history: History, kinds: StepKinds, key: str) -> tuple[np.ndarray, np.ndarray]:
     """One point per rollout of `key`: its finite points of non-empty steps, a rollout-level value
     repeated at every update counted once, and only the first (on-policy) update of each rollout
-    where `train/update_index` is logged."""
+    where the step's kind is known (`train/update_index`, or the exact-zero log-ratio without it)."""
     parts = subseries(history, kinds, key)
     if not parts:
         return np.empty(0, dtype=np.int64), np.empty(0)
@@ -62,8 +68,12 @@ def rollout_series(history: History, kinds: StepKinds, key: str) -> tuple[np.nda
     values = np.concatenate([v for _, v in parts])
     order = np.argsort(steps, kind="stable")
     steps, values = steps[order], values[order]
-    index = lookup(history, "train/update_index", steps)
-    keep = ~(index > 0)
+    known = ~np.isnan(lookup(history, "train/update_index", steps))
+    known |= ~np.isnan(lookup(history, "ratio/min", steps)) & ~np.isnan(lookup(history, "ratio/max", steps))
+    on = kinds.on_policy(steps)
+    if not on.any():  # no step is known to open a rollout (e.g. ratios never exactly 0): every point counts
+        return steps, values
+    keep = on | ~known
     return steps[keep], values[keep]
 
 
@@ -93,14 +103,32 @@ def _onsets(steps: np.ndarray, at: np.ndarray, judge: Callable[[int], State], fi
 
 
 def _reward_change(history: History, kinds: StepKinds, p: RewardRise, step: int) -> tuple[float, float] | None:
-    """(earlier, recent) reward medians at `step`: the last `recent_points` rollouts and the window before."""
+    """(earlier, recent) reward at `step`: the Theil-Sen line over the last `window_points` rollouts at
+    their first and last point (a line, not two medians: its noise is that of all the points)."""
     steps, values = rollout_series(history, kinds, p.key)
     end = int(np.searchsorted(steps, step, side="right"))
-    if end < p.recent_points + 1:
+    n = min(end, p.window_points)
+    if n < max(3, p.recent_points):
         return None
-    recent = values[end - p.recent_points : end]
-    before = values[max(0, end - p.recent_points - p.window_points) : end - p.recent_points]
-    return float(np.median(before)), float(np.median(recent))
+    window = values[end - n : end]
+    index = np.arange(n, dtype=np.float64)
+    slope = theil_sen_slope(index, window)
+    intercept = float(np.median(window - slope * index))
+    return intercept, intercept + slope * (n - 1)
+
+
+def _reward_since(
+    history: History, kinds: StepKinds, p: RewardRise, since: int, step: int
+) -> tuple[float, float] | None:
+    """(then, recent) reward medians: the `recent_points` rollouts up to step `since`, and the last ones at `step`."""
+    steps, values = rollout_series(history, kinds, p.key)
+    then_end = int(np.searchsorted(steps, since, side="right"))
+    end = int(np.searchsorted(steps, step, side="right"))
+    if then_end < 1 or end < then_end + 1:
+        return None
+    then = values[max(0, then_end - p.recent_points) : then_end]
+    recent = values[max(then_end, end - p.recent_points) : end]
+    return float(np.median(then)), float(np.median(recent))
 
 
 def _rising(change: tuple[float, float] | None, p: RewardRise) -> bool:
@@ -155,15 +183,33 @@ def _collapse_state(
         return State(level_no, message, {**evidence, "state": "below"})
     if p.forecast_warning and forecast is not None and forecast.confident:
         assert forecast.steps_left is not None
+        views = _corroborating(history, kinds, p, steps[max(0, end - f.trend_points)], step)
+        if forecast.cov is not None and forecast.cov > 0:
+            views.insert(0, f"{COV_KEY} > 0")
         message = (
             f"Entropy on course to collapse: {_num(level)}, {100 * fraction:.0f}% of its early level"
             f" {_num(reference)}, falling {_num(-forecast.slope)} per step; at this pace it is under a quarter"
             f" of that level in about {forecast.steps_left} steps (step {forecast.crossing_step})."
         )
+        evidence = {**evidence, "state": "forecast", "corroborated_by": views}
         if rising:
-            return State(SEVERITY_LEVEL["info"], message + soften, {**evidence, "state": "forecast"})
-        return State(SEVERITY_LEVEL["warning"], message, {**evidence, "state": "forecast"})
+            return State(SEVERITY_LEVEL["info"], message + soften, evidence)
+        if not views:
+            return State(SEVERITY_LEVEL["info"], message + " Entropy alone: no second view confirms it yet.", evidence)
+        return State(SEVERITY_LEVEL["warning"], message + f" Confirmed by {', '.join(views)}.", evidence)
     return State(0)
+
+
+def _corroborating(history: History, kinds: StepKinds, p: CollapseParams, first: int, last: int) -> list[str]:
+    """The `corroborate` views trending with the collapse over steps [first, last]."""
+    found = []
+    for view in p.corroborate:
+        steps, values = rollout_series(history, kinds, view.key)
+        window = values[(steps >= first) & (steps <= last)]
+        z = mann_kendall_z(window)
+        if (z <= -p.forecast.z) if view.direction == "down" else (z >= p.forecast.z):
+            found.append(f"{view.key} {'falling' if view.direction == 'down' else 'rising'}")
+    return found
 
 
 def _forecast_evidence(forecast: EntropyForecast) -> dict[str, Any]:
@@ -186,7 +232,9 @@ def _surge_state(
     level = float(np.median(values[end - p.recent_points : end]))
     if level < p.ratio * reference or level - reference < p.min_abs:
         return State(0)
-    reward = _reward_change(history, kinds, p.reward_rise, int(steps[end - 1]))
+    calm = np.flatnonzero(values[:end] <= reference)
+    since = int(steps[calm[-1]]) if len(calm) else int(steps[p.reference_points - 1])
+    reward = _reward_since(history, kinds, p.reward_rise, since, int(steps[end - 1]))
     rising = _rising(reward, p.reward_rise)
     evidence = {
         "key": p.key,
@@ -201,13 +249,13 @@ def _surge_state(
     reward_text = "" if reward is None else f" (reward {_num(reward[0])} -> {_num(reward[1])})"
     if rising:
         message = (
-            f"Entropy rising with the reward: {_num(level)}, {times} its early level {_num(reference)},"
-            f" while the reward rises{reward_text}: more exploration that pays, not yet a surge."
+            f"Entropy up with the reward: {_num(level)}, {times} its early level {_num(reference)}, and the"
+            f" reward rose since the entropy began climbing{reward_text}: exploration that pays, not a surge."
         )
         return State(SEVERITY_LEVEL["info"], message, evidence)
     message = (
-        f"Entropy surge: policy entropy is {_num(level)}, {times} its early level {_num(reference)}, while the"
-        f" reward does not rise{reward_text}: the policy is drifting towards random text."
+        f"Entropy surge: policy entropy is {_num(level)}, {times} its early level {_num(reference)}, and the"
+        f" reward has not risen since it began climbing{reward_text}: the policy is drifting towards random text."
     )
     return State(SEVERITY_LEVEL["warning"], message, evidence)
 
