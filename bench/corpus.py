@@ -61,7 +61,10 @@ rollout's values are those of its on-policy first update (`train/update_index` 0
   reward, so every advantage is 0: TRL's `frac_reward_zero_std`);
 - truncation (informational, where `policy/truncated_frac` is logged): the first rollout r
   such that rollouts r..r+4 each have more than half of the completions cut at the length limit;
-- healthy: neither collapse nor stopped. A run may be both (a policy collapsed onto one
+- mismatch: a run sampled with a stale copy of the policy (`--rollout-sync-every` > 1), known
+  from its command: the sampler and the trainer disagree by construction, so its `mismatch`
+  flags are not false alarms; with neither state below, it is not counted as healthy;
+- healthy: neither collapse nor stopped (nor mismatch). A run may be both (a policy collapsed onto one
   answer stops learning): its kind is the earlier, and it counts under both.
 """
 
@@ -172,12 +175,13 @@ class Labels:
     collapse: int | None
     stopped: int | None
     truncation: int | None
+    mismatch: bool = False  # the sampler is stale by construction (`--rollout-sync-every` > 1)
 
     @property
     def kind(self) -> str:
-        """`collapse`, `stopped` (the earlier of the two; a tie is collapse) or `healthy`."""
+        """`collapse`, `stopped` (the earlier of the two; a tie is collapse), `mismatch` or `healthy`."""
         if self.collapse is None and self.stopped is None:
-            return "healthy"
+            return "mismatch" if self.mismatch else "healthy"
         if self.stopped is None or (self.collapse is not None and self.collapse <= self.stopped):
             return "collapse"
         return "stopped"
@@ -246,8 +250,14 @@ def truncation_label(rollouts: Sequence[Rollout]) -> int | None:
     return None if at is None else rollouts[at].index
 
 
-def label(rollouts: Sequence[Rollout]) -> Labels:
-    return Labels(collapse_label(rollouts), stopped_label(rollouts), truncation_label(rollouts))
+def stale_sampler(command: Sequence[str]) -> bool:
+    """Whether the train command samples with a stale copy of the policy (`--rollout-sync-every` K > 1)."""
+    flags = list(command)
+    return "--rollout-sync-every" in flags and int(flags[flags.index("--rollout-sync-every") + 1]) > 1
+
+
+def label(rollouts: Sequence[Rollout], command: Sequence[str] = ()) -> Labels:
+    return Labels(collapse_label(rollouts), stopped_label(rollouts), truncation_label(rollouts), stale_sampler(command))
 
 
 # ---- runs ---------------------------------------------------------------------------------
@@ -312,7 +322,7 @@ def load_corpus(out: Path | str, splits: Iterable[str] = ("tune", "held")) -> li
         path = out / entry["path"]
         records = read_records(path)
         rollouts = rollouts_of(records)
-        labels = label(rollouts)
+        labels = label(rollouts, entry["command"])
         runs.append(
             CorpusRun(entry["regime"], entry["seed"], entry["split"], path, entry["command"], records, labels, rollouts)
         )
@@ -420,7 +430,7 @@ def code_version() -> str:
 def manifest_entry(run: Planned, out: Path, trained: Trained) -> dict[str, Any]:
     records = read_records(trained.path)
     rollouts = rollouts_of(records)
-    labels = label(rollouts)
+    labels = label(rollouts, trained.command)
     at = labels.rollout
     return {
         "regime": run.regime.name,

@@ -298,5 +298,9 @@ def test_a_forecast_is_held_back_while_the_reward_clearly_rises() -> None:
     flags = [f for f in detect(History(stream.points()), range(stream.n_steps)) if f.kind == "collapse"]
     rising = [f for f in flags if f.evidence["state"] == "forecast" and f.step < ONSET + 120]  # the reward's climb
     assert rising and rising[0].step - ONSET <= 30
-    assert all(f.severity == "info" and f.evidence["reward_rising"] for f in rising), [(f.step, f.severity) for f in flags]
-    assert [f for f in flags if f.severity == "warning" and f.step >= ONSET + 120], "once the reward levels off, it warns"
+    assert all(f.severity == "info" and f.evidence["reward_rising"] for f in rising), [
+        (f.step, f.severity) for f in flags
+    ]
+    assert [f for f in flags if f.severity == "warning" and f.step >= ONSET + 120], (
+        "once the reward levels off, it warns"
+    )

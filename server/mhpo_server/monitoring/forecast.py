@@ -8,7 +8,10 @@ falls while high-probability tokens get positive advantages, i.e. while the cova
 
 - the trend: the Theil-Sen slope of the entropy over its last `trend_points` points, in
   entropy units per optimizer step, with the Mann-Kendall z of the window saying whether the
-  decline is systematic (z <= -`z` ) or noise;
+  decline is systematic (z <= -`z` ) or noise, and whether it speeds up: a policy that sharpens
+  as it learns spends entropy from its first rollouts at a pace that slows down, while a
+  collapse is a decline steeper than anything before it (measured on real runs: the entropy
+  of healthy tiny-model runs fell 40-50 % over 100 rollouts, decelerating);
 - the mechanism: where the covariance is logged, a negative median over the same window (the
   updates are adding entropy) rules a confident forecast out; a positive one corroborates it.
 
@@ -39,7 +42,9 @@ class EntropyForecast:
 
     `steps_left`: optimizer steps until the trend crosses `floor` x `reference` (0 when the level
     is already under it; None when the entropy is not falling); `spacing`: optimizer steps per
-    point. `confident`: the decline is systematic (Mann-Kendall z at or under minus the
+    point. `accelerating`: the trend is at least `acceleration` times steeper than the average slope
+    since the reference (or the entropy had not fallen before). `confident`: it accelerates, the
+    decline is systematic (Mann-Kendall z at or under minus the
     threshold), meaningful (the level has lost at least `min_drop` of the reference), the
     crossing is at most `horizon_steps` optimizer steps ahead and, where logged, the log-prob/advantage
     covariance is not negative.
@@ -54,6 +59,7 @@ class EntropyForecast:
     steps_left: int | None
     crossing_step: int | None
     spacing: float
+    accelerating: bool
     confident: bool
 
     @property
@@ -77,6 +83,7 @@ class EntropyForecast:
             "cov": self.cov,
             "steps_left": self.steps_left,
             "crossing_step": self.crossing_step,
+            "accelerating": self.accelerating,
             "confident": self.confident,
         }
 
@@ -142,8 +149,14 @@ def entropy_forecast(
     else:
         steps_left = None
     spacing = max(float(np.median(np.diff(x))), 1.0)
+    # The average slope since the reference: a decline that merely goes on at (or under) the pace the run
+    # has kept since its start is sharpening; a collapse speeds up.
+    elapsed = float(x[-1]) - float(steps[(p.reference_points - 1) // 2])
+    average = (level - reference) / elapsed if elapsed > 0 else 0.0
+    accelerating = slope < 0 and (average >= 0 or slope <= p.acceleration * average)
     confident = (
-        z <= -p.z
+        accelerating
+        and z <= -p.z
         and level <= (1.0 - p.min_drop) * reference
         and not (cov_median is not None and cov_median < 0)
         and steps_left is not None
@@ -159,5 +172,6 @@ def entropy_forecast(
         steps_left=steps_left,
         crossing_step=None if steps_left is None else now + steps_left,
         spacing=spacing,
+        accelerating=accelerating,
         confident=confident,
     )

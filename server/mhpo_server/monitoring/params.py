@@ -231,8 +231,9 @@ class ForecastParams(_Strict):
 
     The reference is the median of the first `reference_points` points; the level the median of
     the last `recent_points`; the trend the Theil-Sen slope over the last `trend_points`, confident
-    when its Mann-Kendall z is at most -`z`, the level has lost `min_drop` of the reference and
-    the crossing of `floor` x reference lies at most `horizon_steps` optimizer steps ahead.
+    when its Mann-Kendall z is at most -`z`, the level has lost `min_drop` of the reference, the
+    trend is `acceleration` times steeper than the average slope since the reference, and the
+    crossing of `floor` x reference lies at most `horizon_steps` optimizer steps ahead.
     """
 
     reference_points: Annotated[int, Field(ge=1, le=200)] = 5
@@ -242,6 +243,7 @@ class ForecastParams(_Strict):
     z: Z = 3.5
     min_drop: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     horizon_steps: Annotated[int, Field(ge=1, le=100_000)] = 150
+    acceleration: Annotated[float, Field(ge=0.0, le=1_000.0)] = 3.0
 
 
 class Corroboration(_Strict):
@@ -264,8 +266,8 @@ class RewardRise(_Strict):
 
 
 class CollapseParams(_Strict):
-    """`collapse`: the policy entropy under `warning_fraction` of its early reference for the last
-    `recent_points` points (their median), `critical_fraction` for a critical; or, ahead of that state,
+    """`collapse`: the policy entropy under `warning_fraction` of its early reference at each of the
+    last `hold_points` rollouts, `critical_fraction` for a critical; or, ahead of that state,
     a confident forecast of the crossing (`forecast`, when `forecast_warning`) that a second view
     corroborates: the log-prob/advantage covariance positive, or one of `corroborate` (group
     diversity falling) trending with it. An uncorroborated forecast is
@@ -278,6 +280,7 @@ class CollapseParams(_Strict):
 
     enabled: bool = True
     key: Key = "policy/entropy"
+    hold_points: Annotated[int, Field(ge=1, le=200)] = 2
     warning_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
     critical_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     forecast_warning: bool = True
@@ -330,8 +333,8 @@ class NoSignalParams(_Strict):
 class TruncationParams(_Strict):
     """`truncation`: most completions cut at the length limit, or the cut fraction climbing to it.
 
-    Warning when the median of `key` (the fraction of completions without an end-of-sequence
-    token) over the last `recent_points` rollouts exceeds `max_frac`; also when it has climbed to
+    Warning when `key` (the fraction of completions without an end-of-sequence token) exceeds
+    `max_frac` at each of the last `recent_points` rollouts; also when it has climbed to
     at least `climb_frac` and `climb_abs` above its early reference (median of the first
     `reference_points` rollouts) with a Mann-Kendall z of at least `z` over `trend_points`.
     """
@@ -339,9 +342,9 @@ class TruncationParams(_Strict):
     enabled: bool = True
     key: Key = "policy/truncated_frac"
     max_frac: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
-    recent_points: Annotated[int, Field(ge=1, le=200)] = 3
+    recent_points: Annotated[int, Field(ge=1, le=200)] = 5
     reference_points: Annotated[int, Field(ge=1, le=200)] = 5
-    climb_frac: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25
+    climb_frac: Annotated[float, Field(gt=0.0, le=1.0)] = 0.4
     climb_abs: Annotated[float, Field(gt=0.0, le=1.0)] = 0.15
     trend_points: Annotated[int, Field(ge=5, le=500)] = 20
     z: Z = 3.0

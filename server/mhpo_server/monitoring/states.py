@@ -143,12 +143,12 @@ def _collapse_state(
     history: History, kinds: StepKinds, p: CollapseParams, steps: np.ndarray, values: np.ndarray, end: int
 ) -> State:
     f = p.forecast
-    if end < f.reference_points + f.recent_points:
+    if end < f.reference_points + max(f.recent_points, p.hold_points):
         return State(0)
     reference = reference_level(values, f)
     if reference is None or reference <= 0:
         return State(0)
-    level = float(np.median(values[end - f.recent_points : end]))
+    level = float(np.max(values[end - p.hold_points : end]))  # each of the last `hold_points` is at most this
     fraction = level / reference
     step = int(steps[end - 1])
     cov = history.series(COV_KEY)
@@ -176,8 +176,8 @@ def _collapse_state(
         level_no = SEVERITY_LEVEL["critical" if fraction < p.critical_fraction else "warning"]
         bound = "a tenth" if fraction < p.critical_fraction else "a quarter"
         message = (
-            f"Entropy collapse: policy entropy is {_num(level)}, {100 * fraction:.0f}% of its early level"
-            f" {_num(reference)} (under {bound}) over the last {f.recent_points} rollouts; the policy is"
+            f"Entropy collapse: policy entropy is at most {_num(level)}, {100 * fraction:.0f}% of its early level"
+            f" {_num(reference)} (under {bound}), in each of the last {p.hold_points} rollouts; the policy is"
             f" converging on few answers.{soften}"
         )
         return State(level_no, message, {**evidence, "state": "below"})
@@ -187,7 +187,7 @@ def _collapse_state(
         if forecast.cov is not None and forecast.cov > 0:
             views.insert(0, f"{COV_KEY} > 0")
         message = (
-            f"Entropy on course to collapse: {_num(level)}, {100 * fraction:.0f}% of its early level"
+            f"Entropy on course to collapse: {_num(forecast.level)}, {100 * forecast.fraction:.0f}% of its early level"
             f" {_num(reference)}, falling {_num(-forecast.slope)} per step; at this pace it is under a quarter"
             f" of that level in about {forecast.steps_left} steps (step {forecast.crossing_step})."
         )
@@ -219,6 +219,7 @@ def _forecast_evidence(forecast: EntropyForecast) -> dict[str, Any]:
         "cov": None if forecast.cov is None else json_number(forecast.cov),
         "steps_left": forecast.steps_left,
         "crossing_step": forecast.crossing_step,
+        "accelerating": forecast.accelerating,
         "confident": forecast.confident,
     }
 
@@ -296,12 +297,13 @@ def _truncation_state(p: TruncationParams, values: np.ndarray, end: int) -> Stat
     if end < p.recent_points:
         return State(0)
     level = float(np.median(values[end - p.recent_points : end]))
+    least = float(np.min(values[end - p.recent_points : end]))
     evidence: dict[str, Any] = {"key": p.key, "level": json_number(level), "max_frac": p.max_frac}
-    if level > p.max_frac:
+    if least > p.max_frac:
         message = (
-            f"Truncation: {100 * level:.0f}% of the completions were cut at the length limit over the last"
-            f" {p.recent_points} rollouts; their rewards judge unfinished answers (raise the completion length"
-            " limit, or penalise length)."
+            f"Truncation: {100 * least:.0f}% or more of the completions were cut at the length limit in each of"
+            f" the last {p.recent_points} rollouts; their rewards judge unfinished answers (raise the completion"
+            " length limit, or penalise length)."
         )
         return State(SEVERITY_LEVEL["warning"], message, {**evidence, "state": "most"})
     if end < p.reference_points + p.trend_points:
@@ -338,7 +340,7 @@ def _flag(kind: str, step: int, state: State | None, detector: str) -> Flag | No
 )
 def _prepare_collapse(s: Scope, _kind: str, p: CollapseParams) -> dict[int, State]:
     steps, values = rollout_series(s.history, s.kinds, p.key)
-    first = p.forecast.reference_points + p.forecast.recent_points
+    first = p.forecast.reference_points + max(p.forecast.recent_points, p.hold_points)
     return _onsets(steps, s.at, lambda end: _collapse_state(s.history, s.kinds, p, steps, values, end), first)
 
 
