@@ -56,6 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.corpus import CorpusRun, generate, load_corpus
+from mhpo.trainer.config import TrainerConfig
 from mhpo_server.monitoring import FlagParams, History, detect
 
 ALARM = ("warning", "critical")
@@ -94,11 +95,17 @@ THRESHOLDS = (
 THRESHOLD_DETECTS = {t.name: t.detects for t in THRESHOLDS}
 
 
+def run_loss(command: Sequence[str]) -> str:
+    """The loss a train command trains with (`--loss`, else the trainer's default), as the run records it."""
+    flags = list(command)
+    return flags[flags.index("--loss") + 1] if "--loss" in flags else TrainerConfig.loss
+
+
 def flag_alarms(run: CorpusRun, params: FlagParams) -> list[Alarm]:
     """The warning/critical flags of `detect` on the run's whole record stream."""
     rows = ((key, r["step"], value) for r in run.records for key, value in r["scalars"].items())
     steps = [r["step"] for r in run.records]
-    flags = detect(History.from_rows(rows), steps, params)
+    flags = detect(History.from_rows(rows), steps, params, loss=run_loss(run.command))
     return [Alarm(f.step, f.kind, FLAG) for f in flags if f.severity in ALARM]
 
 

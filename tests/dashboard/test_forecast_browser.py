@@ -1,8 +1,9 @@
 """The run page's entropy budget and its informational flags, in a real headless Chromium against `mhpo serve`.
 
-A run whose entropy falls 1% per step, with a hazard p99 spike (an informational flag): the page
-says "entropy budget: about N steps" as the server forecasts it, draws the info flag as a small
-grey circle and the entropy's collapse warning as a cross, and moves the budget when steps arrive.
+A run whose entropy starts falling 0.04 per step at step 55, with a hazard p99 spike (an informational
+flag): the page says "entropy budget: about N steps" as the server forecasts it, draws the info flag as
+a small grey circle and the entropy's collapse warning (the forecast's) as a cross, and moves the
+budget when steps arrive.
 The alerts page offers the server's flag kinds (asked over HTTP, as a navigation does).
 """
 
@@ -32,10 +33,14 @@ MARKERS = """(sel) => document.querySelector(sel).data.filter(t => t.mode === 'm
 
 
 def declining(start: int, stop: int) -> list[dict[str, Any]]:
-    """Seeded records whose policy entropy falls 1% per step from 2.0 (no rollout index: one point per step)."""
+    """Seeded records whose policy entropy holds at 2.0 for 55 steps, then falls 0.04 per step with the
+    group diversity (a collapse the forecast sees ahead; no rollout index: one point per step)."""
     out = list(records(start, stop, seed=3, spike_at=SPIKE_AT))
     for r in out:
-        r["scalars"]["policy/entropy"] = 2.0 * 0.99 ** r["step"]
+        fallen = max(0, r["step"] - 55)
+        r["scalars"]["policy/entropy"] = 2.0 - 0.04 * fallen
+        r["scalars"]["group/distinct_frac"] = 0.9 - 0.01 * fallen
+        r["scalars"]["reward/mean"] = 0.3  # a flat reward: nothing the entropy was spent on
     return out
 
 

@@ -5,8 +5,12 @@ advantage collapse."""
 from __future__ import annotations
 
 import numpy as np
+from fastapi.testclient import TestClient
 
+import mhpo_migrations
 from mhpo.integrations.names import product_scalars
+from mhpo_server.app import create_app
+from mhpo_server.config import Settings
 from mhpo_server.monitoring import DEFAULT_PARAMS, Flag, History, detect
 
 
@@ -94,3 +98,36 @@ def test_trl_advantage_collapse_is_no_signal_when_the_zero_std_fraction_passes_0
     passed = int(np.argmax(zero_std > 0.9))
     found = alarms(flags, "no_signal")
     assert found and passed <= found[0].step <= passed + 10, (passed, [(f.step, f.kind) for f in flags])
+
+
+def gspo_start(clip_frac: float = 0.45) -> dict[str, dict[int, float]]:
+    """A healthy GSPO start: its sequence-level clip window ([1 - 3e-4, 1 + 4e-4]) clips half the tokens."""
+    return {
+        "ratio/clip_frac": series(np.full(10, clip_frac)),
+        "grad/update_ratio": series(np.full(10, 0.004)),
+        "train/update_index": series(np.arange(10) % 2),
+    }
+
+
+def test_a_gspo_run_is_held_to_its_own_trust_region_bounds() -> None:
+    history = History(gspo_start())
+    assert [f.kind for f in detect(history, range(10), loss="grpo")] == ["trust_region"]
+    assert not detect(history, range(10), loss="gspo")
+    assert DEFAULT_PARAMS.trust_region.bounds_for("gspo") != DEFAULT_PARAMS.trust_region.bounds
+    too_fast = gspo_start()
+    too_fast["grad/update_ratio"][3] = 0.05
+    assert [(f.kind, f.step) for f in detect(History(too_fast), range(10), loss="gspo")] == [("trust_region", 3)]
+
+
+def test_the_server_judges_a_run_by_its_loss(sqlite_url: str) -> None:
+    mhpo_migrations.upgrade(sqlite_url)
+    records = [{"step": s, "scalars": {k: v[s] for k, v in gspo_start().items()}} for s in range(10)]
+    with TestClient(create_app(Settings(db=sqlite_url))) as client:
+        kinds = {}
+        for loss in ("gspo", "grpo"):
+            run = client.post("/api/v1/runs", json={"project": "p", "name": loss, "loss": loss}).json()["run_id"]
+            r = client.post(f"/api/v1/runs/{run}/records", json={"batch_id": loss, "records": records})
+            assert r.status_code == 200, r.text
+            events = client.get(f"/api/v1/runs/{run}/events").json()["events"]
+            kinds[loss] = [e["kind"] for e in events if e["type"] == "flag"]
+    assert kinds == {"gspo": [], "grpo": ["trust_region"]}

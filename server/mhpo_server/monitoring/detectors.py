@@ -61,6 +61,7 @@ import numpy as np
 
 from mhpo_server.monitoring.params import (
     DEFAULT_PARAMS,
+    Bound,
     DriftParams,
     FlagParams,
     MismatchParams,
@@ -548,11 +549,11 @@ def _spike(kind: str, p: SpikeParams, tables: list[dict[int, dict[str, Any]]], s
     )
 
 
-def _bound_table(history: History, p: TrustRegionParams, at: np.ndarray) -> dict[int, list[dict[str, Any]]]:
+def _bound_table(history: History, bounds: tuple[Bound, ...], at: np.ndarray) -> dict[int, list[dict[str, Any]]]:
     """step -> the bounds exceeded at that step (key, value, bound; a key's tightest bound only)."""
     table: dict[int, list[dict[str, Any]]] = {}
-    for key in dict.fromkeys(b.key for b in p.bounds):
-        bound = min(b.max for b in p.bounds if b.key == key)
+    for key in dict.fromkeys(b.key for b in bounds):
+        bound = min(b.max for b in bounds if b.key == key)
         values = lookup(history, key, at)
         for i in np.flatnonzero(values > bound).tolist():
             table.setdefault(int(at[i]), []).append({"key": key, "value": float(values[i]), "max": bound})
@@ -774,6 +775,7 @@ class Scope:
     history: History
     kinds: StepKinds
     at: np.ndarray
+    loss: str | None = None  # the run's loss (registry name), for bounds that depend on its family
 
 
 @dataclass(frozen=True)
@@ -839,7 +841,7 @@ def _prepare_drift(s: Scope, _kind: str, p: DriftParams) -> tuple[list[dict[int,
     hold=lambda p: p.refractory_steps,
 )
 def _prepare_bound(s: Scope, _kind: str, p: TrustRegionParams) -> dict[int, list[dict[str, Any]]]:
-    return _bound_table(s.history, p, s.at)
+    return _bound_table(s.history, p.bounds_for(s.loss), s.at)
 
 
 @register_detector(
@@ -893,6 +895,7 @@ def detect(
     steps: Iterable[int],
     params: FlagParams = DEFAULT_PARAMS,
     last_flagged: MutableMapping[str, int] | None = None,
+    loss: str | None = None,
 ) -> list[Flag]:
     """Flags at each of `steps` (ascending), judged on `history` up to that step, by every registered detector.
 
@@ -900,12 +903,13 @@ def detect(
     with that kind at that severity or above (from the store); it is updated in place and
     enforces the refractory period of the detectors that have one. The window statistics
     are computed for all steps at once (vectorised); the result is the same as evaluating
-    step by step. Empty steps (`tokens/valid` = 0) are never flagged.
+    step by step. Empty steps (`tokens/valid` = 0) are never flagged. `loss`: the run's loss, where
+    known (the run's `loss` field), for the trust-region bounds of its family.
     """
     last = last_flagged if last_flagged is not None else {}
     kinds = StepKinds(history)
     at = np.array(sorted(set(steps)), dtype=np.int64)
-    scope = Scope(history, kinds, at[~kinds.empty(at)])
+    scope = Scope(history, kinds, at[~kinds.empty(at)], loss)
     prepared = [
         (d, kind, p, d.prepare(scope, kind, p))
         for d in DETECTORS.values()

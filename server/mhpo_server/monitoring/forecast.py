@@ -83,6 +83,7 @@ class EntropyForecast:
             "cov": self.cov,
             "steps_left": self.steps_left,
             "crossing_step": self.crossing_step,
+            "spacing": self.spacing,
             "accelerating": self.accelerating,
             "confident": self.confident,
         }

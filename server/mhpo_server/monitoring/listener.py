@@ -54,6 +54,7 @@ class RunWindows:
 
     project: str
     depth: int
+    loss: str | None = None  # the run's loss, for the detectors whose bounds depend on it
     series: dict[str, Points] = field(default_factory=dict)
     # The first points of the keys the state detectors take an early reference from (complete once full).
     heads: dict[str, Points] = field(default_factory=dict)
@@ -272,7 +273,8 @@ class IngestMonitor:
     def evaluate_stored(self, store: Store, run_id: str, steps: Sequence[int]) -> Evaluation:
         """Judge stored steps (ascending) from a cold read: a run that fell behind catches up."""
         self.forget(run_id)
-        project = store.get_run(run_id).project
+        run = store.get_run(run_id)
+        project = run.project
         params = self.params_for(project)
         rules = self.alerts.active_rules(project, run_id)
         keys = params.keys() | {r.condition.key for r in rules if not isinstance(r.condition, FlagCondition)}
@@ -280,7 +282,7 @@ class IngestMonitor:
         depth = max([params.history_steps(), *(alert_rules.history_points(r) for r in rules)])
         history = stored_history(store, run_id, params, keys, steps[0], steps[-1], depth)
         refractory = refractory_state(store.last_flag_steps(run_id, refractory_kinds(params), steps[0]))
-        return self._judge(project, run_id, params, rules, history, list(steps), refractory)
+        return self._judge(project, run_id, params, rules, history, list(steps), refractory, run.loss)
 
     def _evaluate(
         self, store: Store, run_id: str, new_records: Sequence[RecordIn], cached: RunWindows | None, written: bool
@@ -293,7 +295,11 @@ class IngestMonitor:
         if not new:
             return Evaluation(), cached
         steps = sorted({int(s) for steps, _ in new.values() for s in steps.tolist()})
-        project = cached.project if cached is not None else store.get_run(run_id).project
+        if cached is not None:
+            project, loss = cached.project, cached.loss
+        else:
+            run = store.get_run(run_id)
+            project, loss = run.project, run.loss
         params = self.params_for(project)
         rules = self.alerts.active_rules(project, run_id)
         rule_keys = {r.condition.key for r in rules if not isinstance(r.condition, FlagCondition)}
@@ -301,7 +307,7 @@ class IngestMonitor:
         keys = params.keys() | (set(new) - quiet) | rule_keys
         depth = max([params.history_steps(), *(alert_rules.history_points(r) for r in rules)])
         if cached is None or cached.depth < depth:
-            cached = RunWindows(project=project, depth=depth)
+            cached = RunWindows(project=project, depth=depth, loss=loss)
         if cached.params is not params:  # first batch here, or the project's detector parameters changed
             kinds = refractory_kinds(params)
             cached.refractory = refractory_state(store.last_flag_steps(run_id, kinds, steps[0]))
@@ -342,7 +348,7 @@ class IngestMonitor:
         self._update_heads(store, run_id, params, cached, new, written)
         history = History.from_arrays(_with_heads(series, cached.heads))
         assert cached.refractory is not None
-        return self._judge(project, run_id, params, rules, history, steps, cached.refractory), cached
+        return self._judge(project, run_id, params, rules, history, steps, cached.refractory, cached.loss), cached
 
     @staticmethod
     def _update_heads(
@@ -372,9 +378,10 @@ class IngestMonitor:
         history: History,
         steps: list[int],
         refractory: dict[str, int],
+        loss: str | None,
     ) -> Evaluation:
         """Flags and alerts at `steps`; `refractory` (the latest flagged steps) moves on with the flags."""
-        flags = detect(history, steps, params, refractory)
+        flags = detect(history, steps, params, refractory, loss)
         out = Evaluation(flags=flags)
         if rules:
             self._fire(project, run_id, self.rule_states.evaluate(run_id, rules, history, steps, flags), out)

@@ -114,6 +114,10 @@ class Bound(_Strict):
     max: Units
 
 
+def _loss_bounds() -> dict[str, tuple[Bound, ...]]:
+    return {"gspo": (Bound(key="grad/update_ratio", max=0.01),)}
+
+
 class TrustRegionParams(_Strict):
     """`trust_region`: an update that left the loss's trust region, judged on absolute bounds.
 
@@ -133,7 +137,15 @@ class TrustRegionParams(_Strict):
         Bound(key="ratio/clip_frac", max=0.2),
         Bound(key="grad/update_ratio", max=0.01),
     )
+    # Losses whose bounds differ (the run's `loss`): GSPO clips whole sequences in a window of
+    # [1 - 3e-4, 1 + 4e-4] on the sequence log-ratio, so its clip fraction starts at 0.3-0.5 in healthy
+    # runs (its paper reports far more clipping than GRPO's); only the update ratio bounds it.
+    loss_bounds: Annotated[dict[Key, tuple[Bound, ...]], Field(max_length=16)] = Field(default_factory=_loss_bounds)
     refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
+
+    def bounds_for(self, loss: str | None) -> tuple[Bound, ...]:
+        """The bounds of a run trained with `loss` (`loss_bounds`, else `bounds`)."""
+        return self.loss_bounds.get(loss, self.bounds) if loss else self.bounds
 
 
 class Band(_Strict):
@@ -462,6 +474,7 @@ class FlagParams(_Strict):
         for p in self.spikes().values():
             found.update(p.keys)
         found.update(b.key for b in self.trust_region.bounds)
+        found.update(b.key for bounds in self.trust_region.loss_bounds.values() for b in bounds)
         found.update(b.key for b in self.mismatch.bands)
         found.update(g.key for g in self.mismatch.growth)
         found.update(self.mismatch.clip_keys)

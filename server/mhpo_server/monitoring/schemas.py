@@ -197,7 +197,10 @@ class EntropyForecastOut(BaseModel):
     )
     crossing_step: int | None = Field(None, description="`step` + `steps_left`")
     spacing: float | None = Field(None, description="optimizer steps per point of the series (per rollout)")
+    accelerating: bool | None = Field(
+        None, description="the trend is steeper than the average slope since the reference by the set factor"
+    )
     confident: bool | None = Field(
-        None, description="the decline is systematic and meaningful, near, and the covariance agrees"
+        None, description="the decline accelerates, is systematic and meaningful, near, and the covariance agrees"
     )
     reason: str | None = Field(None, description="why there is no forecast (null when there is one)")

@@ -53,7 +53,7 @@ def run_forecast(store: Store, run: Run, params: FlagParams) -> EntropyForecastO
     history = stored_history(store, run.run_id, params, keys, run.last_step, run.last_step, params.history_steps())
     forecast = latest_forecast(history, p)
     if forecast is not None:
-        return out.model_copy(update={**forecast.as_dict(), "spacing": forecast.spacing})
+        return out.model_copy(update=forecast.as_dict())
     if history.series(p.key) is None:
         return out.model_copy(update={"reason": f"the run logs no {p.key}, which the forecast reads"})
     points = len(rollout_series(history, StepKinds(history), p.key)[0])
