@@ -42,8 +42,9 @@ class EntropyForecast:
 
     `steps_left`: optimizer steps until the trend crosses `floor` x `reference` (0 when the level
     is already under it; None when the entropy is not falling); `spacing`: optimizer steps per
-    point. `accelerating`: the trend is at least `acceleration` times steeper than the average slope
-    since the reference (or the entropy had not fallen before). `confident`: it accelerates, the
+    point. `accelerating`: the trend is at least `acceleration` times steeper than the pace from the
+    reference to the window's start (or the entropy had not fallen before the window), judged once
+    `trend_points` points lie between the reference and the window. `confident`: it accelerates, the
     decline is systematic (Mann-Kendall z at or under minus the
     threshold), meaningful (the level has lost at least `min_drop` of the reference), the
     crossing is at most `horizon_steps` optimizer steps ahead and, where logged, the log-prob/advantage
@@ -150,11 +151,15 @@ def entropy_forecast(
     else:
         steps_left = None
     spacing = max(float(np.median(np.diff(x))), 1.0)
-    # The average slope since the reference: a decline that merely goes on at (or under) the pace the run
-    # has kept since its start is sharpening; a collapse speeds up.
-    elapsed = float(x[-1]) - float(steps[(p.reference_points - 1) // 2])
-    average = (level - reference) / elapsed if elapsed > 0 else 0.0
-    accelerating = slope < 0 and (average >= 0 or slope <= p.acceleration * average)
+    # The pace before the window, from the reference to the window's start: a decline that merely goes on
+    # at (or under) the pace the run kept before is sharpening; a collapse speeds up.
+    # It needs as many points before the window as in it: a run that declines from its first rollouts
+    # has no earlier pace to compare with until then.
+    start = float(np.median(y[: p.recent_points]))
+    elapsed = float(x[0]) - float(steps[(p.reference_points - 1) // 2])
+    before = (start - reference) / elapsed if elapsed > 0 else 0.0
+    seen_before = end - p.trend_points >= p.reference_points + p.trend_points
+    accelerating = seen_before and slope < 0 and (before >= 0 or slope <= p.acceleration * before)
     confident = (
         accelerating
         and z <= -p.z

@@ -244,7 +244,7 @@ class ForecastParams(_Strict):
     The reference is the median of the first `reference_points` points; the level the median of
     the last `recent_points`; the trend the Theil-Sen slope over the last `trend_points`, confident
     when its Mann-Kendall z is at most -`z`, the level has lost `min_drop` of the reference, the
-    trend is `acceleration` times steeper than the average slope since the reference, and the
+    trend is `acceleration` times steeper than the pace from the reference to the window's start, and the
     crossing of `floor` x reference lies at most `horizon_steps` optimizer steps ahead.
     """
 

@@ -198,7 +198,8 @@ class EntropyForecastOut(BaseModel):
     crossing_step: int | None = Field(None, description="`step` + `steps_left`")
     spacing: float | None = Field(None, description="optimizer steps per point of the series (per rollout)")
     accelerating: bool | None = Field(
-        None, description="the trend is steeper than the average slope since the reference by the set factor"
+        None,
+        description="the trend is steeper, by the set factor, than the pace from the reference to the window's start",
     )
     confident: bool | None = Field(
         None, description="the decline accelerates, is systematic and meaningful, near, and the covariance agrees"

@@ -332,36 +332,34 @@ def _flag(kind: str, step: int, state: State | None, detector: str) -> Flag | No
     )
 
 
-@register_detector(
-    "entropy_state",
-    instances=lambda fp: {"collapse": fp.collapse},
-    judge=lambda _s, kind, _p, table, step: _flag(kind, step, table.get(step), "entropy_state"),
-    hold=lambda p: p.refractory_steps,
-)
+def register_state(
+    name: str, kind: str
+) -> Callable[[Callable[[Scope, str, Any], Any]], Callable[[Scope, str, Any], Any]]:
+    """Register a state detector: its `prepare` gives step -> `State` at the onsets; one flag per
+    episode (the kind's `refractory_steps`)."""
+    return register_detector(
+        name,
+        instances=lambda fp: {kind: getattr(fp, kind)},
+        judge=lambda _s, k, _p, table, step: _flag(k, step, table.get(step), name),
+        hold=lambda p: p.refractory_steps,
+    )
+
+
+@register_state("entropy_state", "collapse")
 def _prepare_collapse(s: Scope, _kind: str, p: CollapseParams) -> dict[int, State]:
     steps, values = rollout_series(s.history, s.kinds, p.key)
     first = p.forecast.reference_points + max(p.forecast.recent_points, p.hold_points)
     return _onsets(steps, s.at, lambda end: _collapse_state(s.history, s.kinds, p, steps, values, end), first)
 
 
-@register_detector(
-    "entropy_level",
-    instances=lambda fp: {"entropy_surge": fp.entropy_surge},
-    judge=lambda _s, kind, _p, table, step: _flag(kind, step, table.get(step), "entropy_level"),
-    hold=lambda p: p.refractory_steps,
-)
+@register_state("entropy_level", "entropy_surge")
 def _prepare_surge(s: Scope, _kind: str, p: SurgeParams) -> dict[int, State]:
     steps, values = rollout_series(s.history, s.kinds, p.key)
     first = p.reference_points + p.recent_points
     return _onsets(steps, s.at, lambda end: _surge_state(s.history, s.kinds, p, steps, values, end), first)
 
 
-@register_detector(
-    "learning_signal",
-    instances=lambda fp: {"no_signal": fp.no_signal},
-    judge=lambda _s, kind, _p, table, step: _flag(kind, step, table.get(step), "learning_signal"),
-    hold=lambda p: p.refractory_steps,
-)
+@register_state("learning_signal", "no_signal")
 def _prepare_no_signal(s: Scope, _kind: str, p: NoSignalParams) -> dict[int, State]:
     steps, values = rollout_series(s.history, s.kinds, p.degenerate_key)
     table = _onsets(steps, s.at, lambda end: _degenerate_state(p, values, end), p.degenerate_points)
@@ -384,12 +382,7 @@ def _prepare_no_signal(s: Scope, _kind: str, p: NoSignalParams) -> dict[int, Sta
     return table
 
 
-@register_detector(
-    "length_limit",
-    instances=lambda fp: {"truncation": fp.truncation},
-    judge=lambda _s, kind, _p, table, step: _flag(kind, step, table.get(step), "length_limit"),
-    hold=lambda p: p.refractory_steps,
-)
+@register_state("length_limit", "truncation")
 def _prepare_truncation(s: Scope, _kind: str, p: TruncationParams) -> dict[int, State]:
     steps, values = rollout_series(s.history, s.kinds, p.key)
     return _onsets(steps, s.at, lambda end: _truncation_state(p, values, end), p.recent_points)
