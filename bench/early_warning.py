@@ -10,7 +10,7 @@ runs' labels (from their outcomes, never from a detector: see `bench/corpus.py`)
     python bench/early_warning.py --corpus DIR --params p.json --json out.json --verbose
 
 `--params FILE` is a JSON object of `FlagParams` overrides (nested, partial: applied with
-`FlagParams().merged`), e.g. `{"collapse": {"z": 5.0}}`. `--verbose` lists per run its labels
+`FlagParams().merged`), e.g. `{"collapse": {"forecast": {"z": 5.0}}}`. `--verbose` lists per run its labels
 and the first alarm of each kind. `--json FILE` writes every figure below and the per-run list.
 
 Per split (`tune`, `held`), per row (the MHPO flags, each flag kind, each threshold alarm):
@@ -333,6 +333,8 @@ def run_lines(judged: Sequence[Judged]) -> list[str]:
         for a in j.alarms:
             first.setdefault(a.source, a.step)
         alarms = ", ".join(f"{k}@{s} (r{j.run.rollout_at(s)})" for k, s in sorted(first.items(), key=lambda kv: kv[1]))
+        if labels.mismatch:
+            states.append("mismatch (stale sampler)")
         lines.append(
             f"{j.run.split:<5} {j.run.name:<24} {len(j.run.records):>4} steps  {', '.join(states) or 'healthy'}"
             f"  | {alarms or 'no alarm'}"
@@ -355,7 +357,8 @@ def report(judged: Sequence[Judged], splits: Sequence[str], verbose: bool = Fals
         print(
             f"\n## {split}: {len(part)} runs: {labels['healthy']} healthy ({healthy_steps:,} optimizer steps; "
             f"{truncated} of them truncated), {sum(1 for j in part if j.run.labels.collapse is not None)} collapse, "
-            f"{sum(1 for j in part if j.run.labels.stopped is not None)} stopped ({both} both)\n"
+            f"{sum(1 for j in part if j.run.labels.stopped is not None)} stopped ({both} both), "
+            f"{labels['mismatch']} mismatch (a stale sampler: not counted as healthy)\n"
         )
         print(table(scores))
         figures[split] = {

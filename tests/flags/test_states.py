@@ -131,3 +131,28 @@ def test_the_server_judges_a_run_by_its_loss(sqlite_url: str) -> None:
             events = client.get(f"/api/v1/runs/{run}/events").json()["events"]
             kinds[loss] = [e["kind"] for e in events if e["type"] == "flag"]
     assert kinds == {"gspo": [], "grpo": ["trust_region"]}
+
+
+def test_a_long_entropy_climb_is_judged_alike_over_http_and_at_once(sqlite_url: str) -> None:
+    """Entropy 0.5 -> 0.85 over 1,100 steps while the reward rises 0.2 -> 0.7, posted in batches of 50:
+    the server keeps only the run's first points and a recent window, and still says what `detect`
+    says on the whole stream (where the climb began further back than the window the reward is
+    judged on, both judge it on the window)."""
+    mhpo_migrations.upgrade(sqlite_url)
+    rng = np.random.default_rng(0)
+    n = 1300
+    k = np.clip((np.arange(n) - 50) / 1100, 0.0, 1.0)
+    entropy = (0.5 + 0.35 * k) * np.exp(0.02 * rng.standard_normal(n))
+    reward = 0.2 + 0.5 * k + 0.02 * rng.standard_normal(n)
+    records = [{"step": s, "scalars": {"policy/entropy": entropy[s], "reward/mean": reward[s]}} for s in range(n)]
+    whole = detect(History({"policy/entropy": series(entropy), "reward/mean": series(reward)}), range(n))
+    assert whole and {f.kind for f in whole} == {"entropy_surge"}, whole
+    with TestClient(create_app(Settings(db=sqlite_url))) as client:
+        run = client.post("/api/v1/runs", json={"project": "p", "name": "climb"}).json()["run_id"]
+        for start in range(0, n, 50):
+            batch = {"batch_id": str(start), "records": records[start : start + 50]}
+            assert client.post(f"/api/v1/runs/{run}/records", json=batch).status_code == 200
+        events = client.get(f"/api/v1/runs/{run}/events").json()["events"]
+    assert [(e["step"], e["kind"], e["severity"]) for e in events if e["type"] == "flag"] == [
+        (f.step, f.kind, f.severity) for f in whole
+    ]

@@ -44,7 +44,7 @@ class EntropyForecast:
     is already under it; None when the entropy is not falling); `spacing`: optimizer steps per
     point. `accelerating`: the trend is at least `acceleration` times steeper than the pace from the
     reference to the window's start (or the entropy had not fallen before the window), judged once
-    `trend_points` points lie between the reference and the window. `confident`: it accelerates, the
+    `before_points` points lie between the reference and the window. `confident`: it accelerates, the
     decline is systematic (Mann-Kendall z at or under minus the
     threshold), meaningful (the level has lost at least `min_drop` of the reference), the
     crossing is at most `horizon_steps` optimizer steps ahead and, where logged, the log-prob/advantage
@@ -62,11 +62,6 @@ class EntropyForecast:
     spacing: float
     accelerating: bool
     confident: bool
-
-    @property
-    def points_left(self) -> float | None:
-        """`steps_left` in points of the series (rollouts where one point is logged per rollout)."""
-        return None if self.steps_left is None else self.steps_left / self.spacing
 
     @property
     def fraction(self) -> float:
@@ -153,12 +148,12 @@ def entropy_forecast(
     spacing = max(float(np.median(np.diff(x))), 1.0)
     # The pace before the window, from the reference to the window's start: a decline that merely goes on
     # at (or under) the pace the run kept before is sharpening; a collapse speeds up.
-    # It needs as many points before the window as in it: a run that declines from its first rollouts
-    # has no earlier pace to compare with until then.
+    # It needs `before_points` points between the reference and the window: a run that declines from its
+    # first rollouts has no earlier pace to compare with until then.
     start = float(np.median(y[: p.recent_points]))
     elapsed = float(x[0]) - float(steps[(p.reference_points - 1) // 2])
     before = (start - reference) / elapsed if elapsed > 0 else 0.0
-    seen_before = end - p.trend_points >= p.reference_points + p.trend_points
+    seen_before = end - p.trend_points >= p.reference_points + p.before_points
     accelerating = seen_before and slope < 0 and (before >= 0 or slope <= p.acceleration * before)
     confident = (
         accelerating

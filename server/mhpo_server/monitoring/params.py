@@ -144,8 +144,8 @@ class TrustRegionParams(_Strict):
     refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
 
     def bounds_for(self, loss: str | None) -> tuple[Bound, ...]:
-        """The bounds of a run trained with `loss` (`loss_bounds`, else `bounds`)."""
-        return self.loss_bounds.get(loss, self.bounds) if loss else self.bounds
+        """The bounds of a run trained with `loss` (`loss_bounds`, by the lower-cased name; else `bounds`)."""
+        return self.loss_bounds.get(loss.lower(), self.bounds) if loss else self.bounds
 
 
 class Band(_Strict):
@@ -244,7 +244,8 @@ class ForecastParams(_Strict):
     The reference is the median of the first `reference_points` points; the level the median of
     the last `recent_points`; the trend the Theil-Sen slope over the last `trend_points`, confident
     when its Mann-Kendall z is at most -`z`, the level has lost `min_drop` of the reference, the
-    trend is `acceleration` times steeper than the pace from the reference to the window's start, and the
+    trend is `acceleration` times steeper than the pace from the reference to the window's start (at
+    least `before_points` points before it), and the
     crossing of `floor` x reference lies at most `horizon_steps` optimizer steps ahead.
     """
 
@@ -256,6 +257,7 @@ class ForecastParams(_Strict):
     min_drop: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     horizon_steps: Annotated[int, Field(ge=1, le=100_000)] = 150
     acceleration: Annotated[float, Field(ge=0.0, le=1_000.0)] = 3.0
+    before_points: Annotated[int, Field(ge=1, le=500)] = 30
 
 
 class Corroboration(_Strict):
@@ -309,7 +311,8 @@ class SurgeParams(_Strict):
     """`entropy_surge`: the entropy's recent level (median of the last `recent_points` points) at least
     `ratio` x its early reference and `min_abs` above it, while the reward has not risen (`reward_rise`:
     its recent median against its median when the entropy was last at or under its reference, i.e.
-    when the climb began).
+    when the climb began, looked for at most `reward_rise.window_points` rollouts back: what the
+    server keeps of a long run, so a batched run is judged as a whole one).
 
     The reference is the run's early level (`reference_points`), so a rebound after a dip back to
     where the run started is not a surge."""
@@ -450,6 +453,7 @@ class FlagParams(_Strict):
         return max(
             c.forecast.trend_points + 1,
             c.forecast.recent_points + 1,
+            c.hold_points + 1,
             s.recent_points + 1,
             r,
             n.degenerate_points + 1,

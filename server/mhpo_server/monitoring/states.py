@@ -233,8 +233,11 @@ def _surge_state(
     level = float(np.median(values[end - p.recent_points : end]))
     if level < p.ratio * reference or level - reference < p.min_abs:
         return State(0)
-    calm = np.flatnonzero(values[:end] <= reference)
-    since = int(steps[calm[-1]]) if len(calm) else int(steps[p.reference_points - 1])
+    # The climb began at the last point at or under the reference, looked for no further back than
+    # `window_points` rollouts (what the server keeps of a long run), so every path agrees.
+    start = max(p.reference_points - 1, end - 1 - p.reward_rise.window_points)
+    calm = np.flatnonzero(values[start:end] <= reference)
+    since = int(steps[start + calm[-1]]) if len(calm) else int(steps[start])
     reward = _reward_since(history, kinds, p.reward_rise, since, int(steps[end - 1]))
     rising = _rising(reward, p.reward_rise)
     evidence = {
@@ -256,7 +259,8 @@ def _surge_state(
         return State(SEVERITY_LEVEL["info"], message, evidence)
     message = (
         f"Entropy surge: policy entropy is {_num(level)}, {times} its early level {_num(reference)}, and the"
-        f" reward has not risen since it began climbing{reward_text}: the policy is drifting towards random text."
+        f" reward has not risen since it began climbing{reward_text}: the policy is drifting towards random"
+        " text."
     )
     return State(SEVERITY_LEVEL["warning"], message, evidence)
 
