@@ -289,7 +289,9 @@ class CollapseParams(_Strict):
 
     A rising reward (`reward_rise`) softens the message (the entropy may be spent on intended
     sharpening) and holds back the forecast warning; it never hides the state. One flag per
-    episode: at the point where the state begins, then quiet for `refractory_steps`.
+    episode: at the point where the state begins or worsens, then quiet for `refractory_steps`
+    (shorter than the other kinds': a forecast that did not come true must not hold back the
+    collapse that follows; long enough that a forecast and the state it foresaw are one flag).
     """
 
     enabled: bool = True
@@ -304,7 +306,7 @@ class CollapseParams(_Strict):
         Corroboration(key="group/distinct_frac", direction="down"),
     )
     reward_rise: RewardRise = RewardRise()
-    refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 200
+    refractory_steps: Annotated[int, Field(ge=0, le=1_000_000)] = 120
 
 
 class SurgeParams(_Strict):

@@ -54,6 +54,7 @@ from mhpo_server.monitoring.params import (
 )
 
 SEVERITY_LEVEL = {"info": 1, "warning": 2, "critical": 3}
+EPISODE_GAP = 5  # points (rollouts) a state must stay under a level before reaching it again is a new episode
 LEVEL_SEVERITY = {level: name for name, level in SEVERITY_LEVEL.items()}
 
 
@@ -89,7 +90,9 @@ class State:
 def _onsets(steps: np.ndarray, at: np.ndarray, judge: Callable[[int], State], first: int) -> dict[int, State]:
     """step -> state, at the evaluated steps that are points of the series where the state begins or worsens.
 
-    `judge(end)` judges the series' first `end` points; `first` is the smallest `end` it can judge.
+    `judge(end)` judges the series' first `end` points; `first` is the smallest `end` it can judge. A
+    state that flickers (under a threshold, over it, under it again) is one episode: it begins anew
+    only after `EPISODE_GAP` points at a lower level.
     """
     out = {}
     idx = np.searchsorted(steps, at)
@@ -97,7 +100,7 @@ def _onsets(steps: np.ndarray, at: np.ndarray, judge: Callable[[int], State], fi
         if i >= len(steps) or steps[i] != step or i + 1 < first:
             continue
         now = judge(i + 1)
-        if now.level and (i < first or now.level > judge(i).level):
+        if now.level and all(judge(end).level < now.level for end in range(i, max(first, i + 1 - EPISODE_GAP) - 1, -1)):
             out[step] = now
     return out
 
