@@ -223,6 +223,8 @@ class StepKinds:
 
     def __init__(self, history: History) -> None:
         self.history = history
+        # key -> its one-point-per-rollout series (`states.rollout_series`), computed once per `detect` call
+        self.rollouts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def on_policy(self, steps: np.ndarray) -> np.ndarray:
         index = lookup(self.history, "train/update_index", steps)

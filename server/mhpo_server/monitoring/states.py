@@ -61,7 +61,15 @@ LEVEL_SEVERITY = {level: name for name, level in SEVERITY_LEVEL.items()}
 def rollout_series(history: History, kinds: StepKinds, key: str) -> tuple[np.ndarray, np.ndarray]:
     """One point per rollout of `key`: its finite points of non-empty steps, a rollout-level value
     repeated at every update counted once, and only the first (on-policy) update of each rollout
-    where the step's kind is known (`train/update_index`, or the exact-zero log-ratio without it)."""
+    where the step's kind is known (`train/update_index`, or the exact-zero log-ratio without it).
+    Computed once per key and `kinds` (one `detect` call)."""
+    found = kinds.rollouts.get(key)
+    if found is None:
+        found = kinds.rollouts[key] = _rollout_series(history, kinds, key)
+    return found
+
+
+def _rollout_series(history: History, kinds: StepKinds, key: str) -> tuple[np.ndarray, np.ndarray]:
     parts = subseries(history, kinds, key)
     if not parts:
         return np.empty(0, dtype=np.int64), np.empty(0)
