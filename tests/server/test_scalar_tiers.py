@@ -90,7 +90,8 @@ def aggregate(values: list[tuple[int, float]]) -> tuple[int, int, int, float | N
 def expected_scalars(
     model: Model, start: int | None, end: int | None, max_points: int, events: tuple[int, ...] = ()
 ) -> ScalarsOut:
-    """The answer of get_scalars computed from the model: a downsampled key keeps its points at `events` exact."""
+    """The answer of get_scalars computed from the model: a downsampled key keeps its points at `events` exact
+    (values; a flagged step that starts a bucket keeps the bucket's min/max)."""
     series: dict[str, Any] = {}
     downsampled = False
     for key in sorted(model.points):
@@ -114,7 +115,8 @@ def expected_scalars(
             mean = math.nan if nans or total is None else total / count
             by_step[first] = (mean, math.nan if vmin is None else vmin, math.nan if vmax is None else vmax)
             downsampled = downsampled or n > 1
-        by_step.update({s: (v, v, v) for s, v in pts if s in events})
+        # A flagged point is exact; at a bucket's first step it keeps the bucket's min/max.
+        by_step.update({s: (v, *by_step.get(s, (v, v, v))[1:]) for s, v in pts if s in events})
         steps = sorted(by_step)
         series[key] = {"step": steps, **{name: [by_step[s][i] for s in steps] for i, name in enumerate(COLUMNS)}}
     return ScalarsOut.model_validate({"run_id": model.run_id, "downsampled": downsampled, "series": series})

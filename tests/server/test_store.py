@@ -172,6 +172,19 @@ def test_downsampling_keeps_spikes_nonfinite_and_flagged_steps(store: Store, run
     assert window.step == list(range(100, 150)), "a range under max_points is exact"
 
 
+def test_a_flagged_step_that_starts_a_bucket_keeps_the_buckets_spike(store: Store, run_id: str) -> None:
+    """The flag's point is exact, and the envelope of the bucket it starts still shows the bucket's spike."""
+    store.write_records(
+        run_id, "b", [rec(s, scalars={"x": 1e6 if s == 4321 else float(s % 10)}) for s in range(10_000)]
+    )
+    store.add_events(run_id, [EventCreate(step=4300, kind="grad_spike", severity="warning", detector="d")])
+    series = store.get_scalars(run_id, ["x"], None, None, 100).series["x"]
+    assert 4300 in series.step and 4321 not in series.step, "step 4300 starts the bucket holding the spike"
+    i = series.step.index(4300)
+    assert series.value[i] == 0.0, "the flagged step's own value"
+    assert (series.min[i], series.max[i]) == (0.0, 1e6), "the bucket's min/max, spike included"
+
+
 def test_histograms_merge_exactly(store: Store, run_id: str) -> None:
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 50, size=(10, 8))

@@ -84,7 +84,8 @@ class SeriesReads(Part):
         reads the short series exactly (on SQLite, in-process, per-key prepared statements
         are cheaper); long series are aggregated per key into buckets `step // width` (see
         `_buckets`; a range of `tiers.TIERED_MIN_STEPS` steps or more merges the stored tiers
-        instead, see `tiers.read`), and one statement reads the flagged steps of all of them exactly.
+        instead, see `tiers.read`), and one statement reads the flagged steps of all of them exactly
+        (the value is the point's; a flagged step that is a bucket's first keeps the bucket's min/max).
         """
         with self._tx() as conn:
             self.runs.require(conn, run_id)
@@ -119,7 +120,9 @@ class SeriesReads(Part):
                     )
                     for key, step, value, is_nan in conn.execute(query):
                         point = self._point(value, is_nan)
-                        points[key][step] = (point, point, point)
+                        # A flagged step that starts a bucket keeps the bucket's min/max, which include it.
+                        _, low, high = points[key].get(step, (point, point, point))
+                        points[key][step] = (point, low, high)
                 for key, by_step in points.items():
                     steps = sorted(by_step)
                     found[key] = Series(
