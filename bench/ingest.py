@@ -165,6 +165,7 @@ class Cell:
     requests: int
     errors: int
     seconds: float
+    servers: int = 1  # server processes taking the clients (bench/scale.py)
 
     @property
     def rate(self) -> float:

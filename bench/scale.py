@@ -23,27 +23,12 @@ import json
 import os
 import sys
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-from ingest import DEFAULT_PG_URL, MHPOTarget, ingest, pg_database
+from ingest import DEFAULT_PG_URL, Cell, MHPOTarget, ingest, pg_database
 from servers import mhpo_server
 
 MODES = {"1 step/req": False, "1000 pts/req": True}
-
-
-@dataclass
-class Cell:
-    servers: int
-    mode: str
-    clients: int
-    points: int
-    requests: int
-    errors: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        return self.points / self.seconds
 
 
 def measure(n: int, admin_url: str, per_server: int, seconds: float) -> list[Cell]:
@@ -55,7 +40,7 @@ def measure(n: int, admin_url: str, per_server: int, seconds: float) -> list[Cel
         target = MHPOTarget(urls[0])  # adds bench/ingest.py's alert rules to the project
         for mode, batched in MODES.items():
             points, requests, errors, elapsed = ingest(target, urls, batched, per_server * n, seconds)
-            cell = Cell(n, mode, per_server * n, points, requests, errors, elapsed)
+            cell = Cell("mhpo", "postgresql", mode, per_server * n, points, requests, errors, elapsed, servers=n)
             cells.append(cell)
             print(
                 f"  {n} server(s) {mode:<13} {cell.clients:>2} clients: {cell.rate:>10,.0f} points/s ({errors} errors)",

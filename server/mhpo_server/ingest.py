@@ -54,7 +54,7 @@ class Ingest:
     @contextmanager
     def turn(self, run_id: str) -> Iterator[None]:
         """The run's turn: one writer or evaluator of the run at a time, across server processes."""
-        with RUN_LOCKS[uuid.UUID(run_id).int % len(RUN_LOCKS)], self.store.run_turn(run_id):
+        with _stripe(run_id), self.store.run_turn(run_id):
             yield
 
     def write(
@@ -71,7 +71,7 @@ class Ingest:
         transaction that checks the view itself, so it takes only the in-process lock. Any other
         batch is written and judged under the run's turn across processes.
         """
-        with RUN_LOCKS[uuid.UUID(run_id).int % len(RUN_LOCKS)]:
+        with _stripe(run_id):
             result = self._write_prejudged(run_id, batch_id, records, rejected)
             if result is None:
                 with self.store.run_turn(run_id):
@@ -190,3 +190,8 @@ class Ingest:
         behind = self.store.behind()
         gaps = [last - (-1 if evaluated is None else evaluated) for _, evaluated, last in behind]
         return {"runs_behind": len(behind), "max_steps_behind": max(gaps, default=0)}
+
+
+def _stripe(run_id: str) -> threading.Lock:
+    """The run's in-process lock (`RUN_LOCKS` striped by run id)."""
+    return RUN_LOCKS[uuid.UUID(run_id).int % len(RUN_LOCKS)]

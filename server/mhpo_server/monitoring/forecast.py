@@ -85,10 +85,10 @@ class EntropyForecast:
         }
 
 
-def reference_level(values: np.ndarray, p: ForecastParams) -> float | None:
-    """The early reference: median of the first `reference_points` finite points (None with fewer)."""
-    first = values[: p.reference_points]
-    if len(first) < p.reference_points:
+def reference_level(values: np.ndarray, points: int) -> float | None:
+    """A series' early reference: the median of its first `points` points (None with fewer)."""
+    first = values[:points]
+    if len(first) < points:
         return None
     return float(np.median(first))
 

@@ -156,7 +156,7 @@ def _collapse_state(
     f = p.forecast
     if end < f.reference_points + max(f.recent_points, p.hold_points):
         return State(0)
-    reference = reference_level(values, f)
+    reference = reference_level(values, f.reference_points)
     if reference is None or reference <= 0:
         return State(0)
     level = float(np.max(values[end - p.hold_points : end]))  # each of the last `hold_points` is at most this
@@ -238,9 +238,9 @@ def _forecast_evidence(forecast: EntropyForecast) -> dict[str, Any]:
 def _surge_state(
     history: History, kinds: StepKinds, p: SurgeParams, steps: np.ndarray, values: np.ndarray, end: int
 ) -> State:
-    if end < p.reference_points + p.recent_points:
+    reference = reference_level(values, p.reference_points)
+    if reference is None or end < p.reference_points + p.recent_points:
         return State(0)
-    reference = float(np.median(values[: p.reference_points]))
     level = float(np.median(values[end - p.recent_points : end]))
     if level < p.ratio * reference or level - reference < p.min_abs:
         return State(0)
@@ -321,9 +321,9 @@ def _truncation_state(p: TruncationParams, values: np.ndarray, end: int) -> Stat
             " length limit, or penalise length)."
         )
         return State(SEVERITY_LEVEL["warning"], message, {**evidence, "state": "most"})
-    if end < p.reference_points + p.trend_points:
+    reference = reference_level(values, p.reference_points)
+    if reference is None or end < p.reference_points + p.trend_points:
         return State(0)
-    reference = float(np.median(values[: p.reference_points]))
     z = mann_kendall_z(values[end - p.trend_points : end])
     if level >= p.climb_frac and level - reference >= p.climb_abs and z >= p.z:
         message = (
@@ -408,7 +408,7 @@ def latest_forecast(history: History, p: CollapseParams) -> EntropyForecast | No
     budget), or None before the run has `reference_points + trend_points` rollouts of entropy."""
     kinds = StepKinds(history)
     steps, values = rollout_series(history, kinds, p.key)
-    reference = reference_level(values, p.forecast)
+    reference = reference_level(values, p.forecast.reference_points)
     if reference is None:
         return None
     return entropy_forecast(steps, values, len(steps), reference, p.forecast, history.series(COV_KEY))
