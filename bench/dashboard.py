@@ -7,7 +7,8 @@ for `--keys-steps` steps, then opens each page `--repeat` times in a fresh brows
 and reports the time from navigation to every chart drawn (all Plotly graphs of the page
 rendered with their data). Baseline pages are measured in the same process, on the same
 server. Goal: <= 2 s for a 10,000-step run page, for a compare page of three such runs
-and for the run page of the many-key run.
+and for the run page of the many-key run. Live updates: the time from posting 5 new steps
+of a run whose page is open until its heat-map has drawn them (goal <= 2 s).
 
     python bench/dashboard.py [--steps 10000] [--keys 1000] [--repeat 5] [--screenshot /tmp/run-10k.png]
 
@@ -132,6 +133,36 @@ def measure(browser: object, label: str, url: str, graphs: int, repeat: int) -> 
     }
 
 
+def live_append(browser: object, url: str, run_id: str, first_step: int, repeat: int) -> dict[str, float | str]:
+    """Seconds from posting 5 new steps of an open run page's run until its heat-map has drawn them
+    (the page's live poll, no reload), `repeat` times on one page."""
+    import httpx
+
+    context = browser.new_context(viewport={"width": 1600, "height": 1100})
+    page = context.new_page()
+    page.goto(f"{url}/runs/{run_id}")
+    heatmap = "document.querySelector('.graph-heatmap .js-plotly-plot')"
+    page.wait_for_function(f"() => {heatmap} && {heatmap}.data && {heatmap}.data.length > 0", timeout=120_000)
+    times = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(repeat + 1):  # the first one is a warm-up
+            start = first_step + 5 * i
+            drawn = page.evaluate(f"() => {heatmap}.data[0].x.length")
+            started = time.monotonic()
+            post_records(client, run_id, list(records(start, start + 5, seed=5)))
+            page.wait_for_function(f"(n) => {heatmap}.data[0].x.length === n", arg=drawn + 5, timeout=60_000)
+            if i:
+                times.append(time.monotonic() - started)
+    context.close()
+    return {
+        "page": "live: 5 new steps drawn",
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "server_s": float("nan"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10_000, help="steps per long run")
@@ -169,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                     browser, f"run page, {args.keys} keys", f"{server.url}/runs/{many}", RUN_PAGE_GRAPHS, args.repeat
                 )
             )
+            live = seed_run(server.url, "bench", "live", "mhpo", {"lr": 1e-6}, args.baseline_steps, seed=5)
+            rows.append(live_append(browser, server.url, live, args.baseline_steps, args.repeat))
             if args.screenshot:
                 context = browser.new_context(viewport={"width": 1600, "height": 1100})
                 page = context.new_page()
@@ -183,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             browser.close()
     print(f"\nfirst paint in headless Chromium (median of {args.repeat}, after one warm-up load); goal <= {GOAL_S} s")
     print("server s = the page callback's time on the server (median), part of the first paint")
+    print("live = from posting 5 steps of an open run page's run to the heat-map drawing them (no reload)")
     print("load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     print(f"{'page':<28} {'median s':>9} {'min s':>7} {'max s':>7} {'server s':>9}")
     for row in rows:

@@ -7,7 +7,6 @@ of every page go to artifacts/dashboard/ (git-ignored).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -137,24 +136,25 @@ def test_run_page_loads_plotly_once_from_the_cartesian_bundle_and_points_select_
     )
 
 
-def test_records_posted_while_open_appear_without_reload_within_2s(server: LiveServer, page: object) -> None:
+def test_records_posted_while_open_appear_without_reload(server: LiveServer, page: object) -> None:
+    """The page's live poll appends them (how fast: `python bench/dashboard.py`, the "live" row)."""
     run_id = seed_run(server.url, "live", "live-run", "mhpo", {"lr": 1e-6}, 20, seed=3)
     open_page(page, f"{server.url}/runs/{run_id}", f".graph-heatmap {PLOT}")
     assert _trace_lengths(page, "heatmap") == [20]
     hazard_before = _trace_lengths(page, "hazard")[0]
+    page.evaluate("() => { window.notReloaded = true; }")  # a reload would start a fresh window
     with httpx.Client(base_url=server.url) as client:
-        started = time.monotonic()
         post_records(client, run_id, list(records(20, 25, seed=3)))
     page.wait_for_function(
-        f"() => document.querySelector('.graph-heatmap {PLOT}').data[0].x.length === 25", timeout=2000
+        f"() => document.querySelector('.graph-heatmap {PLOT}').data[0].x.length === 25", timeout=10_000
     )
     page.wait_for_function(
         f"(n) => document.querySelector('.graph-hazard {PLOT}').data[0].x.length === n",
         arg=hazard_before + 5,
-        timeout=max(1, int(2000 - (time.monotonic() - started) * 1000)),
+        timeout=10_000,
     )
-    assert time.monotonic() - started <= 2.0
     assert "last step 24" in page.inner_text("#run-summary")
+    assert page.evaluate("() => window.notReloaded === true"), "the page was not reloaded"
 
 
 def test_a_custom_chart_gets_live_points_appended_and_keeps_its_zoom(server: LiveServer, page: object) -> None:
