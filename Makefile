@@ -20,8 +20,9 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/mhpo demo
 
+# One process per CPU (at most 4); a test file stays in one process, so its session fixtures are built once.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 # ruff (lint and format) and mypy, configured in pyproject.toml; CI runs this before the tests.
 lint: $(BIN)/.installed
