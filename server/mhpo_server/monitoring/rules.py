@@ -86,14 +86,13 @@ class SpikeState:
                 del self.ordered[bisect.bisect_left(self.ordered, old)]
 
 
-def _spike_score(value: float, ordered: list[float], cond: SpikeCondition) -> tuple[bool, dict[str, Any]]:
-    """Whether `value` spikes against the finite window values `ordered`, with the evidence."""
+def _spike_score(value: float, ordered: list[float], cond: SpikeCondition) -> tuple[bool, tuple[float, float, float]]:
+    """Whether `value` spikes against the finite window values `ordered`, and its (z, baseline, scale)."""
     if not math.isfinite(value) or len(ordered) < cond.min_baseline:
-        return False, {}
+        return False, (math.nan, math.nan, math.nan)
     z, centre, scale = robust_z(value, ordered, 1e-9, 1e-4)
     fired = {"up": z > cond.z, "down": z < -cond.z, "both": abs(z) > cond.z}[cond.direction]
-    evidence = {"value": value, "baseline": centre, "scale": scale, "z": z}
-    return fired, {name: json_number(x) for name, x in evidence.items()}
+    return fired, (z, centre, scale)
 
 
 def _rebuild(
@@ -145,20 +144,21 @@ def _scalar_firings(
         return out
     assert isinstance(cond, SpikeCondition) and isinstance(state, SpikeState)
     for step, value in zip(steps.tolist(), values.tolist(), strict=True):
-        spiked, evidence = _spike_score(value, state.ordered, cond)
+        spiked, (z, centre, scale) = _spike_score(value, state.ordered, cond)
         edge = spiked and not state.spiked
         state.spiked = spiked
         state.push(value, cond.window_steps)
         state.last_step = step
         if not edge or step not in fire_at:
             continue
-        evidence.update(
-            key=cond.key, threshold={"z": cond.z, "direction": cond.direction, "window_steps": cond.window_steps}
-        )
-        what = (
-            f"{cond.key} = {value:.4g} spiked "
-            f"(robust z = {float(evidence['z']):.1f} vs baseline {float(evidence['baseline']):.4g})"
-        )
+        evidence = {
+            **{
+                name: json_number(x) for name, x in (("value", value), ("baseline", centre), ("scale", scale), ("z", z))
+            },
+            "key": cond.key,
+            "threshold": {"z": cond.z, "direction": cond.direction, "window_steps": cond.window_steps},
+        }
+        what = f"{cond.key} = {value:.4g} spiked (robust z = {z:.1f} vs baseline {centre:.4g})"
         out.append(Firing(rule=rule, step=step, message=f"{rule.name}: {what} at step {step}", evidence=evidence))
     return out
 
