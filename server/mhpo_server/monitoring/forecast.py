@@ -28,7 +28,9 @@ first, on-policy update), otherwise every logged point.
 
 from __future__ import annotations
 
+import functools
 import math
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,7 +100,7 @@ def mann_kendall_z(window: np.ndarray) -> float:
     n = len(window)
     if n < 3:
         return 0.0
-    i, j = np.triu_indices(n, k=1)
+    i, j = _pairs(n)
     s = float(np.sign(window[j] - window[i]).sum())
     var = n * (n - 1) * (2 * n + 5) / 18.0
     return (s - math.copysign(1.0, s)) / math.sqrt(var) if s else 0.0
@@ -106,8 +108,30 @@ def mann_kendall_z(window: np.ndarray) -> float:
 
 def theil_sen_slope(x: np.ndarray, y: np.ndarray) -> float:
     """Median of the pairwise slopes (y_j - y_i) / (x_j - x_i), i < j, x strictly ascending."""
-    i, j = np.triu_indices(len(x), k=1)
+    i, j = _pairs(len(x))
     return float(np.median((y[j] - y[i]) / (x[j] - x[i])))
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs i < j of n points (the state detectors ask for the same few n at every point)."""
+    return np.triu_indices(n, k=1)
+
+
+def recent_level(values: np.ndarray, end: int, points: int) -> float:
+    """The median of the (finite) points `[end - points, end)`: the few points of a window, asked for at
+    every point by the state detectors, where `statistics.median` costs a fraction of `np.median`'s call."""
+    return float(statistics.median(values[max(0, end - points) : end].tolist()))
+
+
+def may_be_confident(values: np.ndarray, end: int, reference: float, p: ForecastParams) -> bool:
+    """A necessary condition of `entropy_forecast(...).confident` (the window is long enough, the recent
+    level has dropped by `min_drop`, the Mann-Kendall z is under `-z`), cheap enough to test at every
+    point before the forecast itself."""
+    if end < p.reference_points + p.trend_points or reference <= 0:
+        return False
+    level = recent_level(values, end, p.recent_points)
+    return level <= (1.0 - p.min_drop) * reference and mann_kendall_z(values[end - p.trend_points : end]) <= -p.z
 
 
 def entropy_forecast(
@@ -128,7 +152,7 @@ def entropy_forecast(
         return None
     x = steps[end - p.trend_points : end].astype(np.float64)
     y = values[end - p.trend_points : end]
-    level = float(np.median(values[max(0, end - p.recent_points) : end]))
+    level = recent_level(values, end, p.recent_points)
     slope = theil_sen_slope(x, y)
     z = mann_kendall_z(y)
     cov_median = None

@@ -41,6 +41,8 @@ from mhpo_server.monitoring.forecast import (
     EntropyForecast,
     entropy_forecast,
     mann_kendall_z,
+    may_be_confident,
+    recent_level,
     reference_level,
     theil_sen_slope,
 )
@@ -151,16 +153,24 @@ def _num(x: float) -> str:
 
 
 def _collapse_state(
-    history: History, kinds: StepKinds, p: CollapseParams, steps: np.ndarray, values: np.ndarray, end: int
+    history: History,
+    kinds: StepKinds,
+    p: CollapseParams,
+    steps: np.ndarray,
+    values: np.ndarray,
+    end: int,
+    reference: float | None,
 ) -> State:
+    """The state at the series' first `end` points; `reference`: its early level (`reference_level`)."""
     f = p.forecast
     if end < f.reference_points + max(f.recent_points, p.hold_points):
         return State(0)
-    reference = reference_level(values, f.reference_points)
     if reference is None or reference <= 0:
         return State(0)
     level = float(np.max(values[end - p.hold_points : end]))  # each of the last `hold_points` is at most this
     fraction = level / reference
+    if fraction >= p.warning_fraction and not (p.forecast_warning and may_be_confident(values, end, reference, f)):
+        return State(0)  # neither state can hold: the forecast and the evidence are not computed
     step = int(steps[end - 1])
     cov = history.series(COV_KEY)
     forecast = entropy_forecast(steps, values, end, reference, f, cov)
@@ -236,12 +246,17 @@ def _forecast_evidence(forecast: EntropyForecast) -> dict[str, Any]:
 
 
 def _surge_state(
-    history: History, kinds: StepKinds, p: SurgeParams, steps: np.ndarray, values: np.ndarray, end: int
+    history: History,
+    kinds: StepKinds,
+    p: SurgeParams,
+    steps: np.ndarray,
+    values: np.ndarray,
+    end: int,
+    reference: float | None,
 ) -> State:
-    reference = reference_level(values, p.reference_points)
     if reference is None or end < p.reference_points + p.recent_points:
         return State(0)
-    level = float(np.median(values[end - p.recent_points : end]))
+    level = recent_level(values, end, p.recent_points)
     if level < p.ratio * reference or level - reference < p.min_abs:
         return State(0)
     # The climb began at the last point at or under the reference, looked for no further back than
@@ -308,10 +323,10 @@ def _zero_state(p: NoSignalParams, series: list[tuple[np.ndarray, np.ndarray]], 
     return State(SEVERITY_LEVEL["warning"], message, {"keys": list(p.zero_keys), "points": p.zero_points})
 
 
-def _truncation_state(p: TruncationParams, values: np.ndarray, end: int) -> State:
+def _truncation_state(p: TruncationParams, values: np.ndarray, end: int, reference: float | None) -> State:
     if end < p.recent_points:
         return State(0)
-    level = float(np.median(values[end - p.recent_points : end]))
+    level = recent_level(values, end, p.recent_points)
     least = float(np.min(values[end - p.recent_points : end]))
     evidence: dict[str, Any] = {"key": p.key, "level": json_number(level), "max_frac": p.max_frac}
     if least > p.max_frac:
@@ -321,7 +336,6 @@ def _truncation_state(p: TruncationParams, values: np.ndarray, end: int) -> Stat
             " length limit, or penalise length)."
         )
         return State(SEVERITY_LEVEL["warning"], message, {**evidence, "state": "most"})
-    reference = reference_level(values, p.reference_points)
     if reference is None or end < p.reference_points + p.trend_points:
         return State(0)
     z = mann_kendall_z(values[end - p.trend_points : end])
@@ -364,14 +378,18 @@ def register_state(
 def _prepare_collapse(s: Scope, _kind: str, p: CollapseParams) -> dict[int, State]:
     steps, values = rollout_series(s.history, s.kinds, p.key)
     first = p.forecast.reference_points + max(p.forecast.recent_points, p.hold_points)
-    return _onsets(steps, s.at, lambda end: _collapse_state(s.history, s.kinds, p, steps, values, end), first)
+    reference = reference_level(values, p.forecast.reference_points)
+    return _onsets(
+        steps, s.at, lambda end: _collapse_state(s.history, s.kinds, p, steps, values, end, reference), first
+    )
 
 
 @register_state("entropy_level", "entropy_surge")
 def _prepare_surge(s: Scope, _kind: str, p: SurgeParams) -> dict[int, State]:
     steps, values = rollout_series(s.history, s.kinds, p.key)
     first = p.reference_points + p.recent_points
-    return _onsets(steps, s.at, lambda end: _surge_state(s.history, s.kinds, p, steps, values, end), first)
+    reference = reference_level(values, p.reference_points)
+    return _onsets(steps, s.at, lambda end: _surge_state(s.history, s.kinds, p, steps, values, end, reference), first)
 
 
 @register_state("learning_signal", "no_signal")
@@ -400,7 +418,8 @@ def _prepare_no_signal(s: Scope, _kind: str, p: NoSignalParams) -> dict[int, Sta
 @register_state("length_limit", "truncation")
 def _prepare_truncation(s: Scope, _kind: str, p: TruncationParams) -> dict[int, State]:
     steps, values = rollout_series(s.history, s.kinds, p.key)
-    return _onsets(steps, s.at, lambda end: _truncation_state(p, values, end), p.recent_points)
+    reference = reference_level(values, p.reference_points)
+    return _onsets(steps, s.at, lambda end: _truncation_state(p, values, end, reference), p.recent_points)
 
 
 def latest_forecast(history: History, p: CollapseParams) -> EntropyForecast | None:
