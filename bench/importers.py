@@ -8,8 +8,9 @@ event per scalar as TRL, transformers and verl write them; the `mlflow` client i
 - `--server`: a separate `mhpo serve` process on its own SQLite file (what `--server URL` does).
 
 A point is one (step, key, value) of the source; the server also stores the product key of every
-mapped TRL / verl name, so it stores more items than the source has points (these keys are not
-mapped, so here the two are equal). Printed per cell: points, reading and sending time (wall),
+mapped TRL / verl name, so it stores more items than the source has points (the default keys are
+not mapped, so there the two are equal; `--trl-names` names the first keys as TRL logs them, so the
+server's flags judge entropy, reward, loss and the rest as in a real import). Printed per cell: points, reading and sending time (wall),
 points per second over both, and the CPU seconds of the importing process and its reader processes
 (reading, sending and, with `--db`, the service itself; with `--server` the server's own CPU is not
 counted), so a loaded machine's figures can be told from the work done.
@@ -18,6 +19,7 @@ counted), so a loaded machine's figures can be told from the work done.
     python bench/importers.py --steps 5000 --mlflow           # MLflow's file store too (slow to write)
     python bench/importers.py --steps 2000 10000 50000 --keys 20
     python bench/importers.py --tb-runs 4             # a logdir of 4 runs: read by 4 processes
+    python bench/importers.py --trl-names             # keys named as TRL logs them: the flags judge them
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ from servers import mhpo_server
 
 from mhpo.importers import Writer, read_csv, read_logdir, read_tracking
 from mhpo.importers._model import SourceRun
+from mhpo.integrations.names import METRIC_NAMES
+
+VERL_PREFIXES = ("actor/", "critic/", "response_length/", "rollout_corr/", "training/")  # the rest are TRL's
+
+
+def value(step: int, i: int) -> float:
+    """Key i's value at `step`: level and a small wobble, no trend, so under TRL names no flag state holds
+    for the whole run (a state that holds is judged at every step: a different, rarer workload)."""
+    return round(0.2 + 0.01 * i + 0.001 * ((37 * step + i) % 11), 6)
 
 
 def write_csv(path: Path, steps: int, keys: list[str]) -> Path:
@@ -43,7 +54,7 @@ def write_csv(path: Path, steps: int, keys: list[str]) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["step", *keys])
         for step in range(steps):
-            writer.writerow([step, *(round(1.0 + 0.001 * step + i, 6) for i in range(len(keys)))])
+            writer.writerow([step, *(value(step, i) for i in range(len(keys)))])
     return path
 
 
@@ -55,7 +66,7 @@ def write_tensorboard(logdir: Path, steps: int, keys: list[str], runs: int = 1) 
         with SummaryWriter(str(logdir / f"run{run}"), max_queue=10_000, flush_secs=600) as writer:
             for step in range(steps // runs):
                 for i, key in enumerate(keys):
-                    writer.add_scalar(key, 1.0 + 0.001 * step + i, step)
+                    writer.add_scalar(key, value(step, i), step)
     return logdir
 
 
@@ -66,9 +77,7 @@ def write_mlflow(store: Path, steps: int, keys: list[str]) -> str:
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=store.as_uri())
     run_id = client.create_run(client.create_experiment("bench")).info.run_id
-    metrics = [
-        Metric(k, 1.0 + 0.001 * s + i, 1_700_000_000_000 + s, s) for s in range(steps) for i, k in enumerate(keys)
-    ]
+    metrics = [Metric(k, value(s, i), 1_700_000_000_000 + s, s) for s in range(steps) for i, k in enumerate(keys)]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
     return store.as_uri()
@@ -116,8 +125,18 @@ def main() -> None:
     parser.add_argument(
         "--tb-runs", type=int, default=1, help="TensorBoard run directories sharing the steps (read in parallel)"
     )
+    parser.add_argument(
+        "--trl-names",
+        action="store_true",
+        help="name the first keys as TRL logs them (loss, entropy, reward, ...): the server also stores their "
+        "product keys and its flags judge them, as in a real import",
+    )
     args = parser.parse_args()
     keys = [f"bench/k{i:02d}" for i in range(args.keys)]
+    if args.trl_names:
+        trl = [name for name in METRIC_NAMES if not name.startswith(VERL_PREFIXES)][: args.keys]
+        keys = trl + keys[len(trl) :]
+    mapped = sum(key in METRIC_NAMES for key in keys)
     modes = ["db", "server"] if args.mode == "both" else [args.mode]
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'source':<12} {'dest':<7} {'points':>9} {'read s':>7} {'send s':>7} {'points/s':>9} {'cpu s':>6}")
@@ -139,7 +158,7 @@ def main() -> None:
                     workdir = root / f"{name}-{mode}"
                     workdir.mkdir()
                     m = measure(read, mode, workdir)
-                    assert m["stored"] == m["points"], m
+                    assert m["stored"] == m["points"] * (len(keys) + mapped) // len(keys), m
                     total = m["read"] + m["send"]
                     print(
                         f"{name:<12} {mode:<7} {m['points']:>9,} {m['read']:>7.2f} {m['send']:>7.2f} "
