@@ -290,13 +290,13 @@ class RecordIn(InputModel):
     step: Step
     time: Annotated[float, Field(ge=0, le=1e11, allow_inf_nan=False)] | None = None
     # Factories, not `= {}`: pydantic deep-copies a mutable default for every record it builds.
-    scalars: Annotated[
-        dict[Key, Number], Field(default_factory=dict, max_length=MAX_KEYS_PER_RECORD, json_schema_extra=KEYS_ONLY)
-    ]
-    histograms: Annotated[
-        dict[Key, HistogramIn], Field(default_factory=dict, max_length=1_000, json_schema_extra=KEYS_ONLY)
-    ]
-    outliers: Annotated[list[OutlierIn], Field(default_factory=list, max_length=MAX_OUTLIERS_PER_RECORD)]
+    scalars: Annotated[dict[Key, Number], Field(max_length=MAX_KEYS_PER_RECORD, json_schema_extra=KEYS_ONLY)] = Field(
+        default_factory=dict
+    )
+    histograms: Annotated[dict[Key, HistogramIn], Field(max_length=1_000, json_schema_extra=KEYS_ONLY)] = Field(
+        default_factory=dict
+    )
+    outliers: Annotated[list[OutlierIn], Field(max_length=MAX_OUTLIERS_PER_RECORD)] = Field(default_factory=list)
 
     def items(self) -> int:
         """Stored items: one per scalar, one per histogram, one for the outlier list if any."""
