@@ -20,7 +20,7 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/mhpo demo
 
-# One process per CPU (at most 4); a test file stays in one process, so its session fixtures are built once.
+# One process per CPU (at most 4); a test file stays in one process, so a session fixture is built once per process.
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
