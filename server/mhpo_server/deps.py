@@ -1,4 +1,4 @@
-"""Typed dependencies: settings, store, the ingest service, metrics and the caller's access, all reached per request.
+"""Typed dependencies: settings, store, alert store, ingest service, metrics and the caller's access, reached per request.
 
 They are coroutines: FastAPI runs a plain-function dependency in its thread pool, a thread hop
 per dependency and request (5 of a records request's 6 hops, measured), for what is an
@@ -21,7 +21,7 @@ from mhpo_server.config import Settings
 from mhpo_server.ingest import Ingest
 from mhpo_server.metrics import ServiceMetrics
 from mhpo_server.schemas import Run
-from mhpo_server.store import NotFound, Store
+from mhpo_server.store import AlertStore, NotFound, Store
 
 
 async def get_settings(request: Request) -> Settings:
@@ -40,10 +40,15 @@ async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
+async def get_alert_store(request: Request) -> AlertStore:
+    return request.app.state.alert_store
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 IngestDep = Annotated[Ingest, Depends(get_ingest)]
+AlertStoreDep = Annotated[AlertStore, Depends(get_alert_store)]
 
 bearer = HTTPBearer(auto_error=False, description="API token from `mhpo token create` (needed when MHPO_AUTH is on)")
 

@@ -247,6 +247,18 @@ def test_flagged_steps_stay_exact_in_a_tiered_read(store: SqlStore) -> None:
     assert any(math.isnan(v) for v in series.value)
 
 
+def test_a_flagged_step_that_starts_a_tiered_bucket_keeps_the_buckets_spike(store: SqlStore) -> None:
+    model = long_series(store, 70_000)
+    width = tiers.bucket_width(0, 69_999, 500, tiers.tier_for(0, 69_999, 500) or 1)
+    start = 54_321 // width * width  # the bucket holding the 1e6 spike begins here
+    assert start != 54_321
+    store.add_events(model.run_id, [EventCreate(step=start, kind="grad_spike", severity="warning", detector="d")])
+    series = store.get_scalars(model.run_id, ["x"], None, None, 500).series["x"]
+    i = series.step.index(start)
+    assert series.value[i] == model.points["x"][start], "the flagged step's own value"
+    assert series.max[i] == 1e6, "the bucket's max: its spike"
+
+
 @pytest.fixture
 def legacy_url(migrated_url: str) -> str:
     """A database at revision 0003 (before the tiers), emptied of the head's tables by a downgrade."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from pydantic import ValidationError
 
-from mhpo_server.deps import Principal, ReadAccess, StoreDep, WriteAccess
+from mhpo_server.deps import AlertStoreDep, Principal, ReadAccess, StoreDep, WriteAccess
 from mhpo_server.monitoring.listener import IngestMonitor
 from mhpo_server.monitoring.schemas import (
     MAX_RULES_PER_PROJECT,
@@ -31,11 +31,6 @@ from mhpo_server.store import AlertStore, NotFound, Store
 router = APIRouter(prefix="/api/v1", tags=["alerts"])
 
 
-def get_alert_store(request: Request) -> AlertStore:
-    return request.app.state.alert_store
-
-
-AlertStoreDep = Annotated[AlertStore, Depends(get_alert_store)]
 RuleId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 AlertId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 ProjectName = Annotated[str, Path(min_length=1, max_length=200, pattern=KEY_PATTERN)]
