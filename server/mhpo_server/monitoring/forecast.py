@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,7 +132,13 @@ def may_be_confident(values: np.ndarray, end: int, reference: float, p: Forecast
     if end < p.reference_points + p.trend_points or reference <= 0:
         return False
     level = recent_level(values, end, p.recent_points)
-    return level <= (1.0 - p.min_drop) * reference and mann_kendall_z(values[end - p.trend_points : end]) <= -p.z
+    return _falling(level, lambda: mann_kendall_z(values[end - p.trend_points : end]), reference, p)
+
+
+def _falling(level: float, z: Callable[[], float], reference: float, p: ForecastParams) -> bool:
+    """The part of a confident forecast that needs neither the slope nor the covariance: the recent level
+    is `min_drop` under the reference and the Mann-Kendall z (computed only if the level is) under `-z`."""
+    return level <= (1.0 - p.min_drop) * reference and z() <= -p.z
 
 
 def entropy_forecast(
@@ -181,8 +188,7 @@ def entropy_forecast(
     accelerating = seen_before and slope < 0 and (before >= 0 or slope <= p.acceleration * before)
     confident = (
         accelerating
-        and z <= -p.z
-        and level <= (1.0 - p.min_drop) * reference
+        and _falling(level, lambda: z, reference, p)
         and not (cov_median is not None and cov_median < 0)
         and steps_left is not None
         and steps_left <= p.horizon_steps
