@@ -10,8 +10,8 @@ event per scalar as TRL, transformers and verl write them; the `mlflow` client i
 A point is one (step, key, value) of the source; the server also stores the product key of every
 mapped TRL / verl name, so it stores more items than the source has points (the default keys are
 not mapped, so there the two are equal; `--trl-names` names the first keys as TRL logs them, so the
-server's flags judge entropy, reward, loss and the rest as in a real import). Printed per cell: points, reading and sending time (wall),
-points per second over both, and the CPU seconds of the importing process and its reader processes
+server's flags judge entropy, reward, loss and the rest as in a real import). Printed per cell:
+points, reading and sending time (wall), points per second over both, and the CPU seconds of the importing process and its reader processes
 (reading, sending and, with `--db`, the service itself; with `--server` the server's own CPU is not
 counted), so a loaded machine's figures can be told from the work done.
 
