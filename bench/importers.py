@@ -11,9 +11,10 @@ A point is one (step, key, value) of the source; the server also stores the prod
 mapped TRL / verl name, so it stores more items than the source has points (the default keys are
 not mapped, so there the two are equal; `--trl-names` names the first keys as TRL logs them, so the
 server's flags judge entropy, reward, loss and the rest as in a real import). Printed per cell:
-points, reading and sending time (wall), points per second over both, and the CPU seconds of the importing process and its reader processes
-(reading, sending and, with `--db`, the service itself; with `--server` the server's own CPU is not
-counted), so a loaded machine's figures can be told from the work done.
+points, reading and sending time (wall), points per second over both, and the CPU seconds of the
+importing process and its reader processes (reading, sending and, with `--db`, the service itself;
+with `--server` the server's own CPU is not counted), so a loaded machine's figures can be told
+from the work done.
 
     python bench/importers.py                                 # CSV and TensorBoard, 100k and 500k points
     python bench/importers.py --steps 5000 --mlflow           # MLflow's file store too (slow to write)
