@@ -7,11 +7,13 @@ M = 4 * sigmoid(z) * (1 - sigmoid(z)) * r (z = tau * (r - 1)) is exactly 1 at r 
 decays on both sides; tau_neg > tau_pos damps negative-advantage tokens faster
 (TRL's `sapo_temperature_pos/neg`).
 
-r - 1 is computed as `expm1(x)` (exact near r = 1), but its gradient is taken through
-`exp(x)`: expm1's own backward, `expm1(x) + 1`, rounds to 0 for very negative x
-(float32 below about -17), which would zero the gradient instead of leaving -A * M. Likewise the gate is
-`1 - sigmoid(-z)` for z > 0: sigmoid's backward `s * (1 - s)` cancels when s is near 1.
-tau is built in the inputs' dtype, so float64 runs use tau_neg = 1.05 exactly.
+The loss's value is the formula (r - 1 as `expm1(x)`, exact near r = 1; the gate as
+`1 - sigmoid(-z)` for z > 0). Its gradient is -A * M with M taken in log space
+(`_multiplier`), not autograd's chain through the gate: that chain multiplies sigmoid's tail
+`s * (1 - s)`, which cancels when s is near 1 and goes subnormal in float32 past z of about 87,
+by tau * r, and loses a gradient the log-space form keeps (expm1's own backward also rounds to
+0 for x below about -17 in float32). tau is built in the inputs' dtype, so float64 runs use
+tau_neg = 1.05 exactly.
 """
 
 from __future__ import annotations
@@ -29,12 +31,6 @@ def _tau(adv: Tensor, hp: HParams) -> Tensor:
     return torch.where(adv >= 0, tau_pos, tau_neg)
 
 
-def _ratio_minus_one(x: Tensor) -> Tensor:
-    """r - 1 with expm1's value and exp's gradient (see the module docstring)."""
-    r = torch.exp(x)
-    return torch.expm1(x).detach() + (r - r.detach())
-
-
 def _multiplier(x: Tensor, adv: Tensor, hp: HParams) -> Tensor:
     """4 * sigmoid(z) * sigmoid(-z) * r, with its limit 0 at x = +inf."""
     tau = _tau(torch.broadcast_to(adv, x.shape), hp)
@@ -48,7 +44,10 @@ def sapo_token_loss(inputs: TokenInputs, hp: HParams) -> tuple[Tensor, dict[str,
     """SAPO per-token loss `-(4/tau) * sigmoid(tau * (r - 1)) * A`; tau_pos=1.0, tau_neg=1.05,
     seq-mean-token-mean (SAPO, arXiv 2511.20347).
     """
+    x = inputs.x.detach()
     tau = _tau(inputs.adv, hp)
-    z = tau * _ratio_minus_one(inputs.x)
+    z = tau * torch.expm1(x)
     gate = torch.where(z > 0, 1.0 - torch.sigmoid(-z), torch.sigmoid(z))
-    return -(4.0 / tau) * gate * inputs.adv, {}
+    slope = -inputs.adv * _multiplier(x, inputs.adv, hp)  # d loss / d x
+    step = torch.where(torch.isfinite(x), inputs.x - x, 0.0)  # 0, with gradient 1 (0 where x is infinite)
+    return -(4.0 / tau) * gate * inputs.adv + slope * step, {}
