@@ -13,9 +13,12 @@ client. Every cell runs for `--seconds` and counts the points the server acknowl
     python bench/ingest.py                       # SQLite and PostgreSQL (MHPO_TEST_PG_URL), MLflow on SQLite
     python bench/ingest.py --repeat 3            # the README's figures: median of three rounds
     python bench/ingest.py --seconds 3 --no-pg   # quicker, SQLite only
+    python bench/ingest.py --detector-keys       # keys the flags read, so every point is judged
 
 All servers run for the whole bench and the cells are interleaved (MLflow, MHPO on SQLite,
-MHPO on PostgreSQL, then the next cell), so each comparison shares the machine's load.
+MHPO on PostgreSQL, then the next cell), so each comparison shares the machine's load. The
+cells start once the machine is idle after the servers' start (MLflow's job consumers keep
+both cores of a 2-core machine busy for about a minute after its health check answers).
 
 MLflow is a bench-only dependency: `pip install -e ".[bench]"`.
 """
@@ -38,12 +41,48 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from servers import free_port, mhpo_server, serve
+from servers import free_port, mhpo_server, serve, wait_quiet
+
+from mhpo_server.monitoring.params import DEFAULT_PARAMS, UPDATES_PER_ROLLOUT
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 STEP_KEYS = [f"bench/k{i:02d}" for i in range(30)]
 BATCH_STEPS, BATCH_KEYS = 50, [f"bench/k{i:02d}" for i in range(20)]
 READ_STEPS = 100_000
+# `--detector-keys`: the keys the flags read (a trainer of this package logs most of them), those
+# that place a step in its rollout first; `bench/k00` and `bench/k01` stay for the alert rules.
+STEP_KIND = ["train/rollout", "train/update_index", "tokens/valid"]
+DETECTOR_KEYS = STEP_KIND + sorted(DEFAULT_PARAMS.keys() - set(STEP_KIND))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The keys of one request and each point's value.
+
+    The default keys (`bench/kNN`) are read by no detector, so the flags skip them (a key with
+    finite values that no detector or rule names is not judged); with `detector_keys` every key
+    but the two the alert rules watch is one the flags judge at every step.
+    """
+
+    detector_keys: bool = False
+
+    def keys(self, batched: bool) -> list[str]:
+        plain = BATCH_KEYS if batched else STEP_KEYS
+        if not self.detector_keys:
+            return plain
+        return plain[:2] + DETECTOR_KEYS[: len(plain) - 2]
+
+    def value(self, key: str, index: int, step: int) -> float:
+        """`bench/kNN`: a ramp. Detector keys: a level with a small wobble and no trend (a healthy run)."""
+        if key.startswith("bench/"):
+            return step * 0.5
+        if key == "train/rollout":
+            return float(step // UPDATES_PER_ROLLOUT)
+        if key == "train/update_index":
+            return float(step % UPDATES_PER_ROLLOUT)
+        if key == "tokens/valid":
+            return 4096.0
+        return round(0.2 + 0.01 * index + 0.001 * ((37 * step + index) % 11), 6)
 
 
 @contextmanager
@@ -101,7 +140,8 @@ BENCH_RULES = [
 
 
 class MHPOTarget(Target):
-    def __init__(self, base_url: str, rules: bool = True) -> None:
+    def __init__(self, base_url: str, rules: bool = True, workload: Workload = Workload()) -> None:
+        self.workload = workload
         with httpx.Client(base_url=base_url) as client:
             for rule in BENCH_RULES if rules else ():
                 client.post("/api/v1/alert-rules", json={"project": "bench", **rule}).raise_for_status()
@@ -113,21 +153,19 @@ class MHPOTarget(Target):
 
     def request(self, run_id: str, n: int, batched: bool) -> tuple[str, bytes, int]:
         now = time.time()
-        if batched:
-            records = [
-                {"step": n * BATCH_STEPS + s, "time": now, "scalars": dict.fromkeys(BATCH_KEYS, s * 0.5)}
-                for s in range(BATCH_STEPS)
-            ]
-            points = BATCH_STEPS * len(BATCH_KEYS)
-        else:
-            records = [{"step": n, "time": now, "scalars": dict.fromkeys(STEP_KEYS, n * 0.5)}]
-            points = len(STEP_KEYS)
+        keys = self.workload.keys(batched)
+        steps = range(n * BATCH_STEPS, (n + 1) * BATCH_STEPS) if batched else [n]
+        records = [
+            {"step": step, "time": now, "scalars": {k: self.workload.value(k, i, step) for i, k in enumerate(keys)}}
+            for step in steps
+        ]
         body = json.dumps({"batch_id": str(uuid.uuid4()), "records": records}).encode()
-        return f"/api/v1/runs/{run_id}/records", body, points
+        return f"/api/v1/runs/{run_id}/records", body, len(steps) * len(keys)
 
 
 class MLflowTarget(Target):
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, workload: Workload = Workload()) -> None:
+        self.workload = workload
         with httpx.Client(base_url=base_url) as client:
             response = client.post("/api/2.0/mlflow/experiments/create", json={"name": f"bench-{uuid.uuid4().hex[:8]}"})
             response.raise_for_status()
@@ -143,14 +181,13 @@ class MLflowTarget(Target):
 
     def request(self, run_id: str, n: int, batched: bool) -> tuple[str, bytes, int]:
         ts = int(time.time() * 1000)
-        if batched:
-            metrics = [
-                {"key": k, "value": s * 0.5, "timestamp": ts, "step": n * BATCH_STEPS + s}
-                for s in range(BATCH_STEPS)
-                for k in BATCH_KEYS
-            ]
-        else:
-            metrics = [{"key": k, "value": n * 0.5, "timestamp": ts, "step": n} for k in STEP_KEYS]
+        keys = self.workload.keys(batched)
+        steps = range(n * BATCH_STEPS, (n + 1) * BATCH_STEPS) if batched else [n]
+        metrics = [
+            {"key": k, "value": self.workload.value(k, i, step), "timestamp": ts, "step": step}
+            for step in steps
+            for i, k in enumerate(keys)
+        ]
         body = json.dumps({"run_id": run_id, "metrics": metrics}).encode()
         return "/api/2.0/mlflow/runs/log-batch", body, len(metrics)
 
@@ -303,7 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="`mhpo serve --workers N` (MLflow's server runs its default 4)"
     )
+    parser.add_argument(
+        "--detector-keys",
+        action="store_true",
+        help="name the keys as the flags read them (policy/entropy, ratio/clip_frac, ...): every point is judged",
+    )
     args = parser.parse_args(argv)
+    workload = Workload(detector_keys=args.detector_keys)
 
     workdir = Path(tempfile.mkdtemp(prefix="mhpo-bench-"))
     cells: list[Cell] = []
@@ -326,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
                 base_url = stack.enter_context(mlflow_server(workdir))
                 servers.insert(0, ("mlflow", "sqlite", base_url))
             targets: list[tuple[str, str, Target, str]] = [
-                (name, db, MLflowTarget(url) if name == "mlflow" else MHPOTarget(url), url) for name, db, url in servers
+                (name, db, MLflowTarget(url, workload) if name == "mlflow" else MHPOTarget(url, workload=workload), url)
+                for name, db, url in servers
             ]
+            print(f"  waited {wait_quiet():.0f} s for the servers' start-up work to end", flush=True)
             for _name, _db, target, base_url in targets:  # warm-up: first requests pay for imports and caches
                 ingest(target, base_url, batched=True, clients=1, seconds=1.0)
             for _ in range(args.repeat):

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)
+
+
+def wait_quiet(min_idle: float = 0.8, seconds: int = 3, timeout: float = 180.0) -> float:
+    """Wait until the machine's CPUs were at least `min_idle` idle for `seconds` one-second samples in a row.
+
+    A server that reports healthy may still be starting helpers (MLflow's job consumers burn both cores
+    of a 2-core machine for about a minute after its health check answers), which would slow whichever
+    cell runs first. Returns the seconds waited; gives up after `timeout` (Linux only; 0 elsewhere).
+    """
+    if not Path("/proc/stat").exists():
+        return 0.0
+    start = time.monotonic()
+    quiet = 0
+    while quiet < seconds and time.monotonic() - start < timeout:
+        idle0, total0 = _cpu_times()
+        time.sleep(1.0)
+        idle1, total1 = _cpu_times()
+        quiet = quiet + 1 if (idle1 - idle0) >= min_idle * max(1, total1 - total0) else 0
+    return time.monotonic() - start
 
 
 @contextmanager

@@ -206,7 +206,7 @@ def lookup(history: History, key: str, steps: np.ndarray) -> np.ndarray:
     if found is None or not len(steps):
         return out
     key_steps, values = found
-    idx = np.clip(np.searchsorted(key_steps, steps), 0, len(key_steps) - 1)
+    idx = np.minimum(np.searchsorted(key_steps, steps), len(key_steps) - 1)  # never negative; cheaper than clip
     hit = key_steps[idx] == steps
     out[hit] = values[idx[hit]]
     return out
@@ -225,15 +225,25 @@ class StepKinds:
         self.history = history
         # key -> its one-point-per-rollout series (`states.rollout_series`), computed once per `detect` call
         self.rollouts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # (key, steps) -> `lookup`: the keys of one trainer share their steps, so each signal asks for the same
+        self._lookups: dict[tuple[str, bytes], np.ndarray] = {}
+
+    def at(self, key: str, steps: np.ndarray) -> np.ndarray:
+        """`lookup(history, key, steps)`, computed once per set of steps (the result is shared: do not modify it)."""
+        cache_key = (key, steps.tobytes())
+        found = self._lookups.get(cache_key)
+        if found is None:
+            found = self._lookups[cache_key] = lookup(self.history, key, steps)
+        return found
 
     def on_policy(self, steps: np.ndarray) -> np.ndarray:
-        index = lookup(self.history, "train/update_index", steps)
-        low = lookup(self.history, "ratio/min", steps)
-        high = lookup(self.history, "ratio/max", steps)
+        index = self.at("train/update_index", steps)
+        low = self.at("ratio/min", steps)
+        high = self.at("ratio/max", steps)
         return np.where(np.isnan(index), (low == 0.0) & (high == 0.0), index == 0.0)
 
     def empty(self, steps: np.ndarray) -> np.ndarray:
-        return lookup(self.history, "tokens/valid", steps) == 0.0
+        return self.at("tokens/valid", steps) == 0.0
 
 
 def same_kind_only(key: str) -> bool:
@@ -256,7 +266,7 @@ def subseries(history: History, kinds: StepKinds, key: str) -> list[tuple[np.nda
     steps, values = steps[keep], values[keep]
     # A value repeated exactly within a rollout (a rollout-level scalar such as the reward,
     # streamed with every update of the rollout) is one observation: keep its first step.
-    rollout = lookup(history, "train/rollout", steps)
+    rollout = kinds.at("train/rollout", steps)
     first = np.concatenate([[True], (values[1:] != values[:-1]) | ~(rollout[1:] == rollout[:-1])])
     steps, values = steps[first], values[first]
     if not same_kind_only(key):
