@@ -33,7 +33,6 @@ from mhpo_server.monitoring.detectors import (
     Scope,
     StepKinds,
     json_number,
-    lookup,
     register_detector,
     subseries,
 )
@@ -79,8 +78,8 @@ def _rollout_series(history: History, kinds: StepKinds, key: str) -> tuple[np.nd
     values = np.concatenate([v for _, v in parts])
     order = np.argsort(steps, kind="stable")
     steps, values = steps[order], values[order]
-    known = ~np.isnan(lookup(history, "train/update_index", steps))
-    known |= ~np.isnan(lookup(history, "ratio/min", steps)) & ~np.isnan(lookup(history, "ratio/max", steps))
+    known = ~np.isnan(kinds.at("train/update_index", steps))
+    known |= ~np.isnan(kinds.at("ratio/min", steps)) & ~np.isnan(kinds.at("ratio/max", steps))
     on = kinds.on_policy(steps)
     if not on.any():  # no step is known to open a rollout (e.g. ratios never exactly 0): every point counts
         return steps, values
