@@ -13,41 +13,17 @@ trainer pays to log anything.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import socket
 import statistics
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
-from servers import free_port, mhpo_server
+from servers import free_port, mhpo_server, stalled_server
 
 import mhpo
 
 KEYS = [f"k{i:02d}" for i in range(30)]
-
-
-@contextmanager
-def stalled_server() -> Iterator[str]:
-    """A URL that accepts connections and never answers."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                held.append(listener.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
-        for conn in held:
-            conn.close()
 
 
 def percentiles(call: Callable[[int], object], steps: int) -> tuple[float, float]:

@@ -72,6 +72,10 @@ class Workload:
             return plain
         return plain[:2] + DETECTOR_KEYS[: len(plain) - 2]
 
+    def steps(self, n: int, batched: bool) -> range:
+        """The steps of request number n of a run."""
+        return range(n * BATCH_STEPS, (n + 1) * BATCH_STEPS) if batched else range(n, n + 1)
+
     def value(self, key: str, index: int, step: int) -> float:
         """`bench/kNN`: a ramp. Detector keys: a level with a small wobble and no trend (a healthy run)."""
         if key.startswith("bench/"):
@@ -154,7 +158,7 @@ class MHPOTarget(Target):
     def request(self, run_id: str, n: int, batched: bool) -> tuple[str, bytes, int]:
         now = time.time()
         keys = self.workload.keys(batched)
-        steps = range(n * BATCH_STEPS, (n + 1) * BATCH_STEPS) if batched else [n]
+        steps = self.workload.steps(n, batched)
         records = [
             {"step": step, "time": now, "scalars": {k: self.workload.value(k, i, step) for i, k in enumerate(keys)}}
             for step in steps
@@ -182,7 +186,7 @@ class MLflowTarget(Target):
     def request(self, run_id: str, n: int, batched: bool) -> tuple[str, bytes, int]:
         ts = int(time.time() * 1000)
         keys = self.workload.keys(batched)
-        steps = range(n * BATCH_STEPS, (n + 1) * BATCH_STEPS) if batched else [n]
+        steps = self.workload.steps(n, batched)
         metrics = [
             {"key": k, "value": self.workload.value(k, i, step), "timestamp": ts, "step": step}
             for step in steps

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import mhpo
+from bench import servers
 from mhpo.client import MHPOClientError
 from mhpo.client._sender import Outcome, classify
 from mhpo.client._spool import Spool
@@ -61,20 +59,8 @@ def test_server_down_every_step_is_spooled_and_reported(dead_server: str, tmp_pa
 
 @pytest.fixture
 def stalled_server() -> Iterator[str]:
-    """A loopback URL that accepts connections and never answers, as a server stuck in a long request."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):  # the listener closed at teardown
-            while True:
-                held.append(listener.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    listener.close()
-    for conn in held:
-        conn.close()
+    with servers.stalled_server() as url:
+        yield url
 
 
 @pytest.mark.timeout(120)  # a log() that waited on the stalled request (1 s each) would take 2,000 s
